@@ -1,0 +1,33 @@
+# Training-data attribution benchmark for diffusion models: the whole DAG.
+# Paths come from workflow_scripts.paths; all logic lives in workflow_scripts (see DESIGN.md).
+import sys
+
+sys.path.insert(0, workflow.basedir)
+from workflow_scripts import paths
+from workflow_scripts.config import validate_config
+
+
+configfile: "params.yaml"
+
+
+validate_config(config)  # fails before any job starts, naming the bad field
+
+ROOT = paths.root(config)
+PY = sys.executable
+QUERY_SETS = ["generated", "heldout"]
+
+
+include: "rules/data.smk"
+include: "rules/train.smk"
+include: "rules/sample.smk"
+include: "rules/measure.smk"
+include: "rules/gradients.smk"
+include: "rules/scores.smk"
+include: "rules/evaluate.smk"
+
+
+rule all:
+    default_target: True
+    input:
+        f"{ROOT}/tables/lds.md",
+        f"{ROOT}/figures/lds.png",

@@ -1,0 +1,24 @@
+rule evaluate:
+    input:
+        subsets=rules.data.output.subsets,
+        measurements=paths.measurement_files(config),
+        scores=expand(f"{ROOT}/scores/{{method}}/chosen.json", method=config["scores"]["methods"]),
+    output:
+        table=multiext(f"{ROOT}/tables/lds", ".csv", ".md", ".json"),
+        figure=f"{ROOT}/figures/lds.png",
+    params:
+        config=lambda w: paths.stage_config(config, "evaluate"),
+        score_dirs=paths.score_dirs(config),
+        stem=f"{ROOT}/tables/lds",
+    log:
+        f"{ROOT}/logs/evaluate.log",
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=30,
+    conda:
+        "../envs/benchmark.yaml"
+    shell:
+        "{PY} -m workflow_scripts evaluate --config {params.config:q}"
+        " --subsets {input.subsets} --measurements {input.measurements} --scores {params.score_dirs}"
+        " --table {params.stem} --figure {output.figure} 2> {log}"

@@ -1,0 +1,24 @@
+rule measure:
+    input:
+        model=f"{ROOT}/models/subset{{subset}}_seed{{replicate}}/model.pt",
+        dataset=rules.data.output.dataset,
+        samples=rules.sample.output[0],
+    output:
+        f"{ROOT}/measurements/subset{{subset}}_seed{{replicate}}.npz",
+    wildcard_constraints:
+        subset=r"\d+",
+        replicate=r"\d+",
+    params:
+        config=lambda w: paths.stage_config(config, "measure"),
+    log:
+        f"{ROOT}/logs/measure/subset{{subset}}_seed{{replicate}}.log",
+    threads: config["compute"]["threads"]
+    resources:
+        mem_mb=2000,
+        runtime=30,
+    conda:
+        "../envs/benchmark.yaml"
+    shell:
+        "{PY} -m workflow_scripts measure --config {params.config:q}"
+        " --model {input.model} --dataset {input.dataset} --samples {input.samples}"
+        " --subset {wildcards.subset} --replicate {wildcards.replicate} --out {output} 2> {log}"

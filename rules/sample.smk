@@ -1,0 +1,18 @@
+rule sample:
+    input:
+        model=rules.train_full.output.model,
+    output:
+        f"{ROOT}/samples/generated.npz",
+    params:
+        config=lambda w: paths.stage_config(config, "sample"),
+    log:
+        f"{ROOT}/logs/sample.log",
+    threads: config["compute"]["threads"]
+    resources:
+        mem_mb=2000,
+        runtime=60,
+    conda:
+        "../envs/benchmark.yaml"
+    shell:
+        "{PY} -m workflow_scripts sample --config {params.config:q}"
+        " --model {input.model} --out {output} 2> {log}"

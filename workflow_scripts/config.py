@@ -1,0 +1,70 @@
+"""Loading, merging and validating params.yaml (the single configuration)."""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from pathlib import Path
+
+import jsonschema
+import yaml
+
+SCHEMA_PATH = Path(__file__).parent / "schemas" / "params.schema.yaml"
+N_DIGITS = 1797  # images in scikit-learn's bundled digits
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, misspelled or out of range."""
+
+
+def deep_merge(base: dict, overlay: dict) -> dict:
+    """Overlay wins key by key; nested dicts merge, everything else is replaced."""
+    merged = copy.deepcopy(base)
+    for key, value in overlay.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def load_config(path: str | Path = "params.yaml", *overlays: str | Path) -> dict:
+    config = yaml.safe_load(Path(path).read_text())
+    for overlay in overlays:
+        config = deep_merge(config, yaml.safe_load(Path(overlay).read_text()) or {})
+    validate_config(config)
+    return config
+
+
+def _field(error: jsonschema.ValidationError) -> str:
+    return ".".join(str(p) for p in error.absolute_path) or "<top level>"
+
+
+def validate_config(config: dict) -> None:
+    """Raise ConfigError naming the first bad field (schema first, then cross-field rules)."""
+    schema = yaml.safe_load(SCHEMA_PATH.read_text())
+    errors = sorted(jsonschema.Draft202012Validator(schema).iter_errors(config), key=lambda e: list(e.absolute_path))
+    if errors:
+        lines = [f"  {_field(e)}: {e.message}" for e in errors[:10]]
+        raise ConfigError("invalid configuration (params.yaml + overlays):\n" + "\n".join(lines))
+    _check_consistency(config)
+
+
+def _check_consistency(config: dict) -> None:
+    data, lds, model = config["data"], config["lds"], config["model"]
+    if data["dataset"] == "digits" and data["n_train"] + data["n_heldout"] > N_DIGITS:
+        raise ConfigError(f"data.n_train + data.n_heldout must be at most {N_DIGITS} for digits")
+    if lds["n_tuning"] > lds["n_subsets"] - 2:
+        raise ConfigError("lds.n_tuning must leave at least 2 evaluation subsets (lds.n_subsets - 2)")
+    if len(model["attention"]) != len(model["block_out_channels"]):
+        raise ConfigError("model.attention needs one entry per model.block_out_channels entry")
+    for width in model["block_out_channels"]:
+        if width % model["norm_num_groups"]:
+            raise ConfigError(f"model.block_out_channels entry {width} is not divisible by model.norm_num_groups")
+    if config["train"]["resume_every"] > config["train"]["steps"]:
+        raise ConfigError("train.resume_every must be at most train.steps")
+
+
+def config_hash(section: dict) -> str:
+    """A short stable hash of a (sub)configuration, stored beside artefacts to detect mismatches."""
+    return hashlib.sha256(json.dumps(section, sort_keys=True).encode()).hexdigest()[:16]

@@ -1,0 +1,76 @@
+"""Stage `measure`: ground-truth measurements of every query under one trained model.
+
+Measurement `loss` (METHODS.md): the simple loss of the query averaged over fixed (t, eps) draws
+(a uniform grid of n_timesteps t, n_noise eps each), the same draws for every model.
+"""
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+import torch
+
+from . import data as data_stage
+from .common import ArtefactError, load_npz, log, save_npz, select_device
+from .diffusion import alphas_cumprod, load_model, measurement_draws, simple_loss
+
+QUERY_SETS = ("generated", "heldout")  # also the stream index of each set's measurement noise
+
+
+def load_queries(dataset_path, samples_path) -> dict[str, np.ndarray]:
+    """The query images of every query set, keyed by set name."""
+    return {"generated": load_npz(samples_path, ("images",))["images"],
+            "heldout": data_stage.load_dataset(dataset_path)["heldout_images"]}
+
+
+@torch.no_grad()
+def measure_loss(model, images: np.ndarray, diffusion_cfg: dict, measure_cfg: dict, seed: int, stream: int,
+                 device: torch.device) -> np.ndarray:
+    """Simple loss of each image, averaged over its fixed (t, eps) draws; float64 of shape (n_images,)."""
+    t, eps = measurement_draws(len(images), images.shape[1:], measure_cfg["n_timesteps"], measure_cfg["n_noise"],
+                               diffusion_cfg["num_train_timesteps"], seed, stream)
+    a_bar = alphas_cumprod(diffusion_cfg).to(device)
+    losses = np.zeros(len(images))
+    batch = measure_cfg["batch_size"]
+    for q, image in enumerate(torch.from_numpy(images)):
+        total = 0.0
+        for start in range(0, len(t), batch):
+            tb = t[start : start + batch].to(device)
+            x0 = image.to(device).expand(len(tb), *image.shape)
+            total += simple_loss(model, x0, tb, eps[q, start : start + batch].to(device), a_bar).double().sum().item()
+        losses[q] = total / len(t)
+    return losses
+
+
+def load_targets(paths: list[str], n_subsets: int, n_seeds: int) -> dict[str, np.ndarray]:
+    """Stack per-model measurements into {query set: array (n_subsets, n_seeds, n_queries)}."""
+    if len(paths) != n_subsets * n_seeds:
+        raise ArtefactError(f"expected {n_subsets * n_seeds} measurement files, got {len(paths)}")
+    out = {name: [] for name in QUERY_SETS}
+    for k, path in enumerate(paths):
+        arrays = load_npz(path, ("subset", "replicate", *QUERY_SETS))
+        if (int(arrays["subset"]), int(arrays["replicate"])) != divmod(k, n_seeds):
+            raise ArtefactError(f"{path}: holds subset {int(arrays['subset'])} seed {int(arrays['replicate'])}, "
+                                f"expected subset {k // n_seeds} seed {k % n_seeds}")
+        for name in QUERY_SETS:
+            out[name].append(arrays[name])
+    return {name: np.stack(v).reshape(n_subsets, n_seeds, -1) for name, v in out.items()}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--dataset", required=True)
+    parser.add_argument("--samples", required=True)
+    parser.add_argument("--subset", type=int, default=-1)
+    parser.add_argument("--replicate", type=int, default=0)
+    parser.add_argument("--out", required=True)
+
+
+def run(args, config: dict) -> None:
+    device = select_device(config["compute"])
+    model, _ = load_model(args.model, config["model"], device)
+    queries = load_queries(args.dataset, args.samples)
+    results = {name: measure_loss(model, queries[name], config["diffusion"], config["measure"], config["seeds"]["measure"],
+                                  stream, device) for stream, name in enumerate(QUERY_SETS)}
+    save_npz(args.out, subset=np.array(args.subset), replicate=np.array(args.replicate), **results)
+    log.info("measure %s: mean loss %s", args.model, {k: round(float(v.mean()), 5) for k, v in results.items()})
