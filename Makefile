@@ -1,0 +1,28 @@
+# Two entry points on a fresh machine:  `make run` (default benchmark)  and  `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+
+.PHONY: setup run test smoke pull lint clean
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -r requirements.txt
+	touch $@
+
+run: setup  ## the embedded default benchmark (scikit-learn digits, CPU) end to end
+	$(BIN)/snakemake --cores all
+
+test: setup  ## unit tests + the smoke workflow + the DVC round trip
+	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python -m pytest -ra tests
+
+smoke: setup
+	$(BIN)/snakemake --cores all --configfile configs/smoke.yaml
+
+lint: setup
+	$(BIN)/snakemake --lint
+
+clean:
+	rm -rf results .snakemake
