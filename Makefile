@@ -13,16 +13,16 @@ $(VENV)/.installed: requirements.txt
 	touch $@
 
 run: setup  ## the embedded default benchmark (scikit-learn digits, CPU) end to end
-	$(BIN)/snakemake --cores all
+	PATH=$(abspath $(BIN)):$$PATH $(BIN)/snakemake --cores all
 
 test: setup  ## unit tests + the smoke workflow + the DVC round trip
 	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python -m pytest -ra tests
 
 smoke: setup
-	$(BIN)/snakemake --cores all --configfile configs/smoke.yaml
+	PATH=$(abspath $(BIN)):$$PATH $(BIN)/snakemake --cores all --configfile configs/smoke.yaml
 
 lint: setup
-	$(BIN)/snakemake --lint
+	PATH=$(abspath $(BIN)):$$PATH $(BIN)/snakemake --lint
 
 clean:
 	rm -rf results .snakemake

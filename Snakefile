@@ -13,7 +13,6 @@ configfile: "params.yaml"
 validate_config(config)  # fails before any job starts, naming the bad field
 
 ROOT = paths.root(config)
-PY = sys.executable
 QUERY_SETS = ["generated", "heldout"]
 
 

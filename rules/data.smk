@@ -13,5 +13,5 @@ rule data:
     conda:
         "../envs/benchmark.yaml"
     shell:
-        "{PY} -m workflow_scripts data --config {params.config:q}"
+        "python -m workflow_scripts data --config {params.config:q}"
         " --dataset-out {output.dataset} --subsets-out {output.subsets} 2> {log}"

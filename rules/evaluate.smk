@@ -8,8 +8,8 @@ rule evaluate:
         figure=f"{ROOT}/figures/lds.png",
     params:
         config=lambda w: paths.stage_config(config, "evaluate"),
-        score_dirs=paths.score_dirs(config),
-        stem=f"{ROOT}/tables/lds",
+        score_dirs=lambda w, input: [os.path.dirname(p) for p in input.scores],
+        stem=lambda w, output: os.path.splitext(output.table[0])[0],
     log:
         f"{ROOT}/logs/evaluate.log",
     threads: 1
@@ -19,6 +19,6 @@ rule evaluate:
     conda:
         "../envs/benchmark.yaml"
     shell:
-        "{PY} -m workflow_scripts evaluate --config {params.config:q}"
+        "python -m workflow_scripts evaluate --config {params.config:q}"
         " --subsets {input.subsets} --measurements {input.measurements} --scores {params.score_dirs}"
         " --table {params.stem} --figure {output.figure} 2> {log}"

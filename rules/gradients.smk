@@ -19,6 +19,6 @@ rule gradients:
     conda:
         "../envs/benchmark.yaml"
     shell:
-        "{PY} -m workflow_scripts gradients --config {params.config:q}"
+        "python -m workflow_scripts gradients --config {params.config:q}"
         " --model {input.model} --dataset {input.dataset} --samples {input.samples}"
         " --output-function {params.output_function} --out-dir {params.out_dir} 2> {log}"

@@ -19,6 +19,6 @@ rule measure:
     conda:
         "../envs/benchmark.yaml"
     shell:
-        "{PY} -m workflow_scripts measure --config {params.config:q}"
+        "python -m workflow_scripts measure --config {params.config:q}"
         " --model {input.model} --dataset {input.dataset} --samples {input.samples}"
         " --subset {wildcards.subset} --replicate {wildcards.replicate} --out {output} 2> {log}"

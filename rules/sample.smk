@@ -14,5 +14,5 @@ rule sample:
     conda:
         "../envs/benchmark.yaml"
     shell:
-        "{PY} -m workflow_scripts sample --config {params.config:q}"
+        "python -m workflow_scripts sample --config {params.config:q}"
         " --model {input.model} --out {output} 2> {log}"

@@ -22,6 +22,6 @@ rule scores:
     conda:
         "../envs/benchmark.yaml"
     shell:
-        "{PY} -m workflow_scripts scores --config {params.config:q} --method {wildcards.method}"
+        "python -m workflow_scripts scores --config {params.config:q} --method {wildcards.method}"
         " --dataset {input.dataset} --samples {input.samples} --subsets {input.subsets}"
         " --measurements {input.measurements} {params.features} --out-dir {params.out_dir} 2> {log}"

@@ -16,7 +16,7 @@ rule train_full:
     conda:
         "../envs/benchmark.yaml"
     shell:
-        "{PY} -m workflow_scripts train --config {params.config:q}"
+        "python -m workflow_scripts train --config {params.config:q}"
         " --dataset {input.dataset} --subsets {input.subsets} --subset -1 --replicate 0"
         " --out {output.model} --checkpoints {output.checkpoints} 2> {log}"
 
@@ -41,6 +41,6 @@ rule train_subset:
     conda:
         "../envs/benchmark.yaml"
     shell:
-        "{PY} -m workflow_scripts train --config {params.config:q}"
+        "python -m workflow_scripts train --config {params.config:q}"
         " --dataset {input.dataset} --subsets {input.subsets} --subset {wildcards.subset}"
         " --replicate {wildcards.replicate} --out {output.model} 2> {log}"

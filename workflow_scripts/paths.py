@@ -6,20 +6,27 @@ from __future__ import annotations
 
 import json
 
-SECTIONS = {  # the config sections each stage reads; a rule reruns when one of them changes
-    "data": ("data", "lds", "seeds"),
-    "train": ("data", "model", "diffusion", "train", "seeds", "compute"),
-    "sample": ("model", "diffusion", "sample", "seeds", "compute"),
-    "measure": ("model", "diffusion", "measure", "seeds", "compute"),
-    "gradients": ("model", "diffusion", "gradients", "seeds", "compute"),
-    "scores": ("scores", "lds", "seeds"),
-    "evaluate": ("lds", "seeds", "scores"),
+SECTIONS = {  # the config keys each stage reads; a rule reruns exactly when one of them changes
+    "data": ("data", "lds.n_subsets", "lds.n_tuning", "lds.fraction", "seeds.split", "seeds.subsets"),
+    "train": ("data", "model", "diffusion", "train", "seeds.train", "compute"),
+    "sample": ("model", "diffusion", "sample", "seeds.sample", "compute"),
+    "measure": ("model", "diffusion", "measure", "seeds.measure", "compute"),
+    "gradients": ("model", "diffusion", "gradients", "seeds.gradients", "seeds.projection", "compute"),
+    "scores": ("scores", "lds.n_subsets", "lds.n_seeds"),
+    "evaluate": ("lds", "seeds.bootstrap"),
 }
 
 
 def stage_config(config: dict, stage: str) -> str:
-    """JSON of the sections a stage reads (passed on its command line as --config)."""
-    return json.dumps({key: config[key] for key in SECTIONS[stage]}, sort_keys=True, separators=(",", ":"))
+    """JSON of the keys a stage reads (passed on its command line as --config)."""
+    selected: dict = {}
+    for dotted in SECTIONS[stage]:
+        *parents, leaf = dotted.split(".")
+        source, target = config, selected
+        for key in parents:
+            source, target = source[key], target.setdefault(key, {})
+        target[leaf] = source[leaf]
+    return json.dumps(selected, sort_keys=True, separators=(",", ":"))
 
 
 def root(config: dict) -> str:
@@ -67,5 +74,3 @@ def method_feature_stores(config: dict, method: str) -> list[str]:
     return [f"{directory}/{split}.{ext}" for split in STORE_SPLITS for ext in ("npy", "json")]
 
 
-def score_dirs(config: dict) -> list[str]:
-    return [f"{root(config)}/scores/{m}" for m in config["scores"]["methods"]]

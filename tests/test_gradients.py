@@ -1,0 +1,183 @@
+"""Unit tests of workflow_scripts.gradients: vmap per-example gradients and the gradient store."""
+import copy
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from workflow_scripts import gradients
+from workflow_scripts.common import ArtefactError
+from workflow_scripts.diffusion import add_noise, alphas_cumprod, build_model, output_function
+
+torch.set_num_threads(1)
+
+DIFFUSION = {"num_train_timesteps": 1000, "beta_start": 0.0001, "beta_end": 0.02}
+TINY_MODEL = {"block_out_channels": [8, 16], "attention": [False, True], "layers_per_block": 1,
+              "norm_num_groups": 4, "attention_head_dim": 4}
+SHAPE = (1, 8, 8)
+K = 3
+
+
+@pytest.fixture(scope="module")
+def setup():
+    torch.manual_seed(0)
+    model = build_model(TINY_MODEL, SHAPE).eval()
+    g = torch.Generator().manual_seed(0)
+    images = torch.rand(3, *SHAPE, generator=g) * 2 - 1
+    t, eps = gradients.feature_draws(1000, K, SHAPE, seed=5)
+    return model, images, t, eps, alphas_cumprod(DIFFUSION)
+
+
+def loop_gradients(model, images, fn, t, eps, a_bar):
+    """Reference: one example at a time, loss.backward()."""
+    rows = []
+    for x in images:
+        model.zero_grad(set_to_none=True)
+        xs = x.unsqueeze(0).expand(len(t), *x.shape)
+        prediction = model(add_noise(xs, t, eps, a_bar), t).sample
+        output_function(fn, prediction, eps).mean().backward()
+        rows.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    model.zero_grad(set_to_none=True)
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("fn", ["loss", "mean-squared-l2-norm", "mean", "l1-norm", "l2-norm", "linf-norm"])
+def test_vmap_gradients_equal_loop(setup, fn):
+    model, images, t, eps, a_bar = setup
+    fast = gradients.per_example_gradients(model, images, fn, t, eps, a_bar)
+    slow = loop_gradients(model, images, fn, t, eps, a_bar)
+    n_params = sum(p.numel() for p in model.parameters())
+    assert fast.shape == (len(images), n_params)
+    scale = slow.abs().max()
+    assert scale > 0
+    # elementwise rtol 1e-4; atol relative to the gradient's scale (float32 noise on near-zero entries)
+    torch.testing.assert_close(fast, slow, rtol=1e-4, atol=1e-5 * scale.item())
+    assert ((fast - slow).norm() / slow.norm()).item() < 1e-4
+    # different images give different gradients (the vmap really is per example)
+    assert not torch.allclose(fast[0], fast[1])
+
+
+def test_gradient_is_mean_over_timesteps(setup):
+    model, images, t, eps, a_bar = setup
+    full = gradients.per_example_gradients(model, images, "loss", t, eps, a_bar)
+    per_t = [gradients.per_example_gradients(model, images, "loss", t[k : k + 1], eps[k : k + 1], a_bar) for k in range(K)]
+    torch.testing.assert_close(full, torch.stack(per_t).mean(0), rtol=1e-4, atol=1e-6)
+    # ... not their sum
+    assert not torch.allclose(full, torch.stack(per_t).sum(0), rtol=1e-2)
+
+
+def test_feature_draws_grid_and_shared_noise():
+    t10, eps10 = gradients.feature_draws(1000, 10, SHAPE, seed=5)
+    t5, eps5 = gradients.feature_draws(1000, 5, SHAPE, seed=5)
+    assert t10.tolist() == list(range(0, 1000, 100))
+    assert t5.tolist() == list(range(0, 1000, 200))
+    assert eps10.shape == (10, *SHAPE)
+    # eps is seeded by (seed, t): the same t gets the same noise whatever K is
+    assert torch.equal(eps10[2], eps5[1])  # t = 200
+    assert not torch.equal(eps10[0], eps10[1])
+    _, other = gradients.feature_draws(1000, 10, SHAPE, seed=6)
+    assert not torch.equal(eps10, other)
+
+
+def test_compute_features_is_projected_mean_gradient(setup):
+    from workflow_scripts.projection import Projector
+
+    model, images, _, _, a_bar = setup
+    grad_cfg = {"timesteps": 2, "projection": "gaussian", "projection_dim": 16, "batch_size": 2, "projection_memory_mb": 64}
+    seeds = {"gradients": 5, "projection": 6}
+    out = gradients.compute_features(model, images.numpy(), "loss", grad_cfg, DIFFUSION, seeds, torch.device("cpu"))
+    assert out.shape == (3, 16) and out.dtype == np.float32
+    t, eps = gradients.feature_draws(1000, 2, SHAPE, 5)
+    raw = loop_gradients(model, images, "loss", t, eps, a_bar)
+    project = Projector(raw.shape[1], 16, "gaussian", 6, 64)
+    np.testing.assert_allclose(out, project(raw).numpy(), rtol=1e-3, atol=1e-5)
+
+
+# ---------------------------------------------------------------- the store and its sidecar
+
+
+@pytest.fixture
+def identity(smoke_config):
+    payload = {"config": {"model": smoke_config["model"], "seed": 2}, "step": 20}
+    return gradients.store_identity(smoke_config, payload, "loss", "train", 6)
+
+
+def _features(n=6, d=None, smoke_dim=64):
+    return np.random.default_rng(0).normal(size=(n, d or smoke_dim)).astype(np.float32)
+
+
+def test_store_round_trip(tmp_path, identity):
+    features = _features()
+    path = tmp_path / "g" / "train.npy"
+    gradients.write_store(features, identity, path)
+    assert gradients.sidecar_path(path).exists()
+    assert not list(path.parent.glob(".*tmp"))  # no temp file left behind
+    array = gradients.open_store(path, identity)
+    assert isinstance(array, np.memmap)
+    np.testing.assert_array_equal(np.asarray(array), features)
+    assert gradients.read_sidecar(path) == json.loads(json.dumps(identity))
+    np.testing.assert_array_equal(gradients.open_store(path), features)  # without an expected identity
+
+
+def test_store_identity_records_config(smoke_config, identity):
+    assert identity["split"] == "train"
+    assert identity["shape"] == [6, smoke_config["gradients"]["projection_dim"]]
+    assert identity["made_by"]["output_function"] == "loss"
+    other_ckpt = gradients.store_identity(smoke_config, {"config": {"seed": 2}, "step": 10}, "loss", "train", 6)
+    assert other_ckpt["config_hash"] != identity["config_hash"]
+
+
+def test_store_config_hash_mismatch_names_difference(tmp_path, smoke_config, identity):
+    path = tmp_path / "train.npy"
+    gradients.write_store(_features(), identity, path)
+    payload = {"config": {"model": smoke_config["model"], "seed": 2}, "step": 20}
+    expected = gradients.store_identity(smoke_config, payload, "mean-squared-l2-norm", "train", 6)
+    with pytest.raises(ArtefactError) as info:
+        gradients.open_store(path, expected)
+    message = str(info.value)
+    assert "config_hash" in message and "output_function" in message and str(path) in message
+
+    cfg = copy.deepcopy(smoke_config)
+    cfg["seeds"]["projection"] += 1
+    expected = gradients.store_identity(cfg, payload, "loss", "train", 6)
+    with pytest.raises(ArtefactError, match="seed_projection"):
+        gradients.open_store(path, expected)
+
+
+def test_store_split_mismatch(tmp_path, identity):
+    path = tmp_path / "train.npy"
+    gradients.write_store(_features(), identity, path)
+    expected = {**identity, "split": "heldout"}
+    with pytest.raises(ArtefactError, match=r"split is train, config expects heldout"):
+        gradients.open_store(path, expected)
+
+
+def test_store_shape_mismatch(tmp_path, smoke_config, identity):
+    path = tmp_path / "train.npy"
+    gradients.write_store(_features(), identity, path)
+    payload = {"config": {"model": smoke_config["model"], "seed": 2}, "step": 20}
+    expected = gradients.store_identity(smoke_config, payload, "loss", "train", 7)
+    with pytest.raises(ArtefactError, match=r"shape is \[6, 64\], config expects \[7, 64\]"):
+        gradients.open_store(path, expected)
+
+
+def test_array_disagreeing_with_its_sidecar(tmp_path, identity):
+    path = tmp_path / "train.npy"
+    gradients.write_store(_features(), identity, path)
+    np.save(path, _features(n=5))  # replaced behind the sidecar's back
+    with pytest.raises(ArtefactError, match="sidecar says"):
+        gradients.open_store(path)
+    np.save(path, _features().astype(np.float64))
+    with pytest.raises(ArtefactError, match="float64"):
+        gradients.open_store(path)
+
+
+def test_missing_sidecar_or_store_raises(tmp_path, identity):
+    path = tmp_path / "train.npy"
+    gradients.write_store(_features(), identity, path)
+    gradients.sidecar_path(path).unlink()
+    with pytest.raises(ArtefactError, match="sidecar"):
+        gradients.open_store(path, identity)
+    with pytest.raises(ArtefactError, match="missing"):
+        gradients.open_store(tmp_path / "absent.npy")
