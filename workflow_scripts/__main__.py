@@ -24,21 +24,23 @@ def parse_config(text: str) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog="python -m workflow_scripts", description=__doc__)
-    sub = parser.add_subparsers(dest="stage", required=True)
-    modules = {}
-    for stage in STAGES:
-        module = importlib.import_module(f"workflow_scripts.{stage}")
-        modules[stage] = module
-        stage_parser = sub.add_parser(stage, help=(module.__doc__ or "").splitlines()[0])
-        stage_parser.add_argument("--config", required=True, help="JSON object or path to a YAML config")
-        stage_parser.add_argument("--log", help="also write the log to this file")
-        module.add_arguments(stage_parser)
-    args = parser.parse_args(argv)
+    parser.add_argument("stage", choices=STAGES)
+    if not argv or argv[0] not in STAGES:
+        parser.parse_args(argv[:1])  # prints usage and the list of stages, then exits
+    # Import only the chosen stage: job start-up stays fast and independent of the other stages.
+    module = importlib.import_module(f"workflow_scripts.{argv[0]}")
+    stage_parser = argparse.ArgumentParser(prog=f"python -m workflow_scripts {argv[0]}", description=module.__doc__,
+                                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    stage_parser.add_argument("--config", required=True, help="JSON object or path to a YAML config")
+    stage_parser.add_argument("--log", help="also write the log to this file")
+    module.add_arguments(stage_parser)
+    args = stage_parser.parse_args(argv[1:])
     from .common import setup_logging
 
     setup_logging(args.log)
-    modules[args.stage].run(args, parse_config(args.config))
+    module.run(args, parse_config(args.config))
     return 0
 
 
