@@ -21,6 +21,9 @@ test: setup  ## unit tests + the smoke workflow + the DVC round trip
 smoke: setup
 	PATH=$(abspath $(BIN)):$$PATH $(BIN)/snakemake --cores all --configfile configs/smoke.yaml
 
+pull: setup  ## fetch the DVC-versioned results and mark them up to date for Snakemake
+	PATH=$(abspath $(BIN)):$$PATH scripts/dvc-pull
+
 lint: setup
 	PATH=$(abspath $(BIN)):$$PATH $(BIN)/snakemake --lint
 
