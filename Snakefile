@@ -18,6 +18,7 @@ QUERY_SETS = ["generated", "heldout"]
 
 include: "rules/data.smk"
 include: "rules/train.smk"
+include: "rules/classifier.smk"
 include: "rules/sample.smk"
 include: "rules/measure.smk"
 include: "rules/gradients.smk"

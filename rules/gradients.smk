@@ -1,17 +1,51 @@
+# One gradient store per (checkpoint, tag); tag = <output function>_<kind>_K<K>_<projection><dim> (paths.py).
 rule gradients:
     input:
-        model=rules.train_full.output.model,
+        model=lambda w: paths.checkpoint_model(config, w.checkpoint),
         dataset=rules.data.output.dataset,
         samples=rules.sample.output[0],
     output:
-        stores=expand(f"{ROOT}/gradients/full/{{{{tag}}}}/{{split}}.npy", split=paths.STORE_SPLITS),
-        sidecars=expand(f"{ROOT}/gradients/full/{{{{tag}}}}/{{split}}.json", split=paths.STORE_SPLITS),
+        stores=expand(f"{ROOT}/gradients/{{{{checkpoint}}}}/{{{{tag}}}}/{{split}}.npy", split=paths.STORE_SPLITS),
+        sidecars=expand(f"{ROOT}/gradients/{{{{checkpoint}}}}/{{{{tag}}}}/{{split}}.json", split=paths.STORE_SPLITS),
+        residual=f"{ROOT}/gradients/{{checkpoint}}/{{tag}}/{paths.RESIDUAL}.npy",
+        residual_sidecar=f"{ROOT}/gradients/{{checkpoint}}/{{tag}}/{paths.RESIDUAL}.json",
+    wildcard_constraints:
+        checkpoint=paths.CHECKPOINT_PATTERN,
+        tag=paths.SPLIT_STORE_PATTERN,
     params:
         config=lambda w: paths.stage_config(config, "gradients"),
-        output_function=lambda w: w.tag.split("_K")[0],
         out_dir=lambda w, output: os.path.dirname(output.stores[0]),
     log:
-        f"{ROOT}/logs/gradients/{{tag}}.log",
+        f"{ROOT}/logs/gradients/{{checkpoint}}/{{tag}}.log",
+    threads: config["compute"]["threads"]
+    resources:
+        mem_mb=8000,
+        runtime=240,
+    conda:
+        "../envs/benchmark.yaml"
+    shell:
+        "python -m workflow_scripts gradients --config {params.config:q}"
+        " --model {input.model} --dataset {input.dataset} --samples {input.samples}"
+        " --tag {wildcards.tag} --out-dir {params.out_dir} 2> {log}"
+
+
+# Journey-TRAK query features: generated queries only (they need a sampling trajectory).
+rule gradients_journey:
+    input:
+        model=lambda w: paths.checkpoint_model(config, w.checkpoint),
+        dataset=rules.data.output.dataset,
+        samples=rules.sample.output[0],
+    output:
+        store=f"{ROOT}/gradients/{{checkpoint}}/{{tag}}/generated.npy",
+        sidecar=f"{ROOT}/gradients/{{checkpoint}}/{{tag}}/generated.json",
+    wildcard_constraints:
+        checkpoint=paths.CHECKPOINT_PATTERN,
+        tag=paths.JOURNEY_STORE_PATTERN,
+    params:
+        config=lambda w: paths.stage_config(config, "gradients"),
+        out_dir=lambda w, output: os.path.dirname(output.store),
+    log:
+        f"{ROOT}/logs/gradients/{{checkpoint}}/{{tag}}.log",
     threads: config["compute"]["threads"]
     resources:
         mem_mb=8000,
@@ -21,4 +55,4 @@ rule gradients:
     shell:
         "python -m workflow_scripts gradients --config {params.config:q}"
         " --model {input.model} --dataset {input.dataset} --samples {input.samples}"
-        " --output-function {params.output_function} --out-dir {params.out_dir} 2> {log}"
+        " --tag {wildcards.tag} --out-dir {params.out_dir} 2> {log}"

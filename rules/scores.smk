@@ -8,10 +8,11 @@ rule scores:
     output:
         matrices=expand(f"{ROOT}/scores/{{{{method}}}}/{{query_set}}.npy", query_set=QUERY_SETS),
         sweep=f"{ROOT}/scores/{{method}}/sweep.csv",
+        sweep_figure=f"{ROOT}/scores/{{method}}/sweep.png",
         chosen=f"{ROOT}/scores/{{method}}/chosen.json",
     params:
         config=lambda w: paths.stage_config(config, "scores"),
-        features=lambda w, input: f"--features {os.path.dirname(input.features[0])}" if input.features else "",
+        features=lambda w: paths.method_feature_args(config, w.method),
         out_dir=lambda w, output: os.path.dirname(output.sweep),
     log:
         f"{ROOT}/logs/scores/{{method}}.log",

@@ -84,7 +84,8 @@ def test_compute_features_is_projected_mean_gradient(setup):
     from workflow_scripts.projection import Projector
 
     model, images, _, _, a_bar = setup
-    grad_cfg = {"timesteps": 2, "projection": "gaussian", "projection_dim": 16, "batch_size": 2, "projection_memory_mb": 64}
+    grad_cfg = {"timesteps": 2, "projection": "gaussian", "projection_dim": 16, "batch_size": 2, "timestep_chunk": 10,
+                "projection_memory_mb": 64}
     seeds = {"gradients": 5, "projection": 6}
     out = gradients.compute_features(model, images.numpy(), "loss", grad_cfg, DIFFUSION, seeds, torch.device("cpu"))
     assert out.shape == (3, 16) and out.dtype == np.float32

@@ -73,8 +73,9 @@ class _FakeInputs:
     def __init__(self, features):
         self._features = features
 
-    def features(self, fn, split):
-        assert fn == "mean-squared-l2-norm"
+    def features(self, role, split, expect=None):
+        assert role == "final"
+        assert expect["output_function"] == "mean-squared-l2-norm" and expect["kind"] == "avg"
         return self._features[split]
 
 

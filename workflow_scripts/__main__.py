@@ -13,7 +13,7 @@ from pathlib import Path
 
 import yaml
 
-STAGES = ("data", "train", "sample", "measure", "gradients", "scores", "evaluate")
+STAGES = ("data", "train", "classifier", "sample", "measure", "gradients", "scores", "evaluate")
 
 
 def parse_config(text: str) -> dict:

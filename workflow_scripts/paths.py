@@ -5,10 +5,12 @@ Imported by the Snakefile (so keep it free of heavy imports) and by tests.
 from __future__ import annotations
 
 import json
+import re
 
 SECTIONS = {  # the config keys each stage reads; a rule reruns exactly when one of them changes
     "data": ("data", "lds.n_subsets", "lds.n_tuning", "lds.fraction", "seeds.split", "seeds.subsets"),
     "train": ("data", "model", "diffusion", "train", "seeds.train", "compute"),
+    "classifier": ("classifier", "seeds.classifier", "compute"),
     "sample": ("model", "diffusion", "sample", "seeds.sample", "compute"),
     "measure": ("model", "diffusion", "measure", "seeds.measure", "compute"),
     "gradients": ("model", "diffusion", "gradients", "seeds.gradients", "seeds.projection", "compute"),
@@ -53,24 +55,110 @@ def measurement_files(config: dict) -> list[str]:
     return [f"{root(config)}/measurements/{name}.npz" for name in subset_model_names(config)]
 
 
-def feature_tag(config: dict, output_function: str) -> str:
-    g = config["gradients"]
-    return f"{output_function}_K{g['timesteps']}_{g['projection']}{g['projection_dim']}"
+# ---------------------------------------------------------------- gradient stores
+#
+# A store is one (checkpoint, output function, feature kind, timestep budget K, projection) and lives in
+# results/<benchmark>/gradients/<checkpoint>/<tag>/ with tag = <output function>_<kind>_K<K>_<projection><dim>:
+#   avg        phi = mean over the K timesteps of grad f                       (TRAK, D-TRAK, TracInCP, ...)
+#   unitnorm   phi = mean over the K timesteps of grad f / ||grad f||          (DAS eq. 17, reference form)
+#   sketch<r>  (r, d) rows per example: grad of <u_{t,k}, eps_theta> for r random output directions u,
+#              unit-normalised per timestep, averaged over t                    (DAS vector-output form)
+#   journey    generated queries only: loss gradient at the K sampling steps of the stored trajectory,
+#              x0-prediction re-noised with fresh noise, averaged over the steps (Journey-TRAK)
+# Non-journey stores hold train/generated/heldout features plus the training residuals (train_residual).
 
-
-def feature_dir(config: dict, output_function: str, checkpoint: str = "full") -> str:
-    return f"{root(config)}/gradients/{checkpoint}/{feature_tag(config, output_function)}"
-
-
+CHECKPOINT_PATTERN = r"full|step\d+"
+SPLIT_STORE_PATTERN = r"[a-z0-9-]+_(?:avg|unitnorm|sketch\d+)_K\d+_(?:gaussian|rademacher)\d+"
+JOURNEY_STORE_PATTERN = r"[a-z0-9-]+_journey_K\d+_(?:gaussian|rademacher)\d+"
+_TAG = re.compile(r"(?P<fn>[a-z0-9-]+)_(?P<kind>avg|unitnorm|sketch(?P<r>\d+)|journey)_K(?P<k>\d+)"
+                  r"_(?P<projection>gaussian|rademacher)(?P<dim>\d+)")
 STORE_SPLITS = ("train", "generated", "heldout")
+RESIDUAL = "train_residual"  # per-training-example residuals at the store's (t, eps) draws (DAS)
+VECTOR_OUTPUT = "eps"  # the "output function" of sketch stores: the noise predictor itself
+FEATURE_FAMILIES = ("trak", "gradient_similarity", "tracin", "normalized_if", "journey", "das")
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step{step:07d}"
+
+
+def checkpoint_names(config: dict) -> list[str]:
+    return [checkpoint_name(s) for s in checkpoint_steps(config)]
+
+
+def checkpoint_model(config: dict, checkpoint: str) -> str:
+    """The model file of a store's checkpoint: 'full' (the final model) or 'step<N>' (intermediate)."""
+    if checkpoint == "full":
+        return f"{root(config)}/models/full/model.pt"
+    if not re.fullmatch(r"step\d+", checkpoint):
+        raise ValueError(f"unknown checkpoint {checkpoint!r}; expected 'full' or 'step<N>'")
+    return f"{root(config)}/models/full/checkpoints/{checkpoint}.pt"
+
+
+def feature_tag(config: dict, output_function: str, timesteps: int | None = None, kind: str = "avg",
+                directions: int | None = None) -> str:
+    g = config["gradients"]
+    k = g["timesteps"] if timesteps is None else timesteps
+    if kind == "sketch":
+        if not directions:
+            raise ValueError("a sketch store needs the number of output directions")
+        kind = f"sketch{directions}"
+    elif kind not in ("avg", "unitnorm", "journey"):
+        raise ValueError(f"unknown feature kind {kind!r}")
+    return f"{output_function}_{kind}_K{k}_{g['projection']}{g['projection_dim']}"
+
+
+def parse_feature_tag(tag: str) -> dict:
+    """The store specification a tag names (inverse of feature_tag)."""
+    m = _TAG.fullmatch(tag)
+    if m is None:
+        raise ValueError(f"bad gradient store tag {tag!r}: expected <output function>_<avg|unitnorm|sketch<r>|journey>"
+                         "_K<timesteps>_<gaussian|rademacher><dim>")
+    kind = "sketch" if m["r"] else m["kind"]
+    return {"output_function": m["fn"], "kind": kind, "timesteps": int(m["k"]), "projection": m["projection"],
+            "projection_dim": int(m["dim"]), "output_directions": int(m["r"]) if m["r"] else None}
+
+
+def feature_dir(config: dict, output_function: str, checkpoint: str = "full", timesteps: int | None = None,
+                kind: str = "avg", directions: int | None = None) -> str:
+    return f"{root(config)}/gradients/{checkpoint}/{feature_tag(config, output_function, timesteps, kind, directions)}"
+
+
+def store_files(directory: str, kind: str) -> list[str]:
+    names = ["generated"] if kind == "journey" else [*STORE_SPLITS, RESIDUAL]
+    return [f"{directory}/{name}.{ext}" for name in names for ext in ("npy", "json")]
+
+
+def method_stores(config: dict, method: str) -> dict[str, tuple[str, str]]:
+    """{role: (store directory, kind)} of the gradient stores a method reads ({} for methods that need none).
+
+    Roles: 'final' (final model), one per intermediate checkpoint 'step<N>' (TracInCP / GAS), and
+    'journey' (Journey-TRAK's generated-query features)."""
+    m = config["scores"]["methods"][method]
+    family = m["family"]
+    if family not in FEATURE_FAMILIES:
+        return {}
+    k = m.get("timesteps")
+    if family == "tracin":
+        return {c: (feature_dir(config, m["output_function"], c, k), "avg") for c in checkpoint_names(config)}
+    if family == "das":
+        if m["form"] == "vector":
+            return {"final": (feature_dir(config, VECTOR_OUTPUT, "full", k, "sketch", m["output_directions"]), "sketch")}
+        return {"final": (feature_dir(config, m["output_function"], "full", k, "unitnorm"), "unitnorm")}
+    stores = {"final": (feature_dir(config, m["output_function"], "full", k), "avg")}
+    if family == "journey":
+        steps = m.get("sampling_steps", config["sample"]["num_inference_steps"])
+        stores["journey"] = (feature_dir(config, m["output_function"], "full", steps, "journey"), "journey")
+    return stores
 
 
 def method_feature_stores(config: dict, method: str) -> list[str]:
-    """The gradient stores (.npy + .json sidecar per split) a method reads ([] for methods that need none)."""
-    method_cfg = config["scores"]["methods"][method]
-    if "output_function" not in method_cfg:
-        return []
-    directory = feature_dir(config, method_cfg["output_function"])
-    return [f"{directory}/{split}.{ext}" for split in STORE_SPLITS for ext in ("npy", "json")]
+    """The gradient store files (.npy + .json sidecar) a method reads ([] for methods that need none)."""
+    return [f for directory, kind in method_stores(config, method).values() for f in store_files(directory, kind)]
 
+
+def method_feature_args(config: dict, method: str) -> str:
+    """Command-line option of the scores stage naming each store by its role ('' for methods without stores)."""
+    stores = method_stores(config, method)
+    return "--features " + " ".join(f"{role}={d}" for role, (d, _) in stores.items()) if stores else ""
 

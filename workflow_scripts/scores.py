@@ -3,7 +3,8 @@
 For each lambda of scores.lambda_grid (methods without one: a single entry) the LDS of every query
 set is computed on the TUNING subsets and, for the record, on the EVALUATION subsets. The lambda
 with the best mean TUNING LDS over the query sets is kept; its matrices are written as
-<query_set>.npy (n_query x n_train, float32) beside sweep.csv.
+<query_set>.npy (n_query x n_train, float32) beside sweep.csv, and the LDS-vs-lambda curve as sweep.png.
+A method may set its own `lambda_grid` (else scores.lambda_grid).
 """
 from __future__ import annotations
 
@@ -18,16 +19,20 @@ from .common import ArtefactError, log, save_json, save_npy, save_text
 from .gradients import open_store, read_sidecar
 from .lds import lds_per_query
 from .measure import QUERY_SETS, load_queries, load_targets
-from .scorers import get_family
+from .paths import RESIDUAL
+from .scorers import family_notes, get_family
 
 
 class ScorerInputs:
-    """Lazy access to what scorers read: images, query images and cached gradient features."""
+    """Lazy access to what scorers read: images, query images and cached gradient stores.
+
+    Stores are named by role (paths.method_stores): 'final', 'step<N>' (intermediate checkpoints) and
+    'journey'. Every store is checked against its sidecar, and against what the method expects of it."""
 
     query_sets = QUERY_SETS
 
-    def __init__(self, dataset: str, samples: str, features_dir: str | None = None):
-        self.dataset, self.samples, self.features_dir = dataset, samples, features_dir
+    def __init__(self, dataset: str, samples: str, stores: dict[str, str] | None = None):
+        self.dataset, self.samples, self.stores = dataset, samples, dict(stores or {})
         self._queries = None
 
     def train_images(self) -> np.ndarray:
@@ -38,16 +43,49 @@ class ScorerInputs:
             self._queries = load_queries(self.dataset, self.samples)
         return self._queries
 
-    def features(self, output_function: str, split: str) -> np.ndarray:
-        if self.features_dir is None:
-            raise ArtefactError("this scorer needs gradient features, but no --features directory was given")
-        path = Path(self.features_dir) / f"{split}.npy"
+    def roles(self) -> list[str]:
+        return list(self.stores)
+
+    def _path(self, role: str, split: str) -> Path:
+        if role not in self.stores:
+            raise ArtefactError(f"this scorer needs the gradient store {role!r}, but --features names only "
+                                f"{sorted(self.stores) or 'none'}")
+        return Path(self.stores[role]) / f"{split}.npy"
+
+    def sidecar(self, role: str, split: str) -> dict:
+        return read_sidecar(self._path(role, split))
+
+    def features(self, role: str, split: str, expect: dict | None = None) -> np.ndarray:
+        """The store's array, after checking that its sidecar's made_by has every entry of `expect`."""
+        path = self._path(role, split)
         array = open_store(path)
         made_by = read_sidecar(path)["made_by"]
-        if made_by["output_function"] != output_function:
-            raise ArtefactError(f"{self.features_dir}: features of output function {made_by['output_function']!r}, "
-                                f"the method needs {output_function!r}")
+        for key, want in (expect or {}).items():
+            if made_by.get(key) != want:
+                raise ArtefactError(f"{path}: store has {key} {made_by.get(key)!r}, the method needs {want!r}")
         return np.asarray(array)
+
+    def residuals(self, role: str) -> np.ndarray:
+        """Training residuals of a store (DAS); made with exactly the train features' configuration."""
+        residual, train = self.sidecar(role, RESIDUAL), self.sidecar(role, "train")
+        if residual["config_hash"] != train["config_hash"]:
+            raise ArtefactError(f"{self.stores[role]}: {RESIDUAL} (config {residual['config_hash']}) does not belong to "
+                                f"the train features (config {train['config_hash']})")
+        return np.asarray(open_store(self._path(role, RESIDUAL)))
+
+    def checkpoint(self, role: str) -> dict:
+        """{'step', 'lr'} of the checkpoint a store was computed at."""
+        return self.sidecar(role, "train").get("checkpoint", {"step": None, "lr": None})
+
+
+def parse_stores(items: list[str] | None) -> dict[str, str]:
+    stores = {}
+    for item in items or []:
+        role, sep, directory = item.partition("=")
+        if not sep or not role or not directory:
+            raise ValueError(f"--features entries are ROLE=DIRECTORY, got {item!r}")
+        stores[role] = directory
+    return stores
 
 
 def sweep(results: list, masks: np.ndarray, tuning: np.ndarray, evaluation: np.ndarray,
@@ -69,14 +107,51 @@ def choose(results: list, table: pd.DataFrame) -> int:
     return int(np.nanargmax(mean_tuning)) if len(results) > 1 else 0
 
 
+def plot_sweep(table: pd.DataFrame, chosen_lambda, method: str, path: str | Path, notes: dict | None = None) -> None:
+    """LDS against lambda, tuning and evaluation subsets, one colour per query set (a point per query set
+    for methods without lambda); the chosen lambda is marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    long = table.melt(id_vars=["lambda", "query_set"], value_vars=["lds_tuning", "lds_evaluation"], var_name="subsets",
+                      value_name="LDS")
+    long["subsets"] = long["subsets"].map({"lds_tuning": "tuning", "lds_evaluation": "evaluation"})
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    if long["lambda"].notna().any():
+        sns.lineplot(data=long, x="lambda", y="LDS", hue="query_set", style="subsets", markers=True, ax=ax)
+        ax.set_xscale("log")
+        ax.axvline(chosen_lambda, color="grey", ls=":", lw=1)
+        ax.set_xlabel("lambda (relative to the mean eigenvalue of Phi^T Phi)")
+        title = f"{method}: LDS vs lambda (chosen on tuning subsets: {chosen_lambda:g})"
+    else:
+        sns.pointplot(data=long, x="query_set", y="LDS", hue="subsets", dodge=0.3, linestyle="none", errorbar=None, ax=ax)
+        ax.set_xlabel("query set")
+        title = f"{method}: no lambda"
+    ax.axhline(0, c="grey", lw=0.6)
+    ax.set_ylabel("LDS (Spearman, mean over queries)")
+    ax.set_title(title, fontsize=10)
+    if notes:
+        fig.text(0.01, 0.01, "; ".join(f"{k}: {v}" for k, v in notes.items()), fontsize=6, wrap=True)
+    fig.tight_layout(rect=(0, 0.05 if notes else 0, 1, 1))
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(path).with_name(f".{Path(path).name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--method", required=True)
     parser.add_argument("--dataset", required=True)
     parser.add_argument("--samples", required=True)
     parser.add_argument("--subsets", required=True)
     parser.add_argument("--measurements", nargs="+", required=True, help="per-model measurements, subset-major")
-    parser.add_argument("--features", help="gradient store directory (gradient-based methods)")
-    parser.add_argument("--out-dir", required=True)
+    parser.add_argument("--features", nargs="*", metavar="ROLE=DIR",
+                        help="gradient store directories by role (final, step<N>, journey); gradient-based methods")
+    parser.add_argument("--out-dir", required=True, help="writes <query_set>.npy, sweep.csv, sweep.png, chosen.json")
 
 
 def run(args, config: dict) -> None:
@@ -85,8 +160,10 @@ def run(args, config: dict) -> None:
         raise ValueError(f"method {args.method!r} is not in scores.methods ({sorted(methods)})")
     method_cfg = methods[args.method]
     family = get_family(method_cfg["family"])
-    inputs = ScorerInputs(args.dataset, args.samples, args.features)
-    results = family.compute(method_cfg, inputs, config["scores"]["lambda_grid"])
+    notes = family_notes(method_cfg["family"], method_cfg)
+    inputs = ScorerInputs(args.dataset, args.samples, parse_stores(args.features))
+    lambdas = method_cfg.get("lambda_grid", config["scores"]["lambda_grid"])
+    results = family.compute(method_cfg, inputs, lambdas)
     subsets = data_stage.load_subsets(args.subsets)
     targets = load_targets(args.measurements, config["lds"]["n_subsets"], config["lds"]["n_seeds"])
     table = sweep(results, subsets["masks"], subsets["tuning"], subsets["evaluation"], targets)
@@ -98,6 +175,9 @@ def run(args, config: dict) -> None:
             raise FloatingPointError(f"{args.method}: non-finite scores for {name}")
         save_npy(scores.astype(np.float32), out / f"{name}.npy")
     save_text(table.to_csv(index=False), out / "sweep.csv")
-    save_json({"method": args.method, "config": method_cfg, "lambda": chosen_lambda}, out / "chosen.json")
+    plot_sweep(table, chosen_lambda, args.method, out / "sweep.png", notes)
+    save_json({"method": args.method, "config": method_cfg, "lambda": chosen_lambda, "notes": notes}, out / "chosen.json")
+    for name, note in notes.items():
+        log.warning("scores %s, %s queries: %s", args.method, name, note)
     log.info("scores %s: lambda %s; tuning LDS %s", args.method, chosen_lambda,
              table[table["lambda"].eq(chosen_lambda) | table["lambda"].isna()].set_index("query_set")["lds_tuning"].round(3).to_dict())

@@ -1,11 +1,18 @@
 """Scorer families. Each module exposes `compute(method_cfg, inputs, lambdas)` returning a list of
 (lambda or None, {query_set: scores}) with scores of shape (n_query, n_train) following the
-convention of METHODS.md: S[q, i] = predicted change of measurement m_q when z_i is removed."""
+convention of METHODS.md: S[q, i] = predicted change of measurement m_q when z_i is removed.
+A module may also expose `notes(method_cfg) -> {query_set: text}` for rows that need a caveat.
+
+Families: pixel (raw pixel dot / cosine), trak (TRAK and D-TRAK, any output function and K),
+gradient_similarity (gradient dot / cosine), tracin (TracInCP and GAS over checkpoints),
+normalized_if (relative and renormalised influence), journey (Journey-TRAK), das (DAS, scalar
+reference form and vector-output form)."""
 from __future__ import annotations
 
-from . import pixel, trak
+from . import das, gradient_similarity, journey, normalized_if, pixel, tracin, trak
 
-FAMILIES = {"pixel": pixel, "trak": trak}
+FAMILIES = {"pixel": pixel, "trak": trak, "gradient_similarity": gradient_similarity, "tracin": tracin,
+            "normalized_if": normalized_if, "journey": journey, "das": das}
 
 
 def get_family(name: str):
@@ -13,3 +20,8 @@ def get_family(name: str):
         return FAMILIES[name]
     except KeyError:
         raise ValueError(f"unknown scorer family {name!r}; known: {sorted(FAMILIES)}") from None
+
+
+def family_notes(name: str, method_cfg: dict) -> dict[str, str]:
+    module = get_family(name)
+    return module.notes(method_cfg) if hasattr(module, "notes") else {}

@@ -5,10 +5,15 @@ noise prediction); the algebra is the same. One SVD Phi = U diag(s) V^T gives ev
 Phi (Phi^T Phi + lambda I)^{-1} phi(x) = U diag(s / (s^2 + lambda)) V^T phi(x), because the
 null space of Phi is orthogonal to every row of Phi. lambda is relative to the mean eigenvalue
 of Phi^T Phi (trace / d), so one grid fits every model and projection size.
+
+The timestep budget K is the store's (method key `timesteps`, default gradients.timesteps), so K = 10
+and K = 100 are separate methods reading separate stores.
 """
 from __future__ import annotations
 
 import numpy as np
+
+from .base import expected_store
 
 
 class KernelSolver:
@@ -33,9 +38,18 @@ class KernelSolver:
         lam = self.absolute(relative_lambda)
         return np.sqrt(((self.u * (self.s / (self.s**2 + lam))) ** 2).sum(1))
 
+    def train_norms(self) -> np.ndarray:
+        """||phi(z_i)|| for every i (renormalised influence)."""
+        return np.sqrt(((self.u * self.s) ** 2).sum(1))
+
+    def leverages(self, relative_lambda: float) -> np.ndarray:
+        """h_i = phi(z_i)^T (Phi^T Phi + lambda I)^{-1} phi(z_i) (DAS's leave-one-out correction 1 / (1 - h_i))."""
+        lam = self.absolute(relative_lambda)
+        return (self.u**2 * (self.s**2 / (self.s**2 + lam))).sum(1)
+
 
 def compute(method_cfg: dict, inputs, lambdas) -> list:
-    fn = method_cfg["output_function"]
-    solver = KernelSolver(inputs.features(fn, "train"))
-    queries = {name: inputs.features(fn, name) for name in inputs.query_sets}
+    expect = expected_store(method_cfg)
+    solver = KernelSolver(inputs.features("final", "train", expect))
+    queries = {name: inputs.features("final", name, expect) for name in inputs.query_sets}
     return [(lam, {name: solver.scores(q, lam).astype(np.float32) for name, q in queries.items()}) for lam in lambdas]

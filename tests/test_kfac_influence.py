@@ -1,0 +1,80 @@
+"""K-FAC influence end to end on the smoke configuration: the `curvature` stage entry writes a file, the scorer
+family entry `scorers.kfac.compute` reads it back (checking its config) and returns the scores.py sweep format."""
+import argparse
+import copy
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from workflow_scripts import curvature as C
+from workflow_scripts import data as data_stage
+from workflow_scripts.common import ArtefactError
+from workflow_scripts.scorers import kfac as K
+from workflow_scripts.train import train_model
+
+torch.set_num_threads(1)
+KFAC = {"fisher_type": "mc", "kfac_approx": "expand", "ekfac": False, "draws": 2, "fisher_mc_samples": 1,
+        "separate_weight_and_bias": False, "batch_size": 64, "gradient_draws": 2, "query_draws": "measure",
+        "quantization": "int8"}
+
+
+@pytest.fixture(scope="module")
+def workflow(tmp_path_factory, smoke_config):
+    tmp = tmp_path_factory.mktemp("kfac")
+    config = copy.deepcopy(smoke_config)
+    config["data"]["n_train"] = 12
+    config["train"]["steps"] = 2
+    config["compute"] = {"device": "cpu", "threads": 1}
+    config["kfac"] = dict(KFAC)
+    dataset = tmp / "dataset.npz"
+    data_stage.run(argparse.Namespace(dataset_out=dataset, subsets_out=tmp / "subsets.npz"), config)
+    images = data_stage.load_dataset(dataset)["train_images"]
+    model_path = train_model(config, images, np.arange(len(images)), 0, tmp / "model.pt")
+    return config, dataset, model_path, tmp
+
+
+def _inputs(config, dataset, model_path, curvature_path):
+    arrays = data_stage.load_dataset(dataset)
+    queries = {"generated": arrays["heldout_images"][:2], "heldout": arrays["heldout_images"][2:]}
+    return SimpleNamespace(config=config, model_path=model_path, curvature_path=curvature_path,
+                           train_images=lambda: arrays["train_images"], queries=lambda: queries)
+
+
+def test_stage_then_scorer(workflow, caplog):
+    config, dataset, model_path, tmp = workflow
+    out = tmp / "curvature" / f"{C.variant_name(config['kfac'])}.pt"
+    args = argparse.Namespace(model=str(model_path), dataset=str(dataset), fisher_type=None, kfac_approx=None, ekfac=None,
+                              out=str(out))
+    C.run(args, config)
+    assert out.exists()
+    mtime = out.stat().st_mtime_ns
+    with caplog.at_level("INFO", logger="workflow_scripts"):
+        C.run(args, config)  # same config: reused, not refitted
+    assert out.stat().st_mtime_ns == mtime and "reusing" in caplog.text
+    lambdas = [1e-3, 1e-1]
+    results = K.compute({"family": "kfac"}, _inputs(config, dataset, model_path, out), lambdas)
+    assert [lam for lam, _ in results] == lambdas
+    for _, matrices in results:
+        assert set(matrices) == {"generated", "heldout"}
+        assert matrices["heldout"].shape == (2, 12) and matrices["heldout"].dtype == np.float32
+        assert all(np.isfinite(m).all() for m in matrices.values())
+    # a method whose variant differs from the file (EK-FAC) is refused, not silently scored with K-FAC
+    with pytest.raises(ArtefactError, match="ekfac"):
+        K.compute({"family": "kfac", "ekfac": True}, _inputs(config, dataset, model_path, out), lambdas)
+    other = copy.deepcopy(config)
+    other["kfac"]["draws"] = 3
+    with pytest.raises(ArtefactError, match="draws"):
+        K.compute({"family": "kfac"}, _inputs(other, dataset, model_path, out), lambdas)
+    # the CLI override of the variant writes the EK-FAC file that such a method needs
+    ek = tmp / "curvature" / "mc-expand-ekfac.pt"
+    C.run(argparse.Namespace(**{**vars(args), "ekfac": True, "out": str(ek)}), config)
+    assert C.load_curvature(ek).is_ekfac
+    assert K.compute({"family": "kfac", "ekfac": True, "lambda_grid": [1e-2]}, _inputs(config, dataset, model_path, ek),
+                     lambdas)[0][0] == 1e-2
+
+
+def test_missing_inputs_are_named():
+    with pytest.raises(ArtefactError, match="curvature_path"):
+        K.compute({"family": "kfac"}, SimpleNamespace(config={}, model_path="m.pt"), [1.0])

@@ -1,0 +1,19 @@
+"""Gradient similarity (Charpiat et al. 2019): S[q, i] = <phi(x_q), phi(z_i)> or their cosine.
+
+phi are the TRAK loss features (projected loss gradients averaged over the K timesteps) of the final
+checkpoint; no kernel, no lambda. Sign convention as TRAK: a training gradient aligned with the
+query's loss gradient means removing z_i raises the query's loss.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .base import expected_store, similarity
+
+
+def compute(method_cfg: dict, inputs, lambdas) -> list:
+    expect = expected_store(method_cfg)
+    train = inputs.features("final", "train", expect)
+    kind = method_cfg["similarity"]
+    return [(None, {name: similarity(inputs.features("final", name, expect), train, kind).astype(np.float32)
+                    for name in inputs.query_sets})]

@@ -1,0 +1,40 @@
+"""Journey-TRAK (Georgiev et al. 2023), as specified in METHODS.md: the query features of a generated
+image follow its sampling trajectory. At each of the K chosen sampling steps (method key
+`sampling_steps`, default all of sample.num_inference_steps) the trajectory's x0-prediction is
+re-noised to that step's timestep with fresh seeded noise and the TRAK loss gradient taken there;
+the features are the projected average over the steps (computed by the gradients stage, kind
+`journey`). Training features and the kernel are TRAK's (loss, final checkpoint):
+    S[q, i] = phi_J(x_q)^T (Phi^T Phi + lambda I)^{-1} phi(z_i).
+
+Held-out queries have no sampling trajectory, so Journey-TRAK does not apply to them. Their row is
+scored with the standard TRAK query features (the method then differs from `trak` only in the lambda
+chosen on the tuning subsets) and says so in chosen.json ("notes"), the log and sweep.png.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .base import SPACE, check_same_space, expected_store
+from .trak import KernelSolver
+
+NOTES = {"heldout": "standard TRAK query features: Journey-TRAK applies to generated queries only "
+                    "(held-out images have no sampling trajectory)"}
+
+
+def notes(method_cfg: dict) -> dict[str, str]:
+    return dict(NOTES)
+
+
+def compute(method_cfg: dict, inputs, lambdas) -> list:
+    expect = expected_store(method_cfg)
+    journey_expect = {"kind": "journey", "output_function": "loss"}
+    if "sampling_steps" in method_cfg:
+        journey_expect["timesteps"] = method_cfg["sampling_steps"]
+    # the journey features must live in the TRAK features' space: same checkpoint and projection
+    check_same_space(inputs, [("final", "train"), ("journey", "generated")], (*SPACE, "checkpoint"))
+    solver = KernelSolver(inputs.features("final", "train", expect))
+    queries = {"generated": inputs.features("journey", "generated", journey_expect)}
+    for name in inputs.query_sets:
+        if name != "generated":  # no trajectory: TRAK's query features (see NOTES, logged by the scores stage)
+            queries[name] = inputs.features("final", name, expect)
+    return [(lam, {name: solver.scores(q, lam).astype(np.float32) for name, q in queries.items()}) for lam in lambdas]

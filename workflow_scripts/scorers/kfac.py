@@ -1,0 +1,292 @@
+"""K-FAC influence (paper: kfac-influence-diffusion; METHODS.md "K-FAC influence"):
+
+    S[q, i] = (1/N) grad m(x_q)^T (G + lambda I)^-1 grad l(z_i)
+
+G: the fitted K-FAC / EK-FAC of the training-loss GGN (workflow_scripts.curvature), lambda relative to its
+mean eigenvalue. Sign: removing z_i changes the optimum by about +(1/N) H^-1 grad l(z_i) (the mean loss
+loses the term l(z_i)/N), so S is the predicted change of m_q on REMOVAL; for the loss measurement,
+positive = z_i helped (METHODS.md convention, same sign as TRAK here).
+
+Procedure (Grosse et al. 2023 query batching; the paper's Appendix C compression):
+1. query gradients grad m(x_q) for every query set (per-example, torch.func vmap over images, mean over
+   the measurement's draws), rotated into the K-FAC eigenbasis ONCE;
+2. per lambda: divide by (eigenvalues + lambda), rotate back (float64), quantise per parameter tensor and
+   query to 8 bits (affine min/max; or keep float32);
+3. training gradients grad l(z_i) (K seeded draws per example, no projection) streamed in batches and
+   dotted with every lambda's preconditioned queries: a gradient batch is computed once for all lambdas
+   and never held for the whole training set.
+Parameters: those of curvature (Linear / Conv2d layers; norm layers excluded) -- the others stay fixed.
+
+Measurements are pluggable (`Measurement`: its draws plus a per-image objective evaluated under vmap);
+`SimpleLossMeasurement` is the loss measurement. An ELBO measurement needs only other weights per draw
+(w_t of Ho et al. eq. 5) plus an L_0 term in `objective`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.func import functional_call, grad, vmap
+
+from ..common import ArtefactError, log
+from ..curvature import (QUERY_GRADIENT_STREAM, TRAIN_GRADIENT_STREAM, Curvature, ParamLayout, random_draws)
+
+QUANTIZATIONS = ("int8", "float32")
+SCORE_DEFAULTS = {"gradient_draws": 64, "query_draws": 64, "batch_size": 256, "quantization": "int8"}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Measurements
+# ----------------------------------------------------------------------------------------------------------------
+class Measurement:
+    """A differentiable per-image quantity. draws(): per-image tensors (leading dim = image); objective():
+    scalar for ONE image and its draws, called under torch.func.vmap with predict(x_t, t) -> eps_theta."""
+
+    name = "measurement"
+
+    def draws(self, n: int, image_shape, start: int = 0) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def objective(self, predict, x0: torch.Tensor, draws: dict[str, torch.Tensor]) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class SimpleLossMeasurement(Measurement):
+    """sum_k w_k ||eps_k - eps_theta(x_t_k, t_k)||^2 / D with w_k = 1/K: the simple loss over fixed draws.
+
+    draw_fn(n, image_shape, start) -> (t (n, K) long, eps (n, K, *image_shape)); images start..start+n-1.
+    """
+
+    name = "loss"
+
+    def __init__(self, draw_fn, a_bar: torch.Tensor):
+        self.draw_fn, self.a_bar = draw_fn, a_bar.double()
+
+    def draws(self, n, image_shape, start=0):
+        t, eps = self.draw_fn(n, image_shape, start)
+        a = self.a_bar[t]  # looked up outside vmap
+        k = t.shape[1]
+        return {"t": t, "eps": eps.float(), "signal": a.sqrt().float(), "noise": (1 - a).sqrt().float(),
+                "weight": torch.full(t.shape, 1.0 / k)}
+
+    def objective(self, predict, x0, d):
+        shape = (-1,) + (1,) * x0.dim()
+        x_t = d["signal"].view(shape) * x0.unsqueeze(0) + d["noise"].view(shape) * d["eps"]
+        per_draw = (d["eps"] - predict(x_t, d["t"])).pow(2).flatten(1).mean(1)
+        return (d["weight"] * per_draw).sum()
+
+
+def loss_measurement(cfg: dict, kind: str, n_images_hint: int | None = None, stream_index: int = 0) -> SimpleLossMeasurement:
+    """The loss measurement's draws. kind 'train': kfac.gradient_draws random draws per example (seeds.gradients);
+    'query': kfac.query_draws = 'measure' (exactly the ground-truth draws of the measure stage: seeds.measure,
+    measure.n_timesteps x measure.n_noise, stream = query-set index) or an int (random draws per query)."""
+    from ..diffusion import alphas_cumprod, measurement_draws
+
+    k_cfg = {**SCORE_DEFAULTS, **cfg.get("kfac", {})}
+    T = cfg["diffusion"]["num_train_timesteps"]
+    a_bar = alphas_cumprod(cfg["diffusion"])
+    seed = cfg["seeds"]["gradients"]
+    if kind == "train":
+        k = int(k_cfg["gradient_draws"])
+        return SimpleLossMeasurement(lambda n, shape, start: random_draws(n, k, shape, T, seed, TRAIN_GRADIENT_STREAM, start), a_bar)
+    if kind != "query":
+        raise ValueError(f"unknown measurement kind {kind!r}")
+    if k_cfg["query_draws"] == "measure":
+        m = cfg["measure"]
+
+        def draw_fn(n, shape, start):
+            # measurement_draws seeds eps per (stream, query index): take all queries up to start+n, keep ours
+            t, eps = measurement_draws(start + n, shape, m["n_timesteps"], m["n_noise"], T, cfg["seeds"]["measure"], stream_index)
+            return t.unsqueeze(0).expand(n, -1).clone(), eps[start:]
+        return SimpleLossMeasurement(draw_fn, a_bar)
+    k = int(k_cfg["query_draws"])
+    return SimpleLossMeasurement(
+        lambda n, shape, start: random_draws(n, k, shape, T, seed, QUERY_GRADIENT_STREAM * 100 + stream_index, start), a_bar)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Per-example gradients
+# ----------------------------------------------------------------------------------------------------------------
+def per_example_gradients(model, layout: ParamLayout, images: torch.Tensor, draws: dict, measurement: Measurement) -> torch.Tensor:
+    """(B, P) float32: grad of measurement.objective per image w.r.t. the layout's parameters (others fixed)."""
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    tracked = {n: params[n] for n in layout.names}
+    frozen = {n: p for n, p in params.items() if n not in tracked}
+
+    def objective(p, x, d):
+        def predict(x_t, t):
+            out = functional_call(model, {**frozen, **p}, (x_t, t))
+            return out.sample if hasattr(out, "sample") else out
+        return measurement.objective(predict, x, d)
+
+    grads = vmap(grad(objective), in_dims=(None, 0, 0))(tracked, images, draws)
+    return torch.cat([grads[n].flatten(1) for n in layout.names], dim=1)
+
+
+def iter_gradients(model, layout: ParamLayout, images: np.ndarray, measurement: Measurement, batch_rows: int,
+                   device) -> "iter[tuple[int, torch.Tensor]]":
+    """(start, (B, P) gradients) batch by batch; B * draws-per-image <= batch_rows (at least one image)."""
+    probe = measurement.draws(1, images.shape[1:], 0)
+    per_image = int(probe["t"].shape[1]) if probe["t"].dim() > 1 else 1
+    batch = max(1, int(batch_rows) // max(per_image, 1))
+    for start in range(0, len(images), batch):
+        x = torch.from_numpy(np.asarray(images[start : start + batch], dtype=np.float32)).to(device)
+        d = {k: v.to(device) for k, v in measurement.draws(len(x), images.shape[1:], start).items()}
+        yield start, per_example_gradients(model, layout, x, d, measurement)
+
+
+def gradients(model, layout, images, measurement, batch_rows, device) -> torch.Tensor:
+    return torch.cat([g for _, g in iter_gradients(model, layout, images, measurement, batch_rows, device)]) \
+        if len(images) else torch.zeros(0, layout.n_params)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Quantisation of preconditioned query gradients
+# ----------------------------------------------------------------------------------------------------------------
+@dataclass
+class QuantizedRows:
+    """Rows of flat vectors, 8-bit affine per (row, parameter tensor): value ~ low + scale * code, code 0..255."""
+
+    codes: torch.Tensor  # (n, P) uint8
+    low: torch.Tensor  # (n, n_tensors) float32
+    scale: torch.Tensor  # (n, n_tensors) float32
+    offsets: list[int]
+
+    def dequantize(self) -> torch.Tensor:
+        out = torch.empty(self.codes.shape, dtype=torch.float32, device=self.codes.device)
+        for j, (a, b) in enumerate(zip(self.offsets[:-1], self.offsets[1:])):
+            out[:, a:b] = self.codes[:, a:b].float() * self.scale[:, j : j + 1] + self.low[:, j : j + 1]
+        return out
+
+    def matmul_t(self, g: torch.Tensor) -> torch.Tensor:
+        """self @ g.T for float32 g (B, P), without materialising the dequantised rows: (n, B)."""
+        out = torch.zeros(self.codes.shape[0], g.shape[0], dtype=torch.float32, device=g.device)
+        for j, (a, b) in enumerate(zip(self.offsets[:-1], self.offsets[1:])):
+            gj = g[:, a:b]
+            out += self.scale[:, j : j + 1] * (self.codes[:, a:b].float() @ gj.T) + self.low[:, j : j + 1] * gj.sum(1)
+        return out
+
+
+def quantize_per_tensor(rows: torch.Tensor, layout: ParamLayout) -> QuantizedRows:
+    """Affine min/max 8-bit quantisation of each parameter tensor of each row; max error (max - min) / 510."""
+    n, offsets = rows.shape[0], layout.offsets
+    codes = torch.empty(rows.shape, dtype=torch.uint8, device=rows.device)
+    low = torch.empty(n, len(offsets) - 1, dtype=torch.float32, device=rows.device)
+    scale = torch.empty_like(low)
+    for j, (a, b) in enumerate(zip(offsets[:-1], offsets[1:])):
+        part = rows[:, a:b].double()
+        lo, hi = part.min(1).values, part.max(1).values
+        sc = (hi - lo) / 255.0
+        safe = torch.where(sc > 0, sc, torch.ones_like(sc))
+        codes[:, a:b] = ((part - lo[:, None]) / safe[:, None]).round().clamp(0, 255).to(torch.uint8)
+        low[:, j], scale[:, j] = lo.float(), sc.float()
+    return QuantizedRows(codes, low, scale, list(offsets))
+
+
+class FloatRows:
+    def __init__(self, rows: torch.Tensor):
+        self.rows = rows.float()
+
+    def dequantize(self):
+        return self.rows
+
+    def matmul_t(self, g):
+        return self.rows @ g.T
+
+
+def compress(rows: torch.Tensor, layout: ParamLayout, quantization: str):
+    if quantization == "int8":
+        return quantize_per_tensor(rows, layout)
+    if quantization == "float32":
+        return FloatRows(rows)
+    raise ValueError(f"quantization {quantization!r} is not one of {QUANTIZATIONS}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Scores
+# ----------------------------------------------------------------------------------------------------------------
+def check_layout(model, curvature: Curvature) -> None:
+    params = dict(model.named_parameters())
+    for name, shape in zip(curvature.layout.names, curvature.layout.shapes):
+        if name not in params or tuple(params[name].shape) != tuple(shape):
+            raise ArtefactError(f"curvature parameter {name} {shape} does not exist in the model with this shape")
+
+
+def preconditioned_queries(curvature: Curvature, query_grads: dict[str, torch.Tensor], lambdas: list[float],
+                           quantization: str) -> list[dict]:
+    """For every lambda: {query set: compressed (G + lambda I)^-1 grad m}; one rotation into the eigenbasis."""
+    rotated = {name: curvature.to_eigenbasis(g.double()) for name, g in query_grads.items()}
+    eig = curvature.eigenvalues()
+    out = []
+    for lam in lambdas:
+        damping = curvature.absolute_damping(lam)
+        if not damping > 0 and not bool((eig > 0).all()):
+            raise ValueError(f"lambda {lam}: the curvature is singular, use a positive damping")
+        out.append({name: compress(curvature.from_eigenbasis(r / (eig.to(r.device) + damping)), curvature.layout, quantization)
+                    for name, r in rotated.items()})
+    return out
+
+
+def influence_scores(model, curvature: Curvature, train_images: np.ndarray, query_grads: dict[str, torch.Tensor],
+                     train_measurement: Measurement, lambdas: list[float], batch_rows: int, device,
+                     quantization: str = "int8") -> list[tuple[float, dict[str, np.ndarray]]]:
+    """Scores from given query gradients; training gradients are streamed (one pass for all lambdas)."""
+    n_train = len(train_images)
+    pre = preconditioned_queries(curvature, {k: v.to(device) for k, v in query_grads.items()}, lambdas, quantization)
+    scores = [{name: np.zeros((len(g), n_train), dtype=np.float64) for name, g in query_grads.items()} for _ in lambdas]
+    for start, g in iter_gradients(model, curvature.layout, train_images, train_measurement, batch_rows, device):
+        for per_lambda, out in zip(pre, scores):
+            for name, q in per_lambda.items():
+                out[name][:, start : start + len(g)] = q.matmul_t(g).double().cpu().numpy() / n_train
+    return [(float(lam), {k: v.astype(np.float32) for k, v in out.items()}) for lam, out in zip(lambdas, scores)]
+
+
+def kfac_scores(model, curvature: Curvature, train_images: np.ndarray, query_images: dict[str, np.ndarray], cfg: dict,
+                lambdas: list[float], device="cpu", query_measurements: dict[str, Measurement] | None = None,
+                train_measurement: Measurement | None = None) -> list[tuple[float, dict[str, np.ndarray]]]:
+    """[(relative lambda, {query set: (n_query, n_train) float32})] in the format of scores.py's sweep.
+
+    cfg: the configuration with sections kfac (gradient_draws, query_draws, batch_size, quantization), diffusion,
+    seeds (gradients; measure if query_draws == 'measure') and measure (if query_draws == 'measure').
+    query_measurements: {query set: Measurement} to override the loss measurement (e.g. an ELBO later).
+    """
+    from ..measure import QUERY_SETS
+
+    k_cfg = {**SCORE_DEFAULTS, **cfg.get("kfac", {})}
+    model = model.to(device).eval()
+    check_layout(model, curvature)
+    if train_measurement is None:
+        train_measurement = loss_measurement(cfg, "train")
+    query_grads = {}
+    for i, (name, images) in enumerate(query_images.items()):
+        stream = QUERY_SETS.index(name) if name in QUERY_SETS else i
+        m = (query_measurements or {}).get(name) or loss_measurement(cfg, "query", stream_index=stream)
+        query_grads[name] = gradients(model, curvature.layout, images, m, k_cfg["batch_size"], device)
+    log.info("kfac scores: %d train x %s queries, %d params, lambdas %s, %s", len(train_images),
+             {k: len(v) for k, v in query_images.items()}, curvature.layout.n_params, list(lambdas), k_cfg["quantization"])
+    return influence_scores(model, curvature, train_images, query_grads, train_measurement, lambdas, k_cfg["batch_size"],
+                            device, k_cfg["quantization"])
+
+
+def compute(method_cfg: dict, inputs, lambdas) -> list:
+    """scores.py family entry. method_cfg may override kfac settings (fisher_type, kfac_approx, ekfac, lambda_grid,
+    quantization); `inputs` must provide config (the full configuration), model_path and curvature_path."""
+    from ..common import select_device
+    from ..curvature import checkpoint_identity, curvature_config, load_curvature, settings_from
+    from ..diffusion import load_model
+
+    missing = [a for a in ("config", "model_path", "curvature_path") if getattr(inputs, a, None) is None]
+    if missing:
+        raise ArtefactError(f"K-FAC influence needs scorer inputs {missing} (model checkpoint, curvature file, config)")
+    config = inputs.config
+    overrides = {k: v for k, v in method_cfg.items() if k in ("fisher_type", "kfac_approx", "ekfac")}
+    settings = settings_from({"kfac": {**config.get("kfac", {}), **overrides}})
+    device = select_device(config["compute"])
+    model, payload = load_model(inputs.model_path, config["model"], device)
+    train = inputs.train_images()
+    expected = curvature_config(settings, config["diffusion"], config["seeds"]["gradients"], train,
+                                checkpoint_identity(payload, config["model"]))
+    curvature = load_curvature(inputs.curvature_path, expected)
+    cfg = {**config, "kfac": {**config.get("kfac", {}), **{k: method_cfg[k] for k in ("quantization",) if k in method_cfg}}}
+    return kfac_scores(model, curvature, train, inputs.queries(), cfg, method_cfg.get("lambda_grid", lambdas), device)
