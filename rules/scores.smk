@@ -5,14 +5,17 @@ rule scores:
         samples=rules.sample.output[0],
         measurements=paths.measurement_files(config),
         features=lambda w: paths.method_feature_stores(config, w.method),
+        models=lambda w: list(paths.method_model_inputs(config, w.method).values()),
     output:
-        matrices=expand(f"{ROOT}/scores/{{{{method}}}}/{{query_set}}.npy", query_set=QUERY_SETS),
+        # <query_set>.npy score matrices are written beside these, except for a method that
+        # cannot run here (e.g. CLIP without weights), whose chosen.json says why
         sweep=f"{ROOT}/scores/{{method}}/sweep.csv",
         sweep_figure=f"{ROOT}/scores/{{method}}/sweep.png",
         chosen=f"{ROOT}/scores/{{method}}/chosen.json",
     params:
         config=lambda w: paths.stage_config(config, "scores"),
         features=lambda w: paths.method_feature_args(config, w.method),
+        models=lambda w: paths.method_model_args(config, w.method),
         out_dir=lambda w, output: os.path.dirname(output.sweep),
     log:
         f"{ROOT}/logs/scores/{{method}}.log",
@@ -25,4 +28,4 @@ rule scores:
     shell:
         "python -m workflow_scripts scores --config {params.config:q} --method {wildcards.method}"
         " --dataset {input.dataset} --samples {input.samples} --subsets {input.subsets}"
-        " --measurements {input.measurements} {params.features} --out-dir {params.out_dir} 2> {log}"
+        " --measurements {input.measurements} {params.features} {params.models} --out-dir {params.out_dir} 2> {log}"

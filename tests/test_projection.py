@@ -89,14 +89,14 @@ def test_streamed_equals_in_memory(kind):
     assert len(streamed.bounds) == 2
     # the very same matrix, block by block ...
     regenerated = torch.cat([streamed._block(c) for c in range(len(streamed.bounds))])
-    assert torch.equal(regenerated, in_memory.matrix)
+    assert torch.equal(regenerated, in_memory.matrix / dim**0.5)  # the stored matrix is unscaled
     # ... so the same features, up to float32 summation order (one matmul vs a sum of block matmuls)
     grads = torch.randn(3, n_params, generator=torch.Generator().manual_seed(0))
     a, b = in_memory(grads), streamed(grads)
     assert a.shape == b.shape == (3, dim)
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * a.abs().max().item())
     # and both equal the float64 product with that matrix
-    exact = (grads.double() @ in_memory.matrix.double()).float()
+    exact = (grads.double() @ in_memory.matrix.double() / dim**0.5).float()
     torch.testing.assert_close(b, exact, rtol=1e-5, atol=1e-5 * a.abs().max().item())
 
 

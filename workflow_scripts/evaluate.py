@@ -31,25 +31,36 @@ def lds_table(method_dirs: dict[str, Path], subsets: dict, targets: dict, lds_cf
         target = targets[name][evaluation]  # (n_eval, n_seeds, n_query)
         if target.shape[1] >= 2:
             ceiling = noise_ceiling_summary(target, lds_cfg["bootstrap_samples"], lds_cfg["ci"], seed)
-            rows.append({"method": NOISE_CEILING, "query_set": name, "lambda": np.nan, **ceiling, "lds_tuned_on_evaluation": np.nan})
+            rows.append({"method": NOISE_CEILING, "query_set": name, "lambda": np.nan, **ceiling,
+                         "lds_tuned_on_evaluation": np.nan, "note": "two retrainings of the same subset"})
         for method, directory in method_dirs.items():
+            chosen = json.loads((directory / "chosen.json").read_text())
+            if "not_run" in chosen:  # the method could not run here: a row that says why, no number
+                rows.append({"method": method, "query_set": name, "lambda": np.nan, "lds": np.nan, "se": np.nan,
+                             "ci_low": np.nan, "ci_high": np.nan, "n_queries": 0, "n_subsets": len(evaluation),
+                             "lds_tuned_on_evaluation": np.nan, "note": chosen["not_run"]})
+                continue
             scores = np.load(directory / f"{name}.npy")
-            chosen = json.loads((directory / "chosen.json").read_text())["lambda"]
             sweep = pd.read_csv(directory / "sweep.csv")
             best_on_evaluation = sweep.loc[sweep["query_set"] == name, "lds_evaluation"].max()
             summary = lds_summary(scores, masks, target.mean(1), lds_cfg["bootstrap_samples"], lds_cfg["ci"], seed)
-            rows.append({"method": method, "query_set": name, "lambda": np.nan if chosen is None else chosen, **summary,
-                         "lds_tuned_on_evaluation": best_on_evaluation})
+            rows.append({"method": method, "query_set": name, "lambda": np.nan if chosen["lambda"] is None else chosen["lambda"],
+                         **summary, "lds_tuned_on_evaluation": best_on_evaluation,
+                         "note": (chosen.get("notes") or {}).get(name, "")})
     return pd.DataFrame(rows)
 
 
 def to_markdown(table: pd.DataFrame) -> str:
-    lines = ["| method | query set | LDS (evaluation subsets) | SE | 95% bootstrap CI | lambda (tuned) | LDS tuned on evaluation* |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| method | query set | LDS (evaluation subsets) | SE | 95% bootstrap CI | lambda (tuned) | LDS tuned on evaluation* | note |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in table.itertuples():
+        note = r.note if isinstance(r.note, str) else ""
+        if np.isnan(r.lds):
+            lines.append(f"| {r.method} | {r.query_set} | {note or 'not run'} | | | | | |")
+            continue
         lam = "-" if np.isnan(r[3]) else f"{r[3]:g}"
         tuned = "-" if np.isnan(r.lds_tuned_on_evaluation) else f"{r.lds_tuned_on_evaluation:.3f}"
-        lines.append(f"| {r.method} | {r.query_set} | {r.lds:.3f} | {r.se:.3f} | [{r.ci_low:.3f}, {r.ci_high:.3f}] | {lam} | {tuned} |")
+        lines.append(f"| {r.method} | {r.query_set} | {r.lds:.3f} | {r.se:.3f} | [{r.ci_low:.3f}, {r.ci_high:.3f}] | {lam} | {tuned} | {note} |")
     lines.append("")
     lines.append("*best LDS over the lambda grid measured on the evaluation subsets themselves (how published repositories tune); "
                  "not an honest estimate, shown for comparison only.")
@@ -63,6 +74,7 @@ def plot(table: pd.DataFrame, path: str | Path) -> None:
     import matplotlib.pyplot as plt
     import seaborn as sns
 
+    table = table.dropna(subset=["lds"])  # methods that did not run have no bar (the table says why)
     order = list(dict.fromkeys(table["method"]))
     fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(order), 4))
     sns.barplot(data=table, x="method", y="lds", hue="query_set", order=order, ax=ax, errorbar=None)
@@ -100,7 +112,8 @@ def run(args, config: dict) -> None:
     stem = Path(args.table)
     save_text(table.to_csv(index=False), stem.with_suffix(".csv"))
     save_text(to_markdown(table), stem.with_suffix(".md"))
-    save_json({f"{r.method}/{r.query_set}": {"lds": r.lds, "ci_low": r.ci_low, "ci_high": r.ci_high} for r in table.itertuples()},
+    save_json({f"{r.method}/{r.query_set}": {"lds": r.lds, "ci_low": r.ci_low, "ci_high": r.ci_high}
+               for r in table.itertuples() if not np.isnan(r.lds)},
               stem.with_suffix(".json"))
     plot(table, args.figure)
     log.info("evaluate:\n%s", to_markdown(table))

@@ -162,3 +162,15 @@ def method_feature_args(config: dict, method: str) -> str:
     stores = method_stores(config, method)
     return "--features " + " ".join(f"{role}={d}" for role, (d, _) in stores.items()) if stores else ""
 
+
+
+def method_model_inputs(config: dict, method: str) -> dict[str, str]:
+    """Model files a model-based method reads, keyed by the scores-stage option that names them."""
+    family = config["scores"]["methods"][method]["family"]
+    if family == "embedding":
+        return {"classifier": f"{root(config)}/models/classifier.pt"}
+    return {}
+
+
+def method_model_args(config: dict, method: str) -> str:
+    return " ".join(f"--{option} {path}" for option, path in method_model_inputs(config, method).items())

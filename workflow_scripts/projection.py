@@ -14,15 +14,20 @@ from .common import generator
 CHUNK = 1 << 16
 
 
-def projection_block(kind: str, seed: int, chunk: int, rows: int, dim: int, device) -> torch.Tensor:
+def fill_block(out: torch.Tensor, kind: str, seed: int, chunk: int) -> torch.Tensor:
+    """Fill `out` (rows x dim, on CPU) in place with block `chunk` of the UNSCALED matrix (entries of variance 1)."""
     g = generator(seed, chunk)
     if kind == "gaussian":
-        block = torch.randn(rows, dim, generator=g)
+        torch.randn(out.shape, generator=g, out=out)
     elif kind == "rademacher":
-        block = torch.randint(0, 2, (rows, dim), generator=g).float().mul_(2).sub_(1)
+        out.copy_(torch.randint(0, 2, out.shape, generator=g)).mul_(2).sub_(1)
     else:
         raise ValueError(f"unknown projection {kind!r}")
-    return block.div_(dim**0.5).to(device)
+    return out
+
+
+def projection_block(kind: str, seed: int, chunk: int, rows: int, dim: int, device) -> torch.Tensor:
+    return fill_block(torch.empty(rows, dim), kind, seed, chunk).div_(dim**0.5).to(device)
 
 
 class Projector:
@@ -31,7 +36,12 @@ class Projector:
         self.bounds = [(start, min(start + CHUNK, n_params)) for start in range(0, n_params, CHUNK)]
         self.matrix = None
         if n_params * dim * 4 / 2**20 <= memory_mb:
-            self.matrix = torch.cat([self._block(c) for c in range(len(self.bounds))])
+            # Filled in place, block by block, and left unscaled (the 1/sqrt(dim) goes on the small
+            # output): one matrix-sized allocation instead of blocks + their concatenation.
+            matrix = torch.empty(n_params, dim)
+            for c, (start, stop) in enumerate(self.bounds):
+                fill_block(matrix[start:stop], kind, seed, c)
+            self.matrix = matrix.to(device)
 
     def _block(self, c: int) -> torch.Tensor:
         start, stop = self.bounds[c]
@@ -42,7 +52,7 @@ class Projector:
         if gradients.shape[1] != self.n_params:
             raise ValueError(f"expected {self.n_params} gradient entries, got {gradients.shape[1]}")
         if self.matrix is not None:
-            return gradients @ self.matrix
+            return (gradients @ self.matrix).div_(self.dim**0.5)
         out = torch.zeros(gradients.shape[0], self.dim, device=gradients.device, dtype=gradients.dtype)
         for c, (start, stop) in enumerate(self.bounds):
             out += gradients[:, start:stop] @ self._block(c)

@@ -20,7 +20,7 @@ from .gradients import open_store, read_sidecar
 from .lds import lds_per_query
 from .measure import QUERY_SETS, load_queries, load_targets
 from .paths import RESIDUAL
-from .scorers import family_notes, get_family
+from .scorers import ScorerNotRun, family_notes, get_family
 
 
 class ScorerInputs:
@@ -31,8 +31,12 @@ class ScorerInputs:
 
     query_sets = QUERY_SETS
 
-    def __init__(self, dataset: str, samples: str, stores: dict[str, str] | None = None):
+    def __init__(self, dataset: str, samples: str, stores: dict[str, str] | None = None, classifier_path: str | None = None,
+                 model_path: str | None = None, curvature_path: str | None = None, config: dict | None = None):
         self.dataset, self.samples, self.stores = dataset, samples, dict(stores or {})
+        # Model-based scorers: the embedding classifier, the final diffusion checkpoint and its curvature (K-FAC).
+        self.classifier_path, self.model_path, self.curvature_path = classifier_path, model_path, curvature_path
+        self.config = config or {}
         self._queries = None
 
     def train_images(self) -> np.ndarray:
@@ -151,6 +155,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--measurements", nargs="+", required=True, help="per-model measurements, subset-major")
     parser.add_argument("--features", nargs="*", metavar="ROLE=DIR",
                         help="gradient store directories by role (final, step<N>, journey); gradient-based methods")
+    parser.add_argument("--classifier", help="classifier checkpoint (embedding scorers)")
+    parser.add_argument("--model", help="final diffusion checkpoint (model-based scorers, e.g. K-FAC)")
+    parser.add_argument("--curvature", help="fitted curvature file (K-FAC influence)")
     parser.add_argument("--out-dir", required=True, help="writes <query_set>.npy, sweep.csv, sweep.png, chosen.json")
 
 
@@ -161,15 +168,25 @@ def run(args, config: dict) -> None:
     method_cfg = methods[args.method]
     family = get_family(method_cfg["family"])
     notes = family_notes(method_cfg["family"], method_cfg)
-    inputs = ScorerInputs(args.dataset, args.samples, parse_stores(args.features))
+    inputs = ScorerInputs(args.dataset, args.samples, parse_stores(args.features), args.classifier, args.model,
+                          args.curvature, config)
     lambdas = method_cfg.get("lambda_grid", config["scores"]["lambda_grid"])
-    results = family.compute(method_cfg, inputs, lambdas)
+    out = Path(args.out_dir)
+    try:
+        results = family.compute(method_cfg, inputs, lambdas)
+    except ScorerNotRun as exc:  # e.g. no CLIP weights: say so in the table, never a number
+        log.warning("scores %s: %s (%s)", args.method, exc.reason, exc.detail)
+        save_text("lambda,query_set,lds_tuning,lds_evaluation\n", out / "sweep.csv")
+        plot_sweep(pd.DataFrame(columns=["lambda", "query_set", "lds_tuning", "lds_evaluation"]), None, args.method,
+                   out / "sweep.png", {name: exc.reason for name in QUERY_SETS})
+        save_json({"method": args.method, "config": method_cfg, "lambda": None, "not_run": exc.reason,
+                   "detail": exc.detail}, out / "chosen.json")
+        return
     subsets = data_stage.load_subsets(args.subsets)
     targets = load_targets(args.measurements, config["lds"]["n_subsets"], config["lds"]["n_seeds"])
     table = sweep(results, subsets["masks"], subsets["tuning"], subsets["evaluation"], targets)
     best = choose(results, table)
     chosen_lambda, matrices = results[best]
-    out = Path(args.out_dir)
     for name, scores in matrices.items():
         if not np.isfinite(scores).all():
             raise FloatingPointError(f"{args.method}: non-finite scores for {name}")

@@ -6,13 +6,15 @@ A module may also expose `notes(method_cfg) -> {query_set: text}` for rows that 
 Families: pixel (raw pixel dot / cosine), trak (TRAK and D-TRAK, any output function and K),
 gradient_similarity (gradient dot / cosine), tracin (TracInCP and GAS over checkpoints),
 normalized_if (relative and renormalised influence), journey (Journey-TRAK), das (DAS, scalar
-reference form and vector-output form)."""
+reference form and vector-output form), clip (open_clip embeddings from local
+weights; raises ScorerNotRun without them), embedding (the benchmark's own classifier features)."""
 from __future__ import annotations
 
-from . import das, gradient_similarity, journey, normalized_if, pixel, tracin, trak
+from . import clip, das, embedding, gradient_similarity, journey, normalized_if, pixel, tracin, trak
+from .clip import ScorerNotRun
 
 FAMILIES = {"pixel": pixel, "trak": trak, "gradient_similarity": gradient_similarity, "tracin": tracin,
-            "normalized_if": normalized_if, "journey": journey, "das": das}
+            "normalized_if": normalized_if, "journey": journey, "das": das, "clip": clip, "embedding": embedding}
 
 
 def get_family(name: str):
