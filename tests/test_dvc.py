@@ -27,7 +27,7 @@ ROUND_TRIP_FAMILIES = ("pixel", "trak", "journey")
 ROUND_TRIP_LDS = {"n_subsets": 4, "n_tuning": 2}
 # workflow_scripts.paths.SECTIONS stages whose rules each dvc.yaml stage runs
 DVC_STAGE_SECTIONS = {
-    "models": ("data", "train"),
+    "models": ("data", "train", "classifier"),
     "samples": ("sample",),
     "measurements": ("measure",),
     "gradients": ("gradients",),

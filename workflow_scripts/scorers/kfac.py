@@ -77,7 +77,7 @@ class SimpleLossMeasurement(Measurement):
         return (d["weight"] * per_draw).sum()
 
 
-def loss_measurement(cfg: dict, kind: str, n_images_hint: int | None = None, stream_index: int = 0) -> SimpleLossMeasurement:
+def loss_measurement(cfg: dict, kind: str, stream_index: int = 0) -> SimpleLossMeasurement:
     """The loss measurement's draws. kind 'train': kfac.gradient_draws random draws per example (seeds.gradients);
     'query': kfac.query_draws = 'measure' (exactly the ground-truth draws of the measure stage: seeds.measure,
     measure.n_timesteps x measure.n_noise, stream = query-set index) or an int (random draws per query)."""
