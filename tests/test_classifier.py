@@ -3,6 +3,7 @@ import argparse
 
 import numpy as np
 import pytest
+from fakes import FakeInputs
 import torch
 
 from workflow_scripts import classifier
@@ -14,19 +15,6 @@ torch.set_num_threads(1)
 
 FAST = {**classifier.DEFAULTS, "steps": 200}  # default architecture, shorter training
 SEED = 8
-
-
-class FakeInputs:
-    def __init__(self, train, queries, classifier_path=None):
-        self._train, self._queries = train, queries
-        if classifier_path is not None:
-            self.classifier_path = classifier_path
-
-    def train_images(self):
-        return self._train
-
-    def queries(self):
-        return self._queries
 
 
 @pytest.fixture(scope="module")

@@ -5,6 +5,7 @@ import json
 
 import numpy as np
 import pytest
+from fakes import FakeInputs
 import torch
 import torch.nn.functional as F
 
@@ -20,21 +21,6 @@ TINY_CLIP = {"embed_dim": 8,
              "vision_cfg": {"image_size": 16, "layers": 1, "width": 16, "head_width": 8, "patch_size": 8},
              "text_cfg": {"context_length": 4, "vocab_size": 16, "width": 8, "heads": 1, "layers": 1}}
 MEAN, STD = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
-
-
-class FakeInputs:
-    """The part of scores.ScorerInputs the image scorers read."""
-
-    def __init__(self, train, queries, classifier_path=None):
-        self._train, self._queries = train, queries
-        if classifier_path is not None:
-            self.classifier_path = classifier_path
-
-    def train_images(self):
-        return self._train
-
-    def queries(self):
-        return self._queries
 
 
 def images(n, seed):
