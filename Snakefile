@@ -22,6 +22,7 @@ include: "rules/classifier.smk"
 include: "rules/sample.smk"
 include: "rules/measure.smk"
 include: "rules/gradients.smk"
+include: "rules/curvature.smk"
 include: "rules/scores.smk"
 include: "rules/evaluate.smk"
 
@@ -31,3 +32,5 @@ rule all:
     input:
         f"{ROOT}/tables/lds.md",
         f"{ROOT}/figures/lds.png",
+        f"{ROOT}/tables/kfac_ablation.md",
+        f"{ROOT}/figures/kfac_ablation.png",

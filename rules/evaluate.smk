@@ -6,10 +6,13 @@ rule evaluate:
     output:
         table=multiext(f"{ROOT}/tables/lds", ".csv", ".md", ".json"),
         figure=f"{ROOT}/figures/lds.png",
+        ablation=multiext(f"{ROOT}/tables/kfac_ablation", ".csv", ".md"),
+        ablation_figure=f"{ROOT}/figures/kfac_ablation.png",
     params:
         config=lambda w: paths.stage_config(config, "evaluate"),
         score_dirs=lambda w, input: [os.path.dirname(p) for p in input.scores],
         stem=lambda w, output: os.path.splitext(output.table[0])[0],
+        ablation_stem=lambda w, output: os.path.splitext(output.ablation[0])[0],
     log:
         f"{ROOT}/logs/evaluate.log",
     threads: 1
@@ -21,4 +24,5 @@ rule evaluate:
     shell:
         "python -m workflow_scripts evaluate --config {params.config:q}"
         " --subsets {input.subsets} --measurements {input.measurements} --scores {params.score_dirs}"
-        " --table {params.stem} --figure {output.figure} 2> {log}"
+        " --table {params.stem} --figure {output.figure}"
+        " --ablation {params.ablation_stem} --ablation-figure {output.ablation_figure} 2> {log}"

@@ -13,7 +13,7 @@ rule scores:
         sweep_figure=f"{ROOT}/scores/{{method}}/sweep.png",
         chosen=f"{ROOT}/scores/{{method}}/chosen.json",
     params:
-        config=lambda w: paths.stage_config(config, "scores"),
+        config=lambda w: paths.scores_config(config, w.method),
         features=lambda w: paths.method_feature_args(config, w.method),
         models=lambda w: paths.method_model_args(config, w.method),
         out_dir=lambda w, output: os.path.dirname(output.sweep),

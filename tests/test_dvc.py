@@ -22,8 +22,8 @@ REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 # The round trip runs the smoke config trimmed for time (it is about DVC, not about the scores): one
 # method per family with its own rules (pixel: no stores, trak: gradient stores, journey: the
-# gradients_journey rule) and the schema's minimum of 4 LDS subsets (2 tuning + 2 evaluation).
-ROUND_TRIP_FAMILIES = ("pixel", "trak", "journey")
+# gradients_journey rule, kfac: the curvature rule) and the schema's minimum of 4 LDS subsets (2 tuning + 2 evaluation).
+ROUND_TRIP_FAMILIES = ("pixel", "trak", "journey", "kfac")
 ROUND_TRIP_LDS = {"n_subsets": 4, "n_tuning": 2}
 # workflow_scripts.paths.SECTIONS stages whose rules each dvc.yaml stage runs
 DVC_STAGE_SECTIONS = {
@@ -31,6 +31,7 @@ DVC_STAGE_SECTIONS = {
     "samples": ("sample",),
     "measurements": ("measure",),
     "gradients": ("gradients",),
+    "curvature": ("curvature",),
     "scores": ("scores",),
     "evaluate": ("evaluate",),
 }
@@ -201,7 +202,7 @@ def smoke_copy(tmp_path_factory):
 
 def test_dvc_params_cover_what_each_stage_reads():
     sys.path.insert(0, str(REPO))
-    from workflow_scripts.paths import SECTIONS
+    from workflow_scripts.paths import SCORER_SECTIONS, SECTIONS
 
     stages = dvc_yaml("smoke")["stages"]
     assert set(DVC_STAGE_SECTIONS) == set(stages), "update DVC_STAGE_SECTIONS with dvc.yaml"
@@ -213,6 +214,8 @@ def test_dvc_params_cover_what_each_stage_reads():
             parts = key.split(".")
             assert any(".".join(parts[:i]) in listed for i in range(1, len(parts) + 1)), \
                 f"dvc.yaml stage {name!r} does not list params {key!r}"
+    for key in (k for keys in SCORER_SECTIONS.values() for k in keys):  # model-based scorers' extra keys
+        assert key.split(".")[0] in stages["scores"]["params"], f"dvc.yaml stage 'scores' does not list params {key!r}"
 
 
 def test_dvc_outs_cover_every_snakemake_output(smoke_copy):

@@ -75,6 +75,36 @@ def test_stage_then_scorer(workflow, caplog):
                      lambdas)[0][0] == 1e-2
 
 
+def test_absolute_damping_equals_relative_damping_over_mean_eigenvalue(workflow):
+    """damping: absolute (the paper's untuned 1e-8) is the relative lambda absolute / mean eigenvalue of G."""
+    config, dataset, model_path, tmp = workflow
+    out = tmp / "curvature" / "mc-expand.pt"
+    if not out.exists():
+        C.run(argparse.Namespace(model=str(model_path), dataset=str(dataset), fisher_type=None, kfac_approx=None,
+                                 ekfac=None, out=str(out)), config)
+    mean = C.load_curvature(out).mean_eigenvalue()
+    absolute = 0.5 * mean
+    inputs = _inputs(config, dataset, model_path, out)
+    (lam_a, scores_a), = K.compute({"family": "kfac", "damping": "absolute", "lambda_grid": [absolute]}, inputs, [1.0])
+    (lam_r, scores_r), = K.compute({"family": "kfac", "lambda_grid": [0.5]}, inputs, [1.0])
+    assert lam_a == pytest.approx(absolute) and lam_r == 0.5  # each reports its own lambda
+    for name in scores_r:
+        np.testing.assert_allclose(scores_a[name], scores_r[name], rtol=1e-5, atol=1e-6 * np.abs(scores_r[name]).max())
+    (_, other), = K.compute({"family": "kfac", "lambda_grid": [50.0]}, inputs, [1.0])
+    assert not np.allclose(other["heldout"], scores_r["heldout"])  # the damping matters at all
+
+
+def test_settings_and_notes_name_the_variant():
+    config = {"kfac": dict(KFAC)}
+    assert K.settings({"family": "kfac"}, config) == {"fisher_type": "mc", "kfac_approx": "expand", "ekfac": False,
+                                                      "quantization": "int8", "damping": "relative"}
+    got = K.settings({"family": "kfac", "fisher_type": "empirical", "ekfac": True, "quantization": "float32"}, config)
+    assert (got["fisher_type"], got["ekfac"], got["quantization"]) == ("empirical", True, "float32")
+    assert K.notes({"family": "kfac"}) == {}
+    note = K.notes({"family": "kfac", "damping": "absolute", "lambda_grid": [1e-8]})
+    assert set(note) == {"generated", "heldout"} and "1e-08" in note["heldout"] and "not tuned" in note["heldout"]
+
+
 def test_missing_inputs_are_named():
     with pytest.raises(ArtefactError, match="curvature_path"):
         K.compute({"family": "kfac"}, SimpleNamespace(config={}, model_path="m.pt"), [1.0])

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import yaml
 
-STAGES = ("data", "train", "classifier", "sample", "measure", "gradients", "scores", "evaluate")
+STAGES = ("data", "train", "classifier", "sample", "measure", "gradients", "curvature", "scores", "evaluate")
 
 
 def parse_config(text: str) -> dict:

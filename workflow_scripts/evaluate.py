@@ -5,6 +5,10 @@ mean LDS over queries, its standard error, and a bootstrap CI over subsets. The 
 `lds_tuned_on_evaluation` is the best evaluation LDS over the lambda grid -- the number the
 published repositories report (they tune on the subsets they report) -- labelled as such.
 The noise ceiling row is the seed-to-seed rank correlation of the measured targets.
+
+The K-FAC ablation table repeats the rows of the kfac methods with their resolved settings (Fisher type,
+expand/reduce, EK-FAC, query-gradient quantisation, damping) as columns, beside the noise ceiling and
+TRAK / D-TRAK for reference.
 """
 from __future__ import annotations
 
@@ -50,6 +54,43 @@ def lds_table(method_dirs: dict[str, Path], subsets: dict, targets: dict, lds_cf
     return pd.DataFrame(rows)
 
 
+ABLATION_REFERENCES = ("trak", "d_trak")  # rows shown beside the K-FAC variants, when configured
+ABLATION_COLUMNS = ("fisher_type", "kfac_approx", "ekfac", "quantization", "damping")
+
+
+def kfac_ablation(table: pd.DataFrame, method_dirs: dict[str, Path]) -> pd.DataFrame:
+    """Rows of the kfac methods (settings from their chosen.json) plus the noise ceiling and reference rows."""
+    settings = {}
+    for method, directory in method_dirs.items():
+        chosen = json.loads((directory / "chosen.json").read_text())
+        if chosen.get("config", {}).get("family") == "kfac":
+            settings[method] = chosen.get("settings") or {}
+    keep = table["method"].isin([*settings, NOISE_CEILING, *ABLATION_REFERENCES])
+    ablation = table[keep].copy()
+    for column in ABLATION_COLUMNS:
+        ablation[column] = ablation["method"].map(lambda m: settings.get(m, {}).get(column, ""))
+    return ablation[["method", *ABLATION_COLUMNS, "query_set", "lds", "ci_low", "ci_high", "lambda",
+                     "lds_tuned_on_evaluation", "note"]]
+
+
+def ablation_markdown(ablation: pd.DataFrame) -> str:
+    if not (ablation["fisher_type"] != "").any():
+        return "No kfac methods are configured (scores.methods): nothing to ablate.\n"
+    lines = ["| method | Fisher | K-FAC | EK-FAC | query gradients | damping | query set | LDS (evaluation subsets) | 95% bootstrap CI | lambda (tuned) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in ablation.itertuples():
+        ekfac = {True: "yes", False: "no"}.get(r.ekfac, "")
+        lam = "-" if np.isnan(r[11]) else f"{r[11]:g}"
+        lds = f"{r.lds:.3f}" if not np.isnan(r.lds) else (r.note or "not run")
+        ci = f"[{r.ci_low:.3f}, {r.ci_high:.3f}]" if not np.isnan(r.lds) else ""
+        lines.append(f"| {r.method} | {r.fisher_type} | {r.kfac_approx} | {ekfac} | {r.quantization} | {r.damping} | "
+                     f"{r.query_set} | {lds} | {ci} | {lam} |")
+    lines.append("")
+    lines.append("lambda: relative to the mean eigenvalue of the fitted G, chosen on the tuning subsets; damping "
+                 "'absolute': the paper's untuned value, in units of G.")
+    return "\n".join(lines) + "\n"
+
+
 def to_markdown(table: pd.DataFrame) -> str:
     lines = ["| method | query set | LDS (evaluation subsets) | SE | 95% bootstrap CI | lambda (tuned) | LDS tuned on evaluation* | note |",
              "|---|---|---|---|---|---|---|---|"]
@@ -67,7 +108,8 @@ def to_markdown(table: pd.DataFrame) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(table: pd.DataFrame, path: str | Path) -> None:
+def plot(table: pd.DataFrame, path: str | Path,
+         title: str = "Linear datamodelling score, 95% bootstrap CI over subsets") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -75,6 +117,14 @@ def plot(table: pd.DataFrame, path: str | Path) -> None:
     import seaborn as sns
 
     table = table.dropna(subset=["lds"])  # methods that did not run have no bar (the table says why)
+    if table.empty:
+        fig, ax = plt.subplots(figsize=(5, 2))
+        ax.axis("off")
+        ax.text(0.5, 0.5, f"{title}:\nno method produced scores", ha="center", va="center")
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        return
     order = list(dict.fromkeys(table["method"]))
     fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(order), 4))
     sns.barplot(data=table, x="method", y="lds", hue="query_set", order=order, ax=ax, errorbar=None)
@@ -89,7 +139,7 @@ def plot(table: pd.DataFrame, path: str | Path) -> None:
     ax.set_ylabel("LDS (Spearman), evaluation subsets")
     ax.set_xlabel("")
     ax.tick_params(axis="x", rotation=30)
-    ax.set_title("Linear datamodelling score, 95% bootstrap CI over subsets")
+    ax.set_title(title)
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
@@ -102,6 +152,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--scores", nargs="+", required=True, help="score directories, one per method (named by method)")
     parser.add_argument("--table", required=True, help="output stem: writes .csv, .md and .json")
     parser.add_argument("--figure", required=True)
+    parser.add_argument("--ablation", required=True, help="K-FAC ablation output stem: writes .csv and .md")
+    parser.add_argument("--ablation-figure", required=True)
 
 
 def run(args, config: dict) -> None:
@@ -116,4 +168,10 @@ def run(args, config: dict) -> None:
                for r in table.itertuples() if not np.isnan(r.lds)},
               stem.with_suffix(".json"))
     plot(table, args.figure)
+    ablation = kfac_ablation(table, method_dirs)
+    ablation_stem = Path(args.ablation)
+    save_text(ablation.to_csv(index=False), ablation_stem.with_suffix(".csv"))
+    save_text(ablation_markdown(ablation), ablation_stem.with_suffix(".md"))
+    plot(ablation, args.ablation_figure,
+         "K-FAC influence ablation: LDS, 95% bootstrap CI over subsets")
     log.info("evaluate:\n%s", to_markdown(table))

@@ -14,20 +14,39 @@ SECTIONS = {  # the config keys each stage reads; a rule reruns exactly when one
     "sample": ("model", "diffusion", "sample", "seeds.sample", "compute"),
     "measure": ("model", "diffusion", "measure", "seeds.measure", "compute"),
     "gradients": ("model", "diffusion", "gradients", "seeds.gradients", "seeds.projection", "compute"),
+    "curvature": ("model", "diffusion", "kfac", "seeds.gradients", "compute"),
     "scores": ("scores", "lds.n_subsets", "lds.n_seeds"),
     "evaluate": ("lds", "seeds.bootstrap"),
 }
+# Extra keys the scores stage reads for methods of these families (model-based scorers); the scores
+# stage's config carries only its own method, so editing one method reruns only that method's job.
+SCORER_SECTIONS = {
+    "kfac": ("model", "diffusion", "kfac", "seeds.gradients", "seeds.measure", "measure", "compute"),
+}
 
 
-def stage_config(config: dict, stage: str) -> str:
-    """JSON of the keys a stage reads (passed on its command line as --config)."""
+def select(config: dict, keys) -> dict:
+    """The sub-configuration holding exactly the given (dotted) keys."""
     selected: dict = {}
-    for dotted in SECTIONS[stage]:
+    for dotted in keys:
         *parents, leaf = dotted.split(".")
         source, target = config, selected
         for key in parents:
             source, target = source[key], target.setdefault(key, {})
         target[leaf] = source[leaf]
+    return selected
+
+
+def stage_config(config: dict, stage: str) -> str:
+    """JSON of the keys a stage reads (passed on its command line as --config)."""
+    return json.dumps(select(config, SECTIONS[stage]), sort_keys=True, separators=(",", ":"))
+
+
+def scores_config(config: dict, method: str) -> str:
+    """JSON config of one method's scores job: the scores stage's keys with only this method, plus what its family reads."""
+    family = config["scores"]["methods"][method]["family"]
+    selected = select(config, (*SECTIONS["scores"], *SCORER_SECTIONS.get(family, ())))
+    selected["scores"] = {**selected["scores"], "methods": {method: config["scores"]["methods"][method]}}
     return json.dumps(selected, sort_keys=True, separators=(",", ":"))
 
 
@@ -164,11 +183,45 @@ def method_feature_args(config: dict, method: str) -> str:
 
 
 
+# ---------------------------------------------------------------- curvature (K-FAC influence)
+#
+# One fit per variant <fisher_type>-<kfac_approx>[-ekfac] of the final model: results/<benchmark>/curvature/<variant>.pt.
+# A kfac method's settings are kfac.<key> overridden by the method's own fisher_type / kfac_approx / ekfac.
+VARIANT_PATTERN = r"(?:mc|empirical|type-2)-(?:expand|reduce)(?:-ekfac)?"
+_VARIANT = re.compile(r"(?P<fisher_type>mc|empirical|type-2)-(?P<kfac_approx>expand|reduce)(?P<ekfac>-ekfac)?")
+
+
+def curvature_variant(config: dict, method: str) -> str:
+    m, k = config["scores"]["methods"][method], config["kfac"]
+    fisher, approx, ekfac = (m.get(key, k[key]) for key in ("fisher_type", "kfac_approx", "ekfac"))
+    return f"{fisher}-{approx}" + ("-ekfac" if ekfac else "")
+
+
+def parse_curvature_variant(variant: str) -> dict:
+    m = _VARIANT.fullmatch(variant)
+    if m is None:
+        raise ValueError(f"bad curvature variant {variant!r}: expected <mc|empirical|type-2>-<expand|reduce>[-ekfac]")
+    return {"fisher_type": m["fisher_type"], "kfac_approx": m["kfac_approx"], "ekfac": bool(m["ekfac"])}
+
+
+def curvature_variant_args(variant: str) -> str:
+    """Command-line options of the curvature stage that select a variant."""
+    v = parse_curvature_variant(variant)
+    return f"--fisher-type {v['fisher_type']} --kfac-approx {v['kfac_approx']} --{'' if v['ekfac'] else 'no-'}ekfac"
+
+
+def curvature_file(config: dict, variant: str) -> str:
+    return f"{root(config)}/curvature/{variant}.pt"
+
+
 def method_model_inputs(config: dict, method: str) -> dict[str, str]:
     """Model files a model-based method reads, keyed by the scores-stage option that names them."""
     family = config["scores"]["methods"][method]["family"]
     if family == "embedding":
         return {"classifier": f"{root(config)}/models/classifier.pt"}
+    if family == "kfac":
+        return {"model": f"{root(config)}/models/full/model.pt",
+                "curvature": curvature_file(config, curvature_variant(config, method))}
     return {}
 
 

@@ -20,7 +20,7 @@ from .gradients import open_store, read_sidecar
 from .lds import lds_per_query
 from .measure import QUERY_SETS, load_queries, load_targets
 from .paths import RESIDUAL
-from .scorers import ScorerNotRun, family_notes, get_family
+from .scorers import ScorerNotRun, family_notes, family_settings, get_family
 
 
 class ScorerInputs:
@@ -193,7 +193,8 @@ def run(args, config: dict) -> None:
         save_npy(scores.astype(np.float32), out / f"{name}.npy")
     save_text(table.to_csv(index=False), out / "sweep.csv")
     plot_sweep(table, chosen_lambda, args.method, out / "sweep.png", notes)
-    save_json({"method": args.method, "config": method_cfg, "lambda": chosen_lambda, "notes": notes}, out / "chosen.json")
+    save_json({"method": args.method, "config": method_cfg, "lambda": chosen_lambda, "notes": notes,
+               "settings": family_settings(method_cfg["family"], method_cfg, config)}, out / "chosen.json")
     for name, note in notes.items():
         log.warning("scores %s, %s queries: %s", args.method, name, note)
     log.info("scores %s: lambda %s; tuning LDS %s", args.method, chosen_lambda,

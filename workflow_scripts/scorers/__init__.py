@@ -7,14 +7,17 @@ Families: pixel (raw pixel dot / cosine), trak (TRAK and D-TRAK, any output func
 gradient_similarity (gradient dot / cosine), tracin (TracInCP and GAS over checkpoints),
 normalized_if (relative and renormalised influence), journey (Journey-TRAK), das (DAS, scalar
 reference form and vector-output form), clip (open_clip embeddings from local
-weights; raises ScorerNotRun without them), embedding (the benchmark's own classifier features)."""
+weights; raises ScorerNotRun without them), embedding (the benchmark's own classifier features),
+kfac (K-FAC / EK-FAC influence; reads the final checkpoint and its fitted curvature).
+A module may also expose `settings(method_cfg, config) -> dict`, saved in chosen.json (ablation tables)."""
 from __future__ import annotations
 
-from . import clip, das, embedding, gradient_similarity, journey, normalized_if, pixel, tracin, trak
+from . import clip, das, embedding, gradient_similarity, journey, kfac, normalized_if, pixel, tracin, trak
 from .clip import ScorerNotRun
 
 FAMILIES = {"pixel": pixel, "trak": trak, "gradient_similarity": gradient_similarity, "tracin": tracin,
-            "normalized_if": normalized_if, "journey": journey, "das": das, "clip": clip, "embedding": embedding}
+            "normalized_if": normalized_if, "journey": journey, "das": das, "clip": clip, "embedding": embedding,
+            "kfac": kfac}
 
 
 def get_family(name: str):
@@ -27,3 +30,8 @@ def get_family(name: str):
 def family_notes(name: str, method_cfg: dict) -> dict[str, str]:
     module = get_family(name)
     return module.notes(method_cfg) if hasattr(module, "notes") else {}
+
+
+def family_settings(name: str, method_cfg: dict, config: dict) -> dict:
+    module = get_family(name)
+    return module.settings(method_cfg, config) if hasattr(module, "settings") else {}

@@ -269,9 +269,30 @@ def kfac_scores(model, curvature: Curvature, train_images: np.ndarray, query_ima
                             device, k_cfg["quantization"])
 
 
+METHOD_KEYS = ("fisher_type", "kfac_approx", "ekfac")  # curvature settings a method may override
+
+
+def settings(method_cfg: dict, config: dict) -> dict:
+    """The resolved settings of a kfac method (kfac.* with the method's overrides): the ablation table's columns."""
+    k = {**SCORE_DEFAULTS, **config.get("kfac", {}), **{key: method_cfg[key] for key in (*METHOD_KEYS, "quantization")
+                                                         if key in method_cfg}}
+    return {"fisher_type": k["fisher_type"], "kfac_approx": k["kfac_approx"], "ekfac": bool(k["ekfac"]),
+            "quantization": k["quantization"], "damping": method_cfg.get("damping", "relative")}
+
+
+def notes(method_cfg: dict) -> dict[str, str]:
+    if method_cfg.get("damping") == "absolute":
+        grid = ", ".join(f"{lam:g}" for lam in method_cfg.get("lambda_grid", []))
+        text = f"absolute damping {grid} (paper default), not tuned" if len(method_cfg.get("lambda_grid", [])) == 1 \
+            else f"absolute damping grid {grid}"
+        return {name: text for name in ("generated", "heldout")}
+    return {}
+
+
 def compute(method_cfg: dict, inputs, lambdas) -> list:
-    """scores.py family entry. method_cfg may override kfac settings (fisher_type, kfac_approx, ekfac, lambda_grid,
-    quantization); `inputs` must provide config (the full configuration), model_path and curvature_path."""
+    """scores.py family entry. method_cfg may override kfac settings (fisher_type, kfac_approx, ekfac, quantization)
+    and set damping: absolute (lambdas are then absolute dampings of G instead of multiples of its mean eigenvalue);
+    `inputs` must provide config (the full configuration), model_path and curvature_path."""
     from ..common import select_device
     from ..curvature import checkpoint_identity, curvature_config, load_curvature, settings_from
     from ..diffusion import load_model
@@ -280,13 +301,20 @@ def compute(method_cfg: dict, inputs, lambdas) -> list:
     if missing:
         raise ArtefactError(f"K-FAC influence needs scorer inputs {missing} (model checkpoint, curvature file, config)")
     config = inputs.config
-    overrides = {k: v for k, v in method_cfg.items() if k in ("fisher_type", "kfac_approx", "ekfac")}
-    settings = settings_from({"kfac": {**config.get("kfac", {}), **overrides}})
+    overrides = {k: method_cfg[k] for k in METHOD_KEYS if k in method_cfg}
+    curvature_settings = settings_from({"kfac": {**config.get("kfac", {}), **overrides}})
     device = select_device(config["compute"])
     model, payload = load_model(inputs.model_path, config["model"], device)
     train = inputs.train_images()
-    expected = curvature_config(settings, config["diffusion"], config["seeds"]["gradients"], train,
+    expected = curvature_config(curvature_settings, config["diffusion"], config["seeds"]["gradients"], train,
                                 checkpoint_identity(payload, config["model"]))
     curvature = load_curvature(inputs.curvature_path, expected)
     cfg = {**config, "kfac": {**config.get("kfac", {}), **{k: method_cfg[k] for k in ("quantization",) if k in method_cfg}}}
-    return kfac_scores(model, curvature, train, inputs.queries(), cfg, method_cfg.get("lambda_grid", lambdas), device)
+    lambdas = [float(lam) for lam in method_cfg.get("lambda_grid", lambdas)]
+    relative = lambdas
+    if method_cfg.get("damping", "relative") == "absolute":
+        mean = curvature.mean_eigenvalue()
+        relative = [lam / mean for lam in lambdas]
+        log.info("kfac: absolute damping %s = %s x the mean eigenvalue %.3e", lambdas, relative, mean)
+    results = kfac_scores(model, curvature, train, inputs.queries(), cfg, relative, device)
+    return [(lam, matrices) for lam, (_, matrices) in zip(lambdas, results)]

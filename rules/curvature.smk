@@ -1,0 +1,23 @@
+# K-FAC / EK-FAC of the training-loss GGN of the final model, one file per variant (paths.py "curvature").
+rule curvature:
+    input:
+        model=f"{ROOT}/models/full/model.pt",
+        dataset=rules.data.output.dataset,
+    output:
+        f"{ROOT}/curvature/{{variant}}.pt",
+    wildcard_constraints:
+        variant=paths.VARIANT_PATTERN,
+    params:
+        config=lambda w: paths.stage_config(config, "curvature"),
+        variant=lambda w: paths.curvature_variant_args(w.variant),
+    log:
+        f"{ROOT}/logs/curvature/{{variant}}.log",
+    threads: config["compute"]["threads"]
+    resources:
+        mem_mb=8000,
+        runtime=240,
+    conda:
+        "../envs/benchmark.yaml"
+    shell:
+        "python -m workflow_scripts curvature --config {params.config:q} {params.variant}"
+        " --model {input.model} --dataset {input.dataset} --out {output} 2> {log}"
