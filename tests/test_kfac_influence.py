@@ -94,6 +94,21 @@ def test_absolute_damping_equals_relative_damping_over_mean_eigenvalue(workflow)
     assert not np.allclose(other["heldout"], scores_r["heldout"])  # the damping matters at all
 
 
+def test_lambda_grid_precedence(workflow):
+    """method lambda_grid > kfac.lambda_grid > scores.lambda_grid (the lambdas scores.py passes)."""
+    config, dataset, model_path, tmp = workflow
+    out = tmp / "curvature" / "mc-expand.pt"
+    if not out.exists():
+        C.run(argparse.Namespace(model=str(model_path), dataset=str(dataset), fisher_type=None, kfac_approx=None,
+                                 ekfac=None, out=str(out)), config)
+    with_grid = {**config, "kfac": {**config["kfac"], "lambda_grid": [1e-6, 1e-3]}}
+    got = [lam for lam, _ in K.compute({"family": "kfac"}, _inputs(with_grid, dataset, model_path, out), [1.0])]
+    assert got == [1e-6, 1e-3]
+    got = [lam for lam, _ in K.compute({"family": "kfac", "lambda_grid": [0.5]}, _inputs(with_grid, dataset, model_path, out), [1.0])]
+    assert got == [0.5]
+    assert [lam for lam, _ in K.compute({"family": "kfac"}, _inputs(config, dataset, model_path, out), [1.0])] == [1.0]
+
+
 def test_settings_and_notes_name_the_variant():
     config = {"kfac": dict(KFAC)}
     assert K.settings({"family": "kfac"}, config) == {"fisher_type": "mc", "kfac_approx": "expand", "ekfac": False,

@@ -54,6 +54,11 @@ def _atomic(path: str | Path, write) -> None:
     os.close(fd)
     try:
         write(tmp)
+        # mkstemp creates the file 0600; give the artefact the permissions of any new file (umask), so a
+        # shared results directory (cluster, DVC cache) stays readable by the group
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

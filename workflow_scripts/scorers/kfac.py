@@ -291,7 +291,7 @@ def notes(method_cfg: dict) -> dict[str, str]:
 
 def compute(method_cfg: dict, inputs, lambdas) -> list:
     """scores.py family entry. method_cfg may override kfac settings (fisher_type, kfac_approx, ekfac, quantization)
-    and set damping: absolute (lambdas are then absolute dampings of G instead of multiples of its mean eigenvalue);
+    and the lambda grid (else kfac.lambda_grid, else scores.lambda_grid), and set damping: absolute (lambdas are then absolute dampings of G instead of multiples of its mean eigenvalue);
     `inputs` must provide config (the full configuration), model_path and curvature_path."""
     from ..common import select_device
     from ..curvature import checkpoint_identity, curvature_config, load_curvature, settings_from
@@ -310,7 +310,8 @@ def compute(method_cfg: dict, inputs, lambdas) -> list:
                                 checkpoint_identity(payload, config["model"]))
     curvature = load_curvature(inputs.curvature_path, expected)
     cfg = {**config, "kfac": {**config.get("kfac", {}), **{k: method_cfg[k] for k in ("quantization",) if k in method_cfg}}}
-    lambdas = [float(lam) for lam in method_cfg.get("lambda_grid", lambdas)]
+    # K-FAC's damping grid (kfac.lambda_grid) reaches far lower than TRAK's: the paper uses almost none
+    lambdas = [float(lam) for lam in method_cfg.get("lambda_grid") or config.get("kfac", {}).get("lambda_grid") or lambdas]
     relative = lambdas
     if method_cfg.get("damping", "relative") == "absolute":
         mean = curvature.mean_eigenvalue()
