@@ -46,3 +46,14 @@ def test_kfac_method_reads_model_and_its_curvature(base_config):
     assert paths.method_model_args(base_config, "ekfac") == \
         "--model results/digits/models/full/model.pt --curvature results/digits/curvature/mc-expand-ekfac.pt"
     assert paths.method_model_inputs(base_config, "trak") == {}
+
+
+def test_curvature_config_ignores_scoring_keys(base_config):
+    """Changing how K-FAC scores (lambda grid, quantisation, gradient draws) must not refit the curvature."""
+    import copy
+
+    other = copy.deepcopy(base_config)
+    other["kfac"].update(lambda_grid=[1.0], quantization="float32", gradient_draws=3, query_draws=5, fisher_type="empirical")
+    assert paths.stage_config(other, "curvature") == paths.stage_config(base_config, "curvature")
+    other["kfac"]["draws"] = 65
+    assert paths.stage_config(other, "curvature") != paths.stage_config(base_config, "curvature")

@@ -14,7 +14,9 @@ SECTIONS = {  # the config keys each stage reads; a rule reruns exactly when one
     "sample": ("model", "diffusion", "sample", "seeds.sample", "compute"),
     "measure": ("model", "diffusion", "measure", "seeds.measure", "compute"),
     "gradients": ("model", "diffusion", "gradients", "seeds.gradients", "seeds.projection", "compute"),
-    "curvature": ("model", "diffusion", "kfac", "seeds.gradients", "compute"),
+    # the variant (fisher_type, kfac_approx, ekfac) comes from the wildcard; scoring keys do not refit
+    "curvature": ("model", "diffusion", "kfac.draws", "kfac.fisher_mc_samples", "kfac.separate_weight_and_bias",
+                  "kfac.batch_size", "seeds.gradients", "compute"),
     "scores": ("scores", "lds.n_subsets", "lds.n_seeds"),
     "evaluate": ("lds", "seeds.bootstrap"),
 }
