@@ -138,7 +138,7 @@ def plot(table: pd.DataFrame, path: str | Path,
     ax.axhline(0, c="grey", lw=0.8)
     ax.set_ylabel("LDS (Spearman), evaluation subsets")
     ax.set_xlabel("")
-    ax.tick_params(axis="x", rotation=30)
+    plt.setp(ax.get_xticklabels(), rotation=30, ha="right", rotation_mode="anchor")
     ax.set_title(title)
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
