@@ -398,3 +398,52 @@ def test_measurements_must_fit_the_model_family(base_config):
     c["measure"]["timestep_loss"] = {"timesteps": [5, 1500]}
     with pytest.raises(ConfigError, match="timestep"):
         validate_config(c)
+
+
+# ---------------------------------------------------------------- all measurements of the query sets
+
+
+def test_measure_queries_and_load_targets(model, images, smoke_config, tmp_path):
+    from workflow_scripts.common import save_npz
+    from workflow_scripts.measure import measure_loss
+
+    config = copy.deepcopy(smoke_config)
+    config["model"] = dict(TINY_MODEL)
+    config["measure"].update({"n_timesteps": 4, "n_noise": 1, "measurements": ["loss", "elbo", "timestep_loss", "trajectory"],
+                              "elbo": {"n_timesteps": 5, "n_noise": 1}, "timestep_loss": {"timesteps": [3, 700], "n_noise": 2}})
+    validate_config({**smoke_config, "measure": config["measure"]})
+    assert L.target_names(config) == ["loss", "elbo", "timestep_loss_t3", "timestep_loss_t700", "trajectory"]
+    timesteps = ddim_timesteps(3)
+    traj = torch.randn(2, 4, *SHAPE, generator=torch.Generator().manual_seed(2)).numpy()
+    queries = {"generated": traj[:, -1].copy(), "heldout": images}
+    out = L.measure_queries(model, queries, config, samples={"trajectories": traj, "timesteps": timesteps})
+    assert sorted(out) == sorted(["generated", "heldout", "generated__elbo", "heldout__elbo", "generated__timestep_loss_t3",
+                                  "generated__timestep_loss_t700", "heldout__timestep_loss_t3",
+                                  "heldout__timestep_loss_t700", "generated__trajectory"])
+    seed = config["seeds"]["measure"]
+    # the loss keeps today's key, streams and values
+    np.testing.assert_array_equal(out["heldout"], measure_loss(model, images, config["diffusion"], config["measure"], seed, 1,
+                                                               "cpu"))
+    elbo = L.measure_elbo(model, images, config["diffusion"], L.measure_settings(config["measure"])["elbo"], LEVELS, seed, 1)
+    np.testing.assert_allclose(out["heldout__elbo"], elbo["nats"])
+    ts = L.measure_timestep_losses(model, images, config["diffusion"], [3, 700], 2, seed, 1)
+    np.testing.assert_allclose(out["heldout__timestep_loss_t700"], ts[:, 1])
+    np.testing.assert_allclose(out["generated__trajectory"],
+                               L.measure_trajectory_nll(model, traj, timesteps, config["diffusion"])["nats"])
+    with pytest.raises(ValueError, match="samples"):
+        L.measure_queries(model, queries, config)
+    # measurement files of 2 subsets x 1 seed -> targets per query set
+    paths = []
+    for j in range(2):
+        paths.append(tmp_path / f"m{j}.npz")
+        save_npz(paths[-1], subset=np.array(j), replicate=np.array(0), **{k: v + j for k, v in out.items()})
+    targets = L.load_measurement_targets([str(p) for p in paths], 2, 1, "elbo")
+    assert set(targets) == {"generated", "heldout"} and targets["heldout"].shape == (2, 1, 3)
+    np.testing.assert_allclose(targets["heldout"][1, 0], out["heldout__elbo"] + 1)
+    assert set(L.load_measurement_targets([str(p) for p in paths], 2, 1, "trajectory")) == {"generated"}
+    from workflow_scripts.measure import load_targets
+
+    old = load_targets([str(p) for p in paths], 2, 1)  # today's loader still reads the loss
+    new = L.load_measurement_targets([str(p) for p in paths], 2, 1, "loss")
+    for name in ("generated", "heldout"):
+        np.testing.assert_array_equal(old[name], new[name])

@@ -250,3 +250,18 @@ def test_likelihood_defaults_shared_with_measure_settings():
 
     assert MEASURE_DEFAULTS["likelihood"] == V.LIKELIHOOD_DEFAULTS
     assert measure_settings({}, "vesde")["measurements"] == ["likelihood"]
+
+
+def test_measure_queries_for_the_vesde_family(net, smoke_config):
+    from workflow_scripts.likelihood import measure_queries, target_names
+
+    config = copy.deepcopy(smoke_config)
+    config["model"] = {**TINY_MODEL, "family": "vesde"}
+    config["measure"]["likelihood"] = {"solver": "euler", "n_steps": 2, "batch_size": 4}
+    assert target_names(config) == ["likelihood"]
+    images = (torch.randint(0, 17, (3, *SHAPE), generator=torch.Generator().manual_seed(6)) / 8.0 - 1).numpy()
+    out = measure_queries(net, {"generated": images[:2], "heldout": images}, config)
+    assert sorted(out) == ["generated__likelihood", "heldout__likelihood"]
+    direct = V.measure_likelihood(net, images, config["model"], config["measure"]["likelihood"], 17,
+                                  config["seeds"]["measure"], stream=1)
+    np.testing.assert_allclose(out["heldout__likelihood"], direct["nats"])

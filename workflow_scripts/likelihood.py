@@ -420,3 +420,91 @@ def measure_trajectory_nll(model, trajectories: np.ndarray, timesteps, diffusion
     final = np.asarray(trajectories)[:, -1]
     r = evaluate(model, final, m, device, batch_rows)
     return {"nats": r["value"], "bpd": bits_per_dim(r["value"], int(np.prod(final.shape[1:])))}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# All configured measurements of the query sets (what the measure stage will call once wired)
+# ----------------------------------------------------------------------------------------------------------------
+def target_names(config: dict) -> list[str]:
+    """Targets of measure.measurements: loss, elbo, timestep_loss_t<t> (one per chosen timestep), trajectory,
+    likelihood."""
+    s = measure_settings(config["measure"], model_family(config["model"]))
+    names = []
+    for m in s["measurements"]:
+        names += [f"timestep_loss_t{t}" for t in s["timestep_loss"]["timesteps"]] if m == "timestep_loss" else [m]
+    return names
+
+
+def target_key(query_set: str, target: str) -> str:
+    """Array name in a measurement file: the query set for the loss (today's format), '<set>__<target>' else."""
+    return query_set if target == "loss" else f"{query_set}__{target}"
+
+
+def measure_queries(model, queries: dict[str, np.ndarray], config: dict, device="cpu",
+                    samples: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+    """Every configured measurement of every query set: {target_key(set, target): (n_queries,) float64}.
+
+    config: model, diffusion, measure, seeds.measure, data.dataset. The noise stream of a query set is its index
+    in measure.QUERY_SETS (as the loss measurement). `samples` (sample.py's file: trajectories, timesteps) is
+    needed for `trajectory`, which exists for the generated queries only (held-out images have no trajectory;
+    no array is written for them). Values in nats; bits/dim are an affine function of them."""
+    from .data import N_LEVELS
+    from .measure import QUERY_SETS, measure_loss
+
+    family = model_family(config["model"])
+    s = measure_settings(config["measure"], family)
+    seed, levels = config["seeds"]["measure"], N_LEVELS[config["data"]["dataset"]]
+    out = {}
+    for i, (name, images) in enumerate(queries.items()):
+        stream = QUERY_SETS.index(name) if name in QUERY_SETS else i
+        for m in s["measurements"]:
+            if m == "loss":
+                out[target_key(name, m)] = measure_loss(model, images, config["diffusion"], config["measure"], seed,
+                                                        stream, device)
+            elif m == "elbo":
+                out[target_key(name, m)] = measure_elbo(model, images, config["diffusion"], s["elbo"], levels, seed,
+                                                        stream, device, config["measure"]["batch_size"])["nats"]
+            elif m == "timestep_loss":
+                ts = s["timestep_loss"]["timesteps"]
+                values = measure_timestep_losses(model, images, config["diffusion"], ts, s["timestep_loss"]["n_noise"],
+                                                 seed, stream, device, config["measure"]["batch_size"])
+                out.update({target_key(name, f"timestep_loss_t{t}"): values[:, j] for j, t in enumerate(ts)})
+            elif m == "trajectory":
+                if name != "generated":
+                    continue
+                if samples is None:
+                    raise ValueError("the trajectory measurement needs the samples file (trajectories, timesteps)")
+                out[target_key(name, m)] = measure_trajectory_nll(
+                    model, samples["trajectories"], samples["timesteps"], config["diffusion"],
+                    s["trajectory"]["clip_x0"], device, config["measure"]["batch_size"])["nats"]
+            elif m == "likelihood":
+                from .vesde import measure_likelihood
+
+                out[target_key(name, m)] = measure_likelihood(model, images, config["model"], s["likelihood"], levels,
+                                                              seed, stream, device)["nats"]
+            else:
+                raise ValueError(f"unknown measurement {m!r}")
+    return out
+
+
+def load_measurement_targets(paths: list[str], n_subsets: int, n_seeds: int, target: str = "loss",
+                             query_sets=("generated", "heldout")) -> dict[str, np.ndarray]:
+    """measure.load_targets for any target: {query set: (n_subsets, n_seeds, n_queries)}; query sets without
+    that target in the files (trajectory: held-out) are left out."""
+    from .common import ArtefactError, load_npz
+
+    if len(paths) != n_subsets * n_seeds:
+        raise ArtefactError(f"expected {n_subsets * n_seeds} measurement files, got {len(paths)}")
+    out: dict[str, list] = {}
+    for k, path in enumerate(paths):
+        arrays = load_npz(path, ("subset", "replicate"))
+        if (int(arrays["subset"]), int(arrays["replicate"])) != divmod(k, n_seeds):
+            raise ArtefactError(f"{path}: holds subset {int(arrays['subset'])} seed {int(arrays['replicate'])}, "
+                                f"expected subset {k // n_seeds} seed {k % n_seeds}")
+        for name in query_sets:
+            key = target_key(name, target)
+            if key in arrays:
+                out.setdefault(name, []).append(arrays[key])
+            elif name in out:
+                raise ArtefactError(f"{path}: lacks {key}")
+    return {name: np.stack(v).reshape(n_subsets, n_seeds, -1) for name, v in out.items() if len(v) == len(paths)}
