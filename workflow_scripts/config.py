@@ -11,6 +11,9 @@ import yaml
 
 SCHEMA_PATH = Path(__file__).parent / "schemas" / "params.schema.yaml"
 N_DIGITS = 1797  # images in scikit-learn's bundled digits
+# measure.measurements each model family can compute (workflow_scripts/likelihood.py, vesde.py)
+MEASUREMENTS_BY_FAMILY = {"ddpm": ("loss", "elbo", "timestep_loss", "trajectory"), "vesde": ("likelihood",)}
+DEFAULT_MEASUREMENTS = {"ddpm": ["loss"], "vesde": ["likelihood"]}
 
 
 class ConfigError(ValueError):
@@ -63,6 +66,16 @@ def _check_consistency(config: dict) -> None:
             raise ConfigError(f"model.block_out_channels entry {width} is not divisible by model.norm_num_groups")
     if config["train"]["resume_every"] > config["train"]["steps"]:
         raise ConfigError("train.resume_every must be at most train.steps")
+    family = model.get("family", "ddpm")
+    for name in config["measure"].get("measurements", DEFAULT_MEASUREMENTS[family]):
+        if name not in MEASUREMENTS_BY_FAMILY[family]:
+            needs = [f for f, names in MEASUREMENTS_BY_FAMILY.items() if name in names]
+            raise ConfigError(f"measure.measurements: {name!r} needs model.family {' or '.join(needs)} "
+                              f"(model.family is {family})")
+    T = config["diffusion"]["num_train_timesteps"]
+    for t in config["measure"].get("timestep_loss", {}).get("timesteps", []):
+        if t >= T:
+            raise ConfigError(f"measure.timestep_loss.timesteps: timestep {t} must be below diffusion.num_train_timesteps {T}")
 
 
 def config_hash(section: dict) -> str:

@@ -7,6 +7,10 @@ import numpy as np
 
 from .common import load_npz, log, rng, save_npz
 
+# Number of intensity levels of each data set's pixels (scaled to [-1, 1]): the discretisation of the
+# likelihood measurements (decoder bins, dequantisation offset; workflow_scripts/likelihood.py, vesde.py).
+N_LEVELS = {"digits": 17}  # digits: pixel values 0..16
+
 
 def load_digits_images() -> tuple[np.ndarray, np.ndarray]:
     """scikit-learn's bundled 8x8 digits as (n, 1, 8, 8) float32 in [-1, 1] and int labels."""
