@@ -100,7 +100,7 @@ def main(argv=None) -> int:
     parser.add_argument("--weighting", default="sigma2", choices=V.WEIGHTINGS)
     parser.add_argument("--family", default="vesde", choices=("vesde", "ddpm"),
                         help="ddpm: the same categories under the -ELBO (Ho eq. 5) of a DDPM trained with train.py")
-    parser.add_argument("--out", default=str(REPO / "benchmarks" / "figures" / "vesde_sanity"))
+    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "vesde_sanity"))
     parser.add_argument("--replot", action="store_true", help="only redraw the figure from <out>.json")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
