@@ -92,6 +92,7 @@ def test_later_overlay_wins(repo, tmp_path):
         ("data.n_train", 3, "data.n_train"),
         ("data.dataset", "cifar99", "data.dataset"),  # not in the enum
         ("gradients.projection", "sparse", "gradients.projection"),
+        ("gradients.sjlt_nonzeros", 0, "gradients.sjlt_nonzeros"),
         ("compute.device", "tpu", "compute.device"),
         ("scores.lambda_grid", [], "scores.lambda_grid"),
         ("scores.lambda_grid", [0.1, -1.0], "scores.lambda_grid.1"),
@@ -178,6 +179,13 @@ def test_resume_every_at_most_steps(base_config):
     with pytest.raises(ConfigError, match=r"train\.resume_every"):
         validate_config(_with(base_config, "train.resume_every", steps + 1))
     validate_config(_with(base_config, "train.resume_every", steps))
+
+
+def test_sjlt_nonzeros_at_most_projection_dim(base_config):
+    dim = base_config["gradients"]["projection_dim"]
+    with pytest.raises(ConfigError, match=r"gradients\.sjlt_nonzeros"):
+        validate_config(_with(base_config, "gradients.sjlt_nonzeros", dim + 1))
+    validate_config(_with(_with(base_config, "gradients.sjlt_nonzeros", dim), "gradients.projection", "sjlt"))
 
 
 def test_valid_config_is_not_mutated(base_config):

@@ -95,6 +95,26 @@ def test_compute_features_is_projected_mean_gradient(setup):
     np.testing.assert_allclose(out, project(raw).numpy(), rtol=1e-3, atol=1e-5)
 
 
+def test_compute_features_with_the_sparse_projection(setup):
+    from workflow_scripts.projection import SparseProjector
+
+    model, images, _, _, a_bar = setup
+    grad_cfg = {"timesteps": 2, "projection": "sjlt", "projection_dim": 16, "sjlt_nonzeros": 2, "batch_size": 2,
+                "timestep_chunk": 10, "projection_memory_mb": 64}
+    seeds = {"gradients": 5, "projection": 6}
+    project = gradients.make_projector(model, grad_cfg, seeds, torch.device("cpu"))
+    assert isinstance(project, SparseProjector) and project.nonzeros == 2
+    out = gradients.compute_features(model, images.numpy(), "loss", grad_cfg, DIFFUSION, seeds, torch.device("cpu"))
+    assert out.shape == (3, 16) and out.dtype == np.float32
+    t, eps = gradients.feature_draws(1000, 2, SHAPE, 5)
+    raw = loop_gradients(model, images, "loss", t, eps, a_bar)
+    np.testing.assert_allclose(out, SparseProjector(raw.shape[1], 16, 6, 2, 64)(raw).numpy(), rtol=1e-3, atol=1e-5)
+    # another s is another sketch
+    other = gradients.compute_features(model, images.numpy(), "loss", {**grad_cfg, "sjlt_nonzeros": 4}, DIFFUSION, seeds,
+                                       torch.device("cpu"))
+    assert not np.allclose(out, other)
+
+
 # ---------------------------------------------------------------- the store and its sidecar
 
 
@@ -127,6 +147,25 @@ def test_store_identity_records_config(smoke_config, identity):
     assert identity["made_by"]["output_function"] == "loss"
     other_ckpt = gradients.store_identity(smoke_config, {"config": {"seed": 2}, "step": 10}, "loss", "train", 6)
     assert other_ckpt["config_hash"] != identity["config_hash"]
+
+
+def test_store_identity_records_sjlt_nonzeros(tmp_path, smoke_config):
+    payload = {"config": {"model": smoke_config["model"], "seed": 2}, "step": 20}
+    dense_cfg = copy.deepcopy(smoke_config)
+    dense_cfg["gradients"]["projection"] = "gaussian"
+    dense = gradients.store_identity(dense_cfg, payload, "loss", "train", 6)
+    assert "sjlt_nonzeros" not in dense["made_by"]  # dense stores keep the hashes they had before sjlt
+    cfg = copy.deepcopy(smoke_config)
+    cfg["gradients"]["projection"] = "sjlt"
+    sparse = gradients.store_identity(cfg, payload, "loss", "train", 6)
+    assert sparse["made_by"]["projection"] == "sjlt"
+    assert sparse["made_by"]["sjlt_nonzeros"] == cfg["gradients"]["sjlt_nonzeros"]
+    assert sparse["config_hash"] != dense["config_hash"]
+    path = tmp_path / "train.npy"
+    gradients.write_store(_features(), sparse, path)
+    cfg["gradients"]["sjlt_nonzeros"] += 1
+    with pytest.raises(ArtefactError, match=r"differs in sjlt_nonzeros\)"):
+        gradients.open_store(path, gradients.store_identity(cfg, payload, "loss", "train", 6))
 
 
 def test_store_config_hash_mismatch_names_difference(tmp_path, smoke_config, identity):

@@ -1,11 +1,12 @@
-"""Unit tests of workflow_scripts.projection: the seeded Johnson-Lindenstrauss sketch."""
+"""Unit tests of workflow_scripts.projection: the seeded Johnson-Lindenstrauss sketches (dense and sparse)."""
 import math
 
 import numpy as np
 import pytest
 import torch
 
-from workflow_scripts.projection import CHUNK, Projector, projection_block
+from workflow_scripts.projection import (CHUNK, Projector, SparseProjector, build_projector, projection_block,
+                                         sjlt_block, sjlt_ranges)
 
 torch.set_num_threads(1)
 
@@ -125,3 +126,154 @@ def test_projection_is_linear():
     x, y = torch.randn(2, 300, generator=g), torch.randn(2, 300, generator=g)
     torch.testing.assert_close(project(2 * x + y), 2 * project(x) + project(y), rtol=1e-5, atol=1e-5)
     assert np.allclose(project(torch.zeros(1, 300)).numpy(), 0)
+
+
+# ---------------------------------------------------------------- sparse JL (sjlt)
+
+NONZEROS = [1, 2, 4, 8]
+
+
+def sjlt_dense(n_params: int, dim: int, seed: int, nonzeros: int) -> torch.Tensor:
+    """R (n_params x dim) written out entry by entry from the blocks, in float64."""
+    r = torch.zeros(n_params, dim, dtype=torch.float64)
+    for c, start in enumerate(range(0, n_params, CHUNK)):
+        rows = min(CHUNK, n_params - start)
+        index, value = sjlt_block(seed, c, rows, dim, nonzeros)
+        for i in range(rows):
+            for j in range(nonzeros):
+                r[start + i, index[i, j]] += value[i, j].item()
+    return r
+
+
+@pytest.mark.parametrize("n_params,dim,nonzeros", [(7, 6, 3), (9, 5, 2), (5, 4, 1), (6, 3, 3)])
+def test_sjlt_equals_explicit_dense_matrix(n_params, dim, nonzeros):
+    r = sjlt_dense(n_params, dim, seed=4, nonzeros=nonzeros)
+    # structure: s nonzeros per row, one in each output range, all +-1/sqrt(s)
+    ranges = sjlt_ranges(dim, nonzeros)
+    assert ranges[0][0] == 0 and ranges[-1][1] == dim and all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
+    for row in r:
+        assert [int(row[lo:hi].ne(0).sum()) for lo, hi in ranges] == [1] * nonzeros
+        torch.testing.assert_close(row[row.ne(0)].abs(), torch.full((nonzeros,), nonzeros**-0.5, dtype=torch.float64))
+    project = SparseProjector(n_params, dim, seed=4, nonzeros=nonzeros, memory_mb=10)
+    assert project.matrix.layout == torch.sparse_csr
+    torch.testing.assert_close(project.matrix.to_dense().T.double(), r, rtol=0, atol=0)
+    x = torch.randn(3, n_params, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(project(x).double(), x.double() @ r, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("nonzeros", NONZEROS)
+def test_sjlt_unbiased_with_the_predicted_variance(nonzeros):
+    """Over many seeds on fixed vectors: E <Rx, Ry> = <x, y> and, as s divides dim,
+    Var <Rx, Ry> = (|x|^2 |y|^2 + <x, y>^2 - 2 sum_i x_i^2 y_i^2) / dim, the same for every s and
+    below the Gaussian sketch's (|x|^2 |y|^2 + <x, y>^2) / dim."""
+    n_params, dim, seeds = 1000, 64, 400
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(n_params, generator=g, dtype=torch.float64)
+    y = x + 0.7 * torch.randn(n_params, generator=g, dtype=torch.float64)
+    x, y = x / x.norm(), y / y.norm()
+    inner = float(x @ y)
+    assert 0.5 < inner < 0.9
+    both = torch.stack([x, y]).float()
+    estimates = torch.tensor([float(p[0].double() @ p[1].double())
+                              for p in (SparseProjector(n_params, dim, seed, nonzeros, 10)(both) for seed in range(seeds))])
+    variance = (1 + inner**2 - 2 * float((x**2 * y**2).sum())) / dim
+    assert variance < (1 + inner**2) / dim
+    assert abs(estimates.mean().item() - inner) < 4.5 * math.sqrt(variance / seeds)
+    assert 0.75 < estimates.var().item() / variance < 1.3
+
+
+@pytest.mark.parametrize("nonzeros", NONZEROS)
+def test_sjlt_inner_products_within_jl_bound_over_seeds(nonzeros):
+    """The Gaussian JL bound (union over every seed and pair) holds for the sparse sketch on dense vectors."""
+    n_params, dim, m, seeds = 3000, 1024, 6, 25
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(m, n_params, generator=g)
+    x = torch.cat([base, base + 0.5 * torch.randn(m, n_params, generator=g)])
+    x = (x / x.norm(dim=1, keepdim=True)).double()
+    n = len(x)
+    eps = jl_epsilon(dim, seeds * n * n)
+    assert eps < 0.3  # the bound is informative for this dim
+    gram = x @ x.T
+    errors, norm_errors = [], []
+    for seed in range(seeds):
+        px = SparseProjector(n_params, dim, seed, nonzeros, 10)(x.float()).double()
+        errors.append((px @ px.T - gram).abs().max().item())
+        norm_errors.append((px.pow(2).sum(1) - 1).abs())
+    assert max(errors) <= eps
+    # typical relative error of a norm ~ sqrt(2 / d), as for a dense sketch
+    assert torch.cat(norm_errors).mean() < 1.5 * math.sqrt(2 / dim)
+
+
+def test_sjlt_streamed_equals_in_memory():
+    n_params, dim, nonzeros = CHUNK + 1234, 32, 4  # two blocks, the second partial
+    in_memory = SparseProjector(n_params, dim, 3, nonzeros, memory_mb=100)
+    streamed = SparseProjector(n_params, dim, 3, nonzeros, memory_mb=0.001)
+    assert in_memory.matrix is not None and streamed.matrix is None and len(streamed.bounds) == 2
+    # the very same nonzeros, block by block ...
+    blocks = [torch.cat([streamed._block(c).to_dense() for c in range(2)], dim=1)]
+    torch.testing.assert_close(blocks[0], in_memory.matrix.to_dense(), rtol=0, atol=0)
+    # ... so the same features up to float32 summation order, and the float64 product with R
+    grads = torch.randn(3, n_params, generator=torch.Generator().manual_seed(0))
+    a, b = in_memory(grads), streamed(grads)
+    assert a.shape == b.shape == (3, dim) and a.dtype == torch.float32
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * a.abs().max().item())
+    exact = (grads.double() @ in_memory.matrix.to_dense().T.double()).float()
+    torch.testing.assert_close(b, exact, rtol=1e-5, atol=1e-5 * a.abs().max().item())
+
+
+def test_sjlt_is_a_pure_function_of_seed_size_and_nonzeros():
+    x = torch.randn(2, 500, generator=torch.Generator().manual_seed(2))
+    a = SparseProjector(500, 16, 1, 2, 10)(x)
+    assert torch.equal(a, SparseProjector(500, 16, 1, 2, 10)(x))
+    assert not torch.equal(a, SparseProjector(500, 16, 2, 2, 10)(x))  # another seed
+    assert not torch.equal(a, SparseProjector(500, 16, 1, 4, 10)(x))  # another s
+    # block c depends on (seed, c, its rows, dim, s) only: the first full block of two sizes agrees
+    small, large = SparseProjector(CHUNK + 10, 16, 1, 2, 100), SparseProjector(CHUNK + 500, 16, 1, 2, 100)
+    for p, q in zip(small.block(0), large.block(0)):
+        assert torch.equal(p, q)
+    assert not torch.equal(small.block(0)[0][:10], small.block(1)[0])  # blocks are independent
+    # and it does not reuse the dense kinds' random stream
+    assert not torch.equal(sjlt_block(1, 0, 100, 16, 1)[0].ravel(),
+                           projection_block("rademacher", 1, 0, 100, 16, "cpu").argmax(1))
+
+
+def test_sjlt_projection_is_linear_and_keeps_dtype():
+    project = SparseProjector(300, 32, 0, 4, 10)
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(2, 300, generator=g), torch.randn(2, 300, generator=g)
+    torch.testing.assert_close(project(2 * x + y), 2 * project(x) + project(y), rtol=1e-5, atol=1e-5)
+    assert np.allclose(project(torch.zeros(1, 300)).numpy(), 0)
+    out64 = project(x.double())
+    assert out64.dtype == torch.float64
+    torch.testing.assert_close(out64.float(), project(x), rtol=1e-5, atol=1e-6)
+
+
+def test_sjlt_shape_and_argument_errors():
+    project = SparseProjector(10, 4, 0, 2, 100)
+    assert project(torch.zeros(3, 10)).shape == (3, 4)
+    with pytest.raises(ValueError, match=r"expected \(batch, 10\)"):
+        project(torch.zeros(2, 11))
+    with pytest.raises(ValueError, match="expected"):
+        project(torch.zeros(10))
+    for bad in (0, 5, 1.5, True, None):
+        with pytest.raises(ValueError, match="nonzeros"):
+            SparseProjector(10, 4, 0, bad, 100)
+    with pytest.raises(ValueError, match="n_params >= 1"):
+        SparseProjector(0, 4, 0, 1, 100)
+    with pytest.raises(ValueError, match="sjlt_nonzeros"):
+        build_projector(10, 4, "sjlt", 0, 100)
+    with pytest.raises(ValueError, match="unknown projection 'sparse'"):
+        build_projector(10, 4, "sparse", 0, 100, nonzeros=1)
+    with pytest.raises(ValueError, match="SparseProjector"):
+        Projector(10, 4, "sjlt", 0, 100)
+    assert isinstance(build_projector(10, 4, "sjlt", 0, 100, nonzeros=1), SparseProjector)
+    assert isinstance(build_projector(10, 4, "gaussian", 0, 100), Projector)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_sjlt_on_cuda_equals_cpu():
+    x = torch.randn(4, CHUNK + 100, generator=torch.Generator().manual_seed(0))
+    cpu = SparseProjector(CHUNK + 100, 64, 0, 4, 100)(x)
+    for memory_mb in (100, 0.001):
+        cuda = SparseProjector(CHUNK + 100, 64, 0, 4, memory_mb, device="cuda")(x.cuda())
+        torch.testing.assert_close(cuda.cpu(), cpu, rtol=1e-5, atol=1e-5 * cpu.abs().max().item())

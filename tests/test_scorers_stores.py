@@ -191,6 +191,8 @@ def test_other_checkpoint_store_is_rejected(tmp_path, smoke_config):
 
 
 def test_check_tag(smoke_config):
+    smoke_config = copy.deepcopy(smoke_config)
+    smoke_config["gradients"]["projection"] = "gaussian"  # the tags below name a Gaussian projection
     ok = paths.feature_tag(smoke_config, "eps", kind="sketch", directions=4)
     gradients.check_tag(paths.parse_feature_tag(ok), smoke_config, ok)
     bad = {"eps_avg_K2_gaussian64": "sketch stores only", "mean_sketch4_K2_gaussian64": "noise predictor itself",
@@ -199,6 +201,34 @@ def test_check_tag(smoke_config):
     for tag, message in bad.items():
         with pytest.raises(ValueError, match=message):
             gradients.check_tag(paths.parse_feature_tag(tag), smoke_config, tag)
+    sparse = copy.deepcopy(smoke_config)
+    sparse["gradients"]["projection"] = "sjlt"
+    tag = paths.feature_tag(sparse, "loss")
+    assert tag == "loss_avg_K2_sjlt64"
+    gradients.check_tag(paths.parse_feature_tag(tag), sparse, tag)
+    with pytest.raises(ValueError, match="projection is sjlt"):
+        gradients.check_tag(paths.parse_feature_tag(tag), smoke_config, tag)
+
+
+def test_stores_of_another_sparse_sketch_are_not_combined():
+    from workflow_scripts.scorers.base import check_same_space
+
+    class Inputs:
+        def __init__(self, made_by):
+            self.made_by = made_by
+
+        def sidecar(self, role, split):
+            return {"made_by": self.made_by[role]}
+
+    stores = [("final", "train"), ("step0000010", "train")]
+    dense = {"model": "m", "diffusion": "d", "projection": "gaussian", "projection_dim": 8, "seed_projection": 6}
+    check_same_space(Inputs({"final": dense, "step0000010": dict(dense)}), stores)
+    sparse = {**dense, "projection": "sjlt", "sjlt_nonzeros": 4}
+    check_same_space(Inputs({"final": sparse, "step0000010": dict(sparse)}), stores)
+    with pytest.raises(ArtefactError, match=r"differ in sjlt_nonzeros \(4 vs 2\)"):
+        check_same_space(Inputs({"final": sparse, "step0000010": {**sparse, "sjlt_nonzeros": 2}}), stores)
+    with pytest.raises(ArtefactError, match="differ in projection"):
+        check_same_space(Inputs({"final": sparse, "step0000010": dense}), stores)
 
 
 # ---------------------------------------------------------------- store tags and per-method stores
@@ -211,13 +241,22 @@ def test_tags_round_trip(smoke_config):
         tag = paths.feature_tag(smoke_config, fn, k, kind, r)
         spec = paths.parse_feature_tag(tag)
         assert spec == {"output_function": fn, "kind": kind, "timesteps": k or smoke_config["gradients"]["timesteps"],
-                        "projection": "gaussian", "projection_dim": 64, "output_directions": r}
+                        "projection": smoke_config["gradients"]["projection"], "projection_dim": 64,
+                        "output_directions": r}
         import re
         pattern = paths.JOURNEY_STORE_PATTERN if kind == "journey" else paths.SPLIT_STORE_PATTERN
         other = paths.SPLIT_STORE_PATTERN if kind == "journey" else paths.JOURNEY_STORE_PATTERN
         assert re.fullmatch(pattern, tag) and not re.fullmatch(other, tag)
+    sparse = copy.deepcopy(smoke_config)
+    sparse["gradients"]["projection"] = "sjlt"
+    for kind, pattern in (("avg", paths.SPLIT_STORE_PATTERN), ("journey", paths.JOURNEY_STORE_PATTERN)):
+        tag = paths.feature_tag(sparse, "loss", kind=kind)
+        assert tag == f"loss_{kind}_K2_sjlt64" and re.fullmatch(pattern, tag)
+        assert paths.parse_feature_tag(tag)["projection"] == "sjlt"
     with pytest.raises(ValueError, match="bad gradient store tag"):
         paths.parse_feature_tag("loss_K10_gaussian2048")  # the old tag format names no kind
+    with pytest.raises(ValueError, match="bad gradient store tag"):
+        paths.parse_feature_tag("loss_avg_K10_sparse2048")
     with pytest.raises(ValueError, match="output directions"):
         paths.feature_tag(smoke_config, "eps", kind="sketch")
 
@@ -230,6 +269,7 @@ def test_method_stores(base_config):
     assert paths.checkpoint_model(c, "full") == "results/digits/models/full/model.pt"
     assert all(p in paths.full_checkpoints(c) for p in (paths.checkpoint_model(c, s) for s in steps))
     cfg = copy.deepcopy(c)
+    cfg["gradients"]["projection"] = "gaussian"  # the paths below name a Gaussian projection
     cfg["scores"]["methods"] = {
         "t100": {"family": "trak", "output_function": "loss", "timesteps": 100},
         "tr": {"family": "tracin", "output_function": "loss", "similarity": "dot"},

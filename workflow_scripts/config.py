@@ -64,6 +64,8 @@ def _check_consistency(config: dict) -> None:
     for width in model["block_out_channels"]:
         if width % model["norm_num_groups"]:
             raise ConfigError(f"model.block_out_channels entry {width} is not divisible by model.norm_num_groups")
+    if config["gradients"]["sjlt_nonzeros"] > config["gradients"]["projection_dim"]:
+        raise ConfigError("gradients.sjlt_nonzeros must be at most gradients.projection_dim")
     if config["train"]["resume_every"] > config["train"]["steps"]:
         raise ConfigError("train.resume_every must be at most train.steps")
     family = model.get("family", "ddpm")

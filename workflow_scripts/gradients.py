@@ -1,8 +1,11 @@
 """Stage `gradients`: cached per-example gradient features for train and query images.
 
 One store per (checkpoint, output function, feature kind, timestep budget K, projection); its tag
-(see paths.py) is `<output function>_<kind>_K<K>_<projection><dim>`. Timesteps are the uniform grid
-range(0, T, T // K) with eps_k seeded per timestep and shared by all examples. Feature kinds:
+(see paths.py) is `<output function>_<kind>_K<K>_<projection><dim>`, projection gaussian, rademacher or
+sjlt (projection.py). The sjlt sketch's nonzeros per input (gradients.sjlt_nonzeros) are not in the
+tag but in the sidecar's `made_by` (like the seeds), so a store made with another s is recomputed.
+Timesteps are the uniform grid range(0, T, T // K) with eps_k seeded per timestep and shared by all
+examples. Feature kinds:
 
 - avg:       phi(z) = P^T mean_k grad_theta f(z, t_k, eps_k), f the scorer's output function (TRAK: the
              simple loss; D-TRAK: e.g. the mean squared noise prediction), averaged over the K timesteps
@@ -172,12 +175,15 @@ def _chunks(k: int, size: int) -> list[slice]:
 
 
 def make_projector(model, grad_cfg: dict, seeds: dict, device):
-    """The store's random projection P (n_params x projection_dim); build once per job, it can be GBs."""
-    from .projection import Projector
+    """The store's random projection P (n_params x projection_dim); build once per job, it can be GBs
+    (dense kinds; the sparse sjlt sketch is n_params x sjlt_nonzeros indices)."""
+    from .projection import SPARSE, build_projector
 
     n_params = sum(p.numel() for p in model.parameters())
-    return Projector(n_params, grad_cfg["projection_dim"], grad_cfg["projection"], seeds["projection"],
-                     grad_cfg["projection_memory_mb"], device)
+    kind = grad_cfg["projection"]
+    return build_projector(n_params, grad_cfg["projection_dim"], kind, seeds["projection"],
+                           grad_cfg["projection_memory_mb"], device,
+                           nonzeros=grad_cfg["sjlt_nonzeros"] if kind in SPARSE else None)
 
 
 def compute_features(model, images: np.ndarray, fn: str, grad_cfg: dict, diffusion_cfg: dict, seeds: dict, device,
@@ -304,6 +310,8 @@ def store_identity(config: dict, checkpoint_payload: dict, fn: str, split: str, 
                "checkpoint": config_hash({"identity": checkpoint_payload["config"], "step": checkpoint_payload["step"]})}
     if kind == "sketch":
         made_by["output_directions"] = directions
+    if g["projection"] == "sjlt":  # only then, so that dense stores keep their hashes
+        made_by["sjlt_nonzeros"] = g["sjlt_nonzeros"]
     if images is not None:
         made_by["inputs_sha256"] = array_digest(images)
     rows = [directions] if kind == "sketch" else []

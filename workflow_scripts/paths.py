@@ -89,10 +89,10 @@ def measurement_files(config: dict) -> list[str]:
 # Non-journey stores hold train/generated/heldout features plus the training residuals (train_residual).
 
 CHECKPOINT_PATTERN = r"full|step\d+"
-SPLIT_STORE_PATTERN = r"[a-z0-9-]+_(?:avg|unitnorm|sketch\d+)_K\d+_(?:gaussian|rademacher)\d+"
-JOURNEY_STORE_PATTERN = r"[a-z0-9-]+_journey_K\d+_(?:gaussian|rademacher)\d+"
+SPLIT_STORE_PATTERN = r"[a-z0-9-]+_(?:avg|unitnorm|sketch\d+)_K\d+_(?:gaussian|rademacher|sjlt)\d+"
+JOURNEY_STORE_PATTERN = r"[a-z0-9-]+_journey_K\d+_(?:gaussian|rademacher|sjlt)\d+"
 _TAG = re.compile(r"(?P<fn>[a-z0-9-]+)_(?P<kind>avg|unitnorm|sketch(?P<r>\d+)|journey)_K(?P<k>\d+)"
-                  r"_(?P<projection>gaussian|rademacher)(?P<dim>\d+)")
+                  r"_(?P<projection>gaussian|rademacher|sjlt)(?P<dim>\d+)")
 STORE_SPLITS = ("train", "generated", "heldout")
 RESIDUAL = "train_residual"  # per-training-example residuals at the store's (t, eps) draws (DAS)
 VECTOR_OUTPUT = "eps"  # the "output function" of sketch stores: the noise predictor itself

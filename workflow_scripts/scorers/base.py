@@ -6,7 +6,7 @@ import numpy as np
 from ..common import ArtefactError
 
 # made_by entries that put features of different stores in the same space (same model family and projection)
-SPACE = ("model", "diffusion", "projection", "projection_dim", "seed_projection")
+SPACE = ("model", "diffusion", "projection", "projection_dim", "seed_projection", "sjlt_nonzeros")
 
 
 def expected_store(method_cfg: dict, kind: str = "avg", output_function: str | None = None, **extra) -> dict:
