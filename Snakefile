@@ -4,13 +4,14 @@ import sys
 
 sys.path.insert(0, workflow.basedir)
 from workflow_scripts import paths
-from workflow_scripts.config import validate_config
+from workflow_scripts.config import check_workflow_support, validate_config
 
 
 configfile: "params.yaml"
 
 
 validate_config(config)  # fails before any job starts, naming the bad field
+check_workflow_support(config)  # ... or naming a setting the rules cannot honour yet
 
 ROOT = paths.root(config)
 QUERY_SETS = ["generated", "heldout"]

@@ -235,3 +235,20 @@ def test_config_hash_is_order_independent_and_sensitive():
     assert config_hash(a) == config_hash(b)
     assert len(config_hash(a)) == 16
     assert config_hash(a) != config_hash({**a, "x": 2})
+
+
+@pytest.mark.parametrize("section, key, value, field", [
+    ("measure", "measurements", ["loss", "elbo"], "measure.measurements"),
+    ("model", "family", "vesde", "model.family"),
+])
+def test_library_only_settings_are_refused_by_the_workflow(base_config, section, key, value, field):
+    """Valid for the library, but the rules would ignore them: the Snakefile refuses, naming the field."""
+    import copy
+
+    from workflow_scripts.config import ConfigError, check_workflow_support
+
+    check_workflow_support(base_config)
+    config = copy.deepcopy(base_config)
+    config[section][key] = value
+    with pytest.raises(ConfigError, match=field):
+        check_workflow_support(config)
