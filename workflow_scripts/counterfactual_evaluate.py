@@ -26,7 +26,7 @@ import pandas as pd
 from . import data as data_stage
 from .common import ArtefactError, load_npz, log, save_json, save_text
 from .paths import RANDOM_BASELINE
-from .plotting import html_page, markdown_to_html
+from .plotting import html_page, markdown_to_html, plt, save_figure, show_image
 
 METRICS = {  # column -> (label, which direction means "the removed examples mattered")
     "pixel_l2": ("pixel L2", "higher"),
@@ -152,7 +152,6 @@ def to_markdown(summary: pd.DataFrame, k: int, n_train: int, embedding: str, ci:
 
 # ------------------------------------------------------------------------------------------- figures
 def plot_boxplots(per_query: pd.DataFrame, methods: list[str], stem, embedding: str) -> None:
-    from .plotting import plt, save_figure
     import seaborn as sns
 
     fig, axes = plt.subplots(1, len(METRICS), figsize=(3.6 * len(METRICS), 3.8))
@@ -174,7 +173,6 @@ def plot_boxplots(per_query: pd.DataFrame, methods: list[str], stem, embedding: 
 
 def plot_pairs(regenerated: pd.DataFrame, per_query: pd.DataFrame, methods: list[str], stem) -> None:
     """Rows = queries; first column the full model's image, then each method's counterfactual image."""
-    from .plotting import plt, save_figure, show_image
 
     queries = sorted(regenerated["query"].unique())
     fig, axes = plt.subplots(len(queries), 1 + len(methods), figsize=(1.3 * (1 + len(methods)), 1.45 * len(queries)),
