@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: setup run test smoke pull lint clean
+.PHONY: setup run report test smoke pull lint clean
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: requirements.txt
@@ -15,7 +15,10 @@ $(VENV)/.installed: requirements.txt
 run: setup  ## the embedded default benchmark (scikit-learn digits, CPU) end to end
 	PATH=$(abspath $(BIN)):$$PATH $(BIN)/snakemake --cores all
 
-test: setup  ## unit tests + the smoke workflow + the DVC round trip
+report: setup  ## the self-contained HTML report of the default run (after `make run`)
+	PATH=$(abspath $(BIN)):$$PATH $(BIN)/snakemake --report results/report.html
+
+test: setup  ## unit tests + the smoke workflow (+ its HTML report in headless chromium) + the DVC round trip
 	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python -m pytest -ra tests
 
 smoke: setup

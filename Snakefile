@@ -10,6 +10,9 @@ from workflow_scripts.config import check_workflow_support, validate_config
 configfile: "params.yaml"
 
 
+report: "report/workflow.rst"  # `snakemake --report results/report.html`: every table and figure, with captions
+
+
 validate_config(config)  # fails before any job starts, naming the bad field
 check_workflow_support(config)  # ... or naming a setting the rules cannot honour yet
 
@@ -26,6 +29,8 @@ include: "rules/gradients.smk"
 include: "rules/curvature.smk"
 include: "rules/scores.smk"
 include: "rules/evaluate.smk"
+include: "rules/counterfactual.smk"
+include: "rules/figures.smk"
 
 
 rule all:
@@ -35,3 +40,5 @@ rule all:
         f"{ROOT}/figures/lds.png",
         f"{ROOT}/tables/kfac_ablation.md",
         f"{ROOT}/figures/kfac_ablation.png",
+        rules.counterfactual_evaluate.output,
+        rules.figures.output,

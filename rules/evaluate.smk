@@ -5,9 +5,26 @@ rule evaluate:
         scores=expand(f"{ROOT}/scores/{{method}}/chosen.json", method=config["scores"]["methods"]),
     output:
         table=multiext(f"{ROOT}/tables/lds", ".csv", ".md", ".json"),
+        table_html=report(
+            f"{ROOT}/tables/lds.html",
+            caption="../report/lds_table.rst",
+            category="1. Linear datamodelling score",
+            labels={"result": "LDS table"},
+        ),
         figure=f"{ROOT}/figures/lds.png",
         ablation=multiext(f"{ROOT}/tables/kfac_ablation", ".csv", ".md"),
-        ablation_figure=f"{ROOT}/figures/kfac_ablation.png",
+        ablation_html=report(
+            f"{ROOT}/tables/kfac_ablation.html",
+            caption="../report/kfac_ablation.rst",
+            category="4. K-FAC influence ablation",
+            labels={"result": "table"},
+        ),
+        ablation_figure=report(
+            f"{ROOT}/figures/kfac_ablation.png",
+            caption="../report/kfac_ablation_figure.rst",
+            category="4. K-FAC influence ablation",
+            labels={"result": "figure"},
+        ),
     params:
         config=lambda w: paths.stage_config(config, "evaluate"),
         score_dirs=lambda w, input: [os.path.dirname(p) for p in input.scores],

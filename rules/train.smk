@@ -21,19 +21,22 @@ rule train_full:
         " --out {output.model} --checkpoints {output.checkpoints} 2> {log}"
 
 
+# Every retraining: the LDS subset models (models/subset<j>_seed<s>) and the counterfactual models
+# (counterfactual/<method>/q<NNN>, membership from the counterfactual rule's members.npy, the full
+# model's seed). One rule, so both are ordinary, equally resourced jobs (paths.py "retrainings").
 rule train_subset:
     input:
-        dataset=rules.data.output.dataset,
-        subsets=rules.data.output.subsets,
+        unpack(lambda w: paths.retraining_inputs(config, w.kind, w.name)),
     output:
-        model=f"{ROOT}/models/subset{{subset}}_seed{{replicate}}/model.pt",
+        model=f"{ROOT}/{{kind}}/{{name}}/model.pt",
     wildcard_constraints:
-        subset=r"\d+",
-        replicate=r"\d+",
+        kind=paths.RETRAINING_KIND_PATTERN,
+        name=paths.RETRAINING_NAME_PATTERN,
     params:
         config=lambda w: paths.stage_config(config, "train"),
+        membership=lambda w, input: paths.retraining_args(w.kind, w.name, input.membership),
     log:
-        f"{ROOT}/logs/train/subset{{subset}}_seed{{replicate}}.log",
+        f"{ROOT}/logs/train/{{kind}}/{{name}}.log",
     threads: config["compute"]["threads"]
     resources:
         mem_mb=4000,
@@ -42,5 +45,4 @@ rule train_subset:
         "../envs/benchmark.yaml"
     shell:
         "python -m workflow_scripts train --config {params.config:q}"
-        " --dataset {input.dataset} --subsets {input.subsets} --subset {wildcards.subset}"
-        " --replicate {wildcards.replicate} --out {output.model} 2> {log}"
+        " --dataset {input.dataset} {params.membership} --out {output.model} 2> {log}"

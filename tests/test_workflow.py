@@ -1,5 +1,6 @@
 """The smoke workflow end to end, through Snakemake, in a scratch copy of the repository."""
 import math
+import re
 import shutil
 import subprocess
 import sys
@@ -87,3 +88,167 @@ def test_checkpoints_keep_their_config(smoke_run, smoke_config):
     assert payload["step"] == smoke_config["train"]["steps"]
     intermediate = sorted((smoke_run / "results/smoke/models/full/checkpoints").glob("step*.pt"))
     assert len(intermediate) == smoke_config["train"]["steps"] // smoke_config["train"]["checkpoint_every"]
+
+
+# ------------------------------------------------------------------------------ counterfactual retraining
+def test_counterfactual_table_has_every_method_and_the_random_baseline(smoke_run, smoke_config):
+    from workflow_scripts.counterfactual_evaluate import METRICS
+
+    table = pd.read_csv(smoke_run / "results/smoke/tables/counterfactual.csv")
+    methods = [*smoke_config["counterfactual"]["methods"], "random"]
+    assert list(dict.fromkeys(table["method"])) == methods
+    for method in methods:
+        assert set(table.loc[table["method"] == method, "metric"]) == set(METRICS)
+    for column in ("median", "mean", "ci_low", "ci_high"):
+        assert table[column].map(math.isfinite).all(), column
+    assert (table["n_queries"] == smoke_config["counterfactual"]["queries"]).all()
+    cosine = table[table["metric"] == "embedding_cosine"]
+    assert cosine["median"].between(-1, 1).all()
+    markdown = (smoke_run / "results/smoke/tables/counterfactual.md").read_text()
+    assert all(f"| {m} |" in markdown for m in methods)
+
+
+def test_counterfactual_models_differ_from_the_full_one_only_in_members(smoke_run, smoke_config):
+    import json
+
+    from workflow_scripts.common import load_torch
+
+    root = smoke_run / "results/smoke"
+    full = load_torch(root / "models/full/model.pt")["config"]
+    k = round(smoke_config["counterfactual"]["k"] * smoke_config["data"]["n_train"])
+    for method in [*smoke_config["counterfactual"]["methods"], "random"]:
+        for q in range(smoke_config["counterfactual"]["queries"]):
+            directory = root / f"counterfactual/{method}/q{q:03d}"
+            selection = json.loads((directory / "selection.json").read_text())
+            assert selection["k"] == k and len(selection["removed"]) == k
+            made_by = load_torch(directory / "model.pt")["config"]
+            assert made_by["seed"] == full["seed"] and made_by["train"] == full["train"]  # the full model's seed
+            assert made_by["n_members"] == full["n_members"] - k
+
+
+FIGURES = ("lds_bars", "damping_sweeps", "predicted_vs_actual", "influencers", "counterfactual_boxplots",
+           "counterfactual_pairs")
+
+
+@pytest.mark.parametrize("name", FIGURES)
+def test_figures_are_nonempty_png_and_pdf(smoke_run, name):
+    from PIL import Image
+
+    png = smoke_run / f"results/smoke/figures/{name}.png"
+    image = Image.open(png)
+    assert image.size[0] > 150 and image.size[1] > 100
+    assert len(set(image.convert("L").tobytes())) > 10  # not a blank canvas
+    pdf = (smoke_run / f"results/smoke/figures/{name}.pdf").read_bytes()
+    assert pdf.startswith(b"%PDF") and len(pdf) > 2000
+
+
+def test_changing_k_reruns_only_the_counterfactual_retrainings(smoke_run, smoke_config):
+    overlay = smoke_run / "k.yaml"
+    overlay.write_text(yaml.safe_dump({"counterfactual": {"k": 3}}))
+    result = snakemake(smoke_run, "--configfile", "configs/smoke.yaml", str(overlay), "-n")
+    out = result.stdout + result.stderr
+    assert result.returncode == 0, out
+    n_counterfactual = smoke_config["counterfactual"]["queries"] * (len(smoke_config["counterfactual"]["methods"]) + 1)
+    assert re.search(rf"^train_subset\s+{n_counterfactual}$", out, re.M), out[-3000:]  # not the LDS retrainings
+    for rule in ("train_full", "measure", "gradients", "scores", "evaluate"):
+        assert not re.search(rf"^{rule}\s+\d+$", out, re.M), rule
+
+
+# ------------------------------------------------------------------------------ the HTML report in a browser
+CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None)
+# Injected into a copy of the report: shows every result the way the report's own result buttons do
+# (app.setView with the result's data URI), waits for the <img> to load, and measures it (natural size,
+# laid-out size, and how many pixels differ from white, drawn on a canvas); table results must hold a <table>.
+CHECK_SCRIPT = """
+<script>
+window.addEventListener("load", async () => {
+  const sleep = ms => new Promise(r => setTimeout(r, ms));
+  for (let i = 0; i < 400 && (typeof app === "undefined" || !app); i++) await sleep(50);  // React renders after load
+  const out = [];
+  for (const [path, entry] of Object.entries(results)) {
+    const record = {path: path, mime: entry.mime_type, caption: (entry.caption || "").length};
+    if (entry.mime_type.startsWith("image/")) {
+      app.setView({content: "img", contentPath: entry.data_uri, resultPath: path});
+      let img = null;
+      for (let i = 0; i < 200; i++) {
+        await sleep(50);
+        img = Array.from(document.querySelectorAll("#app img")).find(x => x.getAttribute("src") === entry.data_uri);
+        if (img && img.complete) break;
+      }
+      if (img) {
+        record.naturalWidth = img.naturalWidth;
+        record.naturalHeight = img.naturalHeight;
+        record.shownWidth = img.getBoundingClientRect().width;
+        const canvas = document.createElement("canvas");
+        canvas.width = img.naturalWidth; canvas.height = img.naturalHeight;
+        const ctx = canvas.getContext("2d");
+        ctx.drawImage(img, 0, 0);
+        const data = ctx.getImageData(0, 0, canvas.width, canvas.height).data;
+        let ink = 0;
+        for (let p = 0; p < data.length; p += 4) if (data[p] < 200 || data[p + 1] < 200 || data[p + 2] < 200) ink++;
+        record.inkFraction = ink / (canvas.width * canvas.height);
+      }
+    } else if (entry.mime_type === "text/html") {
+      app.setView({content: "html", contentPath: entry.data_uri, resultPath: path});
+      await sleep(200);
+      record.iframe = !!Array.from(document.querySelectorAll("#app iframe")).find(x => x.getAttribute("src") === entry.data_uri);
+      const text = decodeURIComponent(escape(atob(entry.data_uri.split("base64,")[1])));
+      record.rows = (text.match(/<tr>/g) || []).length;
+    }
+    out.push(record);
+  }
+  const pre = document.createElement("pre");
+  pre.id = "tda-check";
+  pre.textContent = JSON.stringify(out);
+  document.body.appendChild(pre);
+});
+</script>
+"""
+
+
+@pytest.fixture(scope="module")
+def report(smoke_run):
+    result = snakemake(smoke_run, "--configfile", "configs/smoke.yaml", "--report", "results/smoke/report.html")
+    assert result.returncode == 0, (result.stdout + result.stderr)[-5000:]
+    return smoke_run / "results/smoke/report.html"
+
+
+def test_report_is_self_contained_with_every_table_and_figure(report):
+    html = report.read_text()
+    assert len(html) > 100_000
+    for name in (*FIGURES, "lds", "counterfactual", "kfac_ablation"):
+        assert name in html, name
+    assert "src=\"http" not in html and "href=\"http" not in html.replace('href="https://snakemake', "")
+
+
+def test_report_renders_its_figures_in_a_headless_browser(report, tmp_path):
+    import json
+
+    if CHROMIUM is None:
+        pytest.skip("chromium is not installed (Debian: apt-get install -y chromium; .ci/run installs it)")
+    page = tmp_path / "report-check.html"
+    head, body_end, tail = report.read_text().rpartition("</body>")
+    page.write_text(head + CHECK_SCRIPT + body_end + tail)
+    result = subprocess.run(
+        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic",
+         "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync",
+         f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1400,1000", "--virtual-time-budget=60000",
+         "--dump-dom", page.as_uri()],
+        capture_output=True, text=True, timeout=300, env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
+    match = re.search(r'<pre id="tda-check">(.*?)</pre>', result.stdout, re.S)
+    assert match, f"the check script did not finish (exit {result.returncode}):\n{result.stderr[-3000:]}"
+    import html as html_module
+
+    records = json.loads(html_module.unescape(match.group(1)))
+    by_name = {Path(r["path"]).name: r for r in records}
+    expected_images = {f"{name}.png" for name in FIGURES} | {"kfac_ablation.png"}
+    assert expected_images <= set(by_name), sorted(by_name)
+    for name in expected_images:
+        r = by_name[name]
+        assert r.get("naturalWidth", 0) > 100 and r.get("naturalHeight", 0) > 100, r  # decoded by the browser
+        assert r["shownWidth"] > 50, r                                                 # laid out on the page
+        assert 0.005 < r["inkFraction"] < 0.99, r                                      # not blank
+        assert r["caption"] > 100, r                                                   # explained
+    for name in ("lds.html", "counterfactual.html", "kfac_ablation.html"):
+        r = by_name[name]
+        assert r["iframe"] and r["rows"] >= 3 and r["caption"] > 100, r

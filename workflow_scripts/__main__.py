@@ -13,7 +13,8 @@ from pathlib import Path
 
 import yaml
 
-STAGES = ("data", "train", "classifier", "sample", "measure", "gradients", "curvature", "scores", "evaluate")
+STAGES = ("data", "train", "classifier", "sample", "measure", "gradients", "curvature", "scores", "evaluate",
+          "counterfactual", "regenerate", "counterfactual_evaluate", "figures")
 
 
 def parse_config(text: str) -> dict:

@@ -78,6 +78,8 @@ def _check_consistency(config: dict) -> None:
     for t in config["measure"].get("timestep_loss", {}).get("timesteps", []):
         if t >= T:
             raise ConfigError(f"measure.timestep_loss.timesteps: timestep {t} must be below diffusion.num_train_timesteps {T}")
+    _check_counterfactual(config)
+    _check_figures(config)
 
 
 def check_workflow_support(config: dict) -> None:
@@ -93,6 +95,54 @@ def check_workflow_support(config: dict) -> None:
     if list(measurements) != ["loss"]:
         raise ConfigError(f"measure.measurements {list(measurements)}: the measure rule computes 'loss' only so far "
                           "(ELBO, timestep loss and trajectory log-prob are library code: workflow_scripts/likelihood.py)")
+
+
+def removal_count(k: int | float, n_train: int) -> int:
+    """Training examples a counterfactual removes: k itself (a count, integer >= 1) or round(k * n_train)
+    (a fraction, 0 < k < 1). It must leave at least one training example."""
+    if isinstance(k, bool) or not isinstance(k, (int, float)):
+        raise ConfigError(f"counterfactual.k must be a fraction (0 < k < 1) or a count (integer >= 1), got {k!r}")
+    if isinstance(k, int):
+        count = k
+        if count < 1:
+            raise ConfigError(f"counterfactual.k = {k} removes nothing; use a count >= 1 or a fraction in (0, 1)")
+    elif 0 < k < 1:
+        count = int(round(k * n_train))
+        if count < 1:
+            raise ConfigError(f"counterfactual.k = {k} of {n_train} training examples rounds to 0 removed; use a larger fraction")
+    else:
+        raise ConfigError(f"counterfactual.k must be a fraction (0 < k < 1) or a count (integer >= 1), got {k!r}")
+    if count >= n_train:
+        raise ConfigError(f"counterfactual.k = {k} removes {count} of {n_train} training examples; "
+                          "at least one must remain")
+    return count
+
+
+def _check_counterfactual(config: dict) -> None:
+    cf, methods = config["counterfactual"], config["scores"]["methods"]
+    if cf["queries"] > config["sample"]["n_generated"]:
+        raise ConfigError(f"counterfactual.queries = {cf['queries']} exceeds sample.n_generated = "
+                          f"{config['sample']['n_generated']} (the counterfactual queries are the first generated ones)")
+    for method in cf["methods"]:
+        if method == "random":
+            raise ConfigError("counterfactual.methods: 'random' is the built-in baseline (always run); remove it")
+        if method not in methods:
+            raise ConfigError(f"counterfactual.methods: {method!r} is not in scores.methods")
+        if methods[method]["family"] == "clip" and not methods[method].get("weights"):
+            raise ConfigError(f"counterfactual.methods: {method!r} has no scores without CLIP weights "
+                              f"(scores.methods.{method}.weights is null)")
+    removal_count(cf["k"], config["data"]["n_train"])
+
+
+def _check_figures(config: dict) -> None:
+    fig, methods = config["figures"], config["scores"]["methods"]
+    for q in fig["queries"]:
+        if q >= config["sample"]["n_generated"]:
+            raise ConfigError(f"figures.queries: generated query {q} does not exist "
+                              f"(sample.n_generated = {config['sample']['n_generated']})")
+    for method in fig["methods"]:
+        if method not in methods:
+            raise ConfigError(f"figures.methods: {method!r} is not in scores.methods")
 
 
 def config_hash(section: dict) -> str:

@@ -80,14 +80,16 @@ def timestep_grid(num_train_timesteps: int, k: int) -> np.ndarray:
 
 
 def measurement_draws(n_queries: int, image_shape, n_timesteps: int, n_noise: int, num_train_timesteps: int,
-                      seed: int, stream: int) -> tuple[torch.Tensor, torch.Tensor]:
+                      seed: int, stream: int, indices=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Fixed (t, eps) draws per query: t on a uniform grid, eps seeded per (stream, query).
 
     Every model sees the same draws, so differences between models are not Monte Carlo noise.
+    `indices`: the draws of only these queries (of the same set), identical to theirs among all n_queries.
     """
     t_grid = np.linspace(0, num_train_timesteps - 1, n_timesteps).round().astype(np.int64)
     t = torch.from_numpy(np.repeat(t_grid, n_noise))
-    eps = torch.stack([torch.randn(len(t), *image_shape, generator=generator(seed, stream, q)) for q in range(n_queries)])
+    queries = range(n_queries) if indices is None else [int(q) for q in indices]
+    eps = torch.stack([torch.randn(len(t), *image_shape, generator=generator(seed, stream, q)) for q in queries])
     return t, eps
 
 

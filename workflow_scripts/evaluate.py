@@ -6,6 +6,8 @@ mean LDS over queries, its standard error, and a bootstrap CI over subsets. The 
 published repositories report (they tune on the subsets they report) -- labelled as such.
 The noise ceiling row is the seed-to-seed rank correlation of the measured targets.
 
+Both tables are also written as small HTML pages (.html) for the report.
+
 The K-FAC ablation table repeats the rows of the kfac methods with their resolved settings (Fisher type,
 expand/reduce, EK-FAC, query-gradient quantisation, damping) as columns, beside the noise ceiling and
 TRAK / D-TRAK for reference.
@@ -23,6 +25,7 @@ from . import data as data_stage
 from .common import load_npz, log, save_json, save_text
 from .lds import lds_summary, noise_ceiling_summary
 from .measure import QUERY_SETS, load_targets
+from .plotting import html_page, markdown_to_html
 
 NOISE_CEILING = "noise ceiling (seed-to-seed)"
 
@@ -164,6 +167,7 @@ def run(args, config: dict) -> None:
     stem = Path(args.table)
     save_text(table.to_csv(index=False), stem.with_suffix(".csv"))
     save_text(to_markdown(table), stem.with_suffix(".md"))
+    save_text(html_page("Linear datamodelling score", markdown_to_html(to_markdown(table))), stem.with_suffix(".html"))
     save_json({f"{r.method}/{r.query_set}": {"lds": r.lds, "ci_low": r.ci_low, "ci_high": r.ci_high}
                for r in table.itertuples() if not np.isnan(r.lds)},
               stem.with_suffix(".json"))
@@ -172,6 +176,8 @@ def run(args, config: dict) -> None:
     ablation_stem = Path(args.ablation)
     save_text(ablation.to_csv(index=False), ablation_stem.with_suffix(".csv"))
     save_text(ablation_markdown(ablation), ablation_stem.with_suffix(".md"))
+    save_text(html_page("K-FAC influence ablation", markdown_to_html(ablation_markdown(ablation))),
+              ablation_stem.with_suffix(".html"))
     plot(ablation, args.ablation_figure,
          "K-FAC influence ablation: LDS, 95% bootstrap CI over subsets")
     log.info("evaluate:\n%s", to_markdown(table))

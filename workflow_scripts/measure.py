@@ -25,10 +25,15 @@ def load_queries(dataset_path, samples_path) -> dict[str, np.ndarray]:
 
 @torch.no_grad()
 def measure_loss(model, images: np.ndarray, diffusion_cfg: dict, measure_cfg: dict, seed: int, stream: int,
-                 device: torch.device) -> np.ndarray:
-    """Simple loss of each image, averaged over its fixed (t, eps) draws; float64 of shape (n_images,)."""
+                 device: torch.device, indices=None) -> np.ndarray:
+    """Simple loss of each image, averaged over its fixed (t, eps) draws; float64 of shape (n_images,).
+
+    `indices`: the images are these queries of their set (e.g. one generated query), measured with
+    exactly the draws they get when the whole set is measured."""
+    if indices is not None and len(indices) != len(images):
+        raise ValueError(f"{len(indices)} query indices for {len(images)} images")
     t, eps = measurement_draws(len(images), images.shape[1:], measure_cfg["n_timesteps"], measure_cfg["n_noise"],
-                               diffusion_cfg["num_train_timesteps"], seed, stream)
+                               diffusion_cfg["num_train_timesteps"], seed, stream, indices)
     a_bar = alphas_cumprod(diffusion_cfg).to(device)
     losses = np.zeros(len(images))
     batch = measure_cfg["batch_size"]

@@ -33,10 +33,15 @@ def image_seed(sample_seed: int, i: int) -> int:
 
 @torch.no_grad()
 def generate(model, image_shape, diffusion_cfg: dict, sample_cfg: dict, sample_seed: int, n_images: int,
-             device: torch.device) -> dict[str, np.ndarray]:
-    """DDIM (eta 0) or DDPM ancestral sampling; returns images, trajectories (x_T .. x_0) and timesteps."""
+             device: torch.device, indices=None) -> dict[str, np.ndarray]:
+    """DDIM (eta 0) or DDPM ancestral sampling; returns images, trajectories (x_T .. x_0) and timesteps.
+
+    `indices` regenerates only those images (e.g. one query of a counterfactual): image i is the same
+    whichever other images are generated with it (n_images is then ignored)."""
     scheduler = make_sampling_scheduler(diffusion_cfg, sample_cfg)
-    generators = [generator(image_seed(sample_seed, i)) for i in range(n_images)]
+    indices = list(range(n_images)) if indices is None else [int(i) for i in indices]
+    n_images = len(indices)
+    generators = [generator(image_seed(sample_seed, i)) for i in indices]
     x = torch.stack([torch.randn(*image_shape, generator=g) for g in generators]).to(device)
     trajectory = [x.cpu()]
     for t in tqdm(scheduler.timesteps, desc=f"sample ({sample_cfg['scheduler']})", mininterval=5):
@@ -47,7 +52,7 @@ def generate(model, image_shape, diffusion_cfg: dict, sample_cfg: dict, sample_s
         trajectory.append(x.cpu())
     images = x.clamp(-1, 1).cpu()
     return {"images": images.numpy(), "trajectories": torch.stack(trajectory, 1).numpy(),
-            "timesteps": scheduler.timesteps.numpy(), "seeds": np.array([image_seed(sample_seed, i) for i in range(n_images)])}
+            "timesteps": scheduler.timesteps.numpy(), "seeds": np.array([image_seed(sample_seed, i) for i in indices])}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

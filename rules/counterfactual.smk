@@ -1,0 +1,104 @@
+# Counterfactual retraining (paths.py "counterfactual retraining"): per method (and the random baseline),
+# which training examples each query's retraining removes; the retrainings themselves are train_subset
+# jobs (retraining = counterfactual/<method>/q<NNN>); each is then regenerated and measured, and the
+# table and figures compare the methods.
+rule counterfactual:
+    input:
+        dataset=rules.data.output.dataset,
+        scores=lambda w: paths.counterfactual_scores(config, w.method),
+    output:
+        members=f"{ROOT}/counterfactual/{{method}}/q{{query}}/members.npy",
+        selection=f"{ROOT}/counterfactual/{{method}}/q{{query}}/selection.json",
+    wildcard_constraints:
+        method=r"[A-Za-z0-9_-]+",
+        query=r"\d+",
+    params:
+        config=lambda w: paths.stage_config(config, "counterfactual"),
+        query=lambda w: int(w.query),
+        scores=lambda w, input: f"--scores {os.path.dirname(input.scores[0])}" if input.scores else "",
+        out_dir=lambda w, output: os.path.dirname(output.selection),
+    log:
+        f"{ROOT}/logs/counterfactual/{{method}}/q{{query}}.select.log",
+    threads: 1
+    resources:
+        mem_mb=1000,
+        runtime=10,
+    conda:
+        "../envs/benchmark.yaml"
+    shell:
+        "python -m workflow_scripts counterfactual --config {params.config:q} --method {wildcards.method}"
+        " --query {params.query} {params.scores} --dataset {input.dataset} --out-dir {params.out_dir} 2> {log}"
+
+
+rule regenerate:
+    input:
+        full_model=rules.train_full.output.model,
+        model=f"{ROOT}/counterfactual/{{method}}/q{{query}}/model.pt",
+        samples=rules.sample.output[0],
+    output:
+        f"{ROOT}/counterfactual/{{method}}/q{{query}}/regenerated.npz",
+    wildcard_constraints:
+        method=r"[A-Za-z0-9_-]+",
+        query=r"\d+",
+    params:
+        config=lambda w: paths.stage_config(config, "regenerate"),
+        query=lambda w: int(w.query),
+    log:
+        f"{ROOT}/logs/counterfactual/{{method}}/q{{query}}.regenerate.log",
+    threads: config["compute"]["threads"]
+    resources:
+        mem_mb=2000,
+        runtime=30,
+    conda:
+        "../envs/benchmark.yaml"
+    shell:
+        "python -m workflow_scripts regenerate --config {params.config:q} --full-model {input.full_model}"
+        " --model {input.model} --samples {input.samples} --query {params.query} --out {output} 2> {log}"
+
+
+rule counterfactual_evaluate:
+    input:
+        regenerated=paths.counterfactual_files(config, "regenerated.npz"),
+        selections=paths.counterfactual_files(config, "selection.json"),
+        dataset=rules.data.output.dataset,
+        classifier=rules.classifier.output[0],
+        clip_weights=paths.counterfactual_clip_weights(config),
+    output:
+        table=report(
+            f"{ROOT}/tables/counterfactual.html",
+            caption="../report/counterfactual_table.rst",
+            category="2. Counterfactual retraining",
+            labels={"result": "table"},
+        ),
+        data=multiext(f"{ROOT}/tables/counterfactual", ".csv", ".md", ".json", "_per_query.csv"),
+        boxplots=report(
+            f"{ROOT}/figures/counterfactual_boxplots.png",
+            caption="../report/counterfactual_boxplots.rst",
+            category="2. Counterfactual retraining",
+            labels={"result": "boxplots"},
+        ),
+        boxplots_pdf=f"{ROOT}/figures/counterfactual_boxplots.pdf",
+        pairs=report(
+            f"{ROOT}/figures/counterfactual_pairs.png",
+            caption="../report/counterfactual_pairs.rst",
+            category="2. Counterfactual retraining",
+            labels={"result": "image pairs"},
+        ),
+        pairs_pdf=f"{ROOT}/figures/counterfactual_pairs.pdf",
+    params:
+        config=lambda w: paths.stage_config(config, "counterfactual_evaluate"),
+        stem=lambda w, output: os.path.splitext(output.table)[0],
+        boxplots=lambda w, output: os.path.splitext(output.boxplots)[0],
+        pairs=lambda w, output: os.path.splitext(output.pairs)[0],
+    log:
+        f"{ROOT}/logs/counterfactual/evaluate.log",
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=30,
+    conda:
+        "../envs/benchmark.yaml"
+    shell:
+        "python -m workflow_scripts counterfactual_evaluate --config {params.config:q}"
+        " --regenerated {input.regenerated} --selections {input.selections} --dataset {input.dataset}"
+        " --classifier {input.classifier} --table {params.stem} --boxplots {params.boxplots} --pairs {params.pairs} 2> {log}"

@@ -1,0 +1,44 @@
+# The figures of the README and the report (PNG + PDF), drawn from the tables and score matrices.
+FIGURES = ("lds_bars", "damping_sweeps", "predicted_vs_actual", "influencers")
+
+
+rule figures:
+    input:
+        lds=f"{ROOT}/tables/lds.csv",
+        scores=expand(f"{ROOT}/scores/{{method}}/chosen.json", method=config["scores"]["methods"]),
+        dataset=rules.data.output.dataset,
+        samples=rules.sample.output[0],
+        subsets=rules.data.output.subsets,
+        measurements=paths.measurement_files(config),
+    output:
+        **{
+            name: report(
+                f"{ROOT}/figures/{name}.png",
+                caption=f"../report/{name}.rst",
+                category=category,
+                labels={"result": label},
+            )
+            for name, category, label in (
+                ("lds_bars", "1. Linear datamodelling score", "LDS per method"),
+                ("damping_sweeps", "1. Linear datamodelling score", "damping sweeps"),
+                ("predicted_vs_actual", "1. Linear datamodelling score", "predicted vs actual"),
+                ("influencers", "3. Attribution examples", "top influencers"),
+            )
+        },
+        pdfs=expand(f"{ROOT}/figures/{{name}}.pdf", name=FIGURES),
+    params:
+        config=lambda w: paths.stage_config(config, "figures"),
+        score_dirs=lambda w, input: [os.path.dirname(p) for p in input.scores],
+        out_dir=lambda w, output: os.path.dirname(output.pdfs[0]),
+    log:
+        f"{ROOT}/logs/figures.log",
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=30,
+    conda:
+        "../envs/benchmark.yaml"
+    shell:
+        "python -m workflow_scripts figures --config {params.config:q} --lds-table {input.lds}"
+        " --scores {params.score_dirs} --dataset {input.dataset} --samples {input.samples} --subsets {input.subsets}"
+        " --measurements {input.measurements} --out-dir {params.out_dir} 2> {log}"
