@@ -8,7 +8,7 @@ belong to the model `train_full` makes (checked against it when the scorer input
 
 Method keys:
 - checkpoint_every: state checkpoint interval of the reverse pass (default ceil(sqrt(train.steps)));
-- max_queries: attribute only the first n queries of EACH query set (the cost grows by about 2.7 training runs
+- max_queries: attribute only the first n queries of EACH query set (the cost grows by about 2.6 training runs
   per query, see benchmarks/README.md). Rows of the queries not attributed are NaN -- "not attributed", never a
   number; `notes` says so. (scores.py currently rejects non-finite matrices: a partial run must be evaluated on
   the attributed rows only, see the family's notes and the report of the branch `metagradient`.)
@@ -63,8 +63,6 @@ def settings(method_cfg: dict, config: dict) -> dict:
 
 def check_full_model(model_path: str, config: dict, n_train: int, replicate: int, params: dict) -> float:
     """The checkpoint must come from the training we differentiated; returns the max |param difference|."""
-    import torch
-
     from ..common import load_torch
     from ..train import training_identity
 
