@@ -10,8 +10,9 @@ change the order), the same (t, eps) draws per step (a pure function of (seed, s
 sum_{i in B_k} w_i l_i / |B_k|, gradient-norm clipping (torch.nn.utils.clip_grad_norm_), AdamW (torch's
 single-tensor CPU algorithm: decoupled weight decay, bias corrections, eps outside the square root) and the diffusers
 cosine schedule with linear warm-up. Everything here is written functionally on dicts of tensors so that
-torch.autograd differentiates through it; with w = 1 it reproduces train.train_model's final parameters (tested; on
-CPU the two agree to float32 round-off, see `tests/test_metagradient.py`).
+torch.autograd differentiates through it; with w = 1 (and with 0/1 weights) it reproduces train.train_model's final
+parameters bit for bit on CPU (`tests/test_metagradient.py`; same kernels: foreach norms in the clipping, lerp /
+addcmul / addcdiv in AdamW, the schedule's own lr values).
 
 Scores (METHODS.md sign convention): S[q, i] = -d m_q(theta_T(w)) / d w_i at w = 1, m_q = the simple loss of query q
 over the fixed measurement draws of measure.py (diffusion.measurement_draws, seeds.measure, stream = query-set
