@@ -8,16 +8,17 @@ gradient_similarity (gradient dot / cosine), tracin (TracInCP and GAS over check
 normalized_if (relative and renormalised influence), journey (Journey-TRAK), das (DAS, scalar
 reference form and vector-output form), clip (open_clip embeddings from local
 weights; raises ScorerNotRun without them), embedding (the benchmark's own classifier features),
-kfac (K-FAC / EK-FAC influence; reads the final checkpoint and its fitted curvature).
+kfac (K-FAC / EK-FAC influence; reads the final checkpoint and its fitted curvature),
+metagradient (MAGIC: -dm/dw by reverse-mode through the whole training; recomputes training from the data).
 A module may also expose `settings(method_cfg, config) -> dict`, saved in chosen.json (ablation tables)."""
 from __future__ import annotations
 
-from . import clip, das, embedding, gradient_similarity, journey, kfac, normalized_if, pixel, tracin, trak
+from . import clip, das, embedding, gradient_similarity, journey, kfac, metagradient, normalized_if, pixel, tracin, trak
 from .clip import ScorerNotRun
 
 FAMILIES = {"pixel": pixel, "trak": trak, "gradient_similarity": gradient_similarity, "tracin": tracin,
             "normalized_if": normalized_if, "journey": journey, "das": das, "clip": clip, "embedding": embedding,
-            "kfac": kfac}
+            "kfac": kfac, "metagradient": metagradient}
 
 
 def get_family(name: str):
