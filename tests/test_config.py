@@ -252,3 +252,9 @@ def test_library_only_settings_are_refused_by_the_workflow(base_config, section,
     config[section][key] = value
     with pytest.raises(ConfigError, match=field):
         check_workflow_support(config)
+
+
+def test_full_overlay_is_valid_and_larger(repo, base_config):
+    full = load_config(repo / "params.yaml", repo / "configs" / "full.yaml")
+    assert full["benchmark"] != base_config["benchmark"]  # its own results directory
+    assert full["lds"]["n_subsets"] * full["lds"]["n_seeds"] > base_config["lds"]["n_subsets"] * base_config["lds"]["n_seeds"]
