@@ -75,13 +75,20 @@ def test_stage_then_scorer(workflow, caplog):
                      lambdas)[0][0] == 1e-2
 
 
-def test_absolute_damping_equals_relative_damping_over_mean_eigenvalue(workflow):
-    """damping: absolute (the paper's untuned 1e-8) is the relative lambda absolute / mean eigenvalue of G."""
+def _mc_expand_file(workflow):
+    """The default variant's curvature file of the module's workflow (fitted by the stage entry once)."""
     config, dataset, model_path, tmp = workflow
     out = tmp / "curvature" / "mc-expand.pt"
     if not out.exists():
         C.run(argparse.Namespace(model=str(model_path), dataset=str(dataset), fisher_type=None, kfac_approx=None,
                                  ekfac=None, out=str(out)), config)
+    return out
+
+
+def test_absolute_damping_equals_relative_damping_over_mean_eigenvalue(workflow):
+    """damping: absolute (the paper's untuned 1e-8) is the relative lambda absolute / mean eigenvalue of G."""
+    config, dataset, model_path, tmp = workflow
+    out = _mc_expand_file(workflow)
     mean = C.load_curvature(out).mean_eigenvalue()
     absolute = 0.5 * mean
     inputs = _inputs(config, dataset, model_path, out)
@@ -97,10 +104,7 @@ def test_absolute_damping_equals_relative_damping_over_mean_eigenvalue(workflow)
 def test_lambda_grid_precedence(workflow):
     """method lambda_grid > kfac.lambda_grid > scores.lambda_grid (the lambdas scores.py passes)."""
     config, dataset, model_path, tmp = workflow
-    out = tmp / "curvature" / "mc-expand.pt"
-    if not out.exists():
-        C.run(argparse.Namespace(model=str(model_path), dataset=str(dataset), fisher_type=None, kfac_approx=None,
-                                 ekfac=None, out=str(out)), config)
+    out = _mc_expand_file(workflow)
     with_grid = {**config, "kfac": {**config["kfac"], "lambda_grid": [1e-6, 1e-3]}}
     got = [lam for lam, _ in K.compute({"family": "kfac"}, _inputs(with_grid, dataset, model_path, out), [1.0])]
     assert got == [1e-6, 1e-3]

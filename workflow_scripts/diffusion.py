@@ -93,21 +93,28 @@ def measurement_draws(n_queries: int, image_shape, n_timesteps: int, n_noise: in
     return t, eps
 
 
-def save_checkpoint_payload(model: UNet2DModel, config: dict, step: int, image_shape, **extra) -> dict:
-    return {"kind": "ddpm-unet", "state_dict": model.state_dict(), "config": config, "step": step,
+def save_checkpoint_payload(model: torch.nn.Module, config: dict, step: int, image_shape, kind: str = "ddpm-unet",
+                            **extra) -> dict:
+    return {"kind": kind, "state_dict": model.state_dict(), "config": config, "step": step,
             "image_shape": tuple(int(s) for s in image_shape), **extra}
 
 
-def load_model(path, model_cfg: dict, device="cpu") -> tuple[UNet2DModel, dict]:
-    """Load a checkpoint, checking that it was made with this model configuration."""
+def load_checkpoint(path, model_cfg: dict, kind: str, build, device="cpu", description: str = "DDPM UNet"):
+    """Load a checkpoint of the given kind, checking that it was made with this model configuration;
+    build(model_cfg, image_shape) makes the empty model. Returns (model in eval mode on device, payload)."""
     payload = load_torch(path)
-    if not isinstance(payload, dict) or payload.get("kind") != "ddpm-unet":
-        raise ArtefactError(f"{path}: not a DDPM UNet checkpoint of this workflow")
+    if not isinstance(payload, dict) or payload.get("kind") != kind:
+        raise ArtefactError(f"{path}: not a {description} checkpoint of this workflow")
     if payload["config"].get("model") != model_cfg:
         raise ArtefactError(f"{path}: made with model config {payload['config'].get('model')}, expected {model_cfg}")
-    model = build_model(model_cfg, payload["image_shape"])
+    model = build(model_cfg, payload["image_shape"])
     try:
         model.load_state_dict(payload["state_dict"])
     except RuntimeError as exc:
         raise ArtefactError(f"{path}: state dict does not fit the model ({exc})") from exc
     return model.to(device).eval(), payload
+
+
+def load_model(path, model_cfg: dict, device="cpu") -> tuple[UNet2DModel, dict]:
+    """Load a DDPM checkpoint, checking that it was made with this model configuration."""
+    return load_checkpoint(path, model_cfg, "ddpm-unet", build_model, device)

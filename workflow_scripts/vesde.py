@@ -59,7 +59,8 @@ import torch
 import torch.nn as nn
 from diffusers.optimization import get_cosine_schedule_with_warmup
 
-from .common import ArtefactError, generator, load_torch, log, rng, save_torch, select_device
+from . import diffusion
+from .common import generator, log, rng, save_torch, select_device
 from .scorers.kfac import Measurement
 
 VESDE_DEFAULTS = {"sigma": 25.0, "t_min": 1.0e-5, "weighting": "sigma2", "dequantize": True, "data_std": 0.5}
@@ -170,22 +171,11 @@ def dsm_loss(model, x0: torch.Tensor, std: torch.Tensor, eps: torch.Tensor) -> t
 
 
 def save_checkpoint_payload(model: VEScoreNet, config: dict, step: int, image_shape, **extra) -> dict:
-    return {"kind": "vesde-unet", "state_dict": model.state_dict(), "config": config, "step": step,
-            "image_shape": tuple(int(s) for s in image_shape), **extra}
+    return diffusion.save_checkpoint_payload(model, config, step, image_shape, kind="vesde-unet", **extra)
 
 
 def load_model(path, model_cfg: dict, device="cpu") -> tuple[VEScoreNet, dict]:
-    payload = load_torch(path)
-    if not isinstance(payload, dict) or payload.get("kind") != "vesde-unet":
-        raise ArtefactError(f"{path}: not a VE-SDE score-model checkpoint of this workflow")
-    if payload["config"].get("model") != model_cfg:
-        raise ArtefactError(f"{path}: made with model config {payload['config'].get('model')}, expected {model_cfg}")
-    model = build_score_model(model_cfg, payload["image_shape"])
-    try:
-        model.load_state_dict(payload["state_dict"])
-    except RuntimeError as exc:
-        raise ArtefactError(f"{path}: state dict does not fit the model ({exc})") from exc
-    return model.to(device).eval(), payload
+    return diffusion.load_checkpoint(path, model_cfg, "vesde-unet", build_score_model, device, "VE-SDE score-model")
 
 
 def train_vesde(config: dict, images: np.ndarray, members: np.ndarray, replicate: int = 0, model_out=None,
