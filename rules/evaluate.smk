@@ -12,6 +12,7 @@ rule evaluate:
             labels={"result": "LDS table"},
         ),
         figure=f"{ROOT}/figures/lds.png",
+        figure_pdf=f"{ROOT}/figures/lds.pdf",  # written beside the PNG
         ablation=multiext(f"{ROOT}/tables/kfac_ablation", ".csv", ".md"),
         ablation_html=report(
             f"{ROOT}/tables/kfac_ablation.html",
@@ -25,6 +26,7 @@ rule evaluate:
             category="4. K-FAC influence ablation",
             labels={"result": "figure"},
         ),
+        ablation_figure_pdf=f"{ROOT}/figures/kfac_ablation.pdf",
     params:
         config=lambda w: paths.stage_config(config, "evaluate"),
         score_dirs=lambda w, input: [os.path.dirname(p) for p in input.scores],

@@ -52,6 +52,7 @@ def test_ablation_has_kfac_rows_with_settings_and_references(tmp_path):
     assert "no curvature here" in markdown  # a variant that could not run says why
     E.plot(ablation, tmp_path / "ablation.png", "ablation")
     assert (tmp_path / "ablation.png").stat().st_size > 1000
+    assert (tmp_path / "ablation.pdf").read_bytes()[:4] == b"%PDF"  # the PDF beside the PNG
 
 
 def test_ablation_without_kfac_methods_says_so(tmp_path):

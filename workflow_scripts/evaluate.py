@@ -113,20 +113,19 @@ def to_markdown(table: pd.DataFrame) -> str:
 
 def plot(table: pd.DataFrame, path: str | Path,
          title: str = "Linear datamodelling score, 95% bootstrap CI over subsets") -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    """Bar chart of the table's LDS with CIs, written as `path` (.png) and beside it as .pdf."""
     import seaborn as sns
+
+    from .plotting import plt, save_figure
+
+    stem = Path(path).with_suffix("")
 
     table = table.dropna(subset=["lds"])  # methods that did not run have no bar (the table says why)
     if table.empty:
         fig, ax = plt.subplots(figsize=(5, 2))
         ax.axis("off")
         ax.text(0.5, 0.5, f"{title}:\nno method produced scores", ha="center", va="center")
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
+        save_figure(fig, stem, dpi=120)
         return
     order = list(dict.fromkeys(table["method"]))
     fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(order), 4))
@@ -144,9 +143,7 @@ def plot(table: pd.DataFrame, path: str | Path,
     plt.setp(ax.get_xticklabels(), rotation=30, ha="right", rotation_mode="anchor")
     ax.set_title(title)
     fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, stem, dpi=120)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

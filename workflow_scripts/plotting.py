@@ -1,14 +1,14 @@
 """Figure helpers shared by the stages that draw: a headless backend and atomic, reproducible PNG + PDF files."""
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+
+from .common import _atomic  # noqa: E402
 
 FORMATS = ("png", "pdf")
 # No creation dates or software versions in the files: the same figure gives the same bytes.
@@ -23,14 +23,7 @@ def save_figure(fig, stem: str | Path, dpi: int = 130, formats=FORMATS) -> list[
     try:
         for fmt in formats:
             path = stem.with_name(f"{stem.name}.{fmt}")
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=f".tmp.{fmt}")
-            os.close(fd)
-            try:
-                fig.savefig(tmp, format=fmt, dpi=dpi, metadata=METADATA[fmt], bbox_inches="tight")
-                os.replace(tmp, path)
-            finally:
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
+            _atomic(path, lambda tmp: fig.savefig(tmp, format=fmt, dpi=dpi, metadata=METADATA[fmt], bbox_inches="tight"))
             written.append(path)
     finally:
         plt.close(fig)
