@@ -615,8 +615,10 @@ def checkpoint_identity(payload: dict, model_cfg: dict) -> dict:
 
 
 def variant_name(settings: dict) -> str:
+    from .paths import format_curvature_variant
+
     s = {**DEFAULTS, **settings}
-    return f"{s['fisher_type']}-{s['kfac_approx']}" + ("-ekfac" if s["ekfac"] else "")
+    return format_curvature_variant(s["fisher_type"], s["kfac_approx"], s["ekfac"])
 
 
 # ----------------------------------------------------------------------------------------------------------------

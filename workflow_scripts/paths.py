@@ -272,10 +272,13 @@ VARIANT_PATTERN = r"(?:mc|empirical|type-2)-(?:expand|reduce)(?:-ekfac)?"
 _VARIANT = re.compile(r"(?P<fisher_type>mc|empirical|type-2)-(?P<kfac_approx>expand|reduce)(?P<ekfac>-ekfac)?")
 
 
+def format_curvature_variant(fisher_type: str, kfac_approx: str, ekfac: bool) -> str:
+    return f"{fisher_type}-{kfac_approx}" + ("-ekfac" if ekfac else "")
+
+
 def curvature_variant(config: dict, method: str) -> str:
     m, k = config["scores"]["methods"][method], config["kfac"]
-    fisher, approx, ekfac = (m.get(key, k[key]) for key in ("fisher_type", "kfac_approx", "ekfac"))
-    return f"{fisher}-{approx}" + ("-ekfac" if ekfac else "")
+    return format_curvature_variant(*(m.get(key, k[key]) for key in ("fisher_type", "kfac_approx", "ekfac")))
 
 
 def parse_curvature_variant(variant: str) -> dict:
