@@ -14,6 +14,21 @@ N_DIGITS = 1797  # images in scikit-learn's bundled digits
 # measure.measurements each model family can compute (workflow_scripts/likelihood.py, vesde.py)
 MEASUREMENTS_BY_FAMILY = {"ddpm": ("loss", "elbo", "timestep_loss", "trajectory"), "vesde": ("likelihood",)}
 DEFAULT_MEASUREMENTS = {"ddpm": ["loss"], "vesde": ["likelihood"]}
+DEFAULT_TIMESTEP_LOSS_TIMESTEPS = [10, 100, 500, 900]  # measure.timestep_loss.timesteps when absent
+
+
+def measured_targets(config: dict) -> list[str]:
+    """The targets measure.measurements produces: loss, elbo, timestep_loss_t<t> (one per chosen timestep),
+    trajectory, likelihood (workflow_scripts/likelihood.py: target_names, target_key)."""
+    family = config["model"].get("family", "ddpm")
+    names = []
+    for m in config["measure"].get("measurements", DEFAULT_MEASUREMENTS[family]):
+        if m == "timestep_loss":
+            timesteps = config["measure"].get("timestep_loss", {}).get("timesteps", DEFAULT_TIMESTEP_LOSS_TIMESTEPS)
+            names += [f"timestep_loss_t{t}" for t in timesteps]
+        else:
+            names.append(m)
+    return names
 
 
 class ConfigError(ValueError):
@@ -80,21 +95,28 @@ def _check_consistency(config: dict) -> None:
             raise ConfigError(f"measure.timestep_loss.timesteps: timestep {t} must be below diffusion.num_train_timesteps {T}")
     _check_counterfactual(config)
     _check_figures(config)
+    _check_query_measurements(config)
 
 
 def check_workflow_support(config: dict) -> None:
     """Refuse settings the library accepts but the Snakemake stages do not use yet (never silently ignore them).
 
-    The likelihood measurements and the VE-SDE family (workflow_scripts/likelihood.py, vesde.py) are tested
-    library code; the train / measure rules still train DDPMs and measure the simple loss only."""
+    The VE-SDE family (workflow_scripts/vesde.py) is tested library code; the train / sample rules still train
+    DDPMs. Every DDPM measurement (loss, elbo, timestep_loss, trajectory) is computed by the measure rule."""
     family = config["model"].get("family", "ddpm")
     if family != "ddpm":
         raise ConfigError(f"model.family {family!r}: the workflow's train/sample/measure rules support 'ddpm' only so "
                           "far (the VE-SDE family is library code: workflow_scripts/vesde.py)")
-    measurements = config["measure"].get("measurements", ["loss"])
-    if list(measurements) != ["loss"]:
-        raise ConfigError(f"measure.measurements {list(measurements)}: the measure rule computes 'loss' only so far "
-                          "(ELBO, timestep loss and trajectory log-prob are library code: workflow_scripts/likelihood.py)")
+
+
+def _check_query_measurements(config: dict) -> None:
+    """A kfac method's query_measurement must be a measured target: its lambda is tuned on that target."""
+    targets = measured_targets(config)
+    for method, m in config["scores"]["methods"].items():
+        target = m.get("query_measurement")
+        if target is not None and target not in targets:
+            raise ConfigError(f"scores.methods.{method}.query_measurement: {target!r} is not measured "
+                              f"(measure.measurements gives the targets {targets})")
 
 
 def removal_count(k: int | float, n_train: int) -> int:

@@ -70,7 +70,8 @@ import numpy as np
 import torch
 
 from .common import generator, rng
-from .config import DEFAULT_MEASUREMENTS, MEASUREMENTS_BY_FAMILY  # noqa: F401  (re-exported)
+from .config import DEFAULT_MEASUREMENTS, DEFAULT_TIMESTEP_LOSS_TIMESTEPS, MEASUREMENTS_BY_FAMILY  # noqa: F401
+from .config import measured_targets
 from .diffusion import alphas_cumprod
 from .scorers.kfac import Measurement, SimpleLossMeasurement
 from .vesde import LIKELIHOOD_DEFAULTS
@@ -83,7 +84,7 @@ ELBO_STREAM, TIMESTEP_STREAM = 100, 200  # offsets of the measurement streams (t
 MEASURE_DEFAULTS = {
     "measurements": ["loss"],
     "elbo": {"scheme": "importance", "n_timesteps": 250, "n_noise": 2, "decoder_draws": 1},
-    "timestep_loss": {"timesteps": [10, 100, 500, 900], "n_noise": 8},
+    "timestep_loss": {"timesteps": list(DEFAULT_TIMESTEP_LOSS_TIMESTEPS), "n_noise": 8},
     "trajectory": {"clip_x0": False},
     "likelihood": dict(LIKELIHOOD_DEFAULTS),
 }
@@ -428,11 +429,7 @@ def measure_trajectory_nll(model, trajectories: np.ndarray, timesteps, diffusion
 def target_names(config: dict) -> list[str]:
     """Targets of measure.measurements: loss, elbo, timestep_loss_t<t> (one per chosen timestep), trajectory,
     likelihood."""
-    s = measure_settings(config["measure"], model_family(config["model"]))
-    names = []
-    for m in s["measurements"]:
-        names += [f"timestep_loss_t{t}" for t in s["timestep_loss"]["timesteps"]] if m == "timestep_loss" else [m]
-    return names
+    return measured_targets(config)
 
 
 def target_key(query_set: str, target: str) -> str:
@@ -508,3 +505,70 @@ def load_measurement_targets(paths: list[str], n_subsets: int, n_seeds: int, tar
             elif name in out:
                 raise ArtefactError(f"{path}: lacks {key}")
     return {name: np.stack(v).reshape(n_subsets, n_seeds, -1) for name, v in out.items() if len(v) == len(paths)}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The measurement of a target, for query-side gradients (scorers/kfac.py: query_measurement)
+# ----------------------------------------------------------------------------------------------------------------
+def target_measurement(config: dict, target: str, query_set: str, samples: dict | None = None) -> Measurement | None:
+    """The Measurement whose objective is exactly what measure_queries writes for (query_set, target): same
+    draws, seeds and noise stream; its gradient is the query side of an influence score for that target.
+    None where the target does not exist for the set (trajectory: held-out images have no trajectory).
+    'loss' is not built here: scorers/kfac.py's loss_measurement (kfac.query_draws) gives its draws.
+
+    config: model, diffusion, measure, seeds.measure, data.dataset; samples: sample.py's file (trajectory)."""
+    from .data import N_LEVELS
+    from .measure import QUERY_SETS
+
+    if target not in target_names(config):
+        raise ValueError(f"target {target!r} is not measured (measure.measurements gives {target_names(config)})")
+    s = measure_settings(config["measure"], model_family(config["model"]))
+    seed, stream = config["seeds"]["measure"], QUERY_SETS.index(query_set)
+    if target == "elbo":
+        e = s["elbo"]
+        return ElboMeasurement(config["diffusion"], N_LEVELS[config["data"]["dataset"]], seed, stream, e["scheme"],
+                               e["n_timesteps"], e["n_noise"], e["decoder_draws"])
+    if target.startswith("timestep_loss_t"):
+        return TimestepLossMeasurement(int(target[len("timestep_loss_t"):]), s["timestep_loss"]["n_noise"],
+                                       config["diffusion"], seed, stream)
+    if target == "trajectory":
+        if query_set != "generated":
+            return None
+        if samples is None:
+            raise ValueError("the trajectory measurement needs the samples file (trajectories, timesteps)")
+        return TrajectoryMeasurement(samples["trajectories"], samples["timesteps"], config["diffusion"],
+                                     s["trajectory"]["clip_x0"])
+    raise ValueError(f"no query-side measurement for target {target!r} (loss: scorers.kfac.loss_measurement)")
+
+
+def file_targets(paths: list[str]) -> list[str]:
+    """The targets every measurement file holds (its 'targets' array; files of the loss-only measure stage: [loss]).
+    All files must agree: a mix means some models were measured under another configuration."""
+    from .common import ArtefactError, load_npz
+
+    found = None
+    for path in paths:
+        arrays = load_npz(path)
+        names = [str(t) for t in arrays["targets"]] if "targets" in arrays else ["loss"]
+        if found is None:
+            found = names
+        elif names != found:
+            raise ArtefactError(f"{path}: holds targets {names}, {paths[0]} holds {found}; remeasure")
+    return found or []
+
+
+def method_targets(paths: list[str], n_subsets: int, n_seeds: int, target: str,
+                   query_sets=("generated", "heldout")) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """Ground truth of a method whose scores predict `target`: {query set: (n_subsets, n_seeds, n_query)}, and
+    {query set: note} for the sets without that target (trajectory: held-out), which get the loss -- as the
+    method's own scores for them use the loss gradient."""
+    own = load_measurement_targets(paths, n_subsets, n_seeds, target, query_sets)
+    missing = [name for name in query_sets if name not in own]
+    if not missing:
+        return own, {}
+    if not own and target not in file_targets(paths):
+        from .common import ArtefactError
+
+        raise ArtefactError(f"the measurement files hold no target {target!r} (they hold {file_targets(paths)})")
+    loss = load_measurement_targets(paths, n_subsets, n_seeds, "loss", missing)
+    return {**own, **loss}, {name: f"{name} queries have no {target} target: tuned on the loss" for name in missing}

@@ -1,7 +1,10 @@
 """Stage `measure`: ground-truth measurements of every query under one trained model.
 
 Measurement `loss` (METHODS.md): the simple loss of the query averaged over fixed (t, eps) draws
-(a uniform grid of n_timesteps t, n_noise eps each), the same draws for every model.
+(a uniform grid of n_timesteps t, n_noise eps each), the same draws for every model. The other targets of
+measure.measurements (ELBO, per-timestep losses, trajectory -log p; workflow_scripts/likelihood.py) are
+written into the same file: the loss under the query set's name ('generated', 'heldout'), every other
+target as '<query set>__<target>' (likelihood.target_key), and the list of targets as 'targets'.
 """
 from __future__ import annotations
 
@@ -72,10 +75,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args, config: dict) -> None:
+    from .likelihood import measure_queries, target_names
+
     device = select_device(config["compute"])
     model, _ = load_model(args.model, config["model"], device)
     queries = load_queries(args.dataset, args.samples)
-    results = {name: measure_loss(model, queries[name], config["diffusion"], config["measure"], config["seeds"]["measure"],
-                                  stream, device) for stream, name in enumerate(QUERY_SETS)}
-    save_npz(args.out, subset=np.array(args.subset), replicate=np.array(args.replicate), **results)
-    log.info("measure %s: mean loss %s", args.model, {k: round(float(v.mean()), 5) for k, v in results.items()})
+    targets = target_names(config)
+    # the trajectory target needs the generated queries' stored sampling trajectories
+    samples = load_npz(args.samples, ("trajectories", "timesteps")) if "trajectory" in targets else None
+    results = measure_queries(model, queries, config, device, samples)
+    save_npz(args.out, subset=np.array(args.subset), replicate=np.array(args.replicate), targets=np.array(targets),
+             **results)
+    log.info("measure %s: means %s", args.model, {k: round(float(v.mean()), 5) for k, v in results.items()})

@@ -13,23 +13,25 @@ SECTIONS = {  # the config keys each stage reads; a rule reruns exactly when one
     "train": ("data", "model", "diffusion", "train", "seeds.train", "compute"),
     "classifier": ("classifier", "seeds.classifier", "compute"),
     "sample": ("model", "diffusion", "sample", "seeds.sample", "compute"),
-    "measure": ("model", "diffusion", "measure", "seeds.measure", "compute"),
+    "measure": ("model", "diffusion", "measure", "seeds.measure", "data.dataset", "compute"),  # dataset: ELBO levels
     "gradients": ("model", "diffusion", "gradients", "seeds.gradients", "seeds.projection", "compute"),
     # the variant (fisher_type, kfac_approx, ekfac) comes from the wildcard; scoring keys do not refit
     "curvature": ("model", "diffusion", "kfac.draws", "kfac.fisher_mc_samples", "kfac.separate_weight_and_bias",
                   "kfac.batch_size", "seeds.gradients", "compute"),
     "scores": ("scores", "lds.n_subsets", "lds.n_seeds"),
-    "evaluate": ("lds", "seeds.bootstrap"),
+    "evaluate": ("lds", "seeds.bootstrap"),  # the targets come from the measurement files (their 'targets')
     # counterfactual retraining: selection of the removed examples, regeneration + measurement, table
     "counterfactual": ("counterfactual.k", "seeds.counterfactual"),
-    "regenerate": ("model", "diffusion", "sample", "seeds.sample", "measure", "seeds.measure", "compute"),
+    # regenerate measures the loss only: the other measure.* keys (likelihood targets) do not rerun it
+    "regenerate": ("model", "diffusion", "sample", "seeds.sample", "measure.n_timesteps", "measure.n_noise",
+                   "measure.batch_size", "seeds.measure", "compute"),
     "counterfactual_evaluate": ("counterfactual", "seeds.bootstrap", "compute"),
     "figures": ("figures", "lds.n_subsets", "lds.n_seeds"),
 }
 # Extra keys the scores stage reads for methods of these families (model-based scorers); the scores
 # stage's config carries only its own method, so editing one method reruns only that method's job.
 SCORER_SECTIONS = {
-    "kfac": ("model", "diffusion", "kfac", "seeds.gradients", "seeds.measure", "measure", "compute"),
+    "kfac": ("model", "diffusion", "kfac", "seeds.gradients", "seeds.measure", "measure", "data.dataset", "compute"),
 }
 
 
