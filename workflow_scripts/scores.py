@@ -1,9 +1,11 @@
 """Stage `scores`: one attribution method's score matrices, its lambda chosen on TUNING subsets.
 
 For each lambda of scores.lambda_grid (methods without one: a single entry) the LDS of every query
-set is computed on the TUNING subsets and, for the record, on the EVALUATION subsets. The lambda
-with the best mean TUNING LDS over the query sets is kept; its matrices are written as
-<query_set>.npy (n_query x n_train, float32) beside sweep.csv, and the LDS-vs-lambda curve as sweep.png.
+set is computed on the TUNING subsets and, for the record, on the EVALUATION subsets, against the
+measured target the method's scores predict (scorers.family_target: the loss, or a kfac method's
+query_measurement such as the ELBO; a query set without that target, held-out for trajectory, uses
+the loss). The lambda with the best mean TUNING LDS over the query sets is kept; its matrices are
+written as <query_set>.npy (n_query x n_train, float32) beside sweep.csv, and the LDS-vs-lambda curve as sweep.png.
 A method may set its own `lambda_grid` (else scores.lambda_grid).
 """
 from __future__ import annotations
@@ -18,9 +20,10 @@ from . import data as data_stage
 from .common import ArtefactError, log, save_json, save_npy, save_text
 from .gradients import open_store, read_sidecar
 from .lds import lds_per_query
-from .measure import QUERY_SETS, load_queries, load_targets
+from .likelihood import method_targets
+from .measure import QUERY_SETS, load_queries
 from .paths import RESIDUAL
-from .scorers import ScorerNotRun, family_notes, family_settings, get_family
+from .scorers import ScorerNotRun, family_notes, family_settings, family_target, get_family
 
 
 class ScorerInputs:
@@ -183,7 +186,11 @@ def run(args, config: dict) -> None:
                    "detail": exc.detail}, out / "chosen.json")
         return
     subsets = data_stage.load_subsets(args.subsets)
-    targets = load_targets(args.measurements, config["lds"]["n_subsets"], config["lds"]["n_seeds"])
+    target = family_target(method_cfg["family"], method_cfg)
+    targets, fallback = method_targets(args.measurements, config["lds"]["n_subsets"], config["lds"]["n_seeds"], target)
+    for name, note in fallback.items():
+        log.info("scores %s: %s", args.method, note)
+    used = {name: "loss" if name in fallback else target for name in targets}  # the target each set was tuned on
     table = sweep(results, subsets["masks"], subsets["tuning"], subsets["evaluation"], targets)
     best = choose(results, table)
     chosen_lambda, matrices = results[best]
@@ -193,9 +200,9 @@ def run(args, config: dict) -> None:
         save_npy(scores.astype(np.float32), out / f"{name}.npy")
     save_text(table.to_csv(index=False), out / "sweep.csv")
     plot_sweep(table, chosen_lambda, args.method, out / "sweep.png", notes)
-    save_json({"method": args.method, "config": method_cfg, "lambda": chosen_lambda, "notes": notes,
+    save_json({"method": args.method, "config": method_cfg, "lambda": chosen_lambda, "notes": notes, "target": used,
                "settings": family_settings(method_cfg["family"], method_cfg, config)}, out / "chosen.json")
     for name, note in notes.items():
         log.warning("scores %s, %s queries: %s", args.method, name, note)
-    log.info("scores %s: lambda %s; tuning LDS %s", args.method, chosen_lambda,
+    log.info("scores %s: lambda %s; tuning LDS (target %s) %s", args.method, chosen_lambda, target,
              table[table["lambda"].eq(chosen_lambda) | table["lambda"].isna()].set_index("query_set")["lds_tuning"].round(3).to_dict())

@@ -10,7 +10,9 @@ reference form and vector-output form), clip (open_clip embeddings from local
 weights; raises ScorerNotRun without them), embedding (the benchmark's own classifier features),
 kfac (K-FAC / EK-FAC influence; reads the final checkpoint and its fitted curvature),
 metagradient (MAGIC: -dm/dw by reverse-mode through the whole training; recomputes training from the data).
-A module may also expose `settings(method_cfg, config) -> dict`, saved in chosen.json (ablation tables)."""
+A module may also expose `settings(method_cfg, config) -> dict`, saved in chosen.json (ablation tables), and
+`query_target(method_cfg) -> str`: the measured target its scores predict (default: the loss), on which the
+scores stage tunes its lambda."""
 from __future__ import annotations
 
 from . import clip, das, embedding, gradient_similarity, journey, kfac, metagradient, normalized_if, pixel, tracin, trak
@@ -36,3 +38,9 @@ def family_notes(name: str, method_cfg: dict) -> dict[str, str]:
 def family_settings(name: str, method_cfg: dict, config: dict) -> dict:
     module = get_family(name)
     return module.settings(method_cfg, config) if hasattr(module, "settings") else {}
+
+
+def family_target(name: str, method_cfg: dict) -> str:
+    """The measured target (likelihood.target_names) a method's scores predict: 'loss' unless its family says."""
+    module = get_family(name)
+    return module.query_target(method_cfg) if hasattr(module, "query_target") else "loss"

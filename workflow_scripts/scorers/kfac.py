@@ -18,8 +18,12 @@ Procedure (Grosse et al. 2023 query batching; the paper's Appendix C compression
 Parameters: those of curvature (Linear / Conv2d layers; norm layers excluded) -- the others stay fixed.
 
 Measurements are pluggable (`Measurement`: its draws plus a per-image objective evaluated under vmap);
-`SimpleLossMeasurement` is the loss measurement. An ELBO measurement needs only other weights per draw
-(w_t of Ho et al. eq. 5) plus an L_0 term in `objective`.
+`SimpleLossMeasurement` is the loss measurement. A method's `query_measurement` (default loss) selects the
+query side m: loss, elbo, timestep_loss_t<t> or trajectory (workflow_scripts/likelihood.py), with exactly the
+draws of that measured target (likelihood.target_measurement); the training side stays grad l(z_i) and G the
+training-loss GGN, so `query_measurement: loss` evaluated against the ELBO target is the K-FAC paper's
+"measurement substitution". Held-out queries have no trajectory: a trajectory method scores them with the
+loss gradient and says so (notes).
 """
 from __future__ import annotations
 
@@ -249,7 +253,7 @@ def kfac_scores(model, curvature: Curvature, train_images: np.ndarray, query_ima
 
     cfg: the configuration with sections kfac (gradient_draws, query_draws, batch_size, quantization), diffusion,
     seeds (gradients; measure if query_draws == 'measure') and measure (if query_draws == 'measure').
-    query_measurements: {query set: Measurement} to override the loss measurement (e.g. an ELBO later).
+    query_measurements: {query set: Measurement} to override the loss measurement (e.g. the ELBO's).
     """
     from ..measure import QUERY_SETS
 
@@ -272,21 +276,49 @@ def kfac_scores(model, curvature: Curvature, train_images: np.ndarray, query_ima
 METHOD_KEYS = ("fisher_type", "kfac_approx", "ekfac")  # curvature settings a method may override
 
 
+def query_target(method_cfg: dict) -> str:
+    """The measured target a kfac method's query gradients (and so its scores) are of."""
+    return method_cfg.get("query_measurement", "loss")
+
+
 def settings(method_cfg: dict, config: dict) -> dict:
     """The resolved settings of a kfac method (kfac.* with the method's overrides): the ablation table's columns."""
     k = {**SCORE_DEFAULTS, **config.get("kfac", {}), **{key: method_cfg[key] for key in (*METHOD_KEYS, "quantization")
                                                          if key in method_cfg}}
     return {"fisher_type": k["fisher_type"], "kfac_approx": k["kfac_approx"], "ekfac": bool(k["ekfac"]),
-            "quantization": k["quantization"], "damping": method_cfg.get("damping", "relative")}
+            "quantization": k["quantization"], "damping": method_cfg.get("damping", "relative"),
+            "query_measurement": query_target(method_cfg)}
 
 
 def notes(method_cfg: dict) -> dict[str, str]:
+    out = {}
     if method_cfg.get("damping") == "absolute":
         grid = ", ".join(f"{lam:g}" for lam in method_cfg.get("lambda_grid", []))
         text = f"absolute damping {grid} (paper default), not tuned" if len(method_cfg.get("lambda_grid", [])) == 1 \
             else f"absolute damping grid {grid}"
-        return {name: text for name in ("generated", "heldout")}
-    return {}
+        out = {name: text for name in ("generated", "heldout")}
+    if query_target(method_cfg) == "trajectory":  # likelihood.target_measurement: held-out sets have none
+        text = "loss query gradients: held-out images have no sampling trajectory"
+        out["heldout"] = f"{out['heldout']}; {text}" if "heldout" in out else text
+    return out
+
+
+def query_measurements(method_cfg: dict, config: dict, query_sets, samples_path: str | None) -> dict[str, Measurement]:
+    """{query set: Measurement} of the method's query_measurement; sets without one (and every set for 'loss')
+    are left out, i.e. get kfac_scores' loss measurement."""
+    from ..common import load_npz
+    from ..likelihood import target_measurement
+
+    target = query_target(method_cfg)
+    if target == "loss":
+        return {}
+    samples = None
+    if target == "trajectory":
+        if samples_path is None:
+            raise ArtefactError("query_measurement trajectory needs the samples file (scorer input `samples`)")
+        samples = load_npz(samples_path, ("trajectories", "timesteps"))
+    out = {name: target_measurement(config, target, name, samples) for name in query_sets}
+    return {name: m for name, m in out.items() if m is not None}
 
 
 def compute(method_cfg: dict, inputs, lambdas) -> list:
@@ -317,5 +349,8 @@ def compute(method_cfg: dict, inputs, lambdas) -> list:
         mean = curvature.mean_eigenvalue()
         relative = [lam / mean for lam in lambdas]
         log.info("kfac: absolute damping %s = %s x the mean eigenvalue %.3e", lambdas, relative, mean)
-    results = kfac_scores(model, curvature, train, inputs.queries(), cfg, relative, device)
+    queries = inputs.queries()
+    measurements = query_measurements(method_cfg, config, list(queries), getattr(inputs, "samples", None))
+    log.info("kfac: query gradients of %s for %s (else the loss)", query_target(method_cfg), sorted(measurements) or "none")
+    results = kfac_scores(model, curvature, train, queries, cfg, relative, device, measurements)
     return [(lam, matrices) for lam, (_, matrices) in zip(lambdas, results)]
