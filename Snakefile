@@ -40,5 +40,8 @@ rule all:
         f"{ROOT}/figures/lds.png",
         f"{ROOT}/tables/kfac_ablation.md",
         f"{ROOT}/figures/kfac_ablation.png",
+        f"{ROOT}/tables/lds_measurements.md",
+        f"{ROOT}/figures/lds_measurements.png",
+        f"{ROOT}/tables/measurement_substitution.md",
         rules.counterfactual_evaluate.output,
         rules.figures.output,

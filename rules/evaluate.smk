@@ -27,11 +27,35 @@ rule evaluate:
             labels={"result": "figure"},
         ),
         ablation_figure_pdf=f"{ROOT}/figures/kfac_ablation.pdf",
+        # likelihood measurements: LDS per measurement target, and the measurement substitution ablation
+        measurements=multiext(f"{ROOT}/tables/lds_measurements", ".csv", ".md"),
+        measurements_html=report(
+            f"{ROOT}/tables/lds_measurements.html",
+            caption="../report/lds_measurements.rst",
+            category="5. Likelihood measurements",
+            labels={"result": "LDS per measurement"},
+        ),
+        measurements_figure=report(
+            f"{ROOT}/figures/lds_measurements.png",
+            caption="../report/lds_measurements_figure.rst",
+            category="5. Likelihood measurements",
+            labels={"result": "heat map"},
+        ),
+        measurements_figure_pdf=f"{ROOT}/figures/lds_measurements.pdf",
+        substitution=multiext(f"{ROOT}/tables/measurement_substitution", ".csv", ".md"),
+        substitution_html=report(
+            f"{ROOT}/tables/measurement_substitution.html",
+            caption="../report/measurement_substitution.rst",
+            category="5. Likelihood measurements",
+            labels={"result": "measurement substitution"},
+        ),
     params:
         config=lambda w: paths.stage_config(config, "evaluate"),
         score_dirs=lambda w, input: [os.path.dirname(p) for p in input.scores],
         stem=lambda w, output: os.path.splitext(output.table[0])[0],
         ablation_stem=lambda w, output: os.path.splitext(output.ablation[0])[0],
+        measurements_stem=lambda w, output: os.path.splitext(output.measurements[0])[0],
+        substitution_stem=lambda w, output: os.path.splitext(output.substitution[0])[0],
     log:
         f"{ROOT}/logs/evaluate.log",
     threads: 1
@@ -44,4 +68,6 @@ rule evaluate:
         "python -m workflow_scripts evaluate --config {params.config:q}"
         " --subsets {input.subsets} --measurements {input.measurements} --scores {params.score_dirs}"
         " --table {params.stem} --figure {output.figure}"
-        " --ablation {params.ablation_stem} --ablation-figure {output.ablation_figure} 2> {log}"
+        " --ablation {params.ablation_stem} --ablation-figure {output.ablation_figure}"
+        " --measurements-table {params.measurements_stem} --measurements-figure {output.measurements_figure}"
+        " --substitution {params.substitution_stem} 2> {log}"

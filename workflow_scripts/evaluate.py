@@ -11,6 +11,13 @@ Both tables are also written as small HTML pages (.html) for the report.
 The K-FAC ablation table repeats the rows of the kfac methods with their resolved settings (Fisher type,
 expand/reduce, EK-FAC, query-gradient quantisation, damping) as columns, beside the noise ceiling and
 TRAK / D-TRAK for reference.
+
+Likelihood measurements (measure.measurements; the targets every measurement file holds): `lds_measurements`
+is the LDS table for every target (loss, elbo, timestep_loss_t<t>, trajectory), long format with a
+`measurement` column: every method's scores (as chosen, on its own target) against that target's ground
+truth, and the noise ceiling of that target. `measurement_substitution` is the K-FAC paper's ablation: the
+kfac methods that differ only in their query measurement (e.g. `kfac` with the loss gradient, `kfac_elbo`
+with the ELBO gradient), each against every target one of them is the gradient of (and the loss).
 """
 from __future__ import annotations
 
@@ -24,41 +31,56 @@ import pandas as pd
 from . import data as data_stage
 from .common import load_npz, log, save_json, save_text
 from .lds import lds_summary, noise_ceiling_summary
+from .likelihood import file_targets, load_measurement_targets
 from .measure import QUERY_SETS, load_targets
 from .plotting import html_page, markdown_to_html
 
 NOISE_CEILING = "noise ceiling (seed-to-seed)"
 
 
-def lds_table(method_dirs: dict[str, Path], subsets: dict, targets: dict, lds_cfg: dict, seed: int) -> pd.DataFrame:
+def scored_target(chosen: dict, query_set: str) -> str:
+    """The target a method's scores of a query set predict (and its lambda was tuned on): chosen.json 'target'."""
+    return (chosen.get("target") or {}).get(query_set, "loss")
+
+
+def lds_table(method_dirs: dict[str, Path], subsets: dict, targets: dict, lds_cfg: dict, seed: int,
+              measurement: str = "loss") -> pd.DataFrame:
+    """LDS of every method against `targets` ({query set: (n_subsets, n_seeds, n_query)}) of one measurement;
+    query sets without that measurement (trajectory: held-out) have no rows. 'LDS tuned on evaluation' comes
+    from the method's sweep, so it is given only where the method was tuned on this measurement."""
     evaluation = subsets["evaluation"]
     masks = subsets["masks"][evaluation]
     rows = []
-    for name in QUERY_SETS:
+    for name in (n for n in QUERY_SETS if n in targets):
         target = targets[name][evaluation]  # (n_eval, n_seeds, n_query)
         if target.shape[1] >= 2:
             ceiling = noise_ceiling_summary(target, lds_cfg["bootstrap_samples"], lds_cfg["ci"], seed)
             rows.append({"method": NOISE_CEILING, "query_set": name, "lambda": np.nan, **ceiling,
-                         "lds_tuned_on_evaluation": np.nan, "note": "two retrainings of the same subset"})
+                         "lds_tuned_on_evaluation": np.nan, "note": "two retrainings of the same subset", "scores_of": ""})
         for method, directory in method_dirs.items():
             chosen = json.loads((directory / "chosen.json").read_text())
             if "not_run" in chosen:  # the method could not run here: a row that says why, no number
                 rows.append({"method": method, "query_set": name, "lambda": np.nan, "lds": np.nan, "se": np.nan,
                              "ci_low": np.nan, "ci_high": np.nan, "n_queries": 0, "n_subsets": len(evaluation),
-                             "lds_tuned_on_evaluation": np.nan, "note": chosen["not_run"]})
+                             "lds_tuned_on_evaluation": np.nan, "note": chosen["not_run"], "scores_of": ""})
                 continue
             scores = np.load(directory / f"{name}.npy")
             sweep = pd.read_csv(directory / "sweep.csv")
             best_on_evaluation = sweep.loc[sweep["query_set"] == name, "lds_evaluation"].max()
+            own = scored_target(chosen, name)
+            if own != measurement:  # the sweep is of the method's own target
+                best_on_evaluation = np.nan
             summary = lds_summary(scores, masks, target.mean(1), lds_cfg["bootstrap_samples"], lds_cfg["ci"], seed)
+            note = (chosen.get("notes") or {}).get(name, "")
+            if own != "loss":
+                note = "; ".join(filter(None, [f"scores predict {own} (query gradients and lambda)", note]))
             rows.append({"method": method, "query_set": name, "lambda": np.nan if chosen["lambda"] is None else chosen["lambda"],
-                         **summary, "lds_tuned_on_evaluation": best_on_evaluation,
-                         "note": (chosen.get("notes") or {}).get(name, "")})
+                         **summary, "lds_tuned_on_evaluation": best_on_evaluation, "note": note, "scores_of": own})
     return pd.DataFrame(rows)
 
 
 ABLATION_REFERENCES = ("trak", "d_trak")  # rows shown beside the K-FAC variants, when configured
-ABLATION_COLUMNS = ("fisher_type", "kfac_approx", "ekfac", "quantization", "damping")
+ABLATION_COLUMNS = ("fisher_type", "kfac_approx", "ekfac", "quantization", "damping", "query_measurement")
 
 
 def kfac_ablation(table: pd.DataFrame, method_dirs: dict[str, Path]) -> pd.DataFrame:
@@ -79,18 +101,20 @@ def kfac_ablation(table: pd.DataFrame, method_dirs: dict[str, Path]) -> pd.DataF
 def ablation_markdown(ablation: pd.DataFrame) -> str:
     if not (ablation["fisher_type"] != "").any():
         return "No kfac methods are configured (scores.methods): nothing to ablate.\n"
-    lines = ["| method | Fisher | K-FAC | EK-FAC | query gradients | damping | query set | LDS (evaluation subsets) | 95% bootstrap CI | lambda (tuned) |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    for r in ablation.itertuples():
-        ekfac = {True: "yes", False: "no"}.get(r.ekfac, "")
-        lam = "-" if np.isnan(r[11]) else f"{r[11]:g}"
-        lds = f"{r.lds:.3f}" if not np.isnan(r.lds) else (r.note or "not run")
-        ci = f"[{r.ci_low:.3f}, {r.ci_high:.3f}]" if not np.isnan(r.lds) else ""
-        lines.append(f"| {r.method} | {r.fisher_type} | {r.kfac_approx} | {ekfac} | {r.quantization} | {r.damping} | "
-                     f"{r.query_set} | {lds} | {ci} | {lam} |")
+    lines = ["| method | Fisher | K-FAC | EK-FAC | query gradients | damping | query set | LDS (evaluation subsets) | 95% bootstrap CI | lambda (tuned) | query measurement |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in ablation.to_dict("records"):
+        ekfac = {True: "yes", False: "no"}.get(r["ekfac"], "")
+        lam = "-" if np.isnan(r["lambda"]) else f"{r['lambda']:g}"
+        lds = f"{r['lds']:.3f}" if not np.isnan(r["lds"]) else (r["note"] or "not run")
+        ci = f"[{r['ci_low']:.3f}, {r['ci_high']:.3f}]" if not np.isnan(r["lds"]) else ""
+        lines.append(f"| {r['method']} | {r['fisher_type']} | {r['kfac_approx']} | {ekfac} | {r['quantization']} | "
+                     f"{r['damping']} | {r['query_set']} | {lds} | {ci} | {lam} | {r['query_measurement']} |")
     lines.append("")
     lines.append("lambda: relative to the mean eigenvalue of the fitted G, chosen on the tuning subsets; damping "
-                 "'absolute': the paper's untuned value, in units of G.")
+                 "'absolute': the paper's untuned value, in units of G. Every row is evaluated against the loss; "
+                 "query measurement: what the query gradients are of (not the loss: a substitution, see "
+                 "measurement_substitution.md).")
     return "\n".join(lines) + "\n"
 
 
@@ -146,6 +170,128 @@ def plot(table: pd.DataFrame, path: str | Path,
     save_figure(fig, stem, dpi=120)
 
 
+# ---------------------------------------------------------------- likelihood measurements (issue 5)
+def measurement_table(method_dirs: dict[str, Path], subsets: dict, paths: list[str], lds_cfg: dict,
+                      seed: int) -> pd.DataFrame:
+    """lds_table for every target the measurement files hold, stacked: first column `measurement`."""
+    parts = []
+    for target in file_targets(paths):
+        targets = load_measurement_targets(paths, lds_cfg["n_subsets"], lds_cfg["n_seeds"], target)
+        log.info("evaluate: LDS against %s (%s)", target, ", ".join(targets))
+        table = lds_table(method_dirs, subsets, targets, lds_cfg, seed, measurement=target)
+        table.insert(0, "measurement", target)
+        parts.append(table)
+    return pd.concat(parts, ignore_index=True)
+
+
+def _cell(lds: float, low: float, high: float) -> str:
+    return f"{lds:.3f} [{low:.3f}, {high:.3f}]"
+
+
+def measurement_markdown(table: pd.DataFrame) -> str:
+    lines = ["| measurement | method | query set | LDS (evaluation subsets) | SE | 95% bootstrap CI | lambda (tuned) | scores predict | note |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in table.to_dict("records"):
+        note = r["note"] if isinstance(r["note"], str) else ""
+        if np.isnan(r["lds"]):
+            lines.append(f"| {r['measurement']} | {r['method']} | {r['query_set']} | {note or 'not run'} | | | | | |")
+            continue
+        lam = "-" if np.isnan(r["lambda"]) else f"{r['lambda']:g}"
+        lines.append(f"| {r['measurement']} | {r['method']} | {r['query_set']} | {r['lds']:.3f} | {r['se']:.3f} | "
+                     f"[{r['ci_low']:.3f}, {r['ci_high']:.3f}] | {lam} | {r['scores_of']} | {note} |")
+    lines.append("")
+    lines.append("measurement: the target whose change on retraining the LDS ranks (ground truth of every retrained "
+                 "model); scores predict: the measurement the method's scores are of, on which its lambda was tuned "
+                 "(a method is evaluated as chosen against every target). Noise ceiling: of that target.")
+    return "\n".join(lines) + "\n"
+
+
+def substitution_methods(method_dirs: dict[str, Path]) -> dict[str, str]:
+    """{kfac method: query measurement} of the kfac methods that differ from another one ONLY in their query
+    measurement (e.g. kfac / kfac_elbo); methods that did not run are left out."""
+    groups: dict[str, dict[str, str]] = {}
+    for method, directory in method_dirs.items():
+        chosen = json.loads((directory / "chosen.json").read_text())
+        if chosen.get("config", {}).get("family") != "kfac" or "not_run" in chosen:
+            continue
+        settings = dict(chosen.get("settings") or {})
+        target = settings.pop("query_measurement", "loss")
+        groups.setdefault(json.dumps(settings, sort_keys=True), {})[method] = target
+    return {m: t for group in groups.values() if len(set(group.values())) > 1 for m, t in group.items()}
+
+
+def measurement_substitution(measurements: pd.DataFrame, method_dirs: dict[str, Path]) -> pd.DataFrame:
+    """The substitution ablation (long format): every substitution method against the loss and every target one
+    of them is the gradient of; `matched`: the method's scores are of that very target. Noise ceiling rows
+    per target."""
+    methods = substitution_methods(method_dirs)
+    targets = ["loss", *dict.fromkeys(t for t in methods.values() if t != "loss")]
+    keep = measurements["measurement"].isin(targets) & measurements["method"].isin([NOISE_CEILING, *methods])
+    out = measurements[keep].copy()
+    out["query_measurement"] = out["method"].map(lambda m: methods.get(m, ""))
+    out["matched"] = out["scores_of"] == out["measurement"]
+    return out[["measurement", "query_set", "method", "query_measurement", "scores_of", "matched", "lds", "se",
+                "ci_low", "ci_high", "lambda", "note"]].reset_index(drop=True)
+
+
+def substitution_markdown(table: pd.DataFrame) -> str:
+    """Wide: one row per (target, query set), one column per method (its query measurement), the noise ceiling."""
+    methods = [m for m in dict.fromkeys(table["method"]) if m != NOISE_CEILING]
+    if not methods:
+        return ("No kfac methods that differ only in their query measurement are configured (scores.methods, "
+                "query_measurement): no substitution to show.\n")
+    gradient = dict(zip(table["method"], table["query_measurement"]))
+    lines = ["| measured change (target) | query set | noise ceiling | "
+             + " | ".join(f"{m} ({gradient[m]} gradient)" for m in methods) + " |",
+             "|---|---|---|" + "---|" * len(methods)]
+    for (target, query_set), rows in table.groupby(["measurement", "query_set"], sort=False):
+        by = rows.set_index("method")
+        cells = []
+        for m in [NOISE_CEILING, *methods]:
+            if m not in by.index:
+                cells.append("")
+                continue
+            r = by.loc[m]
+            text = _cell(r["lds"], r["ci_low"], r["ci_high"])
+            if m != NOISE_CEILING and r["scores_of"] != gradient[m]:
+                text += " (loss gradient: no trajectory)"
+            cells.append(f"**{text}**" if m != NOISE_CEILING and r["matched"] else text)
+        lines.append(f"| {target} | {query_set} | " + " | ".join(cells) + " |")
+    lines.append("")
+    lines.append("LDS on the evaluation subsets [95% bootstrap CI over subsets]. Each column is one K-FAC influence "
+                 "method (same curvature, training gradients and damping grid) whose QUERY gradients are of the "
+                 "named measurement; bold: the gradient of the measured target itself, the others substitute "
+                 "another measurement's gradient (the K-FAC paper's measurement substitution: predict the ELBO "
+                 "change with the loss gradient). Each method's lambda is tuned on its own target.")
+    return "\n".join(lines) + "\n"
+
+
+def plot_measurements(table: pd.DataFrame, stem) -> None:
+    """Heat map of the LDS: methods (rows) x (measurement, query set) (columns), noise ceiling first."""
+    from .plotting import message_figure, plt, save_figure
+
+    ran = table.dropna(subset=["lds"])
+    if ran.empty:
+        save_figure(message_figure("LDS per measurement: no method produced scores"), stem)
+        return
+    columns = list(dict.fromkeys(zip(ran["measurement"], ran["query_set"])))
+    methods = list(dict.fromkeys([NOISE_CEILING, *ran["method"]]))
+    grid = ran.pivot_table(index="method", columns=["measurement", "query_set"], values="lds", aggfunc="first")
+    values = grid.reindex(index=methods, columns=pd.MultiIndex.from_tuples(columns)).to_numpy(dtype=float)
+    fig, ax = plt.subplots(figsize=(2.0 + 0.85 * len(columns), 1.2 + 0.24 * len(methods)))
+    image = ax.imshow(values, cmap="viridis", vmin=min(0.0, np.nanmin(values)), vmax=1.0, aspect="auto")
+    for (i, j), v in np.ndenumerate(values):
+        if np.isfinite(v):
+            ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=6, color="w" if v < 0.6 else "k")
+    ax.set_xticks(range(len(columns)), [f"{m}\n{q}" for m, q in columns], fontsize=7, rotation=45, ha="right",
+                  rotation_mode="anchor")
+    ax.set_yticks(range(len(methods)), methods, fontsize=7)
+    fig.colorbar(image, ax=ax, fraction=0.03, pad=0.02, label="LDS (evaluation subsets)")
+    ax.set_title("LDS per measurement target (columns) and method (rows)", fontsize=9)
+    fig.tight_layout()
+    save_figure(fig, stem, dpi=120)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--subsets", required=True)
     parser.add_argument("--measurements", nargs="+", required=True)
@@ -154,6 +300,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--figure", required=True)
     parser.add_argument("--ablation", required=True, help="K-FAC ablation output stem: writes .csv and .md")
     parser.add_argument("--ablation-figure", required=True)
+    parser.add_argument("--measurements-table", required=True,
+                        help="LDS per measurement target, output stem: writes .csv, .md and .html")
+    parser.add_argument("--measurements-figure", required=True, help="its heat map (.png, and .pdf beside it)")
+    parser.add_argument("--substitution", required=True, help="measurement substitution output stem: .csv, .md, .html")
 
 
 def run(args, config: dict) -> None:
@@ -177,4 +327,18 @@ def run(args, config: dict) -> None:
               ablation_stem.with_suffix(".html"))
     plot(ablation, args.ablation_figure,
          "K-FAC influence ablation: LDS, 95% bootstrap CI over subsets")
+    measurements = measurement_table(method_dirs, subsets, args.measurements, config["lds"], config["seeds"]["bootstrap"])
+    m_stem = Path(args.measurements_table)
+    save_text(measurements.to_csv(index=False), m_stem.with_suffix(".csv"))
+    save_text(measurement_markdown(measurements), m_stem.with_suffix(".md"))
+    save_text(html_page("LDS per measurement", markdown_to_html(measurement_markdown(measurements))),
+              m_stem.with_suffix(".html"))
+    plot_measurements(measurements, Path(args.measurements_figure).with_suffix(""))
+    substitution = measurement_substitution(measurements, method_dirs)
+    s_stem = Path(args.substitution)
+    save_text(substitution.to_csv(index=False), s_stem.with_suffix(".csv"))
+    save_text(substitution_markdown(substitution), s_stem.with_suffix(".md"))
+    save_text(html_page("Measurement substitution (K-FAC influence)", markdown_to_html(substitution_markdown(substitution))),
+              s_stem.with_suffix(".html"))
+    log.info("evaluate, measurement substitution:\n%s", substitution_markdown(substitution))
     log.info("evaluate:\n%s", to_markdown(table))
