@@ -238,7 +238,6 @@ def test_config_hash_is_order_independent_and_sensitive():
 
 
 @pytest.mark.parametrize("section, key, value, field", [
-    ("measure", "measurements", ["loss", "elbo"], "measure.measurements"),
     ("model", "family", "vesde", "model.family"),
 ])
 def test_library_only_settings_are_refused_by_the_workflow(base_config, section, key, value, field):

@@ -116,12 +116,39 @@ def test_lambda_grid_precedence(workflow):
 def test_settings_and_notes_name_the_variant():
     config = {"kfac": dict(KFAC)}
     assert K.settings({"family": "kfac"}, config) == {"fisher_type": "mc", "kfac_approx": "expand", "ekfac": False,
-                                                      "quantization": "int8", "damping": "relative"}
+                                                      "quantization": "int8", "damping": "relative",
+                                                      "query_measurement": "loss"}
+    assert K.settings({"family": "kfac", "query_measurement": "elbo"}, config)["query_measurement"] == "elbo"
     got = K.settings({"family": "kfac", "fisher_type": "empirical", "ekfac": True, "quantization": "float32"}, config)
     assert (got["fisher_type"], got["ekfac"], got["quantization"]) == ("empirical", True, "float32")
     assert K.notes({"family": "kfac"}) == {}
     note = K.notes({"family": "kfac", "damping": "absolute", "lambda_grid": [1e-8]})
     assert set(note) == {"generated", "heldout"} and "1e-08" in note["heldout"] and "not tuned" in note["heldout"]
+    note = K.notes({"family": "kfac", "query_measurement": "trajectory"})
+    assert set(note) == {"heldout"} and "no sampling trajectory" in note["heldout"]
+
+
+def test_query_measurement_scores(workflow, tmp_path):
+    """query_measurement elbo / trajectory change the query side only: a trajectory method's held-out rows (no
+    trajectory: loss gradients) equal the loss method's, its generated rows do not."""
+    from workflow_scripts import sample as sample_stage
+    from workflow_scripts.common import save_npz
+    from workflow_scripts.diffusion import load_model
+
+    config, dataset, model_path, tmp = workflow
+    out = _mc_expand_file(workflow)
+    model, payload = load_model(model_path, config["model"], "cpu")
+    samples = tmp_path / "generated.npz"  # two generated queries with their trajectories (as _inputs' generated set)
+    save_npz(samples, **sample_stage.generate(model, payload["image_shape"], config["diffusion"],
+                                              {**config["sample"], "num_inference_steps": 3}, 0, 2, torch.device("cpu")))
+    inputs = SimpleNamespace(**vars(_inputs(config, dataset, model_path, out)), samples=str(samples))
+    (_, loss), = K.compute({"family": "kfac", "lambda_grid": [1e-2]}, inputs, [1.0])
+    (_, elbo), = K.compute({"family": "kfac", "query_measurement": "elbo", "lambda_grid": [1e-2]}, inputs, [1.0])
+    (_, traj), = K.compute({"family": "kfac", "query_measurement": "trajectory", "lambda_grid": [1e-2]}, inputs, [1.0])
+    for name in ("generated", "heldout"):
+        assert np.isfinite(elbo[name]).all() and not np.allclose(elbo[name], loss[name])
+    np.testing.assert_array_equal(traj["heldout"], loss["heldout"])
+    assert np.isfinite(traj["generated"]).all() and not np.allclose(traj["generated"], loss["generated"])
 
 
 def test_missing_inputs_are_named():

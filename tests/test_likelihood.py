@@ -352,9 +352,11 @@ def test_kfac_gradients_accept_elbo_measurement(model, images):
 
 
 def test_measure_settings_defaults_keep_current_behaviour(base_config, smoke_config):
+    minimal = {k: base_config["measure"][k] for k in ("n_timesteps", "n_noise", "batch_size")}
+    assert L.measure_settings(minimal)["measurements"] == ["loss"]  # absent keys: the loss only
     for config in (base_config, smoke_config):
         s = L.measure_settings(config["measure"])
-        assert s["measurements"] == ["loss"]
+        assert s["measurements"] == config["measure"]["measurements"]
         assert L.model_family(config["model"]) == "ddpm"
         assert s["n_timesteps"] == config["measure"]["n_timesteps"]
     s = L.measure_settings({"elbo": {"scheme": "all"}})
@@ -371,6 +373,8 @@ def test_schema_accepts_new_keys_and_rejects_bad_values(base_config):
     validate_config(config)
     vesde = copy.deepcopy(base_config)
     vesde["model"].update({"family": "vesde", "vesde": {"sigma": 25.0, "t_min": 1e-5, "weighting": "likelihood"}})
+    for method in ("kfac_elbo", "kfac_trajectory"):  # DDPM targets: a VE-SDE config must not ask for them
+        vesde["scores"]["methods"].pop(method)
     vesde["measure"].update({"measurements": ["likelihood"],
                              "likelihood": {"solver": "heun", "n_steps": 16, "checkpoint": False, "dequantize": False}})
     validate_config(vesde)

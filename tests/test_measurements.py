@@ -1,0 +1,291 @@
+"""The likelihood measurements in the workflow (issue 5): the measure stage writes every target, the K-FAC
+scorer's query_measurement takes gradients of exactly that target, the scores stage tunes on it, and evaluate
+builds the LDS table per target and the measurement substitution table from the right arrays."""
+import argparse
+import copy
+import json
+from types import SimpleNamespace
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from workflow_scripts import data as data_stage
+from workflow_scripts import evaluate as E
+from workflow_scripts import likelihood as L
+from workflow_scripts import measure as M
+from workflow_scripts.common import ArtefactError, load_npz, save_npz
+from workflow_scripts.config import ConfigError, check_workflow_support, validate_config
+from workflow_scripts.curvature import ParamLayout
+from workflow_scripts.diffusion import load_model
+from workflow_scripts.sample import generate
+from workflow_scripts.scorers import family_target
+from workflow_scripts.scorers import kfac as K
+from workflow_scripts.train import train_model
+
+torch.set_num_threads(1)
+TARGETS = ["loss", "elbo", "timestep_loss_t3", "timestep_loss_t700", "trajectory"]
+
+
+@pytest.fixture(scope="module")
+def stage(tmp_path_factory, smoke_config):
+    """A 2-step model, its dataset and generated samples (with trajectories), tiny measurement settings."""
+    tmp = tmp_path_factory.mktemp("measurements")
+    config = copy.deepcopy(smoke_config)
+    config["data"].update({"n_train": 12, "n_heldout": 3})
+    config["train"].update({"steps": 2, "resume_every": 2})
+    config["compute"] = {"device": "cpu", "threads": 1}
+    config["sample"].update({"n_generated": 2, "num_inference_steps": 3})
+    config["measure"].update({"n_timesteps": 4, "n_noise": 1, "batch_size": 16,
+                              "measurements": ["loss", "elbo", "timestep_loss", "trajectory"],
+                              "elbo": {"n_timesteps": 5, "n_noise": 1, "decoder_draws": 1},
+                              "timestep_loss": {"timesteps": [3, 700], "n_noise": 2}})
+    validate_config(config)
+    dataset = tmp / "dataset.npz"
+    data_stage.run(argparse.Namespace(dataset_out=dataset, subsets_out=tmp / "subsets.npz"), config)
+    images = data_stage.load_dataset(dataset)["train_images"]
+    model_path = train_model(config, images, np.arange(len(images)), 0, tmp / "model.pt")
+    model, payload = load_model(model_path, config["model"], "cpu")
+    samples = tmp / "generated.npz"
+    save_npz(samples, **generate(model, payload["image_shape"], config["diffusion"], config["sample"],
+                                 config["seeds"]["sample"], 2, torch.device("cpu")))
+    return config, dataset, samples, model_path, tmp
+
+
+def _measure(stage, out_name="m.npz"):
+    config, dataset, samples, model_path, tmp = stage
+    out = tmp / out_name
+    M.run(argparse.Namespace(model=str(model_path), dataset=str(dataset), samples=str(samples), subset=3, replicate=1,
+                             out=str(out)), config)
+    return load_npz(out)
+
+
+def test_measure_stage_writes_every_target_with_the_right_shapes(stage):
+    config, dataset, samples, model_path, _ = stage
+    arrays = _measure(stage)
+    assert L.target_names(config) == TARGETS
+    assert [str(t) for t in arrays["targets"]] == TARGETS
+    assert (int(arrays["subset"]), int(arrays["replicate"])) == (3, 1)
+    n = {"generated": 2, "heldout": 3}
+    expected = {L.target_key(q, t) for q in n for t in TARGETS if not (t == "trajectory" and q == "heldout")}
+    assert set(arrays) - {"subset", "replicate", "targets"} == expected
+    for key in expected:
+        query_set = key.split("__")[0]
+        assert arrays[key].shape == (n[query_set],) and arrays[key].dtype == np.float64 and np.isfinite(arrays[key]).all()
+    # the loss keeps its array names and values (everything downstream of the loss-only stage still reads it)
+    model, _ = load_model(model_path, config["model"], "cpu")
+    queries = M.load_queries(dataset, samples)
+    for stream, name in enumerate(M.QUERY_SETS):
+        np.testing.assert_array_equal(arrays[name], M.measure_loss(model, queries[name], config["diffusion"],
+                                                                   config["measure"], config["seeds"]["measure"],
+                                                                   stream, "cpu"))
+    # the ELBO is an upper bound on -log P of the 17-level image: above 0 nats, and distinct from the loss
+    assert (arrays["heldout__elbo"] > 0).all()
+
+
+def test_target_measurement_is_exactly_the_measured_target(stage):
+    """The query-side Measurement of a target evaluates to the value the measure stage wrote for it."""
+    config, dataset, samples, model_path, _ = stage
+    arrays = _measure(stage)
+    model, _ = load_model(model_path, config["model"], "cpu")
+    queries = M.load_queries(dataset, samples)
+    sample_arrays = load_npz(samples)
+    for target in TARGETS[1:]:
+        for name in M.QUERY_SETS:
+            m = L.target_measurement(config, target, name, sample_arrays)
+            if target == "trajectory" and name == "heldout":
+                assert m is None  # no trajectory: no measurement (kfac falls back to the loss and says so)
+                continue
+            values = L.evaluate(model, queries[name], m, "cpu", batch_rows=7)["value"]
+            np.testing.assert_allclose(values, arrays[L.target_key(name, target)], rtol=1e-6, err_msg=target)
+    with pytest.raises(ValueError, match="not measured"):
+        L.target_measurement(config, "timestep_loss_t5", "heldout")
+
+
+@pytest.mark.parametrize("target", ["elbo", "timestep_loss_t700", "trajectory"])
+def test_kfac_query_measurement_gradient_equals_autograd(stage, target):
+    """K-FAC's query gradients (vmap(grad) of query_measurements) == torch.autograd of the measured value, whose
+    plain per-image evaluation equals the measure stage's ground truth."""
+    config, dataset, samples, model_path, _ = stage
+    arrays = _measure(stage)
+    model, _ = load_model(model_path, config["model"], "cpu")
+    queries = M.load_queries(dataset, samples)
+    measurements = K.query_measurements({"family": "kfac", "query_measurement": target}, config, M.QUERY_SETS,
+                                        str(samples))
+    assert set(measurements) == ({"generated"} if target == "trajectory" else set(M.QUERY_SETS))
+    params = dict(model.named_parameters())
+    names = [n for n in params if n.endswith("weight")][:4] + [n for n in params if n.endswith("weight")][-3:]
+    layout = ParamLayout(names, [tuple(params[n].shape) for n in names])
+    for name, m in measurements.items():
+        images = queries[name]
+        batched = K.gradients(model, layout, images, m, batch_rows=9, device="cpu")  # several batches
+        x = torch.from_numpy(images)
+        d = m.draws(len(images), images.shape[1:], 0)
+        for q in range(len(images)):
+            value = m.objective(lambda xt, t: model(xt, t).sample, x[q], {k: v[q] for k, v in d.items()})
+            assert value.item() == pytest.approx(arrays[L.target_key(name, target)][q], rel=1e-5)
+            flat = torch.cat([g.flatten() for g in torch.autograd.grad(value, [params[n] for n in names])])
+            torch.testing.assert_close(batched[q], flat.float(), rtol=2e-4, atol=1e-5 * float(flat.abs().max()))
+    assert K.query_measurements({"family": "kfac"}, config, M.QUERY_SETS, None) == {}  # loss: kfac's own draws
+    with pytest.raises(ArtefactError, match="samples"):
+        K.query_measurements({"family": "kfac", "query_measurement": "trajectory"}, config, M.QUERY_SETS, None)
+
+
+# ---------------------------------------------------------------- targets of the scores stage and of evaluate
+def _files(tmp_path, targets_by_key: dict[str, np.ndarray], n_subsets: int, n_seeds: int, names=None):
+    """Measurement files subset-major; targets_by_key: {array key: (n_subsets, n_seeds, n_query)}."""
+    paths = []
+    for j in range(n_subsets):
+        for s in range(n_seeds):
+            path = tmp_path / f"subset{j:03d}_seed{s}.npz"
+            save_npz(path, subset=np.array(j), replicate=np.array(s), targets=np.array(names or ["loss"]),
+                     **{k: v[j, s] for k, v in targets_by_key.items()})
+            paths.append(str(path))
+    return paths
+
+
+def _method(tmp_path, name, scores, target=None, settings=None, family="kfac"):
+    directory = tmp_path / name
+    directory.mkdir()
+    chosen = {"method": name, "config": {"family": family}, "lambda": 0.1, "notes": {}, "settings": settings or {},
+              "target": target or {q: "loss" for q in scores}}
+    (directory / "chosen.json").write_text(json.dumps(chosen))
+    for query_set, s in scores.items():
+        np.save(directory / f"{query_set}.npy", s.astype(np.float32))
+    pd.DataFrame([{"lambda": 0.1, "query_set": q, "lds_tuning": 0.5, "lds_evaluation": 0.5} for q in scores]
+                 ).to_csv(directory / "sweep.csv", index=False)
+    return directory
+
+
+@pytest.fixture
+def synthetic(tmp_path):
+    """Two linear datamodels: the loss follows effect_loss, the ELBO effect_elbo (its two seeds identical), the
+    trajectory (generated only) effect_traj; kfac / kfac_elbo / kfac_trajectory hold exactly those effects."""
+    rng = np.random.default_rng(0)
+    n_subsets, n_seeds, n_train, n_query = 14, 2, 24, 3
+    masks = rng.random((n_subsets, n_train)) < 0.5
+    effects = {t: rng.normal(size=(n_query, n_train)) for t in ("loss", "elbo", "trajectory")}
+
+    def target(effect, noise):
+        base = (~masks).astype(float) @ effect.T
+        return np.stack([base + noise * rng.normal(size=base.shape) for _ in range(n_seeds)], axis=1)
+
+    arrays = {}
+    for q in ("generated", "heldout"):
+        arrays[q] = target(effects["loss"], 2.0)
+        arrays[f"{q}__elbo"] = np.repeat(target(effects["elbo"], 0.0)[:, :1], n_seeds, axis=1)
+    arrays["generated__trajectory"] = target(effects["trajectory"], 0.5)
+    paths = _files(tmp_path, arrays, n_subsets, n_seeds, ["loss", "elbo", "trajectory"])
+    subsets = {"masks": masks, "tuning": np.arange(4), "evaluation": np.arange(4, n_subsets)}
+    base = {"fisher_type": "mc", "kfac_approx": "expand", "ekfac": False, "quantization": "int8", "damping": "relative"}
+    both = ("generated", "heldout")
+    dirs = {
+        "kfac": _method(tmp_path, "kfac", {q: effects["loss"] for q in both}, None, {**base, "query_measurement": "loss"}),
+        "kfac_elbo": _method(tmp_path, "kfac_elbo", {q: effects["elbo"] for q in both}, {q: "elbo" for q in both},
+                             {**base, "query_measurement": "elbo"}),
+        "kfac_trajectory": _method(tmp_path, "kfac_trajectory",
+                                   {"generated": effects["trajectory"], "heldout": effects["loss"]},
+                                   {"generated": "trajectory", "heldout": "loss"},
+                                   {**base, "query_measurement": "trajectory"}),
+        "kfac_float32": _method(tmp_path, "kfac_float32", {q: effects["loss"] for q in both}, None,
+                                {**base, "quantization": "float32", "query_measurement": "loss"}),
+        "trak": _method(tmp_path, "trak", {q: effects["loss"] + rng.normal(size=effects["loss"].shape) for q in both},
+                        family="trak"),
+    }
+    lds_cfg = {"n_subsets": n_subsets, "n_seeds": n_seeds, "bootstrap_samples": 40, "ci": 0.95}
+    return paths, subsets, dirs, lds_cfg, arrays
+
+
+def test_scores_stage_targets_are_the_methods_own(synthetic):
+    paths, _, _, _, arrays = synthetic
+    assert family_target("kfac", {"family": "kfac", "query_measurement": "elbo"}) == "elbo"
+    assert family_target("trak", {"family": "trak", "output_function": "loss"}) == "loss"
+    elbo, notes = L.method_targets(paths, 14, 2, "elbo")
+    assert notes == {}
+    np.testing.assert_array_equal(elbo["heldout"], arrays["heldout__elbo"])
+    traj, notes = L.method_targets(paths, 14, 2, "trajectory")
+    np.testing.assert_array_equal(traj["generated"], arrays["generated__trajectory"])
+    np.testing.assert_array_equal(traj["heldout"], arrays["heldout"])  # no trajectory: tuned on the loss, said so
+    assert set(notes) == {"heldout"} and "loss" in notes["heldout"]
+    with pytest.raises(ArtefactError, match="timestep_loss_t10"):
+        L.method_targets(paths, 14, 2, "timestep_loss_t10")
+
+
+def test_lds_per_measurement_uses_each_targets_arrays(synthetic):
+    paths, subsets, dirs, lds_cfg, _ = synthetic
+    table = E.measurement_table(dirs, subsets, paths, lds_cfg, seed=0)
+    assert list(dict.fromkeys(table["measurement"])) == ["loss", "elbo", "trajectory"]
+    assert set(table.loc[table["measurement"] == "trajectory", "query_set"]) == {"generated"}  # no held-out target
+
+    def lds(measurement, method, query_set="generated"):
+        row = table[(table["measurement"] == measurement) & (table["method"] == method) & (table["query_set"] == query_set)]
+        assert len(row) == 1
+        return row.iloc[0]
+
+    # each exact datamodel ranks its own target perfectly: the LDS is computed from that target's arrays
+    assert lds("elbo", "kfac_elbo")["lds"] == pytest.approx(1.0)
+    assert lds("trajectory", "kfac_trajectory")["lds"] > 0.9
+    assert lds("elbo", "kfac")["lds"] < 0.6 and lds("loss", "kfac_elbo")["lds"] < 0.6
+    # noise ceilings per target: the ELBO's two seeds are identical, the loss's are noisy
+    assert lds("elbo", E.NOISE_CEILING)["lds"] == pytest.approx(1.0)
+    assert lds("loss", E.NOISE_CEILING)["lds"] < 0.95
+    # "tuned on evaluation" only where the method's sweep is of this target
+    assert lds("elbo", "kfac_elbo")["lds_tuned_on_evaluation"] == 0.5
+    assert np.isnan(lds("loss", "kfac_elbo")["lds_tuned_on_evaluation"])
+    assert lds("loss", "kfac_trajectory", "heldout")["scores_of"] == "loss"
+    # the loss rows equal the loss-only LDS table
+    loss_only = E.lds_table(dirs, subsets, M.load_targets(paths, 14, 2), lds_cfg, seed=0)
+    np.testing.assert_allclose(table.loc[table["measurement"] == "loss", "lds"].to_numpy(), loss_only["lds"].to_numpy())
+    markdown = E.measurement_markdown(table)
+    assert "| elbo | kfac_elbo | generated | 1.000 |" in markdown
+
+
+def test_measurement_substitution_table(synthetic, tmp_path):
+    paths, subsets, dirs, lds_cfg, _ = synthetic
+    assert E.substitution_methods(dirs) == {"kfac": "loss", "kfac_elbo": "elbo", "kfac_trajectory": "trajectory"}
+    table = E.measurement_substitution(E.measurement_table(dirs, subsets, paths, lds_cfg, seed=0), dirs)
+    assert set(table["method"]) == {"kfac", "kfac_elbo", "kfac_trajectory", E.NOISE_CEILING}  # no float32, no trak
+    assert set(zip(table["measurement"], table["query_set"])) == {
+        ("loss", "generated"), ("loss", "heldout"), ("elbo", "generated"), ("elbo", "heldout"), ("trajectory", "generated")}
+    row = table[(table["measurement"] == "elbo") & (table["method"] == "kfac")].iloc[0]
+    assert row["query_measurement"] == "loss" and not row["matched"]  # the substitution: loss gradient, ELBO target
+    matched = table[(table["measurement"] == "elbo") & (table["method"] == "kfac_elbo")]
+    assert matched["matched"].all() and (matched["lds"] > 0.99).all()
+    assert (table.groupby(["measurement", "query_set"])["method"].apply(lambda m: E.NOISE_CEILING in set(m))).all()
+    markdown = E.substitution_markdown(table)
+    assert "kfac_elbo (elbo gradient)" in markdown and "| elbo | generated |" in markdown
+    assert "**1.000" in markdown and "(loss gradient: no trajectory)" in markdown
+    E.plot_measurements(E.measurement_table(dirs, subsets, paths, lds_cfg, seed=0), tmp_path / "heat")
+    assert (tmp_path / "heat.png").stat().st_size > 2000 and (tmp_path / "heat.pdf").read_bytes()[:4] == b"%PDF"
+    assert "no substitution" in E.substitution_markdown(table[table["method"] == E.NOISE_CEILING])
+
+
+def test_measurement_files_must_agree_on_their_targets(tmp_path):
+    a = _files(tmp_path, {"generated": np.zeros((1, 1, 2)), "heldout": np.zeros((1, 1, 2))}, 1, 1, ["loss"])
+    (tmp_path / "b").mkdir()
+    b = _files(tmp_path / "b", {"generated": np.zeros((1, 1, 2)), "heldout": np.zeros((1, 1, 2)),
+                                "generated__elbo": np.zeros((1, 1, 2)), "heldout__elbo": np.zeros((1, 1, 2))},
+               1, 1, ["loss", "elbo"])
+    assert L.file_targets(b) == ["loss", "elbo"]
+    with pytest.raises(ArtefactError, match="remeasure"):
+        L.file_targets(a + b)
+
+
+# ---------------------------------------------------------------- configuration
+def test_workflow_accepts_ddpm_measurements_and_checks_query_measurements(base_config):
+    assert L.target_names(base_config) == ["loss", "elbo", "timestep_loss_t10", "timestep_loss_t100",
+                                           "timestep_loss_t500", "trajectory"]
+    check_workflow_support(base_config)  # every DDPM measurement is a rule's now
+    assert base_config["scores"]["methods"]["kfac_elbo"]["query_measurement"] == "elbo"
+    config = copy.deepcopy(base_config)
+    config["measure"]["measurements"] = ["loss", "trajectory"]
+    with pytest.raises(ConfigError, match="kfac_elbo.query_measurement"):
+        validate_config(config)
+    config = copy.deepcopy(base_config)
+    config["scores"]["methods"]["kfac_elbo"]["query_measurement"] = "timestep_loss_t20"
+    with pytest.raises(ConfigError, match="timestep_loss_t20"):
+        validate_config(config)
+    config["scores"]["methods"]["kfac_elbo"]["query_measurement"] = "bits"
+    with pytest.raises(ConfigError, match="query_measurement"):
+        validate_config(config)
