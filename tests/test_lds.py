@@ -123,3 +123,34 @@ def test_noise_ceiling_averages_seed_pairs():
 def test_noise_ceiling_needs_two_seeds():
     with pytest.raises(ValueError, match="n_seeds"):
         lds.noise_ceiling_per_query(np.zeros((5, 1, 3)))
+
+
+def test_average_ranks_equal_scipy_rankdata_with_ties_and_batch_axes():
+    from scipy.stats import rankdata
+
+    rng = np.random.default_rng(3)
+    for shape in [(5, 7), (3, 4, 9), (2, 1), (6, 50, 20)]:
+        for ties in (False, True):
+            a = rng.normal(size=shape)
+            a = np.round(a * 2) / 2 if ties else a
+            np.testing.assert_array_equal(lds.average_ranks(a), rankdata(a, axis=-1))
+    np.testing.assert_array_equal(lds.average_ranks(np.array([[1.0, np.nan, 2.0]])), rankdata([[1.0, np.nan, 2.0]], axis=-1))
+
+
+def test_vectorised_lds_summary_equals_the_bootstrap_loop_and_its_cache():
+    """lds_summary (all resamples ranked at once, ranks cached per method / target) == summarise of lds_per_query."""
+    rng = np.random.default_rng(4)
+    scores = rng.normal(size=(6, 40))
+    masks = rng.random((15, 40)) < 0.5
+    targets = (~masks).astype(float) @ scores.T + 2 * rng.normal(size=(15, 6))
+    targets[:, 0] = np.round(targets[:, 0])  # ties
+    loop = lds.summarise(lambda idx: lds.lds_per_query(scores, masks[idx], targets[idx]), 15, 300, 0.9, 5)
+    fast = lds.lds_summary(scores, masks, targets, 300, 0.9, 5)
+    assert fast.keys() == loop.keys()
+    for key in loop:
+        assert fast[key] == pytest.approx(loop[key], rel=1e-12, abs=1e-12), key
+    ranks = lds.BootstrapRanks(15, 300, 0.9, 5)
+    assert ranks.lds(scores, masks, targets, "m", "t") == fast
+    assert ranks.lds(scores, masks, targets, "m", "t") == fast  # from the cache
+    other = ranks.lds(scores, masks, targets[::-1].copy(), "m", "t2")  # a new target key: new target ranks
+    assert other != fast

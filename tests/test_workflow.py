@@ -1,4 +1,5 @@
 """The smoke workflow end to end, through Snakemake, in a scratch copy of the repository."""
+import json
 import math
 import re
 import shutil
@@ -43,6 +44,56 @@ def test_lds_table_has_every_method_and_query_set(smoke_run, smoke_config):
         assert ran[column].between(-1, 1).all(), column
     markdown = (smoke_run / "results/smoke/tables/lds.md").read_text()
     assert all(m in markdown for m in methods)
+
+
+def test_lds_per_measurement_has_every_target_method_and_noise_ceiling(smoke_run, smoke_config):
+    from workflow_scripts.likelihood import target_names
+
+    table = pd.read_csv(smoke_run / "results/smoke/tables/lds_measurements.csv")
+    targets = target_names(smoke_config)
+    assert {"elbo", "trajectory", "loss"} <= set(targets)
+    assert list(dict.fromkeys(table["measurement"])) == targets
+    methods = set(smoke_config["scores"]["methods"]) | {"noise ceiling (seed-to-seed)"}
+    for target in targets:
+        rows = table[table["measurement"] == target]
+        sets = {"generated"} if target == "trajectory" else {"generated", "heldout"}  # held-out: no trajectory
+        assert set(rows["query_set"]) == sets, target
+        for query_set in sets:
+            assert set(rows.loc[rows["query_set"] == query_set, "method"]) == methods, (target, query_set)
+    ran = table[table["lds"].notna()]
+    assert ran["lds"].between(-1, 1).all() and ran["ci_low"].map(math.isfinite).all()
+    # the loss rows are the LDS table's
+    lds = pd.read_csv(smoke_run / "results/smoke/tables/lds.csv")
+    loss = table[table["measurement"] == "loss"].reset_index(drop=True)
+    pd.testing.assert_series_equal(loss["lds"], lds["lds"], check_names=False)
+    elbo_tuned = json.loads((smoke_run / "results/smoke/scores/kfac_elbo/chosen.json").read_text())
+    assert elbo_tuned["target"] == {"generated": "elbo", "heldout": "elbo"}  # lambda tuned on its own target
+    assert "| elbo | kfac_elbo | generated |" in (smoke_run / "results/smoke/tables/lds_measurements.md").read_text()
+
+
+def test_measurement_substitution_table(smoke_run):
+    table = pd.read_csv(smoke_run / "results/smoke/tables/measurement_substitution.csv")
+    for target in ("loss", "elbo"):
+        for method, gradient in (("kfac", "loss"), ("kfac_elbo", "elbo"), ("noise ceiling (seed-to-seed)", None)):
+            rows = table[(table["measurement"] == target) & (table["method"] == method)]
+            assert set(rows["query_set"]) == {"generated", "heldout"}, (target, method)
+            assert rows["lds"].map(math.isfinite).all()
+            if gradient:
+                assert (rows["matched"] == (gradient == target)).all()
+    markdown = (smoke_run / "results/smoke/tables/measurement_substitution.md").read_text()
+    assert "kfac (loss gradient)" in markdown and "kfac_elbo (elbo gradient)" in markdown
+    assert "| elbo | generated |" in markdown
+
+
+def test_changing_elbo_settings_reruns_measurements_not_training_or_regeneration(smoke_run):
+    overlay = smoke_run / "elbo.yaml"
+    overlay.write_text(yaml.safe_dump({"measure": {"elbo": {"n_timesteps": 6}}}))
+    result = snakemake(smoke_run, "--configfile", "configs/smoke.yaml", str(overlay), "-n")
+    out = result.stdout + result.stderr
+    assert result.returncode == 0, out
+    assert re.search(r"^measure\s+\d+$", out, re.M) and re.search(r"^evaluate\s+1$", out, re.M), out[-3000:]
+    for rule in ("train_full", "train_subset", "regenerate", "gradients"):
+        assert not re.search(rf"^{rule}\s+\d+$", out, re.M), rule
 
 
 def test_figure_is_a_nonempty_png(smoke_run):
@@ -127,7 +178,7 @@ def test_counterfactual_models_differ_from_the_full_one_only_in_members(smoke_ru
 
 
 FIGURES = ("lds_bars", "damping_sweeps", "predicted_vs_actual", "influencers", "counterfactual_boxplots",
-           "counterfactual_pairs")
+           "counterfactual_pairs", "lds_measurements")
 
 
 @pytest.mark.parametrize("name", FIGURES)
@@ -216,7 +267,7 @@ def report(smoke_run):
 def test_report_is_self_contained_with_every_table_and_figure(report):
     html = report.read_text()
     assert len(html) > 100_000
-    for name in (*FIGURES, "lds", "counterfactual", "kfac_ablation"):
+    for name in (*FIGURES, "lds", "counterfactual", "kfac_ablation", "measurement_substitution"):
         assert name in html, name
     assert "src=\"http" not in html and "href=\"http" not in html.replace('href="https://snakemake', "")
 
@@ -249,6 +300,7 @@ def test_report_renders_its_figures_in_a_headless_browser(report, tmp_path):
         assert r["shownWidth"] > 50, r                                                 # laid out on the page
         assert 0.005 < r["inkFraction"] < 0.99, r                                      # not blank
         assert r["caption"] > 100, r                                                   # explained
-    for name in ("lds.html", "counterfactual.html", "kfac_ablation.html"):
+    for name in ("lds.html", "counterfactual.html", "kfac_ablation.html", "lds_measurements.html",
+                 "measurement_substitution.html"):
         r = by_name[name]
         assert r["iframe"] and r["rows"] >= 3 and r["caption"] > 100, r

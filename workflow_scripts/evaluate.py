@@ -30,7 +30,7 @@ import pandas as pd
 
 from . import data as data_stage
 from .common import load_npz, log, save_json, save_text
-from .lds import lds_summary, noise_ceiling_summary
+from .lds import BootstrapRanks, noise_ceiling_summary
 from .likelihood import file_targets, load_measurement_targets
 from .measure import QUERY_SETS, load_targets
 from .plotting import html_page, markdown_to_html
@@ -44,12 +44,14 @@ def scored_target(chosen: dict, query_set: str) -> str:
 
 
 def lds_table(method_dirs: dict[str, Path], subsets: dict, targets: dict, lds_cfg: dict, seed: int,
-              measurement: str = "loss") -> pd.DataFrame:
+              measurement: str = "loss", ranks: BootstrapRanks | None = None) -> pd.DataFrame:
     """LDS of every method against `targets` ({query set: (n_subsets, n_seeds, n_query)}) of one measurement;
     query sets without that measurement (trajectory: held-out) have no rows. 'LDS tuned on evaluation' comes
-    from the method's sweep, so it is given only where the method was tuned on this measurement."""
+    from the method's sweep, so it is given only where the method was tuned on this measurement.
+    `ranks`: shared by the tables of several measurements (same subsets, bootstrap and seed)."""
     evaluation = subsets["evaluation"]
     masks = subsets["masks"][evaluation]
+    ranks = ranks or BootstrapRanks(len(evaluation), lds_cfg["bootstrap_samples"], lds_cfg["ci"], seed)
     rows = []
     for name in (n for n in QUERY_SETS if n in targets):
         target = targets[name][evaluation]  # (n_eval, n_seeds, n_query)
@@ -70,7 +72,7 @@ def lds_table(method_dirs: dict[str, Path], subsets: dict, targets: dict, lds_cf
             own = scored_target(chosen, name)
             if own != measurement:  # the sweep is of the method's own target
                 best_on_evaluation = np.nan
-            summary = lds_summary(scores, masks, target.mean(1), lds_cfg["bootstrap_samples"], lds_cfg["ci"], seed)
+            summary = ranks.lds(scores, masks, target.mean(1), (method, name), (measurement, name))
             note = (chosen.get("notes") or {}).get(name, "")
             if own != "loss":
                 note = "; ".join(filter(None, [f"scores predict {own} (query gradients and lambda)", note]))
@@ -172,13 +174,14 @@ def plot(table: pd.DataFrame, path: str | Path,
 
 # ---------------------------------------------------------------- likelihood measurements (issue 5)
 def measurement_table(method_dirs: dict[str, Path], subsets: dict, paths: list[str], lds_cfg: dict,
-                      seed: int) -> pd.DataFrame:
+                      seed: int, ranks: BootstrapRanks | None = None) -> pd.DataFrame:
     """lds_table for every target the measurement files hold, stacked: first column `measurement`."""
+    ranks = ranks or BootstrapRanks(len(subsets["evaluation"]), lds_cfg["bootstrap_samples"], lds_cfg["ci"], seed)
     parts = []
     for target in file_targets(paths):
         targets = load_measurement_targets(paths, lds_cfg["n_subsets"], lds_cfg["n_seeds"], target)
         log.info("evaluate: LDS against %s (%s)", target, ", ".join(targets))
-        table = lds_table(method_dirs, subsets, targets, lds_cfg, seed, measurement=target)
+        table = lds_table(method_dirs, subsets, targets, lds_cfg, seed, measurement=target, ranks=ranks)
         table.insert(0, "measurement", target)
         parts.append(table)
     return pd.concat(parts, ignore_index=True)
@@ -310,7 +313,9 @@ def run(args, config: dict) -> None:
     subsets = data_stage.load_subsets(args.subsets)
     targets = load_targets(args.measurements, config["lds"]["n_subsets"], config["lds"]["n_seeds"])
     method_dirs = {Path(d).name: Path(d) for d in args.scores}
-    table = lds_table(method_dirs, subsets, targets, config["lds"], config["seeds"]["bootstrap"])
+    lds_cfg, seed = config["lds"], config["seeds"]["bootstrap"]
+    ranks = BootstrapRanks(len(subsets["evaluation"]), lds_cfg["bootstrap_samples"], lds_cfg["ci"], seed)
+    table = lds_table(method_dirs, subsets, targets, lds_cfg, seed, ranks=ranks)
     stem = Path(args.table)
     save_text(table.to_csv(index=False), stem.with_suffix(".csv"))
     save_text(to_markdown(table), stem.with_suffix(".md"))
@@ -327,7 +332,7 @@ def run(args, config: dict) -> None:
               ablation_stem.with_suffix(".html"))
     plot(ablation, args.ablation_figure,
          "K-FAC influence ablation: LDS, 95% bootstrap CI over subsets")
-    measurements = measurement_table(method_dirs, subsets, args.measurements, config["lds"], config["seeds"]["bootstrap"])
+    measurements = measurement_table(method_dirs, subsets, args.measurements, lds_cfg, seed, ranks)
     m_stem = Path(args.measurements_table)
     save_text(measurements.to_csv(index=False), m_stem.with_suffix(".csv"))
     save_text(measurement_markdown(measurements), m_stem.with_suffix(".md"))
