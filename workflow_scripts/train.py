@@ -12,6 +12,7 @@ exactly (on CPU, bit for bit).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import os
 from pathlib import Path
@@ -43,9 +44,50 @@ def batch_indices(members: np.ndarray, batch_size: int, seed: int, step: int) ->
 
 def training_identity(config: dict, members: np.ndarray, replicate: int) -> dict:
     """What a checkpoint must record to be reproducible and checkable."""
-    return {"model": config["model"], "diffusion": config["diffusion"], "train": config["train"],
-            "data": config["data"], "seed": training_seed(config, replicate),
-            "members_sha256": hashlib.sha256(np.asarray(members, np.int64).tobytes()).hexdigest(), "n_members": int(len(members))}
+    identity = {"model": config["model"], "diffusion": config["diffusion"], "train": config["train"],
+                "data": config["data"], "seed": training_seed(config, replicate),
+                "members_sha256": hashlib.sha256(np.asarray(members, np.int64).tobytes()).hexdigest(), "n_members": int(len(members))}
+    if amp_mode(config) != "float32":  # recorded only when used, so full-precision checkpoints keep their identity
+        identity["amp"] = amp_mode(config)
+    return identity
+
+
+# ---------------------------------------------------------------- mixed precision (compute.amp)
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def amp_mode(config: dict) -> str:
+    """compute.amp: float32 (absent: no mixed precision), bf16 or fp16 autocast of the forward pass."""
+    return config["compute"].get("amp", "float32")
+
+
+class Precision:
+    """Forward under autocast (bf16 / fp16) and the matching backward + clipped optimizer step; fp16 scales the
+    loss with a GradScaler (gradients unscaled before clipping, steps with inf/NaN gradients skipped). float32
+    runs exactly the former code (no autocast context at all), so its results are unchanged bit for bit."""
+
+    def __init__(self, mode: str, device: torch.device):
+        if mode not in ("float32", *AMP_DTYPES):
+            raise ValueError(f"compute.amp must be float32, bf16 or fp16, got {mode!r}")
+        self.mode, self.device = mode, device
+        self.scaler = torch.amp.GradScaler(device.type) if mode == "fp16" else None
+
+    def autocast(self):
+        if self.mode == "float32":
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=AMP_DTYPES[self.mode])
+
+    def step(self, loss: torch.Tensor, model: torch.nn.Module, optimizer, grad_clip: float) -> None:
+        if self.scaler is None:
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+            optimizer.step()
+            return
+        self.scaler.scale(loss).backward()
+        self.scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        self.scaler.step(optimizer)
+        self.scaler.update()
 
 
 def train_model(config: dict, images: np.ndarray, members: np.ndarray, replicate: int, model_out: str | Path,
@@ -68,6 +110,7 @@ def train_model(config: dict, images: np.ndarray, members: np.ndarray, replicate
     model = build_model(config["model"], images.shape[1:]).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=train_cfg["lr"], weight_decay=train_cfg["weight_decay"])
     schedule = get_cosine_schedule_with_warmup(optimizer, int(train_cfg["warmup_fraction"] * train_cfg["steps"]), train_cfg["steps"])
+    precision = Precision(amp_mode(config), device)
     start = 0
     if resume_path.exists():
         state = load_torch(resume_path)
@@ -75,6 +118,8 @@ def train_model(config: dict, images: np.ndarray, members: np.ndarray, replicate
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
             schedule.load_state_dict(state["schedule"])
+            if precision.scaler is not None:
+                precision.scaler.load_state_dict(state["scaler"])
             start = state["step"]
             log.info("resuming %s from step %d", model_out, start)
         else:
@@ -94,20 +139,20 @@ def train_model(config: dict, images: np.ndarray, members: np.ndarray, replicate
         g = generator(seed, NOISE_STREAM, step)
         t = torch.randint(0, T, (len(idx),), generator=g).to(device)
         eps = torch.randn(len(idx), *images.shape[1:], generator=g).to(device)
-        per_example = simple_loss(model, x_all[idx], t, eps, a_bar)
+        with precision.autocast():
+            per_example = simple_loss(model, x_all[idx], t, eps, a_bar).float()  # float(): no-op in float32
         loss = per_example.mean() if w_all is None else (w_all[idx] * per_example).mean()
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), train_cfg["grad_clip"])
         lr = schedule.get_last_lr()[0]
-        optimizer.step()
+        precision.step(loss, model, optimizer, train_cfg["grad_clip"])
         schedule.step()
         done = step + 1
         if done in checkpoint_paths:
             save_torch(save_checkpoint_payload(model, identity, done, images.shape[1:], lr=lr), checkpoint_paths[done])
         if done % train_cfg["resume_every"] == 0 and done < train_cfg["steps"]:
             save_torch({"identity": identity, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                        "schedule": schedule.state_dict(), "step": done}, resume_path)
+                        "schedule": schedule.state_dict(), "step": done,
+                        **({"scaler": precision.scaler.state_dict()} if precision.scaler else {})}, resume_path)
         if step % 50 == 0:
             progress.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
     save_torch(save_checkpoint_payload(model, identity, train_cfg["steps"], images.shape[1:]), model_out)
