@@ -1,4 +1,4 @@
-"""Mixed-precision training (compute.amp, train.Precision) on CPU: bf16 / fp16 autocast train (finite, falling
+"""Mixed-precision training (compute.amp, precision.Precision) on CPU: bf16 / fp16 autocast train (finite, falling
 loss), the default float32 path is the former code bit for bit, and an fp16 run resumes exactly (GradScaler state)."""
 import copy
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from workflow_scripts import data, train
+from workflow_scripts import data, precision, train
 from workflow_scripts.common import load_torch, rng
 from workflow_scripts.diffusion import alphas_cumprod, build_model, load_model, measurement_draws, simple_loss
 
@@ -84,4 +84,4 @@ def test_fp16_resume_reproduces_uninterrupted_run(config, images, tmp_path):
 
 def test_unknown_amp_is_refused():
     with pytest.raises(ValueError, match="compute.amp must be"):
-        train.Precision("fp8", CPU)
+        precision.Precision("fp8", CPU)

@@ -84,8 +84,8 @@ def _check_consistency(config: dict) -> None:
     _check_figures(config)
 
 
-# training / test split sizes and classes of the torchvision data sets (workflow_scripts/datasets.py)
-TORCHVISION_SPLITS = {"mnist": (60000, 10000, 10), "cifar10": (50000, 10000, 10), "cifar2": (10000, 2000, 2)}
+# training / test split sizes of the torchvision data sets (workflow_scripts/datasets.py)
+TORCHVISION_SPLITS = {"mnist": (60000, 10000), "cifar10": (50000, 10000), "cifar2": (10000, 2000)}
 IMAGE_SIZE = {"digits": 8, "mnist": 28, "cifar10": 32, "cifar2": 32}
 
 
@@ -93,7 +93,7 @@ def _check_torchvision_data(data: dict, model: dict) -> None:
     name = data["dataset"]
     if "root" not in data:
         raise ConfigError(f"data.root is required for data.dataset {name!r}: the directory holding torchvision's files")
-    n_train, n_test, _ = TORCHVISION_SPLITS[name]
+    n_train, n_test = TORCHVISION_SPLITS[name]
     if data["n_train"] > n_train:
         raise ConfigError(f"data.n_train = {data['n_train']} exceeds {name}'s {n_train} training images")
     if data["n_heldout"] > n_test:

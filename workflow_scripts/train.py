@@ -12,7 +12,6 @@ exactly (on CPU, bit for bit).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import hashlib
 import os
 from pathlib import Path
@@ -25,6 +24,7 @@ from tqdm import tqdm
 from . import data as data_stage
 from .common import ArtefactError, generator, load_torch, log, rng, save_torch, select_device
 from .diffusion import alphas_cumprod, build_model, save_checkpoint_payload, simple_loss
+from .precision import Precision, amp_mode
 
 ORDER_STREAM, NOISE_STREAM, INIT_STREAM = 1, 2, 3
 
@@ -50,44 +50,6 @@ def training_identity(config: dict, members: np.ndarray, replicate: int) -> dict
     if amp_mode(config) != "float32":  # recorded only when used, so full-precision checkpoints keep their identity
         identity["amp"] = amp_mode(config)
     return identity
-
-
-# ---------------------------------------------------------------- mixed precision (compute.amp)
-AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def amp_mode(config: dict) -> str:
-    """compute.amp: float32 (absent: no mixed precision), bf16 or fp16 autocast of the forward pass."""
-    return config["compute"].get("amp", "float32")
-
-
-class Precision:
-    """Forward under autocast (bf16 / fp16) and the matching backward + clipped optimizer step; fp16 scales the
-    loss with a GradScaler (gradients unscaled before clipping, steps with inf/NaN gradients skipped). float32
-    runs exactly the former code (no autocast context at all), so its results are unchanged bit for bit."""
-
-    def __init__(self, mode: str, device: torch.device):
-        if mode not in ("float32", *AMP_DTYPES):
-            raise ValueError(f"compute.amp must be float32, bf16 or fp16, got {mode!r}")
-        self.mode, self.device = mode, device
-        self.scaler = torch.amp.GradScaler(device.type) if mode == "fp16" else None
-
-    def autocast(self):
-        if self.mode == "float32":
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=AMP_DTYPES[self.mode])
-
-    def step(self, loss: torch.Tensor, model: torch.nn.Module, optimizer, grad_clip: float) -> None:
-        if self.scaler is None:
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-            optimizer.step()
-            return
-        self.scaler.scale(loss).backward()
-        self.scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-        self.scaler.step(optimizer)
-        self.scaler.update()
 
 
 def train_model(config: dict, images: np.ndarray, members: np.ndarray, replicate: int, model_out: str | Path,
