@@ -38,7 +38,7 @@ def resolve_root(root: str | os.PathLike | None, dataset: str) -> Path:
     if not root:
         raise DataNotFound(f"data.dataset {dataset!r} needs data.root: the directory torchvision downloads into "
                            f"(it holds {'MNIST/raw/' if dataset == 'mnist' else 'cifar-10-batches-py/'})")
-    return Path(os.path.expanduser(str(root)))
+    return Path(os.path.expanduser(str(root))).absolute()  # absolute: the error names the files wherever the job ran
 
 
 def _how_to_get(dataset: str, root: Path) -> str:
