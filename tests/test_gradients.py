@@ -221,3 +221,24 @@ def test_missing_sidecar_or_store_raises(tmp_path, identity):
         gradients.open_store(path, identity)
     with pytest.raises(ArtefactError, match="missing"):
         gradients.open_store(tmp_path / "absent.npy")
+
+
+@pytest.mark.parametrize("kind, directions", [("avg", None), ("sketch", 2)])
+def test_compute_features_fills_the_store_memory_map(setup, tmp_path, kind, directions):
+    """The gradients stage writes features straight into the store's memory map (never all in RAM): same numbers
+    as the in-memory array; an interrupted fill leaves no store and no temporary file."""
+    model, images, _, _, _ = setup
+    grad_cfg = {"timesteps": 2, "projection": "sjlt", "projection_dim": 16, "sjlt_nonzeros": 2, "batch_size": 2,
+                "timestep_chunk": 10, "projection_memory_mb": 64}
+    seeds = {"gradients": 5, "projection": 6}
+    fn = "eps" if kind == "sketch" else "loss"
+    args = (model, images.numpy(), fn, grad_cfg, DIFFUSION, seeds, torch.device("cpu"))
+    in_memory = gradients.compute_features(*args, kind=kind, directions=directions)
+    identity = {"split": "train", "shape": list(in_memory.shape), "dtype": "float32", "config_hash": "h", "made_by": {}}
+    with gradients.new_store(identity, tmp_path / "train.npy") as store:
+        gradients.compute_features(*args, kind=kind, directions=directions, out=store)
+    np.testing.assert_array_equal(gradients.open_store(tmp_path / "train.npy"), in_memory)
+    with pytest.raises(ValueError, match="out has shape"):
+        with gradients.new_store({**identity, "shape": [1, 16]}, tmp_path / "bad.npy") as store:
+            gradients.compute_features(*args, kind=kind, directions=directions, out=store)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["train.json", "train.npy"]

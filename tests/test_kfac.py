@@ -431,3 +431,25 @@ def test_curvature_file_round_trip_and_refuses_other_config(tmp_path):
     torch.save({"kind": "something else"}, tmp_path / "other.pt")
     with pytest.raises(ArtefactError, match="not a version"):
         C.load_curvature(tmp_path / "other.pt")
+
+
+@pytest.mark.parametrize("quantization", ["int8", "float32"])
+def test_query_batches_give_the_same_scores(tiny_unet_case, monkeypatch, quantization):
+    """kfac.query_batch (CIFAR scale: query gradients have n_params entries) holds at most that many queries' gradients
+    at once, at one pass of training gradients per batch; the scores are those of all queries at once (each query
+    uses its own draws: measure draws of query `offset + i`)."""
+    model, train, queries, cur = tiny_unet_case
+    passes = []
+    original = K.influence_scores
+    monkeypatch.setattr(K, "influence_scores", lambda *a, **kw: passes.append({k: len(v) for k, v in a[3].items()})
+                        or original(*a, **kw))
+    whole = K.kfac_scores(model, cur, train, queries, _cfg(query_draws="measure", quantization=quantization), [1e-3, 1e-1])
+    assert passes == [{"generated": 3, "heldout": 5}]
+    passes.clear()
+    batched = K.kfac_scores(model, cur, train, queries, _cfg(query_draws="measure", quantization=quantization,
+                                                              query_batch=2), [1e-3, 1e-1])
+    assert passes == [{"generated": 2}, {"generated": 1}, {"heldout": 2}, {"heldout": 2}, {"heldout": 1}]
+    for (la, a), (lb, b) in zip(whole, batched):
+        assert la == lb
+        for name in queries:
+            np.testing.assert_allclose(b[name], a[name], rtol=1e-5, atol=1e-6 * np.abs(a[name]).max())

@@ -72,6 +72,8 @@ def _check_consistency(config: dict) -> None:
     data, lds, model = config["data"], config["lds"], config["model"]
     if data["dataset"] == "digits" and data["n_train"] + data["n_heldout"] > N_DIGITS:
         raise ConfigError(f"data.n_train + data.n_heldout must be at most {N_DIGITS} for digits")
+    if data["dataset"] != "digits":
+        _check_torchvision_data(data, model)
     if lds["n_tuning"] > lds["n_subsets"] - 2:
         raise ConfigError("lds.n_tuning must leave at least 2 evaluation subsets (lds.n_subsets - 2)")
     if len(model["attention"]) != len(model["block_out_channels"]):
@@ -96,6 +98,27 @@ def _check_consistency(config: dict) -> None:
     _check_counterfactual(config)
     _check_figures(config)
     _check_query_measurements(config)
+
+
+# training / test split sizes of the torchvision data sets (workflow_scripts/datasets.py)
+TORCHVISION_SPLITS = {"mnist": (60000, 10000), "cifar10": (50000, 10000), "cifar2": (10000, 2000)}
+IMAGE_SIZE = {"digits": 8, "mnist": 28, "cifar10": 32, "cifar2": 32}
+
+
+def _check_torchvision_data(data: dict, model: dict) -> None:
+    name = data["dataset"]
+    if "root" not in data:
+        raise ConfigError(f"data.root is required for data.dataset {name!r}: the directory holding torchvision's files")
+    n_train, n_test = TORCHVISION_SPLITS[name]
+    if data["n_train"] > n_train:
+        raise ConfigError(f"data.n_train = {data['n_train']} exceeds {name}'s {n_train} training images")
+    if data["n_heldout"] > n_test:
+        raise ConfigError(f"data.n_heldout = {data['n_heldout']} exceeds {name}'s {n_test} test images")
+    # the UNet halves the resolution between blocks (not after the last); the up path must find the same sizes
+    size, halvings = IMAGE_SIZE[name], len(model["block_out_channels"]) - 1
+    if size % 2**halvings:
+        raise ConfigError(f"model.block_out_channels: {halvings + 1} blocks halve {name}'s {size}x{size} images "
+                          f"{halvings} times; {size} is not divisible by {2**halvings} (use fewer blocks)")
 
 
 def check_workflow_support(config: dict) -> None:

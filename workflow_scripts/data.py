@@ -5,11 +5,12 @@ import argparse
 
 import numpy as np
 
+from . import datasets
 from .common import load_npz, log, rng, save_npz
 
 # Number of intensity levels of each data set's pixels (scaled to [-1, 1]): the discretisation of the
 # likelihood measurements (decoder bins, dequantisation offset; workflow_scripts/likelihood.py, vesde.py).
-N_LEVELS = {"digits": 17}  # digits: pixel values 0..16
+N_LEVELS = {"digits": 17, "mnist": 256, "cifar10": 256, "cifar2": 256}  # digits: pixel values 0..16; others uint8
 
 
 def load_digits_images() -> tuple[np.ndarray, np.ndarray]:
@@ -22,6 +23,8 @@ def load_digits_images() -> tuple[np.ndarray, np.ndarray]:
 
 
 def make_dataset(data_cfg: dict, split_seed: int) -> dict[str, np.ndarray]:
+    if data_cfg["dataset"] != "digits":
+        return make_torchvision_dataset(data_cfg, split_seed)
     images, labels = load_digits_images()
     order = rng(split_seed).permutation(len(images))
     train_idx = np.sort(order[: data_cfg["n_train"]])
@@ -30,6 +33,24 @@ def make_dataset(data_cfg: dict, split_seed: int) -> dict[str, np.ndarray]:
         "train_images": images[train_idx], "train_labels": labels[train_idx], "train_index": train_idx,
         "heldout_images": images[heldout_idx], "heldout_labels": labels[heldout_idx], "heldout_index": heldout_idx,
     }
+
+
+def make_torchvision_dataset(data_cfg: dict, split_seed: int) -> dict[str, np.ndarray]:
+    """MNIST / CIFAR-10 / CIFAR-2 from data.root: n_train images of the training split and n_heldout of the test
+    split, each drawn class-balanced by the split seed (CIFAR-2: 2500 + 2500 train, 500 + 500 held-out).
+    *_index are positions in torchvision's train / test split."""
+    name = data_cfg["dataset"]
+    split = datasets.load(name, data_cfg.get("root"))
+    generator, n_classes = rng(split_seed), datasets.N_CLASSES[name]
+    out = {}
+    for part, source, n in (("train", "train", data_cfg["n_train"]), ("heldout", "test", data_cfg["n_heldout"])):
+        try:
+            chosen = datasets.stratified_choice(split[f"{source}_labels"], n, generator, n_classes)
+        except ValueError as exc:
+            raise ValueError(f"data.n_{part} = {n} is too large for {name}'s {source} split: {exc}") from None
+        out.update({f"{part}_images": split[f"{source}_images"][chosen], f"{part}_labels": split[f"{source}_labels"][chosen],
+                    f"{part}_index": split[f"{source}_index"][chosen]})
+    return out
 
 
 def make_subsets(n_train: int, lds_cfg: dict, subsets_seed: int) -> dict[str, np.ndarray]:

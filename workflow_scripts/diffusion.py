@@ -13,6 +13,10 @@ from diffusers.models.attention_processor import AttnProcessor
 from .common import ArtefactError, generator, load_torch
 
 
+# UNet2DModel arguments a configuration may set (absent: diffusers' defaults); the ddpm-cifar10 layout needs them
+OPTIONAL_UNET_KEYS = ("norm_eps", "downsample_padding", "flip_sin_to_cos", "freq_shift", "resnet_time_scale_shift")
+
+
 def build_model(model_cfg: dict, image_shape: tuple[int, int, int]) -> UNet2DModel:
     channels, size, _ = image_shape
     down = tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in model_cfg["attention"])
@@ -22,6 +26,7 @@ def build_model(model_cfg: dict, image_shape: tuple[int, int, int]) -> UNet2DMod
         layers_per_block=model_cfg["layers_per_block"], block_out_channels=tuple(model_cfg["block_out_channels"]),
         down_block_types=down, up_block_types=up, norm_num_groups=model_cfg["norm_num_groups"],
         attention_head_dim=model_cfg["attention_head_dim"],
+        **{key: model_cfg[key] for key in OPTIONAL_UNET_KEYS if key in model_cfg},
     )
     # Plain matmul attention: same maths as SDPA, but torch.func.vmap has batching rules for it.
     for module in model.modules():

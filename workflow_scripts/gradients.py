@@ -35,6 +35,7 @@ bounded by gradients.batch_size x gradients.timestep_chunk x n_params floats. St
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -188,11 +189,12 @@ def make_projector(model, grad_cfg: dict, seeds: dict, device):
 
 def compute_features(model, images: np.ndarray, fn: str, grad_cfg: dict, diffusion_cfg: dict, seeds: dict, device,
                      desc: str = "gradients", *, kind: str = "avg", timesteps: int | None = None,
-                     directions: int | None = None, residuals: bool = False, project=None):
+                     directions: int | None = None, residuals: bool = False, project=None, out=None):
     """(n, d) float32 features ((n, r, d) for kind 'sketch'), streamed in batches.
 
     With residuals=True returns (features, residuals): (n,) for scalar kinds, (n, r) for 'sketch'.
-    `project`: the job's Projector (make_projector), built here if not given."""
+    `project`: the job's Projector (make_projector), built here if not given.
+    `out`: an array of that shape to fill (the store's memory map: the features are never all in RAM)."""
     import torch
     from tqdm import tqdm
 
@@ -216,7 +218,11 @@ def compute_features(model, images: np.ndarray, fn: str, grad_cfg: dict, diffusi
     dim = grad_cfg["projection_dim"]
     project = project or make_projector(model, grad_cfg, seeds, device)
     chunks = _chunks(k, grad_cfg["timestep_chunk"] // rows)
-    out = np.zeros((len(images), rows, dim) if sketch else (len(images), dim), dtype=np.float32)
+    shape_out = (len(images), rows, dim) if sketch else (len(images), dim)
+    if out is None:
+        out = np.zeros(shape_out, dtype=np.float32)
+    elif tuple(out.shape) != shape_out:
+        raise ValueError(f"out has shape {out.shape}, the features {shape_out}")
     res = np.zeros((len(images), rows) if sketch else (len(images),), dtype=np.float32)
     batch = grad_cfg["batch_size"]
     for start in tqdm(range(0, len(images), batch), desc=desc, mininterval=5):
@@ -323,12 +329,25 @@ def store_identity(config: dict, checkpoint_payload: dict, fn: str, split: str, 
 
 def write_store(features: np.ndarray, identity: dict, path: str | Path) -> None:
     """Atomic write of the .npy store and its .json sidecar (sidecar last, so it vouches for the array)."""
+    with new_store(identity, path) as store:
+        store[:] = features
+
+
+@contextlib.contextmanager
+def new_store(identity: dict, path: str | Path):
+    """A float32 memory map of the identity's shape to fill (e.g. compute_features(out=...)); on success it becomes the
+    .npy store (atomic rename, then the sidecar), on an exception the temporary file is removed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    store = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=features.shape)
-    store[:] = features
-    store.flush()
+    store = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=tuple(identity["shape"]))
+    try:
+        yield store
+        store.flush()
+    except BaseException:
+        del store
+        tmp.unlink(missing_ok=True)
+        raise
     del store
     os.replace(tmp, path)
     save_json(identity, sidecar_path(path))
@@ -429,11 +448,10 @@ def run(args, config: dict) -> None:
         if _reusable(path, identity) and (residual_identity is None or _reusable(residual_path, residual_identity)):
             continue
         project = project or make_projector(model, config["gradients"], config["seeds"], device)
-        result = compute_features(model, images, fn, config["gradients"], config["diffusion"], config["seeds"], device,
-                                  desc=f"gradients {args.tag} {split}", kind=kind, timesteps=k, directions=r,
-                                  residuals=split == "train", project=project)
-        features = result[0] if split == "train" else result
-        write_store(features, identity, path)
+        with new_store(identity, path) as features:  # filled batch by batch, never all in RAM (CIFAR-10: GBs)
+            result = compute_features(model, images, fn, config["gradients"], config["diffusion"], config["seeds"], device,
+                                      desc=f"gradients {args.tag} {split}", kind=kind, timesteps=k, directions=r,
+                                      residuals=split == "train", project=project, out=features)
         if split == "train":
             write_store(result[1], residual_identity, residual_path)
-        log.info("gradients: wrote %s %s", path, features.shape)
+        log.info("gradients: wrote %s %s", path, tuple(identity["shape"]))

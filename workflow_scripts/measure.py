@@ -35,17 +35,20 @@ def measure_loss(model, images: np.ndarray, diffusion_cfg: dict, measure_cfg: di
     exactly the draws they get when the whole set is measured."""
     if indices is not None and len(indices) != len(images):
         raise ValueError(f"{len(indices)} query indices for {len(images)} images")
-    t, eps = measurement_draws(len(images), images.shape[1:], measure_cfg["n_timesteps"], measure_cfg["n_noise"],
-                               diffusion_cfg["num_train_timesteps"], seed, stream, indices)
     a_bar = alphas_cumprod(diffusion_cfg).to(device)
     losses = np.zeros(len(images))
     batch = measure_cfg["batch_size"]
+    query_index = range(len(images)) if indices is None else indices
     for q, image in enumerate(torch.from_numpy(images)):
+        # one query's draws at a time (the same numbers: eps is seeded per query): all queries' eps at once would
+        # be n_query x n_timesteps x n_noise images (CIFAR anchors, 1000 x 3000 x 3072 floats: 37 GB)
+        t, eps = measurement_draws(len(images), images.shape[1:], measure_cfg["n_timesteps"], measure_cfg["n_noise"],
+                                   diffusion_cfg["num_train_timesteps"], seed, stream, [query_index[q]])
         total = 0.0
         for start in range(0, len(t), batch):
             tb = t[start : start + batch].to(device)
             x0 = image.to(device).expand(len(tb), *image.shape)
-            total += simple_loss(model, x0, tb, eps[q, start : start + batch].to(device), a_bar).double().sum().item()
+            total += simple_loss(model, x0, tb, eps[0, start : start + batch].to(device), a_bar).double().sum().item()
         losses[q] = total / len(t)
     return losses
 

@@ -24,6 +24,7 @@ from tqdm import tqdm
 from . import data as data_stage
 from .common import ArtefactError, generator, load_torch, log, rng, save_torch, select_device
 from .diffusion import alphas_cumprod, build_model, save_checkpoint_payload, simple_loss
+from .precision import Precision, amp_mode
 
 ORDER_STREAM, NOISE_STREAM, INIT_STREAM = 1, 2, 3
 
@@ -43,9 +44,12 @@ def batch_indices(members: np.ndarray, batch_size: int, seed: int, step: int) ->
 
 def training_identity(config: dict, members: np.ndarray, replicate: int) -> dict:
     """What a checkpoint must record to be reproducible and checkable."""
-    return {"model": config["model"], "diffusion": config["diffusion"], "train": config["train"],
-            "data": config["data"], "seed": training_seed(config, replicate),
-            "members_sha256": hashlib.sha256(np.asarray(members, np.int64).tobytes()).hexdigest(), "n_members": int(len(members))}
+    identity = {"model": config["model"], "diffusion": config["diffusion"], "train": config["train"],
+                "data": config["data"], "seed": training_seed(config, replicate),
+                "members_sha256": hashlib.sha256(np.asarray(members, np.int64).tobytes()).hexdigest(), "n_members": int(len(members))}
+    if amp_mode(config) != "float32":  # recorded only when used, so full-precision checkpoints keep their identity
+        identity["amp"] = amp_mode(config)
+    return identity
 
 
 def train_model(config: dict, images: np.ndarray, members: np.ndarray, replicate: int, model_out: str | Path,
@@ -68,6 +72,7 @@ def train_model(config: dict, images: np.ndarray, members: np.ndarray, replicate
     model = build_model(config["model"], images.shape[1:]).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=train_cfg["lr"], weight_decay=train_cfg["weight_decay"])
     schedule = get_cosine_schedule_with_warmup(optimizer, int(train_cfg["warmup_fraction"] * train_cfg["steps"]), train_cfg["steps"])
+    precision = Precision(amp_mode(config), device)
     start = 0
     if resume_path.exists():
         state = load_torch(resume_path)
@@ -75,6 +80,8 @@ def train_model(config: dict, images: np.ndarray, members: np.ndarray, replicate
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
             schedule.load_state_dict(state["schedule"])
+            if precision.scaler is not None:
+                precision.scaler.load_state_dict(state["scaler"])
             start = state["step"]
             log.info("resuming %s from step %d", model_out, start)
         else:
@@ -94,20 +101,20 @@ def train_model(config: dict, images: np.ndarray, members: np.ndarray, replicate
         g = generator(seed, NOISE_STREAM, step)
         t = torch.randint(0, T, (len(idx),), generator=g).to(device)
         eps = torch.randn(len(idx), *images.shape[1:], generator=g).to(device)
-        per_example = simple_loss(model, x_all[idx], t, eps, a_bar)
+        with precision.autocast():
+            per_example = simple_loss(model, x_all[idx], t, eps, a_bar).float()  # float(): no-op in float32
         loss = per_example.mean() if w_all is None else (w_all[idx] * per_example).mean()
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), train_cfg["grad_clip"])
         lr = schedule.get_last_lr()[0]
-        optimizer.step()
+        precision.step(loss, model, optimizer, train_cfg["grad_clip"])
         schedule.step()
         done = step + 1
         if done in checkpoint_paths:
             save_torch(save_checkpoint_payload(model, identity, done, images.shape[1:], lr=lr), checkpoint_paths[done])
         if done % train_cfg["resume_every"] == 0 and done < train_cfg["steps"]:
             save_torch({"identity": identity, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                        "schedule": schedule.state_dict(), "step": done}, resume_path)
+                        "schedule": schedule.state_dict(), "step": done,
+                        **({"scaler": precision.scaler.state_dict()} if precision.scaler else {})}, resume_path)
         if step % 50 == 0:
             progress.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
     save_torch(save_checkpoint_payload(model, identity, train_cfg["steps"], images.shape[1:]), model_out)

@@ -5,6 +5,18 @@ import numpy as np
 
 from ..common import ArtefactError
 
+CHUNK_BYTES = 64 * 2**20  # float64 bytes of one chunk of training rows
+
+
+def row_chunks(features, chunk_bytes: int | None = None):
+    """(slice, float64 rows) over the first axis of a (memory-mapped) array, about chunk_bytes (CHUNK_BYTES) at a time."""
+    per_row = max(1, int(np.prod(features.shape[1:])) * 8)
+    step = max(1, (chunk_bytes or CHUNK_BYTES) // per_row)
+    for start in range(0, len(features), step):
+        rows = slice(start, min(start + step, len(features)))
+        yield rows, np.asarray(features[rows], dtype=np.float64)
+
+
 # made_by entries that put features of different stores in the same space (same model family and projection)
 SPACE = ("model", "diffusion", "projection", "projection_dim", "seed_projection", "sjlt_nonzeros")
 
@@ -20,16 +32,21 @@ def expected_store(method_cfg: dict, kind: str = "avg", output_function: str | N
     return expect
 
 
-def similarity(queries: np.ndarray, train: np.ndarray, kind: str) -> np.ndarray:
-    """(n_query, n_train) dot product or cosine of flattened vectors, computed in float64."""
-    q = np.asarray(queries, dtype=np.float64).reshape(len(queries), -1)
-    x = np.asarray(train, dtype=np.float64).reshape(len(train), -1)
-    if kind == "cosine":
-        q = q / np.linalg.norm(q, axis=1, keepdims=True).clip(1e-300)
-        x = x / np.linalg.norm(x, axis=1, keepdims=True).clip(1e-300)
-    elif kind != "dot":
+def similarity(queries: np.ndarray, train: np.ndarray, kind: str, tiny: float = 1e-300) -> np.ndarray:
+    """(n_query, n_train) dot product or cosine of flattened vectors, computed in float64 over chunks of the
+    training rows (a memory-mapped store is never read whole; norms are clipped at `tiny`)."""
+    if kind not in ("dot", "cosine"):
         raise ValueError(f"unknown similarity {kind!r}")
-    return q @ x.T
+    q = np.asarray(queries, dtype=np.float64).reshape(len(queries), -1)
+    if kind == "cosine":
+        q = q / np.linalg.norm(q, axis=1, keepdims=True).clip(tiny)
+    out = np.empty((len(q), len(train)))
+    for rows, chunk in row_chunks(train):
+        x = chunk.reshape(len(chunk), -1)
+        if kind == "cosine":
+            x = x / np.linalg.norm(x, axis=1, keepdims=True).clip(tiny)
+        out[:, rows] = q @ x.T
+    return out
 
 
 def check_same_space(inputs, stores: list[tuple[str, str]], keys=SPACE) -> None:

@@ -27,8 +27,9 @@ query's output is J_q (theta_{-i} - theta*), and DAS (eqs. 12/16) scores its squ
                                                              query's loss, so positive = z_i helped).
 
 `leverage: false` drops (I - H_ii)^{-1} (first-order influence step instead of leave-one-out).
-With Phi = U diag(s) V^T (one SVD for every lambda): H^{-1} J_i^T = V diag(s / (s^2 + lambda)) U_i^T
-and H_ii = U_i diag(s^2 / (s^2 + lambda)) U_i^T, U_i the rows of U belonging to example i.
+With Phi^T Phi = V diag(s2) V^T (one eigendecomposition for every lambda) and a_i = J_i V:
+H^{-1} J_i^T = V diag(1 / (s2 + lambda)) a_i^T and H_ii = a_i diag(1 / (s2 + lambda)) a_i^T, computed over
+chunks of training examples (the features stay memory-mapped; scorers/trak.py "Memory").
 
 Timesteps (eqs. 17-18): one computation for the whole generation from features averaged over the K
 timesteps after unit-normalising each timestep's gradient (the gradients stage does this: kinds
@@ -57,7 +58,8 @@ from __future__ import annotations
 import numpy as np
 
 from .base import expected_store
-from .trak import KernelSolver
+from .base import row_chunks
+from .trak import KernelSolver, kernel_eigh
 from ..paths import VECTOR_OUTPUT
 
 
@@ -72,50 +74,62 @@ def scalar_scores(solver: KernelSolver, queries: np.ndarray, residuals: np.ndarr
 
 def scalar_parameter_changes(solver: KernelSolver, residuals: np.ndarray, relative_lambda: float, leverage: bool = True) -> np.ndarray:
     """(n_train, d) predicted theta_{-i} - theta* = -H^{-1} phi_i e_i [/(1 - h_i)] (for checking eq. 15)."""
-    lam = solver.absolute(relative_lambda)
     weight = np.asarray(residuals, dtype=np.float64) / ((1.0 - solver.leverages(relative_lambda)) if leverage else 1.0)
-    return -((solver.u * (solver.s / (solver.s**2 + lam))) @ solver.vt) * weight[:, None]
+    return -solver.preconditioned_train(relative_lambda) * weight[:, None]
 
 
 class VectorKernelSolver:
-    """The vector-output form for many lambdas from one SVD of the stacked (n r) x d feature matrix."""
+    """The vector-output form for many lambdas from one eigendecomposition H0 = sum_i J_i^T J_i = V diag(s2) V^T,
+    streaming the (n, r, d) training features in chunks of examples (memory: d x d + n_query x r x d + scores)."""
 
     def __init__(self, train_features: np.ndarray):
-        phi = np.asarray(train_features, dtype=np.float64)
-        if phi.ndim != 3:
-            raise ValueError(f"vector-output DAS needs (n, r, d) features, got shape {phi.shape}")
-        self.n, self.r, self.d = phi.shape
-        u, self.s, self.vt = np.linalg.svd(phi.reshape(self.n * self.r, self.d), full_matrices=False)
-        self.u = u.reshape(self.n, self.r, -1)  # U_i: the r rows of U of example i
-        self.scale = float((self.s**2).sum() / self.d)
+        if train_features.ndim != 3:
+            raise ValueError(f"vector-output DAS needs (n, r, d) features, got shape {train_features.shape}")
+        self.phi = train_features
+        self.n, self.r, self.d = train_features.shape
+        self.s2, self.v = kernel_eigh(train_features)
+        self.scale = float(self.s2.sum() / self.d)
 
     def absolute(self, relative_lambda: float) -> float:
         return relative_lambda * self.scale
 
+    def _chunks(self, relative_lambda: float):
+        """(rows, a_i = J_i V (b, r, d), 1 / (s2 + lambda)) chunk by chunk."""
+        inverse = 1.0 / (self.s2 + self.absolute(relative_lambda))
+        for rows, chunk in row_chunks(self.phi):
+            yield rows, chunk @ self.v, inverse
+
     def leverage_blocks(self, relative_lambda: float) -> np.ndarray:
         """(n, r, r) H_ii = J_i H^{-1} J_i^T."""
-        lam = self.absolute(relative_lambda)
-        return np.einsum("irm,m,ism->irs", self.u, self.s**2 / (self.s**2 + lam), self.u)
+        out = np.empty((self.n, self.r, self.r))
+        for rows, a, inverse in self._chunks(relative_lambda):
+            out[rows] = np.einsum("irm,m,ism->irs", a, inverse, a)
+        return out
 
-    def _coefficients(self, residuals: np.ndarray, relative_lambda: float, leverage: bool) -> np.ndarray:
-        """(m, n) c_i with H^{-1} J_i^T v_i = V c_i, v_i = (I - H_ii)^{-1} e_i (or e_i without leverage)."""
-        lam = self.absolute(relative_lambda)
-        e = np.asarray(residuals, dtype=np.float64).reshape(self.n, self.r)
-        if leverage:
-            e = np.linalg.solve(np.eye(self.r)[None] - self.leverage_blocks(relative_lambda), e[..., None])[..., 0]
-        return (self.s / (self.s**2 + lam))[:, None] * np.einsum("irm,ir->mi", self.u, e)
+    def _coefficients(self, residuals: np.ndarray, relative_lambda: float, leverage: bool):
+        """(rows, c (d, b)) chunk by chunk, with H^{-1} J_i^T v_i = V c_i, v_i = (I - H_ii)^{-1} e_i (or e_i)."""
+        e_all = np.asarray(residuals, dtype=np.float64).reshape(self.n, self.r)
+        for rows, a, inverse in self._chunks(relative_lambda):
+            e = e_all[rows]
+            if leverage:
+                blocks = np.einsum("irm,m,ism->irs", a, inverse, a)
+                e = np.linalg.solve(np.eye(self.r)[None] - blocks, e[..., None])[..., 0]
+            yield rows, inverse[:, None] * np.einsum("irm,ir->mi", a, e)
 
     def parameter_changes(self, residuals: np.ndarray, relative_lambda: float, leverage: bool = True) -> np.ndarray:
-        """(n, d) predicted theta_{-i} - theta* = -H^{-1} J_i^T (I - H_ii)^{-1} e_i."""
-        return -(self._coefficients(residuals, relative_lambda, leverage).T @ self.vt)
+        """(n, d) predicted theta_{-i} - theta* = -H^{-1} J_i^T (I - H_ii)^{-1} e_i (holds n x d: small checks)."""
+        return np.concatenate([-(c.T @ self.v.T) for _, c in self._coefficients(residuals, relative_lambda, leverage)])
 
     def scores(self, queries: np.ndarray, residuals: np.ndarray, relative_lambda: float, leverage: bool = True) -> np.ndarray:
         """(n_query, n_train) ||J_q (theta_{-i} - theta*)||^2."""
         q = np.asarray(queries, dtype=np.float64)
         if q.ndim != 3 or q.shape[1:] != (self.r, self.d):
             raise ValueError(f"query features must be (n, {self.r}, {self.d}), got {q.shape}")
-        change = np.einsum("qrm,mi->qri", q @ self.vt.T, self._coefficients(residuals, relative_lambda, leverage))
-        return (change**2).sum(1)
+        qv = q @ self.v  # (q, r, d)
+        out = np.empty((len(q), self.n))
+        for rows, c in self._coefficients(residuals, relative_lambda, leverage):
+            out[:, rows] = (np.einsum("qrm,mi->qri", qv, c) ** 2).sum(1)
+        return out
 
 
 def compute(method_cfg: dict, inputs, lambdas) -> list:

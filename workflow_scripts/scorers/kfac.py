@@ -129,19 +129,20 @@ def per_example_gradients(model, layout: ParamLayout, images: torch.Tensor, draw
 
 
 def iter_gradients(model, layout: ParamLayout, images: np.ndarray, measurement: Measurement, batch_rows: int,
-                   device) -> "iter[tuple[int, torch.Tensor]]":
-    """(start, (B, P) gradients) batch by batch; B * draws-per-image <= batch_rows (at least one image)."""
+                   device, offset: int = 0) -> "iter[tuple[int, torch.Tensor]]":
+    """(start, (B, P) gradients) batch by batch; B * draws-per-image <= batch_rows (at least one image).
+    `offset`: images[0] is image `offset` of its set (its draws are that image's)."""
     probe = measurement.draws(1, images.shape[1:], 0)
     per_image = int(probe["t"].shape[1]) if probe["t"].dim() > 1 else 1
     batch = max(1, int(batch_rows) // max(per_image, 1))
     for start in range(0, len(images), batch):
         x = torch.from_numpy(np.asarray(images[start : start + batch], dtype=np.float32)).to(device)
-        d = {k: v.to(device) for k, v in measurement.draws(len(x), images.shape[1:], start).items()}
+        d = {k: v.to(device) for k, v in measurement.draws(len(x), images.shape[1:], offset + start).items()}
         yield start, per_example_gradients(model, layout, x, d, measurement)
 
 
-def gradients(model, layout, images, measurement, batch_rows, device) -> torch.Tensor:
-    return torch.cat([g for _, g in iter_gradients(model, layout, images, measurement, batch_rows, device)]) \
+def gradients(model, layout, images, measurement, batch_rows, device, offset: int = 0) -> torch.Tensor:
+    return torch.cat([g for _, g in iter_gradients(model, layout, images, measurement, batch_rows, device, offset)]) \
         if len(images) else torch.zeros(0, layout.n_params)
 
 
@@ -262,15 +263,36 @@ def kfac_scores(model, curvature: Curvature, train_images: np.ndarray, query_ima
     check_layout(model, curvature)
     if train_measurement is None:
         train_measurement = loss_measurement(cfg, "train")
-    query_grads = {}
-    for i, (name, images) in enumerate(query_images.items()):
+    measurements = {}
+    for i, name in enumerate(query_images):
         stream = QUERY_SETS.index(name) if name in QUERY_SETS else i
-        m = (query_measurements or {}).get(name) or loss_measurement(cfg, "query", stream_index=stream)
-        query_grads[name] = gradients(model, curvature.layout, images, m, k_cfg["batch_size"], device)
+        measurements[name] = (query_measurements or {}).get(name) or loss_measurement(cfg, "query", stream_index=stream)
     log.info("kfac scores: %d train x %s queries, %d params, lambdas %s, %s", len(train_images),
              {k: len(v) for k, v in query_images.items()}, curvature.layout.n_params, list(lambdas), k_cfg["quantization"])
-    return influence_scores(model, curvature, train_images, query_grads, train_measurement, lambdas, k_cfg["batch_size"],
-                            device, k_cfg["quantization"])
+    groups = query_groups({k: len(v) for k, v in query_images.items()}, k_cfg.get("query_batch"))
+    out = [{name: np.zeros((len(images), len(train_images)), dtype=np.float32) for name, images in query_images.items()}
+           for _ in lambdas]
+    for number, group in enumerate(groups, 1):
+        if len(groups) > 1:
+            log.info("kfac scores: query group %d of %d %s", number, len(groups), group)
+        query_grads = {name: gradients(model, curvature.layout, query_images[name][rows], measurements[name],
+                                       k_cfg["batch_size"], device, offset=rows.start) for name, rows in group.items()}
+        part = influence_scores(model, curvature, train_images, query_grads, train_measurement, lambdas,
+                                k_cfg["batch_size"], device, k_cfg["quantization"])
+        for (_, matrices), full in zip(part, out):
+            for name, rows in group.items():
+                full[name][rows] = matrices[name]
+    return [(float(lam), matrices) for lam, matrices in zip(lambdas, out)]
+
+
+def query_groups(sizes: dict[str, int], query_batch: int | None) -> list[dict[str, slice]]:
+    """The queries whose gradients are held (and preconditioned, per lambda) at once; each group costs one pass of
+    training gradients. kfac.query_batch absent: one group of every query (one pass). Otherwise groups of at most
+    query_batch queries of one set: memory ~ query_batch x n_params x (4 + 8 + len(lambdas)) bytes instead of
+    n_query x ... (CIFAR, 38M parameters: 1.6 GB per query and 7 lambdas), at ceil(n_query / query_batch) passes."""
+    if query_batch is None:
+        return [{name: slice(0, n) for name, n in sizes.items()}]
+    return [{name: slice(start, min(start + query_batch, n))} for name, n in sizes.items() for start in range(0, n, query_batch)]
 
 
 METHOD_KEYS = ("fisher_type", "kfac_approx", "ekfac")  # curvature settings a method may override

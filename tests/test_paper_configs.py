@@ -1,0 +1,95 @@
+"""configs/{cifar2,cifar10,mnist}.yaml: each validates, plans with `snakemake -n` with the job counts its protocol
+implies (64 subsets x 3 seeds, 60 counterfactual queries x (3 methods + random), ...), builds the reference UNet,
+and (CIFAR-2) its data rule runs through Snakemake on small files in torchvision's format."""
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from torchvision_files import write_cifar10
+from workflow_scripts.config import load_config
+
+IGNORE = shutil.ignore_patterns(".venv", "results", ".snakemake", ".git", ".dvc", "__pycache__", ".pytest_cache")
+CONFIGS = ["cifar2", "cifar10", "mnist"]
+
+
+def snakemake(workdir: Path, *args: str) -> subprocess.CompletedProcess:
+    exe = Path(sys.executable).with_name("snakemake")
+    return subprocess.run([str(exe), "--cores", "2", *args], cwd=workdir, capture_output=True, text=True,
+                          env={"PATH": f"{exe.parent}:/usr/bin:/bin", "HOME": str(workdir)})
+
+
+def job_counts(output: str) -> dict[str, int]:
+    stats = output.split("Job stats:", 1)[1]
+    return {m[1]: int(m[2]) for m in re.finditer(r"^(\w+)\s+(\d+)$", stats, re.M)}
+
+
+@pytest.fixture(scope="module")
+def workdir(repo, tmp_path_factory):
+    path = tmp_path_factory.mktemp("paper") / "repo"
+    shutil.copytree(repo, path, ignore=IGNORE)
+    return path
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_dry_run_plans_the_protocol(workdir, repo, name):
+    config = load_config(repo / "params.yaml", repo / "configs" / f"{name}.yaml")
+    lds, cf = config["lds"], config["counterfactual"]
+    assert (lds["n_subsets"], lds["n_seeds"]) == (64, 3) and config["sample"] == {
+        "n_generated": 1000, "scheduler": "ddim", "num_inference_steps": 50}
+    result = snakemake(workdir, "--configfile", f"configs/{name}.yaml", "-n")
+    assert result.returncode == 0, result.stderr[-3000:]
+    counts = job_counts(result.stdout)
+    retrainings, counterfactuals = 64 * 3, cf["queries"] * (len(cf["methods"]) + 1)
+    assert counts["train_full"] == 1
+    assert counts["train_subset"] == retrainings + counterfactuals == 192 + 60 * 4
+    assert counts["measure"] == retrainings
+    assert counts["counterfactual"] == counts["regenerate"] == counterfactuals
+    assert counts["scores"] == len(config["scores"]["methods"])
+    assert counts["sample"] == counts["data"] == counts["evaluate"] == 1
+
+
+def test_reference_unet_layout(repo):
+    """The google/ddpm-cifar10-32 layout: 35,746,307 parameters as published; with METHODS.md's scale_shift
+    time conditioning 38,306,691 (~38M)."""
+    from workflow_scripts.diffusion import build_model
+
+    model_cfg = load_config(repo / "params.yaml", repo / "configs" / "cifar2.yaml")["model"]
+    count = lambda cfg: sum(p.numel() for p in build_model(cfg, (3, 32, 32)).parameters())  # noqa: E731
+    assert count(model_cfg) == 38_306_691
+    assert count({**model_cfg, "resnet_time_scale_shift": "default"}) == 35_746_307
+    down = [type(b).__name__ for b in build_model(model_cfg, (3, 32, 32)).down_blocks]
+    assert down == ["DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"]
+
+
+def test_cifar2_data_rule_runs_on_files_in_torchvision_format(workdir, tmp_path, monkeypatch):
+    """The real data job of configs/cifar2.yaml (scaled down by an overlay) through Snakemake. torchvision checks
+    the md5 of the official CIFAR files, so the job runs in a subprocess that accepts the small files' md5s."""
+    root = tmp_path / "torchvision"
+    written = write_cifar10(root, per_batch=40, n_test=40)
+    overlay = tmp_path / "overlay.yaml"
+    overlay.write_text(yaml.safe_dump({"data": {"root": str(root), "n_train": 20, "n_heldout": 6}}))
+    # a sitecustomize on PYTHONPATH patches the expected md5s inside the job's interpreter only
+    patch = tmp_path / "patch"
+    patch.mkdir()
+    md5s = {p.name: __import__("hashlib").md5(p.read_bytes()).hexdigest() for p in (root / "cifar-10-batches-py").iterdir()}
+    (patch / "sitecustomize.py").write_text(
+        "from torchvision.datasets import CIFAR10\n"
+        f"m = {md5s!r}\n"
+        "CIFAR10.train_list = [[n, m[n]] for n, _ in CIFAR10.train_list]\n"
+        "CIFAR10.test_list = [[n, m[n]] for n, _ in CIFAR10.test_list]\n"
+        "CIFAR10.meta = {**CIFAR10.meta, 'md5': m['batches.meta']}\n")
+    exe = Path(sys.executable).with_name("snakemake")
+    result = subprocess.run([str(exe), "--cores", "1", "--configfile", "configs/cifar2.yaml", str(overlay),
+                             "--until", "data"], cwd=workdir, capture_output=True, text=True,
+                            env={"PATH": f"{exe.parent}:/usr/bin:/bin", "HOME": str(workdir), "PYTHONPATH": str(patch)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    with np.load(workdir / "results/cifar2/data/dataset.npz") as f:
+        assert f["train_images"].shape == (20, 3, 32, 32) and f["heldout_images"].shape == (6, 3, 32, 32)
+        assert np.bincount(f["train_labels"]).tolist() == [10, 10]
+        assert set(written["train_labels"][f["train_index"]]) <= {1, 7}
