@@ -4,7 +4,7 @@ import sys
 
 sys.path.insert(0, workflow.basedir)
 from workflow_scripts import paths
-from workflow_scripts.config import check_workflow_support, validate_config
+from workflow_scripts.config import check_workflow_support, drop_removed_methods, validate_config
 
 
 configfile: "params.yaml"
@@ -13,6 +13,7 @@ configfile: "params.yaml"
 report: "report/workflow.rst"  # `snakemake --report results/report.html`: every table and figure, with captions
 
 
+drop_removed_methods(config)  # an overlay removes a method by setting it to null
 validate_config(config)  # fails before any job starts, naming the bad field
 check_workflow_support(config)  # ... or naming a setting the rules cannot honour yet
 
@@ -31,6 +32,7 @@ include: "rules/scores.smk"
 include: "rules/evaluate.smk"
 include: "rules/counterfactual.smk"
 include: "rules/figures.smk"
+include: "rules/likelihood_sanity.smk"
 
 
 rule all:
@@ -45,3 +47,4 @@ rule all:
         f"{ROOT}/tables/measurement_substitution.md",
         rules.counterfactual_evaluate.output,
         rules.figures.output,
+        paths.family_targets(config),  # model.family vesde: the bits/dim sanity check

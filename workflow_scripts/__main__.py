@@ -14,7 +14,7 @@ from pathlib import Path
 import yaml
 
 STAGES = ("data", "train", "classifier", "sample", "measure", "gradients", "curvature", "scores", "evaluate",
-          "counterfactual", "regenerate", "counterfactual_evaluate", "figures")
+          "counterfactual", "regenerate", "counterfactual_evaluate", "figures", "likelihood_sanity")
 
 
 def parse_config(text: str) -> dict:

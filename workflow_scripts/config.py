@@ -50,8 +50,18 @@ def load_config(path: str | Path = "params.yaml", *overlays: str | Path) -> dict
     config = yaml.safe_load(Path(path).read_text())
     for overlay in overlays:
         config = deep_merge(config, yaml.safe_load(Path(overlay).read_text()) or {})
+    drop_removed_methods(config)
     validate_config(config)
     return config
+
+
+def drop_removed_methods(config: dict) -> None:
+    """Delete the scores.methods entries an overlay set to null, in place. Overlays merge key by key (here and in
+    Snakemake's --configfile), so null is how an overlay removes a method of params.yaml (configs/vesde.yaml)."""
+    methods = config.get("scores", {}).get("methods")
+    if isinstance(methods, dict):
+        for name in [name for name, method in methods.items() if method is None]:
+            del methods[name]
 
 
 def _field(error: jsonschema.ValidationError) -> str:
@@ -124,12 +134,10 @@ def _check_torchvision_data(data: dict, model: dict) -> None:
 def check_workflow_support(config: dict) -> None:
     """Refuse settings the library accepts but the Snakemake stages do not use yet (never silently ignore them).
 
-    The VE-SDE family (workflow_scripts/vesde.py) is tested library code; the train / sample rules still train
-    DDPMs. Every DDPM measurement (loss, elbo, timestep_loss, trajectory) is computed by the measure rule."""
-    family = config["model"].get("family", "ddpm")
-    if family != "ddpm":
-        raise ConfigError(f"model.family {family!r}: the workflow's train/sample/measure rules support 'ddpm' only so "
-                          "far (the VE-SDE family is library code: workflow_scripts/vesde.py)")
+    Every DDPM measurement (loss, elbo, timestep_loss, trajectory) is computed by the measure rule;
+    model.family vesde: see _check_vesde_support."""
+    if config["model"].get("family", "ddpm") == "vesde":
+        _check_vesde_support(config)
 
 
 def _check_query_measurements(config: dict) -> None:
@@ -140,6 +148,38 @@ def _check_query_measurements(config: dict) -> None:
         if target is not None and target not in targets:
             raise ConfigError(f"scores.methods.{method}.query_measurement: {target!r} is not measured "
                               f"(measure.measurements gives the targets {targets})")
+
+
+# Scorer families that need a DDPM (epsilon-prediction at DDPM timesteps): their gradient stores, curvature fits and
+# training replays are built for the DDPM loss. With model.family vesde they are refused, naming the reason.
+VESDE_SCORER_FAMILIES = ("pixel", "clip", "embedding")  # model-free: they read images (and the data's classifier)
+VESDE_REFUSED_FAMILIES = {
+    "trak": "its gradient store (rule gradients) holds gradients of DDPM output functions at DDPM timesteps",
+    "gradient_similarity": "its gradient store (rule gradients) holds gradients of DDPM output functions",
+    "tracin": "its gradient stores (rule gradients) hold gradients of DDPM output functions",
+    "normalized_if": "its gradient store (rule gradients) holds gradients of DDPM output functions",
+    "journey": "it re-noises the DDPM sampling trajectory at DDPM timesteps",
+    "das": "it linearises the DDPM noise predictor at DDPM timesteps (rule gradients)",
+    "kfac": "the curvature rule fits K-FAC to the DDPM training loss (the DSM loss and the bits/dim query gradients "
+            "of vesde.LikelihoodMeasurement are not wired into rules curvature / scores)",
+    "metagradient": "it replays DDPM training (workflow_scripts/metagradient.py)",
+}
+
+
+def _check_vesde_support(config: dict) -> None:
+    """What the workflow runs for model.family vesde: train (DSM), sample (probability-flow ODE), measure
+    (exact bits/dim), the likelihood sanity check and the model-free scorers; everything else is refused."""
+    measurements = list(config["measure"].get("measurements", DEFAULT_MEASUREMENTS["vesde"]))
+    if measurements != ["likelihood"]:
+        raise ConfigError(f"measure.measurements {measurements}: with model.family vesde the measure rule computes "
+                          "['likelihood'] (exact bits/dim)")
+    for name, method in config["scores"]["methods"].items():
+        family = method["family"]
+        if family not in VESDE_SCORER_FAMILIES:
+            reason = VESDE_REFUSED_FAMILIES.get(family, "it is not implemented for the VE-SDE family")
+            raise ConfigError(f"scores.methods.{name} (family {family}) cannot run with model.family vesde: {reason}. "
+                              f"Remove it in the overlay ({name}: null); vesde runs the families "
+                              f"{', '.join(VESDE_SCORER_FAMILIES)}")
 
 
 def removal_count(k: int | float, n_train: int) -> int:

@@ -123,3 +123,13 @@ def load_checkpoint(path, model_cfg: dict, kind: str, build, device="cpu", descr
 def load_model(path, model_cfg: dict, device="cpu") -> tuple[UNet2DModel, dict]:
     """Load a DDPM checkpoint, checking that it was made with this model configuration."""
     return load_checkpoint(path, model_cfg, "ddpm-unet", build_model, device)
+
+
+def load_family_model(path, model_cfg: dict, device="cpu"):
+    """The checkpoint of model_cfg's family (model.family): a DDPM UNet (ddpm, the default) or a VE-SDE score model
+    (vesde, workflow_scripts/vesde.py). Returns (model in eval mode on device, payload)."""
+    if model_cfg.get("family", "ddpm") == "vesde":
+        from .vesde import load_model as load_vesde_model
+
+        return load_vesde_model(path, model_cfg, device)
+    return load_model(path, model_cfg, device)

@@ -5,6 +5,8 @@ Measurement `loss` (METHODS.md): the simple loss of the query averaged over fixe
 measure.measurements (ELBO, per-timestep losses, trajectory -log p; workflow_scripts/likelihood.py) are
 written into the same file: the loss under the query set's name ('generated', 'heldout'), every other
 target as '<query set>__<target>' (likelihood.target_key), and the list of targets as 'targets'.
+model.family vesde: the only target is the exact -ln p (nats), '<query set>__likelihood', and the file's
+'measurement' entry names it as the primary target (what load_targets reads).
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ import torch
 
 from . import data as data_stage
 from .common import ArtefactError, load_npz, log, save_npz, select_device
-from .diffusion import alphas_cumprod, load_model, measurement_draws, simple_loss
+from .diffusion import alphas_cumprod, load_family_model, measurement_draws, simple_loss
 
 QUERY_SETS = ("generated", "heldout")  # also the stream index of each set's measurement noise
 
@@ -54,17 +56,24 @@ def measure_loss(model, images: np.ndarray, diffusion_cfg: dict, measure_cfg: di
 
 
 def load_targets(paths: list[str], n_subsets: int, n_seeds: int) -> dict[str, np.ndarray]:
-    """Stack per-model measurements into {query set: array (n_subsets, n_seeds, n_queries)}."""
+    """Stack per-model measurements into {query set: array (n_subsets, n_seeds, n_queries)}: the loss, or the
+    measurement a file names in its `measurement` entry (a vesde model's file: likelihood)."""
+    from .likelihood import target_key
+
     if len(paths) != n_subsets * n_seeds:
         raise ArtefactError(f"expected {n_subsets * n_seeds} measurement files, got {len(paths)}")
     out = {name: [] for name in QUERY_SETS}
     for k, path in enumerate(paths):
-        arrays = load_npz(path, ("subset", "replicate", *QUERY_SETS))
+        arrays = load_npz(path, ("subset", "replicate"))
+        target = str(arrays.get("measurement", "loss"))
+        keys = [target_key(name, target) for name in QUERY_SETS]
+        if any(key not in arrays for key in keys):
+            raise ArtefactError(f"{path}: lacks arrays {[key for key in keys if key not in arrays]}")
         if (int(arrays["subset"]), int(arrays["replicate"])) != divmod(k, n_seeds):
             raise ArtefactError(f"{path}: holds subset {int(arrays['subset'])} seed {int(arrays['replicate'])}, "
                                 f"expected subset {k // n_seeds} seed {k % n_seeds}")
-        for name in QUERY_SETS:
-            out[name].append(arrays[name])
+        for name, key in zip(QUERY_SETS, keys):
+            out[name].append(arrays[key])
     return {name: np.stack(v).reshape(n_subsets, n_seeds, -1) for name, v in out.items()}
 
 
@@ -81,12 +90,14 @@ def run(args, config: dict) -> None:
     from .likelihood import measure_queries, target_names
 
     device = select_device(config["compute"])
-    model, _ = load_model(args.model, config["model"], device)
+    model, _ = load_family_model(args.model, config["model"], device)
     queries = load_queries(args.dataset, args.samples)
     targets = target_names(config)
     # the trajectory target needs the generated queries' stored sampling trajectories
     samples = load_npz(args.samples, ("trajectories", "timesteps")) if "trajectory" in targets else None
     results = measure_queries(model, queries, config, device, samples)
+    # the primary target of the LDS tables: the loss, or a vesde model's exact -ln p
+    primary = {"measurement": np.array("likelihood")} if config["model"].get("family", "ddpm") == "vesde" else {}
     save_npz(args.out, subset=np.array(args.subset), replicate=np.array(args.replicate), targets=np.array(targets),
-             **results)
+             **primary, **results)
     log.info("measure %s: means %s", args.model, {k: round(float(v.mean()), 5) for k, v in results.items()})

@@ -28,6 +28,12 @@ SECTIONS = {  # the config keys each stage reads; a rule reruns exactly when one
     "counterfactual_evaluate": ("counterfactual", "seeds.bootstrap", "compute"),
     "figures": ("figures", "lds.n_subsets", "lds.n_seeds"),
 }
+# Extra keys a stage reads for model.family vesde (the data's number of levels: bits/dim, dequantisation); the
+# ddpm stages' configurations stay as they are. likelihood_sanity runs for vesde only (rule all: family_targets).
+FAMILY_SECTIONS = {
+    "vesde": {"measure": ("data.dataset",), "regenerate": ("data.dataset",),
+              "likelihood_sanity": ("data.dataset", "model", "measure", "seeds.measure", "compute")},
+}
 # Extra keys the scores stage reads for methods of these families (model-based scorers); the scores
 # stage's config carries only its own method, so editing one method reruns only that method's job.
 SCORER_SECTIONS = {
@@ -47,9 +53,25 @@ def select(config: dict, keys) -> dict:
     return selected
 
 
+def stage_keys(config: dict, stage: str) -> tuple[str, ...]:
+    """The config keys a stage reads: SECTIONS plus those of the model family (FAMILY_SECTIONS)."""
+    family = config["model"].get("family", "ddpm")
+    extra = FAMILY_SECTIONS.get(family, {}).get(stage, ())
+    if stage not in SECTIONS and not extra:
+        raise ValueError(f"stage {stage!r} does not run for model.family {family}")
+    return (*SECTIONS.get(stage, ()), *extra)
+
+
 def stage_config(config: dict, stage: str) -> str:
     """JSON of the keys a stage reads (passed on its command line as --config)."""
-    return json.dumps(select(config, SECTIONS[stage]), sort_keys=True, separators=(",", ":"))
+    return json.dumps(select(config, stage_keys(config, stage)), sort_keys=True, separators=(",", ":"))
+
+
+def family_targets(config: dict) -> list[str]:
+    """Extra targets of rule all for the model family: the bits/dim sanity check of a vesde model."""
+    if config["model"].get("family", "ddpm") != "vesde":
+        return []
+    return [f"{root(config)}/tables/bpd_sanity.md", f"{root(config)}/figures/bpd_sanity.png"]
 
 
 def scores_config(config: dict, method: str) -> str:

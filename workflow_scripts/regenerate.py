@@ -10,6 +10,7 @@ training seed as the full model):
 - the loss measurement m_i of the original query (the image the scores attribute) is taken under both
   models with the measure stage's fixed (t, eps) draws of query i.
 Writes an .npz with query, image_full, image_counterfactual, query_image, loss_full, loss_counterfactual.
+model.family vesde: the probability-flow ODE regenerates, and "loss" is the exact -ln p of the query (nats).
 """
 from __future__ import annotations
 
@@ -18,17 +19,31 @@ import argparse
 import numpy as np
 
 from .common import ArtefactError, load_npz, log, save_npz, select_device
-from .diffusion import load_model
+from .diffusion import load_family_model
 from .measure import QUERY_SETS, measure_loss
-from .sample import generate
+from .sample import generate_images
 
 GENERATED_STREAM = QUERY_SETS.index("generated")  # the measure stage's noise stream of generated queries
 
 
 def regenerate(model, image_shape, config: dict, query: int, device) -> np.ndarray:
     """Generated query `query` as this model makes it from the query's own sampling seed, (1, c, h, w)."""
-    return generate(model, image_shape, config["diffusion"], config["sample"], config["seeds"]["sample"], 1, device,
-                    indices=[query])["images"]
+    return generate_images(model, image_shape, config, device, 1, indices=[query])["images"]
+
+
+def measure_query(model, query_image: np.ndarray, config: dict, query: int, device) -> float:
+    """The measurement m_q of generated query `query` (its draws as in the measure stage): the loss, or for
+    model.family vesde the exact -ln p in nats."""
+    if config["model"].get("family", "ddpm") == "vesde":
+        from .data import N_LEVELS
+        from .likelihood import measure_settings
+        from .vesde import measure_likelihood
+
+        settings = measure_settings(config["measure"], "vesde")["likelihood"]
+        return float(measure_likelihood(model, query_image, config["model"], settings, N_LEVELS[config["data"]["dataset"]],
+                                        config["seeds"]["measure"], GENERATED_STREAM, device, first_index=query)["nats"][0])
+    return measure_loss(model, query_image, config["diffusion"], config["measure"], config["seeds"]["measure"],
+                        GENERATED_STREAM, device, indices=[query])[0]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -47,11 +62,10 @@ def run(args, config: dict) -> None:
     query_image = samples[args.query : args.query + 1]
     images, losses, made_by = {}, {}, {}
     for name, path in (("full", args.full_model), ("counterfactual", args.model)):
-        model, payload = load_model(path, config["model"], device)
+        model, payload = load_family_model(path, config["model"], device)
         made_by[name] = payload["config"]
         images[name] = regenerate(model, payload["image_shape"], config, args.query, device)
-        losses[name] = measure_loss(model, query_image, config["diffusion"], config["measure"], config["seeds"]["measure"],
-                                    GENERATED_STREAM, device, indices=[args.query])[0]
+        losses[name] = measure_query(model, query_image, config, args.query, device)
     for key in ("seed", "train", "diffusion", "data"):  # a counterfactual differs from the full model only in its members
         if made_by["counterfactual"].get(key) != made_by["full"].get(key):
             raise ArtefactError(f"{args.model}: trained with {key} {made_by['counterfactual'].get(key)!r}, the full model "

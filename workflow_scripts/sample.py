@@ -1,4 +1,5 @@
-"""Stage `sample`: generate the query images from the full model, keeping every sampling trajectory.
+"""Stage `sample`: generate the query images from the full model, keeping every sampling trajectory
+(model.family vesde: the probability-flow ODE of vesde.generate_vesde).
 
 Image i starts from, and draws its ancestral noise from, its own generator seeded with
 seeds.sample * 1000 + i, so an image does not depend on how many others are generated with it.
@@ -13,7 +14,7 @@ from diffusers import DDIMScheduler, DDPMScheduler
 from tqdm import tqdm
 
 from .common import generator, log, save_npz, select_device
-from .diffusion import load_model
+from .diffusion import load_family_model
 
 
 def make_sampling_scheduler(diffusion_cfg: dict, sample_cfg: dict):
@@ -60,10 +61,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True)
 
 
+def generate_images(model, image_shape, config: dict, device, n_images: int | None = None, indices=None) -> dict:
+    """generate() for the configured model family; vesde: the probability-flow ODE (vesde.generate_vesde) with
+    sample.num_inference_steps Heun steps, from the same per-image seeds (sample.scheduler is a DDPM setting)."""
+    n_images = config["sample"]["n_generated"] if n_images is None else n_images
+    if config["model"].get("family", "ddpm") == "vesde":
+        from .vesde import generate_vesde, vesde_settings
+
+        return generate_vesde(model, image_shape, vesde_settings(config["model"]), config["sample"]["num_inference_steps"],
+                              config["seeds"]["sample"], n_images, device, indices)
+    return generate(model, image_shape, config["diffusion"], config["sample"], config["seeds"]["sample"], n_images,
+                    device, indices)
+
+
 def run(args, config: dict) -> None:
     device = select_device(config["compute"])
-    model, payload = load_model(args.model, config["model"], device)
-    result = generate(model, payload["image_shape"], config["diffusion"], config["sample"], config["seeds"]["sample"],
-                      config["sample"]["n_generated"], device)
+    model, payload = load_family_model(args.model, config["model"], device)
+    result = generate_images(model, payload["image_shape"], config, device)
     save_npz(args.out, **result)
-    log.info("sample: %d images with %s, %d steps", len(result["images"]), config["sample"]["scheduler"], len(result["timesteps"]))
+    sampler = "probability-flow ODE (Heun)" if config["model"].get("family") == "vesde" else config["sample"]["scheduler"]
+    log.info("sample: %d images with %s, %d steps", len(result["images"]), sampler, len(result["timesteps"]))

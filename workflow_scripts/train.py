@@ -1,4 +1,5 @@
-"""Stage `train`: DDPM training of the full model and of every retraining.
+"""Stage `train`: DDPM training of the full model and of every retraining (model.family vesde: the VE-SDE score
+model by denoising score matching, vesde.train_vesde, with the same seeds, data order and checkpoints).
 
 A retraining's members come from an LDS subset (--subsets FILE --subset j) or from a file of
 training indices (--members FILE: a counterfactual retraining, the training set without what a
@@ -173,4 +174,9 @@ def run(args, config: dict) -> None:
             raise ValueError("--subset needs --subsets (the data stage's subsets.npz)")
         members = np.flatnonzero(data_stage.load_subsets(args.subsets)["masks"][args.subset])
     checkpoints = {checkpoint_step(p): p for p in args.checkpoints}
+    if config["model"].get("family", "ddpm") == "vesde":  # the VE-SDE score model, denoising score matching
+        from .vesde import train_vesde
+
+        train_vesde(config, images, members, args.replicate, args.out, checkpoint_paths=checkpoints)
+        return
     train_model(config, images, members, args.replicate, args.out, checkpoints)

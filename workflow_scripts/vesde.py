@@ -179,11 +179,14 @@ def load_model(path, model_cfg: dict, device="cpu") -> tuple[VEScoreNet, dict]:
 
 
 def train_vesde(config: dict, images: np.ndarray, members: np.ndarray, replicate: int = 0, model_out=None,
-                weights: np.ndarray | None = None, device=None, levels: int | None = None) -> VEScoreNet:
+                weights: np.ndarray | None = None, device=None, levels: int | None = None,
+                checkpoint_paths: dict[int, str] | None = None) -> VEScoreNet:
     """DSM training of the VE-SDE score model on images[members], with train.py's conventions: config["train"]
     (steps, batch_size, lr, weight_decay, warmup_fraction, grad_clip), seed seeds.train + replicate, data order,
     init and per-step draws (sigma_t, eps, dequantisation u) pure functions of (seed, step); optional per-example
-    loss weights. Saves a "vesde-unet" checkpoint to model_out if given; returns the model (eval mode)."""
+    loss weights. Saves a "vesde-unet" checkpoint to model_out if given, and intermediate ones (with the lr at
+    that step) to checkpoint_paths {step: path}; returns the model (eval mode). No resumable state (train.py's
+    resume_every is for the DDPM family): an interrupted run starts again."""
     from . import data as data_stage
     from .train import INIT_STREAM, NOISE_STREAM, batch_indices, training_identity, training_seed
 
@@ -199,6 +202,8 @@ def train_vesde(config: dict, images: np.ndarray, members: np.ndarray, replicate
     x_all = torch.from_numpy(np.asarray(images, dtype=np.float32)).to(device)
     w_all = None if weights is None else torch.as_tensor(weights, dtype=torch.float32, device=device)
     h = dequantization_half_width(levels)
+    identity = {**training_identity(config, members, replicate), "family": "vesde"}
+    checkpoint_paths = checkpoint_paths or {}
     model.train()
     for step in range(train_cfg["steps"]):
         idx = torch.from_numpy(batch_indices(members, train_cfg["batch_size"], seed, step)).to(device)
@@ -213,15 +218,36 @@ def train_vesde(config: dict, images: np.ndarray, members: np.ndarray, replicate
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), train_cfg["grad_clip"])
+        lr = schedule.get_last_lr()[0]
         optimizer.step()
         schedule.step()
+        if step + 1 in checkpoint_paths:
+            save_torch(save_checkpoint_payload(model, identity, step + 1, images.shape[1:], lr=lr), checkpoint_paths[step + 1])
         if step % 250 == 0 or step == train_cfg["steps"] - 1:
             log.info("vesde train step %d: loss %.4f", step, loss.item())
     model.eval()
     if model_out is not None:
-        identity = {**training_identity(config, members, replicate), "family": "vesde"}
         save_torch(save_checkpoint_payload(model, identity, train_cfg["steps"], images.shape[1:]), model_out)
     return model
+
+
+@torch.no_grad()
+def pf_ode_sample(model, x: torch.Tensor, settings: dict, n_steps: int, device="cpu") -> tuple[torch.Tensor, list, list]:
+    """Integrate the probability-flow ODE from x ~ N(0, sigma_1^2 I) at sigma_1 down to sigma_min: Heun steps uniform
+    in u = ln sigma (dx/du = sigma eps_theta). Returns (x at sigma_min, the n_steps + 1 states, the n_steps sigmas
+    the steps start from). Deterministic: each image depends only on its own starting point."""
+    lo, hi = (math.log(s) for s in std_range(settings))
+    grid = torch.linspace(hi, lo, n_steps + 1, dtype=torch.float64)
+    n = x.shape[0]
+    f = lambda y, u: math.exp(u) * model(y, torch.full((n,), math.exp(u), device=device))  # noqa: E731
+    states, sigmas = [x.cpu()], []
+    for u0, u1 in zip(grid[:-1].tolist(), grid[1:].tolist()):
+        k1 = f(x, u0)
+        k2 = f(x + (u1 - u0) * k1, u1)
+        x = x + 0.5 * (u1 - u0) * (k1 + k2)
+        states.append(x.cpu())
+        sigmas.append(math.exp(u0))
+    return x, states, sigmas
 
 
 @torch.no_grad()
@@ -229,13 +255,24 @@ def sample_vesde(model, n: int, image_shape, settings: dict, n_steps: int = 64, 
     """Probability-flow ODE samples (Heun in u = ln sigma, from x(1) ~ N(0, sigma_1^2 I) down to sigma_min)."""
     lo, hi = (math.log(s) for s in std_range(settings))
     x = torch.randn(n, *image_shape, generator=generator(seed)).to(device) * math.exp(hi)
-    grid = torch.linspace(hi, lo, n_steps + 1, dtype=torch.float64)
-    f = lambda y, u: math.exp(u) * model(y, torch.full((n,), math.exp(u), device=device))  # noqa: E731
-    for u0, u1 in zip(grid[:-1].tolist(), grid[1:].tolist()):
-        k1 = f(x, u0)
-        k2 = f(x + (u1 - u0) * k1, u1)
-        x = x + 0.5 * (u1 - u0) * (k1 + k2)
-    return x
+    return pf_ode_sample(model, x, settings, n_steps, device)[0]
+
+
+@torch.no_grad()
+def generate_vesde(model, image_shape, settings: dict, n_steps: int, sample_seed: int, n_images: int, device="cpu",
+                   indices=None) -> dict[str, np.ndarray]:
+    """The sample stage's queries for the VE-SDE family, in sample.generate's format: image i starts from
+    N(0, sigma_1^2 I) drawn with its own generator (seed sample_seed * 1000 + i) and follows the deterministic
+    probability-flow ODE (n_steps Heun steps), so it does not depend on the other images; clamped to [-1, 1].
+    trajectories: (n, n_steps + 1, *shape) ODE states; timesteps: the sigma_t each step starts from."""
+    from .sample import image_seed
+
+    indices = list(range(n_images)) if indices is None else [int(i) for i in indices]
+    sigma_max = std_range(settings)[1]
+    x = torch.stack([torch.randn(*image_shape, generator=generator(image_seed(sample_seed, i))) for i in indices])
+    final, states, sigmas = pf_ode_sample(model, x.to(device) * sigma_max, settings, n_steps, device)
+    return {"images": final.clamp(-1, 1).cpu().numpy(), "trajectories": torch.stack(states, 1).numpy(),
+            "timesteps": np.asarray(sigmas), "seeds": np.array([image_seed(sample_seed, i) for i in indices])}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -399,8 +436,9 @@ def likelihood_measurement(model_cfg: dict, likelihood_cfg: dict, levels: int, s
 
 
 def measure_likelihood(model, images: np.ndarray, model_cfg: dict, likelihood_cfg: dict, levels: int, seed: int,
-                       stream: int = 0, device="cpu") -> dict[str, np.ndarray]:
-    """Exact -ln p and bits/dim of every image (ground truth on a trained model): {"nats", "bpd"} float64 (n,)."""
+                       stream: int = 0, device="cpu", first_index: int = 0) -> dict[str, np.ndarray]:
+    """Exact -ln p and bits/dim of every image (ground truth on a trained model): {"nats", "bpd"} float64 (n,).
+    images[i] gets the dequantisation draw of query first_index + i of its stream (e.g. one regenerated query)."""
     cfg = {**LIKELIHOOD_DEFAULTS, **likelihood_cfg}
     m = likelihood_measurement(model_cfg, cfg, levels, seed, stream)
     model = model.to(device).eval()
@@ -409,7 +447,7 @@ def measure_likelihood(model, images: np.ndarray, model_cfg: dict, likelihood_cf
     with torch.no_grad():  # torch.func transforms inside still differentiate w.r.t. x
         for start in range(0, len(images), int(cfg["batch_size"])):
             x = torch.from_numpy(images[start : start + int(cfg["batch_size"])]).to(device)
-            d = {k: v.to(device) for k, v in m.draws(len(x), images.shape[1:], start).items()}
+            d = {k: v.to(device) for k, v in m.draws(len(x), images.shape[1:], first_index + start).items()}
             out.append(m.nll(model, x, d, checkpoint=False).double().cpu())
     nats = torch.cat(out).numpy() if out else np.zeros(0)
     return {"nats": nats, "bpd": bits_per_dim(nats, int(np.prod(images.shape[1:])), levels)}

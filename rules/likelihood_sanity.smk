@@ -1,0 +1,30 @@
+# model.family vesde: exact bits/dim of training, held-out, rotated, averaged and noise images under the full
+# model (workflow_scripts/likelihood_sanity.py); a target of rule all through paths.family_targets.
+rule likelihood_sanity:
+    input:
+        model=rules.train_full.output.model,
+        dataset=rules.data.output.dataset,
+    output:
+        table=multiext(f"{ROOT}/tables/bpd_sanity", ".csv", ".md"),
+        figure=report(
+            f"{ROOT}/figures/bpd_sanity.png",
+            caption="../report/bpd_sanity.rst",
+            category="5. Likelihood sanity check",
+            labels={"result": "bits/dim per image category"},
+        ),
+        figure_pdf=f"{ROOT}/figures/bpd_sanity.pdf",
+    params:
+        config=lambda w: paths.stage_config(config, "likelihood_sanity"),
+        table=lambda w, output: os.path.splitext(output.table[0])[0],
+        figure=lambda w, output: os.path.splitext(output.figure)[0],
+    log:
+        f"{ROOT}/logs/likelihood_sanity.log",
+    threads: config["compute"]["threads"]
+    resources:
+        mem_mb=2000,
+        runtime=60,
+    conda:
+        "../envs/benchmark.yaml"
+    shell:
+        "python -m workflow_scripts likelihood_sanity --config {params.config:q} --model {input.model}"
+        " --dataset {input.dataset} --table {params.table} --figure {params.figure} 2> {log}"
