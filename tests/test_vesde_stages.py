@@ -58,8 +58,9 @@ def test_vesde_overlay_is_supported_and_ddpm_default_unchanged(repo, base_config
     assert config["model"]["family"] == "vesde"
     assert {m["family"] for m in config["scores"]["methods"].values()} <= {"pixel", "clip", "embedding"}
     assert set(config["counterfactual"]["methods"]) | set(config["figures"]["methods"]) <= set(config["scores"]["methods"])
-    # the ddpm stages read exactly what they read before; vesde measure / regenerate also read the data's name
-    assert "data" not in json.loads(paths.stage_config(base_config, "measure"))
+    # measure reads the data's name (its number of levels) for both families; vesde regenerate reads it too
+    assert json.loads(paths.stage_config(base_config, "measure"))["data"] == {"dataset": "digits"}
+    assert "data" not in json.loads(paths.stage_config(base_config, "regenerate"))
     assert json.loads(paths.stage_config(config, "measure"))["data"] == {"dataset": "digits"}
     assert paths.family_targets(base_config) == []
     assert paths.family_targets(config) == ["results/digits-vesde/tables/bpd_sanity.md",
