@@ -40,7 +40,7 @@ def node_idle() -> bool:
     return state.returncode == 0 and state.stdout.strip().startswith(("idle", "mix", "alloc"))
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # session: set up before the (session) local smoke run, so a skip costs nothing
 def cluster() -> dict:
     """Start (or reuse) scripts/slurm-localhost's cluster; the profile's environment variables for it."""
     if os.geteuid() == 0:
@@ -125,7 +125,7 @@ def dvc_round_trip(slurm_run):
 
 
 @pytest.mark.slow
-def test_smoke_workflow_on_slurm_gives_the_local_tables(slurm_run, smoke_run):
+def test_smoke_workflow_on_slurm_gives_the_local_tables(cluster, slurm_run, smoke_run):
     workdir, _ = slurm_run
     for table in ("lds.csv", "lds.md", "counterfactual.csv", "kfac_ablation.csv"):
         ours_, local = workdir / "results/smoke/tables" / table, smoke_run / "results/smoke/tables" / table
