@@ -4,29 +4,16 @@ import math
 import re
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pandas as pd
 import pytest
 import yaml
 
-IGNORE = shutil.ignore_patterns(".venv", "results", ".snakemake", ".git", ".dvc", "__pycache__", ".pytest_cache")
+from workflow_runs import snakemake
 
-
-def snakemake(workdir: Path, *args: str) -> subprocess.CompletedProcess:
-    exe = Path(sys.executable).with_name("snakemake")
-    return subprocess.run([str(exe), "--cores", "2", *args], cwd=workdir, capture_output=True, text=True,
-                          env={"PATH": f"{exe.parent}:/usr/bin:/bin", "HOME": str(workdir)})
-
-
-@pytest.fixture(scope="module")
-def smoke_run(repo, tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("smoke") / "repo"
-    shutil.copytree(repo, workdir, ignore=IGNORE)
-    result = snakemake(workdir, "--configfile", "configs/smoke.yaml")
-    assert result.returncode == 0, result.stderr[-5000:]
-    return workdir
+# smoke_run (tests/conftest.py): the smoke workflow run locally once per session, also the reference of
+# tests/test_slurm.py
 
 
 def test_lds_table_has_every_method_and_query_set(smoke_run, smoke_config):

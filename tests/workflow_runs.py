@@ -1,0 +1,20 @@
+"""Running Snakemake on a scratch copy of the repository (shared by the workflow and Slurm tests)."""
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+IGNORE = shutil.ignore_patterns(".venv", "results", ".snakemake", ".git", ".dvc", "__pycache__", ".pytest_cache")
+BIN = Path(sys.executable).parent
+
+
+def copy_repo(repo: Path, workdir: Path) -> Path:
+    shutil.copytree(repo, workdir, ignore=IGNORE)
+    return workdir
+
+
+def snakemake(workdir: Path, *args: str, cores: bool = True) -> subprocess.CompletedProcess:
+    """`snakemake [--cores 2] args` in workdir with only the venv and the system on PATH."""
+    exe = BIN / "snakemake"
+    return subprocess.run([str(exe), *(["--cores", "2"] if cores else []), *args], cwd=workdir, capture_output=True,
+                          text=True, env={"PATH": f"{BIN}:/usr/bin:/bin", "HOME": str(workdir)})
