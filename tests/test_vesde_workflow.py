@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from test_workflow import IGNORE, snakemake
+from workflow_runs import IGNORE, snakemake
 
 # configs/vesde.yaml shrunk to seconds per job: 4 subsets x 1 seed, 3 queries per set, a few steps everywhere, two
 # scorers (pixel, the classifier's embedding) and one counterfactual query (embedding_cosine + random)
