@@ -31,6 +31,7 @@ include: "rules/scores.smk"
 include: "rules/evaluate.smk"
 include: "rules/counterfactual.smk"
 include: "rules/figures.smk"
+include: "rules/metagradient.smk"
 
 
 rule all:
@@ -42,3 +43,4 @@ rule all:
         f"{ROOT}/figures/kfac_ablation.png",
         rules.counterfactual_evaluate.output,
         rules.figures.output,
+        f"{ROOT}/tables/metagradient.md",

@@ -80,6 +80,7 @@ def _check_consistency(config: dict) -> None:
             raise ConfigError(f"measure.timestep_loss.timesteps: timestep {t} must be below diffusion.num_train_timesteps {T}")
     _check_counterfactual(config)
     _check_figures(config)
+    _check_metagradient(config)
 
 
 def check_workflow_support(config: dict) -> None:
@@ -148,3 +149,16 @@ def _check_figures(config: dict) -> None:
 def config_hash(section: dict) -> str:
     """A short stable hash of a (sub)configuration, stored beside artefacts to detect mismatches."""
     return hashlib.sha256(json.dumps(section, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _check_metagradient(config: dict) -> None:
+    """A metagradient method needs its fixed-seed ground truth, made with the full model's seed (replicate 0)."""
+    for method, m in config["scores"]["methods"].items():
+        if m["family"] != "metagradient":
+            continue
+        if "fixed_seed" not in config:
+            raise ConfigError(f"scores.methods.{method}: a metagradient method needs the section fixed_seed "
+                              "(loo_sets, loo_fraction: its fixed-seed ground truth)")
+        if m.get("replicate", 0) != 0:
+            raise ConfigError(f"scores.methods.{method}.replicate: the fixed-seed ground truth retrains with the full "
+                              "model's seed (replicate 0); other replicates are library-only")
