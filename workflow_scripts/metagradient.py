@@ -222,8 +222,9 @@ def training_step(problem: TrainingProblem, state: State, weights_batch: torch.T
             leaves = {n: p.detach().requires_grad_() for n, p in params.items()}
         loss = batch_loss(problem, leaves, weights_batch, idx, t, eps)
         grads = torch.autograd.grad(loss, [leaves[n] for n in names], create_graph=create_graph, materialize_grads=True)
-    if not create_graph:
-        grads = [g.detach() for g in grads]
+    # contiguous: the layout AccumulateGrad gives .grad in train.py (autograd.grad may return e.g. transposed conv
+    # weight gradients); _foreach_norm sums in memory order, so another layout changes the norm in the last bit
+    grads = [g.detach().contiguous() if not create_graph else g.contiguous() for g in grads]
     # torch.nn.utils.clip_grad_norm_ (foreach norms on CPU), differentiable
     total_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads, 2.0)), 2.0)
     coef = torch.clamp(problem.grad_clip / (total_norm + CLIP_EPS), max=1.0)

@@ -35,6 +35,7 @@ SECTIONS = {  # the config keys each stage reads; a rule reruns exactly when one
 # stage's config carries only its own method, so editing one method reruns only that method's job.
 SCORER_SECTIONS = {
     "kfac": ("model", "diffusion", "kfac", "seeds.gradients", "seeds.measure", "measure", "compute"),
+    "metagradient": ("train.steps",),  # its settings (checkpoint interval); the scores come from its chunk jobs
 }
 
 
