@@ -33,6 +33,7 @@ include: "rules/evaluate.smk"
 include: "rules/counterfactual.smk"
 include: "rules/figures.smk"
 include: "rules/likelihood_sanity.smk"
+include: "rules/metagradient.smk"
 
 
 rule all:
@@ -48,3 +49,4 @@ rule all:
         rules.counterfactual_evaluate.output,
         rules.figures.output,
         paths.family_targets(config),  # model.family vesde: the bits/dim sanity check
+        f"{ROOT}/tables/metagradient.md",

@@ -6,6 +6,7 @@ rule scores:
         measurements=paths.measurement_files(config),
         features=lambda w: paths.method_feature_stores(config, w.method),
         models=lambda w: list(paths.method_model_inputs(config, w.method).values()),
+        chunks=lambda w: paths.metagradient_chunk_files(config, w.method),  # metagradient: its chunk jobs
     output:
         # <query_set>.npy score matrices are written beside these, except for a method that
         # cannot run here (e.g. CLIP without weights), whose chosen.json says why
@@ -16,6 +17,7 @@ rule scores:
         config=lambda w: paths.scores_config(config, w.method),
         features=lambda w: paths.method_feature_args(config, w.method),
         models=lambda w: paths.method_model_args(config, w.method),
+        chunks=lambda w: paths.metagradient_chunk_option(config, w.method),
         out_dir=lambda w, output: os.path.dirname(output.sweep),
     log:
         f"{ROOT}/logs/scores/{{method}}.log",
@@ -28,4 +30,4 @@ rule scores:
     shell:
         "python -m workflow_scripts scores --config {params.config:q} --method {wildcards.method}"
         " --dataset {input.dataset} --samples {input.samples} --subsets {input.subsets}"
-        " --measurements {input.measurements} {params.features} {params.models} --out-dir {params.out_dir} 2> {log}"
+        " --measurements {input.measurements} {params.features} {params.models} {params.chunks} --out-dir {params.out_dir} 2> {log}"

@@ -22,9 +22,9 @@ REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 # The round trip runs the smoke config trimmed for time (it is about DVC, not about the scores): one
 # method per family with its own rules (pixel: no stores, trak: gradient stores, journey: the
-# gradients_journey rule, kfac: the curvature rule), the schema's minimum of 4 LDS subsets (2 tuning + 2 evaluation)
-# and one counterfactual query.
-ROUND_TRIP_FAMILIES = ("pixel", "trak", "journey", "kfac")
+# gradients_journey rule, kfac: the curvature rule, metagradient: its chunk jobs and fixed-seed retrainings), the
+# schema's minimum of 4 LDS subsets (2 tuning + 2 evaluation) and one counterfactual query.
+ROUND_TRIP_FAMILIES = ("pixel", "trak", "journey", "kfac", "metagradient")
 ROUND_TRIP_LDS = {"n_subsets": 4, "n_tuning": 2}
 # workflow_scripts.paths.SECTIONS stages whose rules each dvc.yaml stage runs
 DVC_STAGE_SECTIONS = {
@@ -33,15 +33,17 @@ DVC_STAGE_SECTIONS = {
     "measurements": ("measure",),
     "gradients": ("gradients",),
     "curvature": ("curvature",),
-    "scores": ("scores",),
     "evaluate": ("evaluate",),
     # the counterfactual retrainings are train_subset jobs, hence "train"
     "counterfactual": ("counterfactual", "train", "regenerate", "counterfactual_evaluate"),
+    "scores": ("scores", "metagradient"),
     "figures": ("figures",),
+    # the metagradient's chunk jobs run in stage scores; its fixed-seed retrainings are train_subset jobs
+    "metagradient": ("fixed_seed", "train", "measure", "metagradient_evaluate"),
 }
 # rules that run as dependencies of an `--until` rule (the counterfactual stage names only its last rule:
 # naming counterfactual and regenerate as well trips Snakemake 9.27's scheduler, see dvc.yaml)
-UPSTREAM_ONLY_RULES = {"all", "data", "counterfactual", "regenerate"}
+UPSTREAM_ONLY_RULES = {"all", "data", "counterfactual", "regenerate", "metagradient", "fixed_seed_sets", "measure_fixed_seed"}
 # rules of another model family (model.family vesde, an overlay): DVC versions the params.yaml benchmark only
 FAMILY_ONLY_RULES = {"likelihood_sanity"}
 

@@ -3,6 +3,7 @@ import json
 
 import numpy as np
 import pandas as pd
+import pytest
 
 from workflow_scripts import evaluate as E
 
@@ -61,3 +62,29 @@ def test_ablation_without_kfac_methods_says_so(tmp_path):
                            "lds_tuned_on_evaluation": 0.3, "note": ""}])
     dirs = {"trak": _method(tmp_path, "trak", {"family": "trak"}, {"generated": np.zeros((3, 4))})}
     assert "No kfac methods" in E.ablation_markdown(E.kfac_ablation(table, dirs))
+
+
+def test_lds_table_covers_the_scored_queries_and_says_how_many(tmp_path):
+    """A method that scored only some queries (NaN rows, e.g. the metagradient's max_queries): its row is the LDS over
+    those, states the coverage, and equals the LDS of the scored rows alone."""
+    rng = np.random.default_rng(1)
+    n_subsets, n_train, n_query = 10, 16, 4
+    masks = rng.random((n_subsets, n_train)) < 0.5
+    targets = {q: rng.normal(size=(n_subsets, 2, n_query)) for q in ("generated", "heldout")}
+    subsets = {"masks": masks, "evaluation": np.arange(3, n_subsets), "tuning": np.arange(3)}
+    full = {q: rng.normal(size=(n_query, n_train)) for q in targets}
+    partial = {q: np.where(np.arange(n_query)[:, None] < 1, s, np.nan) for q, s in full.items()}  # query 0 only
+    dirs = {"magic": _method(tmp_path, "magic", {"family": "metagradient"}, partial),
+            "trak": _method(tmp_path, "trak", {"family": "trak"}, full)}
+    table = E.lds_table(dirs, subsets, targets, {"bootstrap_samples": 30, "ci": 0.95}, seed=0)
+    magic = table[table["method"] == "magic"].set_index("query_set")
+    assert (magic["n_queries"] == 1).all() and (magic["n_queries_total"] == n_query).all()
+    assert magic["note"].str.startswith(f"LDS over 1 of {n_query} queries").all()
+    assert table.loc[table["method"] == "trak", "note"].eq("").all()  # complete rows: no coverage note
+    one = {q: (masks[subsets["evaluation"]], t[subsets["evaluation"]].mean(1)[:, :1]) for q, t in targets.items()}
+    from workflow_scripts.lds import lds_per_query
+
+    for q, (m, t) in one.items():
+        assert magic.loc[q, "lds"] == pytest.approx(lds_per_query(full[q][:1], m, t)[0])
+    markdown = E.to_markdown(table)
+    assert f"| magic | generated | {magic.loc['generated', 'lds']:.3f} | - |" in markdown  # one query: no SE

@@ -154,3 +154,46 @@ def test_vectorised_lds_summary_equals_the_bootstrap_loop_and_its_cache():
     assert ranks.lds(scores, masks, targets, "m", "t") == fast  # from the cache
     other = ranks.lds(scores, masks, targets[::-1].copy(), "m", "t2")  # a new target key: new target ranks
     assert other != fast
+# ---------------------------------------------------------------- queries not scored (NaN rows)
+def test_lds_with_unscored_queries_matches_scipy_on_the_scored_ones(caplog):
+    rng, scores, masks = _case(n_query=7, seed=3)
+    targets = rng.normal(size=(len(masks), 7))
+    partial = scores.copy()
+    partial[[1, 4, 5]] = np.nan  # not scored (e.g. metagradient beyond max_queries)
+    per_query = lds.lds_per_query(partial, masks, targets)
+    scored = [0, 2, 3, 6]
+    assert np.isnan(per_query[[1, 4, 5]]).all()
+    predictions = scores @ (~masks).T
+    expected = [spearmanr(predictions[q], targets[:, q]).statistic for q in scored]
+    np.testing.assert_allclose(per_query[scored], expected, rtol=1e-12)
+    with caplog.at_level(logging.WARNING, logger="workflow_scripts"):
+        summary = lds.lds_summary(partial, masks, targets, n_bootstrap=50, ci=0.9, seed=0)
+    assert "LDS over 4 of 7 queries" in caplog.text  # never dropped silently
+    assert summary["n_queries"] == 4 and summary["n_queries_total"] == 7
+    assert summary["lds"] == pytest.approx(np.mean(expected))
+    assert summary["se"] == pytest.approx(np.std(expected, ddof=1) / 2)
+    assert np.isfinite([summary["ci_low"], summary["ci_high"]]).all()
+    # the scored rows' numbers do not depend on the others
+    assert lds.lds_summary(scores[scored], masks, targets[:, scored], 50, 0.9, seed=0)["lds"] == pytest.approx(summary["lds"])
+
+
+def test_single_scored_query_has_no_standard_error():
+    rng, scores, masks = _case(n_query=3)
+    scores[1:] = np.nan
+    summary = lds.lds_summary(scores, masks, rng.normal(size=(len(masks), 3)), 20, 0.9, seed=0)
+    assert summary["n_queries"] == 1 and np.isnan(summary["se"]) and np.isfinite(summary["lds"])
+
+
+def test_partly_nonfinite_rows_and_no_scored_query_are_errors():
+    rng, scores, masks = _case(n_query=3)
+    targets = rng.normal(size=(len(masks), 3))
+    bad = scores.copy()
+    bad[0, 5] = np.nan
+    with pytest.raises(ValueError, match=r"rows \[0\] are partly non-finite"):
+        lds.lds_per_query(bad, masks, targets)
+    bad = scores.copy()
+    bad[2] = np.inf
+    with pytest.raises(ValueError, match=r"rows \[2\]"):
+        lds.scored_queries(bad)
+    with pytest.raises(ValueError, match="no query has scores"):
+        lds.lds_summary(np.full_like(scores, np.nan), masks, targets, 10, 0.9, seed=0)

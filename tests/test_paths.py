@@ -57,3 +57,66 @@ def test_curvature_config_ignores_scoring_keys(base_config):
     assert paths.stage_config(other, "curvature") == paths.stage_config(base_config, "curvature")
     other["kfac"]["draws"] = 65
     assert paths.stage_config(other, "curvature") != paths.stage_config(base_config, "curvature")
+
+
+# ---------------------------------------------------------------- metagradient: chunk jobs, fixed-seed retrainings
+def _with_magic(config, **method):
+    import copy
+
+    cfg = copy.deepcopy(config)
+    cfg["scores"]["methods"] = {"trak": cfg["scores"]["methods"]["trak"],
+                                "magic": {"family": "metagradient", **method}}
+    return cfg
+
+
+def test_metagradient_chunks_split_the_first_queries_of_each_set(base_config):
+    cfg = _with_magic(base_config, max_queries=3, queries_per_job=4)
+    queries = paths.metagradient_queries(cfg, "magic")
+    assert queries == [("generated", 0), ("generated", 1), ("generated", 2), ("heldout", 0), ("heldout", 1), ("heldout", 2)]
+    assert paths.metagradient_chunks(cfg, "magic") == [queries[:4], queries[4:]]
+    assert paths.metagradient_chunk_files(cfg, "magic") == ["results/digits/scores/magic/chunks/chunk000.npz",
+                                                            "results/digits/scores/magic/chunks/chunk001.npz"]
+    assert paths.metagradient_chunk_args(cfg, "magic", "chunk000") == "--queries generated=0,1,2 heldout=0"
+    assert paths.metagradient_chunk_args(cfg, "magic", "chunk001") == "--queries heldout=1,2"
+    with pytest.raises(ValueError, match="no chunk 'chunk002'"):
+        paths.metagradient_chunk_args(cfg, "magic", "chunk002")
+    assert paths.metagradient_chunk_option(cfg, "magic").split() == ["--chunks", *paths.metagradient_chunk_files(cfg, "magic")]
+    assert paths.metagradient_chunk_files(cfg, "trak") == [] and paths.metagradient_chunk_option(cfg, "trak") == ""
+    # null: every query, one job
+    every = _with_magic(base_config, max_queries=None, queries_per_job=None)
+    n = base_config["sample"]["n_generated"] + base_config["data"]["n_heldout"]
+    assert [len(c) for c in paths.metagradient_chunks(every, "magic")] == [n]
+    # a chunk job's config: training + measurement keys and only its method (a TRAK edit does not rerun it)
+    job = json.loads(paths.metagradient_config(cfg, "magic"))
+    assert job["scores"] == {"methods": {"magic": cfg["scores"]["methods"]["magic"]}}
+    assert {"train", "model", "diffusion", "measure", "data", "compute"} <= set(job) and "lds" not in job
+    assert job["seeds"] == {"train": cfg["seeds"]["train"], "measure": cfg["seeds"]["measure"]}
+
+
+def test_fixed_seed_retrainings_are_a_retraining_kind(base_config):
+    import re
+
+    cfg = _with_magic(base_config, max_queries=1)
+    names = paths.fixed_seed_names(cfg)
+    lds, loo = cfg["lds"], cfg["fixed_seed"]["loo_sets"]
+    assert names == [f"subset{j:03d}" for j in range(lds["n_tuning"], lds["n_subsets"])] + [f"loo{k:03d}" for k in range(loo)]
+    for name in ("subset012", "loo003"):
+        assert re.fullmatch(paths.RETRAINING_KIND_PATTERN, "fixed_seed")
+        assert re.fullmatch(paths.RETRAINING_NAME_PATTERN, name)
+        inputs = paths.retraining_inputs(cfg, "fixed_seed", name)
+        assert inputs == {"dataset": "results/digits/data/dataset.npz", "membership": "results/digits/fixed_seed/sets.npz"}
+        assert paths.retraining_args("fixed_seed", name, inputs["membership"]) == \
+            f"--fixed-seed-sets results/digits/fixed_seed/sets.npz --fixed-seed-set {name} --replicate 0"
+        assert paths.fixed_seed_model(cfg, name) == f"results/digits/fixed_seed/{name}/model.pt"
+    assert paths.fixed_seed_model(cfg, "full") == "results/digits/models/full/model.pt"  # w = 1 is the full model
+    files = paths.fixed_seed_measurements(cfg)
+    assert files[0] == "results/digits/fixed_seed/full/measurement.npz" and len(files) == len(names) + 1
+    assert all(re.fullmatch(paths.FIXED_SEED_NAME_PATTERN, f.split("/")[-2]) for f in files)
+    for kind, name in (("fixed_seed", "subset003_seed0"), ("fixed_seed", "full"), ("models", "subset003"),
+                       ("fixed_seed", "trak/q000")):
+        with pytest.raises(ValueError, match="unknown retraining"):
+            paths.retraining_inputs(cfg, kind, name)
+    # without a metagradient method nothing is retrained for it
+    no_magic = _with_magic(base_config)
+    no_magic["scores"]["methods"].pop("magic")
+    assert paths.fixed_seed_names(no_magic) == [] == paths.fixed_seed_measurements(no_magic)

@@ -199,6 +199,32 @@ def test_changing_k_reruns_only_the_counterfactual_retrainings(smoke_run, smoke_
         assert not re.search(rf"^{rule}\s+\d+$", out, re.M), rule
 
 
+# ------------------------------------------------------------------------------ metagradient (MAGIC)
+def test_metagradient_rows_cover_the_attributed_queries_on_both_targets(smoke_run, smoke_config):
+    from workflow_scripts import metagradient_evaluate as M
+
+    method = smoke_config["scores"]["methods"]["metagradient"]
+    n_total = {"generated": smoke_config["sample"]["n_generated"], "heldout": smoke_config["data"]["n_heldout"]}
+    lds = pd.read_csv(smoke_run / "results/smoke/tables/lds.csv").set_index(["method", "query_set"])
+    table = pd.read_csv(smoke_run / "results/smoke/tables/metagradient.csv")
+    for name, total in n_total.items():
+        row = lds.loc[("metagradient", name)]
+        assert row["n_queries"] == method["max_queries"] and row["note"].startswith(f"LDS over 1 of {total} queries")
+        rows = table[table["query_set"] == name].set_index("target")
+        assert {M.FIXED_SEED_LDS, M.SEED_AVERAGED_LDS, M.LOO_SPEARMAN, M.NOISE_CEILING} <= set(rows.index)
+        assert rows["value"].between(-1, 1).all() and (rows["n_queries"] == method["max_queries"]).all()
+        # the seed-averaged row is the LDS table's number
+        assert rows.loc[M.SEED_AVERAGED_LDS, "value"] == pytest.approx(row["lds"], abs=1e-12)
+    # its chunk jobs, fixed-seed models on every evaluation subset + leave-out set
+    from workflow_scripts import paths
+
+    chunks = sorted((smoke_run / "results/smoke/scores/metagradient/chunks").glob("chunk*.npz"))
+    assert len(chunks) == len(paths.metagradient_chunks(smoke_config, "metagradient"))
+    fixed = sorted(p.parent.name for p in (smoke_run / "results/smoke/fixed_seed").glob("*/model.pt"))
+    lds_cfg = smoke_config["lds"]
+    assert len(fixed) == lds_cfg["n_subsets"] - lds_cfg["n_tuning"] + smoke_config["fixed_seed"]["loo_sets"]
+
+
 # ------------------------------------------------------------------------------ the HTML report in a browser
 CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None)
 # Injected into a copy of the report: shows every result the way the report's own result buttons do

@@ -14,7 +14,8 @@ from pathlib import Path
 import yaml
 
 STAGES = ("data", "train", "classifier", "sample", "measure", "gradients", "curvature", "scores", "evaluate",
-          "counterfactual", "regenerate", "counterfactual_evaluate", "figures", "likelihood_sanity")
+          "counterfactual", "regenerate", "counterfactual_evaluate", "figures",
+          "metagradient", "fixed_seed", "metagradient_evaluate", "likelihood_sanity")
 
 
 def parse_config(text: str) -> dict:

@@ -108,6 +108,7 @@ def _check_consistency(config: dict) -> None:
     _check_counterfactual(config)
     _check_figures(config)
     _check_query_measurements(config)
+    _check_metagradient(config)
 
 
 # training / test split sizes of the torchvision data sets (workflow_scripts/datasets.py)
@@ -233,3 +234,16 @@ def _check_figures(config: dict) -> None:
 def config_hash(section: dict) -> str:
     """A short stable hash of a (sub)configuration, stored beside artefacts to detect mismatches."""
     return hashlib.sha256(json.dumps(section, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _check_metagradient(config: dict) -> None:
+    """A metagradient method needs its fixed-seed ground truth, made with the full model's seed (replicate 0)."""
+    for method, m in config["scores"]["methods"].items():
+        if m["family"] != "metagradient":
+            continue
+        if "fixed_seed" not in config:
+            raise ConfigError(f"scores.methods.{method}: a metagradient method needs the section fixed_seed "
+                              "(loo_sets, loo_fraction: its fixed-seed ground truth)")
+        if m.get("replicate", 0) != 0:
+            raise ConfigError(f"scores.methods.{method}.replicate: the fixed-seed ground truth retrains with the full "
+                              "model's seed (replicate 0); other replicates are library-only")

@@ -63,7 +63,8 @@ def lds_table(method_dirs: dict[str, Path], subsets: dict, targets: dict, lds_cf
             chosen = json.loads((directory / "chosen.json").read_text())
             if "not_run" in chosen:  # the method could not run here: a row that says why, no number
                 rows.append({"method": method, "query_set": name, "lambda": np.nan, "lds": np.nan, "se": np.nan,
-                             "ci_low": np.nan, "ci_high": np.nan, "n_queries": 0, "n_subsets": len(evaluation),
+                             "ci_low": np.nan, "ci_high": np.nan, "n_queries": 0,
+                             "n_queries_total": target.shape[-1], "n_subsets": len(evaluation),
                              "lds_tuned_on_evaluation": np.nan, "note": chosen["not_run"], "scores_of": ""})
                 continue
             scores = np.load(directory / f"{name}.npy")
@@ -77,8 +78,17 @@ def lds_table(method_dirs: dict[str, Path], subsets: dict, targets: dict, lds_cf
             if own != "loss":
                 note = "; ".join(filter(None, [f"scores predict {own} (query gradients and lambda)", note]))
             rows.append({"method": method, "query_set": name, "lambda": np.nan if chosen["lambda"] is None else chosen["lambda"],
-                         **summary, "lds_tuned_on_evaluation": best_on_evaluation, "note": note, "scores_of": own})
+                         **summary, "lds_tuned_on_evaluation": best_on_evaluation,
+                         "note": coverage_note(summary, note), "scores_of": own})
     return pd.DataFrame(rows)
+
+
+def coverage_note(summary: dict, note: str) -> str:
+    """The row's note, prefixed with how many queries it covers when the method scored only some (NaN rows)."""
+    if summary["n_queries"] == summary["n_queries_total"]:
+        return note
+    coverage = f"LDS over {summary['n_queries']} of {summary['n_queries_total']} queries"
+    return f"{coverage}; {note}" if note else coverage
 
 
 ABLATION_REFERENCES = ("trak", "d_trak")  # rows shown beside the K-FAC variants, when configured
@@ -130,7 +140,8 @@ def to_markdown(table: pd.DataFrame) -> str:
             continue
         lam = "-" if np.isnan(r[3]) else f"{r[3]:g}"
         tuned = "-" if np.isnan(r.lds_tuned_on_evaluation) else f"{r.lds_tuned_on_evaluation:.3f}"
-        lines.append(f"| {r.method} | {r.query_set} | {r.lds:.3f} | {r.se:.3f} | [{r.ci_low:.3f}, {r.ci_high:.3f}] | {lam} | {tuned} | {note} |")
+        se = "-" if np.isnan(r.se) else f"{r.se:.3f}"  # no SE over a single scored query
+        lines.append(f"| {r.method} | {r.query_set} | {r.lds:.3f} | {se} | [{r.ci_low:.3f}, {r.ci_high:.3f}] | {lam} | {tuned} | {note} |")
     lines.append("")
     lines.append("*best LDS over the lambda grid measured on the evaluation subsets themselves (how published repositories tune); "
                  "not an honest estimate, shown for comparison only.")

@@ -3,6 +3,10 @@
 With the score convention S[q, i] = predicted change of m_q when z_i is removed, the prediction
 for a model trained on subset S_j is sum_{i not in S_j} S[q, i]; LDS_q is the Spearman rank
 correlation over subsets j of that prediction and the seed-averaged measured m_q.
+
+Queries a method did not score (e.g. the metagradient beyond its max_queries) have NaN rows: their LDS is NaN,
+and every summary is over the scored queries only (n_queries says how many; the unscored ones are logged).
+A row is scored completely or not at all; a partly non-finite row is an error.
 """
 from __future__ import annotations
 
@@ -65,22 +69,53 @@ def spearman_of_ranks(ra: np.ndarray, rb: np.ndarray) -> np.ndarray:
     return np.where(constant, 0.0, (ra * rb).sum(-1) / np.where(constant, 1.0, denom))
 
 
+def scored_queries(scores: np.ndarray) -> np.ndarray:
+    """Boolean (n_query,): rows that are all finite. NaN rows are queries not scored; anything else is an error."""
+    scores = np.asarray(scores)
+    scored = np.isfinite(scores).all(1)
+    unscored = np.isnan(scores).all(1)
+    bad = np.flatnonzero(~(scored | unscored))
+    if len(bad):
+        raise ValueError(f"score rows {bad[:10].tolist()} are partly non-finite (or infinite): a query is either scored "
+                         "completely or not at all (a NaN row)")
+    return scored
+
+
 def lds_per_query(scores: np.ndarray, masks: np.ndarray, targets: np.ndarray) -> np.ndarray:
-    """targets: (n_subsets, n_query) seed-averaged measurements on exactly these subsets."""
-    return rowwise_spearman(subset_predictions(scores, masks), targets.T)
+    """targets: (n_subsets, n_query) seed-averaged measurements on exactly these subsets.
+
+    (n_query,) LDS; NaN for queries not scored (NaN rows of scores)."""
+    scored = scored_queries(scores)
+    out = np.full(len(scored), np.nan)
+    if scored.any():
+        out[scored] = rowwise_spearman(subset_predictions(scores[scored], masks), targets.T[scored])
+    return out
+
+
+def mean_over_scored(per_query: np.ndarray) -> float:
+    """Mean LDS over the scored queries (NaN entries are queries not scored); error if none is scored."""
+    per_query = np.asarray(per_query, dtype=np.float64)
+    if np.isnan(per_query).all():
+        raise ValueError("no query has scores: nothing to evaluate")
+    return float(np.nanmean(per_query))
 
 
 def summarise(per_subset_fn, n_subsets: int, n_bootstrap: int, ci: float, seed: int) -> dict:
     """Mean over queries, its standard error, and a bootstrap CI over subsets.
 
-    per_subset_fn(subset_indices) -> per-query LDS computed on those (resampled) subsets.
+    per_subset_fn(subset_indices) -> per-query LDS computed on those (resampled) subsets, NaN for queries not
+    scored: mean, SE and CI are over the scored queries; n_queries counts them, n_queries_total all queries.
     """
     per_query = per_subset_fn(np.arange(n_subsets))
+    valid = ~np.isnan(per_query)
+    lds = mean_over_scored(per_query)
     generator = np.random.default_rng(seed)
-    boot = [per_subset_fn(generator.integers(0, n_subsets, n_subsets)).mean() for _ in range(n_bootstrap)]
+    boot = [mean_over_scored(per_subset_fn(generator.integers(0, n_subsets, n_subsets))) for _ in range(n_bootstrap)]
     low, high = np.quantile(boot, [(1 - ci) / 2, 1 - (1 - ci) / 2])
-    return {"lds": float(per_query.mean()), "se": float(per_query.std(ddof=1) / np.sqrt(len(per_query))),
-            "ci_low": float(low), "ci_high": float(high), "n_queries": int(len(per_query)), "n_subsets": int(n_subsets)}
+    n = int(valid.sum())
+    se = float(per_query[valid].std(ddof=1) / np.sqrt(n)) if n > 1 else float("nan")  # one query: no SE
+    return {"lds": lds, "se": se, "ci_low": float(low), "ci_high": float(high), "n_queries": n,
+            "n_queries_total": int(len(per_query)), "n_subsets": int(n_subsets)}
 
 
 def bootstrap_indices(n_subsets: int, n_bootstrap: int, seed: int) -> np.ndarray:
@@ -113,13 +148,26 @@ class BootstrapRanks:
         per_query = spearman_of_ranks(prediction_ranks[0], target_ranks[0])
         boot = spearman_of_ranks(prediction_ranks[1], target_ranks[1]).mean(0)  # (n_bootstrap,)
         low, high = np.quantile(boot, [(1 - self.ci) / 2, 1 - (1 - self.ci) / 2])
-        return {"lds": float(per_query.mean()), "se": float(per_query.std(ddof=1) / np.sqrt(len(per_query))),
-                "ci_low": float(low), "ci_high": float(high), "n_queries": int(len(per_query)),
-                "n_subsets": int(self.n_subsets)}
+        n = len(per_query)
+        se = float(per_query.std(ddof=1) / np.sqrt(n)) if n > 1 else float("nan")  # one query: no SE
+        return {"lds": float(per_query.mean()), "se": se, "ci_low": float(low), "ci_high": float(high),
+                "n_queries": int(n), "n_queries_total": int(n), "n_subsets": int(self.n_subsets)}
 
     def lds(self, scores: np.ndarray, masks: np.ndarray, targets: np.ndarray, scores_key=None, targets_key=None) -> dict:
-        """lds_summary; the keys (None: not cached) name the scores and the targets for reuse."""
-        return self.summary(self.ranks(scores_key, subset_predictions(scores, masks)), self.ranks(targets_key, targets.T))
+        """lds_summary; the keys (None: not cached) name the scores and the targets for reuse.
+
+        Over the scored queries only (NaN rows of scores = not scored, e.g. metagradient beyond max_queries; logged);
+        n_queries counts them, n_queries_total all queries."""
+        scored = scored_queries(scores)
+        if not scored.any():
+            raise ValueError("no query has scores: nothing to evaluate")
+        if not scored.all():
+            log.warning("LDS over %d of %d queries: %d rows are NaN (not scored)", int(scored.sum()), len(scored),
+                        int((~scored).sum()))
+        prediction_ranks = self.ranks(scores_key, subset_predictions(scores[scored], masks))
+        target_ranks = self.ranks(targets_key, targets.T)  # cached for all queries; rows = queries
+        summary = self.summary(prediction_ranks, (target_ranks[0][scored], target_ranks[1][scored]))
+        return {**summary, "n_queries_total": int(len(scored))}
 
 
 def lds_summary(scores: np.ndarray, masks: np.ndarray, targets: np.ndarray, n_bootstrap: int, ci: float, seed: int) -> dict:

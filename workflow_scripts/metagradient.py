@@ -222,8 +222,9 @@ def training_step(problem: TrainingProblem, state: State, weights_batch: torch.T
             leaves = {n: p.detach().requires_grad_() for n, p in params.items()}
         loss = batch_loss(problem, leaves, weights_batch, idx, t, eps)
         grads = torch.autograd.grad(loss, [leaves[n] for n in names], create_graph=create_graph, materialize_grads=True)
-    if not create_graph:
-        grads = [g.detach() for g in grads]
+    # contiguous: the layout AccumulateGrad gives .grad in train.py (autograd.grad may return e.g. transposed conv
+    # weight gradients); _foreach_norm sums in memory order, so another layout changes the norm in the last bit
+    grads = [g.detach().contiguous() if not create_graph else g.contiguous() for g in grads]
     # torch.nn.utils.clip_grad_norm_ (foreach norms on CPU), differentiable
     total_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads, 2.0)), 2.0)
     coef = torch.clamp(problem.grad_clip / (total_norm + CLIP_EPS), max=1.0)
@@ -488,3 +489,69 @@ class Attribution:
     indices: dict  # {query set: attributed query indices}
     final_params: dict
     info: dict
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Stage `metagradient`: one job per chunk of queries (paths.metagradient_chunks); the scores stage assembles them
+# ----------------------------------------------------------------------------------------------------------------
+def parse_query_selection(items: list[str]) -> dict[str, np.ndarray]:
+    """['generated=0,1', 'heldout=0'] -> {set: indices}."""
+    selection = {}
+    for item in items:
+        name, sep, values = item.partition("=")
+        if not sep or not name or not values:
+            raise ValueError(f"--queries entries are SET=i,j,..., got {item!r}")
+        selection[name] = np.array([int(v) for v in values.split(",")], dtype=np.int64)
+    return selection
+
+
+def save_chunk(path, method: str, result: Attribution) -> None:
+    import json
+
+    from .common import save_npz
+
+    arrays = {}
+    for name in result.scores:
+        arrays[f"{name}_indices"] = result.indices[name]
+        arrays[f"{name}_scores"] = result.scores[name].astype(np.float32)
+        arrays[f"{name}_values"] = np.asarray(result.values[name], np.float64)
+    info = {k: v for k, v in result.info.items() if isinstance(v, (int, float, str))}
+    save_npz(path, method=np.array(method), query_sets=np.array(list(result.scores)), info=np.array(json.dumps(info)),
+             **arrays)
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--method", required=True)
+    parser.add_argument("--dataset", required=True)
+    parser.add_argument("--samples", required=True)
+    parser.add_argument("--model", help="the full model's checkpoint: the recomputed training must end there")
+    parser.add_argument("--queries", nargs="+", required=True, metavar="SET=i,j,...", help="queries of this chunk")
+    parser.add_argument("--out", required=True)
+
+
+def run(args, config: dict) -> None:
+    from . import data as data_stage
+    from .common import select_device
+    from .measure import load_queries
+    from .scorers import metagradient as family
+
+    methods = config["scores"]["methods"]
+    if args.method not in methods or methods[args.method]["family"] != "metagradient":
+        raise ValueError(f"{args.method!r} is not a metagradient method of scores.methods")
+    opts = family._options(methods[args.method])
+    train_images, queries = data_stage.load_dataset(args.dataset)["train_images"], load_queries(args.dataset, args.samples)
+    selection = parse_query_selection(args.queries)
+    t0 = time.perf_counter()
+    result = attribute(config, train_images, queries, selection, replicate=int(opts["replicate"]),
+                       every=opts["checkpoint_every"], device=select_device(config["compute"]))
+    if args.model:
+        family.check_full_model(args.model, config, len(train_images), int(opts["replicate"]), result.final_params)
+    for name, scores in result.scores.items():
+        if not np.isfinite(scores).all():
+            raise FloatingPointError(f"metagradient: non-finite scores for attributed {name} queries")
+    result.info["time_total"] = time.perf_counter() - t0
+    save_chunk(args.out, args.method, result)
+    info = result.info
+    log.info("metagradient %s %s: %.1f s (forward %.1f s, reverse %.1f s of which recompute %.1f s); peak RSS %.0f MB",
+             args.method, {k: v.tolist() for k, v in selection.items()}, info["time_total"], info["time_forward"],
+             info["time_reverse"], info["time_recompute"], info["peak_rss_mb"])

@@ -27,6 +27,12 @@ SECTIONS = {  # the config keys each stage reads; a rule reruns exactly when one
                    "measure.batch_size", "seeds.measure", "compute"),
     "counterfactual_evaluate": ("counterfactual", "seeds.bootstrap", "compute"),
     "figures": ("figures", "lds.n_subsets", "lds.n_seeds"),
+    # metagradient (MAGIC): one job per chunk of queries (the method's own keys are added per method,
+    # metagradient_config), its fixed-seed ground truth (sets, then train_subset kind fixed_seed + measure), its table
+    "metagradient": ("data", "model", "diffusion", "train", "seeds.train", "measure.n_timesteps", "measure.n_noise",
+                     "measure.batch_size", "seeds.measure", "compute"),  # the loss target only, as regenerate
+    "fixed_seed": ("fixed_seed", "seeds.subsets"),
+    "metagradient_evaluate": ("lds", "seeds.bootstrap", "fixed_seed"),
 }
 # Extra keys a stage reads for model.family vesde (the data's number of levels: bits/dim, dequantisation; measure
 # reads it for every family); the ddpm stages' configurations stay as they are. likelihood_sanity runs for vesde only (rule all: family_targets).
@@ -38,6 +44,7 @@ FAMILY_SECTIONS = {
 # stage's config carries only its own method, so editing one method reruns only that method's job.
 SCORER_SECTIONS = {
     "kfac": ("model", "diffusion", "kfac", "seeds.gradients", "seeds.measure", "measure", "data.dataset", "compute"),
+    "metagradient": ("train.steps",),  # its settings (checkpoint interval); the scores come from its chunk jobs
 }
 
 
@@ -113,26 +120,32 @@ def measurement_files(config: dict) -> list[str]:
 #   kind counterfactual, name <method>/q<NNN>:    the training set without what `method` names for generated query
 #                                                 NNN (membership from its members.npy), the full model's seed
 # (Two wildcards, so that a cluster profile can group the two kinds separately: "retrain-{kind}".)
-RETRAINING_KIND_PATTERN = r"models|counterfactual"
-RETRAINING_NAME_PATTERN = r"subset\d+_seed\d+|[A-Za-z0-9_-]+/q\d+"
+#   kind fixed_seed,     name subset<j> | loo<k>: the metagradient's ground truth: ALL training examples, those outside
+#                                                 LDS subset j / leave-out set k weighted 0 (fixed_seed/sets.npz), the
+#                                                 full model's seed and data order
+RETRAINING_KIND_PATTERN = r"models|counterfactual|fixed_seed"
+RETRAINING_NAME_PATTERN = r"subset\d+_seed\d+|[A-Za-z0-9_-]+/q\d+|subset\d+|loo\d+"
 _LDS_RETRAINING = re.compile(r"subset(?P<subset>\d+)_seed(?P<replicate>\d+)")
 _COUNTERFACTUAL_RETRAINING = re.compile(r"(?P<method>[A-Za-z0-9_-]+)/q(?P<query>\d+)")
+_FIXED_SEED_RETRAINING = re.compile(r"subset\d+|loo\d+")
 RANDOM_BASELINE = "random"  # the counterfactual baseline: k random training examples removed
 
 
 def _retraining(kind: str, name: str):
-    pattern = {"models": _LDS_RETRAINING, "counterfactual": _COUNTERFACTUAL_RETRAINING}.get(kind)
+    pattern = {"models": _LDS_RETRAINING, "counterfactual": _COUNTERFACTUAL_RETRAINING,
+               "fixed_seed": _FIXED_SEED_RETRAINING}.get(kind)
     match = pattern.fullmatch(name) if pattern else None
     if match is None:
-        raise ValueError(f"unknown retraining {kind}/{name}; expected models/subset<j>_seed<s> or "
-                         "counterfactual/<method>/q<NNN>")
+        raise ValueError(f"unknown retraining {kind}/{name}; expected models/subset<j>_seed<s>, "
+                         "counterfactual/<method>/q<NNN> or fixed_seed/<subset<j>|loo<k>>")
     return match
 
 
 def retraining_inputs(config: dict, kind: str, name: str) -> dict[str, str]:
-    """{dataset, membership} files of a retraining (membership: subsets.npz or its members.npy)."""
+    """{dataset, membership} files of a retraining (membership: subsets.npz, its members.npy or fixed_seed/sets.npz)."""
     _retraining(kind, name)
-    membership = f"{root(config)}/data/subsets.npz" if kind == "models" else f"{root(config)}/{kind}/{name}/members.npy"
+    membership = {"models": f"{root(config)}/data/subsets.npz",
+                  "fixed_seed": fixed_seed_sets_file(config)}.get(kind, f"{root(config)}/{kind}/{name}/members.npy")
     return {"dataset": f"{root(config)}/data/dataset.npz", "membership": membership}
 
 
@@ -141,6 +154,8 @@ def retraining_args(kind: str, name: str, membership: str) -> str:
     m = _retraining(kind, name)
     if kind == "models":
         return f"--subsets {membership} --subset {int(m['subset'])} --replicate {int(m['replicate'])}"
+    if kind == "fixed_seed":  # all examples, the others weighted 0, the full model's seed and data order
+        return f"--fixed-seed-sets {membership} --fixed-seed-set {name} --replicate 0"
     return f"--members {membership} --replicate 0"  # the full model's seed: same init, same (t, eps) stream
 
 
@@ -335,3 +350,93 @@ def method_model_inputs(config: dict, method: str) -> dict[str, str]:
 
 def method_model_args(config: dict, method: str) -> str:
     return " ".join(f"--{option} {path}" for option, path in method_model_inputs(config, method).items())
+
+
+# ---------------------------------------------------------------- metagradient (MAGIC)
+#
+# results/<benchmark>/scores/<method>/chunks/chunk<NNN>.npz   scores of one chunk of queries (rule metagradient; the
+#                                                             scores rule assembles them, NaN rows = not attributed)
+# results/<benchmark>/fixed_seed/sets.npz                     the fixed-seed sets: evaluation subsets + leave-out sets
+# results/<benchmark>/fixed_seed/<name>/model.pt              retrained with the others weighted 0 (rule train_subset)
+# results/<benchmark>/fixed_seed/<name>/measurement.npz       its measurement (rule measure_fixed_seed); name `full`:
+#                                                             the full model's (w = 1)
+# Attributed queries: the first max_queries of each set (generated, then held-out), queries_per_job per job.
+METAGRADIENT_FAMILY = "metagradient"
+FIXED_SEED_NAME_PATTERN = r"full|subset\d+|loo\d+"
+
+
+def metagradient_methods(config: dict) -> list[str]:
+    return [m for m, c in config["scores"]["methods"].items() if c["family"] == METAGRADIENT_FAMILY]
+
+
+def metagradient_queries(config: dict, method: str) -> list[tuple[str, int]]:
+    """(query set, index) of every attributed query: the first max_queries of each set (null: all)."""
+    limit = config["scores"]["methods"][method].get("max_queries")
+    sizes = {"generated": config["sample"]["n_generated"], "heldout": config["data"]["n_heldout"]}
+    return [(name, q) for name, n in sizes.items() for q in range(n if limit is None else min(n, limit))]
+
+
+def metagradient_chunks(config: dict, method: str) -> list[list[tuple[str, int]]]:
+    """The attributed queries split into jobs of queries_per_job (one forward + reverse pass each)."""
+    queries = metagradient_queries(config, method)
+    size = config["scores"]["methods"][method].get("queries_per_job") or len(queries)
+    return [queries[i : i + size] for i in range(0, len(queries), size)]
+
+
+def metagradient_chunk_files(config: dict, method: str) -> list[str]:
+    if config["scores"]["methods"][method]["family"] != METAGRADIENT_FAMILY:
+        return []
+    return [f"{root(config)}/scores/{method}/chunks/chunk{k:03d}.npz" for k in range(len(metagradient_chunks(config, method)))]
+
+
+def metagradient_chunk_args(config: dict, method: str, chunk: str) -> str:
+    """--queries SET=i,j,... of one chunk job (chunk = 'chunk<NNN>')."""
+    m = re.fullmatch(r"chunk(\d+)", chunk)
+    chunks = metagradient_chunks(config, method)
+    if m is None or int(m[1]) >= len(chunks):
+        raise ValueError(f"{method}: no chunk {chunk!r} (the method has {len(chunks)})")
+    by_set: dict[str, list[int]] = {}
+    for name, q in chunks[int(m[1])]:
+        by_set.setdefault(name, []).append(q)
+    return "--queries " + " ".join(f"{name}={','.join(map(str, qs))}" for name, qs in by_set.items())
+
+
+def metagradient_config(config: dict, method: str) -> str:
+    """JSON config of a chunk job: the training, measurement and compute keys plus this method only."""
+    selected = select(config, SECTIONS["metagradient"])
+    selected["scores"] = {"methods": {method: config["scores"]["methods"][method]}}
+    return json.dumps(selected, sort_keys=True, separators=(",", ":"))
+
+
+def metagradient_chunk_option(config: dict, method: str) -> str:
+    """The scores stage's --chunks option of a metagradient method ('' for any other method)."""
+    files = metagradient_chunk_files(config, method)
+    return "--chunks " + " ".join(files) if files else ""
+
+
+def fixed_seed_sets_file(config: dict) -> str:
+    return f"{root(config)}/fixed_seed/sets.npz"
+
+
+def fixed_seed_names(config: dict) -> list[str]:
+    """The fixed-seed retrainings: every EVALUATION subset and fixed_seed.loo_sets leave-out sets; none without a
+    metagradient method (nothing would use them)."""
+    if not metagradient_methods(config):
+        return []
+    lds = config["lds"]
+    return [f"subset{j:03d}" for j in range(lds["n_tuning"], lds["n_subsets"])] + \
+           [f"loo{k:03d}" for k in range(config["fixed_seed"]["loo_sets"])]
+
+
+def fixed_seed_model(config: dict, name: str) -> str:
+    """The model a fixed-seed measurement reads: the full model for `full` (w = 1), else the retraining."""
+    if name == "full":
+        return f"{root(config)}/models/full/model.pt"
+    _retraining("fixed_seed", name)
+    return f"{root(config)}/fixed_seed/{name}/model.pt"
+
+
+def fixed_seed_measurements(config: dict) -> list[str]:
+    """The full model's measurement first, then one per fixed-seed retraining ([] without a metagradient method)."""
+    names = fixed_seed_names(config)
+    return [f"{root(config)}/fixed_seed/{name}/measurement.npz" for name in (["full", *names] if names else [])]

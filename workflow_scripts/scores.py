@@ -19,7 +19,7 @@ import pandas as pd
 from . import data as data_stage
 from .common import ArtefactError, log, save_json, save_npy, save_text
 from .gradients import open_store, read_sidecar
-from .lds import lds_per_query
+from .lds import lds_per_query, mean_over_scored, scored_queries
 from .likelihood import method_targets
 from .measure import QUERY_SETS, load_queries
 from .paths import RESIDUAL
@@ -35,11 +35,13 @@ class ScorerInputs:
     query_sets = QUERY_SETS
 
     def __init__(self, dataset: str, samples: str, stores: dict[str, str] | None = None, classifier_path: str | None = None,
-                 model_path: str | None = None, curvature_path: str | None = None, config: dict | None = None):
+                 model_path: str | None = None, curvature_path: str | None = None, config: dict | None = None,
+                 chunks: list[str] | None = None):
         self.dataset, self.samples, self.stores = dataset, samples, dict(stores or {})
         # Model-based scorers: the embedding classifier, the final diffusion checkpoint and its curvature (K-FAC).
         self.classifier_path, self.model_path, self.curvature_path = classifier_path, model_path, curvature_path
         self.config = config or {}
+        self.chunks = list(chunks or [])  # metagradient: the chunk jobs' score files (rule metagradient)
         self._queries = None
 
     def train_images(self) -> np.ndarray:
@@ -97,14 +99,15 @@ def parse_stores(items: list[str] | None) -> dict[str, str]:
 
 def sweep(results: list, masks: np.ndarray, tuning: np.ndarray, evaluation: np.ndarray,
           targets: dict[str, np.ndarray]) -> pd.DataFrame:
-    """LDS of every (lambda, query set) on tuning and evaluation subsets; targets are seed-averaged."""
+    """LDS of every (lambda, query set) on tuning and evaluation subsets; targets are seed-averaged.
+    Means over the scored queries (NaN rows: not scored, see lds.py)."""
     rows = []
     for lam, matrices in results:
         for name, scores in matrices.items():
             target = targets[name].mean(1)  # (n_subsets, n_query)
             rows.append({"lambda": np.nan if lam is None else lam, "query_set": name,
-                         "lds_tuning": lds_per_query(scores, masks[tuning], target[tuning]).mean(),
-                         "lds_evaluation": lds_per_query(scores, masks[evaluation], target[evaluation]).mean()})
+                         "lds_tuning": mean_over_scored(lds_per_query(scores, masks[tuning], target[tuning])),
+                         "lds_evaluation": mean_over_scored(lds_per_query(scores, masks[evaluation], target[evaluation]))})
     return pd.DataFrame(rows)
 
 
@@ -161,6 +164,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--classifier", help="classifier checkpoint (embedding scorers)")
     parser.add_argument("--model", help="final diffusion checkpoint (model-based scorers, e.g. K-FAC)")
     parser.add_argument("--curvature", help="fitted curvature file (K-FAC influence)")
+    parser.add_argument("--chunks", nargs="*", help="metagradient: score files of its chunk jobs (rule metagradient)")
     parser.add_argument("--out-dir", required=True, help="writes <query_set>.npy, sweep.csv, sweep.png, chosen.json")
 
 
@@ -172,7 +176,7 @@ def run(args, config: dict) -> None:
     family = get_family(method_cfg["family"])
     notes = family_notes(method_cfg["family"], method_cfg)
     inputs = ScorerInputs(args.dataset, args.samples, parse_stores(args.features), args.classifier, args.model,
-                          args.curvature, config)
+                          args.curvature, config, args.chunks)
     lambdas = method_cfg.get("lambda_grid", config["scores"]["lambda_grid"])
     out = Path(args.out_dir)
     try:
@@ -195,8 +199,15 @@ def run(args, config: dict) -> None:
     best = choose(results, table)
     chosen_lambda, matrices = results[best]
     for name, scores in matrices.items():
-        if not np.isfinite(scores).all():
-            raise FloatingPointError(f"{args.method}: non-finite scores for {name}")
+        try:  # NaN rows = queries the method did not score (e.g. metagradient max_queries); nothing else non-finite
+            scored = scored_queries(scores)
+        except ValueError as exc:
+            raise FloatingPointError(f"{args.method}: {name}: {exc}") from None
+        if not scored.any():
+            raise FloatingPointError(f"{args.method}: no {name} query has scores")
+        if not scored.all():
+            log.warning("scores %s, %s: %d of %d queries scored; the other rows are NaN (not scored)", args.method, name,
+                        int(scored.sum()), len(scored))
         save_npy(scores.astype(np.float32), out / f"{name}.npy")
     save_text(table.to_csv(index=False), out / "sweep.csv")
     plot_sweep(table, chosen_lambda, args.method, out / "sweep.png", notes)

@@ -66,6 +66,8 @@ def train_model(config: dict, images: np.ndarray, members: np.ndarray, replicate
     train_cfg = config["train"]
     seed = training_seed(config, replicate)
     identity = training_identity(config, members, replicate)
+    if weights is not None:  # a weighted training (fixed-seed ground truth) is another model than the unweighted one
+        identity["weights_sha256"] = hashlib.sha256(np.asarray(weights, np.float64).tobytes()).hexdigest()
     model_out = Path(model_out)
     resume_path = model_out.with_name(model_out.stem + ".resume.pt")
 
@@ -129,6 +131,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--subsets", help="LDS subset masks (data stage); with --subset")
     parser.add_argument("--subset", type=int, default=-1, help="LDS subset index; -1 = the full training set")
     parser.add_argument("--members", help="a .npy of training indices to train on (counterfactual retrainings)")
+    parser.add_argument("--fixed-seed-sets", help="fixed_seed/sets.npz; with --fixed-seed-set: train on ALL examples, "
+                        "those outside the set weighted 0 (the metagradient's fixed-seed ground truth)")
+    parser.add_argument("--fixed-seed-set", help="name of the fixed-seed set (subset<j> or loo<k>)")
     parser.add_argument("--replicate", type=int, default=0, help="training seed index s (seed = seeds.train + s)")
     parser.add_argument("--out", required=True)
     parser.add_argument("--checkpoints", nargs="*", default=[], help="intermediate checkpoints, named *step<N>.pt")
@@ -163,6 +168,17 @@ def load_members(path: str | Path, n_train: int) -> np.ndarray:
 def run(args, config: dict) -> None:
     dataset = data_stage.load_dataset(args.dataset)
     images = dataset["train_images"]
+    if args.fixed_seed_sets or args.fixed_seed_set:
+        if not (args.fixed_seed_sets and args.fixed_seed_set) or args.members is not None or args.subset >= 0:
+            raise ValueError("a fixed-seed retraining needs --fixed-seed-sets and --fixed-seed-set, and neither "
+                             "--members nor --subset")
+        from .fixed_seed import load_sets, weights
+
+        w = weights(load_sets(args.fixed_seed_sets), args.fixed_seed_set, len(images))
+        log.info("fixed-seed retraining %s: %d of %d examples weighted 0, seed and data order of replicate %d",
+                 args.fixed_seed_set, int((w == 0).sum()), len(w), args.replicate)
+        train_model(config, images, np.arange(len(images)), args.replicate, args.out, weights=w)
+        return
     if args.members is not None:
         if args.subset >= 0:
             raise ValueError("give either --members or --subset, not both")

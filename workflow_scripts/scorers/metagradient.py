@@ -10,8 +10,10 @@ Method keys:
 - checkpoint_every: state checkpoint interval of the reverse pass (default ceil(sqrt(train.steps)));
 - max_queries: attribute only the first n queries of EACH query set (the cost grows by about 2.6 training runs
   per query, see benchmarks/README.md). Rows of the queries not attributed are NaN -- "not attributed", never a
-  number; `notes` says so. (scores.py currently rejects non-finite matrices: a partial run must be evaluated on
-  the attributed rows only, see the family's notes and the report of the branch `metagradient`.)
+  number; `notes` says so, and every LDS is over the attributed queries only (lds.py).
+- queries_per_job: in the workflow, the attributed queries (generated first, then held-out) are split into jobs of
+  this many (rule metagradient, one forward + reverse pass each: paths.metagradient_chunks); the scores job
+  assembles their chunk files (ScorerInputs.chunks). null: one job.
 - replicate: training seed index of the attributed model (default 0 = the full model).
 There is no lambda: a single result (None, matrices).
 """
@@ -21,7 +23,7 @@ import numpy as np
 
 from ..common import ArtefactError, log
 
-DEFAULTS = {"checkpoint_every": None, "max_queries": None, "replicate": 0}
+DEFAULTS = {"checkpoint_every": None, "max_queries": None, "replicate": 0, "queries_per_job": None}
 
 
 def _options(method_cfg: dict) -> dict:
@@ -29,7 +31,7 @@ def _options(method_cfg: dict) -> dict:
     if unknown:
         raise ValueError(f"metagradient: unknown method keys {unknown}; known: {sorted(DEFAULTS)}")
     opts = {**DEFAULTS, **{k: v for k, v in method_cfg.items() if k != "family"}}
-    for key in ("checkpoint_every", "max_queries"):
+    for key in ("checkpoint_every", "max_queries", "queries_per_job"):
         value = opts[key]
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1):
             raise ValueError(f"metagradient: {key} must be a positive integer or null, got {value!r}")
@@ -47,8 +49,7 @@ def notes(method_cfg: dict) -> dict[str, str]:
     n = method_cfg.get("max_queries")
     if n is None:
         return {}
-    text = (f"only the first {n} queries attributed (metagradient cost); the other rows are NaN (not attributed), "
-            "LDS over the attributed queries only")
+    text = f"metagradient cost: only the first {n} queries of each set attributed (the other rows NaN)"
     return {name: text for name in ("generated", "heldout")}
 
 
@@ -58,7 +59,7 @@ def settings(method_cfg: dict, config: dict) -> dict:
     opts = _options(method_cfg)
     steps = int(config["train"]["steps"])
     return {"checkpoint_every": int(opts["checkpoint_every"] or default_every(steps)), "max_queries": opts["max_queries"],
-            "replicate": int(opts["replicate"]), "train_steps": steps}
+            "replicate": int(opts["replicate"]), "train_steps": steps, "queries_per_job": opts["queries_per_job"]}
 
 
 def check_full_model(model_path: str, config: dict, n_train: int, replicate: int, params: dict) -> float:
@@ -79,12 +80,46 @@ def check_full_model(model_path: str, config: dict, n_train: int, replicate: int
     return diff
 
 
+def assemble(chunk_paths: list[str], queries: dict[str, np.ndarray], n_train: int,
+             selected: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """{query set: (n_query, n_train) float32} from the chunk jobs' files; rows not attributed are NaN. The chunks
+    must hold every selected query exactly once, and nothing else."""
+    from ..common import load_npz
+
+    matrices = {name: np.full((len(images), n_train), np.nan, dtype=np.float32) for name, images in queries.items()}
+    seen = {name: [] for name in queries}
+    for path in chunk_paths:
+        chunk = load_npz(path, ("query_sets",))
+        for name in (str(n) for n in chunk["query_sets"]):
+            if name not in matrices:
+                raise ArtefactError(f"{path}: scores for unknown query set {name!r}")
+            idx, scores = chunk[f"{name}_indices"], chunk[f"{name}_scores"]
+            if scores.shape != (len(idx), n_train) or not np.isfinite(scores).all():
+                raise ArtefactError(f"{path}: {name} scores of shape {scores.shape} (expected ({len(idx)}, {n_train}), "
+                                    "finite); delete it and rerun")
+            matrices[name][idx] = scores
+            seen[name].extend(int(i) for i in idx)
+    for name in queries:
+        if sorted(seen[name]) != sorted(int(i) for i in selected[name]):
+            raise ArtefactError(f"the chunk files hold {name} queries {sorted(seen[name])}, expected exactly "
+                                f"{selected[name].tolist()} (max_queries changed? rerun the metagradient jobs)")
+    log.info("metagradient: assembled %d chunk file(s): %s queries attributed", len(chunk_paths),
+             {name: len(v) for name, v in seen.items()})
+    return matrices
+
+
 def compute(method_cfg: dict, inputs, lambdas) -> list:
-    """[(None, {query set: (n_query, n_train) float32})]; rows of queries beyond max_queries are NaN."""
+    """[(None, {query set: (n_query, n_train) float32})]; rows of queries beyond max_queries are NaN.
+
+    With chunk files (inputs.chunks, the workflow) they are assembled; otherwise the scores are computed here."""
     from ..common import select_device
     from ..metagradient import attribute
 
     opts = _options(method_cfg)
+    if getattr(inputs, "chunks", None):
+        queries = inputs.queries()
+        selected = selected_queries({name: len(images) for name, images in queries.items()}, opts["max_queries"])
+        return [(None, assemble(inputs.chunks, queries, len(inputs.train_images()), selected))]
     config = getattr(inputs, "config", None)
     if not config:
         raise ArtefactError("the metagradient scorer needs the full configuration in its inputs (ScorerInputs.config)")

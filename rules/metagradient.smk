@@ -1,0 +1,106 @@
+# Metagradient / MAGIC (paths.py "metagradient"): the scores of each chunk of attributed queries (one forward +
+# reverse pass through the whole training per job; the scores rule assembles the chunks), and the method's own
+# ground truth: retrainings with the full model's seed and data order, removed examples weighted 0
+# (train_subset jobs, kind fixed_seed), each measured, then the metagradient table.
+rule metagradient:
+    input:
+        dataset=rules.data.output.dataset,
+        samples=rules.sample.output[0],
+        model=rules.train_full.output.model,
+    output:
+        f"{ROOT}/scores/{{method}}/chunks/{{chunk}}.npz",
+    wildcard_constraints:
+        method=r"[A-Za-z0-9_-]+",
+        chunk=r"chunk\d+",
+    params:
+        config=lambda w: paths.metagradient_config(config, w.method),
+        queries=lambda w: paths.metagradient_chunk_args(config, w.method, w.chunk),
+    log:
+        f"{ROOT}/logs/scores/{{method}}/{{chunk}}.log",
+    threads: config["compute"]["threads"]
+    resources:
+        mem_mb=4000,
+        runtime=120,
+    conda:
+        "../envs/benchmark.yaml"
+    shell:
+        "python -m workflow_scripts metagradient --config {params.config:q} --method {wildcards.method}"
+        " --dataset {input.dataset} --samples {input.samples} --model {input.model} {params.queries}"
+        " --out {output} 2> {log}"
+
+
+rule fixed_seed_sets:
+    input:
+        subsets=rules.data.output.subsets,
+    output:
+        paths.fixed_seed_sets_file(config),
+    params:
+        config=lambda w: paths.stage_config(config, "fixed_seed"),
+    log:
+        f"{ROOT}/logs/fixed_seed/sets.log",
+    threads: 1
+    resources:
+        mem_mb=1000,
+        runtime=10,
+    conda:
+        "../envs/benchmark.yaml"
+    shell:
+        "python -m workflow_scripts fixed_seed --config {params.config:q} --subsets {input.subsets} --out {output} 2> {log}"
+
+
+rule measure_fixed_seed:
+    input:
+        model=lambda w: paths.fixed_seed_model(config, w.name),
+        dataset=rules.data.output.dataset,
+        samples=rules.sample.output[0],
+    output:
+        f"{ROOT}/fixed_seed/{{name}}/measurement.npz",
+    wildcard_constraints:
+        name=paths.FIXED_SEED_NAME_PATTERN,
+    params:
+        config=lambda w: paths.stage_config(config, "measure"),
+    log:
+        f"{ROOT}/logs/fixed_seed/{{name}}.measure.log",
+    threads: config["compute"]["threads"]
+    resources:
+        mem_mb=2000,
+        runtime=30,
+    conda:
+        "../envs/benchmark.yaml"
+    shell:
+        "python -m workflow_scripts measure --config {params.config:q}"
+        " --model {input.model} --dataset {input.dataset} --samples {input.samples} --out {output} 2> {log}"
+
+
+rule metagradient_evaluate:
+    input:
+        subsets=rules.data.output.subsets,
+        measurements=paths.measurement_files(config),
+        sets=paths.fixed_seed_sets_file(config) if paths.metagradient_methods(config) else [],
+        fixed_seed=paths.fixed_seed_measurements(config),
+        scores=expand(f"{ROOT}/scores/{{method}}/chosen.json", method=paths.metagradient_methods(config)),
+    output:
+        table=multiext(f"{ROOT}/tables/metagradient", ".csv", ".md"),
+        table_html=report(
+            f"{ROOT}/tables/metagradient.html",
+            caption="../report/metagradient_table.rst",
+            category="1. Linear datamodelling score",
+            labels={"result": "metagradient table"},
+        ),
+    params:
+        config=lambda w: paths.stage_config(config, "metagradient_evaluate"),
+        sets=lambda w, input: f"--fixed-seed-sets {input.sets}" if input.sets else "",
+        score_dirs=lambda w, input: [os.path.dirname(p) for p in input.scores],
+        stem=lambda w, output: os.path.splitext(output.table[0])[0],
+    log:
+        f"{ROOT}/logs/metagradient_evaluate.log",
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=30,
+    conda:
+        "../envs/benchmark.yaml"
+    shell:
+        "python -m workflow_scripts metagradient_evaluate --config {params.config:q} --subsets {input.subsets}"
+        " --measurements {input.measurements} {params.sets} --fixed-seed {input.fixed_seed}"
+        " --scores {params.score_dirs} --table {params.stem} 2> {log}"
