@@ -33,6 +33,10 @@ sys.path.insert(0, str(REPO))
 from workflow_scripts import paths  # noqa: E402
 from workflow_scripts.config import IMAGE_SIZE, load_config  # noqa: E402
 from workflow_scripts.diffusion import alphas_cumprod, build_model, simple_loss  # noqa: E402
+from workflow_scripts.likelihood import measure_settings  # noqa: E402
+
+# benchmarks/metagradient_cost.py (digits default model, CPU): training runs per metagradient job and per query
+METAGRADIENT_JOB_RUNS, METAGRADIENT_QUERY_RUNS = 3.0, 2.6
 
 CHANNELS = {"digits": 1, "mnist": 1, "cifar10": 3, "cifar2": 3}
 
@@ -90,6 +94,25 @@ def stage_passes(config: dict, train_over_forward: float) -> list[tuple[str, str
         ("regenerate", "batched", n_cf * 2 * (s["num_inference_steps"] + draws),
          f"{n_cf} x 2 models x ({s['num_inference_steps']} steps + {draws} draws)"),
     ]
+    # the likelihood targets of measure.measurements (the loss is counted above): ELBO draws + decoder, per-timestep
+    # losses, and one forward pass per sampling step of a generated query's trajectory
+    ls = measure_settings(m, "ddpm")
+    extra = {"elbo": ls["elbo"]["n_timesteps"] * ls["elbo"]["n_noise"] + ls["elbo"]["decoder_draws"],
+             "timestep_loss": len(ls["timestep_loss"]["timesteps"]) * ls["timestep_loss"]["n_noise"]}
+    per_query = sum(extra.get(name, 0) for name in ls["measurements"])
+    trajectory = s["n_generated"] * s["num_inference_steps"] if "trajectory" in ls["measurements"] else 0
+    rows.append(("measure (likelihood targets)", "batched", n_models * (n_query * per_query + trajectory),
+                 f"{n_models} models x ({n_query} queries x {per_query} draws + trajectories)"))
+    # metagradient: the measured cost model of benchmarks/metagradient_cost.py (in training runs of the full model:
+    # ~3 for a job's forward pass, recomputation and graphs, ~2.6 per attributed query), and its fixed-seed ground
+    # truth (one retraining + measurement per set, the full model measured too)
+    meta_runs = sum(METAGRADIENT_JOB_RUNS + METAGRADIENT_QUERY_RUNS * len(chunk)
+                    for method in paths.metagradient_methods(config) for chunk in paths.metagradient_chunks(config, method))
+    if paths.metagradient_methods(config):
+        n_fixed = len(paths.fixed_seed_names(config))
+        rows.append(("metagradient", "batched", meta_runs * per_model, f"{meta_runs:.1f} training runs (cost model)"))
+        rows.append(("fixed-seed ground truth", "batched", n_fixed * per_model + (n_fixed + 1) * n_query * (draws + per_query),
+                     f"{n_fixed} retrainings + {n_fixed + 1} measurements"))
     # gradient stores: every distinct store directory the methods read (paths.method_stores, as the DAG)
     stores = {}
     for method in config["scores"]["methods"]:
@@ -137,8 +160,9 @@ def main() -> None:
     print(f"  CPU: seconds per training step of {args.batch} images, {args.threads} threads, min of 2 after a warm-up, "
           "on this machine (shared, 2 cores): the GPU-less reference point\n")
     table = ["| configuration | UNet parameters | GFLOPs forward / training image | CPU s per training image (measured) | "
-             + " | ".join(["training (full + LDS + counterfactual)", "measure", "gradients + curvature + K-FAC scores",
-                           "sample + regenerate", "total"]) + " |", "|" + "---|" * 9]
+             + " | ".join(["training (full + LDS + counterfactual)", "measure (all targets)",
+                           "gradients + curvature + K-FAC scores", "metagradient + fixed-seed ground truth",
+                           "sample + regenerate", "total"]) + " |", "|" + "---|" * 10]
     for name in args.configs:
         config = load_config(REPO / "params.yaml", REPO / "configs" / f"{name}.yaml")
         cost = measure_model(config, args.batch)
@@ -158,7 +182,9 @@ def main() -> None:
         table.append(f"| {name} | {cost['params'] / 1e6:.1f}M | {cost['forward_flops'] / 1e9:.2f} / "
                      f"{cost['train_flops'] / 1e9:.2f} | {cost['cpu_seconds_per_step'] / cost['cpu_batch']:.2f} | "
                      f"{group('train_full', 'train_subset (LDS)', 'train_subset (counterfactual)'):.0f} | "
-                     f"{hours['measure']:.0f} | {group('gradients', 'curvature', 'scores (kfac)'):.0f} | "
+                     f"{group('measure', 'measure (likelihood targets)'):.0f} | "
+                     f"{group('gradients', 'curvature', 'scores (kfac)'):.0f} | "
+                     f"{sum(hours.get(n, 0.0) for n in ('metagradient', 'fixed-seed ground truth')):.0f} | "
                      f"{group('sample', 'regenerate'):.1f} | **{total:.0f}** |")
     print("\n".join(table))
 

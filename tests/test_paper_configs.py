@@ -46,8 +46,12 @@ def test_dry_run_plans_the_protocol(workdir, repo, name):
     assert result.returncode == 0, result.stderr[-3000:]
     counts = job_counts(result.stdout)
     retrainings, counterfactuals = 64 * 3, cf["queries"] * (len(cf["methods"]) + 1)
+    # the metagradient's fixed-seed ground truth: every evaluation subset and the leave-1%-out sets
+    fixed_seed = lds["n_subsets"] - lds["n_tuning"] + config["fixed_seed"]["loo_sets"]
     assert counts["train_full"] == 1
-    assert counts["train_subset"] == retrainings + counterfactuals == 192 + 60 * 4
+    assert counts["train_subset"] == retrainings + counterfactuals + fixed_seed
+    assert retrainings + counterfactuals == 192 + 60 * 4
+    assert counts["measure_fixed_seed"] == fixed_seed + 1  # + the full model
     assert counts["measure"] == retrainings
     assert counts["counterfactual"] == counts["regenerate"] == counterfactuals
     assert counts["scores"] == len(config["scores"]["methods"])
