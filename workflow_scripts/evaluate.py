@@ -29,11 +29,11 @@ import numpy as np
 import pandas as pd
 
 from . import data as data_stage
-from .common import load_npz, log, save_json, save_text
+from .common import log, save_json
 from .lds import BootstrapRanks, noise_ceiling_summary
 from .likelihood import file_targets, load_measurement_targets
 from .measure import QUERY_SETS, load_targets
-from .plotting import html_page, markdown_to_html
+from .plotting import save_table
 
 NOISE_CEILING = "noise ceiling (seed-to-seed)"
 
@@ -328,33 +328,20 @@ def run(args, config: dict) -> None:
     ranks = BootstrapRanks(len(subsets["evaluation"]), lds_cfg["bootstrap_samples"], lds_cfg["ci"], seed)
     table = lds_table(method_dirs, subsets, targets, lds_cfg, seed, ranks=ranks)
     stem = Path(args.table)
-    save_text(table.to_csv(index=False), stem.with_suffix(".csv"))
-    save_text(to_markdown(table), stem.with_suffix(".md"))
-    save_text(html_page("Linear datamodelling score", markdown_to_html(to_markdown(table))), stem.with_suffix(".html"))
+    save_table(table, to_markdown(table), stem, "Linear datamodelling score")
     save_json({f"{r.method}/{r.query_set}": {"lds": r.lds, "ci_low": r.ci_low, "ci_high": r.ci_high}
                for r in table.itertuples() if not np.isnan(r.lds)},
               stem.with_suffix(".json"))
     plot(table, args.figure)
     ablation = kfac_ablation(table, method_dirs)
-    ablation_stem = Path(args.ablation)
-    save_text(ablation.to_csv(index=False), ablation_stem.with_suffix(".csv"))
-    save_text(ablation_markdown(ablation), ablation_stem.with_suffix(".md"))
-    save_text(html_page("K-FAC influence ablation", markdown_to_html(ablation_markdown(ablation))),
-              ablation_stem.with_suffix(".html"))
+    save_table(ablation, ablation_markdown(ablation), args.ablation, "K-FAC influence ablation")
     plot(ablation, args.ablation_figure,
          "K-FAC influence ablation: LDS, 95% bootstrap CI over subsets")
     measurements = measurement_table(method_dirs, subsets, args.measurements, lds_cfg, seed, ranks)
-    m_stem = Path(args.measurements_table)
-    save_text(measurements.to_csv(index=False), m_stem.with_suffix(".csv"))
-    save_text(measurement_markdown(measurements), m_stem.with_suffix(".md"))
-    save_text(html_page("LDS per measurement", markdown_to_html(measurement_markdown(measurements))),
-              m_stem.with_suffix(".html"))
+    save_table(measurements, measurement_markdown(measurements), args.measurements_table, "LDS per measurement")
     plot_measurements(measurements, Path(args.measurements_figure).with_suffix(""))
     substitution = measurement_substitution(measurements, method_dirs)
-    s_stem = Path(args.substitution)
-    save_text(substitution.to_csv(index=False), s_stem.with_suffix(".csv"))
-    save_text(substitution_markdown(substitution), s_stem.with_suffix(".md"))
-    save_text(html_page("Measurement substitution (K-FAC influence)", markdown_to_html(substitution_markdown(substitution))),
-              s_stem.with_suffix(".html"))
+    save_table(substitution, substitution_markdown(substitution), args.substitution,
+               "Measurement substitution (K-FAC influence)")
     log.info("evaluate, measurement substitution:\n%s", substitution_markdown(substitution))
     log.info("evaluate:\n%s", to_markdown(table))

@@ -23,11 +23,11 @@ import numpy as np
 import pandas as pd
 
 from . import data as data_stage
-from .common import ArtefactError, load_npz, log, save_text
+from .common import ArtefactError, load_npz, log
 from .fixed_seed import load_sets
 from .lds import lds_per_query, noise_ceiling_per_query, rowwise_spearman, scored_queries, summarise
 from .measure import QUERY_SETS, load_targets
-from .plotting import html_page, markdown_to_html
+from .plotting import save_table
 
 FIXED_SEED_LDS = "LDS, fixed-seed target"
 SEED_AVERAGED_LDS = "LDS, seed-averaged target"
@@ -163,7 +163,5 @@ def run(args, config: dict) -> None:
     else:
         table = pd.DataFrame()
     markdown = to_markdown(table)
-    save_text(table.to_csv(index=False), stem.with_suffix(".csv"))
-    save_text(markdown, stem.with_suffix(".md"))
-    save_text(html_page("Metagradient attribution", markdown_to_html(markdown)), stem.with_suffix(".html"))
+    save_table(table, markdown, stem, "Metagradient attribution")
     log.info("metagradient_evaluate:\n%s", markdown)

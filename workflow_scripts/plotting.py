@@ -94,3 +94,13 @@ def html_page(title: str, body: str, caption: str = "") -> str:
             "th,td{border:1px solid #ccc;padding:3px 6px}td{text-align:right}td:first-child{text-align:left}"
             "th{background:#f3f3f3}</style></head><body><h3>" + html.escape(title) + "</h3>"
             + (f"<p>{html.escape(caption)}</p>" if caption else "") + "\n" + body + "\n</body></html>\n")
+
+
+def save_table(frame, markdown: str, stem: str | Path, title: str) -> None:
+    """A table as <stem>.csv (the data), <stem>.md (for README / terminals) and <stem>.html (for the report)."""
+    from .common import save_text
+
+    stem = Path(stem)
+    save_text(frame.to_csv(index=False), stem.with_suffix(".csv"))
+    save_text(markdown, stem.with_suffix(".md"))
+    save_text(html_page(title, markdown_to_html(markdown)), stem.with_suffix(".html"))
