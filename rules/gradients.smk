@@ -56,3 +56,49 @@ rule gradients_journey:
         "python -m workflow_scripts gradients --config {params.config:q}"
         " --model {input.model} --dataset {input.dataset} --samples {input.samples}"
         " --tag {wildcards.tag} --out-dir {params.out_dir} 2> {log}"
+
+
+# Query features of a likelihood measurement (TRAK-family query_measurement) in the projection of store <tag>.
+rule gradients_measurement:
+    input:
+        model=lambda w: paths.checkpoint_model(config, w.checkpoint),
+        dataset=rules.data.output.dataset,
+        samples=rules.sample.output[0],
+    output:
+        stores=expand(f"{ROOT}/gradients/{{{{checkpoint}}}}/{{{{tag}}}}/measurement_{{{{target}}}}/{{split}}.npy",
+                      split=["generated", "heldout"]),
+        sidecars=expand(f"{ROOT}/gradients/{{{{checkpoint}}}}/{{{{tag}}}}/measurement_{{{{target}}}}/{{split}}.json",
+                        split=["generated", "heldout"]),
+    wildcard_constraints:
+        checkpoint=paths.CHECKPOINT_PATTERN,
+        tag=paths.SPLIT_STORE_PATTERN,
+        target=paths.MEASUREMENT_PATTERN,
+    params:
+        config=lambda w: paths.stage_config(config, "gradients_measurement"),
+        out_dir=lambda w, output: os.path.dirname(output.stores[0]),
+    log:
+        f"{ROOT}/logs/gradients/{{checkpoint}}/{{tag}}/measurement_{{target}}.log",
+    threads: config["compute"]["threads"]
+    resources:
+        mem_mb=8000,
+        runtime=120,
+    conda:
+        "../envs/benchmark.yaml"
+    shell:
+        "python -m workflow_scripts gradients --config {params.config:q}"
+        " --model {input.model} --dataset {input.dataset} --samples {input.samples}"
+        " --tag {wildcards.tag} --measurement {wildcards.target} --out-dir {params.out_dir} 2> {log}"
+
+
+# The trajectory measurement exists for generated queries only (held-out queries keep the loss features).
+use rule gradients_measurement as gradients_measurement_trajectory with:
+    output:
+        store=f"{ROOT}/gradients/{{checkpoint}}/{{tag}}/measurement_{{target}}/generated.npy",
+        sidecar=f"{ROOT}/gradients/{{checkpoint}}/{{tag}}/measurement_{{target}}/generated.json",
+    wildcard_constraints:
+        checkpoint=paths.CHECKPOINT_PATTERN,
+        tag=paths.SPLIT_STORE_PATTERN,
+        target="trajectory",
+    params:
+        config=lambda w: paths.stage_config(config, "gradients_measurement"),
+        out_dir=lambda w, output: os.path.dirname(output.store),

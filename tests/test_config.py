@@ -47,7 +47,8 @@ def test_params_plus_smoke_overlay_loads(repo, base_config, smoke_config):
     # ... keys the overlay does not mention keep the params.yaml value
     assert smoke_config["train"]["lr"] == base_config["train"]["lr"]
     assert smoke_config["diffusion"] == base_config["diffusion"]
-    assert smoke_config["scores"]["methods"] == base_config["scores"]["methods"]
+    # (the overlay only adds methods: every params.yaml method is kept as it is)
+    assert smoke_config["scores"]["methods"] == {**base_config["scores"]["methods"], **smoke["scores"].get("methods", {})}
 
 
 def test_empty_overlay_is_a_no_op(repo, tmp_path, base_config):

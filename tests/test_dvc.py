@@ -31,7 +31,7 @@ DVC_STAGE_SECTIONS = {
     "models": ("data", "train", "classifier"),
     "samples": ("sample",),
     "measurements": ("measure",),
-    "gradients": ("gradients",),
+    "gradients": ("gradients", "gradients_measurement"),
     "curvature": ("curvature",),
     "evaluate": ("evaluate",),
     # the counterfactual retrainings are train_subset jobs, hence "train"

@@ -373,7 +373,7 @@ def test_schema_accepts_new_keys_and_rejects_bad_values(base_config):
     validate_config(config)
     vesde = copy.deepcopy(base_config)
     vesde["model"].update({"family": "vesde", "vesde": {"sigma": 25.0, "t_min": 1e-5, "weighting": "likelihood"}})
-    for method in ("kfac_elbo", "kfac_trajectory"):  # DDPM targets: a VE-SDE config must not ask for them
+    for method in ("kfac_elbo", "kfac_trajectory", "trak_elbo"):  # DDPM targets: a VE-SDE config must not ask for them
         vesde["scores"]["methods"].pop(method)
     vesde["measure"].update({"measurements": ["likelihood"],
                              "likelihood": {"solver": "heun", "n_steps": 16, "checkpoint": False, "dequantize": False}})

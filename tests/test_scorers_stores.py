@@ -299,8 +299,9 @@ def test_every_configured_method_has_a_family(base_config):
         assert method["family"] in FAMILIES, name
         if method["family"] in ("pixel", "clip"):  # need no model artefact
             continue
-        # every other family reads gradient stores or a model file
-        assert paths.method_stores(base_config, name) or paths.method_model_inputs(base_config, name), name
+        # every other family reads gradient stores, a model file or (metagradient) its chunk jobs' scores
+        assert (paths.method_stores(base_config, name) or paths.method_model_inputs(base_config, name)
+                or paths.metagradient_chunk_files(base_config, name)), name
 
 
 # ---------------------------------------------------------------- ScorerInputs

@@ -141,11 +141,17 @@ def check_workflow_support(config: dict) -> None:
         _check_vesde_support(config)
 
 
+QUERY_MEASUREMENT_FAMILIES = ("kfac", "trak", "gradient_similarity", "normalized_if")
+
+
 def _check_query_measurements(config: dict) -> None:
-    """A kfac method's query_measurement must be a measured target: its lambda is tuned on that target."""
+    """A method's query_measurement (kfac and the TRAK family) must be a measured target: its lambda is tuned on it."""
     targets = measured_targets(config)
     for method, m in config["scores"]["methods"].items():
         target = m.get("query_measurement")
+        if target is not None and m["family"] not in QUERY_MEASUREMENT_FAMILIES:
+            raise ConfigError(f"scores.methods.{method}.query_measurement: family {m['family']} takes loss query "
+                              f"gradients only (query_measurement: {', '.join(QUERY_MEASUREMENT_FAMILIES)})")
         if target is not None and target not in targets:
             raise ConfigError(f"scores.methods.{method}.query_measurement: {target!r} is not measured "
                               f"(measure.measurements gives the targets {targets})")

@@ -30,6 +30,7 @@ import pandas as pd
 
 from . import data as data_stage
 from .common import log, save_json
+from .config import QUERY_MEASUREMENT_FAMILIES
 from .lds import BootstrapRanks, noise_ceiling_summary
 from .likelihood import file_targets, load_measurement_targets
 from .measure import QUERY_SETS, load_targets
@@ -221,16 +222,18 @@ def measurement_markdown(table: pd.DataFrame) -> str:
 
 
 def substitution_methods(method_dirs: dict[str, Path]) -> dict[str, str]:
-    """{kfac method: query measurement} of the kfac methods that differ from another one ONLY in their query
-    measurement (e.g. kfac / kfac_elbo); methods that did not run are left out."""
+    """{method: query measurement} of the methods (kfac or TRAK family) that differ from another one of their family
+    ONLY in their query measurement (e.g. kfac / kfac_elbo, trak / trak_elbo); methods that did not run are left out."""
     groups: dict[str, dict[str, str]] = {}
     for method, directory in method_dirs.items():
         chosen = json.loads((directory / "chosen.json").read_text())
-        if chosen.get("config", {}).get("family") != "kfac" or "not_run" in chosen:
+        family = chosen.get("config", {}).get("family")
+        if family not in QUERY_MEASUREMENT_FAMILIES or "not_run" in chosen:
             continue
-        settings = dict(chosen.get("settings") or {})
+        # kfac: its resolved settings (kfac.* defaults included); the TRAK family: its method config
+        settings = dict(chosen.get("settings") or {}) if family == "kfac" else dict(chosen["config"])
         target = settings.pop("query_measurement", "loss")
-        groups.setdefault(json.dumps(settings, sort_keys=True), {})[method] = target
+        groups.setdefault(json.dumps({**settings, "family": family}, sort_keys=True), {})[method] = target
     return {m: t for group in groups.values() if len(set(group.values())) > 1 for m, t in group.items()}
 
 
@@ -252,7 +255,7 @@ def substitution_markdown(table: pd.DataFrame) -> str:
     """Wide: one row per (target, query set), one column per method (its query measurement), the noise ceiling."""
     methods = [m for m in dict.fromkeys(table["method"]) if m != NOISE_CEILING]
     if not methods:
-        return ("No kfac methods that differ only in their query measurement are configured (scores.methods, "
+        return ("No kfac / TRAK-family methods that differ only in their query measurement are configured (scores.methods, "
                 "query_measurement): no substitution to show.\n")
     gradient = dict(zip(table["method"], table["query_measurement"]))
     lines = ["| measured change (target) | query set | noise ceiling | "
@@ -273,8 +276,8 @@ def substitution_markdown(table: pd.DataFrame) -> str:
         lines.append(f"| {target} | {query_set} | " + " | ".join(cells) + " |")
     lines.append("")
     lines.append("LDS on the evaluation subsets [95% bootstrap CI over subsets]. Each column is one K-FAC influence "
-                 "method (same curvature, training gradients and damping grid) whose QUERY gradients are of the "
-                 "named measurement; bold: the gradient of the measured target itself, the others substitute "
+                 "or TRAK-family method (same curvature or training features, and damping grid) whose QUERY "
+                 "gradients are of the named measurement; bold: the gradient of the measured target itself, the others substitute "
                  "another measurement's gradient (the K-FAC paper's measurement substitution: predict the ELBO "
                  "change with the loss gradient). Each method's lambda is tuned on its own target.")
     return "\n".join(lines) + "\n"

@@ -23,6 +23,11 @@ examples. Feature kinds:
              sqrt(a_bar), clipped to [-1, 1] as the sampler does, is re-noised to t_s with fresh noise
              seeded by (seeds.gradients, query, t_s); phi = P^T mean_s grad_theta loss there.
 
+- --measurement m (TRAK-family query_measurement; rule gradients_measurement): query features only,
+             phi(x_q) = P^T grad_theta m(x_q) for a likelihood measurement m (likelihood.target_measurement:
+             exactly the measured target's draws), with store <tag>'s projector, so they pair with its train
+             features; written to <tag>/measurement_<m>/ (trajectory: generated queries only).
+
 Non-journey stores also hold `train_residual`: the training residuals at the store's own (t, eps)
 draws, used by DAS. Scalar kinds: rho_k = sqrt(mean_pix (eps_k - eps_theta)^2) and, as the DAS
 reference code does, r = mean_k rho_k / ||rho||_2 (normalised over timesteps, then averaged). Sketch
@@ -296,6 +301,28 @@ def compute_journey_features(model, trajectories: np.ndarray, timesteps: np.ndar
     return out
 
 
+def compute_measurement_features(model, images: np.ndarray, measurement, grad_cfg: dict, device, project,
+                                 desc: str = "gradients measurement", out=None) -> np.ndarray:
+    """(n, d) float32 query features P^T grad_theta m(x_q) of a likelihood Measurement (likelihood.py), over ALL
+    parameters in the order of the loss stores, with their projector P: they live in the training features' space.
+    The per-image gradients are scorers/kfac.py's (vmap over images, mean over the measurement's own draws).
+    `project`: the store's Projector (make_projector with the store's seeds)."""
+    from tqdm import tqdm
+
+    from .curvature import ParamLayout
+    from .scorers.kfac import iter_gradients
+
+    model.eval()
+    layout = ParamLayout.of(model, [name for name, _ in model.named_parameters()])  # = _flatten's order
+    if out is None:
+        out = np.zeros((len(images), grad_cfg["projection_dim"]), dtype=np.float32)
+    rows = grad_cfg["batch_size"] * grad_cfg["timestep_chunk"]  # images x draws per vmap batch, as compute_features
+    batches = iter_gradients(model, layout, images, measurement, rows, device)
+    for start, g in tqdm(batches, desc=desc, mininterval=5):
+        out[start : start + len(g)] = project(g).cpu().numpy()
+    return out
+
+
 # ---------------------------------------------------------------- the store and its sidecar
 
 
@@ -412,6 +439,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--samples", required=True)
     parser.add_argument("--tag", required=True, help="store tag <output function>_<kind>_K<K>_<projection><dim> (paths.py)")
     parser.add_argument("--out-dir", required=True, help="writes <split>.npy (+ .json) and train_residual.npy (+ .json)")
+    parser.add_argument("--measurement", help="instead: query features of this likelihood measurement (elbo, "
+                        "timestep_loss_t<t>, trajectory) projected like store --tag; writes generated/heldout.npy")
 
 
 def run(args, config: dict) -> None:
@@ -425,6 +454,10 @@ def run(args, config: dict) -> None:
     device = select_device(config["compute"])
     model, payload = load_model(args.model, config["model"], device)
     out = Path(args.out_dir)
+    if args.measurement:
+        if kind not in ("avg",):
+            raise ValueError(f"--measurement: query features pair with avg stores (TRAK family), not {kind!r}")
+        return run_measurement(args, config, model, payload, fn, k, device)
     if kind == "journey":
         samples = load_npz(args.samples, ("trajectories", "timesteps"))
         trajectories, timesteps = samples["trajectories"], samples["timesteps"]
@@ -455,3 +488,44 @@ def run(args, config: dict) -> None:
         if split == "train":
             write_store(result[1], residual_identity, residual_path)
         log.info("gradients: wrote %s %s", path, tuple(identity["shape"]))
+
+
+def measurement_identity(config: dict, payload: dict, fn: str, split: str, images: np.ndarray, k: int, target: str,
+                         samples: dict | None) -> dict:
+    """store_identity of the base store's projection, plus what defines the measurement (target, its settings and seed)."""
+    from .config import config_hash as hash_of
+
+    identity = store_identity(config, payload, fn, split, len(images), kind="avg", timesteps=k, images=images)
+    made_by = identity["made_by"]
+    made_by.update(query_measurement=target, measure=config["measure"], seed_measure=config["seeds"]["measure"],
+                   dataset=config["data"]["dataset"])
+    if target == "trajectory":
+        made_by["trajectories_sha256"] = array_digest(samples["trajectories"])
+    identity["config_hash"] = hash_of(made_by)
+    return identity
+
+
+def run_measurement(args, config: dict, model, payload: dict, fn: str, k: int, device) -> None:
+    """Query features of args.measurement in the projection of store args.tag (paths.measurement_splits)."""
+    from .likelihood import target_measurement
+    from .measure import load_queries
+    from .paths import measurement_splits
+
+    target = args.measurement
+    samples = load_npz(args.samples, ("trajectories", "timesteps")) if target == "trajectory" else None
+    queries = load_queries(args.dataset, args.samples)
+    project = None
+    for split in measurement_splits(target):
+        measurement = target_measurement(config, target, split, samples)
+        if measurement is None:
+            raise ValueError(f"measurement {target} does not exist for {split} queries")
+        images = queries[split]
+        path = Path(args.out_dir) / f"{split}.npy"
+        identity = measurement_identity(config, payload, fn, split, images, k, target, samples)
+        if _reusable(path, identity):
+            continue
+        project = project or make_projector(model, config["gradients"], config["seeds"], device)
+        with new_store(identity, path) as features:
+            compute_measurement_features(model, images, measurement, config["gradients"], device, project,
+                                         desc=f"gradients {args.tag} {target} {split}", out=features)
+        log.info("gradients: wrote %s %s (query gradients of %s)", path, tuple(identity["shape"]), target)

@@ -15,6 +15,9 @@ SECTIONS = {  # the config keys each stage reads; a rule reruns exactly when one
     "sample": ("model", "diffusion", "sample", "seeds.sample", "compute"),
     "measure": ("model", "diffusion", "measure", "seeds.measure", "data.dataset", "compute"),  # dataset: ELBO levels
     "gradients": ("model", "diffusion", "gradients", "seeds.gradients", "seeds.projection", "compute"),
+    # query features of a likelihood measurement (a TRAK-family query_measurement): also the measurement's draws
+    "gradients_measurement": ("model", "diffusion", "gradients", "seeds.gradients", "seeds.projection", "measure",
+                              "seeds.measure", "data.dataset", "compute"),
     # the variant (fisher_type, kfac_approx, ekfac) comes from the wildcard; scoring keys do not refit
     "curvature": ("model", "diffusion", "kfac.draws", "kfac.fisher_mc_samples", "kfac.separate_weight_and_bias",
                   "kfac.batch_size", "seeds.gradients", "compute"),
@@ -263,16 +266,29 @@ def feature_dir(config: dict, output_function: str, checkpoint: str = "full", ti
     return f"{root(config)}/gradients/{checkpoint}/{feature_tag(config, output_function, timesteps, kind, directions)}"
 
 
+# A TRAK-family method with query_measurement m (not loss) reads its query features from
+# gradients/<checkpoint>/<tag>/measurement_<m>/{generated,heldout}.npy: P^T grad m(x_q) with the store's projection
+# (rule gradients_measurement); trajectory exists for generated queries only (held-out: the loss features).
+MEASUREMENT_PATTERN = r"elbo|timestep_loss_t\d+"  # both query sets (rule gradients_measurement_trajectory: generated)
+
+
+def measurement_splits(target: str) -> list[str]:
+    return ["generated"] if target == "trajectory" else ["generated", "heldout"]
+
+
 def store_files(directory: str, kind: str) -> list[str]:
-    names = ["generated"] if kind == "journey" else [*STORE_SPLITS, RESIDUAL]
+    if kind.startswith("measurement_"):
+        names = measurement_splits(kind[len("measurement_"):])
+    else:
+        names = ["generated"] if kind == "journey" else [*STORE_SPLITS, RESIDUAL]
     return [f"{directory}/{name}.{ext}" for name in names for ext in ("npy", "json")]
 
 
 def method_stores(config: dict, method: str) -> dict[str, tuple[str, str]]:
     """{role: (store directory, kind)} of the gradient stores a method reads ({} for methods that need none).
 
-    Roles: 'final' (final model), one per intermediate checkpoint 'step<N>' (TracInCP / GAS), and
-    'journey' (Journey-TRAK's generated-query features)."""
+    Roles: 'final' (final model), one per intermediate checkpoint 'step<N>' (TracInCP / GAS),
+    'journey' (Journey-TRAK's generated-query features) and 'query' (query features of a query_measurement)."""
     m = config["scores"]["methods"][method]
     family = m["family"]
     if family not in FEATURE_FAMILIES:
@@ -285,6 +301,9 @@ def method_stores(config: dict, method: str) -> dict[str, tuple[str, str]]:
             return {"final": (feature_dir(config, VECTOR_OUTPUT, "full", k, "sketch", m["output_directions"]), "sketch")}
         return {"final": (feature_dir(config, m["output_function"], "full", k, "unitnorm"), "unitnorm")}
     stores = {"final": (feature_dir(config, m["output_function"], "full", k), "avg")}
+    target = m.get("query_measurement", "loss")
+    if target != "loss":  # trak / gradient_similarity / normalized_if (config.py)
+        stores["query"] = (f"{stores['final'][0]}/measurement_{target}", f"measurement_{target}")
     if family == "journey":
         steps = m.get("sampling_steps", config["sample"]["num_inference_steps"])
         stores["journey"] = (feature_dir(config, m["output_function"], "full", steps, "journey"), "journey")

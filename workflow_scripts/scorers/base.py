@@ -59,3 +59,34 @@ def check_same_space(inputs, stores: list[tuple[str, str]], keys=SPACE) -> None:
             if made_by.get(key) != ref.get(key):
                 raise ArtefactError(f"gradient stores {role0!r} and {role!r} differ in {key} "
                                     f"({ref.get(key)!r} vs {made_by.get(key)!r}); their features cannot be combined")
+
+
+# ---------------------------------------------------------------- query_measurement (TRAK family)
+#
+# A method's query_measurement m (default loss) replaces its query features by P^T grad m(x_q) from the store role
+# 'query' (paths.method_stores, rule gradients_measurement); the training side stays the loss store. Trajectory has
+# no held-out queries: those keep the loss features (noted).
+
+
+def query_target(method_cfg: dict) -> str:
+    """The measured target the method's query features are gradients of (scores.py tunes lambda on it)."""
+    return method_cfg.get("query_measurement", "loss")
+
+
+def uses_loss_queries(method_cfg: dict, query_set: str) -> bool:
+    target = query_target(method_cfg)
+    return target == "loss" or (target == "trajectory" and query_set != "generated")
+
+
+def query_features(method_cfg: dict, inputs, query_set: str, expect: dict) -> np.ndarray:
+    """The query features of one set: the loss store's, or the query_measurement store's (same projection)."""
+    if uses_loss_queries(method_cfg, query_set):
+        return inputs.features("final", query_set, expect)
+    check_same_space(inputs, [("final", "train"), ("query", query_set)], (*SPACE, "checkpoint", "seed_gradients"))
+    return inputs.features("query", query_set, {"query_measurement": query_target(method_cfg)})
+
+
+def query_notes(method_cfg: dict) -> dict[str, str]:
+    if query_target(method_cfg) == "trajectory":
+        return {"heldout": "loss query features: held-out images have no sampling trajectory"}
+    return {}

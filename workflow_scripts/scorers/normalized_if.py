@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .base import expected_store
+from .base import expected_store, query_features, query_notes
+from .base import query_target  # noqa: F401  (scorers.family_target: lambda tuned on it)
 from .trak import KernelSolver
 
 
@@ -26,7 +27,12 @@ def normalized_scores(solver: KernelSolver, queries: np.ndarray, relative_lambda
 def compute(method_cfg: dict, inputs, lambdas) -> list:
     expect = expected_store(method_cfg)
     solver = KernelSolver(inputs.features("final", "train", expect))
-    queries = {name: inputs.features("final", name, expect) for name in inputs.query_sets}
+    queries = {name: query_features(method_cfg, inputs, name, expect) for name in inputs.query_sets}
     kind = method_cfg["normalization"]
     return [(lam, {name: normalized_scores(solver, q, lam, kind).astype(np.float32) for name, q in queries.items()})
             for lam in lambdas]
+
+
+def notes(method_cfg: dict) -> dict[str, str]:
+    return query_notes(method_cfg)
+

@@ -14,12 +14,16 @@ is (CIFAR-10: 50,000 training examples; tests/test_scorer_memory.py).
 
 The timestep budget K is the store's (method key `timesteps`, default gradients.timesteps), so K = 10
 and K = 100 are separate methods reading separate stores.
+
+`query_measurement` (default loss; elbo, timestep_loss_t<t>, trajectory) makes phi(x) the projected gradient of
+that likelihood measurement instead (store role 'query', scorers/base.py query_features); Phi stays the loss store.
 """
 from __future__ import annotations
 
 import numpy as np
 
-from .base import expected_store, row_chunks
+from .base import expected_store, query_features, query_notes, row_chunks
+from .base import query_target  # noqa: F401  (scorers.family_target: lambda tuned on it)
 
 def kernel_eigh(features) -> tuple[np.ndarray, np.ndarray]:
     """Eigenvalues (clipped at 0) and eigenvectors of sum_i J_i^T J_i over the rows of (n, ..., d) features."""
@@ -92,5 +96,10 @@ class KernelSolver:
 def compute(method_cfg: dict, inputs, lambdas) -> list:
     expect = expected_store(method_cfg)
     solver = KernelSolver(inputs.features("final", "train", expect))
-    queries = {name: inputs.features("final", name, expect) for name in inputs.query_sets}
+    queries = {name: query_features(method_cfg, inputs, name, expect) for name in inputs.query_sets}
     return [(lam, {name: solver.scores(q, lam).astype(np.float32) for name, q in queries.items()}) for lam in lambdas]
+
+
+def notes(method_cfg: dict) -> dict[str, str]:
+    return query_notes(method_cfg)
+
