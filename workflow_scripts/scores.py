@@ -2,8 +2,8 @@
 
 For each lambda of scores.lambda_grid (methods without one: a single entry) the LDS of every query
 set is computed on the TUNING subsets and, for the record, on the EVALUATION subsets, against the
-measured target the method's scores predict (scorers.family_target: the loss, or a kfac method's
-query_measurement such as the ELBO; a query set without that target, held-out for trajectory, uses
+measured target the method's scores predict (scorers.family_target: the loss, or the query_measurement of a K-FAC or
+TRAK-family method such as the ELBO; a query set without that target, held-out for trajectory, uses
 the loss). The lambda with the best mean TUNING LDS over the query sets is kept; its matrices are
 written as <query_set>.npy (n_query x n_train, float32) beside sweep.csv, and the LDS-vs-lambda curve as sweep.png.
 A method may set its own `lambda_grid` (else scores.lambda_grid).
