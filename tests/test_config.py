@@ -258,3 +258,16 @@ def test_full_overlay_is_valid_and_larger(repo, base_config):
     full = load_config(repo / "params.yaml", repo / "configs" / "full.yaml")
     assert full["benchmark"] != base_config["benchmark"]  # its own results directory
     assert full["lds"]["n_subsets"] * full["lds"]["n_seeds"] > base_config["lds"]["n_subsets"] * base_config["lds"]["n_seeds"]
+
+
+def test_method_order_is_params_then_overlay_methods_by_name(repo):
+    """The tables' row order must not depend on how an overlay was merged (local vs cluster job processes)."""
+    from workflow_scripts.config import order_methods
+
+    base = list(load_config(repo / "params.yaml")["scores"]["methods"])
+    for first in (True, False):  # overlay methods merged before or after params.yaml's
+        extra = {"zz_extra": {"family": "pixel"}, "aa_extra": {"family": "pixel"}}
+        methods = {**extra, **{m: {} for m in base}} if first else {**{m: {} for m in base}, **extra}
+        config = {"scores": {"methods": methods}}
+        order_methods(config, repo / "params.yaml")
+        assert list(config["scores"]["methods"]) == base + ["aa_extra", "zz_extra"]

@@ -51,6 +51,7 @@ def load_config(path: str | Path = "params.yaml", *overlays: str | Path) -> dict
     for overlay in overlays:
         config = deep_merge(config, yaml.safe_load(Path(overlay).read_text()) or {})
     drop_removed_methods(config)
+    order_methods(config, path)
     validate_config(config)
     return config
 
@@ -62,6 +63,18 @@ def drop_removed_methods(config: dict) -> None:
     if isinstance(methods, dict):
         for name in [name for name, method in methods.items() if method is None]:
             del methods[name]
+
+
+def order_methods(config: dict, base: str | Path = "params.yaml") -> None:
+    """scores.methods in a fixed order, in place: those of `base` in its order, then the overlays' own by name.
+    The order is the tables' row order, and Snakemake's merge of --configfile overlays orders new keys differently
+    in the main process and in a cluster job's process (which re-reads them)."""
+    methods = config.get("scores", {}).get("methods")
+    if not isinstance(methods, dict):
+        return
+    base_order = list((yaml.safe_load(Path(base).read_text()) or {}).get("scores", {}).get("methods", {}))
+    ordered = [name for name in base_order if name in methods] + sorted(set(methods) - set(base_order))
+    config["scores"]["methods"] = {name: methods[name] for name in ordered}
 
 
 def _field(error: jsonschema.ValidationError) -> str:

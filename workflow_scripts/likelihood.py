@@ -541,6 +541,14 @@ def target_measurement(config: dict, target: str, query_set: str, samples: dict 
     raise ValueError(f"no query-side measurement for target {target!r} (loss: scorers.kfac.loss_measurement)")
 
 
+def primary_target(paths: list[str]) -> str:
+    """The target the LDS tables rank on: 'loss', or what the files' 'measurement' entry names (measure.py)."""
+    from .common import load_npz
+
+    arrays = load_npz(paths[0])
+    return str(arrays["measurement"]) if "measurement" in arrays else "loss"
+
+
 def file_targets(paths: list[str]) -> list[str]:
     """The targets every measurement file holds (its 'targets' array; files of the loss-only measure stage: [loss]).
     All files must agree: a mix means some models were measured under another configuration."""
@@ -561,7 +569,10 @@ def method_targets(paths: list[str], n_subsets: int, n_seeds: int, target: str,
                    query_sets=("generated", "heldout")) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """Ground truth of a method whose scores predict `target`: {query set: (n_subsets, n_seeds, n_query)}, and
     {query set: note} for the sets without that target (trajectory: held-out), which get the loss -- as the
-    method's own scores for them use the loss gradient."""
+    method's own scores for them use the loss gradient. `loss` stands for the files' primary target: a vesde
+    model's files hold only the exact -ln p ('likelihood', named by their 'measurement' entry)."""
+    if target == "loss":
+        target = primary_target(paths)
     own = load_measurement_targets(paths, n_subsets, n_seeds, target, query_sets)
     missing = [name for name in query_sets if name not in own]
     if not missing:
