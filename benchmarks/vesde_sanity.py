@@ -32,10 +32,11 @@ sys.path.insert(0, str(REPO))
 
 from workflow_scripts import data as data_stage  # noqa: E402
 from workflow_scripts import likelihood as L  # noqa: E402
+from workflow_scripts import likelihood_sanity  # noqa: E402
 from workflow_scripts import vesde as V  # noqa: E402
 from workflow_scripts.config import load_config  # noqa: E402
 
-CATEGORIES = ("train", "heldout", "rotated", "averaged", "noise")
+CATEGORIES = likelihood_sanity.CATEGORIES
 
 
 def query_images(dataset: dict, n: int, levels: int, seed: int) -> dict[str, np.ndarray]:
@@ -55,39 +56,15 @@ def query_images(dataset: dict, n: int, levels: int, seed: int) -> dict[str, np.
 
 
 def plot(summary: dict, queries: dict[str, np.ndarray], out: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import pandas as pd
-    import seaborn as sns
-
+    """The workflow's sanity figure (likelihood_sanity.plot: examples + bits/dim per category) with this run's title."""
     st = summary["setting"]
-    levels = st["levels"]
-    frame = pd.DataFrame([{"category": k, "bits/dim": b} for k in CATEGORIES for b in summary["bpd"][k]])
-    fig, (ax_img, ax) = plt.subplots(1, 2, figsize=(11, 4.2), gridspec_kw={"width_ratios": [1, 2.2]})
-    pad = lambda a: np.pad(a, 1, constant_values=np.nan)  # noqa: E731  (white frame between examples)
-    strip = np.concatenate([np.concatenate([pad(queries[k][i, 0]) for i in range(4)], axis=1) for k in CATEGORIES], axis=0)
-    cmap = matplotlib.colormaps["gray_r"].copy()
-    cmap.set_bad("white")
-    ax_img.imshow(strip, cmap=cmap, vmin=-1, vmax=1)
-    ax_img.set_yticks([5 + 10 * i for i in range(len(CATEGORIES))], CATEGORIES)
-    ax_img.set_xticks([])
-    ax_img.set_title("examples")
-    sns.boxplot(data=frame, x="category", y="bits/dim", order=list(CATEGORIES), ax=ax, color="0.9", showfliers=False)
-    sns.stripplot(data=frame, x="category", y="bits/dim", order=list(CATEGORIES), ax=ax, size=4, color="C0")
-    ax.axhline(math.log2(levels), ls="--", color="C3", lw=1)
-    ax.text(len(CATEGORIES) - 0.5, math.log2(levels), f" uniform over {levels} levels", color="C3", va="bottom",
-            ha="right", fontsize=8)
     if st.get("family", "vesde") == "ddpm":
-        ax.set_title(f"DDPM -ELBO bits/dim (digits 8x8, {st['steps']} training steps, {st['elbo']['n_timesteps']} x "
-                     f"{st['elbo']['n_noise']} importance draws)", fontsize=9)
+        title = (f"DDPM -ELBO bits/dim (digits 8x8, {st['steps']} training steps, {st['elbo']['n_timesteps']} x "
+                 f"{st['elbo']['n_noise']} importance draws)")
     else:
-        ax.set_title(f"VE-SDE exact bits/dim (digits 8x8, {st['steps']} DSM steps, {st['weighting']} weighting, "
-                     f"RK4 {st['ode']['n_steps']} steps)", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(f"{out}.png", dpi=130)
-    plt.close(fig)
+        title = (f"VE-SDE exact bits/dim (digits 8x8, {st['steps']} DSM steps, {st['weighting']} weighting, "
+                 f"RK4 {st['ode']['n_steps']} steps)")
+    likelihood_sanity.plot(summary["bpd"], queries, st["levels"], title, out)
 
 
 def main(argv=None) -> int:
