@@ -239,6 +239,12 @@ def test_lds_per_measurement_uses_each_targets_arrays(synthetic):
     np.testing.assert_allclose(table.loc[table["measurement"] == "loss", "lds"].to_numpy(), loss_only["lds"].to_numpy())
     markdown = E.measurement_markdown(table)
     assert "| elbo | kfac_elbo | generated | 1.000 |" in markdown
+    # the compact overview on top: a row per method, a column per (target, query set), no trajectory held-out
+    overview = E.measurement_overview(table).splitlines()
+    assert overview[0] == ("| method | loss generated | loss heldout | elbo generated | elbo heldout | "
+                           "trajectory generated |")
+    kfac_elbo = next(line for line in overview if line.startswith("| kfac_elbo |")).split(" | ")
+    assert kfac_elbo[3] == "1.000" and markdown.startswith(overview[0])
 
 
 def test_measurement_substitution_table(synthetic, tmp_path):

@@ -203,6 +203,21 @@ def _cell(lds: float, low: float, high: float) -> str:
     return f"{lds:.3f} [{low:.3f}, {high:.3f}]"
 
 
+def measurement_overview(table: pd.DataFrame) -> str:
+    """Compact Markdown view: one row per method, one column per (target, query set), the LDS alone (the long
+    table below it has SE, CI, lambda and notes)."""
+    ran = table.dropna(subset=["lds"])
+    if ran.empty:
+        return ""
+    columns = list(dict.fromkeys(zip(ran["measurement"], ran["query_set"])))
+    lds = {(r["method"], r["measurement"], r["query_set"]): r["lds"] for r in ran.to_dict("records")}
+    lines = ["| method | " + " | ".join(f"{m} {q}" for m, q in columns) + " |", "|---|" + "---|" * len(columns)]
+    for method in dict.fromkeys(table["method"]):
+        cells = [f"{lds[method, m, q]:.3f}" if (method, m, q) in lds else "" for m, q in columns]
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n\nLDS on the evaluation subsets per measured target and query set (details below).\n\n"
+
+
 def measurement_markdown(table: pd.DataFrame) -> str:
     lines = ["| measurement | method | query set | LDS (evaluation subsets) | SE | 95% bootstrap CI | lambda (tuned) | scores predict | note |",
              "|---|---|---|---|---|---|---|---|---|"]
@@ -218,7 +233,7 @@ def measurement_markdown(table: pd.DataFrame) -> str:
     lines.append("measurement: the target whose change on retraining the LDS ranks (ground truth of every retrained "
                  "model); scores predict: the measurement the method's scores are of, on which its lambda was tuned "
                  "(a method is evaluated as chosen against every target). Noise ceiling: of that target.")
-    return "\n".join(lines) + "\n"
+    return measurement_overview(table) + "\n".join(lines) + "\n"
 
 
 def substitution_methods(method_dirs: dict[str, Path]) -> dict[str, str]:
