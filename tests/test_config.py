@@ -271,3 +271,19 @@ def test_method_order_is_params_then_overlay_methods_by_name(repo):
         config = {"scores": {"methods": methods}}
         order_methods(config, repo / "params.yaml")
         assert list(config["scores"]["methods"]) == base + ["aa_extra", "zz_extra"]
+
+
+def test_metagradient8_overlay_attributes_8_plus_8_queries_in_4_jobs(repo):
+    """configs/metagradient8.yaml (README, "Metagradient"): only the metagradient method's query count changes."""
+    from workflow_scripts import paths
+
+    base = load_config(repo / "params.yaml")
+    config = load_config(repo / "params.yaml", repo / "configs/metagradient8.yaml")
+    assert paths.metagradient_queries(base, "metagradient") == [("generated", 0), ("heldout", 0)]
+    chunks = paths.metagradient_chunks(config, "metagradient")
+    assert [len(c) for c in chunks] == [4, 4, 4, 4]
+    assert sorted(q for c in chunks for q in c) == sorted([("generated", q) for q in range(8)]
+                                                          + [("heldout", q) for q in range(8)])
+    assert config["scores"]["methods"]["metagradient"]["family"] == "metagradient"  # merged key by key
+    base["scores"]["methods"]["metagradient"].update(max_queries=8, queries_per_job=4)
+    assert config == base
