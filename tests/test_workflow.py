@@ -6,6 +6,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import yaml
@@ -223,6 +224,41 @@ def test_metagradient_rows_cover_the_attributed_queries_on_both_targets(smoke_ru
     fixed = sorted(p.parent.name for p in (smoke_run / "results/smoke/fixed_seed").glob("*/model.pt"))
     lds_cfg = smoke_config["lds"]
     assert len(fixed) == lds_cfg["n_subsets"] - lds_cfg["n_tuning"] + smoke_config["fixed_seed"]["loo_sets"]
+
+
+def test_benchmark_lds_on_the_metagradient_queries(smoke_run, smoke_config, repo):
+    """benchmarks/lds_on_queries.py (README, "Metagradient"): every method on the metagradient's queries; its
+    metagradient row equals tables/metagradient.csv, and the other methods are restricted to the same queries."""
+    from workflow_runs import BIN
+
+    out = subprocess.run([str(BIN / "python"), str(repo / "benchmarks/lds_on_queries.py"), "--results", "results/smoke",
+                          "--config", "params.yaml", "configs/smoke.yaml"], cwd=smoke_run, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = {line.split(" | ")[0].strip("| "): line.split(" | ")[1:] for line in out.stdout.splitlines()
+            if line.startswith("| ") and not line.startswith("| method")}
+    table = pd.read_csv(smoke_run / "results/smoke/tables/metagradient.csv").set_index(["query_set", "target"])
+    from workflow_scripts import metagradient_evaluate as M
+
+    cells = rows["metagradient"]
+    for k, (name, target) in enumerate((name, t) for name in ("generated", "heldout")
+                                       for t in (M.FIXED_SEED_LDS, M.SEED_AVERAGED_LDS, M.LOO_SPEARMAN)):
+        assert float(cells[k].split()[0]) == pytest.approx(table.loc[(name, target), "value"], abs=5e-4)
+    assert "trak" in rows and "kfac" in rows and "queries: generated [0], heldout [0]" in out.stdout
+    # trak's seed-averaged LDS is over query 0 alone: scipy's Spearman of its subset predictions vs the target
+    from scipy.stats import spearmanr
+
+    from workflow_scripts import data as data_stage
+    from workflow_scripts import paths
+    from workflow_scripts.measure import load_targets
+
+    config = smoke_config
+    subsets = data_stage.load_subsets(smoke_run / "results/smoke/data/subsets.npz")
+    evaluation = subsets["evaluation"]
+    target = load_targets([str(smoke_run / p) for p in paths.measurement_files(config)], config["lds"]["n_subsets"],
+                          config["lds"]["n_seeds"])["generated"][evaluation].mean(1)[:, 0]
+    scores = np.load(smoke_run / "results/smoke/scores/trak/generated.npy")[0].astype(np.float64)
+    predicted = (~subsets["masks"][evaluation]).astype(np.float64) @ scores
+    assert float(rows["trak"][1].split()[0]) == pytest.approx(spearmanr(predicted, target)[0], abs=5e-4)
 
 
 # ------------------------------------------------------------------------------ the HTML report in a browser
