@@ -245,6 +245,7 @@ def test_lds_per_measurement_uses_each_targets_arrays(synthetic):
                            "trajectory generated |")
     kfac_elbo = next(line for line in overview if line.startswith("| kfac_elbo |")).split(" | ")
     assert kfac_elbo[3] == "1.000" and markdown.startswith(overview[0])
+    assert E.measurement_overview(table.assign(lds=np.nan)) == ""  # nothing ran: no overview, the long table says why
 
 
 def test_measurement_substitution_table(synthetic, tmp_path):

@@ -203,18 +203,27 @@ def _cell(lds: float, low: float, high: float) -> str:
     return f"{lds:.3f} [{low:.3f}, {high:.3f}]"
 
 
+def lds_grid(table: pd.DataFrame) -> tuple[list[str], list[tuple[str, str]], np.ndarray]:
+    """The LDS of the methods that ran as a grid: (methods, noise ceiling first; (measurement, query set) columns;
+    values, NaN where a method has no such column)."""
+    ran = table.dropna(subset=["lds"])
+    if ran.empty:
+        return [], [], np.empty((0, 0))
+    columns = list(dict.fromkeys(zip(ran["measurement"], ran["query_set"])))
+    methods = list(dict.fromkeys([NOISE_CEILING, *ran["method"]]))
+    grid = ran.pivot_table(index="method", columns=["measurement", "query_set"], values="lds", aggfunc="first")
+    return methods, columns, grid.reindex(index=methods, columns=pd.MultiIndex.from_tuples(columns)).to_numpy(dtype=float)
+
+
 def measurement_overview(table: pd.DataFrame) -> str:
     """Compact Markdown view: one row per method, one column per (target, query set), the LDS alone (the long
     table below it has SE, CI, lambda and notes)."""
-    ran = table.dropna(subset=["lds"])
-    if ran.empty:
+    methods, columns, values = lds_grid(table)
+    if not methods:
         return ""
-    columns = list(dict.fromkeys(zip(ran["measurement"], ran["query_set"])))
-    lds = {(r["method"], r["measurement"], r["query_set"]): r["lds"] for r in ran.to_dict("records")}
     lines = ["| method | " + " | ".join(f"{m} {q}" for m, q in columns) + " |", "|---|" + "---|" * len(columns)]
-    for method in dict.fromkeys(table["method"]):
-        cells = [f"{lds[method, m, q]:.3f}" if (method, m, q) in lds else "" for m, q in columns]
-        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    for method, row in zip(methods, values):
+        lines.append(f"| {method} | " + " | ".join(f"{v:.3f}" if np.isfinite(v) else "" for v in row) + " |")
     return "\n".join(lines) + "\n\nLDS on the evaluation subsets per measured target and query set (details below).\n\n"
 
 
@@ -302,14 +311,10 @@ def plot_measurements(table: pd.DataFrame, stem) -> None:
     """Heat map of the LDS: methods (rows) x (measurement, query set) (columns), noise ceiling first."""
     from .plotting import message_figure, plt, save_figure
 
-    ran = table.dropna(subset=["lds"])
-    if ran.empty:
+    methods, columns, values = lds_grid(table)
+    if not methods:
         save_figure(message_figure("LDS per measurement: no method produced scores"), stem)
         return
-    columns = list(dict.fromkeys(zip(ran["measurement"], ran["query_set"])))
-    methods = list(dict.fromkeys([NOISE_CEILING, *ran["method"]]))
-    grid = ran.pivot_table(index="method", columns=["measurement", "query_set"], values="lds", aggfunc="first")
-    values = grid.reindex(index=methods, columns=pd.MultiIndex.from_tuples(columns)).to_numpy(dtype=float)
     fig, ax = plt.subplots(figsize=(2.0 + 0.85 * len(columns), 1.2 + 0.24 * len(methods)))
     image = ax.imshow(values, cmap="viridis", vmin=min(0.0, np.nanmin(values)), vmax=1.0, aspect="auto")
     for (i, j), v in np.ndenumerate(values):
