@@ -40,19 +40,7 @@ CATEGORIES = likelihood_sanity.CATEGORIES
 
 
 def query_images(dataset: dict, n: int, levels: int, seed: int) -> dict[str, np.ndarray]:
-    g = np.random.default_rng(seed)
-    train, heldout = dataset["train_images"], dataset["heldout_images"]
-    pick = g.choice(len(train), size=n, replace=False)
-    pairs = g.choice(len(train), size=(n, 2), replace=True)
-    pairs[:, 1] = np.where(pairs[:, 1] == pairs[:, 0], (pairs[:, 1] + 1) % len(train), pairs[:, 1])
-    noise = g.integers(0, levels, size=(n, *train.shape[1:])) / (levels - 1) * 2 - 1
-    return {
-        "train": train[pick],
-        "heldout": heldout[g.choice(len(heldout), size=min(n, len(heldout)), replace=False)],
-        "rotated": np.rot90(train[pick], k=1, axes=(2, 3)).copy(),
-        "averaged": 0.5 * (train[pairs[:, 0]] + train[pairs[:, 1]]),
-        "noise": noise.astype(np.float32),
-    }
+    return likelihood_sanity.sanity_categories(dataset, n, levels, np.random.default_rng(seed))
 
 
 def plot(summary: dict, queries: dict[str, np.ndarray], out: Path) -> None:

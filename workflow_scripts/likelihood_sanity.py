@@ -36,10 +36,14 @@ SANITY_STREAM = 10  # dequantisation stream (the measure stage uses 0, 1 for its
 
 def sanity_images(dataset: dict, n: int, levels: int, seed: int) -> dict[str, np.ndarray]:
     """n images per category (held-out: at most all of them), float32 (n, c, h, w) in [-1, 1]."""
-    g = rng(seed, SANITY_STREAM)
+    if n > len(dataset["train_images"]):
+        raise ValueError(f"{n} images per category, but the training set has only {len(dataset['train_images'])}")
+    return sanity_categories(dataset, n, levels, rng(seed, SANITY_STREAM))
+
+
+def sanity_categories(dataset: dict, n: int, levels: int, g: np.random.Generator) -> dict[str, np.ndarray]:
+    """The categories drawn from g (also benchmarks/vesde_sanity.py, with its own generator)."""
     train, heldout = dataset["train_images"], dataset["heldout_images"]
-    if n > len(train):
-        raise ValueError(f"{n} images per category, but the training set has only {len(train)}")
     pick = g.choice(len(train), size=n, replace=False)
     pairs = g.choice(len(train), size=(n, 2), replace=True)
     pairs[:, 1] = np.where(pairs[:, 1] == pairs[:, 0], (pairs[:, 1] + 1) % len(train), pairs[:, 1])
@@ -49,7 +53,7 @@ def sanity_images(dataset: dict, n: int, levels: int, seed: int) -> dict[str, np
         "heldout": heldout[np.sort(g.choice(len(heldout), size=min(n, len(heldout)), replace=False))],
         "rotated": np.rot90(train[pick], k=1, axes=(2, 3)).copy(),
         "averaged": 0.5 * (train[pairs[:, 0]] + train[pairs[:, 1]]),
-        "noise": noise,
+        "noise": noise.astype(np.float32),  # k / 16 * 2 - 1: exact in float32
     }
 
 
