@@ -53,7 +53,8 @@ def main() -> None:
     order = {m: k for k, m in enumerate(config["scores"]["methods"])}
     methods.sort(key=lambda m: order.get(m, len(order)))
 
-    table, keep = {}, {}
+    ceiling = "noise ceiling (seed-to-seed)"
+    table, keep = {ceiling: {}}, {}  # {row: {(query set, column): cell}}, the ceiling's row first
     for name in QUERY_SETS:
         keep[name] = scored_queries(np.load(root / "scores" / args.of / f"{name}.npy"))
         for method in methods:
@@ -61,17 +62,15 @@ def main() -> None:
             scores[~keep[name]] = np.nan  # the same queries as --of
             for row in M.method_rows(method, scores, name, subsets, targets[name], sets, fixed, config["lds"],
                                      config["seeds"]["bootstrap"]):
-                label = COLUMNS.get(row["target"]) or ("noise ceiling" if row["target"] == M.NOISE_CEILING else None)
+                # the noise ceiling (the same for every method) goes in the seed-averaged column of its own row
+                key, label = (ceiling, COLUMNS[M.SEED_AVERAGED_LDS]) if row["target"] == M.NOISE_CEILING \
+                    else (method, COLUMNS.get(row["target"]))
                 if label:
-                    key = "noise ceiling (seed-to-seed)" if label == "noise ceiling" else method
                     se = "-" if np.isnan(row["se"]) else f"{row['se']:.3f}"
                     table.setdefault(key, {})[(name, label)] = f"{row['value']:.3f} ({se})"
     columns = [(name, label) for name in QUERY_SETS for label in COLUMNS.values()]
     print("| method | " + " | ".join(f"{name}: {label}" for name, label in columns) + " |")
     print("|---|" + "---|" * len(columns))
-    ceiling = table.pop("noise ceiling (seed-to-seed)")
-    print("| noise ceiling (seed-to-seed) | " + " | ".join(
-        ceiling.get((name, "noise ceiling"), "") if label == COLUMNS[M.SEED_AVERAGED_LDS] else "" for name, label in columns) + " |")
     for method, cells in table.items():
         print(f"| {method} | " + " | ".join(cells.get(c, "") for c in columns) + " |")
     print("\nmean over the queries (SE over them); queries: " + ", ".join(f"{name} {np.flatnonzero(k).tolist()}"
