@@ -1,10 +1,10 @@
 # Training-data attribution benchmark for diffusion models: the whole DAG.
-# Paths come from workflow_scripts.paths; all logic lives in workflow_scripts (see DESIGN.md).
+# Paths come from workflow_scripts/dag/paths.py; all logic lives in workflow_scripts (docs/design.md).
 import sys
 
 sys.path.insert(0, workflow.basedir)
-from workflow_scripts import paths
-from workflow_scripts.config import check_workflow_support, drop_removed_methods, order_methods, validate_config
+from workflow_scripts.dag import paths
+from workflow_scripts.dag.config import check_workflow_support, drop_removed_methods, order_methods, validate_config
 
 
 configfile: "params.yaml"

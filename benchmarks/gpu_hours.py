@@ -30,10 +30,10 @@ from torch.utils.flop_counter import FlopCounterMode
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from workflow_scripts import paths  # noqa: E402
-from workflow_scripts.config import IMAGE_SIZE, load_config  # noqa: E402
-from workflow_scripts.diffusion import alphas_cumprod, build_model, simple_loss  # noqa: E402
-from workflow_scripts.likelihood import measure_settings  # noqa: E402
+from workflow_scripts.dag import paths
+from workflow_scripts.dag.config import IMAGE_SIZE, load_config
+from workflow_scripts.families.ddpm import alphas_cumprod, build_model, simple_loss
+from workflow_scripts.families.likelihood import measure_settings
 
 # benchmarks/metagradient_cost.py (digits default model, CPU): training runs per metagradient job and per query
 METAGRADIENT_JOB_RUNS, METAGRADIENT_QUERY_RUNS = 3.0, 2.6

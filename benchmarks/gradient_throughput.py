@@ -61,10 +61,10 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from workflow_scripts import gradients as G  # noqa: E402
-from workflow_scripts.data import load_digits_images  # noqa: E402
-from workflow_scripts.diffusion import add_noise, alphas_cumprod, build_model, load_model  # noqa: E402
-from workflow_scripts.projection import Projector, SparseProjector  # noqa: E402
+from workflow_scripts.stages import gradients as G
+from workflow_scripts.core.data import load_digits_images
+from workflow_scripts.families.ddpm import add_noise, alphas_cumprod, build_model, load_model
+from workflow_scripts.core.projection import Projector, SparseProjector
 from workflow_scripts.scorers.trak import KernelSolver  # noqa: E402
 
 from trak.gradient_computers import FunctionalGradientComputer  # noqa: E402

@@ -13,7 +13,7 @@ RNG (the only source of difference for ekfac/mc besides int8 queries on our side
 
 kronfluence has no notion of "an example = K draws": its per-sample gradients are per forward row, so it scores
 (n_query*query_draws) x (n_train*draws) row pairs and the benchmark averages them per (query, example) -- the
-same bilinear quantity (scores are linear in both gradients), divided by N for the METHODS.md convention.
+same bilinear quantity (scores are linear in both gradients), divided by N for the docs/methods.md convention.
 Conventions that differ (reported, not hidden):
 - kronfluence's K-FAC divides the output-gradient factor of weight-shared layers (conv, attention projections)
   by the number of positions as well (ours: curvlinops K-FAC-expand, the GGN's scale); EK-FAC eigenvalues agree.
@@ -54,9 +54,9 @@ def maxrss_mb() -> float:
 def make_setup(args, workdir: Path) -> dict:
     import torch
 
-    from workflow_scripts import data as data_stage
-    from workflow_scripts.config import load_config
-    from workflow_scripts.train import train_model
+    from workflow_scripts.core import data as core_data
+    from workflow_scripts.dag.config import load_config
+    from workflow_scripts.families.ddpm import train_model
 
     torch.set_num_threads(1)
     config = load_config(REPO / "params.yaml")
@@ -64,7 +64,7 @@ def make_setup(args, workdir: Path) -> dict:
     config["train"] = {**config["train"], "steps": args.train_steps, "checkpoint_every": args.train_steps,
                        "resume_every": args.train_steps}
     config["compute"] = {"device": "cpu", "threads": 1}
-    dataset = data_stage.make_dataset(config["data"], config["seeds"]["split"])
+    dataset = core_data.make_dataset(config["data"], config["seeds"]["split"])
     np.savez(workdir / "data.npz", train=dataset["train_images"], query=dataset["heldout_images"])
     t0 = time.perf_counter()
     train_model(config, dataset["train_images"], np.arange(args.n_train), 0, workdir / "model.pt")
@@ -76,7 +76,7 @@ def make_setup(args, workdir: Path) -> dict:
 def load_setup(workdir: Path):
     import torch
 
-    from workflow_scripts.diffusion import load_model
+    from workflow_scripts.families.ddpm import load_model
 
     setup = json.loads((workdir / "setup.json").read_text())
     config = setup["config"]
@@ -97,7 +97,8 @@ def score_cfg(config: dict, args) -> dict:
 def run_ours(args, workdir: Path) -> dict:
     import torch
 
-    from workflow_scripts import curvature as C
+    from workflow_scripts.core import curvature as C
+    from workflow_scripts.stages import curvature as curvature_mod
     from workflow_scripts.scorers import kfac as K
 
     config, model, train, query = load_setup(workdir)
@@ -108,7 +109,7 @@ def run_ours(args, workdir: Path) -> dict:
     if profiler:
         profiler.enable()
     t0, c0 = time.perf_counter(), time.process_time()
-    curvature = C.fit_curvature(model, train, settings, config["diffusion"], config["seeds"]["gradients"])
+    curvature = curvature_mod.fit_curvature(model, train, settings, config["diffusion"], config["seeds"]["gradients"])
     t1, c1 = time.perf_counter(), time.process_time()
     lam = args.damping
     result = K.kfac_scores(model, curvature, train, {"heldout": query}, score_cfg(config, args), [lam])
@@ -141,7 +142,7 @@ def layer_positions(model, images) -> dict[str, float]:
     """Weight-sharing positions per Linear/Conv2d layer (output elements per row / output features)."""
     import torch
 
-    from workflow_scripts.curvature import curvature_modules
+    from workflow_scripts.core.curvature import curvature_modules
 
     counts, handles = {}, []
     for name, module in curvature_modules(model):
@@ -164,9 +165,10 @@ def run_kronfluence(args, workdir: Path) -> dict:
     from kronfluence.task import Task
     from kronfluence.utils.dataset import DataLoaderKwargs
 
-    from workflow_scripts import curvature as C
-    from workflow_scripts.diffusion import alphas_cumprod
-    from workflow_scripts.measure import QUERY_SETS
+    from workflow_scripts.core import curvature as C
+    from workflow_scripts.stages import curvature as curvature_mod
+    from workflow_scripts.families.ddpm import alphas_cumprod
+    from workflow_scripts.core.contracts import QUERY_SETS
     from workflow_scripts.scorers import kfac as K
 
     config, model, train, query = load_setup(workdir)

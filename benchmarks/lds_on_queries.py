@@ -22,13 +22,14 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from workflow_scripts import data as data_stage  # noqa: E402
-from workflow_scripts import metagradient_evaluate as M  # noqa: E402
-from workflow_scripts import paths  # noqa: E402
-from workflow_scripts.config import load_config  # noqa: E402
-from workflow_scripts.fixed_seed import load_sets  # noqa: E402
-from workflow_scripts.lds import scored_queries  # noqa: E402
-from workflow_scripts.measure import QUERY_SETS, load_targets  # noqa: E402
+from workflow_scripts.core import data as core_data
+from workflow_scripts.stages import metagradient_evaluate as M
+from workflow_scripts.dag import paths
+from workflow_scripts.dag.config import load_config
+from workflow_scripts.core.fixed_seed import load_sets
+from workflow_scripts.core.lds import scored_queries
+from workflow_scripts.core.contracts import QUERY_SETS
+from workflow_scripts.families.likelihood import load_targets
 
 COLUMNS = {M.FIXED_SEED_LDS: "LDS fixed-seed", M.SEED_AVERAGED_LDS: "LDS seed-averaged", M.LOO_SPEARMAN: "leave-out Spearman"}
 
@@ -43,7 +44,7 @@ def main() -> None:
     M.log.setLevel(logging.ERROR)  # every other method is masked to --of's queries on purpose: no warning per method
     config = load_config(*args.config)
     root = Path(args.results)
-    subsets = data_stage.load_subsets(root / "data/subsets.npz")
+    subsets = core_data.load_subsets(root / "data/subsets.npz")
     files = [str(root / "measurements" / Path(p).name) for p in paths.measurement_files(config)]
     targets = load_targets(files, config["lds"]["n_subsets"], config["lds"]["n_seeds"])
     sets = load_sets(root / "fixed_seed/sets.npz")

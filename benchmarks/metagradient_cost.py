@@ -55,9 +55,10 @@ def worker(args) -> dict:
     import torch
 
     torch.set_num_threads(1)
-    from workflow_scripts import data, train
-    from workflow_scripts import metagradient as mg
-    from workflow_scripts.config import load_config
+    from workflow_scripts.core import data
+    from workflow_scripts.families import ddpm as train
+    from workflow_scripts.scorers import magic as mg
+    from workflow_scripts.dag.config import load_config
 
     config = load_config(REPO / "params.yaml")
     config["train"]["steps"] = args.steps

@@ -35,11 +35,12 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from scipy.stats import spearmanr  # noqa: E402
 
-from workflow_scripts import data, train  # noqa: E402
-from workflow_scripts import metagradient as mg  # noqa: E402
-from workflow_scripts.common import load_torch  # noqa: E402
-from workflow_scripts.config import load_config  # noqa: E402
-from workflow_scripts.lds import lds_per_query, rowwise_spearman  # noqa: E402
+from workflow_scripts.core import data
+from workflow_scripts.families import ddpm as train
+from workflow_scripts.scorers import magic as mg
+from workflow_scripts.core.common import load_torch
+from workflow_scripts.dag.config import load_config
+from workflow_scripts.core.lds import lds_per_query, rowwise_spearman
 
 
 def measure(problem, params, queries) -> np.ndarray:

@@ -30,11 +30,11 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from workflow_scripts import data as data_stage  # noqa: E402
-from workflow_scripts import likelihood as L  # noqa: E402
-from workflow_scripts import likelihood_sanity  # noqa: E402
-from workflow_scripts import vesde as V  # noqa: E402
-from workflow_scripts.config import load_config  # noqa: E402
+from workflow_scripts.core import data as core_data
+from workflow_scripts.families import likelihood as L
+from workflow_scripts.stages import likelihood_sanity
+from workflow_scripts.families import vesde as V
+from workflow_scripts.dag.config import load_config
 
 CATEGORIES = likelihood_sanity.CATEGORIES
 
@@ -74,7 +74,7 @@ def main(argv=None) -> int:
     if args.replot:
         summary = json.loads(Path(f"{args.out}.json").read_text())
         levels = summary["setting"]["levels"]
-        dataset = data_stage.make_dataset(config["data"], config["seeds"]["split"])
+        dataset = core_data.make_dataset(config["data"], config["seeds"]["split"])
         plot(summary, query_images(dataset, summary["setting"]["n_per_category"], levels, seed=0), Path(args.out))
         print(f"wrote {args.out}.png")
         return 0
@@ -85,16 +85,16 @@ def main(argv=None) -> int:
         setattr(args, key, value if getattr(args, key) is None else getattr(args, key))
     config["train"] = {**config["train"], "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr}
     config["compute"] = {"device": "cpu", "threads": 1}
-    levels = data_stage.N_LEVELS[config["data"]["dataset"]]
-    dataset = data_stage.make_dataset(config["data"], config["seeds"]["split"])
+    levels = core_data.N_LEVELS[config["data"]["dataset"]]
+    dataset = core_data.make_dataset(config["data"], config["seeds"]["split"])
     train = dataset["train_images"]
 
     t0 = time.time()
     if args.family == "ddpm":
         import tempfile
 
-        from workflow_scripts.diffusion import load_model
-        from workflow_scripts.train import train_model
+        from workflow_scripts.families.ddpm import load_model
+        from workflow_scripts.families.ddpm import train_model
 
         config["model"] = {k: v for k, v in config["model"].items() if k not in ("family", "vesde")}
         with tempfile.TemporaryDirectory() as tmp:

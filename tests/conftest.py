@@ -14,14 +14,14 @@ def repo() -> Path:
 
 @pytest.fixture(scope="session")
 def base_config():
-    from workflow_scripts.config import load_config
+    from workflow_scripts.dag.config import load_config
 
     return load_config(REPO / "params.yaml")
 
 
 @pytest.fixture(scope="session")
 def smoke_config():
-    from workflow_scripts.config import load_config
+    from workflow_scripts.dag.config import load_config
 
     return load_config(REPO / "params.yaml", REPO / "configs" / "smoke.yaml")
 

@@ -6,9 +6,10 @@ import pytest
 from fakes import FakeInputs
 import torch
 
-from workflow_scripts import classifier
-from workflow_scripts.common import ArtefactError, load_torch, save_npz, save_torch
-from workflow_scripts.data import load_digits_images
+from workflow_scripts.core import classifier
+from workflow_scripts.stages import classifier as classifier_mod
+from workflow_scripts.core.common import ArtefactError, load_torch, save_npz, save_torch
+from workflow_scripts.core.data import load_digits_images
 from workflow_scripts.scorers import embedding
 
 torch.set_num_threads(1)
@@ -114,12 +115,12 @@ def test_stage_run_writes_checkpoint(tmp_path, digits, caplog):
     save_npz(tmp_path / "dataset.npz", train_images=x[:120], train_labels=y[:120],
              heldout_images=x_test[:30], heldout_labels=y_test[:30])
     parser = argparse.ArgumentParser()
-    classifier.add_arguments(parser)
+    classifier_mod.add_arguments(parser)
     args = parser.parse_args(["--dataset", str(tmp_path / "dataset.npz"), "--out", str(tmp_path / "c.pt")])
     config = {"classifier": {"channels": [8, 16], "feature_dim": 16, "steps": 30}, "seeds": {"classifier": SEED},
               "compute": {"device": "cpu", "threads": 1}}
     with caplog.at_level("INFO", logger="workflow_scripts"):
-        classifier.run(args, config)
+        classifier_mod.run(args, config)
     assert "held-out accuracy" in caplog.text
     payload = load_torch(tmp_path / "c.pt")
     assert 0 <= payload["metrics"]["heldout_accuracy"] <= 1
@@ -128,4 +129,4 @@ def test_stage_run_writes_checkpoint(tmp_path, digits, caplog):
     with pytest.raises(ValueError, match="unknown keys"):
         classifier.classifier_config({"classifier": {"epochs": 3}})
     with pytest.raises(ValueError, match="seeds.classifier"):
-        classifier.run(args, {**config, "seeds": {}})
+        classifier_mod.run(args, {**config, "seeds": {}})

@@ -5,7 +5,7 @@ import stat
 import numpy as np
 import pytest
 
-from workflow_scripts import common
+from workflow_scripts.core import common
 
 
 def test_atomic_write_has_umask_permissions_and_leaves_no_temp(tmp_path):

@@ -4,7 +4,8 @@ import copy
 import pytest
 import yaml
 
-from workflow_scripts.config import ConfigError, N_DIGITS, config_hash, deep_merge, load_config, validate_config
+from workflow_scripts.dag.config import ConfigError, N_DIGITS, deep_merge, load_config, validate_config
+from workflow_scripts.core.contracts import config_hash
 
 
 def _with(config: dict, dotted: str, value) -> dict:
@@ -245,7 +246,7 @@ def test_library_only_settings_are_refused_by_the_workflow(base_config, section,
     """Valid for the library, but the rules would ignore them: the Snakefile refuses, naming the field."""
     import copy
 
-    from workflow_scripts.config import ConfigError, check_workflow_support
+    from workflow_scripts.dag.config import ConfigError, check_workflow_support
 
     check_workflow_support(base_config)
     config = copy.deepcopy(base_config)
@@ -262,7 +263,7 @@ def test_full_overlay_is_valid_and_larger(repo, base_config):
 
 def test_method_order_is_params_then_overlay_methods_by_name(repo):
     """The tables' row order must not depend on how an overlay was merged (local vs cluster job processes)."""
-    from workflow_scripts.config import order_methods
+    from workflow_scripts.dag.config import order_methods
 
     base = list(load_config(repo / "params.yaml")["scores"]["methods"])
     for first in (True, False):  # overlay methods merged before or after params.yaml's
@@ -275,7 +276,7 @@ def test_method_order_is_params_then_overlay_methods_by_name(repo):
 
 def test_metagradient8_overlay_attributes_8_plus_8_queries_in_4_jobs(repo):
     """configs/metagradient8.yaml (README, "Metagradient"): only the metagradient method's query count changes."""
-    from workflow_scripts import paths
+    from workflow_scripts.dag import paths
 
     base = load_config(repo / "params.yaml")
     config = load_config(repo / "params.yaml", repo / "configs/metagradient8.yaml")

@@ -10,12 +10,14 @@ import pytest
 import torch
 
 from workflow_scripts import __main__ as cli
-from workflow_scripts import counterfactual as CF
-from workflow_scripts import counterfactual_evaluate as CE
-from workflow_scripts import classifier, paths, train
-from workflow_scripts.common import ArtefactError, save_npz, save_torch
-from workflow_scripts.config import ConfigError, removal_count, validate_config
-from workflow_scripts.diffusion import measurement_draws
+from workflow_scripts.stages import counterfactual as CF
+from workflow_scripts.stages import counterfactual_evaluate as CE
+from workflow_scripts.core import classifier
+from workflow_scripts.dag import paths
+from workflow_scripts.stages import train
+from workflow_scripts.core.common import ArtefactError, save_npz, save_torch
+from workflow_scripts.dag.config import ConfigError, removal_count, validate_config
+from workflow_scripts.families.ddpm import measurement_draws
 
 torch.set_num_threads(1)
 
@@ -224,7 +226,7 @@ def test_bootstrap_median_summary():
 # ------------------------------------------------------------------------------------------- the evaluation stage
 @pytest.fixture(scope="module")
 def tiny_classifier(tmp_path_factory):
-    from workflow_scripts.data import load_digits_images
+    from workflow_scripts.core.data import load_digits_images
 
     images, labels = load_digits_images()
     x, y = images[:60], labels[:60]
@@ -276,8 +278,8 @@ def test_evaluation_stage_writes_table_and_figures(base_config, tiny_classifier,
 
 
 def test_regenerating_one_query_starts_from_its_own_seed(smoke_config):
-    from workflow_scripts.diffusion import build_model
-    from workflow_scripts.sample import generate
+    from workflow_scripts.families.ddpm import build_model
+    from workflow_scripts.families.ddpm import generate
 
     torch.manual_seed(0)
     model = build_model(smoke_config["model"], (1, 8, 8)).eval()

@@ -2,8 +2,8 @@
 import numpy as np
 import pytest
 
-from workflow_scripts import data
-from workflow_scripts.common import ArtefactError, save_npz
+from workflow_scripts.core import data
+from workflow_scripts.core.common import ArtefactError, save_npz
 
 LDS = {"n_subsets": 12, "n_tuning": 4, "fraction": 0.5, "n_seeds": 2, "bootstrap_samples": 10, "ci": 0.9}
 

@@ -4,8 +4,9 @@ import numpy as np
 import pytest
 
 from torchvision_files import official_cifar_md5s, write_cifar10, write_mnist
-from workflow_scripts import data, datasets
-from workflow_scripts.config import ConfigError, validate_config
+from workflow_scripts.core import data
+from workflow_scripts.core import datasets
+from workflow_scripts.dag.config import ConfigError, validate_config
 
 
 @pytest.fixture()
@@ -130,7 +131,7 @@ def test_n_levels_of_real_data_sets_is_256():
       "model": {"block_out_channels": [8, 16, 16, 16], "attention": [False] * 4}}, "28 is not divisible by 8"),
 ])
 def test_config_checks_of_real_data_sets(base_config, change, match):
-    from workflow_scripts.config import deep_merge
+    from workflow_scripts.dag.config import deep_merge
 
     with pytest.raises(ConfigError, match=match):
         validate_config(deep_merge(base_config, change))

@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 import torch
 
-from workflow_scripts import diffusion
-from workflow_scripts.common import ArtefactError, save_torch
+from workflow_scripts.families import ddpm as diffusion
+from workflow_scripts.core.common import ArtefactError, save_torch
 
 torch.set_num_threads(1)
 

@@ -83,7 +83,7 @@ def copy_repo(dest: Path) -> Path:
 
 def smoke_params(trimmed: bool = False) -> dict:
     sys.path.insert(0, str(REPO))
-    from workflow_scripts.config import deep_merge
+    from workflow_scripts.dag.config import deep_merge
 
     params = deep_merge(yaml.safe_load((REPO / "params.yaml").read_text()),
                         yaml.safe_load((REPO / "configs/smoke.yaml").read_text()))
@@ -215,7 +215,7 @@ def smoke_copy(tmp_path_factory):
 
 def test_dvc_params_cover_what_each_stage_reads():
     sys.path.insert(0, str(REPO))
-    from workflow_scripts.paths import SCORER_SECTIONS, SECTIONS
+    from workflow_scripts.dag.paths import SCORER_SECTIONS, SECTIONS
 
     stages = dvc_yaml("smoke")["stages"]
     assert set(DVC_STAGE_SECTIONS) == set(stages), "update DVC_STAGE_SECTIONS with dvc.yaml"

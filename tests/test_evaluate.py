@@ -5,7 +5,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from workflow_scripts import evaluate as E
+from workflow_scripts.stages import evaluate as E
 
 
 def _method(tmp_path, name, config, scores, settings=None, not_run=None):
@@ -82,7 +82,7 @@ def test_lds_table_covers_the_scored_queries_and_says_how_many(tmp_path):
     assert magic["note"].str.startswith(f"LDS over 1 of {n_query} queries").all()
     assert table.loc[table["method"] == "trak", "note"].eq("").all()  # complete rows: no coverage note
     one = {q: (masks[subsets["evaluation"]], t[subsets["evaluation"]].mean(1)[:, :1]) for q, t in targets.items()}
-    from workflow_scripts.lds import lds_per_query
+    from workflow_scripts.core.lds import lds_per_query
 
     for q, (m, t) in one.items():
         assert magic.loc[q, "lds"] == pytest.approx(lds_per_query(full[q][:1], m, t)[0])

@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from workflow_scripts import gradients
-from workflow_scripts.common import ArtefactError
-from workflow_scripts.diffusion import add_noise, alphas_cumprod, build_model, output_function
+from workflow_scripts.stages import gradients
+from workflow_scripts.core import store as store_mod
+from workflow_scripts.core.common import ArtefactError
+from workflow_scripts.families.ddpm import add_noise, alphas_cumprod, build_model, output_function
 
 torch.set_num_threads(1)
 
@@ -81,7 +82,7 @@ def test_feature_draws_grid_and_shared_noise():
 
 
 def test_compute_features_is_projected_mean_gradient(setup):
-    from workflow_scripts.projection import Projector
+    from workflow_scripts.core.projection import Projector
 
     model, images, _, _, a_bar = setup
     grad_cfg = {"timesteps": 2, "projection": "gaussian", "projection_dim": 16, "batch_size": 2, "timestep_chunk": 10,
@@ -96,7 +97,7 @@ def test_compute_features_is_projected_mean_gradient(setup):
 
 
 def test_compute_features_with_the_sparse_projection(setup):
-    from workflow_scripts.projection import SparseProjector
+    from workflow_scripts.core.projection import SparseProjector
 
     model, images, _, _, a_bar = setup
     grad_cfg = {"timesteps": 2, "projection": "sjlt", "projection_dim": 16, "sjlt_nonzeros": 2, "batch_size": 2,
@@ -131,14 +132,14 @@ def _features(n=6, d=None, smoke_dim=64):
 def test_store_round_trip(tmp_path, identity):
     features = _features()
     path = tmp_path / "g" / "train.npy"
-    gradients.write_store(features, identity, path)
-    assert gradients.sidecar_path(path).exists()
+    store_mod.write_store(features, identity, path)
+    assert store_mod.sidecar_path(path).exists()
     assert not list(path.parent.glob(".*tmp"))  # no temp file left behind
-    array = gradients.open_store(path, identity)
+    array = store_mod.open_store(path, identity)
     assert isinstance(array, np.memmap)
     np.testing.assert_array_equal(np.asarray(array), features)
-    assert gradients.read_sidecar(path) == json.loads(json.dumps(identity))
-    np.testing.assert_array_equal(gradients.open_store(path), features)  # without an expected identity
+    assert store_mod.read_sidecar(path) == json.loads(json.dumps(identity))
+    np.testing.assert_array_equal(store_mod.open_store(path), features)  # without an expected identity
 
 
 def test_store_identity_records_config(smoke_config, identity):
@@ -162,19 +163,19 @@ def test_store_identity_records_sjlt_nonzeros(tmp_path, smoke_config):
     assert sparse["made_by"]["sjlt_nonzeros"] == cfg["gradients"]["sjlt_nonzeros"]
     assert sparse["config_hash"] != dense["config_hash"]
     path = tmp_path / "train.npy"
-    gradients.write_store(_features(), sparse, path)
+    store_mod.write_store(_features(), sparse, path)
     cfg["gradients"]["sjlt_nonzeros"] += 1
     with pytest.raises(ArtefactError, match=r"differs in sjlt_nonzeros\)"):
-        gradients.open_store(path, gradients.store_identity(cfg, payload, "loss", "train", 6))
+        store_mod.open_store(path, gradients.store_identity(cfg, payload, "loss", "train", 6))
 
 
 def test_store_config_hash_mismatch_names_difference(tmp_path, smoke_config, identity):
     path = tmp_path / "train.npy"
-    gradients.write_store(_features(), identity, path)
+    store_mod.write_store(_features(), identity, path)
     payload = {"config": {"model": smoke_config["model"], "seed": 2}, "step": 20}
     expected = gradients.store_identity(smoke_config, payload, "mean-squared-l2-norm", "train", 6)
     with pytest.raises(ArtefactError) as info:
-        gradients.open_store(path, expected)
+        store_mod.open_store(path, expected)
     message = str(info.value)
     assert "config_hash" in message and "output_function" in message and str(path) in message
 
@@ -182,45 +183,45 @@ def test_store_config_hash_mismatch_names_difference(tmp_path, smoke_config, ide
     cfg["seeds"]["projection"] += 1
     expected = gradients.store_identity(cfg, payload, "loss", "train", 6)
     with pytest.raises(ArtefactError, match="seed_projection"):
-        gradients.open_store(path, expected)
+        store_mod.open_store(path, expected)
 
 
 def test_store_split_mismatch(tmp_path, identity):
     path = tmp_path / "train.npy"
-    gradients.write_store(_features(), identity, path)
+    store_mod.write_store(_features(), identity, path)
     expected = {**identity, "split": "heldout"}
     with pytest.raises(ArtefactError, match=r"split is train, config expects heldout"):
-        gradients.open_store(path, expected)
+        store_mod.open_store(path, expected)
 
 
 def test_store_shape_mismatch(tmp_path, smoke_config, identity):
     path = tmp_path / "train.npy"
-    gradients.write_store(_features(), identity, path)
+    store_mod.write_store(_features(), identity, path)
     payload = {"config": {"model": smoke_config["model"], "seed": 2}, "step": 20}
     expected = gradients.store_identity(smoke_config, payload, "loss", "train", 7)
     with pytest.raises(ArtefactError, match=r"shape is \[6, 64\], config expects \[7, 64\]"):
-        gradients.open_store(path, expected)
+        store_mod.open_store(path, expected)
 
 
 def test_array_disagreeing_with_its_sidecar(tmp_path, identity):
     path = tmp_path / "train.npy"
-    gradients.write_store(_features(), identity, path)
+    store_mod.write_store(_features(), identity, path)
     np.save(path, _features(n=5))  # replaced behind the sidecar's back
     with pytest.raises(ArtefactError, match="sidecar says"):
-        gradients.open_store(path)
+        store_mod.open_store(path)
     np.save(path, _features().astype(np.float64))
     with pytest.raises(ArtefactError, match="float64"):
-        gradients.open_store(path)
+        store_mod.open_store(path)
 
 
 def test_missing_sidecar_or_store_raises(tmp_path, identity):
     path = tmp_path / "train.npy"
-    gradients.write_store(_features(), identity, path)
-    gradients.sidecar_path(path).unlink()
+    store_mod.write_store(_features(), identity, path)
+    store_mod.sidecar_path(path).unlink()
     with pytest.raises(ArtefactError, match="sidecar"):
-        gradients.open_store(path, identity)
+        store_mod.open_store(path, identity)
     with pytest.raises(ArtefactError, match="missing"):
-        gradients.open_store(tmp_path / "absent.npy")
+        store_mod.open_store(tmp_path / "absent.npy")
 
 
 @pytest.mark.parametrize("kind, directions", [("avg", None), ("sketch", 2)])
@@ -235,10 +236,10 @@ def test_compute_features_fills_the_store_memory_map(setup, tmp_path, kind, dire
     args = (model, images.numpy(), fn, grad_cfg, DIFFUSION, seeds, torch.device("cpu"))
     in_memory = gradients.compute_features(*args, kind=kind, directions=directions)
     identity = {"split": "train", "shape": list(in_memory.shape), "dtype": "float32", "config_hash": "h", "made_by": {}}
-    with gradients.new_store(identity, tmp_path / "train.npy") as store:
+    with store_mod.new_store(identity, tmp_path / "train.npy") as store:
         gradients.compute_features(*args, kind=kind, directions=directions, out=store)
-    np.testing.assert_array_equal(gradients.open_store(tmp_path / "train.npy"), in_memory)
+    np.testing.assert_array_equal(store_mod.open_store(tmp_path / "train.npy"), in_memory)
     with pytest.raises(ValueError, match="out has shape"):
-        with gradients.new_store({**identity, "shape": [1, 16]}, tmp_path / "bad.npy") as store:
+        with store_mod.new_store({**identity, "shape": [1, 16]}, tmp_path / "bad.npy") as store:
             gradients.compute_features(*args, kind=kind, directions=directions, out=store)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["train.json", "train.npy"]

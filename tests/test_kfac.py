@@ -1,4 +1,4 @@
-"""K-FAC influence (issue 4): curvature scaling, exactness, EK-FAC, the curvlinops trap, influence vs retraining,
+"""K-FAC influence: curvature scaling, exactness, EK-FAC, the curvlinops trap, influence vs retraining,
 int8 queries, curvature files. Models are tiny so the whole file runs in well under a minute on one CPU thread."""
 import numpy as np
 import pytest
@@ -6,10 +6,12 @@ import torch
 from scipy.stats import pearsonr, spearmanr
 from torch import nn
 
-from workflow_scripts import curvature as C
-from workflow_scripts.common import ArtefactError
-from workflow_scripts.diffusion import alphas_cumprod, build_model
+from workflow_scripts.core import curvature as C
+from workflow_scripts.stages import curvature
+from workflow_scripts.core.common import ArtefactError
+from workflow_scripts.families.ddpm import alphas_cumprod, build_model
 from workflow_scripts.scorers import kfac as K
+from workflow_scripts.core import measurement
 
 torch.set_num_threads(1)
 DIFFUSION = {"num_train_timesteps": 1000, "beta_start": 0.0001, "beta_end": 0.02}
@@ -111,10 +113,10 @@ def test_ggn_scaling_matches_autograd_hessian_of_our_loss():
     expected = torch.kron(torch.eye(4, dtype=torch.float64), u.T @ u) * 2 / (len(t) * 4)  # index (o, j), j = 8: bias
     perm = [o * 9 + j for o in range(4) for j in range(8)] + [o * 9 + 8 for o in range(4)]  # -> (weight, bias) order
     torch.testing.assert_close(hess, expected[perm][:, perm], rtol=1e-6, atol=1e-9)
-    kfac = C.fit_curvature(model, images, {"fisher_type": "type-2", "draws": k, "batch_size": 4}, DIFFUSION, SEED)
+    kfac = curvature.fit_curvature(model, images, {"fisher_type": "type-2", "draws": k, "batch_size": 4}, DIFFUSION, SEED)
     torch.testing.assert_close(kfac.dense(), hess, rtol=1e-4, atol=1e-7)
     # separate weight and bias blocks drop the weight-bias cross terms: no longer exact (the check can fail)
-    sep = C.fit_curvature(model, images, {"fisher_type": "type-2", "draws": k, "separate_weight_and_bias": True}, DIFFUSION, SEED)
+    sep = curvature.fit_curvature(model, images, {"fisher_type": "type-2", "draws": k, "separate_weight_and_bias": True}, DIFFUSION, SEED)
     assert (sep.dense() - hess).abs().max() > 1e-2 * hess.abs().max()
 
 
@@ -169,8 +171,8 @@ def test_factors_not_doubled_by_check_deterministic():
     model = LinearDenoiser((1, 2, 2), bias=True)
     images, k = _images(4), 2
     settings = {"fisher_type": "type-2", "draws": k}
-    checked = C.fit_curvature(model, images, settings, DIFFUSION, SEED, check_deterministic=True)
-    fresh = C.fit_curvature(model, images, settings, DIFFUSION, SEED, check_deterministic=False)
+    checked = curvature.fit_curvature(model, images, settings, DIFFUSION, SEED, check_deterministic=True)
+    fresh = curvature.fit_curvature(model, images, settings, DIFFUSION, SEED, check_deterministic=False)
     torch.testing.assert_close(checked.eigenvalues(), fresh.eigenvalues(), rtol=1e-5, atol=1e-10)
     hess = _autograd_hessian(model, images, k, C.ParamLayout.of(model))
     torch.testing.assert_close(checked.dense(), hess, rtol=1e-4, atol=1e-7)
@@ -196,7 +198,7 @@ def test_ekfac_eigenvalues_are_ggn_diagonal_in_kfac_basis(fisher_type, kfac_appr
     images, k = _images(3, (1, 4, 4), seed=3), 2
     layout = C.ParamLayout.of(model)
     assert "norm.weight" not in layout.names and "conv1.weight" in layout.names
-    cur = C.fit_curvature(model, images, {"fisher_type": fisher_type, "kfac_approx": kfac_approx, "ekfac": True,
+    cur = curvature.fit_curvature(model, images, {"fisher_type": fisher_type, "kfac_approx": kfac_approx, "ekfac": True,
                                           "draws": k}, DIFFUSION, SEED)
     assert cur.is_ekfac
     wrapper = C.PackedDenoiser(model, images.shape[1:])
@@ -253,18 +255,18 @@ def test_influence_matches_retraining_for_linear_denoiser():
     d_out = int(np.prod(shape))
     hessian = torch.kron(torch.eye(d_out, dtype=torch.float64), uu.sum(0)) * 2 / (n * k * d_out)
     exact = C.DenseCurvature(hessian, layout)
-    grads = {"q": K.gradients(model, layout, queries, query_m, 64, "cpu")}
+    grads = {"q": measurement.gradients(model, layout, queries, query_m, 64, "cpu")}
     predicted = K.influence_scores(model, exact, images, grads, train_m, [0.0], 64, "cpu", "float32")[0][1]["q"]
     rel = np.linalg.norm(predicted - actual) / np.linalg.norm(actual)
     assert rel < 0.1, rel
     assert spearmanr(predicted.ravel(), actual.ravel())[0] > 0.99
     assert min(spearmanr(p, a)[0] for p, a in zip(predicted, actual)) > 0.98
     # K-FAC type-2 on the same rows is exact here (one layer, constant output Hessian) ...
-    kfac = C.fit_curvature(model, images, {"fisher_type": "type-2", "draws": k}, DIFFUSION, SEED,
+    kfac = curvature.fit_curvature(model, images, {"fisher_type": "type-2", "draws": k}, DIFFUSION, SEED,
                            stream=C.TRAIN_GRADIENT_STREAM)
     torch.testing.assert_close(kfac.dense(), hessian, rtol=1e-4, atol=1e-9)
     # ... and the MC-Fisher K-FAC with its own draws and a small damping ranks the same
-    mc = C.fit_curvature(model, images, {"fisher_type": "mc", "draws": k}, DIFFUSION, SEED)
+    mc = curvature.fit_curvature(model, images, {"fisher_type": "mc", "draws": k}, DIFFUSION, SEED)
     approx = K.influence_scores(model, mc, images, grads, train_m, [1e-3], 64, "cpu", "int8")[0][1]["q"]
     assert spearmanr(approx.ravel(), actual.ravel())[0] > 0.95
     assert np.linalg.norm(approx - actual) / np.linalg.norm(actual) < 0.3
@@ -295,10 +297,10 @@ def test_int8_round_trip_error_bounded_per_tensor():
 def tiny_unet_case():
     torch.manual_seed(0)
     model = build_model(TINY_UNET, (1, 8, 8))
-    from workflow_scripts.data import load_digits_images
+    from workflow_scripts.core.data import load_digits_images
 
     images = load_digits_images()[0][:24]
-    cur = C.fit_curvature(model, images[:16], {"draws": 4, "batch_size": 64}, DIFFUSION, SEED)
+    cur = curvature.fit_curvature(model, images[:16], {"draws": 4, "batch_size": 64}, DIFFUSION, SEED)
     return model, images[:16], {"generated": images[16:19], "heldout": images[19:24]}, cur
 
 
@@ -337,7 +339,7 @@ def test_curvature_covers_linear_and_conv_layers_not_norms(base_config):
 
 def test_unet_variants_fit(tiny_unet_case):
     model, train, _, expand = tiny_unet_case
-    reduce = C.fit_curvature(model, train[:8], {"draws": 2, "kfac_approx": "reduce", "fisher_type": "empirical",
+    reduce = curvature.fit_curvature(model, train[:8], {"draws": 2, "kfac_approx": "reduce", "fisher_type": "empirical",
                                                 "ekfac": True}, DIFFUSION, SEED)
     for cur in (expand, reduce, reduce.kfac_view()):
         eig = cur.eigenvalues()
@@ -352,8 +354,8 @@ def test_fast_factors_equal_curvlinops_factors(tiny_unet_case, separate):
     """The fit's faster input-covariance hook (unfold + symmetric rank-k update) gives curvlinops' factors."""
     model, train, _, _ = tiny_unet_case
     settings = {"draws": 2, "fisher_type": "empirical", "separate_weight_and_bias": separate}
-    fast = C.fit_curvature(model, train[:6], settings, DIFFUSION, SEED)
-    stock = C.fit_curvature(model, train[:6], {**settings, "fast_factors": False}, DIFFUSION, SEED)
+    fast = curvature.fit_curvature(model, train[:6], settings, DIFFUSION, SEED)
+    stock = curvature.fit_curvature(model, train[:6], {**settings, "fast_factors": False}, DIFFUSION, SEED)
     assert len(fast.blocks) == len(stock.blocks) == len(C.curvature_modules(model)) * (2 if separate else 1)
     for a, b in zip(fast.blocks, stock.blocks):
         assert (a.module, a.weight, a.bias) == (b.module, b.weight, b.bias)
@@ -374,8 +376,8 @@ def test_fast_ekfac_correction_equals_curvlinops(tiny_unet_case, separate, fishe
     model, train, _, _ = tiny_unet_case
     monkeypatch.setattr(C, "_fast_kfac_class", lambda: KFACLinearOperator)  # identical factors -> identical basis
     settings = {"draws": 2, "fisher_type": fisher_type, "separate_weight_and_bias": separate, "ekfac": True}
-    fast = C.fit_curvature(model, train[:6], settings, DIFFUSION, SEED)
-    stock = C.fit_curvature(model, train[:6], {**settings, "fast_factors": False}, DIFFUSION, SEED)
+    fast = curvature.fit_curvature(model, train[:6], settings, DIFFUSION, SEED)
+    stock = curvature.fit_curvature(model, train[:6], {**settings, "fast_factors": False}, DIFFUSION, SEED)
     for a, b in zip(fast.blocks, stock.blocks):
         torch.testing.assert_close(a.g_vecs, b.g_vecs, rtol=0, atol=0)
         torch.testing.assert_close(a.corrected, b.corrected, rtol=1e-3, atol=1e-6 * float(b.corrected.max()))
@@ -384,8 +386,8 @@ def test_fast_ekfac_correction_equals_curvlinops(tiny_unet_case, separate, fishe
 def test_lambda_sweep_reuses_gradients(tiny_unet_case, monkeypatch):
     model, train, queries, cur = tiny_unet_case
     calls = []
-    original = K.per_example_gradients
-    monkeypatch.setattr(K, "per_example_gradients", lambda *a, **kw: calls.append(1) or original(*a, **kw))
+    original = measurement.per_example_gradients
+    monkeypatch.setattr(measurement, "per_example_gradients", lambda *a, **kw: calls.append(1) or original(*a, **kw))
     one = K.kfac_scores(model, cur, train, queries, _cfg(query_draws="measure"), [1e-2])
     n_one = len(calls)
     calls.clear()
@@ -396,8 +398,8 @@ def test_lambda_sweep_reuses_gradients(tiny_unet_case, monkeypatch):
     # damping large: scores -> (1/N) g_q . g_i / lambda_abs, i.e. proportional to the gradient dot product
     big = K.kfac_scores(model, cur, train, queries, _cfg(query_draws="measure", quantization="float32"), [1e6])[0][1]
     layout = cur.layout
-    gq = K.gradients(model, layout, queries["heldout"], K.loss_measurement(_cfg(query_draws="measure"), "query", stream_index=1), 64, "cpu")
-    gt = K.gradients(model, layout, train, K.loss_measurement(_cfg(), "train"), 64, "cpu")
+    gq = measurement.gradients(model, layout, queries["heldout"], K.loss_measurement(_cfg(query_draws="measure"), "query", stream_index=1), 64, "cpu")
+    gt = measurement.gradients(model, layout, train, K.loss_measurement(_cfg(), "train"), 64, "cpu")
     dot = (gq.double() @ gt.double().T).numpy() / len(train) / cur.absolute_damping(1e6)
     np.testing.assert_allclose(big["heldout"], dot, rtol=2e-3, atol=1e-6 * np.abs(dot).max())
 
@@ -411,7 +413,7 @@ def test_curvature_file_round_trip_and_refuses_other_config(tmp_path):
     images = _images(6)
     settings = {"draws": 3, "ekfac": True}
     extra = {"checkpoint": "abc"}
-    cur = C.fit_curvature(model, images, settings, DIFFUSION, SEED, extra_config=extra)
+    cur = curvature.fit_curvature(model, images, settings, DIFFUSION, SEED, extra_config=extra)
     path = tmp_path / "curvature.pt"
     cur.save(path)
     expected = C.curvature_config(settings, DIFFUSION, SEED, images, extra)

@@ -8,11 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from workflow_scripts import curvature as C
-from workflow_scripts import data as data_stage
-from workflow_scripts.common import ArtefactError
+from workflow_scripts.stages import curvature as C
+from workflow_scripts.core import curvature
+from workflow_scripts.core import data as core_data
+from workflow_scripts.stages import data
+from workflow_scripts.core.common import ArtefactError
 from workflow_scripts.scorers import kfac as K
-from workflow_scripts.train import train_model
+from workflow_scripts.families.ddpm import train_model
 
 torch.set_num_threads(1)
 KFAC = {"fisher_type": "mc", "kfac_approx": "expand", "ekfac": False, "draws": 2, "fisher_mc_samples": 1,
@@ -29,14 +31,14 @@ def workflow(tmp_path_factory, smoke_config):
     config["compute"] = {"device": "cpu", "threads": 1}
     config["kfac"] = dict(KFAC)
     dataset = tmp / "dataset.npz"
-    data_stage.run(argparse.Namespace(dataset_out=dataset, subsets_out=tmp / "subsets.npz"), config)
-    images = data_stage.load_dataset(dataset)["train_images"]
+    data.run(argparse.Namespace(dataset_out=dataset, subsets_out=tmp / "subsets.npz"), config)
+    images = core_data.load_dataset(dataset)["train_images"]
     model_path = train_model(config, images, np.arange(len(images)), 0, tmp / "model.pt")
     return config, dataset, model_path, tmp
 
 
 def _inputs(config, dataset, model_path, curvature_path):
-    arrays = data_stage.load_dataset(dataset)
+    arrays = core_data.load_dataset(dataset)
     queries = {"generated": arrays["heldout_images"][:2], "heldout": arrays["heldout_images"][2:]}
     return SimpleNamespace(config=config, model_path=model_path, curvature_path=curvature_path,
                            train_images=lambda: arrays["train_images"], queries=lambda: queries)
@@ -70,7 +72,7 @@ def test_stage_then_scorer(workflow, caplog):
     # the CLI override of the variant writes the EK-FAC file that such a method needs
     ek = tmp / "curvature" / "mc-expand-ekfac.pt"
     C.run(argparse.Namespace(**{**vars(args), "ekfac": True, "out": str(ek)}), config)
-    assert C.load_curvature(ek).is_ekfac
+    assert curvature.load_curvature(ek).is_ekfac
     assert K.compute({"family": "kfac", "ekfac": True, "lambda_grid": [1e-2]}, _inputs(config, dataset, model_path, ek),
                      lambdas)[0][0] == 1e-2
 
@@ -89,7 +91,7 @@ def test_absolute_damping_equals_relative_damping_over_mean_eigenvalue(workflow)
     """damping: absolute (the paper's untuned 1e-8) is the relative lambda absolute / mean eigenvalue of G."""
     config, dataset, model_path, tmp = workflow
     out = _mc_expand_file(workflow)
-    mean = C.load_curvature(out).mean_eigenvalue()
+    mean = curvature.load_curvature(out).mean_eigenvalue()
     absolute = 0.5 * mean
     inputs = _inputs(config, dataset, model_path, out)
     (lam_a, scores_a), = K.compute({"family": "kfac", "damping": "absolute", "lambda_grid": [absolute]}, inputs, [1.0])
@@ -131,9 +133,9 @@ def test_settings_and_notes_name_the_variant():
 def test_query_measurement_scores(workflow, tmp_path):
     """query_measurement elbo / trajectory change the query side only: a trajectory method's held-out rows (no
     trajectory: loss gradients) equal the loss method's, its generated rows do not."""
-    from workflow_scripts import sample as sample_stage
-    from workflow_scripts.common import save_npz
-    from workflow_scripts.diffusion import load_model
+    from workflow_scripts.families import ddpm as sample_stage
+    from workflow_scripts.core.common import save_npz
+    from workflow_scripts.families.ddpm import load_model
 
     config, dataset, model_path, tmp = workflow
     out = _mc_expand_file(workflow)

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from scipy.stats import spearmanr
 
-from workflow_scripts import lds
+from workflow_scripts.core import lds
 
 
 def _case(n_query=6, n_train=30, n_subsets=25, seed=0):

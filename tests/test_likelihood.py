@@ -1,4 +1,4 @@
-"""Unit tests of workflow_scripts.likelihood (issue 5 measurements of the DDPM family) against independent
+"""Unit tests of workflow_scripts.likelihood (measurements of the DDPM family) against independent
 computations: ELBO terms by an explicit numpy loop over every timestep (Gaussian KLs written out, scipy CDFs),
 trajectory log-prob by a per-step Gaussian loop and by the noise diffusers' DDPM sampler actually drew,
 and every measurement under torch.func.vmap (the scorers' query gradients) against a per-image loop."""
@@ -10,11 +10,12 @@ import pytest
 import torch
 from scipy.stats import norm
 
-from workflow_scripts import diffusion
-from workflow_scripts import likelihood as L
-from workflow_scripts.config import ConfigError, validate_config
-from workflow_scripts.curvature import ParamLayout
-from workflow_scripts.scorers import kfac as K
+from workflow_scripts.families import ddpm as diffusion
+from workflow_scripts.families import likelihood as L
+from workflow_scripts.core import contracts
+from workflow_scripts.dag.config import ConfigError, validate_config
+from workflow_scripts.core.curvature import ParamLayout
+from workflow_scripts.core import measurement as K
 
 torch.set_num_threads(1)
 
@@ -232,7 +233,7 @@ def test_timestep_losses_vs_simple_loss(model, images):
 
 
 def ddim_timesteps(steps):
-    from workflow_scripts.sample import make_sampling_scheduler
+    from workflow_scripts.families.ddpm import make_sampling_scheduler
 
     return make_sampling_scheduler(DIFFUSION, {"scheduler": "ddim", "num_inference_steps": steps}).timesteps.numpy()
 
@@ -408,15 +409,15 @@ def test_measurements_must_fit_the_model_family(base_config):
 
 
 def test_measure_queries_and_load_targets(model, images, smoke_config, tmp_path):
-    from workflow_scripts.common import save_npz
-    from workflow_scripts.measure import measure_loss
+    from workflow_scripts.core.common import save_npz
+    from workflow_scripts.families.ddpm import measure_loss
 
     config = copy.deepcopy(smoke_config)
     config["model"] = dict(TINY_MODEL)
     config["measure"].update({"n_timesteps": 4, "n_noise": 1, "measurements": ["loss", "elbo", "timestep_loss", "trajectory"],
                               "elbo": {"n_timesteps": 5, "n_noise": 1}, "timestep_loss": {"timesteps": [3, 700], "n_noise": 2}})
     validate_config({**smoke_config, "measure": config["measure"]})
-    assert L.target_names(config) == ["loss", "elbo", "timestep_loss_t3", "timestep_loss_t700", "trajectory"]
+    assert contracts.target_names(config) == ["loss", "elbo", "timestep_loss_t3", "timestep_loss_t700", "trajectory"]
     timesteps = ddim_timesteps(3)
     traj = torch.randn(2, 4, *SHAPE, generator=torch.Generator().manual_seed(2)).numpy()
     queries = {"generated": traj[:, -1].copy(), "heldout": images}
@@ -445,7 +446,7 @@ def test_measure_queries_and_load_targets(model, images, smoke_config, tmp_path)
     assert set(targets) == {"generated", "heldout"} and targets["heldout"].shape == (2, 1, 3)
     np.testing.assert_allclose(targets["heldout"][1, 0], out["heldout__elbo"] + 1)
     assert set(L.load_measurement_targets([str(p) for p in paths], 2, 1, "trajectory")) == {"generated"}
-    from workflow_scripts.measure import load_targets
+    from workflow_scripts.families.likelihood import load_targets
 
     old = load_targets([str(p) for p in paths], 2, 1)  # today's loader still reads the loss
     new = L.load_measurement_targets([str(p) for p in paths], 2, 1, "loss")

@@ -1,4 +1,4 @@
-"""The likelihood measurements in the workflow (issue 5): the measure stage writes every target, the K-FAC
+"""The likelihood measurements in the workflow: the measure stage writes every target, the K-FAC
 scorer's query_measurement takes gradients of exactly that target, the scores stage tunes on it, and evaluate
 builds the LDS table per target and the measurement substitution table from the right arrays."""
 import argparse
@@ -11,18 +11,24 @@ import pandas as pd
 import pytest
 import torch
 
-from workflow_scripts import data as data_stage
-from workflow_scripts import evaluate as E
-from workflow_scripts import likelihood as L
-from workflow_scripts import measure as M
-from workflow_scripts.common import ArtefactError, load_npz, save_npz
-from workflow_scripts.config import ConfigError, check_workflow_support, validate_config
-from workflow_scripts.curvature import ParamLayout
-from workflow_scripts.diffusion import load_model
-from workflow_scripts.sample import generate
+from workflow_scripts.stages import data as data_stage
+from workflow_scripts.core import data
+from workflow_scripts.stages import evaluate as E
+from workflow_scripts.families import likelihood as L
+from workflow_scripts.core import contracts
+from workflow_scripts.core import contracts as M
+from workflow_scripts.stages import measure
+from workflow_scripts.families import ddpm
+from workflow_scripts.families import likelihood
+from workflow_scripts.core.common import ArtefactError, load_npz, save_npz
+from workflow_scripts.dag.config import ConfigError, check_workflow_support, validate_config
+from workflow_scripts.core.curvature import ParamLayout
+from workflow_scripts.families.ddpm import load_model
+from workflow_scripts.families.ddpm import generate
 from workflow_scripts.scorers import family_target
 from workflow_scripts.scorers import kfac as K
-from workflow_scripts.train import train_model
+from workflow_scripts.core import measurement as measurement_mod
+from workflow_scripts.families.ddpm import train_model
 
 torch.set_num_threads(1)
 TARGETS = ["loss", "elbo", "timestep_loss_t3", "timestep_loss_t700", "trajectory"]
@@ -44,7 +50,7 @@ def stage(tmp_path_factory, smoke_config):
     validate_config(config)
     dataset = tmp / "dataset.npz"
     data_stage.run(argparse.Namespace(dataset_out=dataset, subsets_out=tmp / "subsets.npz"), config)
-    images = data_stage.load_dataset(dataset)["train_images"]
+    images = data.load_dataset(dataset)["train_images"]
     model_path = train_model(config, images, np.arange(len(images)), 0, tmp / "model.pt")
     model, payload = load_model(model_path, config["model"], "cpu")
     samples = tmp / "generated.npz"
@@ -56,7 +62,7 @@ def stage(tmp_path_factory, smoke_config):
 def _measure(stage, out_name="m.npz"):
     config, dataset, samples, model_path, tmp = stage
     out = tmp / out_name
-    M.run(argparse.Namespace(model=str(model_path), dataset=str(dataset), samples=str(samples), subset=3, replicate=1,
+    measure.run(argparse.Namespace(model=str(model_path), dataset=str(dataset), samples=str(samples), subset=3, replicate=1,
                              out=str(out)), config)
     return load_npz(out)
 
@@ -64,20 +70,20 @@ def _measure(stage, out_name="m.npz"):
 def test_measure_stage_writes_every_target_with_the_right_shapes(stage):
     config, dataset, samples, model_path, _ = stage
     arrays = _measure(stage)
-    assert L.target_names(config) == TARGETS
+    assert contracts.target_names(config) == TARGETS
     assert [str(t) for t in arrays["targets"]] == TARGETS
     assert (int(arrays["subset"]), int(arrays["replicate"])) == (3, 1)
     n = {"generated": 2, "heldout": 3}
-    expected = {L.target_key(q, t) for q in n for t in TARGETS if not (t == "trajectory" and q == "heldout")}
+    expected = {contracts.target_key(q, t) for q in n for t in TARGETS if not (t == "trajectory" and q == "heldout")}
     assert set(arrays) - {"subset", "replicate", "targets"} == expected
     for key in expected:
         query_set = key.split("__")[0]
         assert arrays[key].shape == (n[query_set],) and arrays[key].dtype == np.float64 and np.isfinite(arrays[key]).all()
     # the loss keeps its array names and values (everything downstream of the loss-only stage still reads it)
     model, _ = load_model(model_path, config["model"], "cpu")
-    queries = M.load_queries(dataset, samples)
+    queries = data.load_queries(dataset, samples)
     for stream, name in enumerate(M.QUERY_SETS):
-        np.testing.assert_array_equal(arrays[name], M.measure_loss(model, queries[name], config["diffusion"],
+        np.testing.assert_array_equal(arrays[name], ddpm.measure_loss(model, queries[name], config["diffusion"],
                                                                    config["measure"], config["seeds"]["measure"],
                                                                    stream, "cpu"))
     # the ELBO is an upper bound on -log P of the 17-level image: above 0 nats, and distinct from the loss
@@ -89,7 +95,7 @@ def test_target_measurement_is_exactly_the_measured_target(stage):
     config, dataset, samples, model_path, _ = stage
     arrays = _measure(stage)
     model, _ = load_model(model_path, config["model"], "cpu")
-    queries = M.load_queries(dataset, samples)
+    queries = data.load_queries(dataset, samples)
     sample_arrays = load_npz(samples)
     for target in TARGETS[1:]:
         for name in M.QUERY_SETS:
@@ -98,7 +104,7 @@ def test_target_measurement_is_exactly_the_measured_target(stage):
                 assert m is None  # no trajectory: no measurement (kfac falls back to the loss and says so)
                 continue
             values = L.evaluate(model, queries[name], m, "cpu", batch_rows=7)["value"]
-            np.testing.assert_allclose(values, arrays[L.target_key(name, target)], rtol=1e-6, err_msg=target)
+            np.testing.assert_allclose(values, arrays[contracts.target_key(name, target)], rtol=1e-6, err_msg=target)
     with pytest.raises(ValueError, match="not measured"):
         L.target_measurement(config, "timestep_loss_t5", "heldout")
 
@@ -110,7 +116,7 @@ def test_kfac_query_measurement_gradient_equals_autograd(stage, target):
     config, dataset, samples, model_path, _ = stage
     arrays = _measure(stage)
     model, _ = load_model(model_path, config["model"], "cpu")
-    queries = M.load_queries(dataset, samples)
+    queries = data.load_queries(dataset, samples)
     measurements = K.query_measurements({"family": "kfac", "query_measurement": target}, config, M.QUERY_SETS,
                                         str(samples))
     assert set(measurements) == ({"generated"} if target == "trajectory" else set(M.QUERY_SETS))
@@ -119,12 +125,12 @@ def test_kfac_query_measurement_gradient_equals_autograd(stage, target):
     layout = ParamLayout(names, [tuple(params[n].shape) for n in names])
     for name, m in measurements.items():
         images = queries[name]
-        batched = K.gradients(model, layout, images, m, batch_rows=9, device="cpu")  # several batches
+        batched = measurement_mod.gradients(model, layout, images, m, batch_rows=9, device="cpu")  # several batches
         x = torch.from_numpy(images)
         d = m.draws(len(images), images.shape[1:], 0)
         for q in range(len(images)):
             value = m.objective(lambda xt, t: model(xt, t).sample, x[q], {k: v[q] for k, v in d.items()})
-            assert value.item() == pytest.approx(arrays[L.target_key(name, target)][q], rel=1e-5)
+            assert value.item() == pytest.approx(arrays[contracts.target_key(name, target)][q], rel=1e-5)
             flat = torch.cat([g.flatten() for g in torch.autograd.grad(value, [params[n] for n in names])])
             torch.testing.assert_close(batched[q], flat.float(), rtol=2e-4, atol=1e-5 * float(flat.abs().max()))
     assert K.query_measurements({"family": "kfac"}, config, M.QUERY_SETS, None) == {}  # loss: kfac's own draws
@@ -235,7 +241,7 @@ def test_lds_per_measurement_uses_each_targets_arrays(synthetic):
     assert np.isnan(lds("loss", "kfac_elbo")["lds_tuned_on_evaluation"])
     assert lds("loss", "kfac_trajectory", "heldout")["scores_of"] == "loss"
     # the loss rows equal the loss-only LDS table
-    loss_only = E.lds_table(dirs, subsets, M.load_targets(paths, 14, 2), lds_cfg, seed=0)
+    loss_only = E.lds_table(dirs, subsets, likelihood.load_targets(paths, 14, 2), lds_cfg, seed=0)
     np.testing.assert_allclose(table.loc[table["measurement"] == "loss", "lds"].to_numpy(), loss_only["lds"].to_numpy())
     markdown = E.measurement_markdown(table)
     assert "| elbo | kfac_elbo | generated | 1.000 |" in markdown
@@ -281,7 +287,7 @@ def test_measurement_files_must_agree_on_their_targets(tmp_path):
 
 # ---------------------------------------------------------------- configuration
 def test_workflow_accepts_ddpm_measurements_and_checks_query_measurements(base_config):
-    assert L.target_names(base_config) == ["loss", "elbo", "timestep_loss_t10", "timestep_loss_t100",
+    assert contracts.target_names(base_config) == ["loss", "elbo", "timestep_loss_t10", "timestep_loss_t100",
                                            "timestep_loss_t500", "trajectory"]
     check_workflow_support(base_config)  # every DDPM measurement is a rule's now
     assert base_config["scores"]["methods"]["kfac_elbo"]["query_measurement"] == "elbo"

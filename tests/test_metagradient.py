@@ -14,10 +14,11 @@ import numpy as np
 import pytest
 import torch
 
-from workflow_scripts import data, train
-from workflow_scripts import metagradient as mg
-from workflow_scripts.common import ArtefactError, load_torch
-from workflow_scripts.config import ConfigError, validate_config
+from workflow_scripts.core import data
+from workflow_scripts.families import ddpm as train
+from workflow_scripts.scorers import magic as mg
+from workflow_scripts.core.common import ArtefactError, load_torch
+from workflow_scripts.dag.config import ConfigError, validate_config
 from workflow_scripts.scorers import get_family
 from workflow_scripts.scorers import metagradient as family
 
@@ -98,7 +99,7 @@ def test_metagradient_equals_autograd_through_unrolled_training(tiny, digits):
         state = mg.training_step(problem, state, w[batch[0]], step, batch, create_graph=True)
     for q in range(len(queries)):
         x0 = queries.images[q].expand(len(queries.t), *queries.images.shape[1:])
-        pred = mg._predict(problem.model, state["params"], mg.add_noise(x0, queries.t, queries.eps[q], problem.a_bar), queries.t)
+        pred = mg._predict(problem.model, state["params"], train.add_noise(x0, queries.t, queries.eps[q], problem.a_bar), queries.t)
         value = (queries.eps[q] - pred).pow(2).flatten(1).mean(1).mean()
         assert float(value.detach()) == pytest.approx(result.values[q], rel=1e-12)
         (grad,) = torch.autograd.grad(value, w, retain_graph=True)
@@ -175,8 +176,8 @@ def test_weighted_retraining_is_the_training_function(float32_setup, tmp_path):
 
 
 def test_measurement_draws_are_the_measure_stage(tiny, digits):
-    from workflow_scripts.diffusion import build_model
-    from workflow_scripts.measure import measure_loss
+    from workflow_scripts.families.ddpm import build_model
+    from workflow_scripts.families.ddpm import measure_loss
 
     queries_images = digits[300:305]
     torch.manual_seed(0)
@@ -326,8 +327,9 @@ def test_fixed_seed_stage_retrains_with_zero_weights(float32_setup, tmp_path):
     """Rule fixed_seed_sets + a train_subset job of kind fixed_seed == the training function with those weights 0."""
     import json
 
-    from workflow_scripts import fixed_seed, paths
-    from workflow_scripts.common import load_npz, save_npz
+    from workflow_scripts.core import fixed_seed
+    from workflow_scripts.dag import paths
+    from workflow_scripts.core.common import load_npz, save_npz
 
     cfg, images = float32_setup
     n = len(images)
@@ -361,8 +363,8 @@ def test_chunk_jobs_assemble_to_the_scores_of_one_pass(tiny, digits, tmp_path):
     """Rule metagradient (one job per chunk of queries) + the scores stage's assembly == one call of the family."""
     import json
 
-    from workflow_scripts import paths
-    from workflow_scripts.common import save_npz
+    from workflow_scripts.dag import paths
+    from workflow_scripts.core.common import save_npz
 
     cfg = _with_train(tiny, steps=6, batch_size=8, resume_every=100)
     images = digits[:16]

@@ -6,9 +6,9 @@ import pandas as pd
 import pytest
 from scipy.stats import spearmanr
 
-from workflow_scripts import metagradient_evaluate as M
+from workflow_scripts.stages import metagradient_evaluate as M
 from workflow_scripts.__main__ import main
-from workflow_scripts.common import save_npz
+from workflow_scripts.core.common import save_npz
 
 N, SUBSETS, TUNING, SEEDS, QUERIES, LOO = 20, 8, 2, 2, 3, 5
 
@@ -104,7 +104,7 @@ def test_metagradient_table_without_a_method_says_so(case):
 
 
 def test_fixed_seed_sets_must_be_the_lds_subsets(case):
-    from workflow_scripts.common import ArtefactError, load_npz
+    from workflow_scripts.core.common import ArtefactError, load_npz
 
     sets = load_npz(case["tmp_path"] / "sets.npz")
     sets["masks"][0] = ~sets["masks"][0]

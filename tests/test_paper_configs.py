@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from torchvision_files import write_cifar10
-from workflow_scripts.config import load_config
+from workflow_scripts.dag.config import load_config
 
 IGNORE = shutil.ignore_patterns(".venv", "results", ".snakemake", ".git", ".dvc", "__pycache__", ".pytest_cache")
 CONFIGS = ["cifar2", "cifar10", "mnist"]
@@ -59,9 +59,9 @@ def test_dry_run_plans_the_protocol(workdir, repo, name):
 
 
 def test_reference_unet_layout(repo):
-    """The google/ddpm-cifar10-32 layout: 35,746,307 parameters as published; with METHODS.md's scale_shift
+    """The google/ddpm-cifar10-32 layout: 35,746,307 parameters as published; with docs/methods.md's scale_shift
     time conditioning 38,306,691 (~38M)."""
-    from workflow_scripts.diffusion import build_model
+    from workflow_scripts.families.ddpm import build_model
 
     model_cfg = load_config(repo / "params.yaml", repo / "configs" / "cifar2.yaml")["model"]
     count = lambda cfg: sum(p.numel() for p in build_model(cfg, (3, 32, 32)).parameters())  # noqa: E731

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from workflow_scripts import paths
+from workflow_scripts.dag import paths
 
 
 def test_curvature_variant_resolves_method_overrides(base_config):

@@ -5,8 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from workflow_scripts.projection import (CHUNK, Projector, SparseProjector, build_projector, projection_block,
-                                         sjlt_block, sjlt_ranges)
+from workflow_scripts.core.projection import CHUNK, Projector, SparseProjector, build_projector, projection_block, sjlt_block, sjlt_ranges
 
 torch.set_num_threads(1)
 

@@ -4,13 +4,14 @@ import numpy as np
 import pytest
 import torch
 
-from workflow_scripts import gradients
-from workflow_scripts.common import ArtefactError
-from workflow_scripts.diffusion import build_model
-from workflow_scripts.likelihood import target_measurement
-from workflow_scripts.projection import Projector
+from workflow_scripts.stages import gradients
+from workflow_scripts.core import store as store_mod
+from workflow_scripts.core.common import ArtefactError
+from workflow_scripts.families.ddpm import build_model
+from workflow_scripts.families.likelihood import target_measurement
+from workflow_scripts.core.projection import Projector
 from workflow_scripts.scorers import family_notes, family_target, gradient_similarity, normalized_if, trak
-from workflow_scripts.scores import ScorerInputs
+from workflow_scripts.stages.scores import ScorerInputs
 
 torch.set_num_threads(1)
 
@@ -63,7 +64,7 @@ def _write_stores(tmp_path, config, target, rng, query_dim=None):
     final = tmp_path / "loss_avg_K2_gaussian16"
     for split, rows in n.items():
         identity = gradients.store_identity(config, PAYLOAD, "loss", split, rows, timesteps=2)
-        gradients.write_store(rng.standard_normal((rows, 16)), identity, final / f"{split}.npy")
+        store_mod.write_store(rng.standard_normal((rows, 16)), identity, final / f"{split}.npy")
     query = final / f"measurement_{target}"
     splits = ["generated"] if target == "trajectory" else ["generated", "heldout"]
     qconfig = config if query_dim is None else {**config, "gradients": {**config["gradients"], "projection_dim": query_dim}}
@@ -71,7 +72,7 @@ def _write_stores(tmp_path, config, target, rng, query_dim=None):
         images = np.zeros((n[split], *SHAPE), dtype=np.float32)
         identity = gradients.measurement_identity(qconfig, PAYLOAD, "loss", split, images, 2, target,
                                                   {"trajectories": np.zeros(3)})
-        gradients.write_store(rng.standard_normal((n[split], qconfig["gradients"]["projection_dim"])), identity,
+        store_mod.write_store(rng.standard_normal((n[split], qconfig["gradients"]["projection_dim"])), identity,
                               query / f"{split}.npy")
     return {"final": str(final), "query": str(query)}
 
@@ -128,8 +129,8 @@ def test_query_store_in_another_projection_is_refused(tmp_path, config):
 
 
 def test_query_measurement_config_and_stores(smoke_config):
-    from workflow_scripts import paths
-    from workflow_scripts.config import ConfigError, validate_config
+    from workflow_scripts.dag import paths
+    from workflow_scripts.dag.config import ConfigError, validate_config
 
     stores = paths.method_stores(smoke_config, "trak_elbo")
     assert stores["query"] == (f"{stores['final'][0]}/measurement_elbo", "measurement_elbo")
@@ -157,8 +158,8 @@ def test_dry_run_plans_the_measurement_stores(repo, tmp_path):
                        "--configfile", "configs/smoke.yaml")
     out = result.stdout + result.stderr
     assert result.returncode == 0, out[-3000:]
-    from workflow_scripts import paths
-    from workflow_scripts.config import load_config
+    from workflow_scripts.dag import paths
+    from workflow_scripts.dag.config import load_config
 
     store = paths.feature_dir(load_config(repo / "params.yaml", repo / "configs" / "smoke.yaml"), "loss")
     assert "rule gradients_measurement:" in out and "rule gradients_measurement_trajectory:" in out, out[-3000:]
@@ -170,7 +171,7 @@ def test_dry_run_plans_the_measurement_stores(repo, tmp_path):
 
 def test_trajectory_measurement_features(smoke_config):
     """The trajectory measurement (generated queries: their stored sampling trajectories) against the reference."""
-    from workflow_scripts import sample as sample_stage
+    from workflow_scripts.families import ddpm as sample_stage
 
     torch.manual_seed(0)
     model = build_model(TINY_MODEL, SHAPE).eval()
@@ -189,7 +190,7 @@ def test_trajectory_measurement_features(smoke_config):
 def test_substitution_table_lists_trak_methods_that_differ_only_in_query_measurement(tmp_path):
     import json
 
-    from workflow_scripts import evaluate as E
+    from workflow_scripts.stages import evaluate as E
 
     def method(name, config, settings=None):
         (tmp_path / name).mkdir()

@@ -7,10 +7,10 @@ import tracemalloc
 import numpy as np
 import pytest
 
-from workflow_scripts.gradients import write_store
-from workflow_scripts.paths import RESIDUAL, STORE_SPLITS
+from workflow_scripts.core.store import write_store
+from workflow_scripts.core.contracts import RESIDUAL, STORE_SPLITS
 from workflow_scripts.scorers import base, get_family
-from workflow_scripts.scores import ScorerInputs
+from workflow_scripts.stages.scores import ScorerInputs
 
 D, N_QUERY, LAMBDAS = 128, 3, [0.1, 1.0]
 MB = 2**20

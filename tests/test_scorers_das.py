@@ -3,7 +3,7 @@ each example on tiny ridge least-squares problems, and both score forms against 
 import numpy as np
 import pytest
 
-from workflow_scripts.common import ArtefactError
+from workflow_scripts.core.common import ArtefactError
 from workflow_scripts.scorers import das, get_family
 from workflow_scripts.scorers.trak import KernelSolver
 

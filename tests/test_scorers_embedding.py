@@ -9,7 +9,7 @@ from fakes import FakeInputs
 import torch
 import torch.nn.functional as F
 
-from workflow_scripts.common import ArtefactError
+from workflow_scripts.core.common import ArtefactError
 
 torch.set_num_threads(1)
 

@@ -3,10 +3,10 @@ import numpy as np
 import pytest
 import torch
 
-from workflow_scripts import gradients
-from workflow_scripts.common import generator
-from workflow_scripts.diffusion import add_noise, alphas_cumprod, build_model
-from workflow_scripts.projection import Projector
+from workflow_scripts.stages import gradients
+from workflow_scripts.core.common import generator
+from workflow_scripts.families.ddpm import add_noise, alphas_cumprod, build_model
+from workflow_scripts.core.projection import Projector
 from workflow_scripts.scorers import get_family, journey
 from workflow_scripts.scorers.trak import KernelSolver
 
@@ -87,7 +87,7 @@ def test_journey_steps():
 
 def test_journey_rejects_trajectories_without_final_state(setup):
     model, trajectories, _ = setup
-    from workflow_scripts.common import ArtefactError
+    from workflow_scripts.core.common import ArtefactError
 
     cfg = {"projection": "gaussian", "projection_dim": 4, "batch_size": 2, "projection_memory_mb": 64}
     with pytest.raises(ArtefactError, match="expected steps \\+ 1"):
@@ -123,7 +123,7 @@ def test_journey_scorer_uses_journey_features_for_generated_only():
 
 
 def test_journey_scorer_rejects_features_of_another_checkpoint():
-    from workflow_scripts.common import ArtefactError
+    from workflow_scripts.core.common import ArtefactError
 
     rng = np.random.default_rng(1)
     inputs = _Inputs({"final": {"train": rng.normal(size=(4, 3)), "heldout": rng.normal(size=(2, 3))},

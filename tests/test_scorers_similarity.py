@@ -3,7 +3,7 @@ dense formulas (numpy float64)."""
 import numpy as np
 import pytest
 
-from workflow_scripts.common import ArtefactError
+from workflow_scripts.core.common import ArtefactError
 from workflow_scripts.scorers import get_family, gradient_similarity, normalized_if, tracin
 from workflow_scripts.scorers.trak import KernelSolver
 

@@ -7,11 +7,14 @@ import pandas as pd
 import pytest
 import torch
 
-from workflow_scripts import gradients, paths
-from workflow_scripts.common import ArtefactError
-from workflow_scripts.diffusion import add_noise, alphas_cumprod, build_model, output_function
-from workflow_scripts.projection import Projector
-from workflow_scripts.scores import ScorerInputs, parse_stores, plot_sweep
+from workflow_scripts.stages import gradients
+from workflow_scripts.core import store as store_mod
+from workflow_scripts.dag import paths
+from workflow_scripts.core.common import ArtefactError
+from workflow_scripts.core.contracts import RESIDUAL
+from workflow_scripts.families.ddpm import add_noise, alphas_cumprod, build_model, output_function
+from workflow_scripts.core.projection import Projector
+from workflow_scripts.stages.scores import ScorerInputs, parse_stores, plot_sweep
 
 torch.set_num_threads(1)
 
@@ -148,7 +151,7 @@ PAYLOAD = {"config": {"seed": 2}, "step": 20}
 
 def _write(tmp_path, identity, name="train.npy"):
     path = tmp_path / name
-    gradients.write_store(np.zeros(identity["shape"], np.float32), identity, path)
+    store_mod.write_store(np.zeros(identity["shape"], np.float32), identity, path)
     return path
 
 
@@ -156,9 +159,9 @@ def test_new_kind_identities_and_shapes(smoke_config):
     d = smoke_config["gradients"]["projection_dim"]
     sketch = gradients.store_identity(smoke_config, PAYLOAD, "eps", "train", 5, kind="sketch", directions=4)
     assert sketch["shape"] == [5, 4, d] and sketch["made_by"]["output_directions"] == 4
-    residual = gradients.store_identity(smoke_config, PAYLOAD, "eps", paths.RESIDUAL, 5, kind="sketch", directions=4)
+    residual = gradients.store_identity(smoke_config, PAYLOAD, "eps", RESIDUAL, 5, kind="sketch", directions=4)
     assert residual["shape"] == [5, 4] and residual["config_hash"] == sketch["config_hash"]
-    scalar_residual = gradients.store_identity(smoke_config, PAYLOAD, "mean", paths.RESIDUAL, 5, kind="unitnorm")
+    scalar_residual = gradients.store_identity(smoke_config, PAYLOAD, "mean", RESIDUAL, 5, kind="unitnorm")
     assert scalar_residual["shape"] == [5]
     journey = gradients.store_identity(smoke_config, {**PAYLOAD, "lr": 1e-3}, "loss", "generated", 4, kind="journey", timesteps=5)
     assert journey["made_by"]["timesteps"] == 5 and journey["checkpoint"] == {"step": 20, "lr": 1e-3}
@@ -180,14 +183,14 @@ def test_store_mismatch_names_the_field(tmp_path, smoke_config, written, expecte
 
     path = _write(tmp_path, identity(written))
     with pytest.raises(ArtefactError, match=rf"config_hash|shape") as info:
-        gradients.open_store(path, identity(expected))
+        store_mod.open_store(path, identity(expected))
     assert field in str(info.value) and str(path) in str(info.value)
 
 
 def test_other_checkpoint_store_is_rejected(tmp_path, smoke_config):
     path = _write(tmp_path, gradients.store_identity(smoke_config, PAYLOAD, "loss", "train", 3))
     with pytest.raises(ArtefactError, match="checkpoint"):
-        gradients.open_store(path, gradients.store_identity(smoke_config, {**PAYLOAD, "step": 10}, "loss", "train", 3))
+        store_mod.open_store(path, gradients.store_identity(smoke_config, {**PAYLOAD, "step": 10}, "loss", "train", 3))
 
 
 def test_check_tag(smoke_config):
@@ -310,9 +313,9 @@ def test_every_configured_method_has_a_family(base_config):
 def test_scorer_inputs_check_stores(tmp_path, smoke_config):
     store = tmp_path / "s"
     ident = gradients.store_identity(smoke_config, {**PAYLOAD, "lr": 2e-4}, "mean", "train", 3, kind="unitnorm")
-    gradients.write_store(np.ones(ident["shape"], np.float32), ident, store / "train.npy")
-    resid = gradients.store_identity(smoke_config, PAYLOAD, "mean", paths.RESIDUAL, 3, kind="unitnorm")
-    gradients.write_store(np.full(3, 0.5, np.float32), resid, store / f"{paths.RESIDUAL}.npy")
+    store_mod.write_store(np.ones(ident["shape"], np.float32), ident, store / "train.npy")
+    resid = gradients.store_identity(smoke_config, PAYLOAD, "mean", RESIDUAL, 3, kind="unitnorm")
+    store_mod.write_store(np.full(3, 0.5, np.float32), resid, store / f"{RESIDUAL}.npy")
     inputs = ScorerInputs("unused", "unused", parse_stores([f"final={store}"]))
     assert inputs.roles() == ["final"]
     np.testing.assert_array_equal(inputs.features("final", "train", {"kind": "unitnorm", "output_function": "mean"}), 1.0)
@@ -323,8 +326,8 @@ def test_scorer_inputs_check_stores(tmp_path, smoke_config):
     with pytest.raises(ArtefactError, match="needs the gradient store 'journey'"):
         inputs.features("journey", "generated")
     # residuals of another configuration do not belong to these features
-    other = gradients.store_identity(smoke_config, PAYLOAD, "mean", paths.RESIDUAL, 3, kind="unitnorm", timesteps=7)
-    gradients.write_store(np.full(3, 0.5, np.float32), other, store / f"{paths.RESIDUAL}.npy")
+    other = gradients.store_identity(smoke_config, PAYLOAD, "mean", RESIDUAL, 3, kind="unitnorm", timesteps=7)
+    store_mod.write_store(np.full(3, 0.5, np.float32), other, store / f"{RESIDUAL}.npy")
     with pytest.raises(ArtefactError, match="does not belong"):
         inputs.residuals("final")
     with pytest.raises(ValueError, match="ROLE=DIRECTORY"):

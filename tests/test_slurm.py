@@ -71,7 +71,7 @@ def run(args: list[str], cwd: Path) -> str:
 @pytest.fixture(scope="module")
 def slurm_run(cluster, tmp_path_factory):
     """README's `snakemake --profile profiles/slurm` with the smoke overlay merged into params.yaml (as DVC needs)."""
-    from workflow_scripts.config import deep_merge
+    from workflow_scripts.dag.config import deep_merge
 
     workdir = copy_repo(REPO, tmp_path_factory.mktemp("slurm") / "repo")
     params = deep_merge(yaml.safe_load((REPO / "params.yaml").read_text()),

@@ -8,10 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from workflow_scripts import data, train
-from workflow_scripts.common import ArtefactError, load_torch, save_npz, save_torch
-from workflow_scripts.diffusion import load_model
-from workflow_scripts.measure import load_targets
+from workflow_scripts.core import data
+from workflow_scripts.families import ddpm as train
+from workflow_scripts.core import seeds
+from workflow_scripts.stages import train as train_mod
+from workflow_scripts.core.common import ArtefactError, load_torch, save_npz, save_torch
+from workflow_scripts.families.ddpm import load_model
+from workflow_scripts.families.likelihood import load_targets
 
 torch.set_num_threads(1)
 CPU = torch.device("cpu")
@@ -126,9 +129,9 @@ def test_intermediate_checkpoints_record_step_and_lr(config, uninterrupted):
 
 
 def test_checkpoint_step_parsing():
-    assert train.checkpoint_step("results/x/ckpt_step250.pt") == 250
+    assert train_mod.checkpoint_step("results/x/ckpt_step250.pt") == 250
     with pytest.raises(ValueError, match="step<N>"):
-        train.checkpoint_step("results/x/final.pt")
+        train_mod.checkpoint_step("results/x/final.pt")
 
 
 # ---------------------------------------------------------------- data order
@@ -138,20 +141,20 @@ def test_batch_indices_each_member_once_per_epoch():
     members = np.arange(100, 124)  # 24 members, batch 8: 3 steps per epoch
     epochs = []
     for epoch in range(3):
-        batches = [train.batch_indices(members, 8, seed=5, step=epoch * 3 + k) for k in range(3)]
+        batches = [seeds.batch_indices(members, 8, seed=5, step=epoch * 3 + k) for k in range(3)]
         assert all(len(b) == 8 for b in batches)
         order = np.concatenate(batches)
         np.testing.assert_array_equal(np.sort(order), members)
         epochs.append(order)
     assert not np.array_equal(epochs[0], epochs[1])  # reshuffled every epoch
-    np.testing.assert_array_equal(train.batch_indices(members, 8, 5, 4), train.batch_indices(members, 8, 5, 4))
-    assert not np.array_equal(train.batch_indices(members, 8, 5, 0), train.batch_indices(members, 8, 6, 0))
+    np.testing.assert_array_equal(seeds.batch_indices(members, 8, 5, 4), seeds.batch_indices(members, 8, 5, 4))
+    assert not np.array_equal(seeds.batch_indices(members, 8, 5, 0), seeds.batch_indices(members, 8, 6, 0))
 
 
 def test_batch_indices_incomplete_last_batch_is_dropped():
     members = np.arange(30)  # 30 members, batch 8: 3 full batches per epoch, 6 members skipped
     for epoch in range(2):
-        order = np.concatenate([train.batch_indices(members, 8, 0, epoch * 3 + k) for k in range(3)])
+        order = np.concatenate([seeds.batch_indices(members, 8, 0, epoch * 3 + k) for k in range(3)])
         assert len(order) == 24 and len(np.unique(order)) == 24
         assert set(order.tolist()) <= set(members.tolist())
 
@@ -159,7 +162,7 @@ def test_batch_indices_incomplete_last_batch_is_dropped():
 def test_batch_indices_batch_larger_than_members():
     members = np.array([3, 9, 4])
     for step in range(3):
-        np.testing.assert_array_equal(np.sort(train.batch_indices(members, 64, 0, step)), np.sort(members))
+        np.testing.assert_array_equal(np.sort(seeds.batch_indices(members, 64, 0, step)), np.sort(members))
 
 
 # ---------------------------------------------------------------- measure.load_targets

@@ -6,9 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from workflow_scripts import data, precision, train
-from workflow_scripts.common import load_torch, rng
-from workflow_scripts.diffusion import alphas_cumprod, build_model, load_model, measurement_draws, simple_loss
+from workflow_scripts.core import data
+from workflow_scripts.core import precision
+from workflow_scripts.families import ddpm as train
+from workflow_scripts.core import seeds
+from workflow_scripts.core.common import load_torch, rng
+from workflow_scripts.families.ddpm import alphas_cumprod, build_model, load_model, measurement_draws, simple_loss
 
 torch.set_num_threads(1)
 CPU = torch.device("cpu")
@@ -45,7 +48,7 @@ def fixed_loss(model, cfg, images):
 
 
 def initial_model(cfg, images):
-    torch.manual_seed(int(rng(train.training_seed(cfg, 0), train.INIT_STREAM).integers(2**31)))
+    torch.manual_seed(int(rng(seeds.training_seed(cfg, 0), seeds.INIT_STREAM).integers(2**31)))
     return build_model(cfg["model"], images.shape[1:])
 
 

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from workflow_scripts import vesde as V
-from workflow_scripts.curvature import ParamLayout
-from workflow_scripts.scorers import kfac as K
+from workflow_scripts.families import vesde as V
+from workflow_scripts.core.curvature import ParamLayout
+from workflow_scripts.core import measurement as K
 
 torch.set_num_threads(1)
 
@@ -237,7 +237,7 @@ def test_train_vesde_is_deterministic_and_round_trips(smoke_config, tmp_path):
     assert payload["kind"] == "vesde-unet" and payload["config"]["family"] == "vesde"
     for va, vl in zip(a.state_dict().values(), loaded.state_dict().values()):
         assert torch.equal(va, vl)
-    from workflow_scripts.common import ArtefactError
+    from workflow_scripts.core.common import ArtefactError
 
     with pytest.raises(ArtefactError, match="model config"):
         V.load_model(tmp_path / "a.pt", {**config["model"], "layers_per_block": 2})
@@ -246,14 +246,15 @@ def test_train_vesde_is_deterministic_and_round_trips(smoke_config, tmp_path):
 
 
 def test_likelihood_defaults_shared_with_measure_settings():
-    from workflow_scripts.likelihood import MEASURE_DEFAULTS, measure_settings
+    from workflow_scripts.families.likelihood import MEASURE_DEFAULTS, measure_settings
 
     assert MEASURE_DEFAULTS["likelihood"] == V.LIKELIHOOD_DEFAULTS
     assert measure_settings({}, "vesde")["measurements"] == ["likelihood"]
 
 
 def test_measure_queries_for_the_vesde_family(net, smoke_config):
-    from workflow_scripts.likelihood import measure_queries, target_names
+    from workflow_scripts.families.likelihood import measure_queries
+    from workflow_scripts.core.contracts import target_names
 
     config = copy.deepcopy(smoke_config)
     config["model"] = {**TINY_MODEL, "family": "vesde"}

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from workflow_scripts import paths
-from workflow_scripts import vesde as V
+from workflow_scripts.dag import paths
+from workflow_scripts.families import vesde as V
 from workflow_scripts.__main__ import main
-from workflow_scripts.common import ArtefactError, load_npz, load_torch
-from workflow_scripts.config import ConfigError, check_workflow_support, load_config, validate_config
+from workflow_scripts.core.common import ArtefactError, load_npz, load_torch
+from workflow_scripts.dag.config import ConfigError, check_workflow_support, load_config, validate_config
 
 torch.set_num_threads(1)
 
@@ -102,8 +102,9 @@ def test_null_in_an_overlay_removes_a_method(repo, tmp_path):
 
 # ---------------------------------------------------------------- stages
 def test_train_stage_trains_the_score_model(config, run_dir):
-    from workflow_scripts.data import load_dataset
-    from workflow_scripts.diffusion import load_family_model, load_model
+    from workflow_scripts.core.data import load_dataset
+    from workflow_scripts.families.registry import load_family_model
+    from workflow_scripts.families.ddpm import load_model
 
     payload = load_torch(run_dir / "full.pt")
     assert payload["kind"] == "vesde-unet" and payload["step"] == 6 and payload["config"]["family"] == "vesde"
@@ -124,8 +125,8 @@ def test_train_stage_trains_the_score_model(config, run_dir):
 
 
 def test_sample_stage_uses_the_probability_flow_ode_per_image(config, run_dir):
-    from workflow_scripts.diffusion import load_family_model
-    from workflow_scripts.sample import generate_images
+    from workflow_scripts.families.registry import load_family_model
+    from workflow_scripts.families.registry import generate_images
 
     samples = load_npz(run_dir / "generated.npz", ("images", "trajectories", "timesteps", "seeds"))
     assert samples["images"].shape == (3, 1, 8, 8) and np.abs(samples["images"]).max() <= 1
@@ -140,10 +141,10 @@ def test_sample_stage_uses_the_probability_flow_ode_per_image(config, run_dir):
 
 
 def test_measure_stage_writes_exact_likelihood_and_load_targets_reads_it(config, run_dir):
-    from workflow_scripts.data import load_dataset
-    from workflow_scripts.diffusion import load_family_model
-    from workflow_scripts.measure import load_targets
-    from workflow_scripts.regenerate import measure_query
+    from workflow_scripts.core.data import load_dataset
+    from workflow_scripts.families.registry import load_family_model
+    from workflow_scripts.families.likelihood import load_targets
+    from workflow_scripts.stages.regenerate import measure_query
 
     arrays = load_npz(run_dir / "measurement.npz")
     assert str(arrays["measurement"]) == "likelihood"
@@ -165,8 +166,8 @@ def test_measure_stage_writes_exact_likelihood_and_load_targets_reads_it(config,
 
 # ---------------------------------------------------------------- bits/dim sanity check
 def test_sanity_images_are_what_they_claim(run_dir):
-    from workflow_scripts.data import load_dataset
-    from workflow_scripts.likelihood_sanity import CATEGORIES, sanity_images
+    from workflow_scripts.core.data import load_dataset
+    from workflow_scripts.stages.likelihood_sanity import CATEGORIES, sanity_images
 
     dataset = load_dataset(run_dir / "dataset.npz")
     train = dataset["train_images"]
@@ -187,7 +188,7 @@ def test_sanity_images_are_what_they_claim(run_dir):
 
 
 def test_sanity_verdict_names_the_broken_pairs():
-    from workflow_scripts.likelihood_sanity import broken_pairs, markdown, summary_table
+    from workflow_scripts.stages.likelihood_sanity import broken_pairs, markdown, summary_table
 
     bpd = {"train": np.array([1.0, 1.2]), "heldout": np.array([1.5, 1.4]), "rotated": np.array([3.0, 3.2]),
            "averaged": np.array([2.0, 2.2]), "noise": np.array([5.0, 5.1])}

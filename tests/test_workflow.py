@@ -35,7 +35,7 @@ def test_lds_table_has_every_method_and_query_set(smoke_run, smoke_config):
 
 
 def test_lds_per_measurement_has_every_target_method_and_noise_ceiling(smoke_run, smoke_config):
-    from workflow_scripts.likelihood import target_names
+    from workflow_scripts.core.contracts import target_names
 
     table = pd.read_csv(smoke_run / "results/smoke/tables/lds_measurements.csv")
     targets = target_names(smoke_config)
@@ -127,7 +127,7 @@ def test_bad_config_fails_before_any_job_naming_the_field(smoke_run):
 
 
 def test_checkpoints_keep_their_config(smoke_run, smoke_config):
-    from workflow_scripts.diffusion import load_model
+    from workflow_scripts.families.ddpm import load_model
 
     _, payload = load_model(smoke_run / "results/smoke/models/full/model.pt", smoke_config["model"])
     assert payload["config"]["train"] == smoke_config["train"]
@@ -138,7 +138,7 @@ def test_checkpoints_keep_their_config(smoke_run, smoke_config):
 
 # ------------------------------------------------------------------------------ counterfactual retraining
 def test_counterfactual_table_has_every_method_and_the_random_baseline(smoke_run, smoke_config):
-    from workflow_scripts.counterfactual_evaluate import METRICS
+    from workflow_scripts.stages.counterfactual_evaluate import METRICS
 
     table = pd.read_csv(smoke_run / "results/smoke/tables/counterfactual.csv")
     methods = [*smoke_config["counterfactual"]["methods"], "random"]
@@ -157,7 +157,7 @@ def test_counterfactual_table_has_every_method_and_the_random_baseline(smoke_run
 def test_counterfactual_models_differ_from_the_full_one_only_in_members(smoke_run, smoke_config):
     import json
 
-    from workflow_scripts.common import load_torch
+    from workflow_scripts.core.common import load_torch
 
     root = smoke_run / "results/smoke"
     full = load_torch(root / "models/full/model.pt")["config"]
@@ -202,7 +202,7 @@ def test_changing_k_reruns_only_the_counterfactual_retrainings(smoke_run, smoke_
 
 # ------------------------------------------------------------------------------ metagradient (MAGIC)
 def test_metagradient_rows_cover_the_attributed_queries_on_both_targets(smoke_run, smoke_config):
-    from workflow_scripts import metagradient_evaluate as M
+    from workflow_scripts.stages import metagradient_evaluate as M
 
     method = smoke_config["scores"]["methods"]["metagradient"]
     n_total = {"generated": smoke_config["sample"]["n_generated"], "heldout": smoke_config["data"]["n_heldout"]}
@@ -217,7 +217,7 @@ def test_metagradient_rows_cover_the_attributed_queries_on_both_targets(smoke_ru
         # the seed-averaged row is the LDS table's number
         assert rows.loc[M.SEED_AVERAGED_LDS, "value"] == pytest.approx(row["lds"], abs=1e-12)
     # its chunk jobs, fixed-seed models on every evaluation subset + leave-out set
-    from workflow_scripts import paths
+    from workflow_scripts.dag import paths
 
     chunks = sorted((smoke_run / "results/smoke/scores/metagradient/chunks").glob("chunk*.npz"))
     assert len(chunks) == len(paths.metagradient_chunks(smoke_config, "metagradient"))
@@ -237,7 +237,7 @@ def test_benchmark_lds_on_the_metagradient_queries(smoke_run, smoke_config, repo
     rows = {line.split(" | ")[0].strip("| "): line.split(" | ")[1:] for line in out.stdout.splitlines()
             if line.startswith("| ") and not line.startswith("| method")}
     table = pd.read_csv(smoke_run / "results/smoke/tables/metagradient.csv").set_index(["query_set", "target"])
-    from workflow_scripts import metagradient_evaluate as M
+    from workflow_scripts.stages import metagradient_evaluate as M
 
     cells = rows["metagradient"]
     for k, (name, target) in enumerate((name, t) for name in ("generated", "heldout")
@@ -247,12 +247,12 @@ def test_benchmark_lds_on_the_metagradient_queries(smoke_run, smoke_config, repo
     # trak's seed-averaged LDS is over query 0 alone: scipy's Spearman of its subset predictions vs the target
     from scipy.stats import spearmanr
 
-    from workflow_scripts import data as data_stage
-    from workflow_scripts import paths
-    from workflow_scripts.measure import load_targets
+    from workflow_scripts.core import data as core_data
+    from workflow_scripts.dag import paths
+    from workflow_scripts.families.likelihood import load_targets
 
     config = smoke_config
-    subsets = data_stage.load_subsets(smoke_run / "results/smoke/data/subsets.npz")
+    subsets = core_data.load_subsets(smoke_run / "results/smoke/data/subsets.npz")
     evaluation = subsets["evaluation"]
     target = load_targets([str(smoke_run / p) for p in paths.measurement_files(config)], config["lds"]["n_subsets"],
                           config["lds"]["n_seeds"])["generated"][evaluation].mean(1)[:, 0]

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import yaml
+from workflow_scripts.core.common import setup_logging
 
 STAGES = ("data", "train", "classifier", "sample", "measure", "gradients", "curvature", "scores", "evaluate",
           "counterfactual", "regenerate", "counterfactual_evaluate", "figures",
@@ -32,15 +33,13 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] not in STAGES:
         parser.parse_args(argv[:1])  # prints usage and the list of stages, then exits
     # Import only the chosen stage: job start-up stays fast and independent of the other stages.
-    module = importlib.import_module(f"workflow_scripts.{argv[0]}")
+    module = importlib.import_module(f"workflow_scripts.stages.{argv[0]}")
     stage_parser = argparse.ArgumentParser(prog=f"python -m workflow_scripts {argv[0]}", description=module.__doc__,
                                            formatter_class=argparse.RawDescriptionHelpFormatter)
     stage_parser.add_argument("--config", required=True, help="JSON object or path to a YAML config")
     stage_parser.add_argument("--log", help="also write the log to this file")
     module.add_arguments(stage_parser)
     args = stage_parser.parse_args(argv[1:])
-    from .common import setup_logging
-
     setup_logging(args.log)
     module.run(args, parse_config(args.config))
     return 0

@@ -1,6 +1,6 @@
 """Scorer families. Each module exposes `compute(method_cfg, inputs, lambdas)` returning a list of
 (lambda or None, {query_set: scores}) with scores of shape (n_query, n_train) following the
-convention of METHODS.md: S[q, i] = predicted change of measurement m_q when z_i is removed.
+convention of docs/methods.md: S[q, i] = predicted change of measurement m_q when z_i is removed.
 A module may also expose `notes(method_cfg) -> {query_set: text}` for rows that need a caveat.
 
 Families: pixel (raw pixel dot / cosine), trak (TRAK and D-TRAK, any output function and K),
@@ -15,8 +15,8 @@ A module may also expose `settings(method_cfg, config) -> dict`, saved in chosen
 scores stage tunes its lambda."""
 from __future__ import annotations
 
-from . import clip, das, embedding, gradient_similarity, journey, kfac, metagradient, normalized_if, pixel, tracin, trak
-from .clip import ScorerNotRun
+from workflow_scripts.scorers import clip, das, embedding, gradient_similarity, journey, kfac, metagradient, normalized_if, pixel, tracin, trak
+from workflow_scripts.scorers.clip import ScorerNotRun as ScorerNotRun
 
 FAMILIES = {"pixel": pixel, "trak": trak, "gradient_similarity": gradient_similarity, "tracin": tracin,
             "normalized_if": normalized_if, "journey": journey, "das": das, "clip": clip, "embedding": embedding,

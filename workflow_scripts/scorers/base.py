@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..common import ArtefactError
+from workflow_scripts.core.common import ArtefactError
 
 CHUNK_BYTES = 64 * 2**20  # float64 bytes of one chunk of training rows
 

@@ -1,4 +1,4 @@
-"""CLIP similarity: dot product or cosine of open_clip image embeddings (METHODS.md, Scorers).
+"""CLIP similarity: dot product or cosine of open_clip image embeddings (docs/methods.md, Scorers).
 
 Method config: {family: clip, similarity: dot | cosine, model: NAME_OR_JSON, weights: PATH | null,
 batch_size: 64 (optional)}.
@@ -26,8 +26,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..common import ArtefactError, log
-from .pixel import similarity
+from workflow_scripts.core.common import ArtefactError, log
+from workflow_scripts.scorers.pixel import similarity
 
 NO_WEIGHTS = "not run: no CLIP weights"
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)  # open_clip.constants.OPENAI_DATASET_MEAN

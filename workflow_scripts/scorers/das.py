@@ -1,6 +1,6 @@
 """Diffusion Attribution Score (DAS; Lin et al., ICLR 2025, eqs. 9-18), in two forms.
 
-Derivation (DAS eqs. 11-16 with the least-squares leave-one-out identity of METHODS.md)
+Derivation (DAS eqs. 11-16 with the least-squares leave-one-out identity of docs/methods.md)
 ----------------------------------------------------------------------------------------
 Linearise the noise predictor around the trained parameters theta* (eq. 11). For training example i
 let J_i be the Jacobian of its output (r rows: r = 1 for a scalar output, r sketch directions for
@@ -57,10 +57,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from .base import expected_store
-from .base import row_chunks
-from .trak import KernelSolver, kernel_eigh
-from ..paths import VECTOR_OUTPUT
+from workflow_scripts.scorers.base import expected_store
+from workflow_scripts.scorers.base import row_chunks
+from workflow_scripts.scorers.trak import KernelSolver, kernel_eigh
+from workflow_scripts.core.contracts import VECTOR_OUTPUT
 
 
 def scalar_scores(solver: KernelSolver, queries: np.ndarray, residuals: np.ndarray, relative_lambda: float,

@@ -9,9 +9,9 @@ Score convention as for raw pixels: S[q, i] = similarity(query q, training image
 """
 from __future__ import annotations
 
-from ..classifier import embed, load_classifier
-from ..common import ArtefactError, log
-from .pixel import similarity
+from workflow_scripts.core.classifier import embed, load_classifier
+from workflow_scripts.core.common import ArtefactError, log
+from workflow_scripts.scorers.pixel import similarity
 
 
 def classifier_path(inputs) -> str:

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .base import expected_store, query_features, query_notes, similarity
-from .base import query_target  # noqa: F401  (scorers.family_target: lambda tuned on it)
+from workflow_scripts.scorers.base import expected_store, query_features, query_notes, similarity
+from workflow_scripts.scorers.base import query_target  # noqa: F401  (scorers.family_target: lambda tuned on it)
 
 
 def compute(method_cfg: dict, inputs, lambdas) -> list:

@@ -1,4 +1,4 @@
-"""Journey-TRAK (Georgiev et al. 2023), as specified in METHODS.md: the query features of a generated
+"""Journey-TRAK (Georgiev et al. 2023), as specified in docs/methods.md: the query features of a generated
 image follow its sampling trajectory. At each of the K chosen sampling steps (method key
 `sampling_steps`, default all of sample.num_inference_steps) the trajectory's x0-prediction is
 re-noised to that step's timestep with fresh seeded noise and the TRAK loss gradient taken there;
@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .base import SPACE, check_same_space, expected_store
-from .trak import KernelSolver
+from workflow_scripts.scorers.base import SPACE, check_same_space, expected_store
+from workflow_scripts.scorers.trak import KernelSolver
 
 NOTES = {"heldout": "standard TRAK query features: Journey-TRAK applies to generated queries only "
                     "(held-out images have no sampling trajectory)"}

@@ -1,11 +1,12 @@
-"""K-FAC influence (paper: kfac-influence-diffusion; METHODS.md "K-FAC influence"):
+"""K-FAC influence (Influence Functions for Scalable Data Attribution in Diffusion Models, arXiv:2410.13850;
+docs/methods.md "K-FAC influence"):
 
     S[q, i] = (1/N) grad m(x_q)^T (G + lambda I)^-1 grad l(z_i)
 
 G: the fitted K-FAC / EK-FAC of the training-loss GGN (workflow_scripts.curvature), lambda relative to its
 mean eigenvalue. Sign: removing z_i changes the optimum by about +(1/N) H^-1 grad l(z_i) (the mean loss
 loses the term l(z_i)/N), so S is the predicted change of m_q on REMOVAL; for the loss measurement,
-positive = z_i helped (METHODS.md convention, same sign as TRAK here).
+positive = z_i helped (docs/methods.md convention, same sign as TRAK here).
 
 Procedure (Grosse et al. 2023 query batching; the paper's Appendix C compression):
 1. query gradients grad m(x_q) for every query set (per-example, torch.func vmap over images, mean over
@@ -28,65 +29,30 @@ loss gradient and says so (notes).
 from __future__ import annotations
 
 from dataclasses import dataclass
-
 import numpy as np
 import torch
-from torch.func import functional_call, grad, vmap
+from workflow_scripts.core.common import ArtefactError, log
+from workflow_scripts.core.curvature import QUERY_GRADIENT_STREAM, TRAIN_GRADIENT_STREAM, Curvature, ParamLayout, random_draws
+from workflow_scripts.core.measurement import Measurement, SimpleLossMeasurement, gradients, iter_gradients
+from workflow_scripts.families.ddpm import alphas_cumprod, measurement_draws
+from workflow_scripts.core.contracts import QUERY_SETS
+from workflow_scripts.core.common import load_npz
+from workflow_scripts.families.likelihood import target_measurement
+from workflow_scripts.core.common import select_device
+from workflow_scripts.core.curvature import checkpoint_identity, curvature_config, load_curvature, settings_from
+from workflow_scripts.families.ddpm import load_model
 
-from ..common import ArtefactError, log
-from ..curvature import (QUERY_GRADIENT_STREAM, TRAIN_GRADIENT_STREAM, Curvature, ParamLayout, random_draws)
 
 QUANTIZATIONS = ("int8", "float32")
+
+
 SCORE_DEFAULTS = {"gradient_draws": 64, "query_draws": 64, "batch_size": 256, "quantization": "int8"}
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Measurements
-# ----------------------------------------------------------------------------------------------------------------
-class Measurement:
-    """A differentiable per-image quantity. draws(): per-image tensors (leading dim = image); objective():
-    scalar for ONE image and its draws, called under torch.func.vmap with predict(x_t, t) -> eps_theta."""
-
-    name = "measurement"
-
-    def draws(self, n: int, image_shape, start: int = 0) -> dict[str, torch.Tensor]:
-        raise NotImplementedError
-
-    def objective(self, predict, x0: torch.Tensor, draws: dict[str, torch.Tensor]) -> torch.Tensor:
-        raise NotImplementedError
-
-
-class SimpleLossMeasurement(Measurement):
-    """sum_k w_k ||eps_k - eps_theta(x_t_k, t_k)||^2 / D with w_k = 1/K: the simple loss over fixed draws.
-
-    draw_fn(n, image_shape, start) -> (t (n, K) long, eps (n, K, *image_shape)); images start..start+n-1.
-    """
-
-    name = "loss"
-
-    def __init__(self, draw_fn, a_bar: torch.Tensor):
-        self.draw_fn, self.a_bar = draw_fn, a_bar.double()
-
-    def draws(self, n, image_shape, start=0):
-        t, eps = self.draw_fn(n, image_shape, start)
-        a = self.a_bar[t]  # looked up outside vmap
-        k = t.shape[1]
-        return {"t": t, "eps": eps.float(), "signal": a.sqrt().float(), "noise": (1 - a).sqrt().float(),
-                "weight": torch.full(t.shape, 1.0 / k)}
-
-    def objective(self, predict, x0, d):
-        shape = (-1,) + (1,) * x0.dim()
-        x_t = d["signal"].view(shape) * x0.unsqueeze(0) + d["noise"].view(shape) * d["eps"]
-        per_draw = (d["eps"] - predict(x_t, d["t"])).pow(2).flatten(1).mean(1)
-        return (d["weight"] * per_draw).sum()
 
 
 def loss_measurement(cfg: dict, kind: str, stream_index: int = 0) -> SimpleLossMeasurement:
     """The loss measurement's draws. kind 'train': kfac.gradient_draws random draws per example (seeds.gradients);
     'query': kfac.query_draws = 'measure' (exactly the ground-truth draws of the measure stage: seeds.measure,
     measure.n_timesteps x measure.n_noise, stream = query-set index) or an int (random draws per query)."""
-    from ..diffusion import alphas_cumprod, measurement_draws
-
     k_cfg = {**SCORE_DEFAULTS, **cfg.get("kfac", {})}
     T = cfg["diffusion"]["num_train_timesteps"]
     a_bar = alphas_cumprod(cfg["diffusion"])
@@ -107,43 +73,6 @@ def loss_measurement(cfg: dict, kind: str, stream_index: int = 0) -> SimpleLossM
     k = int(k_cfg["query_draws"])
     return SimpleLossMeasurement(
         lambda n, shape, start: random_draws(n, k, shape, T, seed, QUERY_GRADIENT_STREAM * 100 + stream_index, start), a_bar)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Per-example gradients
-# ----------------------------------------------------------------------------------------------------------------
-def per_example_gradients(model, layout: ParamLayout, images: torch.Tensor, draws: dict, measurement: Measurement) -> torch.Tensor:
-    """(B, P) float32: grad of measurement.objective per image w.r.t. the layout's parameters (others fixed)."""
-    params = {n: p.detach() for n, p in model.named_parameters()}
-    tracked = {n: params[n] for n in layout.names}
-    frozen = {n: p for n, p in params.items() if n not in tracked}
-
-    def objective(p, x, d):
-        def predict(x_t, t):
-            out = functional_call(model, {**frozen, **p}, (x_t, t))
-            return out.sample if hasattr(out, "sample") else out
-        return measurement.objective(predict, x, d)
-
-    grads = vmap(grad(objective), in_dims=(None, 0, 0))(tracked, images, draws)
-    return torch.cat([grads[n].flatten(1) for n in layout.names], dim=1)
-
-
-def iter_gradients(model, layout: ParamLayout, images: np.ndarray, measurement: Measurement, batch_rows: int,
-                   device, offset: int = 0) -> "iter[tuple[int, torch.Tensor]]":
-    """(start, (B, P) gradients) batch by batch; B * draws-per-image <= batch_rows (at least one image).
-    `offset`: images[0] is image `offset` of its set (its draws are that image's)."""
-    probe = measurement.draws(1, images.shape[1:], 0)
-    per_image = int(probe["t"].shape[1]) if probe["t"].dim() > 1 else 1
-    batch = max(1, int(batch_rows) // max(per_image, 1))
-    for start in range(0, len(images), batch):
-        x = torch.from_numpy(np.asarray(images[start : start + batch], dtype=np.float32)).to(device)
-        d = {k: v.to(device) for k, v in measurement.draws(len(x), images.shape[1:], offset + start).items()}
-        yield start, per_example_gradients(model, layout, x, d, measurement)
-
-
-def gradients(model, layout, images, measurement, batch_rows, device, offset: int = 0) -> torch.Tensor:
-    return torch.cat([g for _, g in iter_gradients(model, layout, images, measurement, batch_rows, device, offset)]) \
-        if len(images) else torch.zeros(0, layout.n_params)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -256,8 +185,6 @@ def kfac_scores(model, curvature: Curvature, train_images: np.ndarray, query_ima
     seeds (gradients; measure if query_draws == 'measure') and measure (if query_draws == 'measure').
     query_measurements: {query set: Measurement} to override the loss measurement (e.g. the ELBO's).
     """
-    from ..measure import QUERY_SETS
-
     k_cfg = {**SCORE_DEFAULTS, **cfg.get("kfac", {})}
     model = model.to(device).eval()
     check_layout(model, curvature)
@@ -328,9 +255,6 @@ def notes(method_cfg: dict) -> dict[str, str]:
 def query_measurements(method_cfg: dict, config: dict, query_sets, samples_path: str | None) -> dict[str, Measurement]:
     """{query set: Measurement} of the method's query_measurement; sets without one (and every set for 'loss')
     are left out, i.e. get kfac_scores' loss measurement."""
-    from ..common import load_npz
-    from ..likelihood import target_measurement
-
     target = query_target(method_cfg)
     if target == "loss":
         return {}
@@ -347,10 +271,6 @@ def compute(method_cfg: dict, inputs, lambdas) -> list:
     """scores.py family entry. method_cfg may override kfac settings (fisher_type, kfac_approx, ekfac, quantization)
     and the lambda grid (else kfac.lambda_grid, else scores.lambda_grid), and set damping: absolute (lambdas are then absolute dampings of G instead of multiples of its mean eigenvalue);
     `inputs` must provide config (the full configuration), model_path and curvature_path."""
-    from ..common import select_device
-    from ..curvature import checkpoint_identity, curvature_config, load_curvature, settings_from
-    from ..diffusion import load_model
-
     missing = [a for a in ("config", "model_path", "curvature_path") if getattr(inputs, a, None) is None]
     if missing:
         raise ArtefactError(f"K-FAC influence needs scorer inputs {missing} (model checkpoint, curvature file, config)")

@@ -1,4 +1,4 @@
-"""Metagradient / MAGIC (METHODS.md; papers/metagradient-likelihood-attribution.txt): S[q, i] = -d m_q / d w_i at
+"""Metagradient / MAGIC (docs/methods.md): S[q, i] = -d m_q / d w_i at
 w = 1 by reverse-mode differentiation through the whole training run (workflow_scripts.metagradient).
 
 Computed from the dataset and the configuration alone: the full model's training (all N examples, seed
@@ -21,7 +21,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..common import ArtefactError, log
+from workflow_scripts.core.common import ArtefactError, log
+from workflow_scripts.scorers.magic import default_every
+from workflow_scripts.core.common import load_torch
+from workflow_scripts.core.seeds import training_identity
+from workflow_scripts.core.common import load_npz
+from workflow_scripts.core.common import select_device
+from workflow_scripts.scorers.magic import attribute
 
 DEFAULTS = {"checkpoint_every": None, "max_queries": None, "replicate": 0, "queries_per_job": None}
 
@@ -54,8 +60,6 @@ def notes(method_cfg: dict) -> dict[str, str]:
 
 
 def settings(method_cfg: dict, config: dict) -> dict:
-    from ..metagradient import default_every
-
     opts = _options(method_cfg)
     steps = int(config["train"]["steps"])
     return {"checkpoint_every": int(opts["checkpoint_every"] or default_every(steps)), "max_queries": opts["max_queries"],
@@ -64,9 +68,6 @@ def settings(method_cfg: dict, config: dict) -> dict:
 
 def check_full_model(model_path: str, config: dict, n_train: int, replicate: int, params: dict) -> float:
     """The checkpoint must come from the training we differentiated; returns the max |param difference|."""
-    from ..common import load_torch
-    from ..train import training_identity
-
     payload = load_torch(model_path)
     expected = training_identity(config, np.arange(n_train), replicate)
     if payload.get("config") != expected:
@@ -84,8 +85,6 @@ def assemble(chunk_paths: list[str], queries: dict[str, np.ndarray], n_train: in
              selected: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """{query set: (n_query, n_train) float32} from the chunk jobs' files; rows not attributed are NaN. The chunks
     must hold every selected query exactly once, and nothing else."""
-    from ..common import load_npz
-
     matrices = {name: np.full((len(images), n_train), np.nan, dtype=np.float32) for name, images in queries.items()}
     seen = {name: [] for name in queries}
     for path in chunk_paths:
@@ -112,9 +111,6 @@ def compute(method_cfg: dict, inputs, lambdas) -> list:
     """[(None, {query set: (n_query, n_train) float32})]; rows of queries beyond max_queries are NaN.
 
     With chunk files (inputs.chunks, the workflow) they are assembled; otherwise the scores are computed here."""
-    from ..common import select_device
-    from ..metagradient import attribute
-
     opts = _options(method_cfg)
     if getattr(inputs, "chunks", None):
         queries = inputs.queries()

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from .base import expected_store, query_features, query_notes
-from .base import query_target  # noqa: F401  (scorers.family_target: lambda tuned on it)
-from .trak import KernelSolver
+from workflow_scripts.scorers.base import expected_store, query_features, query_notes
+from workflow_scripts.scorers.base import query_target  # noqa: F401  (scorers.family_target: lambda tuned on it)
+from workflow_scripts.scorers.trak import KernelSolver
 
 
 def normalized_scores(solver: KernelSolver, queries: np.ndarray, relative_lambda: float, normalization: str) -> np.ndarray:

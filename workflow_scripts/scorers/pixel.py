@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import base
+from workflow_scripts.scorers import base
 
 
 def similarity(queries: np.ndarray, train: np.ndarray, kind: str) -> np.ndarray:

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..common import ArtefactError, log
-from .base import check_same_space, expected_store, similarity
+from workflow_scripts.core.common import ArtefactError, log
+from workflow_scripts.scorers.base import check_same_space, expected_store, similarity
 
 
 def tracin_scores(queries: list[np.ndarray], train: list[np.ndarray], lrs: list[float], kind: str) -> np.ndarray:

@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .base import expected_store, query_features, query_notes, row_chunks
-from .base import query_target  # noqa: F401  (scorers.family_target: lambda tuned on it)
+from workflow_scripts.scorers.base import expected_store, query_features, query_notes, row_chunks
+from workflow_scripts.scorers.base import query_target  # noqa: F401  (scorers.family_target: lambda tuned on it)
 
 def kernel_eigh(features) -> tuple[np.ndarray, np.ndarray]:
     """Eigenvalues (clipped at 0) and eigenvectors of sum_i J_i^T J_i over the rows of (n, ..., d) features."""

@@ -1,0 +1,92 @@
+"""The Measurement protocol and the per-example gradient engine.
+
+A Measurement is a differentiable per-image quantity m(x) of a model (the simple loss over fixed draws, an ELBO,
+a per-timestep loss, a trajectory log-probability, exact bits/dim): draws() gives its per-image random inputs and
+objective() its value for one image. per_example_gradients() differentiates any of them per image with
+torch.func (vmap over grad), for the parameters a ParamLayout names; the K-FAC scorer, the gradient stores of
+likelihood targets and the metagradient queries all go through it.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch.func import functional_call, grad, vmap
+from workflow_scripts.core.curvature import ParamLayout
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Measurements
+# ----------------------------------------------------------------------------------------------------------------
+class Measurement:
+    """A differentiable per-image quantity. draws(): per-image tensors (leading dim = image); objective():
+    scalar for ONE image and its draws, called under torch.func.vmap with predict(x_t, t) -> eps_theta."""
+
+    name = "measurement"
+
+    def draws(self, n: int, image_shape, start: int = 0) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def objective(self, predict, x0: torch.Tensor, draws: dict[str, torch.Tensor]) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class SimpleLossMeasurement(Measurement):
+    """sum_k w_k ||eps_k - eps_theta(x_t_k, t_k)||^2 / D with w_k = 1/K: the simple loss over fixed draws.
+
+    draw_fn(n, image_shape, start) -> (t (n, K) long, eps (n, K, *image_shape)); images start..start+n-1.
+    """
+
+    name = "loss"
+
+    def __init__(self, draw_fn, a_bar: torch.Tensor):
+        self.draw_fn, self.a_bar = draw_fn, a_bar.double()
+
+    def draws(self, n, image_shape, start=0):
+        t, eps = self.draw_fn(n, image_shape, start)
+        a = self.a_bar[t]  # looked up outside vmap
+        k = t.shape[1]
+        return {"t": t, "eps": eps.float(), "signal": a.sqrt().float(), "noise": (1 - a).sqrt().float(),
+                "weight": torch.full(t.shape, 1.0 / k)}
+
+    def objective(self, predict, x0, d):
+        shape = (-1,) + (1,) * x0.dim()
+        x_t = d["signal"].view(shape) * x0.unsqueeze(0) + d["noise"].view(shape) * d["eps"]
+        per_draw = (d["eps"] - predict(x_t, d["t"])).pow(2).flatten(1).mean(1)
+        return (d["weight"] * per_draw).sum()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Per-example gradients
+# ----------------------------------------------------------------------------------------------------------------
+def per_example_gradients(model, layout: ParamLayout, images: torch.Tensor, draws: dict, measurement: Measurement) -> torch.Tensor:
+    """(B, P) float32: grad of measurement.objective per image w.r.t. the layout's parameters (others fixed)."""
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    tracked = {n: params[n] for n in layout.names}
+    frozen = {n: p for n, p in params.items() if n not in tracked}
+
+    def objective(p, x, d):
+        def predict(x_t, t):
+            out = functional_call(model, {**frozen, **p}, (x_t, t))
+            return out.sample if hasattr(out, "sample") else out
+        return measurement.objective(predict, x, d)
+
+    grads = vmap(grad(objective), in_dims=(None, 0, 0))(tracked, images, draws)
+    return torch.cat([grads[n].flatten(1) for n in layout.names], dim=1)
+
+
+def iter_gradients(model, layout: ParamLayout, images: np.ndarray, measurement: Measurement, batch_rows: int,
+                   device, offset: int = 0) -> "iter[tuple[int, torch.Tensor]]":
+    """(start, (B, P) gradients) batch by batch; B * draws-per-image <= batch_rows (at least one image).
+    `offset`: images[0] is image `offset` of its set (its draws are that image's)."""
+    probe = measurement.draws(1, images.shape[1:], 0)
+    per_image = int(probe["t"].shape[1]) if probe["t"].dim() > 1 else 1
+    batch = max(1, int(batch_rows) // max(per_image, 1))
+    for start in range(0, len(images), batch):
+        x = torch.from_numpy(np.asarray(images[start : start + batch], dtype=np.float32)).to(device)
+        d = {k: v.to(device) for k, v in measurement.draws(len(x), images.shape[1:], offset + start).items()}
+        yield start, per_example_gradients(model, layout, x, d, measurement)
+
+
+def gradients(model, layout, images, measurement, batch_rows, device, offset: int = 0) -> torch.Tensor:
+    return torch.cat([g for _, g in iter_gradients(model, layout, images, measurement, batch_rows, device, offset)]) \
+        if len(images) else torch.zeros(0, layout.n_params)

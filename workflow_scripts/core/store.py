@@ -1,0 +1,83 @@
+"""The gradient-store format: a float array (.npy, memory-mapped when read) and a JSON sidecar that records what
+made it. Writes are atomic; a store is reused only when its sidecar matches, and read only when it matches what
+the reader expects. The store's tag and directory are dag/paths.py's.
+"""
+from __future__ import annotations
+
+import json
+import os
+import contextlib
+import hashlib
+from pathlib import Path
+import numpy as np
+from workflow_scripts.core.common import ArtefactError, log, save_json
+
+
+
+
+def array_digest(array: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(array, dtype=np.float32).tobytes()).hexdigest()[:16]
+
+
+def write_store(features: np.ndarray, identity: dict, path: str | Path) -> None:
+    """Atomic write of the .npy store and its .json sidecar (sidecar last, so it vouches for the array)."""
+    with new_store(identity, path) as store:
+        store[:] = features
+
+
+@contextlib.contextmanager
+def new_store(identity: dict, path: str | Path):
+    """A float32 memory map of the identity's shape to fill (e.g. compute_features(out=...)); on success it becomes the
+    .npy store (atomic rename, then the sidecar), on an exception the temporary file is removed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    store = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=tuple(identity["shape"]))
+    try:
+        yield store
+        store.flush()
+    except BaseException:
+        del store
+        tmp.unlink(missing_ok=True)
+        raise
+    del store
+    os.replace(tmp, path)
+    save_json(identity, sidecar_path(path))
+
+
+def sidecar_path(path: str | Path) -> Path:
+    return Path(path).with_suffix(".json")
+
+
+def read_sidecar(path: str | Path) -> dict:
+    path, side = Path(path), sidecar_path(path)
+    if not path.exists() or not side.exists():
+        raise ArtefactError(f"{path}: gradient store or its sidecar {side.name} is missing")
+    return json.loads(side.read_text())
+
+
+def open_store(path: str | Path, expected: dict | None = None) -> np.ndarray:
+    """Memory-map a store, checking its sidecar (and, if given, the identity it must have)."""
+    sidecar = read_sidecar(path)
+    array = np.load(path, mmap_mode="r")
+    if list(array.shape) != sidecar["shape"] or str(array.dtype) != sidecar["dtype"]:
+        raise ArtefactError(f"{path}: array is {array.dtype}{list(array.shape)}, sidecar says {sidecar['dtype']}{sidecar['shape']}")
+    if expected is not None:
+        for key in ("split", "shape", "config_hash"):
+            if sidecar[key] != expected[key]:
+                have, want = sidecar.get("made_by", {}), expected["made_by"]
+                diff = [k for k in sorted({*have, *want}) if have.get(k) != want.get(k)]
+                raise ArtefactError(f"{path}: store {key} is {sidecar[key]}, config expects {expected[key]}"
+                                    + (f" (differs in {', '.join(diff)})" if diff else ""))
+    return array
+
+
+def _reusable(path: Path, identity: dict) -> bool:
+    try:
+        open_store(path, identity)
+    except ArtefactError as exc:
+        if path.exists():
+            log.info("gradients: recomputing %s (%s)", path, exc)
+        return False
+    log.info("gradients: reusing %s (config matches)", path)
+    return True

@@ -1,0 +1,250 @@
+"""Loading, merging and validating params.yaml (the single configuration)."""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+import jsonschema
+import yaml
+from workflow_scripts.core.contracts import DEFAULT_MEASUREMENTS, MEASUREMENTS_BY_FAMILY, measured_targets
+
+
+SCHEMA_PATH = Path(__file__).parent / "schemas" / "params.schema.yaml"
+
+
+N_DIGITS = 1797  # images in scikit-learn's bundled digits
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, misspelled or out of range."""
+
+
+def deep_merge(base: dict, overlay: dict) -> dict:
+    """Overlay wins key by key; nested dicts merge, everything else is replaced."""
+    merged = copy.deepcopy(base)
+    for key, value in overlay.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def load_config(path: str | Path = "params.yaml", *overlays: str | Path) -> dict:
+    config = yaml.safe_load(Path(path).read_text())
+    for overlay in overlays:
+        config = deep_merge(config, yaml.safe_load(Path(overlay).read_text()) or {})
+    drop_removed_methods(config)
+    order_methods(config, path)
+    validate_config(config)
+    return config
+
+
+def drop_removed_methods(config: dict) -> None:
+    """Delete the scores.methods entries an overlay set to null, in place. Overlays merge key by key (here and in
+    Snakemake's --configfile), so null is how an overlay removes a method of params.yaml (configs/vesde.yaml)."""
+    methods = config.get("scores", {}).get("methods")
+    if isinstance(methods, dict):
+        for name in [name for name, method in methods.items() if method is None]:
+            del methods[name]
+
+
+def order_methods(config: dict, base: str | Path = "params.yaml") -> None:
+    """scores.methods in a fixed order, in place: those of `base` in its order, then the overlays' own by name.
+    The order is the tables' row order, and Snakemake's merge of --configfile overlays orders new keys differently
+    in the main process and in a cluster job's process (which re-reads them)."""
+    methods = config.get("scores", {}).get("methods")
+    if not isinstance(methods, dict):
+        return
+    base_order = list((yaml.safe_load(Path(base).read_text()) or {}).get("scores", {}).get("methods", {}))
+    ordered = [name for name in base_order if name in methods] + sorted(set(methods) - set(base_order))
+    config["scores"]["methods"] = {name: methods[name] for name in ordered}
+
+
+def _field(error: jsonschema.ValidationError) -> str:
+    return ".".join(str(p) for p in error.absolute_path) or "<top level>"
+
+
+def validate_config(config: dict) -> None:
+    """Raise ConfigError naming the first bad field (schema first, then cross-field rules)."""
+    schema = yaml.safe_load(SCHEMA_PATH.read_text())
+    errors = sorted(jsonschema.Draft202012Validator(schema).iter_errors(config), key=lambda e: list(e.absolute_path))
+    if errors:
+        lines = [f"  {_field(e)}: {e.message}" for e in errors[:10]]
+        raise ConfigError("invalid configuration (params.yaml + overlays):\n" + "\n".join(lines))
+    _check_consistency(config)
+
+
+def _check_consistency(config: dict) -> None:
+    data, lds, model = config["data"], config["lds"], config["model"]
+    if data["dataset"] == "digits" and data["n_train"] + data["n_heldout"] > N_DIGITS:
+        raise ConfigError(f"data.n_train + data.n_heldout must be at most {N_DIGITS} for digits")
+    if data["dataset"] != "digits":
+        _check_torchvision_data(data, model)
+    if lds["n_tuning"] > lds["n_subsets"] - 2:
+        raise ConfigError("lds.n_tuning must leave at least 2 evaluation subsets (lds.n_subsets - 2)")
+    if len(model["attention"]) != len(model["block_out_channels"]):
+        raise ConfigError("model.attention needs one entry per model.block_out_channels entry")
+    for width in model["block_out_channels"]:
+        if width % model["norm_num_groups"]:
+            raise ConfigError(f"model.block_out_channels entry {width} is not divisible by model.norm_num_groups")
+    if config["gradients"]["sjlt_nonzeros"] > config["gradients"]["projection_dim"]:
+        raise ConfigError("gradients.sjlt_nonzeros must be at most gradients.projection_dim")
+    if config["train"]["resume_every"] > config["train"]["steps"]:
+        raise ConfigError("train.resume_every must be at most train.steps")
+    family = model.get("family", "ddpm")
+    for name in config["measure"].get("measurements", DEFAULT_MEASUREMENTS[family]):
+        if name not in MEASUREMENTS_BY_FAMILY[family]:
+            needs = [f for f, names in MEASUREMENTS_BY_FAMILY.items() if name in names]
+            raise ConfigError(f"measure.measurements: {name!r} needs model.family {' or '.join(needs)} "
+                              f"(model.family is {family})")
+    T = config["diffusion"]["num_train_timesteps"]
+    for t in config["measure"].get("timestep_loss", {}).get("timesteps", []):
+        if t >= T:
+            raise ConfigError(f"measure.timestep_loss.timesteps: timestep {t} must be below diffusion.num_train_timesteps {T}")
+    _check_counterfactual(config)
+    _check_figures(config)
+    _check_query_measurements(config)
+    _check_metagradient(config)
+
+
+# training / test split sizes of the torchvision data sets (workflow_scripts/datasets.py)
+TORCHVISION_SPLITS = {"mnist": (60000, 10000), "cifar10": (50000, 10000), "cifar2": (10000, 2000)}
+
+
+IMAGE_SIZE = {"digits": 8, "mnist": 28, "cifar10": 32, "cifar2": 32}
+
+
+def _check_torchvision_data(data: dict, model: dict) -> None:
+    name = data["dataset"]
+    if "root" not in data:
+        raise ConfigError(f"data.root is required for data.dataset {name!r}: the directory holding torchvision's files")
+    n_train, n_test = TORCHVISION_SPLITS[name]
+    if data["n_train"] > n_train:
+        raise ConfigError(f"data.n_train = {data['n_train']} exceeds {name}'s {n_train} training images")
+    if data["n_heldout"] > n_test:
+        raise ConfigError(f"data.n_heldout = {data['n_heldout']} exceeds {name}'s {n_test} test images")
+    # the UNet halves the resolution between blocks (not after the last); the up path must find the same sizes
+    size, halvings = IMAGE_SIZE[name], len(model["block_out_channels"]) - 1
+    if size % 2**halvings:
+        raise ConfigError(f"model.block_out_channels: {halvings + 1} blocks halve {name}'s {size}x{size} images "
+                          f"{halvings} times; {size} is not divisible by {2**halvings} (use fewer blocks)")
+
+
+def check_workflow_support(config: dict) -> None:
+    """Refuse settings the library accepts but the Snakemake stages do not use yet (never silently ignore them).
+
+    Every DDPM measurement (loss, elbo, timestep_loss, trajectory) is computed by the measure rule;
+    model.family vesde: see _check_vesde_support."""
+    if config["model"].get("family", "ddpm") == "vesde":
+        _check_vesde_support(config)
+
+
+QUERY_MEASUREMENT_FAMILIES = ("kfac", "trak", "gradient_similarity", "normalized_if")
+
+
+def _check_query_measurements(config: dict) -> None:
+    """A method's query_measurement (kfac and the TRAK family) must be a measured target: its lambda is tuned on it."""
+    targets = measured_targets(config)
+    for method, m in config["scores"]["methods"].items():
+        target = m.get("query_measurement")
+        if target is not None and m["family"] not in QUERY_MEASUREMENT_FAMILIES:
+            raise ConfigError(f"scores.methods.{method}.query_measurement: family {m['family']} takes loss query "
+                              f"gradients only (query_measurement: {', '.join(QUERY_MEASUREMENT_FAMILIES)})")
+        if target is not None and target not in targets:
+            raise ConfigError(f"scores.methods.{method}.query_measurement: {target!r} is not measured "
+                              f"(measure.measurements gives the targets {targets})")
+
+
+# Scorer families that need a DDPM (epsilon-prediction at DDPM timesteps): their gradient stores, curvature fits and
+# training replays are built for the DDPM loss. With model.family vesde they are refused, naming the reason.
+VESDE_SCORER_FAMILIES = ("pixel", "clip", "embedding")  # model-free: they read images (and the data's classifier)
+
+
+VESDE_REFUSED_FAMILIES = {
+    "trak": "its gradient store (rule gradients) holds gradients of DDPM output functions at DDPM timesteps",
+    "gradient_similarity": "its gradient store (rule gradients) holds gradients of DDPM output functions",
+    "tracin": "its gradient stores (rule gradients) hold gradients of DDPM output functions",
+    "normalized_if": "its gradient store (rule gradients) holds gradients of DDPM output functions",
+    "journey": "it re-noises the DDPM sampling trajectory at DDPM timesteps",
+    "das": "it linearises the DDPM noise predictor at DDPM timesteps (rule gradients)",
+    "kfac": "the curvature rule fits K-FAC to the DDPM training loss (the DSM loss and the bits/dim query gradients "
+            "of vesde.LikelihoodMeasurement are not wired into rules curvature / scores)",
+    "metagradient": "it replays DDPM training (workflow_scripts/metagradient.py)",
+}
+
+
+def _check_vesde_support(config: dict) -> None:
+    """What the workflow runs for model.family vesde: train (DSM), sample (probability-flow ODE), measure
+    (exact bits/dim), the likelihood sanity check and the model-free scorers; everything else is refused."""
+    measurements = list(config["measure"].get("measurements", DEFAULT_MEASUREMENTS["vesde"]))
+    if measurements != ["likelihood"]:
+        raise ConfigError(f"measure.measurements {measurements}: with model.family vesde the measure rule computes "
+                          "['likelihood'] (exact bits/dim)")
+    for name, method in config["scores"]["methods"].items():
+        family = method["family"]
+        if family not in VESDE_SCORER_FAMILIES:
+            reason = VESDE_REFUSED_FAMILIES.get(family, "it is not implemented for the VE-SDE family")
+            raise ConfigError(f"scores.methods.{name} (family {family}) cannot run with model.family vesde: {reason}. "
+                              f"Remove it in the overlay ({name}: null); vesde runs the families "
+                              f"{', '.join(VESDE_SCORER_FAMILIES)}")
+
+
+def removal_count(k: int | float, n_train: int) -> int:
+    """Training examples a counterfactual removes: k itself (a count, integer >= 1) or round(k * n_train)
+    (a fraction, 0 < k < 1). It must leave at least one training example."""
+    if isinstance(k, bool) or not isinstance(k, (int, float)):
+        raise ConfigError(f"counterfactual.k must be a fraction (0 < k < 1) or a count (integer >= 1), got {k!r}")
+    if isinstance(k, int):
+        count = k
+        if count < 1:
+            raise ConfigError(f"counterfactual.k = {k} removes nothing; use a count >= 1 or a fraction in (0, 1)")
+    elif 0 < k < 1:
+        count = int(round(k * n_train))
+        if count < 1:
+            raise ConfigError(f"counterfactual.k = {k} of {n_train} training examples rounds to 0 removed; use a larger fraction")
+    else:
+        raise ConfigError(f"counterfactual.k must be a fraction (0 < k < 1) or a count (integer >= 1), got {k!r}")
+    if count >= n_train:
+        raise ConfigError(f"counterfactual.k = {k} removes {count} of {n_train} training examples; "
+                          "at least one must remain")
+    return count
+
+
+def _check_counterfactual(config: dict) -> None:
+    cf, methods = config["counterfactual"], config["scores"]["methods"]
+    if cf["queries"] > config["sample"]["n_generated"]:
+        raise ConfigError(f"counterfactual.queries = {cf['queries']} exceeds sample.n_generated = "
+                          f"{config['sample']['n_generated']} (the counterfactual queries are the first generated ones)")
+    for method in cf["methods"]:
+        if method == "random":
+            raise ConfigError("counterfactual.methods: 'random' is the built-in baseline (always run); remove it")
+        if method not in methods:
+            raise ConfigError(f"counterfactual.methods: {method!r} is not in scores.methods")
+        if methods[method]["family"] == "clip" and not methods[method].get("weights"):
+            raise ConfigError(f"counterfactual.methods: {method!r} has no scores without CLIP weights "
+                              f"(scores.methods.{method}.weights is null)")
+    removal_count(cf["k"], config["data"]["n_train"])
+
+
+def _check_figures(config: dict) -> None:
+    fig, methods = config["figures"], config["scores"]["methods"]
+    for q in fig["queries"]:
+        if q >= config["sample"]["n_generated"]:
+            raise ConfigError(f"figures.queries: generated query {q} does not exist "
+                              f"(sample.n_generated = {config['sample']['n_generated']})")
+    for method in fig["methods"]:
+        if method not in methods:
+            raise ConfigError(f"figures.methods: {method!r} is not in scores.methods")
+
+
+def _check_metagradient(config: dict) -> None:
+    """A metagradient method needs its fixed-seed ground truth, made with the full model's seed (replicate 0)."""
+    for method, m in config["scores"]["methods"].items():
+        if m["family"] != "metagradient":
+            continue
+        if "fixed_seed" not in config:
+            raise ConfigError(f"scores.methods.{method}: a metagradient method needs the section fixed_seed "
+                              "(loo_sets, loo_fraction: its fixed-seed ground truth)")
+        if m.get("replicate", 0) != 0:
+            raise ConfigError(f"scores.methods.{method}.replicate: the fixed-seed ground truth retrains with the full "
+                              "model's seed (replicate 0); other replicates are library-only")

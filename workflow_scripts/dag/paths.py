@@ -1,0 +1,473 @@
+"""Every artefact path as a pure function of the configuration and wildcards.
+
+Imported by the Snakefile (so keep it free of heavy imports) and by tests.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from workflow_scripts.core.contracts import RESIDUAL, STORE_SPLITS, VECTOR_OUTPUT
+
+
+SECTIONS = {  # the config keys each stage reads; a rule reruns exactly when one of them changes
+    "data": ("data", "lds.n_subsets", "lds.n_tuning", "lds.fraction", "seeds.split", "seeds.subsets"),
+    "train": ("data", "model", "diffusion", "train", "seeds.train", "compute"),
+    "classifier": ("classifier", "seeds.classifier", "compute"),
+    "sample": ("model", "diffusion", "sample", "seeds.sample", "compute"),
+    "measure": ("model", "diffusion", "measure", "seeds.measure", "data.dataset", "compute"),  # dataset: ELBO levels
+    "gradients": ("model", "diffusion", "gradients", "seeds.gradients", "seeds.projection", "compute"),
+    # query features of a likelihood measurement (a TRAK-family query_measurement): also the measurement's draws
+    "gradients_measurement": ("model", "diffusion", "gradients", "seeds.gradients", "seeds.projection", "measure",
+                              "seeds.measure", "data.dataset", "compute"),
+    # the variant (fisher_type, kfac_approx, ekfac) comes from the wildcard; scoring keys do not refit
+    "curvature": ("model", "diffusion", "kfac.draws", "kfac.fisher_mc_samples", "kfac.separate_weight_and_bias",
+                  "kfac.batch_size", "seeds.gradients", "compute"),
+    "scores": ("scores", "lds.n_subsets", "lds.n_seeds"),
+    "evaluate": ("lds", "seeds.bootstrap"),  # the targets come from the measurement files (their 'targets')
+    # counterfactual retraining: selection of the removed examples, regeneration + measurement, table
+    "counterfactual": ("counterfactual.k", "seeds.counterfactual"),
+    # regenerate measures the loss only: the other measure.* keys (likelihood targets) do not rerun it
+    "regenerate": ("model", "diffusion", "sample", "seeds.sample", "measure.n_timesteps", "measure.n_noise",
+                   "measure.batch_size", "seeds.measure", "compute"),
+    "counterfactual_evaluate": ("counterfactual", "seeds.bootstrap", "compute"),
+    "figures": ("figures", "lds.n_subsets", "lds.n_seeds"),
+    # metagradient (MAGIC): one job per chunk of queries (the method's own keys are added per method,
+    # metagradient_config), its fixed-seed ground truth (sets, then train_subset kind fixed_seed + measure), its table
+    "metagradient": ("data", "model", "diffusion", "train", "seeds.train", "measure.n_timesteps", "measure.n_noise",
+                     "measure.batch_size", "seeds.measure", "compute"),  # the loss target only, as regenerate
+    "fixed_seed": ("fixed_seed", "seeds.subsets"),
+    "metagradient_evaluate": ("lds", "seeds.bootstrap", "fixed_seed"),
+}
+
+
+# Extra keys a stage reads for model.family vesde (the data's number of levels: bits/dim, dequantisation; measure
+# reads it for every family); the ddpm stages' configurations stay as they are. likelihood_sanity runs for vesde only (rule all: family_targets).
+FAMILY_SECTIONS = {
+    "vesde": {"regenerate": ("data.dataset",),
+              "likelihood_sanity": ("data.dataset", "model", "measure", "seeds.measure", "compute")},
+}
+
+
+# Extra keys the scores stage reads for methods of these families (model-based scorers); the scores
+# stage's config carries only its own method, so editing one method reruns only that method's job.
+SCORER_SECTIONS = {
+    "kfac": ("model", "diffusion", "kfac", "seeds.gradients", "seeds.measure", "measure", "data.dataset", "compute"),
+    "metagradient": ("train.steps",),  # its settings (checkpoint interval); the scores come from its chunk jobs
+}
+
+
+def select(config: dict, keys) -> dict:
+    """The sub-configuration holding exactly the given (dotted) keys."""
+    selected: dict = {}
+    for dotted in keys:
+        *parents, leaf = dotted.split(".")
+        source, target = config, selected
+        for key in parents:
+            source, target = source[key], target.setdefault(key, {})
+        target[leaf] = source[leaf]
+    return selected
+
+
+def stage_keys(config: dict, stage: str) -> tuple[str, ...]:
+    """The config keys a stage reads: SECTIONS plus those of the model family (FAMILY_SECTIONS)."""
+    family = config["model"].get("family", "ddpm")
+    extra = FAMILY_SECTIONS.get(family, {}).get(stage, ())
+    if stage not in SECTIONS and not extra:
+        raise ValueError(f"stage {stage!r} does not run for model.family {family}")
+    return (*SECTIONS.get(stage, ()), *extra)
+
+
+def stage_config(config: dict, stage: str) -> str:
+    """JSON of the keys a stage reads (passed on its command line as --config)."""
+    return json.dumps(select(config, stage_keys(config, stage)), sort_keys=True, separators=(",", ":"))
+
+
+def family_targets(config: dict) -> list[str]:
+    """Extra targets of rule all for the model family: the bits/dim sanity check of a vesde model."""
+    if config["model"].get("family", "ddpm") != "vesde":
+        return []
+    return [f"{root(config)}/tables/bpd_sanity.md", f"{root(config)}/figures/bpd_sanity.png"]
+
+
+def scores_config(config: dict, method: str) -> str:
+    """JSON config of one method's scores job: the scores stage's keys with only this method, plus what its family reads."""
+    family = config["scores"]["methods"][method]["family"]
+    selected = select(config, (*SECTIONS["scores"], *SCORER_SECTIONS.get(family, ())))
+    selected["scores"] = {**selected["scores"], "methods": {method: config["scores"]["methods"][method]}}
+    return json.dumps(selected, sort_keys=True, separators=(",", ":"))
+
+
+def root(config: dict) -> str:
+    return f"results/{config['benchmark']}"
+
+
+def subset_model_names(config: dict) -> list[str]:
+    """Retrained models, subset-major: subset000_seed0, subset000_seed1, ..."""
+    lds = config["lds"]
+    return [f"subset{j:03d}_seed{s}" for j in range(lds["n_subsets"]) for s in range(lds["n_seeds"])]
+
+
+def checkpoint_steps(config: dict) -> list[int]:
+    """Intermediate checkpoints of the full model (the final step included), for TracInCP."""
+    every, steps = config["train"]["checkpoint_every"], config["train"]["steps"]
+    return sorted({*range(every, steps + 1, every), steps})
+
+
+def full_checkpoints(config: dict) -> list[str]:
+    return [f"{root(config)}/models/full/checkpoints/step{s:07d}.pt" for s in checkpoint_steps(config)]
+
+
+def measurement_files(config: dict) -> list[str]:
+    return [f"{root(config)}/measurements/{name}.npz" for name in subset_model_names(config)]
+
+
+# ---------------------------------------------------------------- retrainings (rule train_subset)
+#
+# One rule trains every model that is not the full one: results/<benchmark>/<kind>/<name>/model.pt with
+#   kind models,         name subset<j>_seed<s>:  LDS subset j (membership from data/subsets.npz), seed seeds.train + s
+#   kind counterfactual, name <method>/q<NNN>:    the training set without what `method` names for generated query
+#                                                 NNN (membership from its members.npy), the full model's seed
+# (Two wildcards, so that a cluster profile can group the two kinds separately: "retrain-{kind}".)
+#   kind fixed_seed,     name subset<j> | loo<k>: the metagradient's ground truth: ALL training examples, those outside
+#                                                 LDS subset j / leave-out set k weighted 0 (fixed_seed/sets.npz), the
+#                                                 full model's seed and data order
+RETRAINING_KIND_PATTERN = r"models|counterfactual|fixed_seed"
+
+
+RETRAINING_NAME_PATTERN = r"subset\d+_seed\d+|[A-Za-z0-9_-]+/q\d+|subset\d+|loo\d+"
+
+
+_LDS_RETRAINING = re.compile(r"subset(?P<subset>\d+)_seed(?P<replicate>\d+)")
+
+
+_COUNTERFACTUAL_RETRAINING = re.compile(r"(?P<method>[A-Za-z0-9_-]+)/q(?P<query>\d+)")
+
+
+_FIXED_SEED_RETRAINING = re.compile(r"subset\d+|loo\d+")
+
+
+RANDOM_BASELINE = "random"  # the counterfactual baseline: k random training examples removed
+
+
+def _retraining(kind: str, name: str):
+    pattern = {"models": _LDS_RETRAINING, "counterfactual": _COUNTERFACTUAL_RETRAINING,
+               "fixed_seed": _FIXED_SEED_RETRAINING}.get(kind)
+    match = pattern.fullmatch(name) if pattern else None
+    if match is None:
+        raise ValueError(f"unknown retraining {kind}/{name}; expected models/subset<j>_seed<s>, "
+                         "counterfactual/<method>/q<NNN> or fixed_seed/<subset<j>|loo<k>>")
+    return match
+
+
+def retraining_inputs(config: dict, kind: str, name: str) -> dict[str, str]:
+    """{dataset, membership} files of a retraining (membership: subsets.npz, its members.npy or fixed_seed/sets.npz)."""
+    _retraining(kind, name)
+    membership = {"models": f"{root(config)}/data/subsets.npz",
+                  "fixed_seed": fixed_seed_sets_file(config)}.get(kind, f"{root(config)}/{kind}/{name}/members.npy")
+    return {"dataset": f"{root(config)}/data/dataset.npz", "membership": membership}
+
+
+def retraining_args(kind: str, name: str, membership: str) -> str:
+    """The train stage's membership options of a retraining."""
+    m = _retraining(kind, name)
+    if kind == "models":
+        return f"--subsets {membership} --subset {int(m['subset'])} --replicate {int(m['replicate'])}"
+    if kind == "fixed_seed":  # all examples, the others weighted 0, the full model's seed and data order
+        return f"--fixed-seed-sets {membership} --fixed-seed-set {name} --replicate 0"
+    return f"--members {membership} --replicate 0"  # the full model's seed: same init, same (t, eps) stream
+
+
+# ---------------------------------------------------------------- counterfactual retraining
+#
+# results/<benchmark>/counterfactual/<method>/q<NNN>/selection.json  what was removed for query NNN (rule counterfactual)
+#                                           .../members.npy          the training examples kept
+#                                           .../model.pt             the retrained model (rule train_subset)
+#                                           .../regenerated.npz      query NNN regenerated by the full and the retrained
+#                                                                    model, and its loss under both (rule regenerate)
+def counterfactual_methods(config: dict) -> list[str]:
+    """The selected methods, then the random baseline."""
+    return [*config["counterfactual"]["methods"], RANDOM_BASELINE]
+
+
+def counterfactual_queries(config: dict) -> list[str]:
+    """q000, q001, ...: the first counterfactual.queries generated queries."""
+    return [f"q{q:03d}" for q in range(config["counterfactual"]["queries"])]
+
+
+def counterfactual_files(config: dict, name: str) -> list[str]:
+    """<name> (selection.json, regenerated.npz, ...) of every (method, query) of the counterfactual retraining."""
+    return [f"{root(config)}/counterfactual/{m}/{q}/{name}"
+            for m in counterfactual_methods(config) for q in counterfactual_queries(config)]
+
+
+def counterfactual_scores(config: dict, method: str) -> list[str]:
+    """The scores job output a method's selection reads ([] for the random baseline)."""
+    return [] if method == RANDOM_BASELINE else [f"{root(config)}/scores/{method}/chosen.json"]
+
+
+def counterfactual_clip_weights(config: dict) -> list[str]:
+    """The CLIP weights file of the counterfactual's embedding cosine, when configured and present ([] otherwise:
+    the classifier's features are used)."""
+    weights = config["counterfactual"]["clip_weights"]
+    return [os.path.expanduser(weights)] if weights and os.path.isfile(os.path.expanduser(weights)) else []
+
+
+CHECKPOINT_PATTERN = r"full|step\d+"
+
+
+SPLIT_STORE_PATTERN = r"[a-z0-9-]+_(?:avg|unitnorm|sketch\d+)_K\d+_(?:gaussian|rademacher|sjlt)\d+"
+
+
+JOURNEY_STORE_PATTERN = r"[a-z0-9-]+_journey_K\d+_(?:gaussian|rademacher|sjlt)\d+"
+
+
+_TAG = re.compile(r"(?P<fn>[a-z0-9-]+)_(?P<kind>avg|unitnorm|sketch(?P<r>\d+)|journey)_K(?P<k>\d+)"
+                  r"_(?P<projection>gaussian|rademacher|sjlt)(?P<dim>\d+)")
+
+
+FEATURE_FAMILIES = ("trak", "gradient_similarity", "tracin", "normalized_if", "journey", "das")
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step{step:07d}"
+
+
+def checkpoint_names(config: dict) -> list[str]:
+    return [checkpoint_name(s) for s in checkpoint_steps(config)]
+
+
+def checkpoint_model(config: dict, checkpoint: str) -> str:
+    """The model file of a store's checkpoint: 'full' (the final model) or 'step<N>' (intermediate)."""
+    if checkpoint == "full":
+        return f"{root(config)}/models/full/model.pt"
+    if not re.fullmatch(r"step\d+", checkpoint):
+        raise ValueError(f"unknown checkpoint {checkpoint!r}; expected 'full' or 'step<N>'")
+    return f"{root(config)}/models/full/checkpoints/{checkpoint}.pt"
+
+
+def feature_tag(config: dict, output_function: str, timesteps: int | None = None, kind: str = "avg",
+                directions: int | None = None) -> str:
+    g = config["gradients"]
+    k = g["timesteps"] if timesteps is None else timesteps
+    if kind == "sketch":
+        if not directions:
+            raise ValueError("a sketch store needs the number of output directions")
+        kind = f"sketch{directions}"
+    elif kind not in ("avg", "unitnorm", "journey"):
+        raise ValueError(f"unknown feature kind {kind!r}")
+    return f"{output_function}_{kind}_K{k}_{g['projection']}{g['projection_dim']}"
+
+
+def parse_feature_tag(tag: str) -> dict:
+    """The store specification a tag names (inverse of feature_tag)."""
+    m = _TAG.fullmatch(tag)
+    if m is None:
+        raise ValueError(f"bad gradient store tag {tag!r}: expected <output function>_<avg|unitnorm|sketch<r>|journey>"
+                         "_K<timesteps>_<gaussian|rademacher><dim>")
+    kind = "sketch" if m["r"] else m["kind"]
+    return {"output_function": m["fn"], "kind": kind, "timesteps": int(m["k"]), "projection": m["projection"],
+            "projection_dim": int(m["dim"]), "output_directions": int(m["r"]) if m["r"] else None}
+
+
+def feature_dir(config: dict, output_function: str, checkpoint: str = "full", timesteps: int | None = None,
+                kind: str = "avg", directions: int | None = None) -> str:
+    return f"{root(config)}/gradients/{checkpoint}/{feature_tag(config, output_function, timesteps, kind, directions)}"
+
+
+# A TRAK-family method with query_measurement m (not loss) reads its query features from
+# gradients/<checkpoint>/<tag>/measurement_<m>/{generated,heldout}.npy: P^T grad m(x_q) with the store's projection
+# (rule gradients_measurement); trajectory exists for generated queries only (held-out: the loss features).
+MEASUREMENT_PATTERN = r"elbo|timestep_loss_t\d+"  # both query sets (rule gradients_measurement_trajectory: generated)
+
+
+def measurement_splits(target: str) -> list[str]:
+    return ["generated"] if target == "trajectory" else ["generated", "heldout"]
+
+
+def store_files(directory: str, kind: str) -> list[str]:
+    if kind.startswith("measurement_"):
+        names = measurement_splits(kind[len("measurement_"):])
+    else:
+        names = ["generated"] if kind == "journey" else [*STORE_SPLITS, RESIDUAL]
+    return [f"{directory}/{name}.{ext}" for name in names for ext in ("npy", "json")]
+
+
+def method_stores(config: dict, method: str) -> dict[str, tuple[str, str]]:
+    """{role: (store directory, kind)} of the gradient stores a method reads ({} for methods that need none).
+
+    Roles: 'final' (final model), one per intermediate checkpoint 'step<N>' (TracInCP / GAS),
+    'journey' (Journey-TRAK's generated-query features) and 'query' (query features of a query_measurement)."""
+    m = config["scores"]["methods"][method]
+    family = m["family"]
+    if family not in FEATURE_FAMILIES:
+        return {}
+    k = m.get("timesteps")
+    if family == "tracin":
+        return {c: (feature_dir(config, m["output_function"], c, k), "avg") for c in checkpoint_names(config)}
+    if family == "das":
+        if m["form"] == "vector":
+            return {"final": (feature_dir(config, VECTOR_OUTPUT, "full", k, "sketch", m["output_directions"]), "sketch")}
+        return {"final": (feature_dir(config, m["output_function"], "full", k, "unitnorm"), "unitnorm")}
+    stores = {"final": (feature_dir(config, m["output_function"], "full", k), "avg")}
+    target = m.get("query_measurement", "loss")
+    if target != "loss":  # trak / gradient_similarity / normalized_if (config.py)
+        stores["query"] = (f"{stores['final'][0]}/measurement_{target}", f"measurement_{target}")
+    if family == "journey":
+        steps = m.get("sampling_steps", config["sample"]["num_inference_steps"])
+        stores["journey"] = (feature_dir(config, m["output_function"], "full", steps, "journey"), "journey")
+    return stores
+
+
+def method_feature_stores(config: dict, method: str) -> list[str]:
+    """The gradient store files (.npy + .json sidecar) a method reads ([] for methods that need none)."""
+    return [f for directory, kind in method_stores(config, method).values() for f in store_files(directory, kind)]
+
+
+def method_feature_args(config: dict, method: str) -> str:
+    """Command-line option of the scores stage naming each store by its role ('' for methods without stores)."""
+    stores = method_stores(config, method)
+    return "--features " + " ".join(f"{role}={d}" for role, (d, _) in stores.items()) if stores else ""
+
+
+# ---------------------------------------------------------------- curvature (K-FAC influence)
+#
+# One fit per variant <fisher_type>-<kfac_approx>[-ekfac] of the final model: results/<benchmark>/curvature/<variant>.pt.
+# A kfac method's settings are kfac.<key> overridden by the method's own fisher_type / kfac_approx / ekfac.
+VARIANT_PATTERN = r"(?:mc|empirical|type-2)-(?:expand|reduce)(?:-ekfac)?"
+
+
+_VARIANT = re.compile(r"(?P<fisher_type>mc|empirical|type-2)-(?P<kfac_approx>expand|reduce)(?P<ekfac>-ekfac)?")
+
+
+def format_curvature_variant(fisher_type: str, kfac_approx: str, ekfac: bool) -> str:
+    return f"{fisher_type}-{kfac_approx}" + ("-ekfac" if ekfac else "")
+
+
+def curvature_variant(config: dict, method: str) -> str:
+    m, k = config["scores"]["methods"][method], config["kfac"]
+    return format_curvature_variant(*(m.get(key, k[key]) for key in ("fisher_type", "kfac_approx", "ekfac")))
+
+
+def parse_curvature_variant(variant: str) -> dict:
+    m = _VARIANT.fullmatch(variant)
+    if m is None:
+        raise ValueError(f"bad curvature variant {variant!r}: expected <mc|empirical|type-2>-<expand|reduce>[-ekfac]")
+    return {"fisher_type": m["fisher_type"], "kfac_approx": m["kfac_approx"], "ekfac": bool(m["ekfac"])}
+
+
+def curvature_variant_args(variant: str) -> str:
+    """Command-line options of the curvature stage that select a variant."""
+    v = parse_curvature_variant(variant)
+    return f"--fisher-type {v['fisher_type']} --kfac-approx {v['kfac_approx']} --{'' if v['ekfac'] else 'no-'}ekfac"
+
+
+def curvature_file(config: dict, variant: str) -> str:
+    return f"{root(config)}/curvature/{variant}.pt"
+
+
+def method_model_inputs(config: dict, method: str) -> dict[str, str]:
+    """Model files a model-based method reads, keyed by the scores-stage option that names them."""
+    family = config["scores"]["methods"][method]["family"]
+    if family == "embedding":
+        return {"classifier": f"{root(config)}/models/classifier.pt"}
+    if family == "kfac":
+        return {"model": f"{root(config)}/models/full/model.pt",
+                "curvature": curvature_file(config, curvature_variant(config, method))}
+    return {}
+
+
+def method_model_args(config: dict, method: str) -> str:
+    return " ".join(f"--{option} {path}" for option, path in method_model_inputs(config, method).items())
+
+
+# ---------------------------------------------------------------- metagradient (MAGIC)
+#
+# results/<benchmark>/scores/<method>/chunks/chunk<NNN>.npz   scores of one chunk of queries (rule metagradient; the
+#                                                             scores rule assembles them, NaN rows = not attributed)
+# results/<benchmark>/fixed_seed/sets.npz                     the fixed-seed sets: evaluation subsets + leave-out sets
+# results/<benchmark>/fixed_seed/<name>/model.pt              retrained with the others weighted 0 (rule train_subset)
+# results/<benchmark>/fixed_seed/<name>/measurement.npz       its measurement (rule measure_fixed_seed); name `full`:
+#                                                             the full model's (w = 1)
+# Attributed queries: the first max_queries of each set (generated, then held-out), queries_per_job per job.
+METAGRADIENT_FAMILY = "metagradient"
+
+
+FIXED_SEED_NAME_PATTERN = r"full|subset\d+|loo\d+"
+
+
+def metagradient_methods(config: dict) -> list[str]:
+    return [m for m, c in config["scores"]["methods"].items() if c["family"] == METAGRADIENT_FAMILY]
+
+
+def metagradient_queries(config: dict, method: str) -> list[tuple[str, int]]:
+    """(query set, index) of every attributed query: the first max_queries of each set (null: all)."""
+    limit = config["scores"]["methods"][method].get("max_queries")
+    sizes = {"generated": config["sample"]["n_generated"], "heldout": config["data"]["n_heldout"]}
+    return [(name, q) for name, n in sizes.items() for q in range(n if limit is None else min(n, limit))]
+
+
+def metagradient_chunks(config: dict, method: str) -> list[list[tuple[str, int]]]:
+    """The attributed queries split into jobs of queries_per_job (one forward + reverse pass each)."""
+    queries = metagradient_queries(config, method)
+    size = config["scores"]["methods"][method].get("queries_per_job") or len(queries)
+    return [queries[i : i + size] for i in range(0, len(queries), size)]
+
+
+def metagradient_chunk_files(config: dict, method: str) -> list[str]:
+    if config["scores"]["methods"][method]["family"] != METAGRADIENT_FAMILY:
+        return []
+    return [f"{root(config)}/scores/{method}/chunks/chunk{k:03d}.npz" for k in range(len(metagradient_chunks(config, method)))]
+
+
+def metagradient_chunk_args(config: dict, method: str, chunk: str) -> str:
+    """--queries SET=i,j,... of one chunk job (chunk = 'chunk<NNN>')."""
+    m = re.fullmatch(r"chunk(\d+)", chunk)
+    chunks = metagradient_chunks(config, method)
+    if m is None or int(m[1]) >= len(chunks):
+        raise ValueError(f"{method}: no chunk {chunk!r} (the method has {len(chunks)})")
+    by_set: dict[str, list[int]] = {}
+    for name, q in chunks[int(m[1])]:
+        by_set.setdefault(name, []).append(q)
+    return "--queries " + " ".join(f"{name}={','.join(map(str, qs))}" for name, qs in by_set.items())
+
+
+def metagradient_config(config: dict, method: str) -> str:
+    """JSON config of a chunk job: the training, measurement and compute keys plus this method only."""
+    selected = select(config, SECTIONS["metagradient"])
+    selected["scores"] = {"methods": {method: config["scores"]["methods"][method]}}
+    return json.dumps(selected, sort_keys=True, separators=(",", ":"))
+
+
+def metagradient_chunk_option(config: dict, method: str) -> str:
+    """The scores stage's --chunks option of a metagradient method ('' for any other method)."""
+    files = metagradient_chunk_files(config, method)
+    return "--chunks " + " ".join(files) if files else ""
+
+
+def fixed_seed_sets_file(config: dict) -> str:
+    return f"{root(config)}/fixed_seed/sets.npz"
+
+
+def fixed_seed_names(config: dict) -> list[str]:
+    """The fixed-seed retrainings: every EVALUATION subset and fixed_seed.loo_sets leave-out sets; none without a
+    metagradient method (nothing would use them)."""
+    if not metagradient_methods(config):
+        return []
+    lds = config["lds"]
+    return [f"subset{j:03d}" for j in range(lds["n_tuning"], lds["n_subsets"])] + \
+           [f"loo{k:03d}" for k in range(config["fixed_seed"]["loo_sets"])]
+
+
+def fixed_seed_model(config: dict, name: str) -> str:
+    """The model a fixed-seed measurement reads: the full model for `full` (w = 1), else the retraining."""
+    if name == "full":
+        return f"{root(config)}/models/full/model.pt"
+    _retraining("fixed_seed", name)
+    return f"{root(config)}/fixed_seed/{name}/model.pt"
+
+
+def fixed_seed_measurements(config: dict) -> list[str]:
+    """The full model's measurement first, then one per fixed-seed retraining ([] without a metagradient method)."""
+    names = fixed_seed_names(config)
+    return [f"{root(config)}/fixed_seed/{name}/measurement.npz" for name in (["full", *names] if names else [])]

@@ -1,0 +1,45 @@
+"""The model-family interface and its registry: ``model.family`` names one module of this package.
+
+A model family is a module that provides
+  load_model(path, model_cfg, device) -> (model in eval mode on device, checkpoint payload)
+  train_family_model(config, images, members, replicate, model_out, checkpoint_paths, weights) -> None
+  generate_images(model, image_shape, config, device, n_images, indices) -> {images, trajectories, timesteps, seeds}
+and the constant SCORER_FAMILIES (None: every scorer family applies; a tuple: only those) with REFUSED_REASONS.
+The stages call the functions below and never branch on the family themselves; a new family is one new
+module here plus one entry of FAMILIES.
+"""
+from __future__ import annotations
+
+from workflow_scripts.families import ddpm, vesde
+
+FAMILIES = {"ddpm": ddpm, "vesde": vesde}
+
+
+def family_name(model_cfg: dict) -> str:
+    return model_cfg.get("family", "ddpm")
+
+
+def family_module(model_cfg: dict):
+    name = family_name(model_cfg)
+    try:
+        return FAMILIES[name]
+    except KeyError:
+        raise ValueError(f"model.family: unknown family {name!r}; known: {sorted(FAMILIES)}") from None
+
+
+def load_family_model(path, model_cfg: dict, device="cpu"):
+    """The checkpoint of model_cfg's family (model.family). Returns (model in eval mode on device, payload)."""
+    return family_module(model_cfg).load_model(path, model_cfg, device)
+
+
+def train_family_model(config: dict, images, members, replicate: int, model_out, checkpoint_paths=None,
+                       weights=None) -> None:
+    """Train one model of the configured family on images[members] (weights: per-example loss weights)."""
+    family_module(config["model"]).train_family_model(config, images, members, replicate, model_out,
+                                                      checkpoint_paths=checkpoint_paths, weights=weights)
+
+
+def generate_images(model, image_shape, config: dict, device, n_images: int | None = None, indices=None) -> dict:
+    """The sample stage's images of the configured family (n_images: sample.n_generated unless given)."""
+    n_images = config["sample"]["n_generated"] if n_images is None else n_images
+    return family_module(config["model"]).generate_images(model, image_shape, config, device, n_images, indices)

@@ -1,0 +1,43 @@
+"""Stage `measure`: ground-truth measurements of every query under one trained model.
+
+Measurement `loss` (docs/methods.md): the simple loss of the query averaged over fixed (t, eps) draws
+(a uniform grid of n_timesteps t, n_noise eps each), the same draws for every model. The other targets of
+measure.measurements (ELBO, per-timestep losses, trajectory -log p; workflow_scripts/likelihood.py) are
+written into the same file: the loss under the query set's name ('generated', 'heldout'), every other
+target as '<query set>__<target>' (likelihood.target_key), and the list of targets as 'targets'.
+model.family vesde: the only target is the exact -ln p (nats), '<query set>__likelihood', and the file's
+'measurement' entry names it as the primary target (what load_targets reads).
+"""
+from __future__ import annotations
+
+import argparse
+import numpy as np
+from workflow_scripts.core.common import load_npz, log, save_npz, select_device
+from workflow_scripts.families.registry import load_family_model
+from workflow_scripts.core.data import load_queries
+from workflow_scripts.families.likelihood import measure_queries
+from workflow_scripts.core.contracts import target_names
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--dataset", required=True)
+    parser.add_argument("--samples", required=True)
+    parser.add_argument("--subset", type=int, default=-1)
+    parser.add_argument("--replicate", type=int, default=0)
+    parser.add_argument("--out", required=True)
+
+
+def run(args, config: dict) -> None:
+    device = select_device(config["compute"])
+    model, _ = load_family_model(args.model, config["model"], device)
+    queries = load_queries(args.dataset, args.samples)
+    targets = target_names(config)
+    # the trajectory target needs the generated queries' stored sampling trajectories
+    samples = load_npz(args.samples, ("trajectories", "timesteps")) if "trajectory" in targets else None
+    results = measure_queries(model, queries, config, device, samples)
+    # the primary target of the LDS tables: the loss, or a vesde model's exact -ln p
+    primary = {"measurement": np.array("likelihood")} if config["model"].get("family", "ddpm") == "vesde" else {}
+    save_npz(args.out, subset=np.array(args.subset), replicate=np.array(args.replicate), targets=np.array(targets),
+             **primary, **results)
+    log.info("measure %s: means %s", args.model, {k: round(float(v.mean()), 5) for k, v in results.items()})

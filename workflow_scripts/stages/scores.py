@@ -1,0 +1,220 @@
+"""Stage `scores`: one attribution method's score matrices, its lambda chosen on TUNING subsets.
+
+For each lambda of scores.lambda_grid (methods without one: a single entry) the LDS of every query
+set is computed on the TUNING subsets and, for the record, on the EVALUATION subsets, against the
+measured target the method's scores predict (scorers.family_target: the loss, or the query_measurement of a K-FAC or
+TRAK-family method such as the ELBO; a query set without that target, held-out for trajectory, uses
+the loss). The lambda with the best mean TUNING LDS over the query sets is kept; its matrices are
+written as <query_set>.npy (n_query x n_train, float32) beside sweep.csv, and the LDS-vs-lambda curve as sweep.png.
+A method may set its own `lambda_grid` (else scores.lambda_grid).
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from workflow_scripts.core import data as core_data
+from workflow_scripts.core.common import ArtefactError, log, save_json, save_npy, save_text
+from workflow_scripts.core.store import open_store, read_sidecar
+from workflow_scripts.core.lds import lds_per_query, mean_over_scored, scored_queries
+from workflow_scripts.families.likelihood import method_targets
+from workflow_scripts.core.contracts import QUERY_SETS
+from workflow_scripts.core.data import load_queries
+from workflow_scripts.core.contracts import RESIDUAL
+from workflow_scripts.scorers import ScorerNotRun, family_notes, family_settings, family_target, get_family
+
+
+class ScorerInputs:
+    """Lazy access to what scorers read: images, query images and cached gradient stores.
+
+    Stores are named by role (paths.method_stores): 'final', 'step<N>' (intermediate checkpoints) and
+    'journey'. Every store is checked against its sidecar, and against what the method expects of it."""
+
+    query_sets = QUERY_SETS
+
+    def __init__(self, dataset: str, samples: str, stores: dict[str, str] | None = None, classifier_path: str | None = None,
+                 model_path: str | None = None, curvature_path: str | None = None, config: dict | None = None,
+                 chunks: list[str] | None = None):
+        self.dataset, self.samples, self.stores = dataset, samples, dict(stores or {})
+        # Model-based scorers: the embedding classifier, the final diffusion checkpoint and its curvature (K-FAC).
+        self.classifier_path, self.model_path, self.curvature_path = classifier_path, model_path, curvature_path
+        self.config = config or {}
+        self.chunks = list(chunks or [])  # metagradient: the chunk jobs' score files (rule metagradient)
+        self._queries = None
+
+    def train_images(self) -> np.ndarray:
+        return core_data.load_dataset(self.dataset)["train_images"]
+
+    def queries(self) -> dict[str, np.ndarray]:
+        if self._queries is None:
+            self._queries = load_queries(self.dataset, self.samples)
+        return self._queries
+
+    def roles(self) -> list[str]:
+        return list(self.stores)
+
+    def _path(self, role: str, split: str) -> Path:
+        if role not in self.stores:
+            raise ArtefactError(f"this scorer needs the gradient store {role!r}, but --features names only "
+                                f"{sorted(self.stores) or 'none'}")
+        return Path(self.stores[role]) / f"{split}.npy"
+
+    def sidecar(self, role: str, split: str) -> dict:
+        return read_sidecar(self._path(role, split))
+
+    def features(self, role: str, split: str, expect: dict | None = None) -> np.ndarray:
+        """The store's array, after checking that its sidecar's made_by has every entry of `expect`."""
+        path = self._path(role, split)
+        array = open_store(path)
+        made_by = read_sidecar(path)["made_by"]
+        for key, want in (expect or {}).items():
+            if made_by.get(key) != want:
+                raise ArtefactError(f"{path}: store has {key} {made_by.get(key)!r}, the method needs {want!r}")
+        return np.asarray(array)
+
+    def residuals(self, role: str) -> np.ndarray:
+        """Training residuals of a store (DAS); made with exactly the train features' configuration."""
+        residual, train = self.sidecar(role, RESIDUAL), self.sidecar(role, "train")
+        if residual["config_hash"] != train["config_hash"]:
+            raise ArtefactError(f"{self.stores[role]}: {RESIDUAL} (config {residual['config_hash']}) does not belong to "
+                                f"the train features (config {train['config_hash']})")
+        return np.asarray(open_store(self._path(role, RESIDUAL)))
+
+    def checkpoint(self, role: str) -> dict:
+        """{'step', 'lr'} of the checkpoint a store was computed at."""
+        return self.sidecar(role, "train").get("checkpoint", {"step": None, "lr": None})
+
+
+def parse_stores(items: list[str] | None) -> dict[str, str]:
+    stores = {}
+    for item in items or []:
+        role, sep, directory = item.partition("=")
+        if not sep or not role or not directory:
+            raise ValueError(f"--features entries are ROLE=DIRECTORY, got {item!r}")
+        stores[role] = directory
+    return stores
+
+
+def sweep(results: list, masks: np.ndarray, tuning: np.ndarray, evaluation: np.ndarray,
+          targets: dict[str, np.ndarray]) -> pd.DataFrame:
+    """LDS of every (lambda, query set) on tuning and evaluation subsets; targets are seed-averaged.
+    Means over the scored queries (NaN rows: not scored, see lds.py)."""
+    rows = []
+    for lam, matrices in results:
+        for name, scores in matrices.items():
+            target = targets[name].mean(1)  # (n_subsets, n_query)
+            rows.append({"lambda": np.nan if lam is None else lam, "query_set": name,
+                         "lds_tuning": mean_over_scored(lds_per_query(scores, masks[tuning], target[tuning])),
+                         "lds_evaluation": mean_over_scored(lds_per_query(scores, masks[evaluation], target[evaluation]))})
+    return pd.DataFrame(rows)
+
+
+def choose(results: list, table: pd.DataFrame) -> int:
+    """Index into results of the lambda with the best mean TUNING LDS over query sets."""
+    mean_tuning = table.groupby("lambda", dropna=False, sort=False)["lds_tuning"].mean().to_numpy()
+    return int(np.nanargmax(mean_tuning)) if len(results) > 1 else 0
+
+
+def plot_sweep(table: pd.DataFrame, chosen_lambda, method: str, path: str | Path, notes: dict | None = None) -> None:
+    """LDS against lambda, tuning and evaluation subsets, one colour per query set (a point per query set
+    for methods without lambda); the chosen lambda is marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    long = table.melt(id_vars=["lambda", "query_set"], value_vars=["lds_tuning", "lds_evaluation"], var_name="subsets",
+                      value_name="LDS")
+    long["subsets"] = long["subsets"].map({"lds_tuning": "tuning", "lds_evaluation": "evaluation"})
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    if long["lambda"].notna().any():
+        sns.lineplot(data=long, x="lambda", y="LDS", hue="query_set", style="subsets", markers=True, ax=ax)
+        ax.set_xscale("log")
+        ax.axvline(chosen_lambda, color="grey", ls=":", lw=1)
+        ax.set_xlabel("lambda (relative to the mean eigenvalue of Phi^T Phi)")
+        title = f"{method}: LDS vs lambda (chosen on tuning subsets: {chosen_lambda:g})"
+    else:
+        sns.pointplot(data=long, x="query_set", y="LDS", hue="subsets", dodge=0.3, linestyle="none", errorbar=None, ax=ax)
+        ax.set_xlabel("query set")
+        title = f"{method}: no lambda"
+    ax.axhline(0, c="grey", lw=0.6)
+    ax.set_ylabel("LDS (Spearman, mean over queries)")
+    ax.set_title(title, fontsize=10)
+    if notes:
+        fig.text(0.01, 0.01, "; ".join(f"{k}: {v}" for k, v in notes.items()), fontsize=6, wrap=True)
+    fig.tight_layout(rect=(0, 0.05 if notes else 0, 1, 1))
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(path).with_name(f".{Path(path).name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--method", required=True)
+    parser.add_argument("--dataset", required=True)
+    parser.add_argument("--samples", required=True)
+    parser.add_argument("--subsets", required=True)
+    parser.add_argument("--measurements", nargs="+", required=True, help="per-model measurements, subset-major")
+    parser.add_argument("--features", nargs="*", metavar="ROLE=DIR",
+                        help="gradient store directories by role (final, step<N>, journey); gradient-based methods")
+    parser.add_argument("--classifier", help="classifier checkpoint (embedding scorers)")
+    parser.add_argument("--model", help="final diffusion checkpoint (model-based scorers, e.g. K-FAC)")
+    parser.add_argument("--curvature", help="fitted curvature file (K-FAC influence)")
+    parser.add_argument("--chunks", nargs="*", help="metagradient: score files of its chunk jobs (rule metagradient)")
+    parser.add_argument("--out-dir", required=True, help="writes <query_set>.npy, sweep.csv, sweep.png, chosen.json")
+
+
+def run(args, config: dict) -> None:
+    methods = config["scores"]["methods"]
+    if args.method not in methods:
+        raise ValueError(f"method {args.method!r} is not in scores.methods ({sorted(methods)})")
+    method_cfg = methods[args.method]
+    family = get_family(method_cfg["family"])
+    notes = family_notes(method_cfg["family"], method_cfg)
+    inputs = ScorerInputs(args.dataset, args.samples, parse_stores(args.features), args.classifier, args.model,
+                          args.curvature, config, args.chunks)
+    lambdas = method_cfg.get("lambda_grid", config["scores"]["lambda_grid"])
+    out = Path(args.out_dir)
+    try:
+        results = family.compute(method_cfg, inputs, lambdas)
+    except ScorerNotRun as exc:  # e.g. no CLIP weights: say so in the table, never a number
+        log.warning("scores %s: %s (%s)", args.method, exc.reason, exc.detail)
+        save_text("lambda,query_set,lds_tuning,lds_evaluation\n", out / "sweep.csv")
+        plot_sweep(pd.DataFrame(columns=["lambda", "query_set", "lds_tuning", "lds_evaluation"]), None, args.method,
+                   out / "sweep.png", {name: exc.reason for name in QUERY_SETS})
+        save_json({"method": args.method, "config": method_cfg, "lambda": None, "not_run": exc.reason,
+                   "detail": exc.detail}, out / "chosen.json")
+        return
+    subsets = core_data.load_subsets(args.subsets)
+    target = family_target(method_cfg["family"], method_cfg)
+    targets, fallback = method_targets(args.measurements, config["lds"]["n_subsets"], config["lds"]["n_seeds"], target)
+    for name, note in fallback.items():
+        log.info("scores %s: %s", args.method, note)
+    used = {name: "loss" if name in fallback else target for name in targets}  # the target each set was tuned on
+    table = sweep(results, subsets["masks"], subsets["tuning"], subsets["evaluation"], targets)
+    best = choose(results, table)
+    chosen_lambda, matrices = results[best]
+    for name, scores in matrices.items():
+        try:  # NaN rows = queries the method did not score (e.g. metagradient max_queries); nothing else non-finite
+            scored = scored_queries(scores)
+        except ValueError as exc:
+            raise FloatingPointError(f"{args.method}: {name}: {exc}") from None
+        if not scored.any():
+            raise FloatingPointError(f"{args.method}: no {name} query has scores")
+        if not scored.all():
+            log.warning("scores %s, %s: %d of %d queries scored; the other rows are NaN (not scored)", args.method, name,
+                        int(scored.sum()), len(scored))
+        save_npy(scores.astype(np.float32), out / f"{name}.npy")
+    save_text(table.to_csv(index=False), out / "sweep.csv")
+    plot_sweep(table, chosen_lambda, args.method, out / "sweep.png", notes)
+    save_json({"method": args.method, "config": method_cfg, "lambda": chosen_lambda, "notes": notes, "target": used,
+               "settings": family_settings(method_cfg["family"], method_cfg, config)}, out / "chosen.json")
+    for name, note in notes.items():
+        log.warning("scores %s, %s queries: %s", args.method, name, note)
+    log.info("scores %s: lambda %s; tuning LDS (target %s) %s", args.method, chosen_lambda, target,
+             table[table["lambda"].eq(chosen_lambda) | table["lambda"].isna()].set_index("query_set")["lds_tuning"].round(3).to_dict())
