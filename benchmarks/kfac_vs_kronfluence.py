@@ -99,7 +99,7 @@ def run_ours(args, workdir: Path) -> dict:
 
     from workflow_scripts.core import curvature as C
     from workflow_scripts.stages import curvature as curvature_mod
-    from workflow_scripts.scorers import kfac as K
+    from workflow_scripts.engines import kfac as K
 
     config, model, train, query = load_setup(workdir)
     base_rss = maxrss_mb()
@@ -169,7 +169,7 @@ def run_kronfluence(args, workdir: Path) -> dict:
     from workflow_scripts.stages import curvature as curvature_mod
     from workflow_scripts.families.ddpm import alphas_cumprod
     from workflow_scripts.core.contracts import QUERY_SETS
-    from workflow_scripts.scorers import kfac as K
+    from workflow_scripts.engines import kfac as K
 
     config, model, train, query = load_setup(workdir)
     cfg = score_cfg(config, args)

@@ -57,7 +57,7 @@ def worker(args) -> dict:
     torch.set_num_threads(1)
     from workflow_scripts.core import data
     from workflow_scripts.families import ddpm as train
-    from workflow_scripts.scorers import magic as mg
+    from workflow_scripts.engines import magic as mg
     from workflow_scripts.dag.config import load_config
 
     config = load_config(REPO / "params.yaml")

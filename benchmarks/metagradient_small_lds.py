@@ -37,7 +37,7 @@ from scipy.stats import spearmanr  # noqa: E402
 
 from workflow_scripts.core import data
 from workflow_scripts.families import ddpm as train
-from workflow_scripts.scorers import magic as mg
+from workflow_scripts.engines import magic as mg
 from workflow_scripts.core.common import load_torch
 from workflow_scripts.dag.config import load_config
 from workflow_scripts.core.lds import lds_per_query, rowwise_spearman

@@ -10,7 +10,7 @@ from workflow_scripts.core import classifier
 from workflow_scripts.stages import classifier as classifier_mod
 from workflow_scripts.core.common import ArtefactError, load_torch, save_npz, save_torch
 from workflow_scripts.core.data import load_digits_images
-from workflow_scripts.scorers import embedding
+from workflow_scripts.scorers import get_scorer
 
 torch.set_num_threads(1)
 
@@ -82,7 +82,7 @@ def test_embedding_scorer_matches_direct_formula(digits, trained, kind):
     train, queries = x[:40], {"generated": x_test[:5], "heldout": x_test[5:8]}
     # the checkpoint was trained on all of x: the scorer's data check must see the same images
     inputs = FakeInputs(x, queries, classifier_path=str(path))
-    [(lam, matrices)] = embedding.compute({"family": "embedding", "similarity": kind}, inputs, [1.0])
+    [(lam, matrices)] = get_scorer("embedding").compute({"family": "embedding", "similarity": kind}, inputs, [1.0])
     assert lam is None
     with torch.no_grad():
         f_train = model.features(torch.from_numpy(x)).double().numpy()
@@ -104,10 +104,10 @@ def test_embedding_scorer_needs_and_checks_classifier(digits, trained):
     x, _, x_test, _ = digits
     _, _, path = trained
     with pytest.raises(ArtefactError, match="classifier_path"):
-        embedding.compute({"family": "embedding", "similarity": "dot"}, FakeInputs(x, {"heldout": x_test[:2]}), [1.0])
+        get_scorer("embedding").compute({"family": "embedding", "similarity": "dot"}, FakeInputs(x, {"heldout": x_test[:2]}), [1.0])
     other = FakeInputs(x[:100], {"heldout": x_test[:2]}, classifier_path=str(path))
     with pytest.raises(ArtefactError, match="other images"):
-        embedding.compute({"family": "embedding", "similarity": "dot"}, other, [1.0])
+        get_scorer("embedding").compute({"family": "embedding", "similarity": "dot"}, other, [1.0])
 
 
 def test_stage_run_writes_checkpoint(tmp_path, digits, caplog):

@@ -215,7 +215,8 @@ def smoke_copy(tmp_path_factory):
 
 def test_dvc_params_cover_what_each_stage_reads():
     sys.path.insert(0, str(REPO))
-    from workflow_scripts.dag.paths import SCORER_SECTIONS, SECTIONS
+    from workflow_scripts.dag.paths import SECTIONS
+    from workflow_scripts.scorers import SCORERS
 
     stages = dvc_yaml("smoke")["stages"]
     assert set(DVC_STAGE_SECTIONS) == set(stages), "update DVC_STAGE_SECTIONS with dvc.yaml"
@@ -227,7 +228,7 @@ def test_dvc_params_cover_what_each_stage_reads():
             parts = key.split(".")
             assert any(".".join(parts[:i]) in listed for i in range(1, len(parts) + 1)), \
                 f"dvc.yaml stage {name!r} does not list params {key!r}"
-    for key in (k for keys in SCORER_SECTIONS.values() for k in keys):  # model-based scorers' extra keys
+    for key in (k for scorer in SCORERS.values() for k in scorer.config_keys):  # the scorers' extra keys
         assert key.split(".")[0] in stages["scores"]["params"], f"dvc.yaml stage 'scores' does not list params {key!r}"
 
 

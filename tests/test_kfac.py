@@ -10,7 +10,7 @@ from workflow_scripts.core import curvature as C
 from workflow_scripts.stages import curvature
 from workflow_scripts.core.common import ArtefactError
 from workflow_scripts.families.ddpm import alphas_cumprod, build_model
-from workflow_scripts.scorers import kfac as K
+from workflow_scripts.engines import kfac as K
 from workflow_scripts.core import measurement
 
 torch.set_num_threads(1)

@@ -1,5 +1,5 @@
 """K-FAC influence end to end on the smoke configuration: the `curvature` stage entry writes a file, the scorer
-family entry `scorers.kfac.compute` reads it back (checking its config) and returns the scores.py sweep format."""
+scorer (scorers/kfac.py, engine engines/kfac.py) reads it back (checking its config) and returns the scores.py sweep format."""
 import argparse
 import copy
 from types import SimpleNamespace
@@ -13,6 +13,8 @@ from workflow_scripts.core import curvature
 from workflow_scripts.core import data as core_data
 from workflow_scripts.stages import data
 from workflow_scripts.core.common import ArtefactError
+from workflow_scripts.engines import kfac as kfac_engine
+from workflow_scripts.scorers import get_scorer
 from workflow_scripts.scorers import kfac as K
 from workflow_scripts.families.ddpm import train_model
 
@@ -37,6 +39,12 @@ def workflow(tmp_path_factory, smoke_config):
     return config, dataset, model_path, tmp
 
 
+def _kfac(method_cfg, inputs):
+    """The kfac scorer as the scores stage runs it: its own lambda grid (KFAC.lambdas), then compute."""
+    scorer = get_scorer("kfac")
+    return scorer.compute(method_cfg, inputs, scorer.lambdas(method_cfg, inputs.config))
+
+
 def _inputs(config, dataset, model_path, curvature_path):
     arrays = core_data.load_dataset(dataset)
     queries = {"generated": arrays["heldout_images"][:2], "heldout": arrays["heldout_images"][2:]}
@@ -56,7 +64,7 @@ def test_stage_then_scorer(workflow, caplog):
         C.run(args, config)  # same config: reused, not refitted
     assert out.stat().st_mtime_ns == mtime and "reusing" in caplog.text
     lambdas = [1e-3, 1e-1]
-    results = K.compute({"family": "kfac"}, _inputs(config, dataset, model_path, out), lambdas)
+    results = kfac_engine.compute({"family": "kfac"}, _inputs(config, dataset, model_path, out), lambdas)
     assert [lam for lam, _ in results] == lambdas
     for _, matrices in results:
         assert set(matrices) == {"generated", "heldout"}
@@ -64,17 +72,16 @@ def test_stage_then_scorer(workflow, caplog):
         assert all(np.isfinite(m).all() for m in matrices.values())
     # a method whose variant differs from the file (EK-FAC) is refused, not silently scored with K-FAC
     with pytest.raises(ArtefactError, match="ekfac"):
-        K.compute({"family": "kfac", "ekfac": True}, _inputs(config, dataset, model_path, out), lambdas)
+        kfac_engine.compute({"family": "kfac", "ekfac": True}, _inputs(config, dataset, model_path, out), lambdas)
     other = copy.deepcopy(config)
     other["kfac"]["draws"] = 3
     with pytest.raises(ArtefactError, match="draws"):
-        K.compute({"family": "kfac"}, _inputs(other, dataset, model_path, out), lambdas)
+        kfac_engine.compute({"family": "kfac"}, _inputs(other, dataset, model_path, out), lambdas)
     # the CLI override of the variant writes the EK-FAC file that such a method needs
     ek = tmp / "curvature" / "mc-expand-ekfac.pt"
     C.run(argparse.Namespace(**{**vars(args), "ekfac": True, "out": str(ek)}), config)
     assert curvature.load_curvature(ek).is_ekfac
-    assert K.compute({"family": "kfac", "ekfac": True, "lambda_grid": [1e-2]}, _inputs(config, dataset, model_path, ek),
-                     lambdas)[0][0] == 1e-2
+    assert _kfac({"family": "kfac", "ekfac": True, "lambda_grid": [1e-2]}, _inputs(config, dataset, model_path, ek))[0][0] == 1e-2
 
 
 def _mc_expand_file(workflow):
@@ -94,25 +101,23 @@ def test_absolute_damping_equals_relative_damping_over_mean_eigenvalue(workflow)
     mean = curvature.load_curvature(out).mean_eigenvalue()
     absolute = 0.5 * mean
     inputs = _inputs(config, dataset, model_path, out)
-    (lam_a, scores_a), = K.compute({"family": "kfac", "damping": "absolute", "lambda_grid": [absolute]}, inputs, [1.0])
-    (lam_r, scores_r), = K.compute({"family": "kfac", "lambda_grid": [0.5]}, inputs, [1.0])
+    (lam_a, scores_a), = _kfac({"family": "kfac", "damping": "absolute", "lambda_grid": [absolute]}, inputs)
+    (lam_r, scores_r), = _kfac({"family": "kfac", "lambda_grid": [0.5]}, inputs)
     assert lam_a == pytest.approx(absolute) and lam_r == 0.5  # each reports its own lambda
     for name in scores_r:
         np.testing.assert_allclose(scores_a[name], scores_r[name], rtol=1e-5, atol=1e-6 * np.abs(scores_r[name]).max())
-    (_, other), = K.compute({"family": "kfac", "lambda_grid": [50.0]}, inputs, [1.0])
+    (_, other), = _kfac({"family": "kfac", "lambda_grid": [50.0]}, inputs)
     assert not np.allclose(other["heldout"], scores_r["heldout"])  # the damping matters at all
 
 
-def test_lambda_grid_precedence(workflow):
-    """method lambda_grid > kfac.lambda_grid > scores.lambda_grid (the lambdas scores.py passes)."""
-    config, dataset, model_path, tmp = workflow
-    out = _mc_expand_file(workflow)
-    with_grid = {**config, "kfac": {**config["kfac"], "lambda_grid": [1e-6, 1e-3]}}
-    got = [lam for lam, _ in K.compute({"family": "kfac"}, _inputs(with_grid, dataset, model_path, out), [1.0])]
-    assert got == [1e-6, 1e-3]
-    got = [lam for lam, _ in K.compute({"family": "kfac", "lambda_grid": [0.5]}, _inputs(with_grid, dataset, model_path, out), [1.0])]
-    assert got == [0.5]
-    assert [lam for lam, _ in K.compute({"family": "kfac"}, _inputs(config, dataset, model_path, out), [1.0])] == [1.0]
+def test_lambda_grid_precedence():
+    """method lambda_grid > kfac.lambda_grid > scores.lambda_grid, resolved once by the scorer (KFAC.lambdas)."""
+    scorer = get_scorer("kfac")
+    config = {"scores": {"lambda_grid": [1, 10]}, "kfac": dict(KFAC)}
+    assert scorer.lambdas({"family": "kfac"}, config) == [1.0, 10.0]
+    with_grid = {**config, "kfac": {**KFAC, "lambda_grid": [1e-6, 1e-3]}}
+    assert scorer.lambdas({"family": "kfac"}, with_grid) == [1e-6, 1e-3]
+    assert scorer.lambdas({"family": "kfac", "lambda_grid": [0.5]}, with_grid) == [0.5]
 
 
 def test_settings_and_notes_name_the_variant():
@@ -144,9 +149,9 @@ def test_query_measurement_scores(workflow, tmp_path):
     save_npz(samples, **sample_stage.generate(model, payload["image_shape"], config["diffusion"],
                                               {**config["sample"], "num_inference_steps": 3}, 0, 2, torch.device("cpu")))
     inputs = SimpleNamespace(**vars(_inputs(config, dataset, model_path, out)), samples=str(samples))
-    (_, loss), = K.compute({"family": "kfac", "lambda_grid": [1e-2]}, inputs, [1.0])
-    (_, elbo), = K.compute({"family": "kfac", "query_measurement": "elbo", "lambda_grid": [1e-2]}, inputs, [1.0])
-    (_, traj), = K.compute({"family": "kfac", "query_measurement": "trajectory", "lambda_grid": [1e-2]}, inputs, [1.0])
+    (_, loss), = _kfac({"family": "kfac", "lambda_grid": [1e-2]}, inputs)
+    (_, elbo), = _kfac({"family": "kfac", "query_measurement": "elbo", "lambda_grid": [1e-2]}, inputs)
+    (_, traj), = _kfac({"family": "kfac", "query_measurement": "trajectory", "lambda_grid": [1e-2]}, inputs)
     for name in ("generated", "heldout"):
         assert np.isfinite(elbo[name]).all() and not np.allclose(elbo[name], loss[name])
     np.testing.assert_array_equal(traj["heldout"], loss["heldout"])
@@ -155,4 +160,4 @@ def test_query_measurement_scores(workflow, tmp_path):
 
 def test_missing_inputs_are_named():
     with pytest.raises(ArtefactError, match="curvature_path"):
-        K.compute({"family": "kfac"}, SimpleNamespace(config={}, model_path="m.pt"), [1.0])
+        kfac_engine.compute({"family": "kfac"}, SimpleNamespace(config={}, model_path="m.pt"), [1.0])

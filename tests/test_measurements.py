@@ -25,8 +25,8 @@ from workflow_scripts.dag.config import ConfigError, check_workflow_support, val
 from workflow_scripts.core.curvature import ParamLayout
 from workflow_scripts.families.ddpm import load_model
 from workflow_scripts.families.ddpm import generate
-from workflow_scripts.scorers import family_target
-from workflow_scripts.scorers import kfac as K
+from workflow_scripts.scorers import get_scorer
+from workflow_scripts.engines import kfac as K
 from workflow_scripts.core import measurement as measurement_mod
 from workflow_scripts.families.ddpm import train_model
 
@@ -205,8 +205,8 @@ def synthetic(tmp_path):
 
 def test_scores_stage_targets_are_the_methods_own(synthetic):
     paths, _, _, _, arrays = synthetic
-    assert family_target("kfac", {"family": "kfac", "query_measurement": "elbo"}) == "elbo"
-    assert family_target("trak", {"family": "trak", "output_function": "loss"}) == "loss"
+    assert get_scorer("kfac").query_target({"family": "kfac", "query_measurement": "elbo"}) == "elbo"
+    assert get_scorer("trak").query_target({"family": "trak", "output_function": "loss"}) == "loss"
     elbo, notes = L.method_targets(paths, 14, 2, "elbo")
     assert notes == {}
     np.testing.assert_array_equal(elbo["heldout"], arrays["heldout__elbo"])

@@ -16,11 +16,14 @@ import torch
 
 from workflow_scripts.core import data
 from workflow_scripts.families import ddpm as train
-from workflow_scripts.scorers import magic as mg
+from workflow_scripts.engines import magic as mg
+from workflow_scripts.engines import metagradient as metagradient_engine
 from workflow_scripts.core.common import ArtefactError, load_torch
 from workflow_scripts.dag.config import ConfigError, validate_config
-from workflow_scripts.scorers import get_family
-from workflow_scripts.scorers import metagradient as family
+from workflow_scripts.scorers import get_scorer
+from workflow_scripts.scorers.metagradient import Metagradient
+
+family = get_scorer("metagradient")
 
 torch.set_num_threads(1)
 F64 = torch.float64
@@ -274,7 +277,7 @@ def test_scorer_family_attributes_first_queries_and_marks_the_rest(tiny, digits,
     images = digits[:16]
     queries = {"generated": digits[100:103], "heldout": digits[200:202]}
     model_path = train.train_model(cfg, images, np.arange(16), 0, tmp_path / "full.pt", device=torch.device("cpu"))
-    assert get_family("metagradient") is family
+    assert isinstance(family, Metagradient)
     method = {"family": "metagradient", "max_queries": 2, "checkpoint_every": 2}
     [(lam, matrices)] = family.compute(method, _Inputs(cfg, images, queries, str(model_path)), [0.1, 1.0])
     assert lam is None and set(matrices) == {"generated", "heldout"}
@@ -293,7 +296,7 @@ def test_scorer_family_attributes_first_queries_and_marks_the_rest(tiny, digits,
 
     other = _with_train(cfg, lr=cfg["train"]["lr"] * 2)  # the checkpoint is not the model of this training
     with pytest.raises(ArtefactError, match="not the model of this training"):
-        family.check_full_model(str(model_path), other, 16, 0, mg.train_function(*mg.build_problem(other, images), np.ones(16)))
+        metagradient_engine.check_full_model(str(model_path), other, 16, 0, mg.train_function(*mg.build_problem(other, images), np.ones(16)))
 
 
 def test_scorer_family_rejects_bad_options(tiny, digits):

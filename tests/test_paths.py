@@ -4,6 +4,7 @@ import json
 import pytest
 
 from workflow_scripts.dag import paths
+from workflow_scripts.scorers import get_scorer
 
 
 def test_curvature_variant_resolves_method_overrides(base_config):
@@ -34,7 +35,7 @@ def test_scores_config_holds_only_its_method(base_config):
     assert cfg["scores"]["lambda_grid"] == base_config["scores"]["lambda_grid"]
     assert "kfac" not in cfg and "model" not in cfg  # a kfac setting must not rerun TRAK
     kfac = json.loads(paths.scores_config(base_config, "kfac"))
-    for key in paths.SCORER_SECTIONS["kfac"]:
+    for key in get_scorer("kfac").config_keys:
         section, *rest = key.split(".")
         assert section in kfac and (not rest or rest[0] in kfac[section])
     assert kfac["seeds"] == {"gradients": base_config["seeds"]["gradients"], "measure": base_config["seeds"]["measure"]}

@@ -10,7 +10,7 @@ from workflow_scripts.core.common import ArtefactError
 from workflow_scripts.families.ddpm import build_model
 from workflow_scripts.families.likelihood import target_measurement
 from workflow_scripts.core.projection import Projector
-from workflow_scripts.scorers import family_notes, family_target, gradient_similarity, normalized_if, trak
+from workflow_scripts.scorers import get_scorer, gradient_similarity, normalized_if, trak
 from workflow_scripts.stages.scores import ScorerInputs
 
 torch.set_num_threads(1)
@@ -106,8 +106,8 @@ def test_measurement_queries_are_read_from_the_query_store(tmp_path, config):
         want = solver.scores(np.load(f"{stores['query']}/{name}.npy"), 1.0).astype(np.float32)
         np.testing.assert_allclose(elbo[name], want, rtol=1e-6)
         assert not np.allclose(elbo[name], loss[name])
-    assert family_target("trak", {"family": "trak", "query_measurement": "elbo"}) == "elbo"
-    assert family_target("gradient_similarity", {"family": "gradient_similarity"}) == "loss"
+    assert get_scorer("trak").query_target({"family": "trak", "query_measurement": "elbo"}) == "elbo"
+    assert get_scorer("gradient_similarity").query_target({"family": "gradient_similarity"}) == "loss"
 
 
 def test_trajectory_heldout_keeps_the_loss_features(tmp_path, config):
@@ -118,7 +118,7 @@ def test_trajectory_heldout_keeps_the_loss_features(tmp_path, config):
     (_, traj), = gradient_similarity.compute({**cfg, "query_measurement": "trajectory"}, inputs, [None])
     np.testing.assert_array_equal(traj["heldout"], loss["heldout"])
     assert not np.allclose(traj["generated"], loss["generated"])
-    assert set(family_notes("gradient_similarity", {**cfg, "query_measurement": "trajectory"})) == {"heldout"}
+    assert set(get_scorer("gradient_similarity").notes({**cfg, "query_measurement": "trajectory"})) == {"heldout"}
 
 
 def test_query_store_in_another_projection_is_refused(tmp_path, config):

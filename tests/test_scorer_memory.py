@@ -9,7 +9,7 @@ import pytest
 
 from workflow_scripts.core.store import write_store
 from workflow_scripts.core.contracts import RESIDUAL, STORE_SPLITS
-from workflow_scripts.scorers import base, get_family
+from workflow_scripts.scorers import base, get_scorer
 from workflow_scripts.stages.scores import ScorerInputs
 
 D, N_QUERY, LAMBDAS = 128, 3, [0.1, 1.0]
@@ -50,7 +50,7 @@ def peak_extra(method_cfg, directory, n_train):
     inputs = ScorerInputs("unused.npz", "unused.npz", {"final": str(directory)})
     tracemalloc.start()
     tracemalloc.reset_peak()
-    results = get_family(method_cfg["family"]).compute(method_cfg, inputs, LAMBDAS)
+    results = get_scorer(method_cfg["family"]).compute(method_cfg, inputs, LAMBDAS)
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
     returned = sum(m.nbytes for _, matrices in results for m in matrices.values())

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from workflow_scripts.core.common import ArtefactError
-from workflow_scripts.scorers import das, get_family
+from workflow_scripts.scorers import das, get_scorer
 from workflow_scripts.scorers.trak import KernelSolver
 
 
@@ -152,7 +152,7 @@ def test_compute_scalar_form():
     r = np.random.default_rng(3).uniform(0.2, 0.4, 10)
     inputs = _Inputs({"train": X, "generated": Xq, "heldout": Xq[:2]}, r, {"kind": "unitnorm", "output_function": "mean"})
     cfg = {"family": "das", "form": "scalar", "output_function": "mean", "leverage": True}
-    out = get_family("das").compute(cfg, inputs, [0.1, 1.0])
+    out = get_scorer("das").compute(cfg, inputs, [0.1, 1.0])
     assert [lam for lam, _ in out] == [0.1, 1.0]
     np.testing.assert_allclose(out[1][1]["heldout"], das.scalar_scores(KernelSolver(X), Xq[:2], r, 1.0, True), rtol=1e-5)
     assert out[0][1]["generated"].dtype == np.float32 and out[0][1]["generated"].shape == (4, 10)
@@ -164,7 +164,7 @@ def test_compute_vector_form_checks_store_kind():
     made_by = {"kind": "sketch", "output_function": "eps", "output_directions": 3}
     cfg = {"family": "das", "form": "vector", "output_directions": 3, "leverage": True}
     inputs = _Inputs({"train": J, "generated": Jq, "heldout": Jq}, E, made_by)
-    out = get_family("das").compute(cfg, inputs, [0.5])
+    out = get_scorer("das").compute(cfg, inputs, [0.5])
     np.testing.assert_allclose(out[0][1]["generated"], das.VectorKernelSolver(J).scores(Jq, E, 0.5), rtol=1e-5)
     with pytest.raises(ArtefactError, match="output_directions"):
-        get_family("das").compute({**cfg, "output_directions": 4}, inputs, [0.5])
+        get_scorer("das").compute({**cfg, "output_directions": 4}, inputs, [0.5])

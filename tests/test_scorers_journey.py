@@ -7,7 +7,7 @@ from workflow_scripts.stages import gradients
 from workflow_scripts.core.common import generator
 from workflow_scripts.families.ddpm import add_noise, alphas_cumprod, build_model
 from workflow_scripts.core.projection import Projector
-from workflow_scripts.scorers import get_family, journey
+from workflow_scripts.scorers import get_scorer, journey
 from workflow_scripts.scorers.trak import KernelSolver
 
 torch.set_num_threads(1)
@@ -114,7 +114,7 @@ def test_journey_scorer_uses_journey_features_for_generated_only():
     rng = np.random.default_rng(0)
     train, gen_journey, gen_trak, held = (rng.normal(size=s) for s in [(9, 6), (3, 6), (3, 6), (2, 6)])
     inputs = _Inputs({"final": {"train": train, "generated": gen_trak, "heldout": held}, "journey": {"generated": gen_journey}})
-    out = get_family("journey").compute({"family": "journey", "output_function": "loss"}, inputs, [0.1, 1.0])
+    out = get_scorer("journey").compute({"family": "journey", "output_function": "loss"}, inputs, [0.1, 1.0])
     solver = KernelSolver(train)
     np.testing.assert_allclose(out[0][1]["generated"], solver.scores(gen_journey, 0.1), rtol=1e-5)
     np.testing.assert_allclose(out[1][1]["heldout"], solver.scores(held, 1.0), rtol=1e-5)  # standard TRAK features

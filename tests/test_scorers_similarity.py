@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from workflow_scripts.core.common import ArtefactError
-from workflow_scripts.scorers import get_family, gradient_similarity, normalized_if, tracin
+from workflow_scripts.scorers import get_scorer, gradient_similarity, normalized_if, tracin
 from workflow_scripts.scorers.trak import KernelSolver
 
 
@@ -49,7 +49,7 @@ def _store(n=7, d=5, seed=0):
 @pytest.mark.parametrize("kind", ["dot", "cosine"])
 def test_gradient_similarity_dense(kind):
     store = _store()
-    out = get_family("gradient_similarity").compute(
+    out = get_scorer("gradient_similarity").compute(
         {"family": "gradient_similarity", "output_function": "loss", "similarity": kind}, _Inputs({"final": store}), [0.1, 1.0])
     assert len(out) == 1 and out[0][0] is None  # no lambda
     for name in ("generated", "heldout"):
@@ -137,7 +137,7 @@ def test_normalized_influence_dense(n, d, relative_lambda):
 
 def test_normalized_influence_compute_sweeps_lambda():
     store = _store(n=9, d=4, seed=6)
-    out = get_family("normalized_if").compute({"family": "normalized_if", "output_function": "loss", "normalization": "relative"},
+    out = get_scorer("normalized_if").compute({"family": "normalized_if", "output_function": "loss", "normalization": "relative"},
                                               _Inputs({"final": store}), [0.01, 1.0])
     assert [lam for lam, _ in out] == [0.01, 1.0]
     solver = KernelSolver(store["train"])

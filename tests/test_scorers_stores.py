@@ -296,10 +296,10 @@ def test_method_stores(base_config):
 
 
 def test_every_configured_method_has_a_family(base_config):
-    from workflow_scripts.scorers import FAMILIES
+    from workflow_scripts.scorers import SCORERS
 
     for name, method in base_config["scores"]["methods"].items():
-        assert method["family"] in FAMILIES, name
+        assert method["family"] in SCORERS, name
         if method["family"] in ("pixel", "clip"):  # need no model artefact
             continue
         # every other family reads gradient stores, a model file or (metagradient) its chunk jobs' scores

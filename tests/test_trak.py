@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from workflow_scripts.scorers import get_family, pixel, trak
+from workflow_scripts.scorers import get_scorer, pixel, trak
 
 
 def _features(n, d, q, seed=0):
@@ -83,7 +83,7 @@ def test_compute_returns_one_entry_per_lambda():
     train, gen = _features(10, 6, 3)
     _, held = _features(10, 6, 4, seed=2)
     inputs = _FakeInputs({"train": train, "generated": gen, "heldout": held})
-    out = get_family("trak").compute({"family": "trak", "output_function": "mean-squared-l2-norm"}, inputs, [0.01, 1.0])
+    out = get_scorer("trak").compute({"family": "trak", "output_function": "mean-squared-l2-norm"}, inputs, [0.01, 1.0])
     assert [lam for lam, _ in out] == [0.01, 1.0]
     for lam, matrices in out:
         assert matrices["generated"].shape == (3, 10) and matrices["heldout"].shape == (4, 10)
@@ -93,7 +93,7 @@ def test_compute_returns_one_entry_per_lambda():
 
 def test_unknown_family():
     with pytest.raises(ValueError, match="unknown scorer family"):
-        get_family("clip-xl")
+        get_scorer("clip-xl")
 
 
 # ---------------------------------------------------------------- pixel similarity

@@ -5,6 +5,8 @@ import copy
 from pathlib import Path
 import jsonschema
 import yaml
+
+from workflow_scripts.scorers import SCORERS, get_scorer
 from workflow_scripts.core.contracts import DEFAULT_MEASUREMENTS, MEASUREMENTS_BY_FAMILY, measured_targets
 
 
@@ -64,9 +66,18 @@ def _field(error: jsonschema.ValidationError) -> str:
     return ".".join(str(p) for p in error.absolute_path) or "<top level>"
 
 
+def full_schema() -> dict:
+    """params.schema.yaml with the method entries of scores.methods taken from the scorers' declarations (each
+    scorer module states the forms of its method entry: scorers/base.py, Scorer.schemas)."""
+    schema = yaml.safe_load(SCHEMA_PATH.read_text())
+    methods = schema["properties"]["scores"]["properties"]["methods"]
+    methods["additionalProperties"] = {"oneOf": [form for scorer in SCORERS.values() for form in scorer.schemas]}
+    return schema
+
+
 def validate_config(config: dict) -> None:
     """Raise ConfigError naming the first bad field (schema first, then cross-field rules)."""
-    schema = yaml.safe_load(SCHEMA_PATH.read_text())
+    schema = full_schema()
     errors = sorted(jsonschema.Draft202012Validator(schema).iter_errors(config), key=lambda e: list(e.absolute_path))
     if errors:
         lines = [f"  {_field(e)}: {e.message}" for e in errors[:10]]
@@ -104,7 +115,7 @@ def _check_consistency(config: dict) -> None:
     _check_counterfactual(config)
     _check_figures(config)
     _check_query_measurements(config)
-    _check_metagradient(config)
+    _check_methods(config)
 
 
 # training / test split sizes of the torchvision data sets (workflow_scripts/datasets.py)
@@ -137,56 +148,44 @@ def check_workflow_support(config: dict) -> None:
     model.family vesde: see _check_vesde_support."""
     if config["model"].get("family", "ddpm") == "vesde":
         _check_vesde_support(config)
-
-
-QUERY_MEASUREMENT_FAMILIES = ("kfac", "trak", "gradient_similarity", "normalized_if")
+    _check_model_family_support(config)
 
 
 def _check_query_measurements(config: dict) -> None:
-    """A method's query_measurement (kfac and the TRAK family) must be a measured target: its lambda is tuned on it."""
+    """A method's query_measurement (scorers that take one: Scorer.takes_query_measurement) must be a measured
+    target: its lambda is tuned on it."""
     targets = measured_targets(config)
+    takers = [family for family, scorer in SCORERS.items() if scorer.takes_query_measurement]
     for method, m in config["scores"]["methods"].items():
         target = m.get("query_measurement")
-        if target is not None and m["family"] not in QUERY_MEASUREMENT_FAMILIES:
+        if target is not None and not get_scorer(m["family"]).takes_query_measurement:
             raise ConfigError(f"scores.methods.{method}.query_measurement: family {m['family']} takes loss query "
-                              f"gradients only (query_measurement: {', '.join(QUERY_MEASUREMENT_FAMILIES)})")
+                              f"gradients only (query_measurement: {', '.join(takers)})")
         if target is not None and target not in targets:
             raise ConfigError(f"scores.methods.{method}.query_measurement: {target!r} is not measured "
                               f"(measure.measurements gives the targets {targets})")
 
 
-# Scorer families that need a DDPM (epsilon-prediction at DDPM timesteps): their gradient stores, curvature fits and
-# training replays are built for the DDPM loss. With model.family vesde they are refused, naming the reason.
-VESDE_SCORER_FAMILIES = ("pixel", "clip", "embedding")  # model-free: they read images (and the data's classifier)
-
-
-VESDE_REFUSED_FAMILIES = {
-    "trak": "its gradient store (rule gradients) holds gradients of DDPM output functions at DDPM timesteps",
-    "gradient_similarity": "its gradient store (rule gradients) holds gradients of DDPM output functions",
-    "tracin": "its gradient stores (rule gradients) hold gradients of DDPM output functions",
-    "normalized_if": "its gradient store (rule gradients) holds gradients of DDPM output functions",
-    "journey": "it re-noises the DDPM sampling trajectory at DDPM timesteps",
-    "das": "it linearises the DDPM noise predictor at DDPM timesteps (rule gradients)",
-    "kfac": "the curvature rule fits K-FAC to the DDPM training loss (the DSM loss and the bits/dim query gradients "
-            "of vesde.LikelihoodMeasurement are not wired into rules curvature / scores)",
-    "metagradient": "it replays DDPM training (workflow_scripts/metagradient.py)",
-}
+def _check_model_family_support(config: dict) -> None:
+    """Every method's scorer runs on the configured model family (Scorer.model_families), else it is refused with
+    the scorer's reason."""
+    model_family = config["model"].get("family", "ddpm")
+    runs = [family for family, scorer in SCORERS.items() if model_family in scorer.model_families]
+    for name, method in config["scores"]["methods"].items():
+        scorer = get_scorer(method["family"])
+        if model_family not in scorer.model_families:
+            raise ConfigError(f"scores.methods.{name} (family {method['family']}) cannot run with model.family "
+                              f"{model_family}: {scorer.refused_reason}. Remove it in the overlay ({name}: null); "
+                              f"{model_family} runs the families {', '.join(runs)}")
 
 
 def _check_vesde_support(config: dict) -> None:
     """What the workflow runs for model.family vesde: train (DSM), sample (probability-flow ODE), measure
-    (exact bits/dim), the likelihood sanity check and the model-free scorers; everything else is refused."""
+    (exact bits/dim), the likelihood sanity check and the scorers that declare vesde; everything else is refused."""
     measurements = list(config["measure"].get("measurements", DEFAULT_MEASUREMENTS["vesde"]))
     if measurements != ["likelihood"]:
         raise ConfigError(f"measure.measurements {measurements}: with model.family vesde the measure rule computes "
                           "['likelihood'] (exact bits/dim)")
-    for name, method in config["scores"]["methods"].items():
-        family = method["family"]
-        if family not in VESDE_SCORER_FAMILIES:
-            reason = VESDE_REFUSED_FAMILIES.get(family, "it is not implemented for the VE-SDE family")
-            raise ConfigError(f"scores.methods.{name} (family {family}) cannot run with model.family vesde: {reason}. "
-                              f"Remove it in the overlay ({name}: null); vesde runs the families "
-                              f"{', '.join(VESDE_SCORER_FAMILIES)}")
 
 
 def removal_count(k: int | float, n_train: int) -> int:
@@ -220,9 +219,9 @@ def _check_counterfactual(config: dict) -> None:
             raise ConfigError("counterfactual.methods: 'random' is the built-in baseline (always run); remove it")
         if method not in methods:
             raise ConfigError(f"counterfactual.methods: {method!r} is not in scores.methods")
-        if methods[method]["family"] == "clip" and not methods[method].get("weights"):
-            raise ConfigError(f"counterfactual.methods: {method!r} has no scores without CLIP weights "
-                              f"(scores.methods.{method}.weights is null)")
+        reason = get_scorer(methods[method]["family"]).unavailable(method, methods[method])
+        if reason:
+            raise ConfigError(f"counterfactual.methods: {method!r} has no scores {reason}")
     removal_count(cf["k"], config["data"]["n_train"])
 
 
@@ -237,14 +236,10 @@ def _check_figures(config: dict) -> None:
             raise ConfigError(f"figures.methods: {method!r} is not in scores.methods")
 
 
-def _check_metagradient(config: dict) -> None:
-    """A metagradient method needs its fixed-seed ground truth, made with the full model's seed (replicate 0)."""
-    for method, m in config["scores"]["methods"].items():
-        if m["family"] != "metagradient":
-            continue
-        if "fixed_seed" not in config:
-            raise ConfigError(f"scores.methods.{method}: a metagradient method needs the section fixed_seed "
-                              "(loo_sets, loo_fraction: its fixed-seed ground truth)")
-        if m.get("replicate", 0) != 0:
-            raise ConfigError(f"scores.methods.{method}.replicate: the fixed-seed ground truth retrains with the full "
-                              "model's seed (replicate 0); other replicates are library-only")
+def _check_methods(config: dict) -> None:
+    """Each method's own cross-field checks (Scorer.check), e.g. the metagradient's fixed-seed ground truth."""
+    for name, method in config["scores"]["methods"].items():
+        try:
+            get_scorer(method["family"]).check(name, method, config)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None

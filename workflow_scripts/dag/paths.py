@@ -7,7 +7,8 @@ from __future__ import annotations
 import json
 import os
 import re
-from workflow_scripts.core.contracts import RESIDUAL, STORE_SPLITS, VECTOR_OUTPUT
+from workflow_scripts.core.contracts import RESIDUAL, STORE_SPLITS  # the rules read them from here
+from workflow_scripts.scorers import StoreNeed, get_scorer
 
 
 SECTIONS = {  # the config keys each stage reads; a rule reruns exactly when one of them changes
@@ -49,12 +50,6 @@ FAMILY_SECTIONS = {
 }
 
 
-# Extra keys the scores stage reads for methods of these families (model-based scorers); the scores
-# stage's config carries only its own method, so editing one method reruns only that method's job.
-SCORER_SECTIONS = {
-    "kfac": ("model", "diffusion", "kfac", "seeds.gradients", "seeds.measure", "measure", "data.dataset", "compute"),
-    "metagradient": ("train.steps",),  # its settings (checkpoint interval); the scores come from its chunk jobs
-}
 
 
 def select(config: dict, keys) -> dict:
@@ -91,9 +86,10 @@ def family_targets(config: dict) -> list[str]:
 
 
 def scores_config(config: dict, method: str) -> str:
-    """JSON config of one method's scores job: the scores stage's keys with only this method, plus what its family reads."""
-    family = config["scores"]["methods"][method]["family"]
-    selected = select(config, (*SECTIONS["scores"], *SCORER_SECTIONS.get(family, ())))
+    """JSON config of one method's scores job: the scores stage's keys with only this method, plus the keys its
+    scorer declares (Scorer.config_keys); editing one method reruns only that method's job."""
+    scorer = get_scorer(config["scores"]["methods"][method]["family"])
+    selected = select(config, (*SECTIONS["scores"], *scorer.config_keys))
     selected["scores"] = {**selected["scores"], "methods": {method: config["scores"]["methods"][method]}}
     return json.dumps(selected, sort_keys=True, separators=(",", ":"))
 
@@ -226,7 +222,6 @@ _TAG = re.compile(r"(?P<fn>[a-z0-9-]+)_(?P<kind>avg|unitnorm|sketch(?P<r>\d+)|jo
                   r"_(?P<projection>gaussian|rademacher|sjlt)(?P<dim>\d+)")
 
 
-FEATURE_FAMILIES = ("trak", "gradient_similarity", "tracin", "normalized_if", "journey", "das")
 
 
 def checkpoint_name(step: int) -> str:
@@ -293,29 +288,29 @@ def store_files(directory: str, kind: str) -> list[str]:
     return [f"{directory}/{name}.{ext}" for name in names for ext in ("npy", "json")]
 
 
-def method_stores(config: dict, method: str) -> dict[str, tuple[str, str]]:
-    """{role: (store directory, kind)} of the gradient stores a method reads ({} for methods that need none).
+def store_directory(config: dict, need: StoreNeed, checkpoint: str = "full") -> str:
+    """The directory of a store a scorer declares (scorers/base.py: StoreNeed) at one checkpoint."""
+    if need.kind == "measurement":  # query features of a likelihood target, beside the loss store they share a space with
+        return f"{feature_dir(config, need.output_function, checkpoint, need.timesteps)}/measurement_{need.target}"
+    if need.kind == "journey":  # K = the sampling steps of the stored trajectory
+        steps = need.timesteps if need.timesteps is not None else config["sample"]["num_inference_steps"]
+        return feature_dir(config, need.output_function, checkpoint, steps, "journey")
+    return feature_dir(config, need.output_function, checkpoint, need.timesteps, need.kind, need.directions)
 
-    Roles: 'final' (final model), one per intermediate checkpoint 'step<N>' (TracInCP / GAS),
+
+def method_stores(config: dict, method: str) -> dict[str, tuple[str, str]]:
+    """{role: (store directory, kind)} of the gradient stores a method's scorer declares ({} for methods that need none).
+
+    Roles: 'final' (final model), one per intermediate checkpoint 'step<N>' (a 'checkpoints' need: TracInCP / GAS),
     'journey' (Journey-TRAK's generated-query features) and 'query' (query features of a query_measurement)."""
     m = config["scores"]["methods"][method]
-    family = m["family"]
-    if family not in FEATURE_FAMILIES:
-        return {}
-    k = m.get("timesteps")
-    if family == "tracin":
-        return {c: (feature_dir(config, m["output_function"], c, k), "avg") for c in checkpoint_names(config)}
-    if family == "das":
-        if m["form"] == "vector":
-            return {"final": (feature_dir(config, VECTOR_OUTPUT, "full", k, "sketch", m["output_directions"]), "sketch")}
-        return {"final": (feature_dir(config, m["output_function"], "full", k, "unitnorm"), "unitnorm")}
-    stores = {"final": (feature_dir(config, m["output_function"], "full", k), "avg")}
-    target = m.get("query_measurement", "loss")
-    if target != "loss":  # trak / gradient_similarity / normalized_if (config.py)
-        stores["query"] = (f"{stores['final'][0]}/measurement_{target}", f"measurement_{target}")
-    if family == "journey":
-        steps = m.get("sampling_steps", config["sample"]["num_inference_steps"])
-        stores["journey"] = (feature_dir(config, m["output_function"], "full", steps, "journey"), "journey")
+    stores = {}
+    for need in get_scorer(m["family"]).stores(m):
+        kind = f"measurement_{need.target}" if need.kind == "measurement" else need.kind
+        if need.role == "checkpoints":
+            stores.update({c: (store_directory(config, need, c), kind) for c in checkpoint_names(config)})
+        else:
+            stores[need.role] = (store_directory(config, need), kind)
     return stores
 
 
@@ -366,15 +361,21 @@ def curvature_file(config: dict, variant: str) -> str:
     return f"{root(config)}/curvature/{variant}.pt"
 
 
+def model_input_file(config: dict, method: str, name: str) -> str:
+    """The file of a model input a scorer declares (Scorer.model_inputs)."""
+    if name == "classifier":
+        return f"{root(config)}/models/classifier.pt"
+    if name == "model":
+        return f"{root(config)}/models/full/model.pt"
+    if name == "curvature":
+        return curvature_file(config, curvature_variant(config, method))
+    raise ValueError(f"scores.methods.{method}: unknown model input {name!r} (classifier, model or curvature)")
+
+
 def method_model_inputs(config: dict, method: str) -> dict[str, str]:
     """Model files a model-based method reads, keyed by the scores-stage option that names them."""
-    family = config["scores"]["methods"][method]["family"]
-    if family == "embedding":
-        return {"classifier": f"{root(config)}/models/classifier.pt"}
-    if family == "kfac":
-        return {"model": f"{root(config)}/models/full/model.pt",
-                "curvature": curvature_file(config, curvature_variant(config, method))}
-    return {}
+    scorer = get_scorer(config["scores"]["methods"][method]["family"])
+    return {name: model_input_file(config, method, name) for name in scorer.model_inputs}
 
 
 def method_model_args(config: dict, method: str) -> str:
@@ -390,14 +391,14 @@ def method_model_args(config: dict, method: str) -> str:
 # results/<benchmark>/fixed_seed/<name>/measurement.npz       its measurement (rule measure_fixed_seed); name `full`:
 #                                                             the full model's (w = 1)
 # Attributed queries: the first max_queries of each set (generated, then held-out), queries_per_job per job.
-METAGRADIENT_FAMILY = "metagradient"
 
 
 FIXED_SEED_NAME_PATTERN = r"full|subset\d+|loo\d+"
 
 
 def metagradient_methods(config: dict) -> list[str]:
-    return [m for m, c in config["scores"]["methods"].items() if c["family"] == METAGRADIENT_FAMILY]
+    """The methods whose scores come from chunk jobs (Scorer.chunk_jobs: the metagradient)."""
+    return [m for m, c in config["scores"]["methods"].items() if get_scorer(c["family"]).chunk_jobs]
 
 
 def metagradient_queries(config: dict, method: str) -> list[tuple[str, int]]:
@@ -415,7 +416,7 @@ def metagradient_chunks(config: dict, method: str) -> list[list[tuple[str, int]]
 
 
 def metagradient_chunk_files(config: dict, method: str) -> list[str]:
-    if config["scores"]["methods"][method]["family"] != METAGRADIENT_FAMILY:
+    if not get_scorer(config["scores"]["methods"][method]["family"]).chunk_jobs:
         return []
     return [f"{root(config)}/scores/{method}/chunks/chunk{k:03d}.npz" for k in range(len(metagradient_chunks(config, method)))]
 

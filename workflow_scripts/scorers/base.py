@@ -1,9 +1,132 @@
-"""Helpers shared by the gradient-based scorer families: what a method expects of its stores, similarity."""
+"""The scorer declaration (`Scorer`) every scorer module subclasses, and helpers shared by the gradient-based scorer
+families: what a method expects of its stores, similarity.
+
+A scorer module declares one class per scorer family: its settings (a JSON schema per accepted form of a method
+entry in scores.methods), the artefacts it reads (gradient stores, model files, chunk jobs), the configuration keys
+its scores job reads, the model families it runs on, whether it takes a query_measurement, and its lambda grid.
+The DAG (dag/paths.py, dag/config.py) derives rules, inputs and checks from these declarations, and the scores stage
+calls `compute`. Modules of this package are imported by the Snakefile (through the registry in __init__.py), so
+they import only light modules: a scorer whose computation needs torch or a model names an `engine` module
+(workflow_scripts/engines/), loaded only when it computes.
+"""
 from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
 
 import numpy as np
 
 from workflow_scripts.core.common import ArtefactError
+
+class ScorerNotRun(Exception):
+    """A scorer that cannot run in this environment (e.g. no CLIP weights): no numbers, a reason.
+
+    `reason` is the short text for the results table ("not run: no CLIP weights"); `detail` says
+    why (which setting, which file); str(exc) is both.
+    """
+
+    def __init__(self, reason: str, detail: str = ""):
+        self.reason, self.detail = reason, detail
+        super().__init__(f"{reason} ({detail})" if detail else reason)
+
+
+@dataclass(frozen=True)
+class StoreNeed:
+    """A gradient store a method reads (dag/paths.py turns it into a directory and files).
+
+    role: 'final' (the final model), 'query' (query features of the method's query_measurement, kept inside the
+    final store's directory), 'journey' (generated-query trajectory features), or 'checkpoints' (one store per
+    intermediate checkpoint of the full model, roles step<N>). kind: avg | unitnorm | sketch | journey | measurement.
+    timesteps: the timestep budget K (None: gradients.timesteps; a journey store: the sampling steps, None =
+    sample.num_inference_steps). directions: output directions of a sketch store. target: the measured target
+    of a measurement store."""
+
+    role: str
+    output_function: str
+    kind: str = "avg"
+    timesteps: int | None = None
+    directions: int | None = None
+    target: str | None = None
+
+
+# Schema fragments shared by several scorers' method entries (resolved against params.schema.yaml's definitions).
+OUTPUT_FUNCTION = {"$ref": "#/definitions/output_function"}
+TIMESTEPS = {"$ref": "#/definitions/timesteps"}
+LAMBDA_GRID = {"$ref": "#/definitions/lambda_grid"}
+POSINT = {"$ref": "#/definitions/posint"}
+SIMILARITY = {"enum": ["dot", "cosine"]}
+QUERY_MEASUREMENT = {"type": "string", "pattern": "^(loss|elbo|trajectory|timestep_loss_t[0-9]+)$"}
+
+
+def method_schema(family, required=(), **properties) -> dict:
+    """The JSON schema of one form of a method entry: {family: <family>, ...properties}, nothing else."""
+    family_schema = {"const": family} if isinstance(family, str) else {"enum": list(family)}
+    return {"type": "object", "additionalProperties": False, "required": ["family", *required],
+            "properties": {"family": family_schema, **properties}}
+
+
+class Scorer:
+    """Declaration of one scorer family; subclass it in a module of this package and it is registered."""
+
+    family: str = ""  # the value of scores.methods.<method>.family
+    schemas: tuple[dict, ...] = ()  # accepted forms of a method entry (method_schema)
+    model_families: tuple[str, ...] = ("ddpm",)  # model.family values it runs on
+    refused_reason: str = "it is not implemented for that model family"  # shown when model.family is another
+    takes_query_measurement: bool = False  # accepts query_measurement: query side = that measured target
+    config_keys: tuple[str, ...] = ()  # configuration keys its scores job reads besides scores.* and lds.*
+    model_inputs: tuple[str, ...] = ()  # model files it reads: classifier, model (final checkpoint), curvature
+    chunk_jobs: bool = False  # its scores come from chunk jobs (rule metagradient), assembled by the scores job
+    engine: str | None = None  # module with compute(method_cfg, inputs, lambdas), imported when it computes
+
+    def stores(self, method_cfg: dict) -> list[StoreNeed]:
+        """The gradient stores a method reads (none by default)."""
+        return []
+
+    def lambdas(self, method_cfg: dict, config: dict) -> list[float]:
+        """The lambda grid the scores stage sweeps: the method's own, else scores.lambda_grid (scorers without a
+        lambda ignore it and return one result)."""
+        return list(method_cfg.get("lambda_grid", config["scores"]["lambda_grid"]))
+
+    def compute(self, method_cfg: dict, inputs, lambdas) -> list:
+        """[(lambda or None, {query set: (n_query, n_train) scores})] (S[q, i] = predicted change of the query's
+        measurement when training example i is removed)."""
+        if self.engine is None:
+            raise NotImplementedError(f"scorer {self.family!r} defines neither compute() nor an engine")
+        return importlib.import_module(self.engine).compute(method_cfg, inputs, lambdas)
+
+    def notes(self, method_cfg: dict) -> dict[str, str]:
+        """{query set: caveat} shown beside the method's rows."""
+        return query_notes(method_cfg) if self.takes_query_measurement else {}
+
+    def settings(self, method_cfg: dict, config: dict) -> dict:
+        """Resolved settings saved in chosen.json (the ablation tables' columns)."""
+        return {}
+
+    def check(self, name: str, method_cfg: dict, config: dict) -> None:
+        """Cross-field checks of one method entry beyond its schema (ValueError naming the field)."""
+
+    def unavailable(self, name: str, method_cfg: dict) -> str | None:
+        """Why the method will produce no scores in this configuration (e.g. no CLIP weights), or None."""
+        return None
+
+    def query_target(self, method_cfg: dict) -> str:
+        """The measured target the method's scores predict (its lambda is tuned on it)."""
+        return query_target(method_cfg) if self.takes_query_measurement else "loss"
+
+
+def loss_store(method_cfg: dict, role: str = "final") -> StoreNeed:
+    """The store of TRAK-like loss (or output function) features averaged over the method's K timesteps."""
+    return StoreNeed(role, method_cfg["output_function"], "avg", method_cfg.get("timesteps"))
+
+
+def query_measurement_stores(method_cfg: dict) -> list[StoreNeed]:
+    """The query-feature store of a query_measurement other than the loss (none for the loss)."""
+    target = query_target(method_cfg)
+    if target == "loss":
+        return []
+    return [StoreNeed("query", method_cfg["output_function"], "measurement", method_cfg.get("timesteps"),
+                      target=target)]
+
 
 CHUNK_BYTES = 64 * 2**20  # float64 bytes of one chunk of training rows
 

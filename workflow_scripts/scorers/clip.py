@@ -22,28 +22,20 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
-import torch.nn.functional as F
 
 from workflow_scripts.core.common import ArtefactError, log
+from workflow_scripts.scorers.base import POSINT, SIMILARITY, Scorer, ScorerNotRun, method_schema
 from workflow_scripts.scorers.pixel import similarity
+
+if TYPE_CHECKING:
+    import torch
 
 NO_WEIGHTS = "not run: no CLIP weights"
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)  # open_clip.constants.OPENAI_DATASET_MEAN
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
-
-
-class ScorerNotRun(Exception):
-    """A scorer that cannot run in this environment (e.g. no CLIP weights): no numbers, a reason.
-
-    `reason` is the short text for the results table ("not run: no CLIP weights"); `detail` says
-    why (which setting, which file); str(exc) is both.
-    """
-
-    def __init__(self, reason: str, detail: str = ""):
-        self.reason, self.detail = reason, detail
-        super().__init__(f"{reason} ({detail})" if detail else reason)
 
 
 def check_weights(method_cfg: dict) -> Path:
@@ -89,6 +81,9 @@ def load_clip(model: str, weights: str | Path, device: torch.device | str = "cpu
 
 def preprocess(images: np.ndarray | torch.Tensor, size, mean, std) -> torch.Tensor:
     """(n, 1, h, w) in [-1, 1] -> (n, 3, H, W) CLIP input: bilinear upsampling, 3 channels, normalised."""
+    import torch
+    import torch.nn.functional as F
+
     x = torch.as_tensor(np.asarray(images, dtype=np.float32))
     if x.dim() != 4 or x.shape[1] not in (1, 3):
         raise ValueError(f"expected images of shape (n, 1 or 3, h, w), got {tuple(x.shape)}")
@@ -101,17 +96,18 @@ def preprocess(images: np.ndarray | torch.Tensor, size, mean, std) -> torch.Tens
     return (x - mean) / std
 
 
-@torch.no_grad()
 def embed(net: torch.nn.Module, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
     """(n, embed_dim) float32 image embeddings (not normalised)."""
+    import torch
     from open_clip.model import get_model_preprocess_cfg
 
     cfg = get_model_preprocess_cfg(net)
     device = next(net.parameters()).device
     out = []
-    for start in range(0, len(images), batch_size):
-        x = preprocess(images[start : start + batch_size], cfg["size"], cfg["mean"], cfg["std"]).to(device)
-        out.append(net.encode_image(x).float().cpu())
+    with torch.no_grad():
+        for start in range(0, len(images), batch_size):
+            x = preprocess(images[start : start + batch_size], cfg["size"], cfg["mean"], cfg["std"]).to(device)
+            out.append(net.encode_image(x).float().cpu())
     return torch.cat(out).numpy()
 
 
@@ -124,3 +120,19 @@ def compute(method_cfg: dict, inputs, lambdas) -> list:
     log.info("clip: %s embeddings of %d training images (dim %d)", method_cfg.get("model"), len(train), train.shape[1])
     return [(None, {name: similarity(embed(net, images, batch), train, method_cfg["similarity"])
                     for name, images in inputs.queries().items()})]
+
+
+class Clip(Scorer):
+    family = "clip"
+    schemas = (method_schema("clip", ["similarity", "model", "weights"], similarity=SIMILARITY,
+                             model={"type": "string", "minLength": 1}, weights={"type": ["string", "null"]},
+                             batch_size=POSINT),)
+    model_families = ("ddpm", "vesde")  # model-free: it reads images only
+
+    def compute(self, method_cfg, inputs, lambdas):
+        return compute(method_cfg, inputs, lambdas)
+
+    def unavailable(self, name, method_cfg):
+        if not method_cfg.get("weights"):
+            return f"without CLIP weights (scores.methods.{name}.weights is null)"
+        return None

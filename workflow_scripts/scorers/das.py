@@ -57,8 +57,17 @@ from __future__ import annotations
 
 import numpy as np
 
-from workflow_scripts.scorers.base import expected_store
-from workflow_scripts.scorers.base import row_chunks
+from workflow_scripts.scorers.base import (
+    LAMBDA_GRID,
+    OUTPUT_FUNCTION,
+    POSINT,
+    TIMESTEPS,
+    Scorer,
+    StoreNeed,
+    expected_store,
+    method_schema,
+    row_chunks,
+)
 from workflow_scripts.scorers.trak import KernelSolver, kernel_eigh
 from workflow_scripts.core.contracts import VECTOR_OUTPUT
 
@@ -148,3 +157,25 @@ def compute(method_cfg: dict, inputs, lambdas) -> list:
     queries = {name: inputs.features("final", name, expect) for name in inputs.query_sets}
     return [(lam, {name: solver.scores(q, residuals, lam, leverage).astype(np.float32) for name, q in queries.items()})
             for lam in lambdas]
+
+
+class DAS(Scorer):
+    family = "das"
+    schemas = (
+        method_schema("das", ["form", "output_function", "leverage"], form={"const": "scalar"},
+                      output_function=OUTPUT_FUNCTION, leverage={"type": "boolean"}, timesteps=TIMESTEPS,
+                      lambda_grid=LAMBDA_GRID),
+        method_schema("das", ["form", "output_directions", "leverage"], form={"const": "vector"},
+                      output_directions=POSINT, leverage={"type": "boolean"}, timesteps=TIMESTEPS,
+                      lambda_grid=LAMBDA_GRID),
+    )
+    refused_reason = "it linearises the DDPM noise predictor at DDPM timesteps (rule gradients)"
+
+    def stores(self, method_cfg):
+        k = method_cfg.get("timesteps")
+        if method_cfg["form"] == "vector":
+            return [StoreNeed("final", VECTOR_OUTPUT, "sketch", k, directions=method_cfg["output_directions"])]
+        return [StoreNeed("final", method_cfg["output_function"], "unitnorm", k)]
+
+    def compute(self, method_cfg, inputs, lambdas):
+        return compute(method_cfg, inputs, lambdas)

@@ -8,8 +8,19 @@ from __future__ import annotations
 
 import numpy as np
 
-from workflow_scripts.scorers.base import expected_store, query_features, query_notes, similarity
-from workflow_scripts.scorers.base import query_target  # noqa: F401  (scorers.family_target: lambda tuned on it)
+from workflow_scripts.scorers.base import (
+    OUTPUT_FUNCTION,
+    QUERY_MEASUREMENT,
+    SIMILARITY,
+    TIMESTEPS,
+    Scorer,
+    expected_store,
+    loss_store,
+    method_schema,
+    query_features,
+    query_measurement_stores,
+    similarity,
+)
 
 
 def compute(method_cfg: dict, inputs, lambdas) -> list:
@@ -20,6 +31,15 @@ def compute(method_cfg: dict, inputs, lambdas) -> list:
                     for name in inputs.query_sets})]
 
 
-def notes(method_cfg: dict) -> dict[str, str]:
-    return query_notes(method_cfg)
+class GradientSimilarity(Scorer):
+    family = "gradient_similarity"
+    schemas = (method_schema("gradient_similarity", ["output_function", "similarity"], output_function=OUTPUT_FUNCTION,
+                             similarity=SIMILARITY, timesteps=TIMESTEPS, query_measurement=QUERY_MEASUREMENT),)
+    refused_reason = "its gradient store (rule gradients) holds gradients of DDPM output functions"
+    takes_query_measurement = True
 
+    def stores(self, method_cfg):
+        return [loss_store(method_cfg), *query_measurement_stores(method_cfg)]
+
+    def compute(self, method_cfg, inputs, lambdas):
+        return compute(method_cfg, inputs, lambdas)

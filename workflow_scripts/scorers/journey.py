@@ -14,7 +14,18 @@ from __future__ import annotations
 
 import numpy as np
 
-from workflow_scripts.scorers.base import SPACE, check_same_space, expected_store
+from workflow_scripts.scorers.base import (
+    LAMBDA_GRID,
+    POSINT,
+    SPACE,
+    TIMESTEPS,
+    Scorer,
+    StoreNeed,
+    check_same_space,
+    expected_store,
+    loss_store,
+    method_schema,
+)
 from workflow_scripts.scorers.trak import KernelSolver
 
 NOTES = {"heldout": "standard TRAK query features: Journey-TRAK applies to generated queries only "
@@ -38,3 +49,21 @@ def compute(method_cfg: dict, inputs, lambdas) -> list:
         if name != "generated":  # no trajectory: TRAK's query features (see NOTES, logged by the scores stage)
             queries[name] = inputs.features("final", name, expect)
     return [(lam, {name: solver.scores(q, lam).astype(np.float32) for name, q in queries.items()}) for lam in lambdas]
+
+
+class JourneyTrak(Scorer):
+    family = "journey"
+    schemas = (method_schema("journey", ["output_function"], output_function={"const": "loss"}, timesteps=TIMESTEPS,
+                             sampling_steps=POSINT, lambda_grid=LAMBDA_GRID),)
+    refused_reason = "it re-noises the DDPM sampling trajectory at DDPM timesteps"
+
+    def stores(self, method_cfg):
+        # timesteps None: the journey store spans sample.num_inference_steps (dag/paths.py)
+        return [loss_store(method_cfg), StoreNeed("journey", method_cfg["output_function"], "journey",
+                                                  method_cfg.get("sampling_steps"))]
+
+    def compute(self, method_cfg, inputs, lambdas):
+        return compute(method_cfg, inputs, lambdas)
+
+    def notes(self, method_cfg):
+        return notes(method_cfg)

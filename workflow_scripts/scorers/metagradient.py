@@ -1,5 +1,5 @@
 """Metagradient / MAGIC (docs/methods.md): S[q, i] = -d m_q / d w_i at
-w = 1 by reverse-mode differentiation through the whole training run (workflow_scripts.metagradient).
+w = 1 by reverse-mode differentiation through the whole training run (engine: workflow_scripts/engines/metagradient.py, on workflow_scripts/engines/magic.py).
 
 Computed from the dataset and the configuration alone: the full model's training (all N examples, seed
 seeds.train + replicate, train.* settings) is rerun functionally with checkpoints, then one reverse pass serves all
@@ -21,13 +21,15 @@ from __future__ import annotations
 
 import numpy as np
 
-from workflow_scripts.core.common import ArtefactError, log
-from workflow_scripts.scorers.magic import default_every
-from workflow_scripts.core.common import load_torch
-from workflow_scripts.core.seeds import training_identity
-from workflow_scripts.core.common import load_npz
-from workflow_scripts.core.common import select_device
-from workflow_scripts.scorers.magic import attribute
+import math
+
+from workflow_scripts.core.common import ArtefactError, load_npz, log
+from workflow_scripts.scorers.base import POSINT, Scorer, method_schema
+
+def default_every(steps: int) -> int:
+    """The reverse pass's default state checkpoint interval: ceil(sqrt(train.steps))."""
+    return max(1, math.ceil(math.sqrt(steps)))
+
 
 DEFAULTS = {"checkpoint_every": None, "max_queries": None, "replicate": 0, "queries_per_job": None}
 
@@ -66,21 +68,6 @@ def settings(method_cfg: dict, config: dict) -> dict:
             "replicate": int(opts["replicate"]), "train_steps": steps, "queries_per_job": opts["queries_per_job"]}
 
 
-def check_full_model(model_path: str, config: dict, n_train: int, replicate: int, params: dict) -> float:
-    """The checkpoint must come from the training we differentiated; returns the max |param difference|."""
-    payload = load_torch(model_path)
-    expected = training_identity(config, np.arange(n_train), replicate)
-    if payload.get("config") != expected:
-        raise ArtefactError(f"{model_path}: not the model of this training (seed, data, train settings differ); the "
-                            "metagradient differentiates train.train_model on all training examples")
-    diff = max(float((payload["state_dict"][n].to(p.dtype) - p.cpu()).abs().max()) for n, p in params.items())
-    log.info("metagradient: recomputed final parameters vs %s: max |difference| %.3g", model_path, diff)
-    if not diff < 1e-3:
-        raise ArtefactError(f"{model_path}: the recomputed training ends {diff:.3g} away from this checkpoint "
-                            f"(another torch version or device?); scores would not belong to this model")
-    return diff
-
-
 def assemble(chunk_paths: list[str], queries: dict[str, np.ndarray], n_train: int,
              selected: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """{query set: (n_query, n_train) float32} from the chunk jobs' files; rows not attributed are NaN. The chunks
@@ -107,36 +94,39 @@ def assemble(chunk_paths: list[str], queries: dict[str, np.ndarray], n_train: in
     return matrices
 
 
-def compute(method_cfg: dict, inputs, lambdas) -> list:
-    """[(None, {query set: (n_query, n_train) float32})]; rows of queries beyond max_queries are NaN.
+OPTIONAL_POSINT = {"oneOf": [POSINT, {"type": "null"}]}
 
-    With chunk files (inputs.chunks, the workflow) they are assembled; otherwise the scores are computed here."""
-    opts = _options(method_cfg)
-    if getattr(inputs, "chunks", None):
-        queries = inputs.queries()
-        selected = selected_queries({name: len(images) for name, images in queries.items()}, opts["max_queries"])
-        return [(None, assemble(inputs.chunks, queries, len(inputs.train_images()), selected))]
-    config = getattr(inputs, "config", None)
-    if not config:
-        raise ArtefactError("the metagradient scorer needs the full configuration in its inputs (ScorerInputs.config)")
-    train = inputs.train_images()
-    queries = inputs.queries()
-    selected = selected_queries({name: len(images) for name, images in queries.items()}, opts["max_queries"])
-    device = select_device(config["compute"])
-    result = attribute(config, train, queries, selected, replicate=int(opts["replicate"]), every=opts["checkpoint_every"],
-                       device=device)
-    if getattr(inputs, "model_path", None):
-        check_full_model(inputs.model_path, config, len(train), int(opts["replicate"]), result.final_params)
-    info = result.info
-    log.info("metagradient: forward %.1f s, query gradients %.1f s, reverse %.1f s (recompute %.1f s); peak RSS %.0f MB",
-             info["time_forward"], info["time_query_gradients"], info["time_reverse"], info["time_recompute"],
-             info["peak_rss_mb"])
-    matrices = {}
-    for name, images in queries.items():
-        scores = np.full((len(images), len(train)), np.nan, dtype=np.float32)
-        if name in result.scores:
-            scores[result.indices[name]] = result.scores[name].astype(np.float32)
-        if not np.isfinite(scores[selected[name]]).all():
-            raise FloatingPointError(f"metagradient: non-finite scores for attributed {name} queries")
-        matrices[name] = scores
-    return [(None, matrices)]
+
+class Metagradient(Scorer):
+    family = "metagradient"
+    schemas = (method_schema("metagradient", checkpoint_every=OPTIONAL_POSINT, max_queries=OPTIONAL_POSINT,
+                             replicate={"type": "integer", "minimum": 0}, queries_per_job=OPTIONAL_POSINT),)
+    refused_reason = "it replays DDPM training (workflow_scripts/engines/magic.py)"
+    config_keys = ("train.steps",)  # its settings (checkpoint interval); the scores come from its chunk jobs
+    chunk_jobs = True
+    engine = "workflow_scripts.engines.metagradient"
+
+    def compute(self, method_cfg, inputs, lambdas):
+        """[(None, {query set: (n_query, n_train) float32})]; rows of queries beyond max_queries are NaN. With chunk
+        files (inputs.chunks, the workflow) they are assembled; otherwise the engine computes the scores here."""
+        opts = _options(method_cfg)
+        if getattr(inputs, "chunks", None):
+            queries = inputs.queries()
+            selected = selected_queries({name: len(images) for name, images in queries.items()}, opts["max_queries"])
+            return [(None, assemble(inputs.chunks, queries, len(inputs.train_images()), selected))]
+        return super().compute(method_cfg, inputs, lambdas)
+
+    def check(self, name, method_cfg, config):
+        """It needs its fixed-seed ground truth, made with the full model's seed (replicate 0)."""
+        if "fixed_seed" not in config:
+            raise ValueError(f"scores.methods.{name}: a metagradient method needs the section fixed_seed "
+                             "(loo_sets, loo_fraction: its fixed-seed ground truth)")
+        if method_cfg.get("replicate", 0) != 0:
+            raise ValueError(f"scores.methods.{name}.replicate: the fixed-seed ground truth retrains with the full "
+                             "model's seed (replicate 0); other replicates are library-only")
+
+    def notes(self, method_cfg):
+        return notes(method_cfg)
+
+    def settings(self, method_cfg, config):
+        return settings(method_cfg, config)

@@ -9,8 +9,18 @@ from __future__ import annotations
 
 import numpy as np
 
-from workflow_scripts.scorers.base import expected_store, query_features, query_notes
-from workflow_scripts.scorers.base import query_target  # noqa: F401  (scorers.family_target: lambda tuned on it)
+from workflow_scripts.scorers.base import (
+    LAMBDA_GRID,
+    OUTPUT_FUNCTION,
+    QUERY_MEASUREMENT,
+    TIMESTEPS,
+    Scorer,
+    expected_store,
+    loss_store,
+    method_schema,
+    query_features,
+    query_measurement_stores,
+)
 from workflow_scripts.scorers.trak import KernelSolver
 
 
@@ -33,6 +43,16 @@ def compute(method_cfg: dict, inputs, lambdas) -> list:
             for lam in lambdas]
 
 
-def notes(method_cfg: dict) -> dict[str, str]:
-    return query_notes(method_cfg)
+class NormalizedInfluence(Scorer):
+    family = "normalized_if"
+    schemas = (method_schema("normalized_if", ["output_function", "normalization"], output_function=OUTPUT_FUNCTION,
+                             normalization={"enum": ["relative", "renormalized"]}, timesteps=TIMESTEPS,
+                             lambda_grid=LAMBDA_GRID, query_measurement=QUERY_MEASUREMENT),)
+    refused_reason = "its gradient store (rule gradients) holds gradients of DDPM output functions"
+    takes_query_measurement = True
 
+    def stores(self, method_cfg):
+        return [loss_store(method_cfg), *query_measurement_stores(method_cfg)]
+
+    def compute(self, method_cfg, inputs, lambdas):
+        return compute(method_cfg, inputs, lambdas)

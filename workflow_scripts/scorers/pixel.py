@@ -4,6 +4,7 @@ from __future__ import annotations
 import numpy as np
 
 from workflow_scripts.scorers import base
+from workflow_scripts.scorers.base import SIMILARITY, Scorer, method_schema
 
 
 def similarity(queries: np.ndarray, train: np.ndarray, kind: str) -> np.ndarray:
@@ -14,3 +15,12 @@ def similarity(queries: np.ndarray, train: np.ndarray, kind: str) -> np.ndarray:
 def compute(method_cfg: dict, inputs, lambdas) -> list:
     train = inputs.train_images()
     return [(None, {name: similarity(images, train, method_cfg["similarity"]) for name, images in inputs.queries().items()})]
+
+
+class Pixel(Scorer):
+    family = "pixel"
+    schemas = (method_schema("pixel", ["similarity"], similarity=SIMILARITY),)
+    model_families = ("ddpm", "vesde")  # model-free: it reads images only
+
+    def compute(self, method_cfg, inputs, lambdas):
+        return compute(method_cfg, inputs, lambdas)

@@ -11,7 +11,18 @@ from __future__ import annotations
 import numpy as np
 
 from workflow_scripts.core.common import ArtefactError, log
-from workflow_scripts.scorers.base import check_same_space, expected_store, similarity
+from workflow_scripts.scorers.base import (
+    OUTPUT_FUNCTION,
+    QUERY_MEASUREMENT,
+    SIMILARITY,
+    TIMESTEPS,
+    Scorer,
+    check_same_space,
+    expected_store,
+    loss_store,
+    method_schema,
+    similarity,
+)
 
 
 def tracin_scores(queries: list[np.ndarray], train: list[np.ndarray], lrs: list[float], kind: str) -> np.ndarray:
@@ -43,3 +54,17 @@ def compute(method_cfg: dict, inputs, lambdas) -> list:
     kind = method_cfg["similarity"]
     return [(None, {name: tracin_scores([inputs.features(role, name, expect) for role in roles], train, lrs, kind).astype(np.float32)
                     for name in inputs.query_sets})]
+
+
+class TracIn(Scorer):
+    family = "tracin"
+    # query_measurement is accepted by the schema only to be refused with a reason (dag/config.py)
+    schemas = (method_schema("tracin", ["output_function", "similarity"], output_function=OUTPUT_FUNCTION,
+                             similarity=SIMILARITY, timesteps=TIMESTEPS, query_measurement=QUERY_MEASUREMENT),)
+    refused_reason = "its gradient stores (rule gradients) hold gradients of DDPM output functions"
+
+    def stores(self, method_cfg):
+        return [loss_store(method_cfg, role="checkpoints")]
+
+    def compute(self, method_cfg, inputs, lambdas):
+        return compute(method_cfg, inputs, lambdas)

@@ -22,8 +22,19 @@ from __future__ import annotations
 
 import numpy as np
 
-from workflow_scripts.scorers.base import expected_store, query_features, query_notes, row_chunks
-from workflow_scripts.scorers.base import query_target  # noqa: F401  (scorers.family_target: lambda tuned on it)
+from workflow_scripts.scorers.base import (
+    LAMBDA_GRID,
+    OUTPUT_FUNCTION,
+    QUERY_MEASUREMENT,
+    TIMESTEPS,
+    Scorer,
+    expected_store,
+    loss_store,
+    method_schema,
+    query_features,
+    query_measurement_stores,
+    row_chunks,
+)
 
 def kernel_eigh(features) -> tuple[np.ndarray, np.ndarray]:
     """Eigenvalues (clipped at 0) and eigenvectors of sum_i J_i^T J_i over the rows of (n, ..., d) features."""
@@ -100,6 +111,15 @@ def compute(method_cfg: dict, inputs, lambdas) -> list:
     return [(lam, {name: solver.scores(q, lam).astype(np.float32) for name, q in queries.items()}) for lam in lambdas]
 
 
-def notes(method_cfg: dict) -> dict[str, str]:
-    return query_notes(method_cfg)
+class Trak(Scorer):
+    family = "trak"
+    schemas = (method_schema("trak", ["output_function"], output_function=OUTPUT_FUNCTION, timesteps=TIMESTEPS,
+                             lambda_grid=LAMBDA_GRID, query_measurement=QUERY_MEASUREMENT),)
+    refused_reason = "its gradient store (rule gradients) holds gradients of DDPM output functions at DDPM timesteps"
+    takes_query_measurement = True
 
+    def stores(self, method_cfg):
+        return [loss_store(method_cfg), *query_measurement_stores(method_cfg)]
+
+    def compute(self, method_cfg, inputs, lambdas):
+        return compute(method_cfg, inputs, lambdas)

@@ -30,7 +30,7 @@ import pandas as pd
 
 from workflow_scripts.core import data as core_data
 from workflow_scripts.core.common import log, save_json
-from workflow_scripts.dag.config import QUERY_MEASUREMENT_FAMILIES
+from workflow_scripts.scorers import SCORERS
 from workflow_scripts.core.lds import BootstrapRanks, noise_ceiling_summary
 from workflow_scripts.families.likelihood import file_targets, load_measurement_targets
 from workflow_scripts.core.contracts import QUERY_SETS
@@ -254,7 +254,7 @@ def substitution_methods(method_dirs: dict[str, Path]) -> dict[str, str]:
     for method, directory in method_dirs.items():
         chosen = json.loads((directory / "chosen.json").read_text())
         family = chosen.get("config", {}).get("family")
-        if family not in QUERY_MEASUREMENT_FAMILIES or "not_run" in chosen:
+        if family not in SCORERS or not SCORERS[family].takes_query_measurement or "not_run" in chosen:
             continue
         # kfac: its resolved settings (kfac.* defaults included); the TRAK family: its method config
         settings = dict(chosen.get("settings") or {}) if family == "kfac" else dict(chosen["config"])

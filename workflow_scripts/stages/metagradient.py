@@ -1,4 +1,4 @@
-"""Stage `metagradient`: one job's chunk of queries attributed by the metagradient engine (scorers/magic.py),
+"""Stage `metagradient`: one job's chunk of queries attributed by the metagradient engine (engines/magic.py),
 written to scores/<method>/chunks/chunk<NNN>.npz; the scores stage assembles the chunks.
 """
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 import numpy as np
 from workflow_scripts.core.common import log
-from workflow_scripts.scorers.magic import Attribution, attribute
+from workflow_scripts.engines.magic import Attribution, attribute
 from workflow_scripts.core.common import save_npz
 from workflow_scripts.core import data as core_data
 from workflow_scripts.core.common import select_device

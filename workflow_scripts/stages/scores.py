@@ -2,7 +2,7 @@
 
 For each lambda of scores.lambda_grid (methods without one: a single entry) the LDS of every query
 set is computed on the TUNING subsets and, for the record, on the EVALUATION subsets, against the
-measured target the method's scores predict (scorers.family_target: the loss, or the query_measurement of a K-FAC or
+measured target the method's scores predict (Scorer.query_target: the loss, or the query_measurement of a K-FAC or
 TRAK-family method such as the ELBO; a query set without that target, held-out for trajectory, uses
 the loss). The lambda with the best mean TUNING LDS over the query sets is kept; its matrices are
 written as <query_set>.npy (n_query x n_train, float32) beside sweep.csv, and the LDS-vs-lambda curve as sweep.png.
@@ -24,7 +24,7 @@ from workflow_scripts.families.likelihood import method_targets
 from workflow_scripts.core.contracts import QUERY_SETS
 from workflow_scripts.core.data import load_queries
 from workflow_scripts.core.contracts import RESIDUAL
-from workflow_scripts.scorers import ScorerNotRun, family_notes, family_settings, family_target, get_family
+from workflow_scripts.scorers import ScorerNotRun, get_scorer
 
 
 class ScorerInputs:
@@ -174,14 +174,14 @@ def run(args, config: dict) -> None:
     if args.method not in methods:
         raise ValueError(f"method {args.method!r} is not in scores.methods ({sorted(methods)})")
     method_cfg = methods[args.method]
-    family = get_family(method_cfg["family"])
-    notes = family_notes(method_cfg["family"], method_cfg)
+    scorer = get_scorer(method_cfg["family"])
+    notes = scorer.notes(method_cfg)
     inputs = ScorerInputs(args.dataset, args.samples, parse_stores(args.features), args.classifier, args.model,
                           args.curvature, config, args.chunks)
-    lambdas = method_cfg.get("lambda_grid", config["scores"]["lambda_grid"])
+    lambdas = scorer.lambdas(method_cfg, config)  # resolved once, here
     out = Path(args.out_dir)
     try:
-        results = family.compute(method_cfg, inputs, lambdas)
+        results = scorer.compute(method_cfg, inputs, lambdas)
     except ScorerNotRun as exc:  # e.g. no CLIP weights: say so in the table, never a number
         log.warning("scores %s: %s (%s)", args.method, exc.reason, exc.detail)
         save_text("lambda,query_set,lds_tuning,lds_evaluation\n", out / "sweep.csv")
@@ -191,7 +191,7 @@ def run(args, config: dict) -> None:
                    "detail": exc.detail}, out / "chosen.json")
         return
     subsets = core_data.load_subsets(args.subsets)
-    target = family_target(method_cfg["family"], method_cfg)
+    target = scorer.query_target(method_cfg)
     targets, fallback = method_targets(args.measurements, config["lds"]["n_subsets"], config["lds"]["n_seeds"], target)
     for name, note in fallback.items():
         log.info("scores %s: %s", args.method, note)
@@ -213,7 +213,7 @@ def run(args, config: dict) -> None:
     save_text(table.to_csv(index=False), out / "sweep.csv")
     plot_sweep(table, chosen_lambda, args.method, out / "sweep.png", notes)
     save_json({"method": args.method, "config": method_cfg, "lambda": chosen_lambda, "notes": notes, "target": used,
-               "settings": family_settings(method_cfg["family"], method_cfg, config)}, out / "chosen.json")
+               "settings": scorer.settings(method_cfg, config)}, out / "chosen.json")
     for name, note in notes.items():
         log.warning("scores %s, %s queries: %s", args.method, name, note)
     log.info("scores %s: lambda %s; tuning LDS (target %s) %s", args.method, chosen_lambda, target,

@@ -51,7 +51,6 @@ on CPU: the per-query work is FLOP-bound, not overhead-bound.
 """
 from __future__ import annotations
 
-import math
 import resource
 import time
 from dataclasses import dataclass, field
@@ -63,6 +62,7 @@ from workflow_scripts.families.ddpm import add_noise, alphas_cumprod, build_mode
 from workflow_scripts.core.seeds import INIT_STREAM, NOISE_STREAM, batch_indices, training_seed
 from workflow_scripts.families.ddpm import train_model
 from workflow_scripts.core.contracts import QUERY_SETS
+from workflow_scripts.scorers.metagradient import default_every
 
 
 # torch.optim.AdamW defaults (train.py does not override them)
@@ -339,10 +339,6 @@ def query_value_and_grad(problem: TrainingProblem, params: dict, queries: QueryD
 # ----------------------------------------------------------------------------------------------------------------
 # Reverse pass
 # ----------------------------------------------------------------------------------------------------------------
-def default_every(steps: int) -> int:
-    return max(1, math.ceil(math.sqrt(steps)))
-
-
 def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
