@@ -1,5 +1,5 @@
 # Training-data attribution benchmark for diffusion models: the whole DAG.
-# Paths come from workflow_scripts.paths; all logic lives in workflow_scripts (see DESIGN.md).
+# Paths come from workflow_scripts.paths; all logic lives in workflow_scripts (see docs/workflow.md).
 import sys
 
 sys.path.insert(0, workflow.basedir)
