@@ -1,5 +1,5 @@
 # Training-data attribution benchmark for diffusion models: the whole DAG.
-# Paths come from workflow_scripts/dag/paths.py; all logic lives in workflow_scripts (docs/design.md).
+# Paths come from workflow_scripts/dag/paths.py; all logic lives in workflow_scripts (docs/design.md, docs/workflow.md).
 import sys
 
 sys.path.insert(0, workflow.basedir)

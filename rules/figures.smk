@@ -1,4 +1,4 @@
-# The figures of the README and the report (PNG + PDF), drawn from the tables and score matrices.
+# The figures of the report (PNG + PDF), drawn from the tables and score matrices.
 FIGURES = ("lds_bars", "damping_sweeps", "predicted_vs_actual", "influencers")
 
 
