@@ -27,7 +27,11 @@ smoke: setup
 pull: setup  ## fetch the DVC-versioned results and mark them up to date for Snakemake
 	PATH=$(abspath $(BIN)):$$PATH scripts/dvc-pull
 
-lint: setup
+lint: setup  ## ruff (lint + format), snakefmt, the import layers (.importlinter), snakemake --lint
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/snakefmt --check Snakefile rules
+	$(BIN)/lint-imports
 	PATH=$(abspath $(BIN)):$$PATH $(BIN)/snakemake --lint
 
 clean:

@@ -14,7 +14,9 @@ report: "report/workflow.rst"  # `snakemake --report results/report.html`: every
 
 
 drop_removed_methods(config)  # an overlay removes a method by setting it to null
-order_methods(config, f"{workflow.basedir}/params.yaml")  # params.yaml's methods first, then the overlays' by name: the tables' row order
+order_methods(
+    config, f"{workflow.basedir}/params.yaml"
+)  # params.yaml's methods first, then the overlays' by name: the tables' row order
 validate_config(config)  # fails before any job starts, naming the bad field
 check_workflow_support(config)  # ... or naming a setting the rules cannot honour yet
 

@@ -16,6 +16,7 @@
 
 Not counted: the scores stage's linear algebra (CPU, minutes), the classifier (seconds), data loading, job start-up.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -70,8 +71,13 @@ def measure_model(config: dict, batch: int, repeats: int = 2) -> dict:
         simple_loss(model, x, t, eps, a_bar).mean().backward()
         optimizer.step()
         seconds.append(time.perf_counter() - start)
-    return {"params": sum(p.numel() for p in model.parameters()), "forward_flops": forward, "train_flops": step,
-            "cpu_seconds_per_step": min(seconds[1:]), "cpu_batch": batch}
+    return {
+        "params": sum(p.numel() for p in model.parameters()),
+        "forward_flops": forward,
+        "train_flops": step,
+        "cpu_seconds_per_step": min(seconds[1:]),
+        "cpu_batch": batch,
+    }
 
 
 def stage_passes(config: dict, train_over_forward: float) -> list[tuple[str, str, float, str]]:
@@ -85,34 +91,69 @@ def stage_passes(config: dict, train_over_forward: float) -> list[tuple[str, str
     per_model = config["train"]["steps"] * config["train"]["batch_size"] * tr
     draws = m["n_timesteps"] * m["n_noise"]
     rows = [
-        ("train_full", "batched", per_model, f"1 model x {config['train']['steps']} steps x {config['train']['batch_size']}"),
+        (
+            "train_full",
+            "batched",
+            per_model,
+            f"1 model x {config['train']['steps']} steps x {config['train']['batch_size']}",
+        ),
         ("train_subset (LDS)", "batched", n_models * per_model, f"{lds['n_subsets']} subsets x {lds['n_seeds']} seeds"),
-        ("train_subset (counterfactual)", "batched", n_cf * per_model,
-         f"{cf['queries']} queries x {len(paths.counterfactual_methods(config))} (methods + random)"),
-        ("sample", "batched", s["n_generated"] * s["num_inference_steps"], f"{s['n_generated']} x {s['num_inference_steps']} DDIM steps"),
+        (
+            "train_subset (counterfactual)",
+            "batched",
+            n_cf * per_model,
+            f"{cf['queries']} queries x {len(paths.counterfactual_methods(config))} (methods + random)",
+        ),
+        (
+            "sample",
+            "batched",
+            s["n_generated"] * s["num_inference_steps"],
+            f"{s['n_generated']} x {s['num_inference_steps']} DDIM steps",
+        ),
         ("measure", "batched", n_models * n_query * draws, f"{n_models} models x {n_query} queries x {draws} draws"),
-        ("regenerate", "batched", n_cf * 2 * (s["num_inference_steps"] + draws),
-         f"{n_cf} x 2 models x ({s['num_inference_steps']} steps + {draws} draws)"),
+        (
+            "regenerate",
+            "batched",
+            n_cf * 2 * (s["num_inference_steps"] + draws),
+            f"{n_cf} x 2 models x ({s['num_inference_steps']} steps + {draws} draws)",
+        ),
     ]
     # the likelihood targets of measure.measurements (the loss is counted above): ELBO draws + decoder, per-timestep
     # losses, and one forward pass per sampling step of a generated query's trajectory
     ls = measure_settings(m, "ddpm")
-    extra = {"elbo": ls["elbo"]["n_timesteps"] * ls["elbo"]["n_noise"] + ls["elbo"]["decoder_draws"],
-             "timestep_loss": len(ls["timestep_loss"]["timesteps"]) * ls["timestep_loss"]["n_noise"]}
+    extra = {
+        "elbo": ls["elbo"]["n_timesteps"] * ls["elbo"]["n_noise"] + ls["elbo"]["decoder_draws"],
+        "timestep_loss": len(ls["timestep_loss"]["timesteps"]) * ls["timestep_loss"]["n_noise"],
+    }
     per_query = sum(extra.get(name, 0) for name in ls["measurements"])
     trajectory = s["n_generated"] * s["num_inference_steps"] if "trajectory" in ls["measurements"] else 0
-    rows.append(("measure (likelihood targets)", "batched", n_models * (n_query * per_query + trajectory),
-                 f"{n_models} models x ({n_query} queries x {per_query} draws + trajectories)"))
+    rows.append(
+        (
+            "measure (likelihood targets)",
+            "batched",
+            n_models * (n_query * per_query + trajectory),
+            f"{n_models} models x ({n_query} queries x {per_query} draws + trajectories)",
+        )
+    )
     # metagradient: the measured cost model of benchmarks/metagradient_cost.py (in training runs of the full model:
     # ~3 for a job's forward pass, recomputation and graphs, ~2.6 per attributed query), and its fixed-seed ground
     # truth (one retraining + measurement per set, the full model measured too)
-    meta_runs = sum(METAGRADIENT_JOB_RUNS + METAGRADIENT_QUERY_RUNS * len(chunk)
-                    for method in paths.metagradient_methods(config) for chunk in paths.metagradient_chunks(config, method))
+    meta_runs = sum(
+        METAGRADIENT_JOB_RUNS + METAGRADIENT_QUERY_RUNS * len(chunk)
+        for method in paths.metagradient_methods(config)
+        for chunk in paths.metagradient_chunks(config, method)
+    )
     if paths.metagradient_methods(config):
         n_fixed = len(paths.fixed_seed_names(config))
         rows.append(("metagradient", "batched", meta_runs * per_model, f"{meta_runs:.1f} training runs (cost model)"))
-        rows.append(("fixed-seed ground truth", "batched", n_fixed * per_model + (n_fixed + 1) * n_query * (draws + per_query),
-                     f"{n_fixed} retrainings + {n_fixed + 1} measurements"))
+        rows.append(
+            (
+                "fixed-seed ground truth",
+                "batched",
+                n_fixed * per_model + (n_fixed + 1) * n_query * (draws + per_query),
+                f"{n_fixed} retrainings + {n_fixed + 1} measurements",
+            )
+        )
     # gradient stores: every distinct store directory the methods read (paths.method_stores, as the DAG)
     stores = {}
     for method in config["scores"]["methods"]:
@@ -122,9 +163,13 @@ def stage_passes(config: dict, train_over_forward: float) -> list[tuple[str, str
         spec = paths.parse_feature_tag(directory.rsplit("/", 1)[1])
         if kind == "journey":
             gradient_passes += s["n_generated"] * spec["timesteps"] * tr
-        elif kind == "sketch":  # one forward + r backward passes (backward ~ train - forward) per timestep, + residual forward
+        elif (
+            kind == "sketch"
+        ):  # one forward + r backward passes (backward ~ train - forward) per timestep, + residual forward
             r = spec["output_directions"]
-            gradient_passes += (n_train + n_query) * spec["timesteps"] * (1 + r * (tr - 1)) + n_train * spec["timesteps"]
+            gradient_passes += (n_train + n_query) * spec["timesteps"] * (1 + r * (tr - 1)) + n_train * spec[
+                "timesteps"
+            ]
         else:
             gradient_passes += (n_train + n_query) * spec["timesteps"] * tr + n_train * spec["timesteps"]
     rows.append(("gradients", "per_example", gradient_passes, f"{len(stores)} stores (K timesteps per image)"))
@@ -136,8 +181,14 @@ def stage_passes(config: dict, train_over_forward: float) -> list[tuple[str, str
     passes = 1 if batch is None else sum(math.ceil(n / batch) for n in (s["n_generated"], d["n_heldout"]))
     query_draws = draws if k["query_draws"] == "measure" else k["query_draws"]
     kfac = len(kfac_methods) * (passes * n_train * k["gradient_draws"] + n_query * query_draws) * tr
-    rows.append(("scores (kfac)", "per_example", kfac,
-                 f"{len(kfac_methods)} methods x ({passes} passes x {n_train} x {k['gradient_draws']} draws + queries)"))
+    rows.append(
+        (
+            "scores (kfac)",
+            "per_example",
+            kfac,
+            f"{len(kfac_methods)} methods x ({passes} passes x {n_train} x {k['gradient_draws']} draws + queries)",
+        )
+    )
     return rows
 
 
@@ -147,30 +198,53 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4, help="images per measured CPU training step")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--gpu-tflops", type=float, default=312.0, help="assumed dense bf16 peak (A100: 312)")
-    parser.add_argument("--util-batched", type=float, default=0.30, help="assumed utilisation: training, sampling, measure")
-    parser.add_argument("--util-per-example", type=float, default=0.15, help="assumed utilisation: per-example gradients")
+    parser.add_argument(
+        "--util-batched", type=float, default=0.30, help="assumed utilisation: training, sampling, measure"
+    )
+    parser.add_argument(
+        "--util-per-example", type=float, default=0.15, help="assumed utilisation: per-example gradients"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print("Assumptions:")
-    print(f"  GPU: {args.gpu_tflops:g} TFLOP/s dense bf16 peak (A100 80GB), utilisation {args.util_batched:.0%} for batched "
-          f"training / sampling / measurement, {args.util_per_example:.0%} for per-example gradients (vmap)")
-    print("  FLOPs: torch.utils.flop_counter (matmul + convolution) of the configuration's UNet, per image; a training "
-          "image and a per-example gradient = forward + backward; the scores stage's CPU linear algebra, the classifier, "
-          "data loading and job start-up are not counted")
-    print(f"  CPU: seconds per training step of {args.batch} images, {args.threads} threads, min of 2 after a warm-up, "
-          "on this machine (shared, 2 cores): the GPU-less reference point\n")
-    table = ["| configuration | UNet parameters | GFLOPs forward / training image | CPU s per training image (measured) | "
-             + " | ".join(["training (full + LDS + counterfactual)", "measure (all targets)",
-                           "gradients + curvature + K-FAC scores", "metagradient + fixed-seed ground truth",
-                           "sample + regenerate", "total"]) + " |", "|" + "---|" * 10]
+    print(
+        f"  GPU: {args.gpu_tflops:g} TFLOP/s dense bf16 peak (A100 80GB), utilisation {args.util_batched:.0%} for batched "
+        f"training / sampling / measurement, {args.util_per_example:.0%} for per-example gradients (vmap)"
+    )
+    print(
+        "  FLOPs: torch.utils.flop_counter (matmul + convolution) of the configuration's UNet, per image; a training "
+        "image and a per-example gradient = forward + backward; the scores stage's CPU linear algebra, the classifier, "
+        "data loading and job start-up are not counted"
+    )
+    print(
+        f"  CPU: seconds per training step of {args.batch} images, {args.threads} threads, min of 2 after a warm-up, "
+        "on this machine (shared, 2 cores): the GPU-less reference point\n"
+    )
+    table = [
+        "| configuration | UNet parameters | GFLOPs forward / training image | CPU s per training image (measured) | "
+        + " | ".join(
+            [
+                "training (full + LDS + counterfactual)",
+                "measure (all targets)",
+                "gradients + curvature + K-FAC scores",
+                "metagradient + fixed-seed ground truth",
+                "sample + regenerate",
+                "total",
+            ]
+        )
+        + " |",
+        "|" + "---|" * 10,
+    ]
     for name in args.configs:
         config = load_config(REPO / "params.yaml", REPO / "configs" / f"{name}.yaml")
         cost = measure_model(config, args.batch)
         rows = stage_passes(config, cost["train_flops"] / cost["forward_flops"])
         hours = {}
-        print(f"{name}: {cost['params']:,} parameters, {cost['forward_flops'] / 1e9:.2f} GFLOPs forward, "
-              f"{cost['train_flops'] / 1e9:.2f} GFLOPs training per image; CPU {cost['cpu_seconds_per_step']:.2f} s "
-              f"per step of {cost['cpu_batch']} images")
+        print(
+            f"{name}: {cost['params']:,} parameters, {cost['forward_flops'] / 1e9:.2f} GFLOPs forward, "
+            f"{cost['train_flops'] / 1e9:.2f} GFLOPs training per image; CPU {cost['cpu_seconds_per_step']:.2f} s "
+            f"per step of {cost['cpu_batch']} images"
+        )
         for stage, kind, passes, how in rows:
             flops = passes * cost["forward_flops"]
             util = args.util_batched if kind == "batched" else args.util_per_example
@@ -179,13 +253,15 @@ def main() -> None:
         group = lambda *names: sum(hours[n] for n in names)  # noqa: E731
         total = sum(hours.values())
         print(f"  {'total':32s} {'':10s}        {total:8.1f} GPU-h\n")
-        table.append(f"| {name} | {cost['params'] / 1e6:.1f}M | {cost['forward_flops'] / 1e9:.2f} / "
-                     f"{cost['train_flops'] / 1e9:.2f} | {cost['cpu_seconds_per_step'] / cost['cpu_batch']:.2f} | "
-                     f"{group('train_full', 'train_subset (LDS)', 'train_subset (counterfactual)'):.0f} | "
-                     f"{group('measure', 'measure (likelihood targets)'):.0f} | "
-                     f"{group('gradients', 'curvature', 'scores (kfac)'):.0f} | "
-                     f"{sum(hours.get(n, 0.0) for n in ('metagradient', 'fixed-seed ground truth')):.0f} | "
-                     f"{group('sample', 'regenerate'):.1f} | **{total:.0f}** |")
+        table.append(
+            f"| {name} | {cost['params'] / 1e6:.1f}M | {cost['forward_flops'] / 1e9:.2f} / "
+            f"{cost['train_flops'] / 1e9:.2f} | {cost['cpu_seconds_per_step'] / cost['cpu_batch']:.2f} | "
+            f"{group('train_full', 'train_subset (LDS)', 'train_subset (counterfactual)'):.0f} | "
+            f"{group('measure', 'measure (likelihood targets)'):.0f} | "
+            f"{group('gradients', 'curvature', 'scores (kfac)'):.0f} | "
+            f"{sum(hours.get(n, 0.0) for n in ('metagradient', 'fixed-seed ground truth')):.0f} | "
+            f"{group('sample', 'regenerate'):.1f} | **{total:.0f}** |"
+        )
     print("\n".join(table))
 
 

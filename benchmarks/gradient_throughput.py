@@ -39,6 +39,7 @@ sjlt sketch for every s (mean and spread over seeds of the per-query mean Pearso
         --agreement-seeds 3 --out benchmarks/results/gradient_agreement_n1056.json   # scores at larger N
     .venv/bin/python benchmarks/gradient_throughput.py --profile-only    # torch.profiler of the sjlt pipeline
 """
+
 from __future__ import annotations
 
 import argparse
@@ -61,16 +62,16 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from workflow_scripts.stages import gradients as G
-from workflow_scripts.core.data import load_digits_images
-from workflow_scripts.families.ddpm import add_noise, alphas_cumprod, build_model, load_model
-from workflow_scripts.core.projection import Projector, SparseProjector
-from workflow_scripts.scorers.trak import KernelSolver  # noqa: E402
-
 from trak.gradient_computers import FunctionalGradientComputer  # noqa: E402
 from trak.modelout_functions import AbstractModelOutput  # noqa: E402
 from trak.projectors import BasicProjector, ProjectionType  # noqa: E402
 from trak.utils import vectorize  # noqa: E402
+
+from workflow_scripts.core.data import load_digits_images
+from workflow_scripts.core.projection import Projector, SparseProjector
+from workflow_scripts.families.ddpm import add_noise, alphas_cumprod, build_model, load_model
+from workflow_scripts.scorers.trak import KernelSolver  # noqa: E402
+from workflow_scripts.stages import gradients as G
 
 FN = "loss"  # TRAK's output function; D-TRAK's only changes the scalar inside the gradient
 
@@ -97,8 +98,9 @@ def traker_features(model, images, t, eps, a_bar, proj_dim, seed, batch_size, bl
     n_params = sum(p.numel() for p in model.parameters())
     clock = time.perf_counter()
     computer = FunctionalGradientComputer(model, DDPMLoss(a_bar), n_params, torch.float32, "cpu")
-    projector = BasicProjector(n_params, proj_dim, seed, ProjectionType.normal, "cpu", block_size=block_size,
-                               dtype=torch.float32)
+    projector = BasicProjector(
+        n_params, proj_dim, seed, ProjectionType.normal, "cpu", block_size=block_size, dtype=torch.float32
+    )
     normalize = math.sqrt(n_params)  # TRAKer.featurize's normalize_factor
     spent = {"setup": time.perf_counter() - clock, "grads": 0.0, "project": 0.0}
     out = np.zeros((len(images), proj_dim), dtype=np.float32)
@@ -127,7 +129,7 @@ def variant_cfg(grad_cfg: dict, name: str) -> dict:
     if name == "ours":
         return {**grad_cfg, "projection": "gaussian"}
     if name.startswith("ours_sjlt"):
-        return {**grad_cfg, "projection": "sjlt", "sjlt_nonzeros": int(name[len("ours_sjlt"):])}
+        return {**grad_cfg, "projection": "sjlt", "sjlt_nonzeros": int(name[len("ours_sjlt") :])}
     raise ValueError(name)
 
 
@@ -219,14 +221,15 @@ def seed_study(exact: torch.Tensor, n_train: int, variants: list[str], seeds: li
             if variant == "ours":
                 features = Projector(n_params, dim, "gaussian", seed, 1 << 30)(exact)
             elif variant == "traker":
-                projector = BasicProjector(n_params, dim, seed, ProjectionType.normal, "cpu", block_size=dim,
-                                           dtype=torch.float32)
+                projector = BasicProjector(
+                    n_params, dim, seed, ProjectionType.normal, "cpu", block_size=dim, dtype=torch.float32
+                )
                 # / sqrt(d), the JL scale of our projectors (TRAKer.featurize divides by sqrt(n_params)
                 # instead): Pearson and the relative lambda are scale-free, the norm distortion is not
                 features = projector.project(exact, model_id=0) / math.sqrt(dim)
                 del projector
             else:
-                features = SparseProjector(n_params, dim, seed, int(variant[len("ours_sjlt"):]), 1 << 30)(exact)
+                features = SparseProjector(n_params, dim, seed, int(variant[len("ours_sjlt") :]), 1 << 30)(exact)
             features = features.numpy()
             gc.collect()
             d = np.abs((features.astype(np.float64) ** 2).sum(1) / sq_norms - 1)
@@ -235,17 +238,27 @@ def seed_study(exact: torch.Tensor, n_train: int, variants: list[str], seeds: li
             for kind, s in scores.items():
                 r = per_query_pearson(reference[kind], s)
                 per_kind.setdefault(kind, []).append((float(r.mean()), float(r.min())))
-            print(f"  seed study: {variant} seed {seed}: "
-                  + ", ".join(f"{k} {v[-1][0]:.4f}" for k, v in per_kind.items()) + f" ({time.perf_counter() - clock:.1f} s)",
-                  flush=True)
-        out[variant] = {kind: {"per_seed": [m for m, _ in v], "per_seed_min": [m for _, m in v],
-                               "mean": statistics.mean(m for m, _ in v),
-                               "sd": statistics.stdev([m for m, _ in v]) if len(v) > 1 else 0.0}
-                        for kind, v in per_kind.items()}
-        out[variant]["norm_distortion"] = {"per_seed_mean": [m for m, _ in distortion],
-                                           "per_seed_max": [m for _, m in distortion],
-                                           "mean": statistics.mean(m for m, _ in distortion),
-                                           "max": max(m for _, m in distortion)}
+            print(
+                f"  seed study: {variant} seed {seed}: "
+                + ", ".join(f"{k} {v[-1][0]:.4f}" for k, v in per_kind.items())
+                + f" ({time.perf_counter() - clock:.1f} s)",
+                flush=True,
+            )
+        out[variant] = {
+            kind: {
+                "per_seed": [m for m, _ in v],
+                "per_seed_min": [m for _, m in v],
+                "mean": statistics.mean(m for m, _ in v),
+                "sd": statistics.stdev([m for m, _ in v]) if len(v) > 1 else 0.0,
+            }
+            for kind, v in per_kind.items()
+        }
+        out[variant]["norm_distortion"] = {
+            "per_seed_mean": [m for m, _ in distortion],
+            "per_seed_max": [m for _, m in distortion],
+            "mean": statistics.mean(m for m, _ in distortion),
+            "max": max(m for _, m in distortion),
+        }
     return out
 
 
@@ -273,20 +286,28 @@ def coordinate_spread(exact: torch.Tensor) -> dict:
     total = energy.sum(1)
     share = (energy.max(1).values / total).numpy()
     effective = (total.pow(2) / energy.pow(2).sum(1)).numpy()
-    return {"max_coordinate_energy_share": {"median": float(np.median(share)), "max": float(share.max())},
-            "effective_coordinates": {"median": float(np.median(effective)), "min": float(effective.min())},
-            "n_params": exact.shape[1]}
+    return {
+        "max_coordinate_energy_share": {"median": float(np.median(share)), "max": float(share.max())},
+        "effective_coordinates": {"median": float(np.median(effective)), "min": float(effective.min())},
+        "n_params": exact.shape[1],
+    }
 
 
 def exact_gradients(model, images, t, eps, a_bar, batch_size) -> torch.Tensor:
-    return torch.cat([G.per_example_gradients(model, torch.from_numpy(images[s : s + batch_size]), FN, t, eps, a_bar)
-                      for s in range(0, len(images), batch_size)])
+    return torch.cat(
+        [
+            G.per_example_gradients(model, torch.from_numpy(images[s : s + batch_size]), FN, t, eps, a_bar)
+            for s in range(0, len(images), batch_size)
+        ]
+    )
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=str(REPO / "params.yaml"))
-    parser.add_argument("--checkpoint", default=None, help="default: results/<benchmark>/models/full/model.pt if present")
+    parser.add_argument(
+        "--checkpoint", default=None, help="default: results/<benchmark>/models/full/model.pt if present"
+    )
     parser.add_argument("--n-train", type=int, default=112)
     parser.add_argument("--n-query", type=int, default=16)
     parser.add_argument("--timesteps", type=int, default=10)
@@ -315,30 +336,57 @@ def main(argv=None) -> int:
     n_params = sum(p.numel() for p in model.parameters())
     images = load_digits_images()[0][: args.n_train + args.n_query]
     n = len(images)
-    grad_cfg = {**config["gradients"], "timesteps": args.timesteps, "projection_dim": args.projection_dim,
-                "batch_size": args.batch_size}
-    t, eps = G.feature_draws(config["diffusion"]["num_train_timesteps"], args.timesteps, images.shape[1:],
-                             config["seeds"]["gradients"])
+    grad_cfg = {
+        **config["gradients"],
+        "timesteps": args.timesteps,
+        "projection_dim": args.projection_dim,
+        "batch_size": args.batch_size,
+    }
+    t, eps = G.feature_draws(
+        config["diffusion"]["num_train_timesteps"], args.timesteps, images.shape[1:], config["seeds"]["gradients"]
+    )
     a_bar = alphas_cumprod(config["diffusion"])
     seed = config["seeds"]["projection"]
     ours_names = ["ours", *[f"ours_sjlt{s}" for s in args.sjlt_nonzeros]]
-    print(f"model: {n_params:,} parameters ({model_source}); {n} examples, K={args.timesteps}, d={args.projection_dim}, "
-          f"batch {args.batch_size}; dense projection matrix {n_params * args.projection_dim * 4 / 2**30:.2f} GiB; "
-          f"load average {os.getloadavg()}", flush=True)
-    settings = {"n_examples": n, "n_train": args.n_train, "n_query": args.n_query, "timesteps": args.timesteps,
-                "projection_dim": args.projection_dim, "sjlt_nonzeros": args.sjlt_nonzeros, "batch_size": args.batch_size,
-                "repeats": args.repeats, "threads": args.threads, "output_function": FN, "model_parameters": n_params,
-                "model": model_source, "lambdas_relative_to_mean_sq_norm": args.lambdas,
-                "agreement_seeds": [seed + i for i in range(args.agreement_seeds)]}
-    environment = {"torch": torch.__version__, "traker": __import__("trak").__version__,
-                   "python": platform.python_version(), "cpu_count": os.cpu_count(), "machine": platform.machine()}
+    print(
+        f"model: {n_params:,} parameters ({model_source}); {n} examples, K={args.timesteps}, d={args.projection_dim}, "
+        f"batch {args.batch_size}; dense projection matrix {n_params * args.projection_dim * 4 / 2**30:.2f} GiB; "
+        f"load average {os.getloadavg()}",
+        flush=True,
+    )
+    settings = {
+        "n_examples": n,
+        "n_train": args.n_train,
+        "n_query": args.n_query,
+        "timesteps": args.timesteps,
+        "projection_dim": args.projection_dim,
+        "sjlt_nonzeros": args.sjlt_nonzeros,
+        "batch_size": args.batch_size,
+        "repeats": args.repeats,
+        "threads": args.threads,
+        "output_function": FN,
+        "model_parameters": n_params,
+        "model": model_source,
+        "lambdas_relative_to_mean_sq_norm": args.lambdas,
+        "agreement_seeds": [seed + i for i in range(args.agreement_seeds)],
+    }
+    environment = {
+        "torch": torch.__version__,
+        "traker": __import__("trak").__version__,
+        "python": platform.python_version(),
+        "cpu_count": os.cpu_count(),
+        "machine": platform.machine(),
+    }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
 
     if args.profile_only:
         torch.set_num_threads(args.threads[0])
-        result = {"settings": settings, "environment": environment,
-                  "profile": profile(model, images, grad_cfg, config, args.profile_s)}
+        result = {
+            "settings": settings,
+            "environment": environment,
+            "profile": profile(model, images, grad_cfg, config, args.profile_s),
+        }
         out.write_text(json.dumps(result, indent=2) + "\n")
         print(f"\nwrote {out}")
         return 0
@@ -356,20 +404,31 @@ def main(argv=None) -> int:
     spread = coordinate_spread(exact)
     agreement, check = {}, None
     if features:
-        split = {name: (f[: args.n_train], f[args.n_train :]) for name, f in {"exact": exact.numpy(), **features}.items()}
+        split = {
+            name: (f[: args.n_train], f[args.n_train :]) for name, f in {"exact": exact.numpy(), **features}.items()
+        }
         agreement = score_agreement(split, args.lambdas)
         check = kernel_solver_check(*split["ours"], args.lambdas[0])
     study = {}
     if args.agreement_seeds:
-        study = seed_study(exact, args.n_train, [*ours_names, "traker"], settings["agreement_seeds"],
-                           args.projection_dim, args.lambdas)
+        study = seed_study(
+            exact, args.n_train, [*ours_names, "traker"], settings["agreement_seeds"], args.projection_dim, args.lambdas
+        )
     del exact
-    environment.update(loadavg_before=load_before, loadavg_after_timing=load_after_timing, loadavg_after=os.getloadavg())
+    environment.update(
+        loadavg_before=load_before, loadavg_after_timing=load_after_timing, loadavg_after=os.getloadavg()
+    )
 
-    result = {"settings": settings, "environment": environment, "summary": summarise(runs, n, ours_names),
-              "runs": {str(k): v for k, v in runs.items()}, "score_agreement_pearson": agreement,
-              "seed_study_pearson_vs_exact": study, "kernel_identity_vs_kernelsolver_max_rel_diff": check,
-              "gradient_coordinate_spread": spread}
+    result = {
+        "settings": settings,
+        "environment": environment,
+        "summary": summarise(runs, n, ours_names),
+        "runs": {str(k): v for k, v in runs.items()},
+        "score_agreement_pearson": agreement,
+        "seed_study_pearson_vs_exact": study,
+        "kernel_identity_vs_kernelsolver_max_rel_diff": check,
+        "gradient_coordinate_spread": spread,
+    }
     if args.profile:
         result["profile"] = profile(model, images, grad_cfg, config, args.profile_s)
     out.write_text(json.dumps(result, indent=2) + "\n")
@@ -385,12 +444,25 @@ def time_pipelines(args, model, images, grad_cfg, config, t, eps, a_bar, seed, o
     def run_traker(block_size):
         def fn():
             timing = {}
-            return traker_features(model, images, t, eps, a_bar, args.projection_dim, seed, args.batch_size,
-                                   block_size=block_size, timing=timing), timing
+            return traker_features(
+                model,
+                images,
+                t,
+                eps,
+                a_bar,
+                args.projection_dim,
+                seed,
+                args.batch_size,
+                block_size=block_size,
+                timing=timing,
+            ), timing
+
         return fn
 
-    pipelines = {name: (lambda cfg=variant_cfg(grad_cfg, name): (ours_features(model, images, cfg, config), None))
-                 for name in ours_names}
+    pipelines = {
+        name: (lambda cfg=variant_cfg(grad_cfg, name): (ours_features(model, images, cfg, config), None))  # noqa: B008 (bound per name)
+        for name in ours_names
+    }
     pipelines["traker_cached"] = run_traker(args.projection_dim)
     if not args.no_traker_default:
         pipelines["traker"] = run_traker(100)  # TRAKer's BasicProjector on CPU: default block_size 100
@@ -412,8 +484,11 @@ def time_pipelines(args, model, images, grad_cfg, config, t, eps, a_bar, seed, o
                     runs[threads][f"{name}_components"].append(components)
                 features.setdefault(name, value)
                 del value
-                print(f"  threads={threads} repeat={rep} {name}: {seconds:.2f} s ({n / seconds:.1f} examples/s)"
-                      + (f" [{fmt(components)}]" if components else ""), flush=True)
+                print(
+                    f"  threads={threads} repeat={rep} {name}: {seconds:.2f} s ({n / seconds:.1f} examples/s)"
+                    + (f" [{fmt(components)}]" if components else ""),
+                    flush=True,
+                )
             gc.collect()
             for name in ours_names:
                 comp = ours_components(model, images, variant_cfg(grad_cfg, name), config, t, eps, a_bar)
@@ -436,13 +511,19 @@ def summarise(runs: dict, n: int, ours_names: list[str]) -> dict:
         s = {}
         for name in [*ours_names, *REFERENCES]:
             if by_name.get(f"{name}_components"):
-                s[f"{name}_components"] = comp = {k: statistics.median(r[k] for r in by_name[f"{name}_components"])
-                                                  for k in by_name[f"{name}_components"][0]}
+                s[f"{name}_components"] = comp = {
+                    k: statistics.median(r[k] for r in by_name[f"{name}_components"])
+                    for k in by_name[f"{name}_components"][0]
+                }
             if by_name.get(name):
                 med = statistics.median(by_name[name])
-                s[name] = {"median_seconds": med, "examples_per_second": n / med, "seconds": by_name[name],
-                           # per-example cost once the one-time set-up (matrix generation) is paid
-                           "steady_state_examples_per_second": n / (comp["grads"] + comp["project"])}
+                s[name] = {
+                    "median_seconds": med,
+                    "examples_per_second": n / med,
+                    "seconds": by_name[name],
+                    # per-example cost once the one-time set-up (matrix generation) is paid
+                    "steady_state_examples_per_second": n / (comp["grads"] + comp["project"]),
+                }
         for ours in ours_names:
             for ref in REFERENCES:
                 if ref in s and ours in s:
@@ -450,7 +531,9 @@ def summarise(runs: dict, n: int, ours_names: list[str]) -> dict:
                     s[f"ratio_{ours}_vs_{ref}"] = {
                         "of_medians": s[ref]["median_seconds"] / s[ours]["median_seconds"],
                         "median_of_paired_repeats": statistics.median(per_repeat),
-                        "steady_state": s[ours]["steady_state_examples_per_second"] / s[ref]["steady_state_examples_per_second"]}
+                        "steady_state": s[ours]["steady_state_examples_per_second"]
+                        / s[ref]["steady_state_examples_per_second"],
+                    }
         summary[str(threads)] = s
     return summary
 
@@ -459,24 +542,39 @@ def markdown(result: dict) -> str:
     st = result["settings"]
     env = result["environment"]
     timing = f"median of {st['repeats']} runs; " if result["summary"] else "no timings (--agreement-only); "
-    lines = [f"Gradient features, {st['n_examples']} examples ({st['n_train']} train + {st['n_query']} queries), "
-             f"K={st['timesteps']}, d={st['projection_dim']}, batch {st['batch_size']}, {st['model_parameters']:,} parameters, "
-             + timing + "load average (1, 5, 15 min) " + " -> ".join(
-                 str(tuple(round(x, 2) for x in env[k])) for k in ("loadavg_before", "loadavg_after_timing", "loadavg_after"))]
+    lines = [
+        f"Gradient features, {st['n_examples']} examples ({st['n_train']} train + {st['n_query']} queries), "
+        f"K={st['timesteps']}, d={st['projection_dim']}, batch {st['batch_size']}, {st['model_parameters']:,} parameters, "
+        + timing
+        + "load average (1, 5, 15 min) "
+        + " -> ".join(
+            str(tuple(round(x, 2) for x in env[k])) for k in ("loadavg_before", "loadavg_after_timing", "loadavg_after")
+        )
+    ]
     pearson = {}
     for key, r in result["score_agreement_pearson"].items():
         kind, pair = key.split(": ")
         a, b = pair.split(" vs ")
         if a == "exact":
             pearson[(b, kind)] = r
-    trak_kind = f"trak_lambda{0.01:g}" if 0.01 in st["lambdas_relative_to_mean_sq_norm"] else \
-        f"trak_lambda{st['lambdas_relative_to_mean_sq_norm'][0]:g}"
+    trak_kind = (
+        f"trak_lambda{0.01:g}"
+        if 0.01 in st["lambdas_relative_to_mean_sq_norm"]
+        else f"trak_lambda{st['lambdas_relative_to_mean_sq_norm'][0]:g}"
+    )
     if result["summary"]:
-        lines += ["", f"| threads | pipeline | median s | examples/s | steady-state examples/s | vs traker (e2e / steady) "
-                  f"| vs traker_cached (e2e / steady) | set-up / grads / project s | Pearson vs exact, inner product "
-                  f"| Pearson vs exact, TRAK {trak_kind[5:]} |", "|" + " --- |" * 10]
+        lines += [
+            "",
+            f"| threads | pipeline | median s | examples/s | steady-state examples/s | vs traker (e2e / steady) "
+            f"| vs traker_cached (e2e / steady) | set-up / grads / project s | Pearson vs exact, inner product "
+            f"| Pearson vs exact, TRAK {trak_kind[5:]} |",
+            "|" + " --- |" * 10,
+        ]
     for threads, s in result["summary"].items():
-        for name in [*[k for k in s if k == "ours" or k.startswith("ours_sjlt") and not k.endswith("components")], *REFERENCES]:
+        for name in [
+            *[k for k in s if k == "ours" or k.startswith("ours_sjlt") and not k.endswith("components")],
+            *REFERENCES,
+        ]:
             if name not in s:
                 continue
             comp = s.get(f"{name}_components", {})
@@ -485,33 +583,56 @@ def markdown(result: dict) -> str:
                 r = s.get(f"ratio_{name}_vs_{ref}")
                 ratios.append("" if r is None else f"{r['of_medians']:.2f}x / {r['steady_state']:.2f}x")
             p = [pearson.get((name, kind)) for kind in ("inner_product", trak_kind)]
-            lines.append(f"| {threads} | {name} | {s[name]['median_seconds']:.2f} | {s[name]['examples_per_second']:.1f} | "
-                         f"{s[name]['steady_state_examples_per_second']:.1f} | {ratios[0]} | {ratios[1]} | "
-                         + " / ".join(f"{comp[k]:.2f}" for k in ("setup", "grads", "project") if k in comp) + " | "
-                         + " | ".join("" if r is None else f"{r['mean']:.4f} ({r['min']:.4f})" for r in p) + " |")
+            lines.append(
+                f"| {threads} | {name} | {s[name]['median_seconds']:.2f} | {s[name]['examples_per_second']:.1f} | "
+                f"{s[name]['steady_state_examples_per_second']:.1f} | {ratios[0]} | {ratios[1]} | "
+                + " / ".join(f"{comp[k]:.2f}" for k in ("setup", "grads", "project") if k in comp)
+                + " | "
+                + " | ".join("" if r is None else f"{r['mean']:.4f} ({r['min']:.4f})" for r in p)
+                + " |"
+            )
     if pearson:
         kinds = sorted({k for _, k in pearson})
-        lines += ["", "Per-query Pearson vs exact gradient scores, this run's features (mean (min) over queries):", "",
-                  "| features | " + " | ".join(kinds) + " |", "|" + " --- |" * (len(kinds) + 1)]
+        lines += [
+            "",
+            "Per-query Pearson vs exact gradient scores, this run's features (mean (min) over queries):",
+            "",
+            "| features | " + " | ".join(kinds) + " |",
+            "|" + " --- |" * (len(kinds) + 1),
+        ]
         for name in sorted({n for n, _ in pearson}):
-            lines.append(f"| {name} | " + " | ".join(f"{pearson[(name, k)]['mean']:.4f} ({pearson[(name, k)]['min']:.4f})"
-                                                      for k in kinds) + " |")
+            lines.append(
+                f"| {name} | "
+                + " | ".join(f"{pearson[(name, k)]['mean']:.4f} ({pearson[(name, k)]['min']:.4f})" for k in kinds)
+                + " |"
+            )
     study = result.get("seed_study_pearson_vs_exact") or {}
     if study:
         kinds = [k for k in next(iter(study.values())) if k != "norm_distortion"]
-        lines += ["", f"Seed study: the exact gradients of the {st['n_examples']} examples projected with "
-                  f"{len(st['agreement_seeds'])} projection seeds; per-query Pearson vs exact, mean over queries, then "
-                  "mean +- sd over seeds; norm distortion |(|R^T g|^2 / |g|^2) - 1| mean / max over examples and seeds:", "",
-                  "| projection | " + " | ".join(kinds) + " | norm distortion mean / max |", "|" + " --- |" * (len(kinds) + 2)]
+        lines += [
+            "",
+            f"Seed study: the exact gradients of the {st['n_examples']} examples projected with "
+            f"{len(st['agreement_seeds'])} projection seeds; per-query Pearson vs exact, mean over queries, then "
+            "mean +- sd over seeds; norm distortion |(|R^T g|^2 / |g|^2) - 1| mean / max over examples and seeds:",
+            "",
+            "| projection | " + " | ".join(kinds) + " | norm distortion mean / max |",
+            "|" + " --- |" * (len(kinds) + 2),
+        ]
         for name, by_kind in study.items():
             nd = by_kind["norm_distortion"]
-            lines.append(f"| {name} | " + " | ".join(f"{by_kind[k]['mean']:.4f} +- {by_kind[k]['sd']:.4f}" for k in kinds)
-                         + f" | {nd['mean']:.4f} / {nd['max']:.4f} |")
+            lines.append(
+                f"| {name} | "
+                + " | ".join(f"{by_kind[k]['mean']:.4f} +- {by_kind[k]['sd']:.4f}" for k in kinds)
+                + f" | {nd['mean']:.4f} / {nd['max']:.4f} |"
+            )
     spread = result.get("gradient_coordinate_spread")
     if spread:
         share, eff = spread["max_coordinate_energy_share"], spread["effective_coordinates"]
-        lines += ["", f"Exact gradients: largest coordinate's share of |x|^2 median {share['median']:.2e} (max {share['max']:.2e}); "
-                  f"effective coordinates |x|_2^4/|x|_4^4 median {eff['median']:.0f} (min {eff['min']:.0f}) of {spread['n_params']:,}"]
+        lines += [
+            "",
+            f"Exact gradients: largest coordinate's share of |x|^2 median {share['median']:.2e} (max {share['max']:.2e}); "
+            f"effective coordinates |x|_2^4/|x|_4^4 median {eff['median']:.0f} (min {eff['min']:.0f}) of {spread['n_params']:,}",
+        ]
     return "\n".join(lines)
 
 
@@ -519,11 +640,13 @@ def profile(model, images, grad_cfg, config, nonzeros=None) -> dict:
     """torch.profiler of the sjlt pipeline on all examples, in compute_features' steps (the projector
     set-up, per-sample gradients, projection, each under a record_function label): the labelled
     totals and the top operators by self CPU time."""
-    from torch.profiler import ProfilerActivity, profile as torch_profile, record_function
+    from torch.profiler import ProfilerActivity, record_function
+    from torch.profiler import profile as torch_profile
 
     cfg = variant_cfg(grad_cfg, f"ours_sjlt{nonzeros or grad_cfg['sjlt_nonzeros']}")
-    t, eps = G.feature_draws(config["diffusion"]["num_train_timesteps"], cfg["timesteps"], images.shape[1:],
-                             config["seeds"]["gradients"])
+    t, eps = G.feature_draws(
+        config["diffusion"]["num_train_timesteps"], cfg["timesteps"], images.shape[1:], config["seeds"]["gradients"]
+    )
     a_bar = alphas_cumprod(config["diffusion"])
     ours_features(model, images[:4], cfg, config)  # warm-up
     labels = ("setup: make_projector", "per_example_gradients", "projection")
@@ -542,12 +665,28 @@ def profile(model, images, grad_cfg, config, nonzeros=None) -> dict:
     total = sum(e.self_cpu_time_total for e in averages if e.key not in labels)
     steps = {e.key: e.cpu_time_total / 1e6 for e in averages if e.key in labels}
     rows = sorted((e for e in averages if e.key not in labels), key=lambda e: e.self_cpu_time_total, reverse=True)
-    table = [{"op": e.key, "self_cpu_s": e.self_cpu_time_total / 1e6, "self_cpu_pct": 100 * e.self_cpu_time_total / total,
-              "calls": e.count} for e in rows[:25]]
+    table = [
+        {
+            "op": e.key,
+            "self_cpu_s": e.self_cpu_time_total / 1e6,
+            "self_cpu_pct": 100 * e.self_cpu_time_total / total,
+            "calls": e.count,
+        }
+        for e in rows[:25]
+    ]
     print(averages.table(sort_by="self_cpu_time_total", row_limit=25))
-    print("steps (CPU total, s): " + ", ".join(f"{k} {v:.2f}" for k, v in steps.items()) + f"; wall under profiler {wall:.2f} s")
-    return {"sjlt_nonzeros": cfg["sjlt_nonzeros"], "wall_seconds_under_profiler": wall, "steps_cpu_seconds": steps,
-            "self_cpu_seconds_total": total / 1e6, "top_ops": table}
+    print(
+        "steps (CPU total, s): "
+        + ", ".join(f"{k} {v:.2f}" for k, v in steps.items())
+        + f"; wall under profiler {wall:.2f} s"
+    )
+    return {
+        "sjlt_nonzeros": cfg["sjlt_nonzeros"],
+        "wall_seconds_under_profiler": wall,
+        "steps_cpu_seconds": steps,
+        "self_cpu_seconds_total": total / 1e6,
+        "top_ops": table,
+    }
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ Prints, per rule, the number of jobs, median and total job seconds, and the run'
 (first job start to last job end). Total job seconds / cores is the wall time a run would take
 with perfect packing of jobs onto the cores.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -53,7 +54,9 @@ def main() -> None:
         print(f"| {rule} | {len(secs)} | {statistics.median(secs):.0f} | {sum(secs):.0f} |")
     total = sum(sum(s) for s in by_rule.values())
     wall = (max(e for _, _, e in durations) - min(b for _, b, _ in durations)).total_seconds()
-    print(f"\nwall {wall / 60:.1f} min; job seconds {total:.0f} -> {total / args.cores / 60:.1f} min on {args.cores} cores if perfectly packed")
+    print(
+        f"\nwall {wall / 60:.1f} min; job seconds {total:.0f} -> {total / args.cores / 60:.1f} min on {args.cores} cores if perfectly packed"
+    )
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ Conventions that differ (reported, not hidden):
   as 4/(N K D^2) ...: the damping passed to kronfluence is divided by D so both solve the same system.
 Output: benchmarks/results/kfac_vs_kronfluence.json and a Markdown table on stdout.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -61,8 +62,12 @@ def make_setup(args, workdir: Path) -> dict:
     torch.set_num_threads(1)
     config = load_config(REPO / "params.yaml")
     config["data"] = {**config["data"], "n_train": args.n_train, "n_heldout": args.n_query}
-    config["train"] = {**config["train"], "steps": args.train_steps, "checkpoint_every": args.train_steps,
-                       "resume_every": args.train_steps}
+    config["train"] = {
+        **config["train"],
+        "steps": args.train_steps,
+        "checkpoint_every": args.train_steps,
+        "resume_every": args.train_steps,
+    }
     config["compute"] = {"device": "cpu", "threads": 1}
     dataset = core_data.make_dataset(config["data"], config["seeds"]["split"])
     np.savez(workdir / "data.npz", train=dataset["train_images"], query=dataset["heldout_images"])
@@ -87,24 +92,34 @@ def load_setup(workdir: Path):
 
 
 def score_cfg(config: dict, args) -> dict:
-    return {**config, "kfac": {"gradient_draws": args.draws, "query_draws": args.query_draws, "batch_size": args.batch_rows,
-                               "quantization": args.quantization}}
+    return {
+        **config,
+        "kfac": {
+            "gradient_draws": args.draws,
+            "query_draws": args.query_draws,
+            "batch_size": args.batch_rows,
+            "quantization": args.quantization,
+        },
+    }
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Workers
 # ---------------------------------------------------------------------------------------------------------------
 def run_ours(args, workdir: Path) -> dict:
-    import torch
 
-    from workflow_scripts.core import curvature as C
-    from workflow_scripts.stages import curvature as curvature_mod
     from workflow_scripts.engines import kfac as K
+    from workflow_scripts.stages import curvature as curvature_mod
 
     config, model, train, query = load_setup(workdir)
     base_rss = maxrss_mb()
-    settings = {"fisher_type": args.fisher, "kfac_approx": "expand", "ekfac": args.strategy == "ekfac",
-                "draws": args.draws, "batch_size": args.batch_rows}
+    settings = {
+        "fisher_type": args.fisher,
+        "kfac_approx": "expand",
+        "ekfac": args.strategy == "ekfac",
+        "draws": args.draws,
+        "batch_size": args.batch_rows,
+    }
     profiler = cProfile.Profile() if args.profile else None
     if profiler:
         profiler.enable()
@@ -117,10 +132,19 @@ def run_ours(args, workdir: Path) -> dict:
     if profiler:
         profiler.disable()
     scores = result[0][1]["heldout"]
-    out = {"fit_seconds": t1 - t0, "score_seconds": t2 - t1, "total_seconds": t2 - t0, "fit_cpu_seconds": c1 - c0,
-           "score_cpu_seconds": c2 - c1, "total_cpu_seconds": c2 - c0, "base_rss_mb": base_rss,
-           "peak_rss_mb": maxrss_mb(), "absolute_damping": curvature.absolute_damping(lam),
-           "mean_eigenvalue": curvature.mean_eigenvalue(), "n_params": curvature.layout.n_params}
+    out = {
+        "fit_seconds": t1 - t0,
+        "score_seconds": t2 - t1,
+        "total_seconds": t2 - t0,
+        "fit_cpu_seconds": c1 - c0,
+        "score_cpu_seconds": c2 - c1,
+        "total_cpu_seconds": c2 - c0,
+        "base_rss_mb": base_rss,
+        "peak_rss_mb": maxrss_mb(),
+        "absolute_damping": curvature.absolute_damping(lam),
+        "mean_eigenvalue": curvature.mean_eigenvalue(),
+        "n_params": curvature.layout.n_params,
+    }
     np.save(workdir / f"ours_{args.fisher}_{args.strategy}.npy", scores)
     if profiler:
         buf = io.StringIO()
@@ -133,7 +157,9 @@ def run_ours(args, workdir: Path) -> dict:
         for b in rescaled.blocks:
             b.g_vals = b.g_vals / positions[b.module]
         same_absolute = curvature.absolute_damping(lam) / rescaled.mean_eigenvalue()  # kronfluence gets this damping
-        kf = K.kfac_scores(model, rescaled, train, {"heldout": query}, score_cfg(config, args), [same_absolute])[0][1]["heldout"]
+        kf = K.kfac_scores(model, rescaled, train, {"heldout": query}, score_cfg(config, args), [same_absolute])[0][1][
+            "heldout"
+        ]
         np.save(workdir / f"ourskf_{args.fisher}_{args.strategy}.npy", kf)
     return out
 
@@ -147,8 +173,11 @@ def layer_positions(model, images) -> dict[str, float]:
     counts, handles = {}, []
     for name, module in curvature_modules(model):
         out_features = module.out_channels if isinstance(module, torch.nn.Conv2d) else module.out_features
-        handles.append(module.register_forward_hook(
-            lambda m, i, o, name=name, f=out_features: counts.__setitem__(name, o.numel() / (o.shape[0] * f))))
+        handles.append(
+            module.register_forward_hook(
+                lambda m, i, o, name=name, f=out_features: counts.__setitem__(name, o.numel() / (o.shape[0] * f))
+            )
+        )
     with torch.no_grad():
         model(torch.from_numpy(images[:2]), torch.tensor([1, 2]))
     for h in handles:
@@ -158,18 +187,16 @@ def layer_positions(model, images) -> dict[str, float]:
 
 def run_kronfluence(args, workdir: Path) -> dict:
     import torch
-    from torch.utils.data import TensorDataset
-
     from kronfluence.analyzer import Analyzer, prepare_model
     from kronfluence.arguments import FactorArguments, ScoreArguments
     from kronfluence.task import Task
     from kronfluence.utils.dataset import DataLoaderKwargs
+    from torch.utils.data import TensorDataset
 
     from workflow_scripts.core import curvature as C
-    from workflow_scripts.stages import curvature as curvature_mod
-    from workflow_scripts.families.ddpm import alphas_cumprod
     from workflow_scripts.core.contracts import QUERY_SETS
     from workflow_scripts.engines import kfac as K
+    from workflow_scripts.families.ddpm import alphas_cumprod
 
     config, model, train, query = load_setup(workdir)
     cfg = score_cfg(config, args)
@@ -183,8 +210,17 @@ def run_kronfluence(args, workdir: Path) -> dict:
 
     train_rows = rows(K.loss_measurement(cfg, "train"), train)
     query_rows = rows(K.loss_measurement(cfg, "query", stream_index=QUERY_SETS.index("heldout")), query)
-    packed = [(x, y) for x, y in C.DrawBatches(torch.from_numpy(train), args.draws, alphas_cumprod(config["diffusion"]),
-                                               config["seeds"]["gradients"], C.CURVATURE_STREAM, args.batch_rows)]
+    packed = [
+        (x, y)
+        for x, y in C.DrawBatches(
+            torch.from_numpy(train),
+            args.draws,
+            alphas_cumprod(config["diffusion"]),
+            config["seeds"]["gradients"],
+            C.CURVATURE_STREAM,
+            args.batch_rows,
+        )
+    ]
     X, Y = torch.cat([p[0] for p in packed]), torch.cat([p[1] for p in packed])
     fit_rows = TensorDataset(X[:, :-1].reshape(-1, *shape), X[:, -1].round().long(), Y.reshape(-1, *shape))
 
@@ -210,25 +246,52 @@ def run_kronfluence(args, workdir: Path) -> dict:
     t0, c0 = time.perf_counter(), time.process_time()
     task = DiffusionTask()
     model = prepare_model(model, task)
-    analyzer = Analyzer(analysis_name="bench", model=model, task=task, cpu=True, output_dir=str(workdir / "kronfluence"),
-                        disable_tqdm=True, log_level=40)
+    analyzer = Analyzer(
+        analysis_name="bench",
+        model=model,
+        task=task,
+        cpu=True,
+        output_dir=str(workdir / "kronfluence"),
+        disable_tqdm=True,
+        log_level=40,
+    )
     analyzer.set_dataloader_kwargs(DataLoaderKwargs(num_workers=0))
     factor_args = FactorArguments(strategy=args.strategy, use_empirical_fisher=args.fisher == "empirical")
     name = f"{args.fisher}_{args.strategy}"
-    analyzer.fit_all_factors(factors_name=name, dataset=fit_rows, per_device_batch_size=args.batch_rows,
-                             factor_args=factor_args, overwrite_output_dir=True)
+    analyzer.fit_all_factors(
+        factors_name=name,
+        dataset=fit_rows,
+        per_device_batch_size=args.batch_rows,
+        factor_args=factor_args,
+        overwrite_output_dir=True,
+    )
     t1, c1 = time.perf_counter(), time.process_time()
     analyzer.compute_pairwise_scores(
-        scores_name=name, factors_name=name, query_dataset=query_rows, train_dataset=train_rows,
-        per_device_query_batch_size=len(query_rows), per_device_train_batch_size=args.batch_rows,
-        score_args=ScoreArguments(damping_factor=damping), overwrite_output_dir=True)
+        scores_name=name,
+        factors_name=name,
+        query_dataset=query_rows,
+        train_dataset=train_rows,
+        per_device_query_batch_size=len(query_rows),
+        per_device_train_batch_size=args.batch_rows,
+        score_args=ScoreArguments(damping_factor=damping),
+        overwrite_output_dir=True,
+    )
     scores = analyzer.load_pairwise_scores(scores_name=name)["all_modules"]
     t2, c2 = time.perf_counter(), time.process_time()
     per_pair = scores.double().reshape(len(query), args.query_draws, len(train), args.draws).mean((1, 3)) / len(train)
     np.save(workdir / f"kronfluence_{args.fisher}_{args.strategy}.npy", per_pair.numpy().astype(np.float32))
-    return {"fit_seconds": t1 - t0, "score_seconds": t2 - t1, "total_seconds": t2 - t0, "fit_cpu_seconds": c1 - c0,
-            "score_cpu_seconds": c2 - c1, "total_cpu_seconds": c2 - c0, "base_rss_mb": base_rss,
-            "peak_rss_mb": maxrss_mb(), "absolute_damping": damping, "score_rows": list(scores.shape)}
+    return {
+        "fit_seconds": t1 - t0,
+        "score_seconds": t2 - t1,
+        "total_seconds": t2 - t0,
+        "fit_cpu_seconds": c1 - c0,
+        "score_cpu_seconds": c2 - c1,
+        "total_cpu_seconds": c2 - c0,
+        "base_rss_mb": base_rss,
+        "peak_rss_mb": maxrss_mb(),
+        "absolute_damping": damping,
+        "score_rows": list(scores.shape),
+    }
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -239,14 +302,28 @@ def correlations(a: np.ndarray, b: np.ndarray) -> dict:
 
     pear = [pearsonr(x, y)[0] for x, y in zip(a, b)]
     spear = [spearmanr(x, y)[0] for x, y in zip(a, b)]
-    return {"pearson_per_query": [float(p) for p in pear], "pearson_min": float(np.min(pear)),
-            "pearson_mean": float(np.mean(pear)), "spearman_mean": float(np.mean(spear)),
-            "scale_ratio": float(np.linalg.norm(b) / np.linalg.norm(a))}
+    return {
+        "pearson_per_query": [float(p) for p in pear],
+        "pearson_min": float(np.min(pear)),
+        "pearson_mean": float(np.mean(pear)),
+        "spearman_mean": float(np.mean(spear)),
+        "scale_ratio": float(np.linalg.norm(b) / np.linalg.norm(a)),
+    }
 
 
 def worker_argv(args, tool, fisher, strategy, workdir):
-    argv = [sys.executable, str(Path(__file__).resolve()), "--worker", tool, "--fisher", fisher, "--strategy", strategy,
-            "--workdir", str(workdir)]
+    argv = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--worker",
+        tool,
+        "--fisher",
+        fisher,
+        "--strategy",
+        strategy,
+        "--workdir",
+        str(workdir),
+    ]
     for key in ("n_train", "n_query", "draws", "query_draws", "batch_rows", "damping", "quantization"):
         argv += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
     return argv + (["--profile"] if args.profile and tool == "ours" else [])
@@ -291,9 +368,11 @@ def main() -> int:
         for variant in args.variants.split(","):
             fisher, strategy = variant.split(":")
             row = {"fisher_type": fisher, "strategy": strategy}
-            for repeat in range(args.repeats):  # alternate the tools; keep each tool's fastest run (shared machine)
+            for _ in range(args.repeats):  # alternate the tools; keep each tool's fastest run (shared machine)
                 for tool in ("ours", "kronfluence"):
-                    proc = subprocess.run(worker_argv(args, tool, fisher, strategy, workdir), capture_output=True, text=True)
+                    proc = subprocess.run(
+                        worker_argv(args, tool, fisher, strategy, workdir), capture_output=True, text=True
+                    )
                     if proc.returncode:
                         sys.stderr.write(proc.stderr[-4000:])
                         raise SystemExit(f"{tool} {variant} failed")
@@ -307,18 +386,40 @@ def main() -> int:
             kron = np.load(workdir / f"kronfluence_{fisher}_{strategy}.npy")
             row["agreement"] = correlations(ours, kron)
             if strategy == "kfac":
-                row["agreement_kf_convention"] = correlations(np.load(workdir / f"ourskf_{fisher}_{strategy}.npy"), kron)
+                row["agreement_kf_convention"] = correlations(
+                    np.load(workdir / f"ourskf_{fisher}_{strategy}.npy"), kron
+                )
             row["time_ratio"] = row["kronfluence"]["total_seconds"] / row["ours"]["total_seconds"]
             row["cpu_time_ratio"] = row["kronfluence"]["total_cpu_seconds"] / row["ours"]["total_cpu_seconds"]
             runs.append(row)
-            print(f"{variant}: ours {row['ours']['total_seconds']:.1f}s, kronfluence {row['kronfluence']['total_seconds']:.1f}s, "
-                  f"pearson {row['agreement']['pearson_mean']:.4f}", file=sys.stderr, flush=True)
-    result = {"setup": {k: getattr(args, k) for k in ("n_train", "n_query", "draws", "query_draws", "train_steps",
-                                                       "batch_rows", "damping", "quantization", "repeats")},
-              "load_average_before_after": [load_before, list(os.getloadavg())], "cpu_count": os.cpu_count(),
-              "model": setup["config"]["model"], "threads": 1,
-              "versions": {p: md.version(p) for p in ("torch", "curvlinops-for-pytorch", "kronfluence", "diffusers")},
-              "runs": runs}
+            print(
+                f"{variant}: ours {row['ours']['total_seconds']:.1f}s, kronfluence {row['kronfluence']['total_seconds']:.1f}s, "
+                f"pearson {row['agreement']['pearson_mean']:.4f}",
+                file=sys.stderr,
+                flush=True,
+            )
+    result = {
+        "setup": {
+            k: getattr(args, k)
+            for k in (
+                "n_train",
+                "n_query",
+                "draws",
+                "query_draws",
+                "train_steps",
+                "batch_rows",
+                "damping",
+                "quantization",
+                "repeats",
+            )
+        },
+        "load_average_before_after": [load_before, list(os.getloadavg())],
+        "cpu_count": os.cpu_count(),
+        "model": setup["config"]["model"],
+        "threads": 1,
+        "versions": {p: md.version(p) for p in ("torch", "curvlinops-for-pytorch", "kronfluence", "diffusers")},
+        "runs": runs,
+    }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
@@ -327,10 +428,12 @@ def main() -> int:
 
 
 def markdown(result: dict) -> str:
-    lines = ["| Fisher | strategy | ours fit / score / total (s) | kronfluence fit / score / total (s) | time ratio (CPU-time ratio) | "
-             "peak RSS ours / kronfluence (MB, above baseline) | Pearson per query mean (min) | Spearman mean | "
-             "Pearson, ours in kronfluence's K-FAC convention |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| Fisher | strategy | ours fit / score / total (s) | kronfluence fit / score / total (s) | time ratio (CPU-time ratio) | "
+        "peak RSS ours / kronfluence (MB, above baseline) | Pearson per query mean (min) | Spearman mean | "
+        "Pearson, ours in kronfluence's K-FAC convention |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in result["runs"]:
         o, k, a = r["ours"], r["kronfluence"], r["agreement"]
         conv = r.get("agreement_kf_convention")
@@ -341,7 +444,8 @@ def markdown(result: dict) -> str:
             f"({r['cpu_time_ratio']:.1f}x) | "
             f"{o['peak_rss_mb']:.0f} (+{o['peak_rss_mb'] - o['base_rss_mb']:.0f}) / {k['peak_rss_mb']:.0f} "
             f"(+{k['peak_rss_mb'] - k['base_rss_mb']:.0f}) | {a['pearson_mean']:.4f} ({a['pearson_min']:.4f}) | "
-            f"{a['spearman_mean']:.4f} | {conv} |")
+            f"{a['spearman_mean']:.4f} | {conv} |"
+        )
     return "\n".join(lines)
 
 

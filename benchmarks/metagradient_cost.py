@@ -15,6 +15,7 @@ Wall and CPU times are both reported: on the shared machine the wall time also c
     .venv/bin/python benchmarks/metagradient_cost.py --steps 60 --queries 1,2   # quick check, ~3 min
 Writes benchmarks/results/metagradient_cost.json and prints a Markdown table.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -56,9 +57,9 @@ def worker(args) -> dict:
 
     torch.set_num_threads(1)
     from workflow_scripts.core import data
-    from workflow_scripts.families import ddpm as train
-    from workflow_scripts.engines import magic as mg
     from workflow_scripts.dag.config import load_config
+    from workflow_scripts.engines import magic as mg
+    from workflow_scripts.families import ddpm as train
 
     config = load_config(REPO / "params.yaml")
     config["train"]["steps"] = args.steps
@@ -66,24 +67,39 @@ def worker(args) -> dict:
     dataset = data.make_dataset(config["data"], config["seeds"]["split"])
     images, heldout = dataset["train_images"], dataset["heldout_images"]
     problem, state0 = mg.build_problem(config, images)
-    queries = mg.measurement_queries(config, heldout, stream=1, indices=np.arange(args.queries)) if args.worker == "meta" else None
+    queries = (
+        mg.measurement_queries(config, heldout, stream=1, indices=np.arange(args.queries))
+        if args.worker == "meta"
+        else None
+    )
     baseline = _rss_mb()
     load_before = _loadavg()
     cpu0, t0 = _cpu_seconds(), time.perf_counter()
     out = {"worker": args.worker, "steps": args.steps, "n_train": len(images), "n_params": problem.n_params()}
     if args.worker == "train":
         with tempfile.TemporaryDirectory() as tmp:
-            train.train_model(config, images, np.arange(len(images)), 0, Path(tmp) / "model.pt", device=torch.device("cpu"))
+            train.train_model(
+                config, images, np.arange(len(images)), 0, Path(tmp) / "model.pt", device=torch.device("cpu")
+            )
     elif args.worker == "forward":
         mg.train(problem, state0, np.ones(len(images)))
     else:
-        result = mg.metagradients(problem, state0, queries, every=args.every,
-                                  measure_batch_size=int(config["measure"]["batch_size"]))
-        out.update(info={k: v for k, v in result.info.items() if k != "peak_rss_mb"}, queries=args.queries,
-                   score_abs_mean=float(np.abs(result.scores).mean()))
-    out.update(wall_s=time.perf_counter() - t0, cpu_s=_cpu_seconds() - cpu0, baseline_rss_mb=baseline,
-               peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
-               loadavg_before=load_before, loadavg_after=_loadavg())
+        result = mg.metagradients(
+            problem, state0, queries, every=args.every, measure_batch_size=int(config["measure"]["batch_size"])
+        )
+        out.update(
+            info={k: v for k, v in result.info.items() if k != "peak_rss_mb"},
+            queries=args.queries,
+            score_abs_mean=float(np.abs(result.scores).mean()),
+        )
+    out.update(
+        wall_s=time.perf_counter() - t0,
+        cpu_s=_cpu_seconds() - cpu0,
+        baseline_rss_mb=baseline,
+        peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
+        loadavg_before=load_before,
+        loadavg_after=_loadavg(),
+    )
     return out
 
 
@@ -91,7 +107,11 @@ def run_worker(kind: str, steps: int, queries: int = 0, every: int | None = None
     cmd = [sys.executable, __file__, "--worker", kind, "--steps", str(steps), "--queries", str(queries)]
     if every:
         cmd += ["--every", str(every)]
-    print(f"running {kind} (steps {steps}{f', {queries} queries' if kind == 'meta' else ''}) ...", file=sys.stderr, flush=True)
+    print(
+        f"running {kind} (steps {steps}{f', {queries} queries' if kind == 'meta' else ''}) ...",
+        file=sys.stderr,
+        flush=True,
+    )
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
     if proc.returncode != 0:
         raise RuntimeError(f"{kind} worker failed:\n{proc.stderr[-3000:]}")
@@ -100,26 +120,35 @@ def run_worker(kind: str, steps: int, queries: int = 0, every: int | None = None
 
 def table(results: dict) -> str:
     train = results["train"]
-    rows = ["| run | wall (s) | CPU (s) | x training (wall) | x training (CPU) | peak RSS MB (above baseline) | load avg (1 min) before -> after |",
-            "|---|---|---|---|---|---|---|"]
+    rows = [
+        "| run | wall (s) | CPU (s) | x training (wall) | x training (CPU) | peak RSS MB (above baseline) | load avg (1 min) before -> after |",
+        "|---|---|---|---|---|---|---|",
+    ]
 
     def row(name, r, wall=None, cpu=None, rss=True):
         wall = r["wall_s"] if wall is None else wall
         cpu = r["cpu_s"] if cpu is None else cpu
         mem = f"{r['peak_rss_mb']:.0f} (+{r['peak_rss_mb'] - r['baseline_rss_mb']:.0f})" if rss else "-"
         load = f"{r['loadavg_before'][0]:.1f} -> {r['loadavg_after'][0]:.1f}" if rss else "-"
-        rows.append(f"| {name} | {wall:.1f} | {cpu:.1f} | {wall / train['wall_s']:.2f} | {cpu / train['cpu_s']:.2f} | {mem} | {load} |")
+        rows.append(
+            f"| {name} | {wall:.1f} | {cpu:.1f} | {wall / train['wall_s']:.2f} | {cpu / train['cpu_s']:.2f} | {mem} | {load} |"
+        )
 
     row("one training run (train.train_model)", train)
     row("functional training (metagradient.train, no checkpoints)", results["forward"])
     for r in results["meta"]:
         info = r["info"]
-        row(f"metagradient, {r['queries']} quer{'y' if r['queries'] == 1 else 'ies'} (every {info['every']}: "
+        row(
+            f"metagradient, {r['queries']} quer{'y' if r['queries'] == 1 else 'ies'} (every {info['every']}: "
             f"forward {info['time_forward']:.0f} s, query grads {info['time_query_gradients']:.0f} s, reverse "
-            f"{info['time_reverse']:.0f} s of which recompute {info['time_recompute']:.0f} s)", r)
+            f"{info['time_reverse']:.0f} s of which recompute {info['time_recompute']:.0f} s)",
+            r,
+        )
     per = results["per_additional_query"]
-    rows.append(f"| each further query | {per['wall_s']:.1f} | {per['cpu_s']:.1f} | {per['wall_s'] / train['wall_s']:.2f} | "
-                f"{per['cpu_s'] / train['cpu_s']:.2f} | +{per['adjoint_mb']:.1f} (adjoint state) | - |")
+    rows.append(
+        f"| each further query | {per['wall_s']:.1f} | {per['cpu_s']:.1f} | {per['wall_s'] / train['wall_s']:.2f} | "
+        f"{per['cpu_s'] / train['cpu_s']:.2f} | +{per['adjoint_mb']:.1f} (adjoint state) | - |"
+    )
     return "\n".join(rows)
 
 
@@ -141,12 +170,18 @@ def main() -> None:
     counts = sorted({int(q) for q in args.queries.split(",")})
     if len(counts) < 2:
         parser.error("--queries needs two counts (the cost of a further query is their difference)")
-    results = {"train": run_worker("train", args.steps), "forward": run_worker("forward", args.steps),
-               "meta": [run_worker("meta", args.steps, q, args.every) for q in counts]}
+    results = {
+        "train": run_worker("train", args.steps),
+        "forward": run_worker("forward", args.steps),
+        "meta": [run_worker("meta", args.steps, q, args.every) for q in counts],
+    }
     lo, hi = results["meta"][0], results["meta"][-1]
     dq = hi["queries"] - lo["queries"]
-    results["per_additional_query"] = {"wall_s": (hi["wall_s"] - lo["wall_s"]) / dq, "cpu_s": (hi["cpu_s"] - lo["cpu_s"]) / dq,
-                                       "adjoint_mb": (hi["info"]["adjoint_mb"] - lo["info"]["adjoint_mb"]) / dq}
+    results["per_additional_query"] = {
+        "wall_s": (hi["wall_s"] - lo["wall_s"]) / dq,
+        "cpu_s": (hi["cpu_s"] - lo["cpu_s"]) / dq,
+        "adjoint_mb": (hi["info"]["adjoint_mb"] - lo["info"]["adjoint_mb"]) / dq,
+    }
     train_wall, train_cpu = results["train"]["wall_s"], results["train"]["cpu_s"]
     results["summary"] = {
         "first_query_x_training_wall": lo["wall_s"] / lo["queries"] / train_wall if lo["queries"] == 1 else None,
@@ -156,10 +191,20 @@ def main() -> None:
         "peak_rss_mb": max(r["peak_rss_mb"] for r in results["meta"]),
         "peak_rss_above_baseline_mb": max(r["peak_rss_mb"] - r["baseline_rss_mb"] for r in results["meta"]),
     }
-    results["machine"] = {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
-                          "cpus": os.cpu_count(), "threads": 1, "loadavg_end": _loadavg()}
-    results["setup"] = {"steps": args.steps, "queries": counts, "every": args.every or "ceil(sqrt(steps))",
-                        "config": "params.yaml (300 digits, batch 64, UNet 284,513 params)"}
+    results["machine"] = {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cpus": os.cpu_count(),
+        "threads": 1,
+        "loadavg_end": _loadavg(),
+    }
+    results["setup"] = {
+        "steps": args.steps,
+        "queries": counts,
+        "every": args.every or "ceil(sqrt(steps))",
+        "config": "params.yaml (300 digits, batch 64, UNet 284,513 params)",
+    }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
     print(table(results))

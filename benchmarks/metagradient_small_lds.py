@@ -17,6 +17,7 @@ seed-averaged target a fixed-seed method can reach) and the seed-to-seed noise c
     .venv/bin/python benchmarks/metagradient_small_lds.py      # ~10 min on the loaded 2-core machine
 Writes benchmarks/results/metagradient_small_lds.json and prints a Markdown table.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,11 +37,11 @@ import torch  # noqa: E402
 from scipy.stats import spearmanr  # noqa: E402
 
 from workflow_scripts.core import data
-from workflow_scripts.families import ddpm as train
-from workflow_scripts.engines import magic as mg
 from workflow_scripts.core.common import load_torch
-from workflow_scripts.dag.config import load_config
 from workflow_scripts.core.lds import lds_per_query, rowwise_spearman
+from workflow_scripts.dag.config import load_config
+from workflow_scripts.engines import magic as mg
+from workflow_scripts.families import ddpm as train
 
 
 def measure(problem, params, queries) -> np.ndarray:
@@ -81,14 +82,20 @@ def main() -> None:
     result = mg.metagradients(problem, state0, queries)
     time_magic = time.perf_counter() - t0
     scores, base = result.scores, result.values
-    masks = data.make_subsets(n, {**config["lds"], "n_subsets": args.subsets, "n_tuning": 2}, config["seeds"]["subsets"])["masks"]
+    masks = data.make_subsets(
+        n, {**config["lds"], "n_subsets": args.subsets, "n_tuning": 2}, config["seeds"]["subsets"]
+    )["masks"]
 
-    fixed = np.stack([measure(problem, mg.train_function(problem, state0, mask.astype(np.float64)), queries) for mask in masks])
+    fixed = np.stack(
+        [measure(problem, mg.train_function(problem, state0, mask.astype(np.float64)), queries) for mask in masks]
+    )
     seeded = np.zeros((args.subsets, args.seeds, args.queries))
     with tempfile.TemporaryDirectory() as tmp:
         for j, mask in enumerate(masks):
             for s in range(args.seeds):
-                path = train.train_model(config, images, np.flatnonzero(mask), s, Path(tmp) / f"m{j}_{s}.pt", device=torch.device("cpu"))
+                path = train.train_model(
+                    config, images, np.flatnonzero(mask), s, Path(tmp) / f"m{j}_{s}.pt", device=torch.device("cpu")
+                )
                 params = {k: v for k, v in load_torch(path)["state_dict"].items()}
                 seeded[j, s] = measure(problem, params, queries)
     k = max(1, n // 100)
@@ -111,11 +118,15 @@ def main() -> None:
     out = {
         "setup": vars(args) | {"n_params": problem.n_params(), "every": result.info["every"], "leave_out_size": k},
         "time_s": {"metagradient": time_magic, "total": time.perf_counter() - start},
-        "lds_fixed_seed": lds_fixed.tolist(), "lds_seed_averaged": lds_seeded.tolist(),
-        "fixed_seed_models_vs_seed_averaged": fixed_as_predictor.tolist(), "seed_to_seed_ceiling": ceiling.tolist(),
+        "lds_fixed_seed": lds_fixed.tolist(),
+        "lds_seed_averaged": lds_seeded.tolist(),
+        "fixed_seed_models_vs_seed_averaged": fixed_as_predictor.tolist(),
+        "seed_to_seed_ceiling": ceiling.tolist(),
         "leave_out_spearman": loo_spearman.tolist(),
-        "leave_out_actual": loo_actual.tolist(), "leave_out_predicted": loo_pred.tolist(),
-        "subset_actual_change_fixed": (fixed - base).T.tolist(), "subset_predicted_change": subset_pred.tolist(),
+        "leave_out_actual": loo_actual.tolist(),
+        "leave_out_predicted": loo_pred.tolist(),
+        "subset_actual_change_fixed": (fixed - base).T.tolist(),
+        "subset_predicted_change": subset_pred.tolist(),
         "loadavg_end": [float(x) for x in Path("/proc/loadavg").read_text().split()[:3]],
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -132,19 +143,22 @@ def report(out: dict) -> str:
     loo_actual, loo_pred = np.array(out["leave_out_actual"]), np.array(out["leave_out_predicted"])
     slopes = np.array([np.polyfit(p, a, 1)[0] for a, p in zip(actual, predicted)])
     pearson = np.array([np.corrcoef(a, p)[0, 1] for a, p in zip(actual, predicted)])
-    rows = [f"| quantity (mean over {setup['queries']} held-out queries +- SE) | value |", "|---|---|",
-            f"| LDS, fixed-seed target ({setup['subsets']} subsets of 50%) | {summary(np.array(out['lds_fixed_seed']))} |",
-            f"| LDS, seed-averaged target ({setup['seeds']} seeds) | {summary(np.array(out['lds_seed_averaged']))} |",
-            f"| fixed-seed retrained models as predictors of the seed-averaged target | "
-            f"{summary(np.array(out['fixed_seed_models_vs_seed_averaged']))} |",
-            f"| seed-to-seed noise ceiling | {summary(np.array(out['seed_to_seed_ceiling']))} |",
-            f"| leave-{k}-out ({100 * k / n:.0f}%), Spearman over {setup['loo_sets']} removal sets | "
-            f"{summary(np.array(out['leave_out_spearman']))} |",
-            f"| leave-{k}-out: median abs(predicted) / abs(actual) change | {np.median(np.abs(loo_pred) / np.abs(loo_actual)):.2f} |",
-            f"| 50% subsets: actual change, mean (predicted) | {actual.mean():.4f} ({predicted.mean():.4f}) |",
-            f"| 50% subsets: Pearson over subsets of actual vs predicted | {summary(pearson)} |",
-            f"| 50% subsets: slope of actual on predicted (range over queries) | {np.median(slopes):.2f} "
-            f"({slopes.min():.2f}-{slopes.max():.2f}) |"]
+    rows = [
+        f"| quantity (mean over {setup['queries']} held-out queries +- SE) | value |",
+        "|---|---|",
+        f"| LDS, fixed-seed target ({setup['subsets']} subsets of 50%) | {summary(np.array(out['lds_fixed_seed']))} |",
+        f"| LDS, seed-averaged target ({setup['seeds']} seeds) | {summary(np.array(out['lds_seed_averaged']))} |",
+        f"| fixed-seed retrained models as predictors of the seed-averaged target | "
+        f"{summary(np.array(out['fixed_seed_models_vs_seed_averaged']))} |",
+        f"| seed-to-seed noise ceiling | {summary(np.array(out['seed_to_seed_ceiling']))} |",
+        f"| leave-{k}-out ({100 * k / n:.0f}%), Spearman over {setup['loo_sets']} removal sets | "
+        f"{summary(np.array(out['leave_out_spearman']))} |",
+        f"| leave-{k}-out: median abs(predicted) / abs(actual) change | {np.median(np.abs(loo_pred) / np.abs(loo_actual)):.2f} |",
+        f"| 50% subsets: actual change, mean (predicted) | {actual.mean():.4f} ({predicted.mean():.4f}) |",
+        f"| 50% subsets: Pearson over subsets of actual vs predicted | {summary(pearson)} |",
+        f"| 50% subsets: slope of actual on predicted (range over queries) | {np.median(slopes):.2f} "
+        f"({slopes.min():.2f}-{slopes.max():.2f}) |",
+    ]
     return "\n".join(rows)
 
 

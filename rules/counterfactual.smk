@@ -9,22 +9,22 @@ rule counterfactual:
     output:
         members=f"{ROOT}/counterfactual/{{method}}/q{{query}}/members.npy",
         selection=f"{ROOT}/counterfactual/{{method}}/q{{query}}/selection.json",
+    log:
+        f"{ROOT}/logs/counterfactual/{{method}}/q{{query}}.select.log",
     wildcard_constraints:
         method=r"[A-Za-z0-9_-]+",
         query=r"\d+",
+    conda:
+        "../envs/benchmark.yaml"
+    threads: 1
+    resources:
+        mem_mb=1000,
+        runtime=10,
     params:
         config=lambda w: paths.stage_config(config, "counterfactual"),
         query=lambda w: int(w.query),
         scores=lambda w, input: f"--scores {os.path.dirname(input.scores[0])}" if input.scores else "",
         out_dir=lambda w, output: os.path.dirname(output.selection),
-    log:
-        f"{ROOT}/logs/counterfactual/{{method}}/q{{query}}.select.log",
-    threads: 1
-    resources:
-        mem_mb=1000,
-        runtime=10,
-    conda:
-        "../envs/benchmark.yaml"
     shell:
         "python -m workflow_scripts counterfactual --config {params.config:q} --method {wildcards.method}"
         " --query {params.query} {params.scores} --dataset {input.dataset} --out-dir {params.out_dir} 2> {log}"
@@ -37,20 +37,20 @@ rule regenerate:
         samples=rules.sample.output[0],
     output:
         f"{ROOT}/counterfactual/{{method}}/q{{query}}/regenerated.npz",
+    log:
+        f"{ROOT}/logs/counterfactual/{{method}}/q{{query}}.regenerate.log",
     wildcard_constraints:
         method=r"[A-Za-z0-9_-]+",
         query=r"\d+",
-    params:
-        config=lambda w: paths.stage_config(config, "regenerate"),
-        query=lambda w: int(w.query),
-    log:
-        f"{ROOT}/logs/counterfactual/{{method}}/q{{query}}.regenerate.log",
+    conda:
+        "../envs/benchmark.yaml"
     threads: config["compute"]["threads"]
     resources:
         mem_mb=2000,
         runtime=30,
-    conda:
-        "../envs/benchmark.yaml"
+    params:
+        config=lambda w: paths.stage_config(config, "regenerate"),
+        query=lambda w: int(w.query),
     shell:
         "python -m workflow_scripts regenerate --config {params.config:q} --full-model {input.full_model}"
         " --model {input.model} --samples {input.samples} --query {params.query} --out {output} 2> {log}"
@@ -85,19 +85,19 @@ rule counterfactual_evaluate:
             labels={"result": "image pairs"},
         ),
         pairs_pdf=f"{ROOT}/figures/counterfactual_pairs.pdf",
+    log:
+        f"{ROOT}/logs/counterfactual/evaluate.log",
+    conda:
+        "../envs/benchmark.yaml"
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=30,
     params:
         config=lambda w: paths.stage_config(config, "counterfactual_evaluate"),
         stem=lambda w, output: os.path.splitext(output.table)[0],
         boxplots=lambda w, output: os.path.splitext(output.boxplots)[0],
         pairs=lambda w, output: os.path.splitext(output.pairs)[0],
-    log:
-        f"{ROOT}/logs/counterfactual/evaluate.log",
-    threads: 1
-    resources:
-        mem_mb=2000,
-        runtime=30,
-    conda:
-        "../envs/benchmark.yaml"
     shell:
         "python -m workflow_scripts counterfactual_evaluate --config {params.config:q}"
         " --regenerated {input.regenerated} --selections {input.selections} --dataset {input.dataset}"

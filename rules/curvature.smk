@@ -5,19 +5,19 @@ rule curvature:
         dataset=rules.data.output.dataset,
     output:
         f"{ROOT}/curvature/{{variant}}.pt",
-    wildcard_constraints:
-        variant=paths.VARIANT_PATTERN,
-    params:
-        config=lambda w: paths.stage_config(config, "curvature"),
-        variant=lambda w: paths.curvature_variant_args(w.variant),
     log:
         f"{ROOT}/logs/curvature/{{variant}}.log",
+    wildcard_constraints:
+        variant=paths.VARIANT_PATTERN,
+    conda:
+        "../envs/benchmark.yaml"
     threads: config["compute"]["threads"]
     resources:
         mem_mb=8000,
         runtime=240,
-    conda:
-        "../envs/benchmark.yaml"
+    params:
+        config=lambda w: paths.stage_config(config, "curvature"),
+        variant=lambda w: paths.curvature_variant_args(w.variant),
     shell:
         "python -m workflow_scripts curvature --config {params.config:q} {params.variant}"
         " --model {input.model} --dataset {input.dataset} --out {output} 2> {log}"

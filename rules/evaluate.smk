@@ -49,6 +49,14 @@ rule evaluate:
             category="5. Likelihood measurements",
             labels={"result": "measurement substitution"},
         ),
+    log:
+        f"{ROOT}/logs/evaluate.log",
+    conda:
+        "../envs/benchmark.yaml"
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=30,
     params:
         config=lambda w: paths.stage_config(config, "evaluate"),
         score_dirs=lambda w, input: [os.path.dirname(p) for p in input.scores],
@@ -56,14 +64,6 @@ rule evaluate:
         ablation_stem=lambda w, output: os.path.splitext(output.ablation[0])[0],
         measurements_stem=lambda w, output: os.path.splitext(output.measurements[0])[0],
         substitution_stem=lambda w, output: os.path.splitext(output.substitution[0])[0],
-    log:
-        f"{ROOT}/logs/evaluate.log",
-    threads: 1
-    resources:
-        mem_mb=2000,
-        runtime=30,
-    conda:
-        "../envs/benchmark.yaml"
     shell:
         "python -m workflow_scripts evaluate --config {params.config:q}"
         " --subsets {input.subsets} --measurements {input.measurements} --scores {params.score_dirs}"

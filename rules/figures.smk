@@ -26,18 +26,18 @@ rule figures:
             )
         },
         pdfs=expand(f"{ROOT}/figures/{{name}}.pdf", name=FIGURES),
-    params:
-        config=lambda w: paths.stage_config(config, "figures"),
-        score_dirs=lambda w, input: [os.path.dirname(p) for p in input.scores],
-        out_dir=lambda w, output: os.path.dirname(output.pdfs[0]),
     log:
         f"{ROOT}/logs/figures.log",
+    conda:
+        "../envs/benchmark.yaml"
     threads: 1
     resources:
         mem_mb=2000,
         runtime=30,
-    conda:
-        "../envs/benchmark.yaml"
+    params:
+        config=lambda w: paths.stage_config(config, "figures"),
+        score_dirs=lambda w, input: [os.path.dirname(p) for p in input.scores],
+        out_dir=lambda w, output: os.path.dirname(output.pdfs[0]),
     shell:
         "python -m workflow_scripts figures --config {params.config:q} --lds-table {input.lds}"
         " --scores {params.score_dirs} --dataset {input.dataset} --samples {input.samples} --subsets {input.subsets}"

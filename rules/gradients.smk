@@ -9,20 +9,20 @@ rule gradients:
         sidecars=expand(f"{ROOT}/gradients/{{{{checkpoint}}}}/{{{{tag}}}}/{{split}}.json", split=paths.STORE_SPLITS),
         residual=f"{ROOT}/gradients/{{checkpoint}}/{{tag}}/{paths.RESIDUAL}.npy",
         residual_sidecar=f"{ROOT}/gradients/{{checkpoint}}/{{tag}}/{paths.RESIDUAL}.json",
+    log:
+        f"{ROOT}/logs/gradients/{{checkpoint}}/{{tag}}.log",
     wildcard_constraints:
         checkpoint=paths.CHECKPOINT_PATTERN,
         tag=paths.SPLIT_STORE_PATTERN,
-    params:
-        config=lambda w: paths.stage_config(config, "gradients"),
-        out_dir=lambda w, output: os.path.dirname(output.stores[0]),
-    log:
-        f"{ROOT}/logs/gradients/{{checkpoint}}/{{tag}}.log",
+    conda:
+        "../envs/benchmark.yaml"
     threads: config["compute"]["threads"]
     resources:
         mem_mb=8000,
         runtime=240,
-    conda:
-        "../envs/benchmark.yaml"
+    params:
+        config=lambda w: paths.stage_config(config, "gradients"),
+        out_dir=lambda w, output: os.path.dirname(output.stores[0]),
     shell:
         "python -m workflow_scripts gradients --config {params.config:q}"
         " --model {input.model} --dataset {input.dataset} --samples {input.samples}"
@@ -38,20 +38,20 @@ rule gradients_journey:
     output:
         store=f"{ROOT}/gradients/{{checkpoint}}/{{tag}}/generated.npy",
         sidecar=f"{ROOT}/gradients/{{checkpoint}}/{{tag}}/generated.json",
+    log:
+        f"{ROOT}/logs/gradients/{{checkpoint}}/{{tag}}.log",
     wildcard_constraints:
         checkpoint=paths.CHECKPOINT_PATTERN,
         tag=paths.JOURNEY_STORE_PATTERN,
-    params:
-        config=lambda w: paths.stage_config(config, "gradients"),
-        out_dir=lambda w, output: os.path.dirname(output.store),
-    log:
-        f"{ROOT}/logs/gradients/{{checkpoint}}/{{tag}}.log",
+    conda:
+        "../envs/benchmark.yaml"
     threads: config["compute"]["threads"]
     resources:
         mem_mb=8000,
         runtime=120,
-    conda:
-        "../envs/benchmark.yaml"
+    params:
+        config=lambda w: paths.stage_config(config, "gradients"),
+        out_dir=lambda w, output: os.path.dirname(output.store),
     shell:
         "python -m workflow_scripts gradients --config {params.config:q}"
         " --model {input.model} --dataset {input.dataset} --samples {input.samples}"
@@ -65,25 +65,29 @@ rule gradients_measurement:
         dataset=rules.data.output.dataset,
         samples=rules.sample.output[0],
     output:
-        stores=expand(f"{ROOT}/gradients/{{{{checkpoint}}}}/{{{{tag}}}}/measurement_{{{{target}}}}/{{split}}.npy",
-                      split=["generated", "heldout"]),
-        sidecars=expand(f"{ROOT}/gradients/{{{{checkpoint}}}}/{{{{tag}}}}/measurement_{{{{target}}}}/{{split}}.json",
-                        split=["generated", "heldout"]),
+        stores=expand(
+            f"{ROOT}/gradients/{{{{checkpoint}}}}/{{{{tag}}}}/measurement_{{{{target}}}}/{{split}}.npy",
+            split=["generated", "heldout"],
+        ),
+        sidecars=expand(
+            f"{ROOT}/gradients/{{{{checkpoint}}}}/{{{{tag}}}}/measurement_{{{{target}}}}/{{split}}.json",
+            split=["generated", "heldout"],
+        ),
+    log:
+        f"{ROOT}/logs/gradients/{{checkpoint}}/{{tag}}/measurement_{{target}}.log",
     wildcard_constraints:
         checkpoint=paths.CHECKPOINT_PATTERN,
         tag=paths.SPLIT_STORE_PATTERN,
         target=paths.MEASUREMENT_PATTERN,
-    params:
-        config=lambda w: paths.stage_config(config, "gradients_measurement"),
-        out_dir=lambda w, output: os.path.dirname(output.stores[0]),
-    log:
-        f"{ROOT}/logs/gradients/{{checkpoint}}/{{tag}}/measurement_{{target}}.log",
+    conda:
+        "../envs/benchmark.yaml"
     threads: config["compute"]["threads"]
     resources:
         mem_mb=8000,
         runtime=120,
-    conda:
-        "../envs/benchmark.yaml"
+    params:
+        config=lambda w: paths.stage_config(config, "gradients_measurement"),
+        out_dir=lambda w, output: os.path.dirname(output.stores[0]),
     shell:
         "python -m workflow_scripts gradients --config {params.config:q}"
         " --model {input.model} --dataset {input.dataset} --samples {input.samples}"

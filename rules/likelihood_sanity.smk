@@ -13,18 +13,18 @@ rule likelihood_sanity:
             labels={"result": "bits/dim per image category"},
         ),
         figure_pdf=f"{ROOT}/figures/bpd_sanity.pdf",
-    params:
-        config=lambda w: paths.stage_config(config, "likelihood_sanity"),
-        table=lambda w, output: os.path.splitext(output.table[0])[0],
-        figure=lambda w, output: os.path.splitext(output.figure)[0],
     log:
         f"{ROOT}/logs/likelihood_sanity.log",
+    conda:
+        "../envs/benchmark.yaml"
     threads: config["compute"]["threads"]
     resources:
         mem_mb=2000,
         runtime=60,
-    conda:
-        "../envs/benchmark.yaml"
+    params:
+        config=lambda w: paths.stage_config(config, "likelihood_sanity"),
+        table=lambda w, output: os.path.splitext(output.table[0])[0],
+        figure=lambda w, output: os.path.splitext(output.figure)[0],
     shell:
         "python -m workflow_scripts likelihood_sanity --config {params.config:q} --model {input.model}"
         " --dataset {input.dataset} --table {params.table} --figure {params.figure} 2> {log}"

@@ -5,19 +5,19 @@ rule measure:
         samples=rules.sample.output[0],
     output:
         f"{ROOT}/measurements/subset{{subset}}_seed{{replicate}}.npz",
+    log:
+        f"{ROOT}/logs/measure/subset{{subset}}_seed{{replicate}}.log",
     wildcard_constraints:
         subset=r"\d+",
         replicate=r"\d+",
-    params:
-        config=lambda w: paths.stage_config(config, "measure"),
-    log:
-        f"{ROOT}/logs/measure/subset{{subset}}_seed{{replicate}}.log",
+    conda:
+        "../envs/benchmark.yaml"
     threads: config["compute"]["threads"]
     resources:
         mem_mb=2000,
         runtime=30,
-    conda:
-        "../envs/benchmark.yaml"
+    params:
+        config=lambda w: paths.stage_config(config, "measure"),
     shell:
         "python -m workflow_scripts measure --config {params.config:q}"
         " --model {input.model} --dataset {input.dataset} --samples {input.samples}"

@@ -9,20 +9,20 @@ rule metagradient:
         model=rules.train_full.output.model,
     output:
         f"{ROOT}/scores/{{method}}/chunks/{{chunk}}.npz",
+    log:
+        f"{ROOT}/logs/scores/{{method}}/{{chunk}}.log",
     wildcard_constraints:
         method=r"[A-Za-z0-9_-]+",
         chunk=r"chunk\d+",
-    params:
-        config=lambda w: paths.metagradient_config(config, w.method),
-        queries=lambda w: paths.metagradient_chunk_args(config, w.method, w.chunk),
-    log:
-        f"{ROOT}/logs/scores/{{method}}/{{chunk}}.log",
+    conda:
+        "../envs/benchmark.yaml"
     threads: config["compute"]["threads"]
     resources:
         mem_mb=4000,
         runtime=120,
-    conda:
-        "../envs/benchmark.yaml"
+    params:
+        config=lambda w: paths.metagradient_config(config, w.method),
+        queries=lambda w: paths.metagradient_chunk_args(config, w.method, w.chunk),
     shell:
         "python -m workflow_scripts metagradient --config {params.config:q} --method {wildcards.method}"
         " --dataset {input.dataset} --samples {input.samples} --model {input.model} {params.queries}"
@@ -34,16 +34,16 @@ rule fixed_seed_sets:
         subsets=rules.data.output.subsets,
     output:
         paths.fixed_seed_sets_file(config),
-    params:
-        config=lambda w: paths.stage_config(config, "fixed_seed"),
     log:
         f"{ROOT}/logs/fixed_seed/sets.log",
+    conda:
+        "../envs/benchmark.yaml"
     threads: 1
     resources:
         mem_mb=1000,
         runtime=10,
-    conda:
-        "../envs/benchmark.yaml"
+    params:
+        config=lambda w: paths.stage_config(config, "fixed_seed"),
     shell:
         "python -m workflow_scripts fixed_seed --config {params.config:q} --subsets {input.subsets} --out {output} 2> {log}"
 
@@ -55,18 +55,18 @@ rule measure_fixed_seed:
         samples=rules.sample.output[0],
     output:
         f"{ROOT}/fixed_seed/{{name}}/measurement.npz",
-    wildcard_constraints:
-        name=paths.FIXED_SEED_NAME_PATTERN,
-    params:
-        config=lambda w: paths.stage_config(config, "measure"),
     log:
         f"{ROOT}/logs/fixed_seed/{{name}}.measure.log",
+    wildcard_constraints:
+        name=paths.FIXED_SEED_NAME_PATTERN,
+    conda:
+        "../envs/benchmark.yaml"
     threads: config["compute"]["threads"]
     resources:
         mem_mb=2000,
         runtime=30,
-    conda:
-        "../envs/benchmark.yaml"
+    params:
+        config=lambda w: paths.stage_config(config, "measure"),
     shell:
         "python -m workflow_scripts measure --config {params.config:q}"
         " --model {input.model} --dataset {input.dataset} --samples {input.samples} --out {output} 2> {log}"
@@ -87,19 +87,19 @@ rule metagradient_evaluate:
             category="1. Linear datamodelling score",
             labels={"result": "metagradient table"},
         ),
+    log:
+        f"{ROOT}/logs/metagradient_evaluate.log",
+    conda:
+        "../envs/benchmark.yaml"
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=30,
     params:
         config=lambda w: paths.stage_config(config, "metagradient_evaluate"),
         sets=lambda w, input: f"--fixed-seed-sets {input.sets}" if input.sets else "",
         score_dirs=lambda w, input: [os.path.dirname(p) for p in input.scores],
         stem=lambda w, output: os.path.splitext(output.table[0])[0],
-    log:
-        f"{ROOT}/logs/metagradient_evaluate.log",
-    threads: 1
-    resources:
-        mem_mb=2000,
-        runtime=30,
-    conda:
-        "../envs/benchmark.yaml"
     shell:
         "python -m workflow_scripts metagradient_evaluate --config {params.config:q} --subsets {input.subsets}"
         " --measurements {input.measurements} {params.sets} --fixed-seed {input.fixed_seed}"

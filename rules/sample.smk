@@ -3,16 +3,15 @@ rule sample:
         model=rules.train_full.output.model,
     output:
         f"{ROOT}/samples/generated.npz",
-    params:
-        config=lambda w: paths.stage_config(config, "sample"),
     log:
         f"{ROOT}/logs/sample.log",
+    conda:
+        "../envs/benchmark.yaml"
     threads: config["compute"]["threads"]
     resources:
         mem_mb=2000,
         runtime=60,
-    conda:
-        "../envs/benchmark.yaml"
+    params:
+        config=lambda w: paths.stage_config(config, "sample"),
     shell:
-        "python -m workflow_scripts sample --config {params.config:q}"
-        " --model {input.model} --out {output} 2> {log}"
+        "python -m workflow_scripts sample --config {params.config:q}" " --model {input.model} --out {output} 2> {log}"

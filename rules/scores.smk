@@ -13,20 +13,20 @@ rule scores:
         sweep=f"{ROOT}/scores/{{method}}/sweep.csv",
         sweep_figure=f"{ROOT}/scores/{{method}}/sweep.png",
         chosen=f"{ROOT}/scores/{{method}}/chosen.json",
+    log:
+        f"{ROOT}/logs/scores/{{method}}.log",
+    conda:
+        "../envs/benchmark.yaml"
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=60,
     params:
         config=lambda w: paths.scores_config(config, w.method),
         features=lambda w: paths.method_feature_args(config, w.method),
         models=lambda w: paths.method_model_args(config, w.method),
         chunks=lambda w: paths.metagradient_chunk_option(config, w.method),
         out_dir=lambda w, output: os.path.dirname(output.sweep),
-    log:
-        f"{ROOT}/logs/scores/{{method}}.log",
-    threads: 1
-    resources:
-        mem_mb=4000,
-        runtime=60,
-    conda:
-        "../envs/benchmark.yaml"
     shell:
         "python -m workflow_scripts scores --config {params.config:q} --method {wildcards.method}"
         " --dataset {input.dataset} --samples {input.samples} --subsets {input.subsets}"

@@ -5,16 +5,16 @@ rule train_full:
     output:
         model=f"{ROOT}/models/full/model.pt",
         checkpoints=paths.full_checkpoints(config),
-    params:
-        config=lambda w: paths.stage_config(config, "train"),
     log:
         f"{ROOT}/logs/train/full.log",
+    conda:
+        "../envs/benchmark.yaml"
     threads: config["compute"]["threads"]
     resources:
         mem_mb=4000,
         runtime=120,
-    conda:
-        "../envs/benchmark.yaml"
+    params:
+        config=lambda w: paths.stage_config(config, "train"),
     shell:
         "python -m workflow_scripts train --config {params.config:q}"
         " --dataset {input.dataset} --subsets {input.subsets} --subset -1 --replicate 0"
@@ -29,20 +29,20 @@ rule train_subset:
         unpack(lambda w: paths.retraining_inputs(config, w.kind, w.name)),
     output:
         model=f"{ROOT}/{{kind}}/{{name}}/model.pt",
+    log:
+        f"{ROOT}/logs/train/{{kind}}/{{name}}.log",
     wildcard_constraints:
         kind=paths.RETRAINING_KIND_PATTERN,
         name=paths.RETRAINING_NAME_PATTERN,
-    params:
-        config=lambda w: paths.stage_config(config, "train"),
-        membership=lambda w, input: paths.retraining_args(w.kind, w.name, input.membership),
-    log:
-        f"{ROOT}/logs/train/{{kind}}/{{name}}.log",
+    conda:
+        "../envs/benchmark.yaml"
     threads: config["compute"]["threads"]
     resources:
         mem_mb=4000,
         runtime=120,
-    conda:
-        "../envs/benchmark.yaml"
+    params:
+        config=lambda w: paths.stage_config(config, "train"),
+        membership=lambda w, input: paths.retraining_args(w.kind, w.name, input.membership),
     shell:
         "python -m workflow_scripts train --config {params.config:q}"
         " --dataset {input.dataset} {params.membership} --out {output.model} 2> {log}"

@@ -15,6 +15,7 @@ know is shown as a plain table of its columns.
 
 Standard library + pandas only: the page can be built without the workflow's package.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,15 +23,22 @@ import math
 import os
 import subprocess
 import sys
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pandas as pd
 
 REPO = Path(__file__).resolve().parents[1]
 NOISE_CEILING = "noise ceiling (seed-to-seed)"
-ORDER = ("lds", "kfac_ablation", "lds_measurements", "measurement_substitution", "metagradient", "counterfactual",
-         "bpd_sanity")
+ORDER = (
+    "lds",
+    "kfac_ablation",
+    "lds_measurements",
+    "measurement_substitution",
+    "metagradient",
+    "counterfactual",
+    "bpd_sanity",
+)
 LEFT_OUT = {"counterfactual_per_query": "one row per (method, query): every counterfactual value"}
 TITLES = {
     "lds": "LDS of every method (loss target)",
@@ -90,8 +98,18 @@ def records(frame: pd.DataFrame) -> list[dict]:
 # ----------------------------------------------------------------------------------------- tables
 def lds_markdown(frame: pd.DataFrame) -> str:
     """tables/lds.csv (rule evaluate): method x query set on the loss target."""
-    lines = header(["method", "query set", "LDS (evaluation subsets)", "SE", "95% bootstrap CI", "lambda (tuned)",
-                    "LDS tuned on evaluation*", "note"])
+    lines = header(
+        [
+            "method",
+            "query set",
+            "LDS (evaluation subsets)",
+            "SE",
+            "95% bootstrap CI",
+            "lambda (tuned)",
+            "LDS tuned on evaluation*",
+            "note",
+        ]
+    )
     for r in records(frame):
         note = text(r.get("note"))
         if missing(r["lds"]):
@@ -101,8 +119,11 @@ def lds_markdown(frame: pd.DataFrame) -> str:
         tuned = "-" if missing(r["lds_tuned_on_evaluation"]) else f3(r["lds_tuned_on_evaluation"])
         se = "-" if missing(r["se"]) else f3(r["se"])
         lines.append(row_line([text(r["method"]), text(r["query_set"]), f3(r["lds"]), se, ci(r), lam, tuned, note]))
-    lines += ["", "*best LDS over the lambda grid measured on the evaluation subsets themselves (how published "
-              "repositories tune); not an honest estimate, shown for comparison only."]
+    lines += [
+        "",
+        "*best LDS over the lambda grid measured on the evaluation subsets themselves (how published "
+        "repositories tune); not an honest estimate, shown for comparison only.",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -115,18 +136,39 @@ def yes_no(value) -> str:
 def kfac_ablation_markdown(frame: pd.DataFrame) -> str:
     """tables/kfac_ablation.csv (rule evaluate): the kfac rows with their settings as columns."""
     with_query = "query_measurement" in frame.columns
-    labels = ["method", "Fisher", "K-FAC", "EK-FAC", "query gradients", "damping", "query set",
-              "LDS (evaluation subsets)", "95% bootstrap CI", "lambda (tuned)"]
+    labels = [
+        "method",
+        "Fisher",
+        "K-FAC",
+        "EK-FAC",
+        "query gradients",
+        "damping",
+        "query set",
+        "LDS (evaluation subsets)",
+        "95% bootstrap CI",
+        "lambda (tuned)",
+    ]
     lines = header(labels + (["query measurement"] if with_query else []))
     for r in records(frame):
         ran = not missing(r["lds"])
-        cells = [text(r["method"]), text(r.get("fisher_type")), text(r.get("kfac_approx")), yes_no(r.get("ekfac")),
-                 text(r.get("quantization")), text(r.get("damping")), text(r["query_set"]),
-                 f3(r["lds"]) if ran else (text(r.get("note")) or "not run"), ci(r) if ran else "",
-                 "-" if missing(r["lambda"]) else g(r["lambda"])]
+        cells = [
+            text(r["method"]),
+            text(r.get("fisher_type")),
+            text(r.get("kfac_approx")),
+            yes_no(r.get("ekfac")),
+            text(r.get("quantization")),
+            text(r.get("damping")),
+            text(r["query_set"]),
+            f3(r["lds"]) if ran else (text(r.get("note")) or "not run"),
+            ci(r) if ran else "",
+            "-" if missing(r["lambda"]) else g(r["lambda"]),
+        ]
         lines.append(row_line(cells + ([text(r.get("query_measurement"))] if with_query else [])))
-    lines += ["", "lambda: relative to the mean eigenvalue of the fitted G, chosen on the tuning subsets; damping "
-              "'absolute': the paper's untuned value, in units of G."]
+    lines += [
+        "",
+        "lambda: relative to the mean eigenvalue of the fitted G, chosen on the tuning subsets; damping "
+        "'absolute': the paper's untuned value, in units of G.",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -143,8 +185,11 @@ def lds_measurements_markdown(frame: pd.DataFrame) -> str:
     for method in methods:
         cells = [values.get((method, m, q)) for m, q in columns]
         lines.append(row_line([text(method), *("" if v is None or missing(v) else f3(v) for v in cells)]))
-    lines += ["", "LDS on the evaluation subsets per measured target and query set. The run's "
-              "`tables/lds_measurements.md` and `.csv` also give SE, bootstrap CI, lambda and notes per row."]
+    lines += [
+        "",
+        "LDS on the evaluation subsets per measured target and query set. The run's "
+        "`tables/lds_measurements.md` and `.csv` also give SE, bootstrap CI, lambda and notes per row.",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -154,8 +199,9 @@ def measurement_substitution_markdown(frame: pd.DataFrame) -> str:
     if not methods:
         return "No methods that differ only in their query measurement are configured.\n"
     gradient = {r["method"]: text(r["query_measurement"]) for r in records(frame)}
-    lines = header(["measured change (target)", "query set", "noise ceiling",
-                    *(f"{m} ({gradient[m]} gradient)" for m in methods)])
+    lines = header(
+        ["measured change (target)", "query set", "noise ceiling", *(f"{m} ({gradient[m]} gradient)" for m in methods)]
+    )
     for (target, query_set), rows in frame.groupby(["measurement", "query_set"], sort=False):
         by = {r["method"]: r for r in records(rows)}
         cells = []
@@ -170,9 +216,12 @@ def measurement_substitution_markdown(frame: pd.DataFrame) -> str:
             matched = str(r["matched"]).strip().lower() == "true"
             cells.append(f"**{cell}**" if m != NOISE_CEILING and matched else cell)
         lines.append(row_line([text(target), text(query_set), *cells]))
-    lines += ["", "LDS on the evaluation subsets [95% bootstrap CI over subsets]. Each column is one method whose "
-              "QUERY gradients are of the named measurement; bold: the gradient of the measured target itself, the "
-              "other cells substitute another measurement's gradient. Each method's lambda is tuned on its own target."]
+    lines += [
+        "",
+        "LDS on the evaluation subsets [95% bootstrap CI over subsets]. Each column is one method whose "
+        "QUERY gradients are of the named measurement; bold: the gradient of the measured target itself, the "
+        "other cells substitute another measurement's gradient. Each method's lambda is tuned on its own target.",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -180,16 +229,32 @@ def metagradient_markdown(frame: pd.DataFrame) -> str:
     """tables/metagradient.csv (rule metagradient_evaluate)."""
     if frame.empty:
         return "No metagradient method is configured.\n"
-    lines = header(["method", "query set", "target", "value", "SE", "95% bootstrap CI", "queries", "subsets / sets",
-                    "note"])
+    lines = header(
+        ["method", "query set", "target", "value", "SE", "95% bootstrap CI", "queries", "subsets / sets", "note"]
+    )
     for r in records(frame):
         se = "-" if missing(r["se"]) else f3(r["se"])
-        lines.append(row_line([text(r["method"]), text(r["query_set"]), text(r["target"]), f3(r["value"]), se, ci(r),
-                               f"{int(r['n_queries'])} of {int(r['n_queries_total'])}", str(int(r["n_sets"])),
-                               text(r.get("note"))]))
-    lines += ["", "Mean over the attributed queries, SE over those queries ('-' for one), 95% bootstrap CI over the "
-              "evaluation subsets (leave-out: over the sets). Fixed-seed target: retrained with the full model's seed "
-              "and data order, the removed examples weighted 0; seed-averaged target: the LDS table's."]
+        lines.append(
+            row_line(
+                [
+                    text(r["method"]),
+                    text(r["query_set"]),
+                    text(r["target"]),
+                    f3(r["value"]),
+                    se,
+                    ci(r),
+                    f"{int(r['n_queries'])} of {int(r['n_queries_total'])}",
+                    str(int(r["n_sets"])),
+                    text(r.get("note")),
+                ]
+            )
+        )
+    lines += [
+        "",
+        "Mean over the attributed queries, SE over those queries ('-' for one), 95% bootstrap CI over the "
+        "evaluation subsets (leave-out: over the sets). Fixed-seed target: retrained with the full model's seed "
+        "and data order, the removed examples weighted 0; seed-averaged target: the LDS table's.",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -202,8 +267,9 @@ def counterfactual_markdown(frame: pd.DataFrame) -> str:
         cells = []
         for metric in COUNTERFACTUAL_METRICS:
             r = by.get(metric)
-            cells.append("" if r is None else
-                         f"{r['median']:.4g} (mean {r['mean']:.4g}) [{r['ci_low']:.4g}, {r['ci_high']:.4g}]")
+            cells.append(
+                "" if r is None else f"{r['median']:.4g} (mean {r['mean']:.4g}) [{r['ci_low']:.4g}, {r['ci_high']:.4g}]"
+            )
         lines.append(row_line([text(method), *cells]))
     first = records(frame)[0]
     n = int(first["n_queries"])
@@ -211,9 +277,12 @@ def counterfactual_markdown(frame: pd.DataFrame) -> str:
     if not missing(first.get("k")) and not missing(first.get("n_train")):
         removed = f"k = {int(first['k'])} of {int(first['n_train'])} training examples removed per query (random: k random ones). "
     embedding = text(first.get("embedding")) or "see the run's configuration"
-    lines += ["", f"Median over {n} generated queries (mean in parentheses) and a bootstrap CI of the median "
-              f"(counterfactual.ci, 95% by default); {removed}pixel L2 on images in [-1, 1]; embedding: {embedding}; "
-              "loss change = m_q(retrained) - m_q(full)."]
+    lines += [
+        "",
+        f"Median over {n} generated queries (mean in parentheses) and a bootstrap CI of the median "
+        f"(counterfactual.ci, 95% by default); {removed}pixel L2 on images in [-1, 1]; embedding: {embedding}; "
+        "loss change = m_q(retrained) - m_q(full).",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -222,13 +291,24 @@ def bpd_sanity_markdown(frame: pd.DataFrame) -> str:
     lines = header(["category", "n", "mean bits/dim (SE)", "median", "min", "max"])
     for r in records(frame):
         se = "-" if missing(r["se_bpd"]) else f3(r["se_bpd"])
-        lines.append(row_line([text(r["category"]), str(int(r["n"])), f"{f3(r['mean_bpd'])} ({se})", f3(r["median_bpd"]),
-                               f3(r["min_bpd"]), f3(r["max_bpd"])]))
+        lines.append(
+            row_line(
+                [
+                    text(r["category"]),
+                    str(int(r["n"])),
+                    f"{f3(r['mean_bpd'])} ({se})",
+                    f3(r["median_bpd"]),
+                    f3(r["min_bpd"]),
+                    f3(r["max_bpd"]),
+                ]
+            )
+        )
     return "\n".join(lines) + "\n"
 
 
 def generic_markdown(frame: pd.DataFrame) -> str:
     """A table this script does not know: its columns as they are, numbers to 4 significant digits."""
+
     def cell(value):
         if missing(value):
             return ""
@@ -259,8 +339,12 @@ def git_commit(*directories: Path) -> str:
         if not directory.is_dir():
             continue
         try:
-            out = subprocess.run(["git", "-C", str(directory), "rev-parse", "--short", "HEAD"], capture_output=True,
-                                 text=True, check=True)
+            out = subprocess.run(
+                ["git", "-C", str(directory), "rev-parse", "--short", "HEAD"],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
         except (OSError, subprocess.CalledProcessError):
             continue
         if out.stdout.strip():
@@ -270,7 +354,7 @@ def git_commit(*directories: Path) -> str:
 
 def file_dates(paths: list[Path]) -> str:
     """The UTC date of the files' modification times: one date, or 'first to last'."""
-    days = sorted({datetime.fromtimestamp(p.stat().st_mtime, tz=timezone.utc).date().isoformat() for p in paths})
+    days = sorted({datetime.fromtimestamp(p.stat().st_mtime, tz=UTC).date().isoformat() for p in paths})
     return days[0] if len(days) == 1 else f"{days[0]} to {days[-1]}"
 
 
@@ -312,8 +396,11 @@ def page(results: Path, out: Path, commit: str | None = None, note: str = "") ->
     ]
     if note:
         lines += [note, ""]
-    lines += [f"What the columns mean: [methods.md]({link('methods.md')}); what the numbers say: the findings pages "
-              f"linked from [the README]({os.path.relpath(REPO / 'README.md', out.resolve().parent)}#documentation).", ""]
+    lines += [
+        f"What the columns mean: [methods.md]({link('methods.md')}); what the numbers say: the findings pages "
+        f"linked from [the README]({os.path.relpath(REPO / 'README.md', out.resolve().parent)}#documentation).",
+        "",
+    ]
     for path in files:
         name = path.stem
         if name in LEFT_OUT:

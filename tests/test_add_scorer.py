@@ -1,5 +1,6 @@
 """A new store-based scorer is one module plus a params entry: the worked example of docs/adding-a-scorer.md, copied
 from the doc into a scratch copy of the finished smoke run, runs through the smoke DAG to the LDS table."""
+
 import re
 import shutil
 
@@ -7,7 +8,6 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
-
 from workflow_runs import snakemake
 
 pytestmark = pytest.mark.slow
@@ -44,8 +44,11 @@ def test_the_new_scorer_runs_only_its_own_jobs(added_scorer):
 
 
 def test_a_bad_entry_of_the_new_scorer_is_refused_naming_the_field(added_scorer):
-    (added_scorer / "bad.yaml").write_text(yaml.safe_dump(
-        {"scores": {"methods": {"feature_distance": {"family": "feature_distance", "output_function": "nope"}}}}))
+    (added_scorer / "bad.yaml").write_text(
+        yaml.safe_dump(
+            {"scores": {"methods": {"feature_distance": {"family": "feature_distance", "output_function": "nope"}}}}
+        )
+    )
     result = snakemake(added_scorer, "--configfile", "configs/smoke.yaml", "bad.yaml", "-n")
     assert result.returncode != 0
     assert "scores.methods.feature_distance" in result.stdout + result.stderr

@@ -1,16 +1,17 @@
 """The classifier stage (small CNN on the digits) and the classifier-embedding scorer."""
+
 import argparse
 
 import numpy as np
 import pytest
-from fakes import FakeInputs
 import torch
+from fakes import FakeInputs
 
 from workflow_scripts.core import classifier
-from workflow_scripts.stages import classifier as classifier_mod
 from workflow_scripts.core.common import ArtefactError, load_torch, save_npz, save_torch
 from workflow_scripts.core.data import load_digits_images
 from workflow_scripts.scorers import get_scorer
+from workflow_scripts.stages import classifier as classifier_mod
 
 torch.set_num_threads(1)
 
@@ -104,7 +105,9 @@ def test_embedding_scorer_needs_and_checks_classifier(digits, trained):
     x, _, x_test, _ = digits
     _, _, path = trained
     with pytest.raises(ArtefactError, match="classifier_path"):
-        get_scorer("embedding").compute({"family": "embedding", "similarity": "dot"}, FakeInputs(x, {"heldout": x_test[:2]}), [1.0])
+        get_scorer("embedding").compute(
+            {"family": "embedding", "similarity": "dot"}, FakeInputs(x, {"heldout": x_test[:2]}), [1.0]
+        )
     other = FakeInputs(x[:100], {"heldout": x_test[:2]}, classifier_path=str(path))
     with pytest.raises(ArtefactError, match="other images"):
         get_scorer("embedding").compute({"family": "embedding", "similarity": "dot"}, other, [1.0])
@@ -112,13 +115,21 @@ def test_embedding_scorer_needs_and_checks_classifier(digits, trained):
 
 def test_stage_run_writes_checkpoint(tmp_path, digits, caplog):
     x, y, x_test, y_test = digits
-    save_npz(tmp_path / "dataset.npz", train_images=x[:120], train_labels=y[:120],
-             heldout_images=x_test[:30], heldout_labels=y_test[:30])
+    save_npz(
+        tmp_path / "dataset.npz",
+        train_images=x[:120],
+        train_labels=y[:120],
+        heldout_images=x_test[:30],
+        heldout_labels=y_test[:30],
+    )
     parser = argparse.ArgumentParser()
     classifier_mod.add_arguments(parser)
     args = parser.parse_args(["--dataset", str(tmp_path / "dataset.npz"), "--out", str(tmp_path / "c.pt")])
-    config = {"classifier": {"channels": [8, 16], "feature_dim": 16, "steps": 30}, "seeds": {"classifier": SEED},
-              "compute": {"device": "cpu", "threads": 1}}
+    config = {
+        "classifier": {"channels": [8, 16], "feature_dim": 16, "steps": 30},
+        "seeds": {"classifier": SEED},
+        "compute": {"device": "cpu", "threads": 1},
+    }
     with caplog.at_level("INFO", logger="workflow_scripts"):
         classifier_mod.run(args, config)
     assert "held-out accuracy" in caplog.text

@@ -1,4 +1,5 @@
 """Atomic artefact writes (workflow_scripts.common)."""
+
 import os
 import stat
 

@@ -1,11 +1,12 @@
 """Unit tests of workflow_scripts.config: schema validation, cross-field checks, overlays, deep_merge."""
+
 import copy
 
 import pytest
 import yaml
 
-from workflow_scripts.dag.config import ConfigError, N_DIGITS, deep_merge, load_config, validate_config
 from workflow_scripts.core.contracts import config_hash
+from workflow_scripts.dag.config import N_DIGITS, ConfigError, deep_merge, load_config, validate_config
 
 
 def _with(config: dict, dotted: str, value) -> dict:
@@ -49,7 +50,10 @@ def test_params_plus_smoke_overlay_loads(repo, base_config, smoke_config):
     assert smoke_config["train"]["lr"] == base_config["train"]["lr"]
     assert smoke_config["diffusion"] == base_config["diffusion"]
     # (the overlay only adds methods: every params.yaml method is kept as it is)
-    assert smoke_config["scores"]["methods"] == {**base_config["scores"]["methods"], **smoke["scores"].get("methods", {})}
+    assert smoke_config["scores"]["methods"] == {
+        **base_config["scores"]["methods"],
+        **smoke["scores"].get("methods", {}),
+    }
 
 
 def test_empty_overlay_is_a_no_op(repo, tmp_path, base_config):
@@ -239,9 +243,12 @@ def test_config_hash_is_order_independent_and_sensitive():
     assert config_hash(a) != config_hash({**a, "x": 2})
 
 
-@pytest.mark.parametrize("section, key, value, field", [
-    ("model", "family", "vesde", "model.family"),
-])
+@pytest.mark.parametrize(
+    "section, key, value, field",
+    [
+        ("model", "family", "vesde", "model.family"),
+    ],
+)
 def test_library_only_settings_are_refused_by_the_workflow(base_config, section, key, value, field):
     """Valid for the library, but the rules would ignore them: the Snakefile refuses, naming the field."""
     import copy
@@ -258,7 +265,10 @@ def test_library_only_settings_are_refused_by_the_workflow(base_config, section,
 def test_full_overlay_is_valid_and_larger(repo, base_config):
     full = load_config(repo / "params.yaml", repo / "configs" / "full.yaml")
     assert full["benchmark"] != base_config["benchmark"]  # its own results directory
-    assert full["lds"]["n_subsets"] * full["lds"]["n_seeds"] > base_config["lds"]["n_subsets"] * base_config["lds"]["n_seeds"]
+    assert (
+        full["lds"]["n_subsets"] * full["lds"]["n_seeds"]
+        > base_config["lds"]["n_subsets"] * base_config["lds"]["n_seeds"]
+    )
 
 
 def test_method_order_is_params_then_overlay_methods_by_name(repo):
@@ -283,8 +293,9 @@ def test_metagradient8_overlay_attributes_8_plus_8_queries_in_4_jobs(repo):
     assert paths.metagradient_queries(base, "metagradient") == [("generated", 0), ("heldout", 0)]
     chunks = paths.metagradient_chunks(config, "metagradient")
     assert [len(c) for c in chunks] == [4, 4, 4, 4]
-    assert sorted(q for c in chunks for q in c) == sorted([("generated", q) for q in range(8)]
-                                                          + [("heldout", q) for q in range(8)])
+    assert sorted(q for c in chunks for q in c) == sorted(
+        [("generated", q) for q in range(8)] + [("heldout", q) for q in range(8)]
+    )
     assert config["scores"]["methods"]["metagradient"]["family"] == "metagradient"  # merged key by key
     base["scores"]["methods"]["metagradient"].update(max_queries=8, queries_per_job=4)
     assert config == base

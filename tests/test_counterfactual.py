@@ -1,6 +1,7 @@
 """Counterfactual retraining: selection of the removed examples (stage counterfactual), the retraining's
 membership file (stage train), the metrics and the bootstrap summary (stage counterfactual_evaluate),
 and the configuration checks."""
+
 import copy
 import json
 
@@ -10,14 +11,14 @@ import pytest
 import torch
 
 from workflow_scripts import __main__ as cli
-from workflow_scripts.stages import counterfactual as CF
-from workflow_scripts.stages import counterfactual_evaluate as CE
 from workflow_scripts.core import classifier
-from workflow_scripts.dag import paths
-from workflow_scripts.stages import train
 from workflow_scripts.core.common import ArtefactError, save_npz, save_torch
+from workflow_scripts.dag import paths
 from workflow_scripts.dag.config import ConfigError, removal_count, validate_config
 from workflow_scripts.families.ddpm import measurement_draws
+from workflow_scripts.stages import counterfactual as CF
+from workflow_scripts.stages import counterfactual_evaluate as CE
+from workflow_scripts.stages import train
 
 torch.set_num_threads(1)
 
@@ -50,8 +51,8 @@ def test_random_baseline_is_seeded_per_query():
     a = CF.random_k(100, 10, seed=9, query=0)
     assert len(set(a)) == 10 and a.min() >= 0 and a.max() < 100 and np.all(np.diff(a) > 0)
     np.testing.assert_array_equal(a, CF.random_k(100, 10, seed=9, query=0))  # same seed, same query: same draw
-    assert not np.array_equal(a, CF.random_k(100, 10, seed=9, query=1))      # another query: another draw
-    assert not np.array_equal(a, CF.random_k(100, 10, seed=10, query=0))     # another seed: another draw
+    assert not np.array_equal(a, CF.random_k(100, 10, seed=9, query=1))  # another query: another draw
+    assert not np.array_equal(a, CF.random_k(100, 10, seed=10, query=0))  # another seed: another draw
 
 
 def test_remaining_is_the_sorted_complement():
@@ -74,9 +75,19 @@ def test_removal_count_fraction_or_count(k, n, expected):
     assert removal_count(k, n) == expected
 
 
-@pytest.mark.parametrize("k, message", [(0, "removes nothing|fraction"), (0.001, "rounds to 0"), (300, "at least one must remain"),
-                                        (1.5, "fraction"), (-2, "removes nothing|fraction"), (True, "fraction"),
-                                        ("10", "fraction"), (0.9999, "at least one must remain")])
+@pytest.mark.parametrize(
+    "k, message",
+    [
+        (0, "removes nothing|fraction"),
+        (0.001, "rounds to 0"),
+        (300, "at least one must remain"),
+        (1.5, "fraction"),
+        (-2, "removes nothing|fraction"),
+        (True, "fraction"),
+        ("10", "fraction"),
+        (0.9999, "at least one must remain"),
+    ],
+)
 def test_removal_count_refuses_bad_k(k, message):
     with pytest.raises(ConfigError, match=message):
         removal_count(k, 300)
@@ -90,8 +101,11 @@ def _stage_config(base_config, **counterfactual):
 
 def test_stage_writes_members_and_selection(base_config, tmp_path):
     n_train, n_queries = 20, 3
-    save_npz(tmp_path / "dataset.npz", train_images=np.zeros((n_train, 1, 8, 8), np.float32),
-             heldout_images=np.zeros((2, 1, 8, 8), np.float32))
+    save_npz(
+        tmp_path / "dataset.npz",
+        train_images=np.zeros((n_train, 1, 8, 8), np.float32),
+        heldout_images=np.zeros((2, 1, 8, 8), np.float32),
+    )
     scores = np.random.default_rng(0).normal(size=(4, n_train)).astype(np.float32)
     (tmp_path / "scores" / "trak").mkdir(parents=True)
     np.save(tmp_path / "scores" / "trak" / "generated.npy", scores)
@@ -99,8 +113,19 @@ def test_stage_writes_members_and_selection(base_config, tmp_path):
     config = json.dumps(_stage_config(base_config, k=0.2))
     for method in ("trak", "random"):
         for q in range(n_queries):
-            args = ["counterfactual", "--config", config, "--method", method, "--query", str(q),
-                    "--dataset", str(tmp_path / "dataset.npz"), "--out-dir", str(tmp_path / "cf" / method / f"q{q:03d}")]
+            args = [
+                "counterfactual",
+                "--config",
+                config,
+                "--method",
+                method,
+                "--query",
+                str(q),
+                "--dataset",
+                str(tmp_path / "dataset.npz"),
+                "--out-dir",
+                str(tmp_path / "cf" / method / f"q{q:03d}"),
+            ]
             assert cli.main(args + (["--scores", str(tmp_path / "scores" / "trak")] if method == "trak" else [])) == 0
     for method in ("trak", "random"):
         for q in range(n_queries):
@@ -113,28 +138,53 @@ def test_stage_writes_members_and_selection(base_config, tmp_path):
                 assert set(selection["removed"]) == set(np.argsort(scores[q])[-4:])
                 assert min(selection["scores"]) >= np.sort(scores[q])[-4]
             else:
-                np.testing.assert_array_equal(selection["removed"], CF.random_k(n_train, 4, base_config["seeds"]["counterfactual"], q))
+                np.testing.assert_array_equal(
+                    selection["removed"], CF.random_k(n_train, 4, base_config["seeds"]["counterfactual"], q)
+                )
             # the train stage accepts the file as a membership
             np.testing.assert_array_equal(train.load_members(directory / "members.npy", n_train), members)
 
 
 def test_stage_refuses_a_method_that_did_not_run(base_config, tmp_path):
-    save_npz(tmp_path / "dataset.npz", train_images=np.zeros((10, 1, 8, 8), np.float32),
-             heldout_images=np.zeros((2, 1, 8, 8), np.float32))
+    save_npz(
+        tmp_path / "dataset.npz",
+        train_images=np.zeros((10, 1, 8, 8), np.float32),
+        heldout_images=np.zeros((2, 1, 8, 8), np.float32),
+    )
     (tmp_path / "clip_dot").mkdir()
     (tmp_path / "clip_dot" / "chosen.json").write_text(json.dumps({"not_run": "not run: no CLIP weights"}))
-    args = ["counterfactual", "--config", json.dumps(_stage_config(base_config, k=2)), "--method", "clip_dot", "--query", "0",
-            "--scores", str(tmp_path / "clip_dot"), "--dataset", str(tmp_path / "dataset.npz"), "--out-dir", str(tmp_path / "o")]
+    args = [
+        "counterfactual",
+        "--config",
+        json.dumps(_stage_config(base_config, k=2)),
+        "--method",
+        "clip_dot",
+        "--query",
+        "0",
+        "--scores",
+        str(tmp_path / "clip_dot"),
+        "--dataset",
+        str(tmp_path / "dataset.npz"),
+        "--out-dir",
+        str(tmp_path / "o"),
+    ]
     with pytest.raises(ArtefactError, match="no CLIP weights.*counterfactual.methods"):
         cli.main(args)
 
 
 # ------------------------------------------------------------------------------------------- membership files
-@pytest.mark.parametrize("members, message", [
-    (np.array([0, 2, 1]), "sorted and unique"), (np.array([0, 0, 1]), "sorted and unique"),
-    (np.array([0, 10]), r"outside \[0, 10\)"), (np.array([-1, 3]), "outside"),
-    (np.array([0.0, 1.0]), "integer"), (np.zeros((2, 2), int), "1-D"), (np.array([], int), "non-empty"),
-])
+@pytest.mark.parametrize(
+    "members, message",
+    [
+        (np.array([0, 2, 1]), "sorted and unique"),
+        (np.array([0, 0, 1]), "sorted and unique"),
+        (np.array([0, 10]), r"outside \[0, 10\)"),
+        (np.array([-1, 3]), "outside"),
+        (np.array([0.0, 1.0]), "integer"),
+        (np.zeros((2, 2), int), "1-D"),
+        (np.array([], int), "non-empty"),
+    ],
+)
 def test_members_file_is_checked(tmp_path, members, message):
     np.save(tmp_path / "members.npy", members)
     with pytest.raises(ArtefactError, match=message):
@@ -148,7 +198,9 @@ def test_retraining_paths_for_lds_and_counterfactual_models(base_config):
     assert paths.retraining_args("models", "subset003_seed1", "S") == "--subsets S --subset 3 --replicate 1"
     cf = paths.retraining_inputs(base_config, "counterfactual", "trak/q002")
     assert cf["membership"] == f"{root}/counterfactual/trak/q002/members.npy"
-    assert paths.retraining_args("counterfactual", "trak/q002", "M") == "--members M --replicate 0"  # the full model's seed
+    assert (
+        paths.retraining_args("counterfactual", "trak/q002", "M") == "--members M --replicate 0"
+    )  # the full model's seed
     for kind, name in (("models", "full"), ("models", "trak/q002"), ("counterfactual", "subset003_seed1")):
         with pytest.raises(ValueError, match="unknown retraining"):
             paths.retraining_inputs(base_config, kind, name)
@@ -162,16 +214,19 @@ def test_single_query_measurement_draws_match_the_whole_set():
 
 
 # ------------------------------------------------------------------------------------------- configuration
-@pytest.mark.parametrize("dotted, value, message", [
-    ("counterfactual.queries", 33, "exceeds sample.n_generated"),
-    ("counterfactual.methods", ["nope"], "'nope' is not in scores.methods"),
-    ("counterfactual.methods", ["random"], "built-in baseline"),
-    ("counterfactual.methods", ["clip_dot"], "no scores without CLIP weights"),
-    ("counterfactual.k", 300, "at least one must remain"),
-    ("counterfactual.k", 0.001, "rounds to 0"),
-    ("figures.queries", [32], "does not exist"),
-    ("figures.methods", ["nope"], "'nope' is not in scores.methods"),
-])
+@pytest.mark.parametrize(
+    "dotted, value, message",
+    [
+        ("counterfactual.queries", 33, "exceeds sample.n_generated"),
+        ("counterfactual.methods", ["nope"], "'nope' is not in scores.methods"),
+        ("counterfactual.methods", ["random"], "built-in baseline"),
+        ("counterfactual.methods", ["clip_dot"], "no scores without CLIP weights"),
+        ("counterfactual.k", 300, "at least one must remain"),
+        ("counterfactual.k", 0.001, "rounds to 0"),
+        ("figures.queries", [32], "does not exist"),
+        ("figures.methods", ["nope"], "'nope' is not in scores.methods"),
+    ],
+)
 def test_config_checks_name_the_field(base_config, dotted, value, message):
     config = copy.deepcopy(base_config)
     section, key = dotted.split(".")
@@ -248,15 +303,39 @@ def test_evaluation_stage_writes_table_and_figures(base_config, tiny_classifier,
         for q in range(3):
             full = x[q]
             path = tmp_path / method / f"q{q:03d}" / "regenerated.npz"
-            save_npz(path, query=np.array(q), image_full=full, image_counterfactual=np.clip(full + scale * rng.normal(size=full.shape), -1, 1).astype(np.float32),
-                     query_image=full, loss_full=np.array(0.1), loss_counterfactual=np.array(0.1 + scale))
+            save_npz(
+                path,
+                query=np.array(q),
+                image_full=full,
+                image_counterfactual=np.clip(full + scale * rng.normal(size=full.shape), -1, 1).astype(np.float32),
+                query_image=full,
+                loss_full=np.array(0.1),
+                loss_counterfactual=np.array(0.1 + scale),
+            )
             regenerated.append(str(path))
-            (path.parent / "selection.json").write_text(json.dumps({"method": method, "query": q, "k": 6, "n_train": 60}))
+            (path.parent / "selection.json").write_text(
+                json.dumps({"method": method, "query": q, "k": 6, "n_train": 60})
+            )
             selections.append(str(path.parent / "selection.json"))
-    args = ["counterfactual_evaluate", "--config", paths.stage_config(config, "counterfactual_evaluate"),
-            "--regenerated", *regenerated, "--selections", *selections, "--dataset", str(directory / "dataset.npz"),
-            "--classifier", str(directory / "classifier.pt"), "--table", str(tmp_path / "tables" / "counterfactual"),
-            "--boxplots", str(tmp_path / "figures" / "boxplots"), "--pairs", str(tmp_path / "figures" / "pairs")]
+    args = [
+        "counterfactual_evaluate",
+        "--config",
+        paths.stage_config(config, "counterfactual_evaluate"),
+        "--regenerated",
+        *regenerated,
+        "--selections",
+        *selections,
+        "--dataset",
+        str(directory / "dataset.npz"),
+        "--classifier",
+        str(directory / "classifier.pt"),
+        "--table",
+        str(tmp_path / "tables" / "counterfactual"),
+        "--boxplots",
+        str(tmp_path / "figures" / "boxplots"),
+        "--pairs",
+        str(tmp_path / "figures" / "pairs"),
+    ]
     assert cli.main(args) == 0
     summary = pd.read_csv(tmp_path / "tables" / "counterfactual.csv")
     assert list(dict.fromkeys(summary["method"])) == ["trak", "random"]
@@ -278,8 +357,7 @@ def test_evaluation_stage_writes_table_and_figures(base_config, tiny_classifier,
 
 
 def test_regenerating_one_query_starts_from_its_own_seed(smoke_config):
-    from workflow_scripts.families.ddpm import build_model
-    from workflow_scripts.families.ddpm import generate
+    from workflow_scripts.families.ddpm import build_model, generate
 
     torch.manual_seed(0)
     model = build_model(smoke_config["model"], (1, 8, 8)).eval()

@@ -1,4 +1,5 @@
 """Unit tests of workflow_scripts.data: LDS subset masks and the train / held-out split."""
+
 import numpy as np
 import pytest
 

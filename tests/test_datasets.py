@@ -1,11 +1,11 @@
 """MNIST / CIFAR-10 / CIFAR-2 loaders (workflow_scripts/datasets.py, data.make_dataset) on small files written in
 torchvision's on-disk formats (tests/torchvision_files.py), read by torchvision 0.29's own loaders."""
+
 import numpy as np
 import pytest
-
 from torchvision_files import official_cifar_md5s, write_cifar10, write_mnist
-from workflow_scripts.core import data
-from workflow_scripts.core import datasets
+
+from workflow_scripts.core import data, datasets
 from workflow_scripts.dag.config import ConfigError, validate_config
 
 
@@ -70,8 +70,12 @@ def test_cifar2_dataset_split_sizes_balance_and_determinism(cifar_root):
 def test_mnist_dataset_draws_train_from_train_split_and_heldout_from_test_split(mnist_root):
     root, written = mnist_root
     d = data.make_dataset({"dataset": "mnist", "n_train": 30, "n_heldout": 10, "root": str(root)}, split_seed=0)
-    np.testing.assert_allclose(d["train_images"][:, 0], written["train_images"][d["train_index"]] / 255.0 * 2 - 1, atol=1e-6)
-    np.testing.assert_allclose(d["heldout_images"][:, 0], written["t10k_images"][d["heldout_index"]] / 255.0 * 2 - 1, atol=1e-6)
+    np.testing.assert_allclose(
+        d["train_images"][:, 0], written["train_images"][d["train_index"]] / 255.0 * 2 - 1, atol=1e-6
+    )
+    np.testing.assert_allclose(
+        d["heldout_images"][:, 0], written["t10k_images"][d["heldout_index"]] / 255.0 * 2 - 1, atol=1e-6
+    )
     assert np.bincount(d["train_labels"]).tolist() == [3] * 10
 
 
@@ -81,12 +85,28 @@ def test_data_stage_cli_writes_the_dataset(mnist_root, tmp_path):
     import sys
 
     root, _ = mnist_root
-    config = {"data": {"dataset": "mnist", "n_train": 20, "n_heldout": 10, "root": str(root)},
-              "lds": {"n_subsets": 4, "n_tuning": 2, "fraction": 0.5}, "seeds": {"split": 0, "subsets": 1}}
+    config = {
+        "data": {"dataset": "mnist", "n_train": 20, "n_heldout": 10, "root": str(root)},
+        "lds": {"n_subsets": 4, "n_tuning": 2, "fraction": 0.5},
+        "seeds": {"split": 0, "subsets": 1},
+    }
     out = tmp_path / "out"
-    subprocess.run([sys.executable, "-m", "workflow_scripts", "data", "--config", json.dumps(config),
-                    "--dataset-out", str(out / "dataset.npz"), "--subsets-out", str(out / "subsets.npz")],
-                   check=True, cwd=data.__file__.rsplit("/workflow_scripts", 1)[0])
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "workflow_scripts",
+            "data",
+            "--config",
+            json.dumps(config),
+            "--dataset-out",
+            str(out / "dataset.npz"),
+            "--subsets-out",
+            str(out / "subsets.npz"),
+        ],
+        check=True,
+        cwd=data.__file__.rsplit("/workflow_scripts", 1)[0],
+    )
     written = data.load_dataset(out / "dataset.npz")
     assert written["train_images"].shape == (20, 1, 28, 28)
     assert data.load_subsets(out / "subsets.npz")["masks"].shape == (4, 20)
@@ -108,7 +128,9 @@ def test_missing_files_error_names_them_and_the_command(tmp_path):
     (tmp_path / "MNIST" / "raw").mkdir(parents=True)
     write_mnist(tmp_path)
     (tmp_path / "MNIST" / "raw" / "t10k-labels-idx1-ubyte").unlink()
-    with pytest.raises(datasets.DataNotFound, match=r"missing .*t10k-labels-idx1-ubyte[\s\S]*torchvision.datasets.MNIST\("):
+    with pytest.raises(
+        datasets.DataNotFound, match=r"missing .*t10k-labels-idx1-ubyte[\s\S]*torchvision.datasets.MNIST\("
+    ):
         datasets.load("mnist", tmp_path)
 
 
@@ -123,13 +145,21 @@ def test_n_levels_of_real_data_sets_is_256():
     assert all(data.N_LEVELS[name] == 256 for name in ("mnist", "cifar10", "cifar2"))
 
 
-@pytest.mark.parametrize("change, match", [
-    ({"data": {"dataset": "cifar2", "n_train": 5000, "n_heldout": 1000}}, "data.root is required"),
-    ({"data": {"dataset": "cifar2", "n_train": 10001, "n_heldout": 1000, "root": "x"}}, "exceeds cifar2's 10000"),
-    ({"data": {"dataset": "mnist", "n_train": 100, "n_heldout": 10001, "root": "x"}}, "exceeds mnist's 10000 test"),
-    ({"data": {"dataset": "mnist", "n_train": 100, "n_heldout": 10, "root": "x"},
-      "model": {"block_out_channels": [8, 16, 16, 16], "attention": [False] * 4}}, "28 is not divisible by 8"),
-])
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        ({"data": {"dataset": "cifar2", "n_train": 5000, "n_heldout": 1000}}, "data.root is required"),
+        ({"data": {"dataset": "cifar2", "n_train": 10001, "n_heldout": 1000, "root": "x"}}, "exceeds cifar2's 10000"),
+        ({"data": {"dataset": "mnist", "n_train": 100, "n_heldout": 10001, "root": "x"}}, "exceeds mnist's 10000 test"),
+        (
+            {
+                "data": {"dataset": "mnist", "n_train": 100, "n_heldout": 10, "root": "x"},
+                "model": {"block_out_channels": [8, 16, 16, 16], "attention": [False] * 4},
+            },
+            "28 is not divisible by 8",
+        ),
+    ],
+)
 def test_config_checks_of_real_data_sets(base_config, change, match):
     from workflow_scripts.dag.config import deep_merge
 

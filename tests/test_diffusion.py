@@ -1,16 +1,22 @@
 """Unit tests of workflow_scripts.diffusion against hand-written DDPM formulas."""
+
 import numpy as np
 import pytest
 import torch
 
-from workflow_scripts.families import ddpm as diffusion
 from workflow_scripts.core.common import ArtefactError, save_torch
+from workflow_scripts.families import ddpm as diffusion
 
 torch.set_num_threads(1)
 
 DIFFUSION = {"num_train_timesteps": 1000, "beta_start": 0.0001, "beta_end": 0.02}
-TINY_MODEL = {"block_out_channels": [8, 16], "attention": [False, True], "layers_per_block": 1,
-              "norm_num_groups": 4, "attention_head_dim": 4}
+TINY_MODEL = {
+    "block_out_channels": [8, 16],
+    "attention": [False, True],
+    "layers_per_block": 1,
+    "norm_num_groups": 4,
+    "attention_head_dim": 4,
+}
 SHAPE = (1, 8, 8)
 
 
@@ -53,8 +59,12 @@ def test_add_noise_matches_formula():
     t = torch.tensor([0, 1, 250, 500, 999])
     a_bar_np = hand_alphas_cumprod()
     out = diffusion.add_noise(x0, t, eps, diffusion.alphas_cumprod(DIFFUSION))
-    expected = np.stack([np.sqrt(a_bar_np[ti]) * x0[i].numpy() + np.sqrt(1 - a_bar_np[ti]) * eps[i].numpy()
-                         for i, ti in enumerate(t.tolist())])
+    expected = np.stack(
+        [
+            np.sqrt(a_bar_np[ti]) * x0[i].numpy() + np.sqrt(1 - a_bar_np[ti]) * eps[i].numpy()
+            for i, ti in enumerate(t.tolist())
+        ]
+    )
     assert out.shape == x0.shape
     np.testing.assert_allclose(out.numpy(), expected, rtol=1e-4, atol=1e-5)
 

@@ -4,6 +4,7 @@ The round trip builds the smoke benchmark with `dvc repro` in a scratch git repo
 local remote, clones that repository and restores the results with scripts/dvc-pull; Snakemake must then
 have nothing to do and the LDS table must be byte-identical.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -43,7 +44,15 @@ DVC_STAGE_SECTIONS = {
 }
 # rules that run as dependencies of an `--until` rule (the counterfactual stage names only its last rule:
 # naming counterfactual and regenerate as well trips Snakemake 9.27's scheduler, see dvc.yaml)
-UPSTREAM_ONLY_RULES = {"all", "data", "counterfactual", "regenerate", "metagradient", "fixed_seed_sets", "measure_fixed_seed"}
+UPSTREAM_ONLY_RULES = {
+    "all",
+    "data",
+    "counterfactual",
+    "regenerate",
+    "metagradient",
+    "fixed_seed_sets",
+    "measure_fixed_seed",
+}
 # rules of another model family (model.family vesde, an overlay): DVC versions the params.yaml benchmark only
 FAMILY_ONLY_RULES = {"likelihood_sanity"}
 
@@ -53,15 +62,19 @@ def env(home: Path) -> dict:
         "PATH": f"{BIN}{os.pathsep}/usr/bin{os.pathsep}/bin",
         "HOME": str(home),
         "DVC_NO_ANALYTICS": "1",
-        "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t",
+        "GIT_AUTHOR_NAME": "t",
+        "GIT_AUTHOR_EMAIL": "t@t",
+        "GIT_COMMITTER_NAME": "t",
+        "GIT_COMMITTER_EMAIL": "t@t",
     }
 
 
 def run(args: list[str], cwd: Path, home: Path, check: bool = True) -> subprocess.CompletedProcess:
     result = subprocess.run(args, cwd=cwd, env=env(home), capture_output=True, text=True)
     if check and result.returncode != 0:
-        raise AssertionError(f"{' '.join(args)} failed ({result.returncode}) in {cwd}:\n"
-                             f"{result.stdout[-4000:]}\n{result.stderr[-6000:]}")
+        raise AssertionError(
+            f"{' '.join(args)} failed ({result.returncode}) in {cwd}:\n{result.stdout[-4000:]}\n{result.stderr[-6000:]}"
+        )
     return result
 
 
@@ -71,8 +84,13 @@ def output(result: subprocess.CompletedProcess) -> str:
 
 def copy_repo(dest: Path) -> Path:
     """The repository as it would be committed: tracked files plus new, not ignored ones."""
-    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO,
-                            capture_output=True, text=True, check=True).stdout.split("\0")
+    listed = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split("\0")
     for name in filter(None, listed):
         source = REPO / name
         if source.is_file():  # skips files deleted in the work tree
@@ -85,8 +103,9 @@ def smoke_params(trimmed: bool = False) -> dict:
     sys.path.insert(0, str(REPO))
     from workflow_scripts.dag.config import deep_merge
 
-    params = deep_merge(yaml.safe_load((REPO / "params.yaml").read_text()),
-                        yaml.safe_load((REPO / "configs/smoke.yaml").read_text()))
+    params = deep_merge(
+        yaml.safe_load((REPO / "params.yaml").read_text()), yaml.safe_load((REPO / "configs/smoke.yaml").read_text())
+    )
     if trimmed:
         params["lds"].update(ROUND_TRIP_LDS)
         methods = params["scores"]["methods"]
@@ -111,7 +130,9 @@ def stage_paths(stage: dict, *keys: str) -> list[str]:
 
 
 def result_mtimes(root: Path) -> dict[str, int]:
-    return {str(p.relative_to(root)): p.stat().st_mtime_ns for p in sorted((root / "results").rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): p.stat().st_mtime_ns for p in sorted((root / "results").rglob("*")) if p.is_file()
+    }
 
 
 # ------------------------------------------------------------------------------------------- the round trip
@@ -141,8 +162,14 @@ def round_trip(tmp_path_factory):
     pulled = run([str(clone / "scripts/dvc-pull")], clone, base, check=False)
     pull_seconds = time.monotonic() - started
     print(f"dvc repro {repro_seconds:.0f} s, scripts/dvc-pull {pull_seconds:.0f} s")
-    return {"base": base, "origin": origin, "remote": remote, "clone": clone, "pulled": pulled,
-            "benchmark": params["benchmark"]}
+    return {
+        "base": base,
+        "origin": origin,
+        "remote": remote,
+        "clone": clone,
+        "pulled": pulled,
+        "benchmark": params["benchmark"],
+    }
 
 
 @pytest.mark.slow
@@ -226,8 +253,9 @@ def test_dvc_params_cover_what_each_stage_reads():
         listed = set(stages[name]["params"])
         for key in (k for s in sections for k in SECTIONS[s]):
             parts = key.split(".")
-            assert any(".".join(parts[:i]) in listed for i in range(1, len(parts) + 1)), \
+            assert any(".".join(parts[:i]) in listed for i in range(1, len(parts) + 1)), (
                 f"dvc.yaml stage {name!r} does not list params {key!r}"
+            )
     for key in (k for scorer in SCORERS.values() for k in scorer.config_keys):  # the scorers' extra keys
         assert key.split(".")[0] in stages["scores"]["params"], f"dvc.yaml stage 'scores' does not list params {key!r}"
 
@@ -235,8 +263,12 @@ def test_dvc_params_cover_what_each_stage_reads():
 def test_dvc_outs_cover_every_snakemake_output(smoke_copy):
     """Every output and log of the (smoke) Snakemake DAG lies inside an out of some dvc.yaml stage."""
     plan = run(["snakemake", "-n", "--forceall", "--cores", "1"], smoke_copy, smoke_copy.parent).stdout
-    files = {f for line in plan.splitlines() if re.match(r"\s+(output|log): ", line)
-             for f in line.split(": ", 1)[1].split(", ")}
+    files = {
+        f
+        for line in plan.splitlines()
+        if re.match(r"\s+(output|log): ", line)
+        for f in line.split(": ", 1)[1].split(", ")
+    }
     assert any("/models/" in f for f in files), plan[-3000:]
     stages = dvc_yaml("smoke")["stages"]
     outs = [p for stage in stages.values() for p in stage_paths(stage, "outs", "metrics", "plots")]
@@ -246,8 +278,11 @@ def test_dvc_outs_cover_every_snakemake_output(smoke_copy):
 
 def test_every_rule_runs_in_a_dvc_stage(smoke_copy):
     listed = run(["snakemake", "--list-rules"], smoke_copy, smoke_copy.parent).stdout.split()
-    until = {rule for stage in dvc_yaml("smoke")["stages"].values()
-             for rule in re.search(r"--until (.*)$", stage["cmd"]).group(1).split()}
+    until = {
+        rule
+        for stage in dvc_yaml("smoke")["stages"].values()
+        for rule in re.search(r"--until (.*)$", stage["cmd"]).group(1).split()
+    }
     missing = set(listed) - until - UPSTREAM_ONLY_RULES - FAMILY_ONLY_RULES
     assert not missing, f"rules that no dvc.yaml stage runs (add them to a stage's --until): {sorted(missing)}"
 

@@ -1,4 +1,5 @@
 """The evaluate stage's tables: the LDS table and the K-FAC ablation built from the methods' chosen.json."""
+
 import json
 
 import numpy as np
@@ -18,8 +19,9 @@ def _method(tmp_path, name, config, scores, settings=None, not_run=None):
     if not not_run:
         for query_set, s in scores.items():
             np.save(directory / f"{query_set}.npy", s.astype(np.float32))
-        pd.DataFrame([{"lambda": 0.1, "query_set": q, "lds_tuning": 0.0, "lds_evaluation": 0.0} for q in scores]
-                     ).to_csv(directory / "sweep.csv", index=False)
+        pd.DataFrame(
+            [{"lambda": 0.1, "query_set": q, "lds_tuning": 0.0, "lds_evaluation": 0.0} for q in scores]
+        ).to_csv(directory / "sweep.csv", index=False)
     return directory
 
 
@@ -36,9 +38,19 @@ def test_ablation_has_kfac_rows_with_settings_and_references(tmp_path):
     noisy = {q: effect + 3 * rng.normal(size=effect.shape) for q in targets}
     dirs = {
         "trak": _method(tmp_path, "trak", {"family": "trak"}, noisy),
-        "kfac": _method(tmp_path, "kfac", {"family": "kfac"}, exact,
-                        {"fisher_type": "mc", "kfac_approx": "expand", "ekfac": False, "quantization": "int8",
-                         "damping": "relative"}),
+        "kfac": _method(
+            tmp_path,
+            "kfac",
+            {"family": "kfac"},
+            exact,
+            {
+                "fisher_type": "mc",
+                "kfac_approx": "expand",
+                "ekfac": False,
+                "quantization": "int8",
+                "damping": "relative",
+            },
+        ),
         "ekfac": _method(tmp_path, "ekfac", {"family": "kfac", "ekfac": True}, None, not_run="no curvature here"),
         "pixel_dot": _method(tmp_path, "pixel_dot", {"family": "pixel"}, noisy),
     }
@@ -57,9 +69,23 @@ def test_ablation_has_kfac_rows_with_settings_and_references(tmp_path):
 
 
 def test_ablation_without_kfac_methods_says_so(tmp_path):
-    table = pd.DataFrame([{"method": "trak", "query_set": "generated", "lambda": 0.1, "lds": 0.3, "se": 0.01,
-                           "ci_low": 0.2, "ci_high": 0.4, "n_queries": 3, "n_subsets": 8,
-                           "lds_tuned_on_evaluation": 0.3, "note": ""}])
+    table = pd.DataFrame(
+        [
+            {
+                "method": "trak",
+                "query_set": "generated",
+                "lambda": 0.1,
+                "lds": 0.3,
+                "se": 0.01,
+                "ci_low": 0.2,
+                "ci_high": 0.4,
+                "n_queries": 3,
+                "n_subsets": 8,
+                "lds_tuned_on_evaluation": 0.3,
+                "note": "",
+            }
+        ]
+    )
     dirs = {"trak": _method(tmp_path, "trak", {"family": "trak"}, {"generated": np.zeros((3, 4))})}
     assert "No kfac methods" in E.ablation_markdown(E.kfac_ablation(table, dirs))
 
@@ -74,8 +100,10 @@ def test_lds_table_covers_the_scored_queries_and_says_how_many(tmp_path):
     subsets = {"masks": masks, "evaluation": np.arange(3, n_subsets), "tuning": np.arange(3)}
     full = {q: rng.normal(size=(n_query, n_train)) for q in targets}
     partial = {q: np.where(np.arange(n_query)[:, None] < 1, s, np.nan) for q, s in full.items()}  # query 0 only
-    dirs = {"magic": _method(tmp_path, "magic", {"family": "metagradient"}, partial),
-            "trak": _method(tmp_path, "trak", {"family": "trak"}, full)}
+    dirs = {
+        "magic": _method(tmp_path, "magic", {"family": "metagradient"}, partial),
+        "trak": _method(tmp_path, "trak", {"family": "trak"}, full),
+    }
     table = E.lds_table(dirs, subsets, targets, {"bootstrap_samples": 30, "ci": 0.95}, seed=0)
     magic = table[table["method"] == "magic"].set_index("query_set")
     assert (magic["n_queries"] == 1).all() and (magic["n_queries_total"] == n_query).all()

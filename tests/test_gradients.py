@@ -1,4 +1,5 @@
 """Unit tests of workflow_scripts.gradients: vmap per-example gradients and the gradient store."""
+
 import copy
 import json
 
@@ -6,16 +7,21 @@ import numpy as np
 import pytest
 import torch
 
-from workflow_scripts.stages import gradients
 from workflow_scripts.core import store as store_mod
 from workflow_scripts.core.common import ArtefactError
 from workflow_scripts.families.ddpm import add_noise, alphas_cumprod, build_model, output_function
+from workflow_scripts.stages import gradients
 
 torch.set_num_threads(1)
 
 DIFFUSION = {"num_train_timesteps": 1000, "beta_start": 0.0001, "beta_end": 0.02}
-TINY_MODEL = {"block_out_channels": [8, 16], "attention": [False, True], "layers_per_block": 1,
-              "norm_num_groups": 4, "attention_head_dim": 4}
+TINY_MODEL = {
+    "block_out_channels": [8, 16],
+    "attention": [False, True],
+    "layers_per_block": 1,
+    "norm_num_groups": 4,
+    "attention_head_dim": 4,
+}
 SHAPE = (1, 8, 8)
 K = 3
 
@@ -62,7 +68,9 @@ def test_vmap_gradients_equal_loop(setup, fn):
 def test_gradient_is_mean_over_timesteps(setup):
     model, images, t, eps, a_bar = setup
     full = gradients.per_example_gradients(model, images, "loss", t, eps, a_bar)
-    per_t = [gradients.per_example_gradients(model, images, "loss", t[k : k + 1], eps[k : k + 1], a_bar) for k in range(K)]
+    per_t = [
+        gradients.per_example_gradients(model, images, "loss", t[k : k + 1], eps[k : k + 1], a_bar) for k in range(K)
+    ]
     torch.testing.assert_close(full, torch.stack(per_t).mean(0), rtol=1e-4, atol=1e-6)
     # ... not their sum
     assert not torch.allclose(full, torch.stack(per_t).sum(0), rtol=1e-2)
@@ -85,8 +93,14 @@ def test_compute_features_is_projected_mean_gradient(setup):
     from workflow_scripts.core.projection import Projector
 
     model, images, _, _, a_bar = setup
-    grad_cfg = {"timesteps": 2, "projection": "gaussian", "projection_dim": 16, "batch_size": 2, "timestep_chunk": 10,
-                "projection_memory_mb": 64}
+    grad_cfg = {
+        "timesteps": 2,
+        "projection": "gaussian",
+        "projection_dim": 16,
+        "batch_size": 2,
+        "timestep_chunk": 10,
+        "projection_memory_mb": 64,
+    }
     seeds = {"gradients": 5, "projection": 6}
     out = gradients.compute_features(model, images.numpy(), "loss", grad_cfg, DIFFUSION, seeds, torch.device("cpu"))
     assert out.shape == (3, 16) and out.dtype == np.float32
@@ -100,8 +114,15 @@ def test_compute_features_with_the_sparse_projection(setup):
     from workflow_scripts.core.projection import SparseProjector
 
     model, images, _, _, a_bar = setup
-    grad_cfg = {"timesteps": 2, "projection": "sjlt", "projection_dim": 16, "sjlt_nonzeros": 2, "batch_size": 2,
-                "timestep_chunk": 10, "projection_memory_mb": 64}
+    grad_cfg = {
+        "timesteps": 2,
+        "projection": "sjlt",
+        "projection_dim": 16,
+        "sjlt_nonzeros": 2,
+        "batch_size": 2,
+        "timestep_chunk": 10,
+        "projection_memory_mb": 64,
+    }
     seeds = {"gradients": 5, "projection": 6}
     project = gradients.make_projector(model, grad_cfg, seeds, torch.device("cpu"))
     assert isinstance(project, SparseProjector) and project.nonzeros == 2
@@ -111,8 +132,9 @@ def test_compute_features_with_the_sparse_projection(setup):
     raw = loop_gradients(model, images, "loss", t, eps, a_bar)
     np.testing.assert_allclose(out, SparseProjector(raw.shape[1], 16, 6, 2, 64)(raw).numpy(), rtol=1e-3, atol=1e-5)
     # another s is another sketch
-    other = gradients.compute_features(model, images.numpy(), "loss", {**grad_cfg, "sjlt_nonzeros": 4}, DIFFUSION, seeds,
-                                       torch.device("cpu"))
+    other = gradients.compute_features(
+        model, images.numpy(), "loss", {**grad_cfg, "sjlt_nonzeros": 4}, DIFFUSION, seeds, torch.device("cpu")
+    )
     assert not np.allclose(out, other)
 
 
@@ -229,8 +251,15 @@ def test_compute_features_fills_the_store_memory_map(setup, tmp_path, kind, dire
     """The gradients stage writes features straight into the store's memory map (never all in RAM): same numbers
     as the in-memory array; an interrupted fill leaves no store and no temporary file."""
     model, images, _, _, _ = setup
-    grad_cfg = {"timesteps": 2, "projection": "sjlt", "projection_dim": 16, "sjlt_nonzeros": 2, "batch_size": 2,
-                "timestep_chunk": 10, "projection_memory_mb": 64}
+    grad_cfg = {
+        "timesteps": 2,
+        "projection": "sjlt",
+        "projection_dim": 16,
+        "sjlt_nonzeros": 2,
+        "batch_size": 2,
+        "timestep_chunk": 10,
+        "projection_memory_mb": 64,
+    }
     seeds = {"gradients": 5, "projection": 6}
     fn = "eps" if kind == "sketch" else "loss"
     args = (model, images.numpy(), fn, grad_cfg, DIFFUSION, seeds, torch.device("cpu"))

@@ -1,5 +1,6 @@
 """K-FAC influence: curvature scaling, exactness, EK-FAC, the curvlinops trap, influence vs retraining,
 int8 queries, curvature files. Models are tiny so the whole file runs in well under a minute on one CPU thread."""
+
 import numpy as np
 import pytest
 import torch
@@ -7,16 +8,21 @@ from scipy.stats import pearsonr, spearmanr
 from torch import nn
 
 from workflow_scripts.core import curvature as C
-from workflow_scripts.stages import curvature
-from workflow_scripts.core.common import ArtefactError
-from workflow_scripts.families.ddpm import alphas_cumprod, build_model
-from workflow_scripts.engines import kfac as K
 from workflow_scripts.core import measurement
+from workflow_scripts.core.common import ArtefactError
+from workflow_scripts.engines import kfac as K
+from workflow_scripts.families.ddpm import alphas_cumprod, build_model
+from workflow_scripts.stages import curvature
 
 torch.set_num_threads(1)
 DIFFUSION = {"num_train_timesteps": 1000, "beta_start": 0.0001, "beta_end": 0.02}
-TINY_UNET = {"block_out_channels": [8, 8], "attention": [False, True], "layers_per_block": 1, "norm_num_groups": 4,
-             "attention_head_dim": 4}
+TINY_UNET = {
+    "block_out_channels": [8, 8],
+    "attention": [False, True],
+    "layers_per_block": 1,
+    "norm_num_groups": 4,
+    "attention_head_dim": 4,
+}
 SEED = 5
 
 
@@ -105,7 +111,9 @@ def test_ggn_scaling_matches_autograd_hessian_of_our_loss():
     wrapper = C.PackedDenoiser(model, images.shape[1:])
     data = C.DrawBatches(torch.from_numpy(images), k, alphas_cumprod(DIFFUSION), SEED, C.CURVATURE_STREAM, batch_rows=4)
     params = [p for _, p in wrapper.named_parameters()]
-    ggn = GGNLinearOperator(wrapper, nn.MSELoss(), params, list(data), check_deterministic=False) @ torch.eye(layout.n_params)
+    ggn = GGNLinearOperator(wrapper, nn.MSELoss(), params, list(data), check_deterministic=False) @ torch.eye(
+        layout.n_params
+    )
     torch.testing.assert_close(ggn.double(), hess, rtol=1e-4, atol=1e-7)
     # the factor 2 and 1/D: H = 2/(N K D) sum_rows [u;1][u;1]^T (x) I_D, u the denoiser's features
     x_t, t, _ = _loss_rows(model, images, k)
@@ -113,10 +121,14 @@ def test_ggn_scaling_matches_autograd_hessian_of_our_loss():
     expected = torch.kron(torch.eye(4, dtype=torch.float64), u.T @ u) * 2 / (len(t) * 4)  # index (o, j), j = 8: bias
     perm = [o * 9 + j for o in range(4) for j in range(8)] + [o * 9 + 8 for o in range(4)]  # -> (weight, bias) order
     torch.testing.assert_close(hess, expected[perm][:, perm], rtol=1e-6, atol=1e-9)
-    kfac = curvature.fit_curvature(model, images, {"fisher_type": "type-2", "draws": k, "batch_size": 4}, DIFFUSION, SEED)
+    kfac = curvature.fit_curvature(
+        model, images, {"fisher_type": "type-2", "draws": k, "batch_size": 4}, DIFFUSION, SEED
+    )
     torch.testing.assert_close(kfac.dense(), hess, rtol=1e-4, atol=1e-7)
     # separate weight and bias blocks drop the weight-bias cross terms: no longer exact (the check can fail)
-    sep = curvature.fit_curvature(model, images, {"fisher_type": "type-2", "draws": k, "separate_weight_and_bias": True}, DIFFUSION, SEED)
+    sep = curvature.fit_curvature(
+        model, images, {"fisher_type": "type-2", "draws": k, "separate_weight_and_bias": True}, DIFFUSION, SEED
+    )
     assert (sep.dense() - hess).abs().max() > 1e-2 * hess.abs().max()
 
 
@@ -156,7 +168,9 @@ def test_kfac_exact_for_deep_linear_network(kfac_approx, n_data):
         emp = C.kfac_from_data(net, names, data, 1, {"fisher_type": "empirical", "kfac_approx": kfac_approx}, seed=0)
         torch.testing.assert_close(emp.dense().float(), ef * mask, rtol=1e-4, atol=1e-6)
         # MC-Fisher: unbiased for the GGN; with many sampled targets close to it
-        mc = C.kfac_from_data(net, names, data, 1, {"fisher_type": "mc", "fisher_mc_samples": 4000, "kfac_approx": kfac_approx}, seed=0)
+        mc = C.kfac_from_data(
+            net, names, data, 1, {"fisher_type": "mc", "fisher_mc_samples": 4000, "kfac_approx": kfac_approx}, seed=0
+        )
         rel = (mc.dense().float() - ggn * mask).norm() / (ggn * mask).norm()
         assert rel < 0.08
 
@@ -179,8 +193,16 @@ def test_factors_not_doubled_by_check_deterministic():
     # the trap itself (documents why _compute_factors_once exists): naive recompute doubles the factors
     wrapper = C.PackedDenoiser(model, images.shape[1:])
     data = C.DrawBatches(torch.from_numpy(images), k, alphas_cumprod(DIFFUSION), SEED, C.CURVATURE_STREAM, 256)
-    naive = KFACLinearOperator(wrapper, nn.MSELoss(), list(wrapper.parameters()), data, fisher_type="type-2",
-                               num_per_example_loss_terms=1, num_data=data.num_rows, check_deterministic=True)
+    naive = KFACLinearOperator(
+        wrapper,
+        nn.MSELoss(),
+        list(wrapper.parameters()),
+        data,
+        fisher_type="type-2",
+        num_per_example_loss_terms=1,
+        num_data=data.num_rows,
+        check_deterministic=True,
+    )
     naive.compute_kronecker_factors()
     g = naive._gradient_covariances["model.linear"]
     torch.testing.assert_close(g.trace().double(), 2 * fresh.blocks[0].g_vals.sum(), rtol=1e-4, atol=0)
@@ -198,8 +220,13 @@ def test_ekfac_eigenvalues_are_ggn_diagonal_in_kfac_basis(fisher_type, kfac_appr
     images, k = _images(3, (1, 4, 4), seed=3), 2
     layout = C.ParamLayout.of(model)
     assert "norm.weight" not in layout.names and "conv1.weight" in layout.names
-    cur = curvature.fit_curvature(model, images, {"fisher_type": fisher_type, "kfac_approx": kfac_approx, "ekfac": True,
-                                          "draws": k}, DIFFUSION, SEED)
+    cur = curvature.fit_curvature(
+        model,
+        images,
+        {"fisher_type": fisher_type, "kfac_approx": kfac_approx, "ekfac": True, "draws": k},
+        DIFFUSION,
+        SEED,
+    )
     assert cur.is_ekfac
     wrapper = C.PackedDenoiser(model, images.shape[1:])
     data = list(C.DrawBatches(torch.from_numpy(images), k, alphas_cumprod(DIFFUSION), SEED, C.CURVATURE_STREAM, 256))
@@ -231,8 +258,11 @@ def test_influence_matches_retraining_for_linear_denoiser():
     shape, n, k, n_query = (1, 2, 2), 200, 8, 6
     model = LinearDenoiser(shape, bias=False)
     images, queries = _images(n, shape, seed=4), _images(n_query, shape, seed=5)
-    cfg = {"kfac": {"gradient_draws": k, "query_draws": 16, "batch_size": 64, "quantization": "float32"},
-           "diffusion": DIFFUSION, "seeds": {"gradients": SEED}}
+    cfg = {
+        "kfac": {"gradient_draws": k, "query_draws": 16, "batch_size": 64, "quantization": "float32"},
+        "diffusion": DIFFUSION,
+        "seeds": {"gradients": SEED},
+    }
     train_m, query_m = K.loss_measurement(cfg, "train"), K.loss_measurement(cfg, "query")
     u, eps = _lstsq_rows(model, images, train_m.draws(n, shape))
     uq, epsq = _lstsq_rows(model, queries, query_m.draws(n_query, shape))
@@ -247,8 +277,9 @@ def test_influence_matches_retraining_for_linear_denoiser():
     everyone = torch.ones(n, dtype=torch.bool)
     w_star = optimum(everyone)
     base = query_loss(w_star)
-    actual = torch.stack([query_loss(optimum(everyone.clone().index_fill_(0, torch.tensor([j]), False))) - base
-                          for j in range(n)], dim=1).numpy()
+    actual = torch.stack(
+        [query_loss(optimum(everyone.clone().index_fill_(0, torch.tensor([j]), False))) - base for j in range(n)], dim=1
+    ).numpy()
     with torch.no_grad():
         model.linear.weight.copy_(w_star.float())
     layout = C.ParamLayout.of(model)
@@ -262,8 +293,9 @@ def test_influence_matches_retraining_for_linear_denoiser():
     assert spearmanr(predicted.ravel(), actual.ravel())[0] > 0.99
     assert min(spearmanr(p, a)[0] for p, a in zip(predicted, actual)) > 0.98
     # K-FAC type-2 on the same rows is exact here (one layer, constant output Hessian) ...
-    kfac = curvature.fit_curvature(model, images, {"fisher_type": "type-2", "draws": k}, DIFFUSION, SEED,
-                           stream=C.TRAIN_GRADIENT_STREAM)
+    kfac = curvature.fit_curvature(
+        model, images, {"fisher_type": "type-2", "draws": k}, DIFFUSION, SEED, stream=C.TRAIN_GRADIENT_STREAM
+    )
     torch.testing.assert_close(kfac.dense(), hessian, rtol=1e-4, atol=1e-9)
     # ... and the MC-Fisher K-FAC with its own draws and a small damping ranks the same
     mc = curvature.fit_curvature(model, images, {"fisher_type": "mc", "draws": k}, DIFFUSION, SEED)
@@ -287,7 +319,9 @@ def test_int8_round_trip_error_bounded_per_tensor():
         part, err = rows[:, layout.slice(name)], (back - rows)[:, layout.slice(name)].abs().max(1).values
         spread = part.max(1).values - part.min(1).values
         assert bool((err <= spread / 255).all()), name  # the stated bound ...
-        assert bool((err <= spread / 510 * (1 + 1e-5) + 1e-7 * part.abs().max(1).values).all()), name  # ... rounding: half a step
+        assert bool((err <= spread / 510 * (1 + 1e-5) + 1e-7 * part.abs().max(1).values).all()), (
+            name
+        )  # ... rounding: half a step
     torch.testing.assert_close(back[0, layout.slice("c")], rows[0, layout.slice("c")])
     g = torch.randn(4, layout.n_params, generator=gen)
     torch.testing.assert_close(q.matmul_t(g), q.dequantize() @ g.T, rtol=1e-5, atol=1e-5)
@@ -305,8 +339,12 @@ def tiny_unet_case():
 
 
 def _cfg(**kfac):
-    return {"kfac": {"gradient_draws": 4, "query_draws": 8, "batch_size": 64, **kfac}, "diffusion": DIFFUSION,
-            "seeds": {"gradients": SEED, "measure": 4}, "measure": {"n_timesteps": 5, "n_noise": 2}}
+    return {
+        "kfac": {"gradient_draws": 4, "query_draws": 8, "batch_size": 64, **kfac},
+        "diffusion": DIFFUSION,
+        "seeds": {"gradients": SEED, "measure": 4},
+        "measure": {"n_timesteps": 5, "n_noise": 2},
+    }
 
 
 def test_int8_and_float32_query_scores_agree(tiny_unet_case):
@@ -329,7 +367,9 @@ def test_curvature_covers_linear_and_conv_layers_not_norms(base_config):
     model = build_model(base_config["model"], (1, 8, 8))
     names = C.curvature_param_names(model)
     modules = dict(model.named_modules())
-    expected = [n for n, p in model.named_parameters() if isinstance(modules[n.rsplit(".", 1)[0]], (nn.Linear, nn.Conv2d))]
+    expected = [
+        n for n, p in model.named_parameters() if isinstance(modules[n.rsplit(".", 1)[0]], (nn.Linear, nn.Conv2d))
+    ]
     assert sorted(names) == sorted(expected)
     assert any(".to_q." in n for n in names) and any("time_embedding" in n for n in names)
     assert not any(isinstance(modules[n.rsplit(".", 1)[0]], nn.GroupNorm) for n in names)
@@ -339,8 +379,13 @@ def test_curvature_covers_linear_and_conv_layers_not_norms(base_config):
 
 def test_unet_variants_fit(tiny_unet_case):
     model, train, _, expand = tiny_unet_case
-    reduce = curvature.fit_curvature(model, train[:8], {"draws": 2, "kfac_approx": "reduce", "fisher_type": "empirical",
-                                                "ekfac": True}, DIFFUSION, SEED)
+    reduce = curvature.fit_curvature(
+        model,
+        train[:8],
+        {"draws": 2, "kfac_approx": "reduce", "fisher_type": "empirical", "ekfac": True},
+        DIFFUSION,
+        SEED,
+    )
     for cur in (expand, reduce, reduce.kfac_view()):
         eig = cur.eigenvalues()
         assert eig.shape == (cur.layout.n_params,) and bool(torch.isfinite(eig).all()) and bool((eig >= 0).all())
@@ -398,7 +443,14 @@ def test_lambda_sweep_reuses_gradients(tiny_unet_case, monkeypatch):
     # damping large: scores -> (1/N) g_q . g_i / lambda_abs, i.e. proportional to the gradient dot product
     big = K.kfac_scores(model, cur, train, queries, _cfg(query_draws="measure", quantization="float32"), [1e6])[0][1]
     layout = cur.layout
-    gq = measurement.gradients(model, layout, queries["heldout"], K.loss_measurement(_cfg(query_draws="measure"), "query", stream_index=1), 64, "cpu")
+    gq = measurement.gradients(
+        model,
+        layout,
+        queries["heldout"],
+        K.loss_measurement(_cfg(query_draws="measure"), "query", stream_index=1),
+        64,
+        "cpu",
+    )
     gt = measurement.gradients(model, layout, train, K.loss_measurement(_cfg(), "train"), 64, "cpu")
     dot = (gq.double() @ gt.double().T).numpy() / len(train) / cur.absolute_damping(1e6)
     np.testing.assert_allclose(big["heldout"], dot, rtol=2e-3, atol=1e-6 * np.abs(dot).max())
@@ -443,13 +495,19 @@ def test_query_batches_give_the_same_scores(tiny_unet_case, monkeypatch, quantiz
     model, train, queries, cur = tiny_unet_case
     passes = []
     original = K.influence_scores
-    monkeypatch.setattr(K, "influence_scores", lambda *a, **kw: passes.append({k: len(v) for k, v in a[3].items()})
-                        or original(*a, **kw))
-    whole = K.kfac_scores(model, cur, train, queries, _cfg(query_draws="measure", quantization=quantization), [1e-3, 1e-1])
+    monkeypatch.setattr(
+        K,
+        "influence_scores",
+        lambda *a, **kw: passes.append({k: len(v) for k, v in a[3].items()}) or original(*a, **kw),
+    )
+    whole = K.kfac_scores(
+        model, cur, train, queries, _cfg(query_draws="measure", quantization=quantization), [1e-3, 1e-1]
+    )
     assert passes == [{"generated": 3, "heldout": 5}]
     passes.clear()
-    batched = K.kfac_scores(model, cur, train, queries, _cfg(query_draws="measure", quantization=quantization,
-                                                              query_batch=2), [1e-3, 1e-1])
+    batched = K.kfac_scores(
+        model, cur, train, queries, _cfg(query_draws="measure", quantization=quantization, query_batch=2), [1e-3, 1e-1]
+    )
     assert passes == [{"generated": 2}, {"generated": 1}, {"heldout": 2}, {"heldout": 2}, {"heldout": 1}]
     for (la, a), (lb, b) in zip(whole, batched):
         assert la == lb

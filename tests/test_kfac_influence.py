@@ -1,5 +1,6 @@
 """K-FAC influence end to end on the smoke configuration: the `curvature` stage entry writes a file, the scorer
 scorer (scorers/kfac.py, engine engines/kfac.py) reads it back (checking its config) and returns the scores.py sweep format."""
+
 import argparse
 import copy
 from types import SimpleNamespace
@@ -8,20 +9,29 @@ import numpy as np
 import pytest
 import torch
 
-from workflow_scripts.stages import curvature as C
 from workflow_scripts.core import curvature
 from workflow_scripts.core import data as core_data
-from workflow_scripts.stages import data
 from workflow_scripts.core.common import ArtefactError
 from workflow_scripts.engines import kfac as kfac_engine
+from workflow_scripts.families.ddpm import train_model
 from workflow_scripts.scorers import get_scorer
 from workflow_scripts.scorers import kfac as K
-from workflow_scripts.families.ddpm import train_model
+from workflow_scripts.stages import curvature as C
+from workflow_scripts.stages import data
 
 torch.set_num_threads(1)
-KFAC = {"fisher_type": "mc", "kfac_approx": "expand", "ekfac": False, "draws": 2, "fisher_mc_samples": 1,
-        "separate_weight_and_bias": False, "batch_size": 64, "gradient_draws": 2, "query_draws": "measure",
-        "quantization": "int8"}
+KFAC = {
+    "fisher_type": "mc",
+    "kfac_approx": "expand",
+    "ekfac": False,
+    "draws": 2,
+    "fisher_mc_samples": 1,
+    "separate_weight_and_bias": False,
+    "batch_size": 64,
+    "gradient_draws": 2,
+    "query_draws": "measure",
+    "quantization": "int8",
+}
 
 
 @pytest.fixture(scope="module")
@@ -48,15 +58,21 @@ def _kfac(method_cfg, inputs):
 def _inputs(config, dataset, model_path, curvature_path):
     arrays = core_data.load_dataset(dataset)
     queries = {"generated": arrays["heldout_images"][:2], "heldout": arrays["heldout_images"][2:]}
-    return SimpleNamespace(config=config, model_path=model_path, curvature_path=curvature_path,
-                           train_images=lambda: arrays["train_images"], queries=lambda: queries)
+    return SimpleNamespace(
+        config=config,
+        model_path=model_path,
+        curvature_path=curvature_path,
+        train_images=lambda: arrays["train_images"],
+        queries=lambda: queries,
+    )
 
 
 def test_stage_then_scorer(workflow, caplog):
     config, dataset, model_path, tmp = workflow
     out = tmp / "curvature" / f"{C.variant_name(config['kfac'])}.pt"
-    args = argparse.Namespace(model=str(model_path), dataset=str(dataset), fisher_type=None, kfac_approx=None, ekfac=None,
-                              out=str(out))
+    args = argparse.Namespace(
+        model=str(model_path), dataset=str(dataset), fisher_type=None, kfac_approx=None, ekfac=None, out=str(out)
+    )
     C.run(args, config)
     assert out.exists()
     mtime = out.stat().st_mtime_ns
@@ -81,7 +97,10 @@ def test_stage_then_scorer(workflow, caplog):
     ek = tmp / "curvature" / "mc-expand-ekfac.pt"
     C.run(argparse.Namespace(**{**vars(args), "ekfac": True, "out": str(ek)}), config)
     assert curvature.load_curvature(ek).is_ekfac
-    assert _kfac({"family": "kfac", "ekfac": True, "lambda_grid": [1e-2]}, _inputs(config, dataset, model_path, ek))[0][0] == 1e-2
+    assert (
+        _kfac({"family": "kfac", "ekfac": True, "lambda_grid": [1e-2]}, _inputs(config, dataset, model_path, ek))[0][0]
+        == 1e-2
+    )
 
 
 def _mc_expand_file(workflow):
@@ -89,8 +108,17 @@ def _mc_expand_file(workflow):
     config, dataset, model_path, tmp = workflow
     out = tmp / "curvature" / "mc-expand.pt"
     if not out.exists():
-        C.run(argparse.Namespace(model=str(model_path), dataset=str(dataset), fisher_type=None, kfac_approx=None,
-                                 ekfac=None, out=str(out)), config)
+        C.run(
+            argparse.Namespace(
+                model=str(model_path),
+                dataset=str(dataset),
+                fisher_type=None,
+                kfac_approx=None,
+                ekfac=None,
+                out=str(out),
+            ),
+            config,
+        )
     return out
 
 
@@ -101,12 +129,12 @@ def test_absolute_damping_equals_relative_damping_over_mean_eigenvalue(workflow)
     mean = curvature.load_curvature(out).mean_eigenvalue()
     absolute = 0.5 * mean
     inputs = _inputs(config, dataset, model_path, out)
-    (lam_a, scores_a), = _kfac({"family": "kfac", "damping": "absolute", "lambda_grid": [absolute]}, inputs)
-    (lam_r, scores_r), = _kfac({"family": "kfac", "lambda_grid": [0.5]}, inputs)
+    ((lam_a, scores_a),) = _kfac({"family": "kfac", "damping": "absolute", "lambda_grid": [absolute]}, inputs)
+    ((lam_r, scores_r),) = _kfac({"family": "kfac", "lambda_grid": [0.5]}, inputs)
     assert lam_a == pytest.approx(absolute) and lam_r == 0.5  # each reports its own lambda
     for name in scores_r:
         np.testing.assert_allclose(scores_a[name], scores_r[name], rtol=1e-5, atol=1e-6 * np.abs(scores_r[name]).max())
-    (_, other), = _kfac({"family": "kfac", "lambda_grid": [50.0]}, inputs)
+    ((_, other),) = _kfac({"family": "kfac", "lambda_grid": [50.0]}, inputs)
     assert not np.allclose(other["heldout"], scores_r["heldout"])  # the damping matters at all
 
 
@@ -122,9 +150,14 @@ def test_lambda_grid_precedence():
 
 def test_settings_and_notes_name_the_variant():
     config = {"kfac": dict(KFAC)}
-    assert K.settings({"family": "kfac"}, config) == {"fisher_type": "mc", "kfac_approx": "expand", "ekfac": False,
-                                                      "quantization": "int8", "damping": "relative",
-                                                      "query_measurement": "loss"}
+    assert K.settings({"family": "kfac"}, config) == {
+        "fisher_type": "mc",
+        "kfac_approx": "expand",
+        "ekfac": False,
+        "quantization": "int8",
+        "damping": "relative",
+        "query_measurement": "loss",
+    }
     assert K.settings({"family": "kfac", "query_measurement": "elbo"}, config)["query_measurement"] == "elbo"
     got = K.settings({"family": "kfac", "fisher_type": "empirical", "ekfac": True, "quantization": "float32"}, config)
     assert (got["fisher_type"], got["ekfac"], got["quantization"]) == ("empirical", True, "float32")
@@ -138,20 +171,30 @@ def test_settings_and_notes_name_the_variant():
 def test_query_measurement_scores(workflow, tmp_path):
     """query_measurement elbo / trajectory change the query side only: a trajectory method's held-out rows (no
     trajectory: loss gradients) equal the loss method's, its generated rows do not."""
-    from workflow_scripts.families import ddpm as sample_stage
     from workflow_scripts.core.common import save_npz
+    from workflow_scripts.families import ddpm as sample_stage
     from workflow_scripts.families.ddpm import load_model
 
     config, dataset, model_path, tmp = workflow
     out = _mc_expand_file(workflow)
     model, payload = load_model(model_path, config["model"], "cpu")
     samples = tmp_path / "generated.npz"  # two generated queries with their trajectories (as _inputs' generated set)
-    save_npz(samples, **sample_stage.generate(model, payload["image_shape"], config["diffusion"],
-                                              {**config["sample"], "num_inference_steps": 3}, 0, 2, torch.device("cpu")))
+    save_npz(
+        samples,
+        **sample_stage.generate(
+            model,
+            payload["image_shape"],
+            config["diffusion"],
+            {**config["sample"], "num_inference_steps": 3},
+            0,
+            2,
+            torch.device("cpu"),
+        ),
+    )
     inputs = SimpleNamespace(**vars(_inputs(config, dataset, model_path, out)), samples=str(samples))
-    (_, loss), = _kfac({"family": "kfac", "lambda_grid": [1e-2]}, inputs)
-    (_, elbo), = _kfac({"family": "kfac", "query_measurement": "elbo", "lambda_grid": [1e-2]}, inputs)
-    (_, traj), = _kfac({"family": "kfac", "query_measurement": "trajectory", "lambda_grid": [1e-2]}, inputs)
+    ((_, loss),) = _kfac({"family": "kfac", "lambda_grid": [1e-2]}, inputs)
+    ((_, elbo),) = _kfac({"family": "kfac", "query_measurement": "elbo", "lambda_grid": [1e-2]}, inputs)
+    ((_, traj),) = _kfac({"family": "kfac", "query_measurement": "trajectory", "lambda_grid": [1e-2]}, inputs)
     for name in ("generated", "heldout"):
         assert np.isfinite(elbo[name]).all() and not np.allclose(elbo[name], loss[name])
     np.testing.assert_array_equal(traj["heldout"], loss["heldout"])

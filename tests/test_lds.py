@@ -1,4 +1,5 @@
 """Unit tests of workflow_scripts.lds: rank correlation, LDS on constructed cases, summaries, noise ceiling."""
+
 import logging
 
 import numpy as np
@@ -23,7 +24,7 @@ def test_rowwise_spearman_matches_scipy():
     rng = np.random.default_rng(0)
     a, b = rng.normal(size=(7, 20)), rng.normal(size=(7, 20))
     b[0] = a[0] * 2 + 1  # perfectly monotone row
-    b[1] = -a[1] ** 3  # perfectly anti-monotone row
+    b[1] = -(a[1] ** 3)  # perfectly anti-monotone row
     got = lds.rowwise_spearman(a, b)
     np.testing.assert_allclose(got, _spearman_rows(a, b), rtol=1e-12, atol=1e-12)
     assert got[0] == pytest.approx(1.0) and got[1] == pytest.approx(-1.0)
@@ -134,7 +135,9 @@ def test_average_ranks_equal_scipy_rankdata_with_ties_and_batch_axes():
             a = rng.normal(size=shape)
             a = np.round(a * 2) / 2 if ties else a
             np.testing.assert_array_equal(lds.average_ranks(a), rankdata(a, axis=-1))
-    np.testing.assert_array_equal(lds.average_ranks(np.array([[1.0, np.nan, 2.0]])), rankdata([[1.0, np.nan, 2.0]], axis=-1))
+    np.testing.assert_array_equal(
+        lds.average_ranks(np.array([[1.0, np.nan, 2.0]])), rankdata([[1.0, np.nan, 2.0]], axis=-1)
+    )
 
 
 def test_vectorised_lds_summary_equals_the_bootstrap_loop_and_its_cache():
@@ -154,6 +157,8 @@ def test_vectorised_lds_summary_equals_the_bootstrap_loop_and_its_cache():
     assert ranks.lds(scores, masks, targets, "m", "t") == fast  # from the cache
     other = ranks.lds(scores, masks, targets[::-1].copy(), "m", "t2")  # a new target key: new target ranks
     assert other != fast
+
+
 # ---------------------------------------------------------------- queries not scored (NaN rows)
 def test_lds_with_unscored_queries_matches_scipy_on_the_scored_ones(caplog):
     rng, scores, masks = _case(n_query=7, seed=3)
@@ -174,7 +179,9 @@ def test_lds_with_unscored_queries_matches_scipy_on_the_scored_ones(caplog):
     assert summary["se"] == pytest.approx(np.std(expected, ddof=1) / 2)
     assert np.isfinite([summary["ci_low"], summary["ci_high"]]).all()
     # the scored rows' numbers do not depend on the others
-    assert lds.lds_summary(scores[scored], masks, targets[:, scored], 50, 0.9, seed=0)["lds"] == pytest.approx(summary["lds"])
+    assert lds.lds_summary(scores[scored], masks, targets[:, scored], 50, 0.9, seed=0)["lds"] == pytest.approx(
+        summary["lds"]
+    )
 
 
 def test_single_scored_query_has_no_standard_error():

@@ -2,6 +2,7 @@
 computations: ELBO terms by an explicit numpy loop over every timestep (Gaussian KLs written out, scipy CDFs),
 trajectory log-prob by a per-step Gaussian loop and by the noise diffusers' DDPM sampler actually drew,
 and every measurement under torch.func.vmap (the scorers' query gradients) against a per-image loop."""
+
 import copy
 import math
 
@@ -10,19 +11,24 @@ import pytest
 import torch
 from scipy.stats import norm
 
+from workflow_scripts.core import contracts
+from workflow_scripts.core import measurement as K
+from workflow_scripts.core.curvature import ParamLayout
+from workflow_scripts.dag.config import ConfigError, validate_config
 from workflow_scripts.families import ddpm as diffusion
 from workflow_scripts.families import likelihood as L
-from workflow_scripts.core import contracts
-from workflow_scripts.dag.config import ConfigError, validate_config
-from workflow_scripts.core.curvature import ParamLayout
-from workflow_scripts.core import measurement as K
 
 torch.set_num_threads(1)
 
 DIFFUSION = {"num_train_timesteps": 1000, "beta_start": 0.0001, "beta_end": 0.02}
 SMALL_DIFFUSION = {"num_train_timesteps": 20, "beta_start": 0.001, "beta_end": 0.2}
-TINY_MODEL = {"block_out_channels": [8, 16], "attention": [False, True], "layers_per_block": 1,
-              "norm_num_groups": 4, "attention_head_dim": 4}
+TINY_MODEL = {
+    "block_out_channels": [8, 16],
+    "attention": [False, True],
+    "layers_per_block": 1,
+    "norm_num_groups": 4,
+    "attention_head_dim": 4,
+}
 SHAPE = (1, 8, 8)
 D = 64
 LEVELS = 17
@@ -76,7 +82,7 @@ def test_prior_term_is_negligible_for_default_schedule():
     for value in (-1.0, 0.0, 1.0):
         x0 = torch.full(SHAPE, value)
         lt = L.prior_kl(x0, a_last).item()
-        expected = 0.5 * D * (a_last * value ** 2 + (1 - a_last) - 1 - math.log(1 - a_last))
+        expected = 0.5 * D * (a_last * value**2 + (1 - a_last) - 1 - math.log(1 - a_last))
         assert lt == pytest.approx(expected, rel=1e-6)
         assert 0 <= lt < 2e-3  # ~0: a_bar_T = 4e-5
 
@@ -85,8 +91,9 @@ def test_prior_term_is_negligible_for_default_schedule():
 
 
 def test_log_ndtr_matches_torch_and_has_finite_gradients():
-    z = torch.cat([torch.linspace(-1000, 1000, 4001, dtype=torch.float64),
-                   torch.linspace(-6, 6, 241, dtype=torch.float64)]).requires_grad_()
+    z = torch.cat(
+        [torch.linspace(-1000, 1000, 4001, dtype=torch.float64), torch.linspace(-6, 6, 241, dtype=torch.float64)]
+    ).requires_grad_()
     ours, ref = L.log_ndtr(z), torch.special.log_ndtr(z)
     torch.testing.assert_close(ours, ref, rtol=1e-11, atol=1e-12)
     (g,) = torch.autograd.grad(ours.sum(), z)
@@ -143,8 +150,10 @@ def test_elbo_all_timesteps_vs_numpy_loop(model, images):
                 x_t = np.sqrt(a_bar[t]) * x0_np + np.sqrt(1 - a_bar[t]) * eps
                 with torch.no_grad():
                     eps_hat = model(torch.from_numpy(x_t[None]).float(), torch.tensor([t])).sample[0].double().numpy()
-                post_mean = (np.sqrt(a_prev[t]) * betas[t] / (1 - a_bar[t]) * x0_np
-                             + np.sqrt(alphas[t]) * (1 - a_prev[t]) / (1 - a_bar[t]) * x_t)
+                post_mean = (
+                    np.sqrt(a_prev[t]) * betas[t] / (1 - a_bar[t]) * x0_np
+                    + np.sqrt(alphas[t]) * (1 - a_prev[t]) / (1 - a_bar[t]) * x_t
+                )
                 model_mean = (x_t - betas[t] / np.sqrt(1 - a_bar[t]) * eps_hat) / np.sqrt(alphas[t])
                 var = betas[t] * (1 - a_prev[t]) / (1 - a_bar[t])
                 kl_total += 0.5 * np.sum((post_mean - model_mean) ** 2) / var / 2  # two eps per t
@@ -162,7 +171,7 @@ def test_elbo_all_timesteps_vs_numpy_loop(model, images):
             hi = np.where(x0_np > 1 - h, 1.0, norm.cdf((x0_np + h - mean) / std))
             lo = np.where(x0_np < -1 + h, 0.0, norm.cdf((x0_np - h - mean) / std))
             nll0 += -np.sum(np.log(hi - lo)) / 2
-        lt = 0.5 * np.sum(a_bar[-1] * x0_np ** 2 + (1 - a_bar[-1]) - 1 - np.log(1 - a_bar[-1]))
+        lt = 0.5 * np.sum(a_bar[-1] * x0_np**2 + (1 - a_bar[-1]) - 1 - np.log(1 - a_bar[-1]))
         assert terms["kl"][q] == pytest.approx(kl_total, rel=2e-4)
         assert terms["l0"][q] == pytest.approx(nll0, rel=2e-4, abs=1e-3)
         assert terms["lt"][q] == pytest.approx(lt, rel=1e-4)
@@ -221,8 +230,13 @@ def test_timestep_losses_vs_simple_loss(model, images):
         d = m.draws(len(images), SHAPE, 0)
         for q in range(len(images)):
             with torch.no_grad():
-                direct = diffusion.simple_loss(model, torch.from_numpy(images[q]).expand(3, *SHAPE), d["t"][q],
-                                               d["eps"][q], a_bar).mean().item()
+                direct = (
+                    diffusion.simple_loss(
+                        model, torch.from_numpy(images[q]).expand(3, *SHAPE), d["t"][q], d["eps"][q], a_bar
+                    )
+                    .mean()
+                    .item()
+                )
             assert out[q, j] == pytest.approx(direct, rel=1e-5)
             assert bool((d["t"][q] == t).all())
     with pytest.raises(ValueError):
@@ -273,8 +287,14 @@ def test_trajectory_nll_equals_density_of_diffusers_ddpm_draws(model, clip):
     (mean hit exactly, the clipped variance) D/2 ln(2 pi var_prev)."""
     from diffusers import DDPMScheduler
 
-    sched = DDPMScheduler(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear",
-                          clip_sample=clip, variance_type="fixed_small")
+    sched = DDPMScheduler(
+        num_train_timesteps=1000,
+        beta_start=1e-4,
+        beta_end=0.02,
+        beta_schedule="linear",
+        clip_sample=clip,
+        variance_type="fixed_small",
+    )
     sched.set_timesteps(4)
     gen, replay = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
     x = torch.randn(2, *SHAPE, generator=torch.Generator().manual_seed(9)) * (0.3 if clip else 1.0)
@@ -366,22 +386,34 @@ def test_measure_settings_defaults_keep_current_behaviour(base_config, smoke_con
 
 def test_schema_accepts_new_keys_and_rejects_bad_values(base_config):
     config = copy.deepcopy(base_config)
-    config["measure"].update({"measurements": ["loss", "elbo", "timestep_loss", "trajectory"],
-                              "elbo": {"scheme": "uniform", "n_timesteps": 100, "n_noise": 1, "decoder_draws": 1},
-                              "timestep_loss": {"timesteps": [0, 999], "n_noise": 4},
-                              "trajectory": {"clip_x0": True}})
+    config["measure"].update(
+        {
+            "measurements": ["loss", "elbo", "timestep_loss", "trajectory"],
+            "elbo": {"scheme": "uniform", "n_timesteps": 100, "n_noise": 1, "decoder_draws": 1},
+            "timestep_loss": {"timesteps": [0, 999], "n_noise": 4},
+            "trajectory": {"clip_x0": True},
+        }
+    )
     config["model"]["family"] = "ddpm"
     validate_config(config)
     vesde = copy.deepcopy(base_config)
     vesde["model"].update({"family": "vesde", "vesde": {"sigma": 25.0, "t_min": 1e-5, "weighting": "likelihood"}})
     for method in ("kfac_elbo", "kfac_trajectory", "trak_elbo"):  # DDPM targets: a VE-SDE config must not ask for them
         vesde["scores"]["methods"].pop(method)
-    vesde["measure"].update({"measurements": ["likelihood"],
-                             "likelihood": {"solver": "heun", "n_steps": 16, "checkpoint": False, "dequantize": False}})
+    vesde["measure"].update(
+        {
+            "measurements": ["likelihood"],
+            "likelihood": {"solver": "heun", "n_steps": 16, "checkpoint": False, "dequantize": False},
+        }
+    )
     validate_config(vesde)
-    bad = [("model", {"family": "vae"}), ("measure", {"measurements": ["bogus"]}),
-           ("measure", {"elbo": {"scheme": "random"}}), ("measure", {"likelihood": {"solver": "rk45"}}),
-           ("measure", {"timestep_loss": {"timesteps": [1000]}})]
+    bad = [
+        ("model", {"family": "vae"}),
+        ("measure", {"measurements": ["bogus"]}),
+        ("measure", {"elbo": {"scheme": "random"}}),
+        ("measure", {"likelihood": {"solver": "rk45"}}),
+        ("measure", {"timestep_loss": {"timesteps": [1000]}}),
+    ]
     for section, patch in bad:
         c = copy.deepcopy(base_config)
         c[section].update(patch)
@@ -414,27 +446,48 @@ def test_measure_queries_and_load_targets(model, images, smoke_config, tmp_path)
 
     config = copy.deepcopy(smoke_config)
     config["model"] = dict(TINY_MODEL)
-    config["measure"].update({"n_timesteps": 4, "n_noise": 1, "measurements": ["loss", "elbo", "timestep_loss", "trajectory"],
-                              "elbo": {"n_timesteps": 5, "n_noise": 1}, "timestep_loss": {"timesteps": [3, 700], "n_noise": 2}})
+    config["measure"].update(
+        {
+            "n_timesteps": 4,
+            "n_noise": 1,
+            "measurements": ["loss", "elbo", "timestep_loss", "trajectory"],
+            "elbo": {"n_timesteps": 5, "n_noise": 1},
+            "timestep_loss": {"timesteps": [3, 700], "n_noise": 2},
+        }
+    )
     validate_config({**smoke_config, "measure": config["measure"]})
     assert contracts.target_names(config) == ["loss", "elbo", "timestep_loss_t3", "timestep_loss_t700", "trajectory"]
     timesteps = ddim_timesteps(3)
     traj = torch.randn(2, 4, *SHAPE, generator=torch.Generator().manual_seed(2)).numpy()
     queries = {"generated": traj[:, -1].copy(), "heldout": images}
     out = L.measure_queries(model, queries, config, samples={"trajectories": traj, "timesteps": timesteps})
-    assert sorted(out) == sorted(["generated", "heldout", "generated__elbo", "heldout__elbo", "generated__timestep_loss_t3",
-                                  "generated__timestep_loss_t700", "heldout__timestep_loss_t3",
-                                  "heldout__timestep_loss_t700", "generated__trajectory"])
+    assert sorted(out) == sorted(
+        [
+            "generated",
+            "heldout",
+            "generated__elbo",
+            "heldout__elbo",
+            "generated__timestep_loss_t3",
+            "generated__timestep_loss_t700",
+            "heldout__timestep_loss_t3",
+            "heldout__timestep_loss_t700",
+            "generated__trajectory",
+        ]
+    )
     seed = config["seeds"]["measure"]
     # the loss keeps today's key, streams and values
-    np.testing.assert_array_equal(out["heldout"], measure_loss(model, images, config["diffusion"], config["measure"], seed, 1,
-                                                               "cpu"))
-    elbo = L.measure_elbo(model, images, config["diffusion"], L.measure_settings(config["measure"])["elbo"], LEVELS, seed, 1)
+    np.testing.assert_array_equal(
+        out["heldout"], measure_loss(model, images, config["diffusion"], config["measure"], seed, 1, "cpu")
+    )
+    elbo = L.measure_elbo(
+        model, images, config["diffusion"], L.measure_settings(config["measure"])["elbo"], LEVELS, seed, 1
+    )
     np.testing.assert_allclose(out["heldout__elbo"], elbo["nats"])
     ts = L.measure_timestep_losses(model, images, config["diffusion"], [3, 700], 2, seed, 1)
     np.testing.assert_allclose(out["heldout__timestep_loss_t700"], ts[:, 1])
-    np.testing.assert_allclose(out["generated__trajectory"],
-                               L.measure_trajectory_nll(model, traj, timesteps, config["diffusion"])["nats"])
+    np.testing.assert_allclose(
+        out["generated__trajectory"], L.measure_trajectory_nll(model, traj, timesteps, config["diffusion"])["nats"]
+    )
     with pytest.raises(ValueError, match="samples"):
         L.measure_queries(model, queries, config)
     # measurement files of 2 subsets x 1 seed -> targets per query set

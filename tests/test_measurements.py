@@ -1,34 +1,30 @@
 """The likelihood measurements in the workflow: the measure stage writes every target, the K-FAC
 scorer's query_measurement takes gradients of exactly that target, the scores stage tunes on it, and evaluate
 builds the LDS table per target and the measurement substitution table from the right arrays."""
+
 import argparse
 import copy
 import json
-from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 
-from workflow_scripts.stages import data as data_stage
-from workflow_scripts.core import data
-from workflow_scripts.stages import evaluate as E
-from workflow_scripts.families import likelihood as L
-from workflow_scripts.core import contracts
+from workflow_scripts.core import contracts, data
 from workflow_scripts.core import contracts as M
-from workflow_scripts.stages import measure
-from workflow_scripts.families import ddpm
-from workflow_scripts.families import likelihood
-from workflow_scripts.core.common import ArtefactError, load_npz, save_npz
-from workflow_scripts.dag.config import ConfigError, check_workflow_support, validate_config
-from workflow_scripts.core.curvature import ParamLayout
-from workflow_scripts.families.ddpm import load_model
-from workflow_scripts.families.ddpm import generate
-from workflow_scripts.scorers import get_scorer
-from workflow_scripts.engines import kfac as K
 from workflow_scripts.core import measurement as measurement_mod
-from workflow_scripts.families.ddpm import train_model
+from workflow_scripts.core.common import ArtefactError, load_npz, save_npz
+from workflow_scripts.core.curvature import ParamLayout
+from workflow_scripts.dag.config import ConfigError, check_workflow_support, validate_config
+from workflow_scripts.engines import kfac as K
+from workflow_scripts.families import ddpm, likelihood
+from workflow_scripts.families import likelihood as L
+from workflow_scripts.families.ddpm import generate, load_model, train_model
+from workflow_scripts.scorers import get_scorer
+from workflow_scripts.stages import data as data_stage
+from workflow_scripts.stages import evaluate as E
+from workflow_scripts.stages import measure
 
 torch.set_num_threads(1)
 TARGETS = ["loss", "elbo", "timestep_loss_t3", "timestep_loss_t700", "trajectory"]
@@ -43,10 +39,16 @@ def stage(tmp_path_factory, smoke_config):
     config["train"].update({"steps": 2, "resume_every": 2})
     config["compute"] = {"device": "cpu", "threads": 1}
     config["sample"].update({"n_generated": 2, "num_inference_steps": 3})
-    config["measure"].update({"n_timesteps": 4, "n_noise": 1, "batch_size": 16,
-                              "measurements": ["loss", "elbo", "timestep_loss", "trajectory"],
-                              "elbo": {"n_timesteps": 5, "n_noise": 1, "decoder_draws": 1},
-                              "timestep_loss": {"timesteps": [3, 700], "n_noise": 2}})
+    config["measure"].update(
+        {
+            "n_timesteps": 4,
+            "n_noise": 1,
+            "batch_size": 16,
+            "measurements": ["loss", "elbo", "timestep_loss", "trajectory"],
+            "elbo": {"n_timesteps": 5, "n_noise": 1, "decoder_draws": 1},
+            "timestep_loss": {"timesteps": [3, 700], "n_noise": 2},
+        }
+    )
     validate_config(config)
     dataset = tmp / "dataset.npz"
     data_stage.run(argparse.Namespace(dataset_out=dataset, subsets_out=tmp / "subsets.npz"), config)
@@ -54,16 +56,30 @@ def stage(tmp_path_factory, smoke_config):
     model_path = train_model(config, images, np.arange(len(images)), 0, tmp / "model.pt")
     model, payload = load_model(model_path, config["model"], "cpu")
     samples = tmp / "generated.npz"
-    save_npz(samples, **generate(model, payload["image_shape"], config["diffusion"], config["sample"],
-                                 config["seeds"]["sample"], 2, torch.device("cpu")))
+    save_npz(
+        samples,
+        **generate(
+            model,
+            payload["image_shape"],
+            config["diffusion"],
+            config["sample"],
+            config["seeds"]["sample"],
+            2,
+            torch.device("cpu"),
+        ),
+    )
     return config, dataset, samples, model_path, tmp
 
 
 def _measure(stage, out_name="m.npz"):
     config, dataset, samples, model_path, tmp = stage
     out = tmp / out_name
-    measure.run(argparse.Namespace(model=str(model_path), dataset=str(dataset), samples=str(samples), subset=3, replicate=1,
-                             out=str(out)), config)
+    measure.run(
+        argparse.Namespace(
+            model=str(model_path), dataset=str(dataset), samples=str(samples), subset=3, replicate=1, out=str(out)
+        ),
+        config,
+    )
     return load_npz(out)
 
 
@@ -78,14 +94,19 @@ def test_measure_stage_writes_every_target_with_the_right_shapes(stage):
     assert set(arrays) - {"subset", "replicate", "targets"} == expected
     for key in expected:
         query_set = key.split("__")[0]
-        assert arrays[key].shape == (n[query_set],) and arrays[key].dtype == np.float64 and np.isfinite(arrays[key]).all()
+        assert (
+            arrays[key].shape == (n[query_set],) and arrays[key].dtype == np.float64 and np.isfinite(arrays[key]).all()
+        )
     # the loss keeps its array names and values (everything downstream of the loss-only stage still reads it)
     model, _ = load_model(model_path, config["model"], "cpu")
     queries = data.load_queries(dataset, samples)
     for stream, name in enumerate(M.QUERY_SETS):
-        np.testing.assert_array_equal(arrays[name], ddpm.measure_loss(model, queries[name], config["diffusion"],
-                                                                   config["measure"], config["seeds"]["measure"],
-                                                                   stream, "cpu"))
+        np.testing.assert_array_equal(
+            arrays[name],
+            ddpm.measure_loss(
+                model, queries[name], config["diffusion"], config["measure"], config["seeds"]["measure"], stream, "cpu"
+            ),
+        )
     # the ELBO is an upper bound on -log P of the 17-level image: above 0 nats, and distinct from the loss
     assert (arrays["heldout__elbo"] > 0).all()
 
@@ -117,8 +138,9 @@ def test_kfac_query_measurement_gradient_equals_autograd(stage, target):
     arrays = _measure(stage)
     model, _ = load_model(model_path, config["model"], "cpu")
     queries = data.load_queries(dataset, samples)
-    measurements = K.query_measurements({"family": "kfac", "query_measurement": target}, config, M.QUERY_SETS,
-                                        str(samples))
+    measurements = K.query_measurements(
+        {"family": "kfac", "query_measurement": target}, config, M.QUERY_SETS, str(samples)
+    )
     assert set(measurements) == ({"generated"} if target == "trajectory" else set(M.QUERY_SETS))
     params = dict(model.named_parameters())
     names = [n for n in params if n.endswith("weight")][:4] + [n for n in params if n.endswith("weight")][-3:]
@@ -145,8 +167,13 @@ def _files(tmp_path, targets_by_key: dict[str, np.ndarray], n_subsets: int, n_se
     for j in range(n_subsets):
         for s in range(n_seeds):
             path = tmp_path / f"subset{j:03d}_seed{s}.npz"
-            save_npz(path, subset=np.array(j), replicate=np.array(s), targets=np.array(names or ["loss"]),
-                     **{k: v[j, s] for k, v in targets_by_key.items()})
+            save_npz(
+                path,
+                subset=np.array(j),
+                replicate=np.array(s),
+                targets=np.array(names or ["loss"]),
+                **{k: v[j, s] for k, v in targets_by_key.items()},
+            )
             paths.append(str(path))
     return paths
 
@@ -154,13 +181,20 @@ def _files(tmp_path, targets_by_key: dict[str, np.ndarray], n_subsets: int, n_se
 def _method(tmp_path, name, scores, target=None, settings=None, family="kfac"):
     directory = tmp_path / name
     directory.mkdir()
-    chosen = {"method": name, "config": {"family": family}, "lambda": 0.1, "notes": {}, "settings": settings or {},
-              "target": target or {q: "loss" for q in scores}}
+    chosen = {
+        "method": name,
+        "config": {"family": family},
+        "lambda": 0.1,
+        "notes": {},
+        "settings": settings or {},
+        "target": target or {q: "loss" for q in scores},
+    }
     (directory / "chosen.json").write_text(json.dumps(chosen))
     for query_set, s in scores.items():
         np.save(directory / f"{query_set}.npy", s.astype(np.float32))
-    pd.DataFrame([{"lambda": 0.1, "query_set": q, "lds_tuning": 0.5, "lds_evaluation": 0.5} for q in scores]
-                 ).to_csv(directory / "sweep.csv", index=False)
+    pd.DataFrame([{"lambda": 0.1, "query_set": q, "lds_tuning": 0.5, "lds_evaluation": 0.5} for q in scores]).to_csv(
+        directory / "sweep.csv", index=False
+    )
     return directory
 
 
@@ -187,17 +221,33 @@ def synthetic(tmp_path):
     base = {"fisher_type": "mc", "kfac_approx": "expand", "ekfac": False, "quantization": "int8", "damping": "relative"}
     both = ("generated", "heldout")
     dirs = {
-        "kfac": _method(tmp_path, "kfac", {q: effects["loss"] for q in both}, None, {**base, "query_measurement": "loss"}),
-        "kfac_elbo": _method(tmp_path, "kfac_elbo", {q: effects["elbo"] for q in both}, {q: "elbo" for q in both},
-                             {**base, "query_measurement": "elbo"}),
-        "kfac_trajectory": _method(tmp_path, "kfac_trajectory",
-                                   {"generated": effects["trajectory"], "heldout": effects["loss"]},
-                                   {"generated": "trajectory", "heldout": "loss"},
-                                   {**base, "query_measurement": "trajectory"}),
-        "kfac_float32": _method(tmp_path, "kfac_float32", {q: effects["loss"] for q in both}, None,
-                                {**base, "quantization": "float32", "query_measurement": "loss"}),
-        "trak": _method(tmp_path, "trak", {q: effects["loss"] + rng.normal(size=effects["loss"].shape) for q in both},
-                        family="trak"),
+        "kfac": _method(
+            tmp_path, "kfac", {q: effects["loss"] for q in both}, None, {**base, "query_measurement": "loss"}
+        ),
+        "kfac_elbo": _method(
+            tmp_path,
+            "kfac_elbo",
+            {q: effects["elbo"] for q in both},
+            {q: "elbo" for q in both},
+            {**base, "query_measurement": "elbo"},
+        ),
+        "kfac_trajectory": _method(
+            tmp_path,
+            "kfac_trajectory",
+            {"generated": effects["trajectory"], "heldout": effects["loss"]},
+            {"generated": "trajectory", "heldout": "loss"},
+            {**base, "query_measurement": "trajectory"},
+        ),
+        "kfac_float32": _method(
+            tmp_path,
+            "kfac_float32",
+            {q: effects["loss"] for q in both},
+            None,
+            {**base, "quantization": "float32", "query_measurement": "loss"},
+        ),
+        "trak": _method(
+            tmp_path, "trak", {q: effects["loss"] + rng.normal(size=effects["loss"].shape) for q in both}, family="trak"
+        ),
     }
     lds_cfg = {"n_subsets": n_subsets, "n_seeds": n_seeds, "bootstrap_samples": 40, "ci": 0.95}
     return paths, subsets, dirs, lds_cfg, arrays
@@ -225,7 +275,9 @@ def test_lds_per_measurement_uses_each_targets_arrays(synthetic):
     assert set(table.loc[table["measurement"] == "trajectory", "query_set"]) == {"generated"}  # no held-out target
 
     def lds(measurement, method, query_set="generated"):
-        row = table[(table["measurement"] == measurement) & (table["method"] == method) & (table["query_set"] == query_set)]
+        row = table[
+            (table["measurement"] == measurement) & (table["method"] == method) & (table["query_set"] == query_set)
+        ]
         assert len(row) == 1
         return row.iloc[0]
 
@@ -247,8 +299,9 @@ def test_lds_per_measurement_uses_each_targets_arrays(synthetic):
     assert "| elbo | kfac_elbo | generated | 1.000 |" in markdown
     # the compact overview on top: a row per method, a column per (target, query set), no trajectory held-out
     overview = E.measurement_overview(table).splitlines()
-    assert overview[0] == ("| method | loss generated | loss heldout | elbo generated | elbo heldout | "
-                           "trajectory generated |")
+    assert overview[0] == (
+        "| method | loss generated | loss heldout | elbo generated | elbo heldout | trajectory generated |"
+    )
     kfac_elbo = next(line for line in overview if line.startswith("| kfac_elbo |")).split(" | ")
     assert kfac_elbo[3] == "1.000" and markdown.startswith(overview[0])
     assert E.measurement_overview(table.assign(lds=np.nan)) == ""  # nothing ran: no overview, the long table says why
@@ -260,7 +313,12 @@ def test_measurement_substitution_table(synthetic, tmp_path):
     table = E.measurement_substitution(E.measurement_table(dirs, subsets, paths, lds_cfg, seed=0), dirs)
     assert set(table["method"]) == {"kfac", "kfac_elbo", "kfac_trajectory", E.NOISE_CEILING}  # no float32, no trak
     assert set(zip(table["measurement"], table["query_set"])) == {
-        ("loss", "generated"), ("loss", "heldout"), ("elbo", "generated"), ("elbo", "heldout"), ("trajectory", "generated")}
+        ("loss", "generated"),
+        ("loss", "heldout"),
+        ("elbo", "generated"),
+        ("elbo", "heldout"),
+        ("trajectory", "generated"),
+    }
     row = table[(table["measurement"] == "elbo") & (table["method"] == "kfac")].iloc[0]
     assert row["query_measurement"] == "loss" and not row["matched"]  # the substitution: loss gradient, ELBO target
     matched = table[(table["measurement"] == "elbo") & (table["method"] == "kfac_elbo")]
@@ -277,9 +335,18 @@ def test_measurement_substitution_table(synthetic, tmp_path):
 def test_measurement_files_must_agree_on_their_targets(tmp_path):
     a = _files(tmp_path, {"generated": np.zeros((1, 1, 2)), "heldout": np.zeros((1, 1, 2))}, 1, 1, ["loss"])
     (tmp_path / "b").mkdir()
-    b = _files(tmp_path / "b", {"generated": np.zeros((1, 1, 2)), "heldout": np.zeros((1, 1, 2)),
-                                "generated__elbo": np.zeros((1, 1, 2)), "heldout__elbo": np.zeros((1, 1, 2))},
-               1, 1, ["loss", "elbo"])
+    b = _files(
+        tmp_path / "b",
+        {
+            "generated": np.zeros((1, 1, 2)),
+            "heldout": np.zeros((1, 1, 2)),
+            "generated__elbo": np.zeros((1, 1, 2)),
+            "heldout__elbo": np.zeros((1, 1, 2)),
+        },
+        1,
+        1,
+        ["loss", "elbo"],
+    )
     assert L.file_targets(b) == ["loss", "elbo"]
     with pytest.raises(ArtefactError, match="remeasure"):
         L.file_targets(a + b)
@@ -287,8 +354,14 @@ def test_measurement_files_must_agree_on_their_targets(tmp_path):
 
 # ---------------------------------------------------------------- configuration
 def test_workflow_accepts_ddpm_measurements_and_checks_query_measurements(base_config):
-    assert contracts.target_names(base_config) == ["loss", "elbo", "timestep_loss_t10", "timestep_loss_t100",
-                                           "timestep_loss_t500", "trajectory"]
+    assert contracts.target_names(base_config) == [
+        "loss",
+        "elbo",
+        "timestep_loss_t10",
+        "timestep_loss_t100",
+        "timestep_loss_t500",
+        "trajectory",
+    ]
     check_workflow_support(base_config)  # every DDPM measurement is a rule's now
     assert base_config["scores"]["methods"]["kfac_elbo"]["query_measurement"] == "elbo"
     config = copy.deepcopy(base_config)

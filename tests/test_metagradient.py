@@ -8,6 +8,7 @@
     prediction sum_{i in R} S[q, i], up to the second-order Taylor remainder (estimated from the half removal);
 (e) bad input is rejected; the scorer family's format, NaN rows for queries not attributed, config schema.
 """
+
 import copy
 
 import numpy as np
@@ -15,11 +16,11 @@ import pytest
 import torch
 
 from workflow_scripts.core import data
-from workflow_scripts.families import ddpm as train
-from workflow_scripts.engines import magic as mg
-from workflow_scripts.engines import metagradient as metagradient_engine
 from workflow_scripts.core.common import ArtefactError, load_torch
 from workflow_scripts.dag.config import ConfigError, validate_config
+from workflow_scripts.engines import magic as mg
+from workflow_scripts.engines import metagradient as metagradient_engine
+from workflow_scripts.families import ddpm as train
 from workflow_scripts.scorers import get_scorer
 from workflow_scripts.scorers.metagradient import Metagradient
 
@@ -82,8 +83,10 @@ def test_metagradient_equals_finite_differences(tiny, digits, clip, at):
     for i in (0, 3, 7):
         e = np.zeros(8)
         e[i] = h
-        fd = (_measure(problem, mg.train_function(problem, state0, w + e), queries)
-              - _measure(problem, mg.train_function(problem, state0, w - e), queries)) / (2 * h)
+        fd = (
+            _measure(problem, mg.train_function(problem, state0, w + e), queries)
+            - _measure(problem, mg.train_function(problem, state0, w - e), queries)
+        ) / (2 * h)
         np.testing.assert_allclose(result.dm_dw[:, i], fd, rtol=0, atol=1e-6 * np.abs(result.dm_dw).max())
     assert np.abs(result.dm_dw).max() > 1e-4  # not trivially zero
     np.testing.assert_array_equal(result.scores, -result.dm_dw)
@@ -102,7 +105,9 @@ def test_metagradient_equals_autograd_through_unrolled_training(tiny, digits):
         state = mg.training_step(problem, state, w[batch[0]], step, batch, create_graph=True)
     for q in range(len(queries)):
         x0 = queries.images[q].expand(len(queries.t), *queries.images.shape[1:])
-        pred = mg._predict(problem.model, state["params"], train.add_noise(x0, queries.t, queries.eps[q], problem.a_bar), queries.t)
+        pred = mg._predict(
+            problem.model, state["params"], train.add_noise(x0, queries.t, queries.eps[q], problem.a_bar), queries.t
+        )
         value = (queries.eps[q] - pred).pow(2).flatten(1).mean(1).mean()
         assert float(value.detach()) == pytest.approx(result.values[q], rel=1e-12)
         (grad,) = torch.autograd.grad(value, w, retain_graph=True)
@@ -118,7 +123,7 @@ def test_checkpointing_does_not_change_the_metagradient(tiny, digits):
     queries = mg.measurement_queries(cfg, digits[200:202], stream=0, dtype=F64)
     results = {every: mg.metagradients(problem, state0, queries, every=every) for every in (1, 2, 3, 7, 100, None)}
     reference = results[1].dm_dw  # every state stored: no recomputation
-    for every, result in results.items():
+    for result in results.values():
         np.testing.assert_allclose(result.dm_dw, reference, rtol=1e-12, atol=1e-15)
     assert results[1].info["n_checkpoints"] == 7 and results[7].info["n_checkpoints"] == 1
     assert results[100].info["every"] == 7 and results[3].info["n_checkpoints"] == 3
@@ -179,14 +184,15 @@ def test_weighted_retraining_is_the_training_function(float32_setup, tmp_path):
 
 
 def test_measurement_draws_are_the_measure_stage(tiny, digits):
-    from workflow_scripts.families.ddpm import build_model
-    from workflow_scripts.families.ddpm import measure_loss
+    from workflow_scripts.families.ddpm import build_model, measure_loss
 
     queries_images = digits[300:305]
     torch.manual_seed(0)
     model = build_model(tiny["model"], digits.shape[1:]).eval()
     problem, _ = mg.build_problem(_with_train(tiny, steps=2), digits[:8], model=model)
-    expected = measure_loss(model, queries_images, tiny["diffusion"], tiny["measure"], tiny["seeds"]["measure"], 1, "cpu")
+    expected = measure_loss(
+        model, queries_images, tiny["diffusion"], tiny["measure"], tiny["seeds"]["measure"], 1, "cpu"
+    )
     selected = np.array([1, 4])
     queries = mg.measurement_queries(tiny, queries_images, stream=1, indices=selected)
     params = {n: p.detach() for n, p in model.named_parameters()}
@@ -290,13 +296,20 @@ def test_scorer_family_attributes_first_queries_and_marks_the_rest(tiny, digits,
     heldout = mg.metagradients(problem, state0, mg.measurement_queries(cfg, queries["heldout"], stream=1))
     np.testing.assert_allclose(matrices["heldout"], heldout.scores, rtol=1e-5, atol=1e-7)
     assert "first 2 queries" in family.notes(method)["generated"] and family.notes({"family": "metagradient"}) == {}
-    assert family.settings(method, cfg) == {"checkpoint_every": 2, "max_queries": 2, "replicate": 0, "train_steps": 6,
-                                            "queries_per_job": None}
+    assert family.settings(method, cfg) == {
+        "checkpoint_every": 2,
+        "max_queries": 2,
+        "replicate": 0,
+        "train_steps": 6,
+        "queries_per_job": None,
+    }
     assert family.settings({"family": "metagradient"}, cfg)["checkpoint_every"] == 3
 
     other = _with_train(cfg, lr=cfg["train"]["lr"] * 2)  # the checkpoint is not the model of this training
     with pytest.raises(ArtefactError, match="not the model of this training"):
-        metagradient_engine.check_full_model(str(model_path), other, 16, 0, mg.train_function(*mg.build_problem(other, images), np.ones(16)))
+        metagradient_engine.check_full_model(
+            str(model_path), other, 16, 0, mg.train_function(*mg.build_problem(other, images), np.ones(16))
+        )
 
 
 def test_scorer_family_rejects_bad_options(tiny, digits):
@@ -331,8 +344,8 @@ def test_fixed_seed_stage_retrains_with_zero_weights(float32_setup, tmp_path):
     import json
 
     from workflow_scripts.core import fixed_seed
-    from workflow_scripts.dag import paths
     from workflow_scripts.core.common import load_npz, save_npz
+    from workflow_scripts.dag import paths
 
     cfg, images = float32_setup
     n = len(images)
@@ -340,7 +353,9 @@ def test_fixed_seed_stage_retrains_with_zero_weights(float32_setup, tmp_path):
     save_npz(tmp_path / "subsets.npz", masks=masks, tuning=np.arange(1), evaluation=np.arange(1, 3))
     save_npz(tmp_path / "dataset.npz", train_images=images, heldout_images=images[:2])
     cfg = {**cfg, "fixed_seed": {"loo_sets": 2, "loo_fraction": 0.1}}
-    _stage("fixed_seed", "--config", json.dumps(cfg), "--subsets", tmp_path / "subsets.npz", "--out", tmp_path / "sets.npz")
+    _stage(
+        "fixed_seed", "--config", json.dumps(cfg), "--subsets", tmp_path / "subsets.npz", "--out", tmp_path / "sets.npz"
+    )
     sets = load_npz(tmp_path / "sets.npz")
     assert [str(s) for s in sets["names"]] == ["subset001", "subset002", "loo000", "loo001"]
     np.testing.assert_array_equal(sets["masks"][:2], masks[1:])  # the evaluation subsets, unchanged
@@ -351,23 +366,42 @@ def test_fixed_seed_stage_retrains_with_zero_weights(float32_setup, tmp_path):
     problem, state0 = mg.build_problem(cfg, images)
     for name, row in (("subset002", 1), ("loo001", 3)):
         out = tmp_path / name / "model.pt"
-        _stage("train", "--config", json.dumps(cfg), "--dataset", tmp_path / "dataset.npz",
-               *paths.retraining_args("fixed_seed", name, str(tmp_path / "sets.npz")).split(), "--out", out)
+        _stage(
+            "train",
+            "--config",
+            json.dumps(cfg),
+            "--dataset",
+            tmp_path / "dataset.npz",
+            *paths.retraining_args("fixed_seed", name, str(tmp_path / "sets.npz")).split(),
+            "--out",
+            out,
+        )
         payload = load_torch(out)
         _assert_same_params(payload["state_dict"], mg.train_function(problem, state0, sets["masks"][row].astype(float)))
         assert payload["config"]["n_members"] == n  # all examples, the removed ones weighted 0
         assert payload["config"]["weights_sha256"]  # ... and recorded: not the identity of the full model
     with pytest.raises(ArtefactError, match="'loo007' is not in the sets file"):
-        _stage("train", "--config", json.dumps(cfg), "--dataset", tmp_path / "dataset.npz", "--fixed-seed-sets",
-               tmp_path / "sets.npz", "--fixed-seed-set", "loo007", "--out", tmp_path / "x.pt")
+        _stage(
+            "train",
+            "--config",
+            json.dumps(cfg),
+            "--dataset",
+            tmp_path / "dataset.npz",
+            "--fixed-seed-sets",
+            tmp_path / "sets.npz",
+            "--fixed-seed-set",
+            "loo007",
+            "--out",
+            tmp_path / "x.pt",
+        )
 
 
 def test_chunk_jobs_assemble_to_the_scores_of_one_pass(tiny, digits, tmp_path):
     """Rule metagradient (one job per chunk of queries) + the scores stage's assembly == one call of the family."""
     import json
 
-    from workflow_scripts.dag import paths
     from workflow_scripts.core.common import save_npz
+    from workflow_scripts.dag import paths
 
     cfg = _with_train(tiny, steps=6, batch_size=8, resume_every=100)
     images = digits[:16]
@@ -382,9 +416,22 @@ def test_chunk_jobs_assemble_to_the_scores_of_one_pass(tiny, digits, tmp_path):
     files = []
     for k in range(len(chunks)):
         files.append(tmp_path / f"chunk{k:03d}.npz")
-        _stage("metagradient", "--config", paths.metagradient_config(cfg, "magic"), "--method", "magic",
-               "--dataset", tmp_path / "dataset.npz", "--samples", tmp_path / "samples.npz", "--model", model,
-               *paths.metagradient_chunk_args(cfg, "magic", f"chunk{k:03d}").split(), "--out", files[-1])
+        _stage(
+            "metagradient",
+            "--config",
+            paths.metagradient_config(cfg, "magic"),
+            "--method",
+            "magic",
+            "--dataset",
+            tmp_path / "dataset.npz",
+            "--samples",
+            tmp_path / "samples.npz",
+            "--model",
+            model,
+            *paths.metagradient_chunk_args(cfg, "magic", f"chunk{k:03d}").split(),
+            "--out",
+            files[-1],
+        )
     inputs = _Inputs(cfg, images, queries, str(model))
     inputs.chunks = [str(f) for f in files]
     [(_, assembled)] = family.compute(method, inputs, [1.0])

@@ -1,4 +1,5 @@
 """The metagradient table (stage metagradient_evaluate) on constructed measurements, against scipy."""
+
 import json
 
 import numpy as np
@@ -6,9 +7,9 @@ import pandas as pd
 import pytest
 from scipy.stats import spearmanr
 
-from workflow_scripts.stages import metagradient_evaluate as M
 from workflow_scripts.__main__ import main
 from workflow_scripts.core.common import save_npz
+from workflow_scripts.stages import metagradient_evaluate as M
 
 N, SUBSETS, TUNING, SEEDS, QUERIES, LOO = 20, 8, 2, 2, 3, 5
 
@@ -44,7 +45,7 @@ def case(tmp_path):
     actual = {}
     for k in range(LOO):
         pred = {n: np.nan_to_num(s) @ ~loo[k] for n, s in scores.items()}
-        change = {n: np.array([2 * p[0], -p[1] ** 3, 0.5]) for n, p in pred.items()}
+        change = {n: np.array([2 * p[0], -(p[1] ** 3), 0.5]) for n, p in pred.items()}
         actual[k] = change
         fixed[f"loo{k:03d}"] = {n: full[n] + change[n] for n in scores}
     fixed_files = []
@@ -54,25 +55,59 @@ def case(tmp_path):
         fixed_files.append(path)
     method = tmp_path / "scores" / "magic"
     method.mkdir(parents=True)
-    (method / "chosen.json").write_text(json.dumps({"method": "magic", "config": {"family": "metagradient"}, "lambda": None}))
+    (method / "chosen.json").write_text(
+        json.dumps({"method": "magic", "config": {"family": "metagradient"}, "lambda": None})
+    )
     for name, s in scores.items():
         np.save(method / f"{name}.npy", s.astype(np.float32))
-    config = {"lds": {"n_subsets": SUBSETS, "n_seeds": SEEDS, "bootstrap_samples": 50, "ci": 0.95},
-              "seeds": {"bootstrap": 7}, "fixed_seed": {"loo_sets": LOO, "loo_fraction": 0.1}}
-    return dict(tmp_path=tmp_path, masks=masks, evaluation=evaluation, scores=scores, seeded=seeded, loo=loo,
-                measurements=measurements, fixed_files=fixed_files, method=method, config=config)
+    config = {
+        "lds": {"n_subsets": SUBSETS, "n_seeds": SEEDS, "bootstrap_samples": 50, "ci": 0.95},
+        "seeds": {"bootstrap": 7},
+        "fixed_seed": {"loo_sets": LOO, "loo_fraction": 0.1},
+    }
+    return dict(
+        tmp_path=tmp_path,
+        masks=masks,
+        evaluation=evaluation,
+        scores=scores,
+        seeded=seeded,
+        loo=loo,
+        measurements=measurements,
+        fixed_files=fixed_files,
+        method=method,
+        config=config,
+    )
 
 
 def _run(case, *extra):
     stem = case["tmp_path"] / "tables" / "metagradient"
-    main(["metagradient_evaluate", "--config", json.dumps(case["config"]), "--subsets", str(case["tmp_path"] / "subsets.npz"),
-          "--measurements", *map(str, case["measurements"]), *extra, "--table", str(stem)])
+    main(
+        [
+            "metagradient_evaluate",
+            "--config",
+            json.dumps(case["config"]),
+            "--subsets",
+            str(case["tmp_path"] / "subsets.npz"),
+            "--measurements",
+            *map(str, case["measurements"]),
+            *extra,
+            "--table",
+            str(stem),
+        ]
+    )
     return stem
 
 
 def test_metagradient_table_against_scipy(case):
-    stem = _run(case, "--fixed-seed-sets", str(case["tmp_path"] / "sets.npz"), "--fixed-seed",
-                *map(str, case["fixed_files"]), "--scores", str(case["method"]))
+    stem = _run(
+        case,
+        "--fixed-seed-sets",
+        str(case["tmp_path"] / "sets.npz"),
+        "--fixed-seed",
+        *map(str, case["fixed_files"]),
+        "--scores",
+        str(case["method"]),
+    )
     table = pd.read_csv(stem.with_suffix(".csv")).set_index(["query_set", "target"])
     ev, masks = case["evaluation"], case["masks"]
     for name, scores in case["scores"].items():
@@ -110,5 +145,12 @@ def test_fixed_seed_sets_must_be_the_lds_subsets(case):
     sets["masks"][0] = ~sets["masks"][0]
     save_npz(case["tmp_path"] / "sets.npz", **sets)
     with pytest.raises(ArtefactError, match="subset002 is not LDS subset 2"):
-        _run(case, "--fixed-seed-sets", str(case["tmp_path"] / "sets.npz"), "--fixed-seed",
-             *map(str, case["fixed_files"]), "--scores", str(case["method"]))
+        _run(
+            case,
+            "--fixed-seed-sets",
+            str(case["tmp_path"] / "sets.npz"),
+            "--fixed-seed",
+            *map(str, case["fixed_files"]),
+            "--scores",
+            str(case["method"]),
+        )

@@ -1,6 +1,7 @@
 """configs/{cifar2,cifar10,mnist}.yaml: each validates, plans with `snakemake -n` with the job counts its protocol
 implies (64 subsets x 3 seeds, 60 counterfactual queries x (3 methods + random), ...), builds the reference UNet,
 and (CIFAR-2) its data rule runs through Snakemake on small files in torchvision's format."""
+
 import re
 import shutil
 import subprocess
@@ -10,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-
 from torchvision_files import write_cifar10
+
 from workflow_scripts.dag.config import load_config
 
 IGNORE = shutil.ignore_patterns(".venv", "results", ".snakemake", ".git", ".dvc", "__pycache__", ".pytest_cache")
@@ -20,8 +21,13 @@ CONFIGS = ["cifar2", "cifar10", "mnist"]
 
 def snakemake(workdir: Path, *args: str) -> subprocess.CompletedProcess:
     exe = Path(sys.executable).with_name("snakemake")
-    return subprocess.run([str(exe), "--cores", "2", *args], cwd=workdir, capture_output=True, text=True,
-                          env={"PATH": f"{exe.parent}:/usr/bin:/bin", "HOME": str(workdir)})
+    return subprocess.run(
+        [str(exe), "--cores", "2", *args],
+        cwd=workdir,
+        capture_output=True,
+        text=True,
+        env={"PATH": f"{exe.parent}:/usr/bin:/bin", "HOME": str(workdir)},
+    )
 
 
 def job_counts(output: str) -> dict[str, int]:
@@ -41,7 +47,10 @@ def test_dry_run_plans_the_protocol(workdir, repo, name):
     config = load_config(repo / "params.yaml", repo / "configs" / f"{name}.yaml")
     lds, cf = config["lds"], config["counterfactual"]
     assert (lds["n_subsets"], lds["n_seeds"]) == (64, 3) and config["sample"] == {
-        "n_generated": 1000, "scheduler": "ddim", "num_inference_steps": 50}
+        "n_generated": 1000,
+        "scheduler": "ddim",
+        "num_inference_steps": 50,
+    }
     result = snakemake(workdir, "--configfile", f"configs/{name}.yaml", "-n")
     assert result.returncode == 0, result.stderr[-3000:]
     counts = job_counts(result.stdout)
@@ -81,17 +90,24 @@ def test_cifar2_data_rule_runs_on_files_in_torchvision_format(workdir, tmp_path,
     # a sitecustomize on PYTHONPATH patches the expected md5s inside the job's interpreter only
     patch = tmp_path / "patch"
     patch.mkdir()
-    md5s = {p.name: __import__("hashlib").md5(p.read_bytes()).hexdigest() for p in (root / "cifar-10-batches-py").iterdir()}
+    md5s = {
+        p.name: __import__("hashlib").md5(p.read_bytes()).hexdigest() for p in (root / "cifar-10-batches-py").iterdir()
+    }
     (patch / "sitecustomize.py").write_text(
         "from torchvision.datasets import CIFAR10\n"
         f"m = {md5s!r}\n"
         "CIFAR10.train_list = [[n, m[n]] for n, _ in CIFAR10.train_list]\n"
         "CIFAR10.test_list = [[n, m[n]] for n, _ in CIFAR10.test_list]\n"
-        "CIFAR10.meta = {**CIFAR10.meta, 'md5': m['batches.meta']}\n")
+        "CIFAR10.meta = {**CIFAR10.meta, 'md5': m['batches.meta']}\n"
+    )
     exe = Path(sys.executable).with_name("snakemake")
-    result = subprocess.run([str(exe), "--cores", "1", "--configfile", "configs/cifar2.yaml", str(overlay),
-                             "--until", "data"], cwd=workdir, capture_output=True, text=True,
-                            env={"PATH": f"{exe.parent}:/usr/bin:/bin", "HOME": str(workdir), "PYTHONPATH": str(patch)})
+    result = subprocess.run(
+        [str(exe), "--cores", "1", "--configfile", "configs/cifar2.yaml", str(overlay), "--until", "data"],
+        cwd=workdir,
+        capture_output=True,
+        text=True,
+        env={"PATH": f"{exe.parent}:/usr/bin:/bin", "HOME": str(workdir), "PYTHONPATH": str(patch)},
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     with np.load(workdir / "results/cifar2/data/dataset.npz") as f:
         assert f["train_images"].shape == (20, 3, 32, 32) and f["heldout_images"].shape == (6, 3, 32, 32)

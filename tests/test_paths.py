@@ -1,4 +1,5 @@
 """Artefact paths and per-job configurations (workflow_scripts.paths): what decides which jobs rerun."""
+
 import json
 
 import pytest
@@ -43,9 +44,14 @@ def test_scores_config_holds_only_its_method(base_config):
 
 def test_kfac_method_reads_model_and_its_curvature(base_config):
     inputs = paths.method_model_inputs(base_config, "ekfac")
-    assert inputs == {"model": "results/digits/models/full/model.pt", "curvature": "results/digits/curvature/mc-expand-ekfac.pt"}
-    assert paths.method_model_args(base_config, "ekfac") == \
-        "--model results/digits/models/full/model.pt --curvature results/digits/curvature/mc-expand-ekfac.pt"
+    assert inputs == {
+        "model": "results/digits/models/full/model.pt",
+        "curvature": "results/digits/curvature/mc-expand-ekfac.pt",
+    }
+    assert (
+        paths.method_model_args(base_config, "ekfac")
+        == "--model results/digits/models/full/model.pt --curvature results/digits/curvature/mc-expand-ekfac.pt"
+    )
     assert paths.method_model_inputs(base_config, "trak") == {}
 
 
@@ -54,7 +60,9 @@ def test_curvature_config_ignores_scoring_keys(base_config):
     import copy
 
     other = copy.deepcopy(base_config)
-    other["kfac"].update(lambda_grid=[1.0], quantization="float32", gradient_draws=3, query_draws=5, fisher_type="empirical")
+    other["kfac"].update(
+        lambda_grid=[1.0], quantization="float32", gradient_draws=3, query_draws=5, fisher_type="empirical"
+    )
     assert paths.stage_config(other, "curvature") == paths.stage_config(base_config, "curvature")
     other["kfac"]["draws"] = 65
     assert paths.stage_config(other, "curvature") != paths.stage_config(base_config, "curvature")
@@ -65,23 +73,34 @@ def _with_magic(config, **method):
     import copy
 
     cfg = copy.deepcopy(config)
-    cfg["scores"]["methods"] = {"trak": cfg["scores"]["methods"]["trak"],
-                                "magic": {"family": "metagradient", **method}}
+    cfg["scores"]["methods"] = {"trak": cfg["scores"]["methods"]["trak"], "magic": {"family": "metagradient", **method}}
     return cfg
 
 
 def test_metagradient_chunks_split_the_first_queries_of_each_set(base_config):
     cfg = _with_magic(base_config, max_queries=3, queries_per_job=4)
     queries = paths.metagradient_queries(cfg, "magic")
-    assert queries == [("generated", 0), ("generated", 1), ("generated", 2), ("heldout", 0), ("heldout", 1), ("heldout", 2)]
+    assert queries == [
+        ("generated", 0),
+        ("generated", 1),
+        ("generated", 2),
+        ("heldout", 0),
+        ("heldout", 1),
+        ("heldout", 2),
+    ]
     assert paths.metagradient_chunks(cfg, "magic") == [queries[:4], queries[4:]]
-    assert paths.metagradient_chunk_files(cfg, "magic") == ["results/digits/scores/magic/chunks/chunk000.npz",
-                                                            "results/digits/scores/magic/chunks/chunk001.npz"]
+    assert paths.metagradient_chunk_files(cfg, "magic") == [
+        "results/digits/scores/magic/chunks/chunk000.npz",
+        "results/digits/scores/magic/chunks/chunk001.npz",
+    ]
     assert paths.metagradient_chunk_args(cfg, "magic", "chunk000") == "--queries generated=0,1,2 heldout=0"
     assert paths.metagradient_chunk_args(cfg, "magic", "chunk001") == "--queries heldout=1,2"
     with pytest.raises(ValueError, match="no chunk 'chunk002'"):
         paths.metagradient_chunk_args(cfg, "magic", "chunk002")
-    assert paths.metagradient_chunk_option(cfg, "magic").split() == ["--chunks", *paths.metagradient_chunk_files(cfg, "magic")]
+    assert paths.metagradient_chunk_option(cfg, "magic").split() == [
+        "--chunks",
+        *paths.metagradient_chunk_files(cfg, "magic"),
+    ]
     assert paths.metagradient_chunk_files(cfg, "trak") == [] and paths.metagradient_chunk_option(cfg, "trak") == ""
     # null: every query, one job
     every = _with_magic(base_config, max_queries=None, queries_per_job=None)
@@ -100,21 +119,32 @@ def test_fixed_seed_retrainings_are_a_retraining_kind(base_config):
     cfg = _with_magic(base_config, max_queries=1)
     names = paths.fixed_seed_names(cfg)
     lds, loo = cfg["lds"], cfg["fixed_seed"]["loo_sets"]
-    assert names == [f"subset{j:03d}" for j in range(lds["n_tuning"], lds["n_subsets"])] + [f"loo{k:03d}" for k in range(loo)]
+    assert names == [f"subset{j:03d}" for j in range(lds["n_tuning"], lds["n_subsets"])] + [
+        f"loo{k:03d}" for k in range(loo)
+    ]
     for name in ("subset012", "loo003"):
         assert re.fullmatch(paths.RETRAINING_KIND_PATTERN, "fixed_seed")
         assert re.fullmatch(paths.RETRAINING_NAME_PATTERN, name)
         inputs = paths.retraining_inputs(cfg, "fixed_seed", name)
-        assert inputs == {"dataset": "results/digits/data/dataset.npz", "membership": "results/digits/fixed_seed/sets.npz"}
-        assert paths.retraining_args("fixed_seed", name, inputs["membership"]) == \
-            f"--fixed-seed-sets results/digits/fixed_seed/sets.npz --fixed-seed-set {name} --replicate 0"
+        assert inputs == {
+            "dataset": "results/digits/data/dataset.npz",
+            "membership": "results/digits/fixed_seed/sets.npz",
+        }
+        assert (
+            paths.retraining_args("fixed_seed", name, inputs["membership"])
+            == f"--fixed-seed-sets results/digits/fixed_seed/sets.npz --fixed-seed-set {name} --replicate 0"
+        )
         assert paths.fixed_seed_model(cfg, name) == f"results/digits/fixed_seed/{name}/model.pt"
     assert paths.fixed_seed_model(cfg, "full") == "results/digits/models/full/model.pt"  # w = 1 is the full model
     files = paths.fixed_seed_measurements(cfg)
     assert files[0] == "results/digits/fixed_seed/full/measurement.npz" and len(files) == len(names) + 1
     assert all(re.fullmatch(paths.FIXED_SEED_NAME_PATTERN, f.split("/")[-2]) for f in files)
-    for kind, name in (("fixed_seed", "subset003_seed0"), ("fixed_seed", "full"), ("models", "subset003"),
-                       ("fixed_seed", "trak/q000")):
+    for kind, name in (
+        ("fixed_seed", "subset003_seed0"),
+        ("fixed_seed", "full"),
+        ("models", "subset003"),
+        ("fixed_seed", "trak/q000"),
+    ):
         with pytest.raises(ValueError, match="unknown retraining"):
             paths.retraining_inputs(cfg, kind, name)
     # without a metagradient method nothing is retrained for it

@@ -1,11 +1,20 @@
 """Unit tests of workflow_scripts.projection: the seeded Johnson-Lindenstrauss sketches (dense and sparse)."""
+
 import math
 
 import numpy as np
 import pytest
 import torch
 
-from workflow_scripts.core.projection import CHUNK, Projector, SparseProjector, build_projector, projection_block, sjlt_block, sjlt_ranges
+from workflow_scripts.core.projection import (
+    CHUNK,
+    Projector,
+    SparseProjector,
+    build_projector,
+    projection_block,
+    sjlt_block,
+    sjlt_ranges,
+)
 
 torch.set_num_threads(1)
 
@@ -173,8 +182,12 @@ def test_sjlt_unbiased_with_the_predicted_variance(nonzeros):
     inner = float(x @ y)
     assert 0.5 < inner < 0.9
     both = torch.stack([x, y]).float()
-    estimates = torch.tensor([float(p[0].double() @ p[1].double())
-                              for p in (SparseProjector(n_params, dim, seed, nonzeros, 10)(both) for seed in range(seeds))])
+    estimates = torch.tensor(
+        [
+            float(p[0].double() @ p[1].double())
+            for p in (SparseProjector(n_params, dim, seed, nonzeros, 10)(both) for seed in range(seeds))
+        ]
+    )
     variance = (1 + inner**2 - 2 * float((x**2 * y**2).sum())) / dim
     assert variance < (1 + inner**2) / dim
     assert abs(estimates.mean().item() - inner) < 4.5 * math.sqrt(variance / seeds)
@@ -232,8 +245,9 @@ def test_sjlt_is_a_pure_function_of_seed_size_and_nonzeros():
         assert torch.equal(p, q)
     assert not torch.equal(small.block(0)[0][:10], small.block(1)[0])  # blocks are independent
     # and it does not reuse the dense kinds' random stream
-    assert not torch.equal(sjlt_block(1, 0, 100, 16, 1)[0].ravel(),
-                           projection_block("rademacher", 1, 0, 100, 16, "cpu").argmax(1))
+    assert not torch.equal(
+        sjlt_block(1, 0, 100, 16, 1)[0].ravel(), projection_block("rademacher", 1, 0, 100, 16, "cpu").argmax(1)
+    )
 
 
 def test_sjlt_projection_is_linear_and_keeps_dtype():

@@ -1,25 +1,38 @@
 """query_measurement for the TRAK family: query features of a likelihood measurement (gradients.py --measurement)
 and the scorers that read them (scorers/base.py query_features)."""
+
 import numpy as np
 import pytest
 import torch
 
-from workflow_scripts.stages import gradients
 from workflow_scripts.core import store as store_mod
 from workflow_scripts.core.common import ArtefactError
+from workflow_scripts.core.projection import Projector
 from workflow_scripts.families.ddpm import build_model
 from workflow_scripts.families.likelihood import target_measurement
-from workflow_scripts.core.projection import Projector
 from workflow_scripts.scorers import get_scorer, gradient_similarity, normalized_if, trak
+from workflow_scripts.stages import gradients
 from workflow_scripts.stages.scores import ScorerInputs
 
 torch.set_num_threads(1)
 
-TINY_MODEL = {"block_out_channels": [8, 16], "attention": [False, True], "layers_per_block": 1,
-              "norm_num_groups": 4, "attention_head_dim": 4}
+TINY_MODEL = {
+    "block_out_channels": [8, 16],
+    "attention": [False, True],
+    "layers_per_block": 1,
+    "norm_num_groups": 4,
+    "attention_head_dim": 4,
+}
 SHAPE = (1, 8, 8)
-GRAD_CFG = {"timesteps": 2, "projection": "gaussian", "projection_dim": 16, "batch_size": 2, "timestep_chunk": 4,
-            "projection_memory_mb": 64, "sjlt_nonzeros": 4}
+GRAD_CFG = {
+    "timesteps": 2,
+    "projection": "gaussian",
+    "projection_dim": 16,
+    "batch_size": 2,
+    "timestep_chunk": 4,
+    "projection_memory_mb": 64,
+    "sjlt_nonzeros": 4,
+}
 
 
 def reference_features(model, images, measurement, project):
@@ -48,8 +61,16 @@ def test_measurement_features_are_projected_measurement_gradients(smoke_config, 
     np.testing.assert_allclose(out, ref, rtol=1e-3, atol=1e-4 * np.abs(ref).max())
     assert not np.allclose(out[0], out[1])  # per image
     # not the loss features of the same images (the measurement really replaces the loss)
-    loss = gradients.compute_features(model, images, "loss", GRAD_CFG, smoke_config["diffusion"],
-                                      {"gradients": 5, "projection": 6}, torch.device("cpu"), project=project)
+    loss = gradients.compute_features(
+        model,
+        images,
+        "loss",
+        GRAD_CFG,
+        smoke_config["diffusion"],
+        {"gradients": 5, "projection": 6},
+        torch.device("cpu"),
+        project=project,
+    )
     assert not np.allclose(out, loss, rtol=0.1)
 
 
@@ -67,13 +88,17 @@ def _write_stores(tmp_path, config, target, rng, query_dim=None):
         store_mod.write_store(rng.standard_normal((rows, 16)), identity, final / f"{split}.npy")
     query = final / f"measurement_{target}"
     splits = ["generated"] if target == "trajectory" else ["generated", "heldout"]
-    qconfig = config if query_dim is None else {**config, "gradients": {**config["gradients"], "projection_dim": query_dim}}
+    qconfig = (
+        config if query_dim is None else {**config, "gradients": {**config["gradients"], "projection_dim": query_dim}}
+    )
     for split in splits:
         images = np.zeros((n[split], *SHAPE), dtype=np.float32)
-        identity = gradients.measurement_identity(qconfig, PAYLOAD, "loss", split, images, 2, target,
-                                                  {"trajectories": np.zeros(3)})
-        store_mod.write_store(rng.standard_normal((n[split], qconfig["gradients"]["projection_dim"])), identity,
-                              query / f"{split}.npy")
+        identity = gradients.measurement_identity(
+            qconfig, PAYLOAD, "loss", split, images, 2, target, {"trajectories": np.zeros(3)}
+        )
+        store_mod.write_store(
+            rng.standard_normal((n[split], qconfig["gradients"]["projection_dim"])), identity, query / f"{split}.npy"
+        )
     return {"final": str(final), "query": str(query)}
 
 
@@ -85,8 +110,11 @@ def config(smoke_config):
 def test_loss_query_measurement_equals_todays_scores(tmp_path, config):
     stores = _write_stores(tmp_path, config, "elbo", np.random.default_rng(0))
     inputs = ScorerInputs("unused", "unused", {"final": stores["final"]})
-    for family, extra in ((trak, {}), (normalized_if, {"normalization": "relative"}),
-                          (gradient_similarity, {"similarity": "cosine"})):
+    for family, extra in (
+        (trak, {}),
+        (normalized_if, {"normalization": "relative"}),
+        (gradient_similarity, {"similarity": "cosine"}),
+    ):
         cfg = {"family": family.__name__.rsplit(".", 1)[1], "output_function": "loss", **extra}
         today = family.compute(cfg, inputs, [0.1, 1.0])
         explicit = family.compute({**cfg, "query_measurement": "loss"}, inputs, [0.1, 1.0])
@@ -99,8 +127,10 @@ def test_loss_query_measurement_equals_todays_scores(tmp_path, config):
 def test_measurement_queries_are_read_from_the_query_store(tmp_path, config):
     stores = _write_stores(tmp_path, config, "elbo", np.random.default_rng(0))
     inputs = ScorerInputs("unused", "unused", stores)
-    (_, loss), = trak.compute({"family": "trak", "output_function": "loss"}, inputs, [1.0])
-    (_, elbo), = trak.compute({"family": "trak", "output_function": "loss", "query_measurement": "elbo"}, inputs, [1.0])
+    ((_, loss),) = trak.compute({"family": "trak", "output_function": "loss"}, inputs, [1.0])
+    ((_, elbo),) = trak.compute(
+        {"family": "trak", "output_function": "loss", "query_measurement": "elbo"}, inputs, [1.0]
+    )
     solver = trak.KernelSolver(np.load(f"{stores['final']}/train.npy"))
     for name in ("generated", "heldout"):
         want = solver.scores(np.load(f"{stores['query']}/{name}.npy"), 1.0).astype(np.float32)
@@ -114,8 +144,8 @@ def test_trajectory_heldout_keeps_the_loss_features(tmp_path, config):
     stores = _write_stores(tmp_path, config, "trajectory", np.random.default_rng(0))
     inputs = ScorerInputs("unused", "unused", stores)
     cfg = {"family": "gradient_similarity", "output_function": "loss", "similarity": "dot"}
-    (_, loss), = gradient_similarity.compute(cfg, inputs, [None])
-    (_, traj), = gradient_similarity.compute({**cfg, "query_measurement": "trajectory"}, inputs, [None])
+    ((_, loss),) = gradient_similarity.compute(cfg, inputs, [None])
+    ((_, traj),) = gradient_similarity.compute({**cfg, "query_measurement": "trajectory"}, inputs, [None])
     np.testing.assert_array_equal(traj["heldout"], loss["heldout"])
     assert not np.allclose(traj["generated"], loss["generated"])
     assert set(get_scorer("gradient_similarity").notes({**cfg, "query_measurement": "trajectory"})) == {"heldout"}
@@ -136,13 +166,28 @@ def test_query_measurement_config_and_stores(smoke_config):
     assert stores["query"] == (f"{stores['final'][0]}/measurement_elbo", "measurement_elbo")
     files = paths.method_feature_stores(smoke_config, "trak_elbo")
     assert f"{stores['final'][0]}/measurement_elbo/heldout.npy" in files
-    traj = {**smoke_config, "scores": {**smoke_config["scores"], "methods": {
-        "t": {"family": "trak", "output_function": "loss", "query_measurement": "trajectory"}}}}
-    assert f"{paths.method_stores(traj, 't')['final'][0]}/measurement_trajectory/heldout.npy" \
+    traj = {
+        **smoke_config,
+        "scores": {
+            **smoke_config["scores"],
+            "methods": {"t": {"family": "trak", "output_function": "loss", "query_measurement": "trajectory"}},
+        },
+    }
+    assert (
+        f"{paths.method_stores(traj, 't')['final'][0]}/measurement_trajectory/heldout.npy"
         not in paths.method_feature_stores(traj, "t")
+    )
     validate_config(smoke_config)  # trak_elbo is a valid method
-    tracin = {**smoke_config, "scores": {**smoke_config["scores"], "methods": {**smoke_config["scores"]["methods"],
-        "t": {"family": "tracin", "output_function": "loss", "similarity": "dot", "query_measurement": "elbo"}}}}
+    tracin = {
+        **smoke_config,
+        "scores": {
+            **smoke_config["scores"],
+            "methods": {
+                **smoke_config["scores"]["methods"],
+                "t": {"family": "tracin", "output_function": "loss", "similarity": "dot", "query_measurement": "elbo"},
+            },
+        },
+    }
     with pytest.raises(ConfigError, match="loss query gradients only"):
         validate_config(tracin)
 
@@ -153,9 +198,15 @@ def test_dry_run_plans_the_measurement_stores(repo, tmp_path):
     from workflow_runs import copy_repo, snakemake
 
     workdir = copy_repo(repo, tmp_path / "repo")
-    result = snakemake(workdir, "-n", "-p", "results/smoke/scores/trak_elbo/chosen.json",
-                       "results/smoke/scores/gradient_similarity_trajectory/chosen.json",
-                       "--configfile", "configs/smoke.yaml")
+    result = snakemake(
+        workdir,
+        "-n",
+        "-p",
+        "results/smoke/scores/trak_elbo/chosen.json",
+        "results/smoke/scores/gradient_similarity_trajectory/chosen.json",
+        "--configfile",
+        "configs/smoke.yaml",
+    )
     out = result.stdout + result.stderr
     assert result.returncode == 0, out[-3000:]
     from workflow_scripts.dag import paths
@@ -175,8 +226,15 @@ def test_trajectory_measurement_features(smoke_config):
 
     torch.manual_seed(0)
     model = build_model(TINY_MODEL, SHAPE).eval()
-    samples = sample_stage.generate(model, SHAPE, smoke_config["diffusion"],
-                                    {**smoke_config["sample"], "num_inference_steps": 3}, 0, 2, torch.device("cpu"))
+    samples = sample_stage.generate(
+        model,
+        SHAPE,
+        smoke_config["diffusion"],
+        {**smoke_config["sample"], "num_inference_steps": 3},
+        0,
+        2,
+        torch.device("cpu"),
+    )
     measurement = target_measurement(smoke_config, "trajectory", "generated", samples)
     assert target_measurement(smoke_config, "trajectory", "heldout", samples) is None
     project = Projector(sum(p.numel() for p in model.parameters()), 16, "gaussian", 6, 64)
@@ -194,17 +252,29 @@ def test_substitution_table_lists_trak_methods_that_differ_only_in_query_measure
 
     def method(name, config, settings=None):
         (tmp_path / name).mkdir()
-        (tmp_path / name / "chosen.json").write_text(json.dumps({"method": name, "config": config,
-                                                                "settings": settings or {}}))
+        (tmp_path / name / "chosen.json").write_text(
+            json.dumps({"method": name, "config": config, "settings": settings or {}})
+        )
         return tmp_path / name
 
     trak_cfg = {"family": "trak", "output_function": "loss"}
     kfac = {"fisher_type": "mc", "kfac_approx": "expand", "ekfac": False, "quantization": "int8", "damping": "relative"}
-    dirs = {"trak": method("trak", trak_cfg), "trak_elbo": method("trak_elbo", {**trak_cfg, "query_measurement": "elbo"}),
-            "d_trak": method("d_trak", {**trak_cfg, "output_function": "mean"}),  # another output function: no pair
-            "gs": method("gs", {"family": "gradient_similarity", "output_function": "loss", "similarity": "cosine",
-                                "query_measurement": "elbo"}),  # no loss partner
-            "kfac": method("kfac", {"family": "kfac"}, {**kfac, "query_measurement": "loss"}),
-            "kfac_elbo": method("kfac_elbo", {"family": "kfac", "query_measurement": "elbo"},
-                                {**kfac, "query_measurement": "elbo"})}
+    dirs = {
+        "trak": method("trak", trak_cfg),
+        "trak_elbo": method("trak_elbo", {**trak_cfg, "query_measurement": "elbo"}),
+        "d_trak": method("d_trak", {**trak_cfg, "output_function": "mean"}),  # another output function: no pair
+        "gs": method(
+            "gs",
+            {
+                "family": "gradient_similarity",
+                "output_function": "loss",
+                "similarity": "cosine",
+                "query_measurement": "elbo",
+            },
+        ),  # no loss partner
+        "kfac": method("kfac", {"family": "kfac"}, {**kfac, "query_measurement": "loss"}),
+        "kfac_elbo": method(
+            "kfac_elbo", {"family": "kfac", "query_measurement": "elbo"}, {**kfac, "query_measurement": "elbo"}
+        ),
+    }
     assert E.substitution_methods(dirs) == {"trak": "loss", "trak_elbo": "elbo", "kfac": "loss", "kfac_elbo": "elbo"}

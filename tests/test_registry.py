@@ -1,4 +1,5 @@
 """The scorer registry: every scorer family is a declaration the DAG derives its rules, inputs and checks from."""
+
 import subprocess
 import sys
 
@@ -24,16 +25,25 @@ def test_declarations_replace_the_lookup_tables():
     assert {f for f, s in SCORERS.items() if "vesde" in s.model_families} == {"pixel", "clip", "embedding"}
     assert {f for f, s in SCORERS.items() if s.chunk_jobs} == {"metagradient"}
     assert {f: s.model_inputs for f, s in SCORERS.items() if s.model_inputs} == {
-        "embedding": ("classifier",), "kfac": ("model", "curvature")}
-    store_free = {f for f, s in SCORERS.items() if not s.stores({"family": f, "output_function": "loss", "form": "scalar"})}
+        "embedding": ("classifier",),
+        "kfac": ("model", "curvature"),
+    }
+    store_free = {
+        f for f, s in SCORERS.items() if not s.stores({"family": f, "output_function": "loss", "form": "scalar"})
+    }
     assert store_free == {"pixel", "clip", "embedding", "kfac", "metagradient"}
 
 
 def test_method_schema_comes_from_the_scorer(smoke_config):
     forms = full_schema()["properties"]["scores"]["properties"]["methods"]["additionalProperties"]["oneOf"]
     assert len(forms) == sum(len(s.schemas) for s in SCORERS.values())
-    bad = {**smoke_config, "scores": {**smoke_config["scores"],
-                                      "methods": {"t": {"family": "trak", "output_function": "loss", "oops": 1}}}}
+    bad = {
+        **smoke_config,
+        "scores": {
+            **smoke_config["scores"],
+            "methods": {"t": {"family": "trak", "output_function": "loss", "oops": 1}},
+        },
+    }
     with pytest.raises(ConfigError, match=r"scores\.methods\.t"):
         validate_config(bad)
 
@@ -47,7 +57,7 @@ def test_stores_follow_the_declarations(smoke_config):
         if method["family"] == "tracin":
             assert roles == set(paths.checkpoint_names(smoke_config)), name
         elif method["family"] == "das" and method["form"] == "vector":
-            (directory, kind), = paths.method_stores(smoke_config, name).values()
+            ((directory, kind),) = paths.method_stores(smoke_config, name).values()
             assert kind == "sketch" and "/eps_sketch" in directory, name
         elif method["family"] == "trak" and method.get("query_measurement", "loss") != "loss":
             stores = paths.method_stores(smoke_config, name)
@@ -56,8 +66,10 @@ def test_stores_follow_the_declarations(smoke_config):
 
 def test_the_dag_layer_loads_no_torch(repo):
     """The Snakefile imports dag/ (and through it every scorer declaration) on every invocation: it stays light."""
-    code = ("import sys; import workflow_scripts.dag.paths, workflow_scripts.dag.config; "
-            "heavy = [m for m in ('torch', 'diffusers', 'workflow_scripts.engines', 'workflow_scripts.families') "
-            "if m in sys.modules]; print(heavy); sys.exit(bool(heavy))")
+    code = (
+        "import sys; import workflow_scripts.dag.paths, workflow_scripts.dag.config; "
+        "heavy = [m for m in ('torch', 'diffusers', 'workflow_scripts.engines', 'workflow_scripts.families') "
+        "if m in sys.modules]; print(heavy); sys.exit(bool(heavy))"
+    )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=repo)
     assert result.returncode == 0, result.stdout + result.stderr

@@ -4,6 +4,7 @@ A tiny fake run: CSVs in the column layout the workflow writes (rule evaluate: l
 measurement_substitution; metagradient_evaluate: metagradient; counterfactual_evaluate: counterfactual and its
 per-query values; likelihood_sanity: bpd_sanity), with a known modification date.
 """
+
 from __future__ import annotations
 
 import calendar
@@ -23,25 +24,78 @@ NOISE = "noise ceiling (seed-to-seed)"
 DATE = (2026, 11, 24, 12, 0, 0)  # noon UTC: the same calendar day in every time zone the date is printed in (UTC)
 
 # rule evaluate, lds_table(): noise-ceiling rows first, keys in the order the workflow's row dicts have them
-LDS_COLUMNS = ["method", "query_set", "lambda", "lds", "se", "ci_low", "ci_high", "n_queries", "n_queries_total",
-               "n_subsets", "lds_tuned_on_evaluation", "note", "scores_of"]
+LDS_COLUMNS = [
+    "method",
+    "query_set",
+    "lambda",
+    "lds",
+    "se",
+    "ci_low",
+    "ci_high",
+    "n_queries",
+    "n_queries_total",
+    "n_subsets",
+    "lds_tuned_on_evaluation",
+    "note",
+    "scores_of",
+]
 LDS_ROWS = [
     [NOISE, "generated", NAN, 0.509, 0.034, 0.419, 0.549, 32, 32, 20, NAN, "two retrainings of the same subset", ""],
     ["trak", "generated", 1.0, 0.335, 0.041, 0.226, 0.407, 32, 32, 20, 0.351, "", "loss"],
     ["clip_dot", "generated", NAN, NAN, NAN, NAN, NAN, 0, 32, 20, NAN, "not run: no CLIP weights", ""],
     ["kfac", "generated", 1e-07, 0.474, 0.033, 0.378, 0.527, 32, 32, 20, 0.476, "", "loss"],
-    ["metagradient", "generated", NAN, 0.508, NAN, 0.109, 0.781, 1, 32, 20, 0.508,
-     "LDS over 1 of 32 queries; metagradient cost", "loss"],
+    [
+        "metagradient",
+        "generated",
+        NAN,
+        0.508,
+        NAN,
+        0.109,
+        0.781,
+        1,
+        32,
+        20,
+        0.508,
+        "LDS over 1 of 32 queries; metagradient cost",
+        "loss",
+    ],
     [NOISE, "heldout", NAN, 0.770, 0.025, 0.699, 0.789, 32, 32, 20, NAN, "two retrainings of the same subset", ""],
     ["trak", "heldout", 1.0, 0.605, 0.029, 0.526, 0.634, 32, 32, 20, 0.605, "", "loss"],
     ["clip_dot", "heldout", NAN, NAN, NAN, NAN, NAN, 0, 32, 20, NAN, "not run: no CLIP weights", ""],
     ["kfac", "heldout", 1e-07, 0.651, 0.031, 0.572, 0.680, 32, 32, 20, 0.651, "", "loss"],
-    ["metagradient", "heldout", NAN, 0.744, NAN, 0.390, 0.941, 1, 32, 20, 0.744,
-     "LDS over 1 of 32 queries; metagradient cost", "loss"],
+    [
+        "metagradient",
+        "heldout",
+        NAN,
+        0.744,
+        NAN,
+        0.390,
+        0.941,
+        1,
+        32,
+        20,
+        0.744,
+        "LDS over 1 of 32 queries; metagradient cost",
+        "loss",
+    ],
 ]
 # rule evaluate, kfac_ablation()
-ABLATION_COLUMNS = ["method", "fisher_type", "kfac_approx", "ekfac", "quantization", "damping", "query_measurement",
-                    "query_set", "lds", "ci_low", "ci_high", "lambda", "lds_tuned_on_evaluation", "note"]
+ABLATION_COLUMNS = [
+    "method",
+    "fisher_type",
+    "kfac_approx",
+    "ekfac",
+    "quantization",
+    "damping",
+    "query_measurement",
+    "query_set",
+    "lds",
+    "ci_low",
+    "ci_high",
+    "lambda",
+    "lds_tuned_on_evaluation",
+    "note",
+]
 ABLATION_ROWS = [
     [NOISE, "", "", "", "", "", "", "generated", 0.509, 0.419, 0.549, NAN, NAN, "two retrainings of the same subset"],
     ["trak", "", "", "", "", "", "", "generated", 0.335, 0.226, 0.407, 1.0, 0.351, ""],
@@ -50,13 +104,43 @@ ABLATION_ROWS = [
 ]
 # rule evaluate, measurement_table(): lds_table with a leading measurement column
 MEASUREMENT_ROWS = [
-    ["loss", *LDS_ROWS[0]], ["loss", *LDS_ROWS[1]], ["loss", *LDS_ROWS[5]], ["loss", *LDS_ROWS[6]],
-    ["elbo", NOISE, "generated", NAN, 0.287, 0.03, 0.202, 0.349, 32, 32, 20, NAN, "two retrainings of the same subset", ""],
+    ["loss", *LDS_ROWS[0]],
+    ["loss", *LDS_ROWS[1]],
+    ["loss", *LDS_ROWS[5]],
+    ["loss", *LDS_ROWS[6]],
+    [
+        "elbo",
+        NOISE,
+        "generated",
+        NAN,
+        0.287,
+        0.03,
+        0.202,
+        0.349,
+        32,
+        32,
+        20,
+        NAN,
+        "two retrainings of the same subset",
+        "",
+    ],
     ["elbo", "trak", "generated", 1.0, 0.216, 0.04, 0.094, 0.308, 32, 32, 20, NAN, "", "loss"],
 ]
 # rule evaluate, measurement_substitution()
-SUBSTITUTION_COLUMNS = ["measurement", "query_set", "method", "query_measurement", "scores_of", "matched", "lds", "se",
-                        "ci_low", "ci_high", "lambda", "note"]
+SUBSTITUTION_COLUMNS = [
+    "measurement",
+    "query_set",
+    "method",
+    "query_measurement",
+    "scores_of",
+    "matched",
+    "lds",
+    "se",
+    "ci_low",
+    "ci_high",
+    "lambda",
+    "note",
+]
 SUBSTITUTION_ROWS = [
     ["loss", "generated", NOISE, "", "", False, 0.509, 0.034, 0.419, 0.549, NAN, "two retrainings of the same subset"],
     ["loss", "generated", "kfac", "loss", "loss", True, 0.474, 0.033, 0.378, 0.527, 1e-07, ""],
@@ -66,16 +150,48 @@ SUBSTITUTION_ROWS = [
     ["elbo", "generated", "kfac_elbo", "elbo", "elbo", True, 0.273, 0.03, 0.199, 0.323, 0.001, ""],
 ]
 # rule metagradient_evaluate, method_rows()
-METAGRADIENT_COLUMNS = ["method", "query_set", "target", "value", "se", "ci_low", "ci_high", "n_queries",
-                        "n_queries_total", "n_sets", "note"]
+METAGRADIENT_COLUMNS = [
+    "method",
+    "query_set",
+    "target",
+    "value",
+    "se",
+    "ci_low",
+    "ci_high",
+    "n_queries",
+    "n_queries_total",
+    "n_sets",
+    "note",
+]
 METAGRADIENT_ROWS = [
     ["metagradient", "generated", "LDS, fixed-seed target", 0.623, NAN, 0.253, 0.859, 1, 32, 20, ""],
-    ["metagradient", "generated", "leave-out Spearman (predicted vs actual change)", 0.714, NAN, -0.205, 1.0, 1, 32, 8,
-     "3 of 300 examples removed per set; median |predicted| / |actual| change 1.37"],
+    [
+        "metagradient",
+        "generated",
+        "leave-out Spearman (predicted vs actual change)",
+        0.714,
+        NAN,
+        -0.205,
+        1.0,
+        1,
+        32,
+        8,
+        "3 of 300 examples removed per set; median |predicted| / |actual| change 1.37",
+    ],
 ]
 # rule counterfactual_evaluate: summary_table() + k, n_train, embedding
-COUNTERFACTUAL_COLUMNS = ["method", "metric", "median", "mean", "ci_low", "ci_high", "n_queries", "k", "n_train",
-                          "embedding"]
+COUNTERFACTUAL_COLUMNS = [
+    "method",
+    "metric",
+    "median",
+    "mean",
+    "ci_low",
+    "ci_high",
+    "n_queries",
+    "k",
+    "n_train",
+    "embedding",
+]
 COUNTERFACTUAL_ROWS = [
     ["das_vector", "pixel_l2", 1.969, 1.949, 1.475, 2.383, 4, 30, 300, "classifier features"],
     ["das_vector", "embedding_cosine", 0.9477, 0.9548, 0.9332, 0.9908, 4, 30, 300, "classifier features"],
@@ -84,7 +200,15 @@ COUNTERFACTUAL_ROWS = [
     ["random", "embedding_cosine", 0.9961, 0.995, 0.9886, 0.9993, 4, 30, 300, "classifier features"],
     ["random", "loss_change", 0.0003278, 0.0009602, -0.0007951, 0.00398, 4, 30, 300, "classifier features"],
 ]
-PER_QUERY_COLUMNS = ["method", "query", "loss_full", "loss_counterfactual", "pixel_l2", "embedding_cosine", "loss_change"]
+PER_QUERY_COLUMNS = [
+    "method",
+    "query",
+    "loss_full",
+    "loss_counterfactual",
+    "pixel_l2",
+    "embedding_cosine",
+    "loss_change",
+]
 # rule likelihood_sanity, summary_table()
 BPD_COLUMNS = ["category", "n", "mean_bpd", "se_bpd", "median_bpd", "min_bpd", "max_bpd"]
 BPD_ROWS = [["train", 16, 1.915, 0.047, 1.944, 1.541, 2.144], ["noise", 16, 5.393, 0.035, 5.385, 5.068, 5.661]]
@@ -120,8 +244,9 @@ def run_script(*args: str) -> subprocess.CompletedProcess:
 
 
 def repository_commit() -> str:
-    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                          check=True).stdout.strip()
+    return subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True
+    ).stdout.strip()
 
 
 @pytest.fixture(scope="module")
@@ -142,22 +267,36 @@ def test_header_states_the_tables_date_and_the_commit(page):
 
 
 def test_lds_rows_in_the_workflow_layout(page):
-    assert ("| method | query set | LDS (evaluation subsets) | SE | 95% bootstrap CI | lambda (tuned) | "
-            "LDS tuned on evaluation* | note |") in page
-    assert "| noise ceiling (seed-to-seed) | generated | 0.509 | 0.034 | [0.419, 0.549] | - | - | two retrainings of the same subset |" in page
+    assert (
+        "| method | query set | LDS (evaluation subsets) | SE | 95% bootstrap CI | lambda (tuned) | "
+        "LDS tuned on evaluation* | note |"
+    ) in page
+    assert (
+        "| noise ceiling (seed-to-seed) | generated | 0.509 | 0.034 | [0.419, 0.549] | - | - | two retrainings of the same subset |"
+        in page
+    )
     assert "| trak | generated | 0.335 | 0.041 | [0.226, 0.407] | 1 | 0.351 |  |" in page
     assert "| kfac | heldout | 0.651 | 0.031 | [0.572, 0.680] | 1e-07 | 0.651 |  |" in page
     assert "| clip_dot | generated | not run: no CLIP weights | | | | | |" in page
-    assert "| metagradient | generated | 0.508 | - | [0.109, 0.781] | - | 0.508 | LDS over 1 of 32 queries; metagradient cost |" in page
+    assert (
+        "| metagradient | generated | 0.508 | - | [0.109, 0.781] | - | 0.508 | LDS over 1 of 32 queries; metagradient cost |"
+        in page
+    )
 
 
 def test_counterfactual_rows_in_the_workflow_layout(page):
-    assert ("| method | pixel L2 (higher = removal mattered more) | embedding cosine (lower = removal mattered more) | "
-            "loss change (higher = removal mattered more) |") in page
-    assert ("| das_vector | 1.969 (mean 1.949) [1.475, 2.383] | 0.9477 (mean 0.9548) [0.9332, 0.9908] | "
-            "0.01031 (mean 0.009626) [0.007472, 0.01041] |") in page
-    assert ("| random | 0.7582 (mean 0.9197) [0.7126, 1.45] | 0.9961 (mean 0.995) [0.9886, 0.9993] | "
-            "0.0003278 (mean 0.0009602) [-0.0007951, 0.00398] |") in page
+    assert (
+        "| method | pixel L2 (higher = removal mattered more) | embedding cosine (lower = removal mattered more) | "
+        "loss change (higher = removal mattered more) |"
+    ) in page
+    assert (
+        "| das_vector | 1.969 (mean 1.949) [1.475, 2.383] | 0.9477 (mean 0.9548) [0.9332, 0.9908] | "
+        "0.01031 (mean 0.009626) [0.007472, 0.01041] |"
+    ) in page
+    assert (
+        "| random | 0.7582 (mean 0.9197) [0.7126, 1.45] | 0.9961 (mean 0.995) [0.9886, 0.9993] | "
+        "0.0003278 (mean 0.0009602) [-0.0007951, 0.00398] |"
+    ) in page
     assert "Median over 4 generated queries" in page and "k = 30 of 300 training examples" in page
     assert "Not shown: `tables/counterfactual_per_query.csv`" in page
 
@@ -168,16 +307,25 @@ def test_the_other_tables(page):
     assert "| method | loss generated | loss heldout | elbo generated |" in page
     assert "| trak | 0.335 | 0.605 | 0.216 |" in page
     assert "| elbo | generated | 0.287 [0.202, 0.349] | 0.247 [0.167, 0.305] | **0.273 [0.199, 0.323]** |" in page
-    assert ("| metagradient | generated | leave-out Spearman (predicted vs actual change) | 0.714 | - | [-0.205, 1.000] | "
-            "1 of 32 | 8 | 3 of 300 examples removed per set; median \\|predicted\\| / \\|actual\\| change 1.37 |") in page
+    assert (
+        "| metagradient | generated | leave-out Spearman (predicted vs actual change) | 0.714 | - | [-0.205, 1.000] | "
+        "1 of 32 | 8 | 3 of 300 examples removed per set; median \\|predicted\\| / \\|actual\\| change 1.37 |"
+    ) in page
     assert "| noise | 16 | 5.393 (0.035) | 5.385 | 5.068 | 5.661 |" in page
     assert "| name | value | empty |" in page and "| a | 1.235 |  |" in page
 
 
 def test_tables_in_page_order(page):
-    order = ["## LDS of every method", "## K-FAC influence ablation", "## LDS per measurement target",
-             "## Measurement substitution", "## Metagradient", "## Counterfactual retraining", "## Bits/dim sanity",
-             "## extra_table"]
+    order = [
+        "## LDS of every method",
+        "## K-FAC influence ablation",
+        "## LDS per measurement target",
+        "## Measurement substitution",
+        "## Metagradient",
+        "## Counterfactual retraining",
+        "## Bits/dim sanity",
+        "## extra_table",
+    ]
     positions = [page.index(title) for title in order]
     assert positions == sorted(positions)
 

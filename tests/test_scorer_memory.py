@@ -2,13 +2,14 @@
 grow with n_train. Real stores (.npy + sidecar, memory-mapped by scores.ScorerInputs) of synthetic features; the
 chunk size is lowered so that chunking is exercised. The bound is far below the float64 training features that
 a dense implementation holds (at CIFAR-10 scale, 50,000 x 4096 features: 1.6 GB)."""
+
 import tracemalloc
 
 import numpy as np
 import pytest
 
-from workflow_scripts.core.store import write_store
 from workflow_scripts.core.contracts import RESIDUAL, STORE_SPLITS
+from workflow_scripts.core.store import write_store
 from workflow_scripts.scorers import base, get_scorer
 from workflow_scripts.stages.scores import ScorerInputs
 
@@ -18,7 +19,11 @@ MB = 2**20
 METHODS = {
     "trak": ({"family": "trak", "output_function": "loss"}, "avg", None),
     "normalized_if": ({"family": "normalized_if", "output_function": "loss", "normalization": "relative"}, "avg", None),
-    "gradient_similarity": ({"family": "gradient_similarity", "output_function": "loss", "similarity": "cosine"}, "avg", None),
+    "gradient_similarity": (
+        {"family": "gradient_similarity", "output_function": "loss", "similarity": "cosine"},
+        "avg",
+        None,
+    ),
     "das_scalar": ({"family": "das", "form": "scalar", "output_function": "mean", "leverage": True}, "unitnorm", None),
     "das_vector": ({"family": "das", "form": "vector", "output_directions": 4, "leverage": True}, "sketch", 4),
 }
@@ -26,8 +31,11 @@ METHODS = {
 
 def make_stores(directory, n_train, kind, rows, seed=0):
     g = np.random.default_rng(seed)
-    made_by = {"kind": kind, "output_function": "eps" if kind == "sketch" else ("mean" if kind == "unitnorm" else "loss"),
-               "output_directions": rows}
+    made_by = {
+        "kind": kind,
+        "output_function": "eps" if kind == "sketch" else ("mean" if kind == "unitnorm" else "loss"),
+        "output_directions": rows,
+    }
     for split in STORE_SPLITS:
         n = n_train if split == "train" else N_QUERY
         shape = (n, *([rows] if rows else []), D)
@@ -35,14 +43,30 @@ def make_stores(directory, n_train, kind, rows, seed=0):
         for start in range(0, n, 4096):  # written in chunks: the test itself must not hold the store
             block = g.standard_normal((min(4096, n - start), *shape[1:]), dtype=np.float32)
             array[start : start + len(block)] = block * np.geomspace(1, 0.01, D, dtype=np.float32)
-        identity = {"split": split, "shape": list(shape), "dtype": "float32", "config_hash": "h", "made_by": made_by,
-                    "checkpoint": {"step": 1, "lr": None}}
+        identity = {
+            "split": split,
+            "shape": list(shape),
+            "dtype": "float32",
+            "config_hash": "h",
+            "made_by": made_by,
+            "checkpoint": {"step": 1, "lr": None},
+        }
         write_store(array, identity, directory / f"{split}.npy")
         del array
         (directory / f"{split}.tmp.npy").unlink()
     residual = g.uniform(0.5, 1.5, size=(n_train, *([rows] if rows else []))).astype(np.float32)
-    write_store(residual, {"split": RESIDUAL, "shape": list(residual.shape), "dtype": "float32", "config_hash": "h",
-                           "made_by": made_by, "checkpoint": {"step": 1, "lr": None}}, directory / f"{RESIDUAL}.npy")
+    write_store(
+        residual,
+        {
+            "split": RESIDUAL,
+            "shape": list(residual.shape),
+            "dtype": "float32",
+            "config_hash": "h",
+            "made_by": made_by,
+            "checkpoint": {"step": 1, "lr": None},
+        },
+        directory / f"{RESIDUAL}.npy",
+    )
 
 
 def peak_extra(method_cfg, directory, n_train):

@@ -1,5 +1,6 @@
 """DAS (scorers/das.py): the Sherman-Morrison / Woodbury leave-one-out step against refitting without
 each example on tiny ridge least-squares problems, and both score forms against dense formulas."""
+
 import numpy as np
 import pytest
 
@@ -76,8 +77,12 @@ def test_woodbury_step_equals_refit_without_example(n, r, d, relative_lambda):
     flat = J.reshape(n * r, d)
     theta = ridge(flat, Y.reshape(-1), lam)
     E = Y - J @ theta  # (n, r) residual vectors
-    refits = np.stack([ridge(np.delete(J, i, 0).reshape(-1, d), np.delete(Y, i, 0).reshape(-1), lam) - theta for i in range(n)])
-    np.testing.assert_allclose(solver.parameter_changes(E, relative_lambda), refits, rtol=1e-6, atol=1e-10 * np.abs(refits).max())
+    refits = np.stack(
+        [ridge(np.delete(J, i, 0).reshape(-1, d), np.delete(Y, i, 0).reshape(-1), lam) - theta for i in range(n)]
+    )
+    np.testing.assert_allclose(
+        solver.parameter_changes(E, relative_lambda), refits, rtol=1e-6, atol=1e-10 * np.abs(refits).max()
+    )
     # DAS: squared norm of the predicted change of the query's (vector) output
     expected = np.array([[np.sum((Jq[q] @ refits[i]) ** 2) for i in range(n)] for q in range(len(Jq))])
     got = solver.scores(Jq, E, relative_lambda)
@@ -95,7 +100,9 @@ def test_vector_without_leverage_is_first_order_step():
     step = -np.stack([np.linalg.solve(A, J[i].T @ E[i]) for i in range(6)])
     np.testing.assert_allclose(solver.parameter_changes(E, 0.3, leverage=False), step, rtol=1e-8, atol=1e-12)
     blocks = solver.leverage_blocks(0.3)
-    np.testing.assert_allclose(blocks, np.stack([J[i] @ np.linalg.solve(A, J[i].T) for i in range(6)]), rtol=1e-8, atol=1e-12)
+    np.testing.assert_allclose(
+        blocks, np.stack([J[i] @ np.linalg.solve(A, J[i].T) for i in range(6)]), rtol=1e-8, atol=1e-12
+    )
     expected = np.array([[np.sum((Jq[q] @ step[i]) ** 2) for i in range(6)] for q in range(4)])
     np.testing.assert_allclose(solver.scores(Jq, E, 0.3, leverage=False), expected, rtol=1e-8)
 
@@ -150,11 +157,15 @@ class _Inputs:
 def test_compute_scalar_form():
     X, _, Xq = _problem(10, 6, seed=12)
     r = np.random.default_rng(3).uniform(0.2, 0.4, 10)
-    inputs = _Inputs({"train": X, "generated": Xq, "heldout": Xq[:2]}, r, {"kind": "unitnorm", "output_function": "mean"})
+    inputs = _Inputs(
+        {"train": X, "generated": Xq, "heldout": Xq[:2]}, r, {"kind": "unitnorm", "output_function": "mean"}
+    )
     cfg = {"family": "das", "form": "scalar", "output_function": "mean", "leverage": True}
     out = get_scorer("das").compute(cfg, inputs, [0.1, 1.0])
     assert [lam for lam, _ in out] == [0.1, 1.0]
-    np.testing.assert_allclose(out[1][1]["heldout"], das.scalar_scores(KernelSolver(X), Xq[:2], r, 1.0, True), rtol=1e-5)
+    np.testing.assert_allclose(
+        out[1][1]["heldout"], das.scalar_scores(KernelSolver(X), Xq[:2], r, 1.0, True), rtol=1e-5
+    )
     assert out[0][1]["generated"].dtype == np.float32 and out[0][1]["generated"].shape == (4, 10)
 
 

@@ -1,13 +1,14 @@
 """CLIP scorer (scorers/clip.py): a tiny random open_clip model saved as the "weights" file, checked
 against embeddings computed by hand, and the no-weights path (ScorerNotRun, no numbers). The
 classifier-embedding scorer (scorers/embedding.py) is tested in test_classifier.py."""
+
 import json
 
 import numpy as np
 import pytest
-from fakes import FakeInputs
 import torch
 import torch.nn.functional as F
+from fakes import FakeInputs
 
 from workflow_scripts.core.common import ArtefactError
 
@@ -17,9 +18,11 @@ open_clip = pytest.importorskip("open_clip")
 
 from workflow_scripts.scorers import clip  # noqa: E402
 
-TINY_CLIP = {"embed_dim": 8,
-             "vision_cfg": {"image_size": 16, "layers": 1, "width": 16, "head_width": 8, "patch_size": 8},
-             "text_cfg": {"context_length": 4, "vocab_size": 16, "width": 8, "heads": 1, "layers": 1}}
+TINY_CLIP = {
+    "embed_dim": 8,
+    "vision_cfg": {"image_size": 16, "layers": 1, "width": 16, "head_width": 8, "patch_size": 8},
+    "text_cfg": {"context_length": 4, "vocab_size": 16, "width": 8, "heads": 1, "layers": 1},
+}
 MEAN, STD = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
 
 
@@ -76,8 +79,10 @@ def test_clip_registered_model_name(tiny_clip, tmp_path):
     train, queries = images(5, 4), {"heldout": images(2, 5)}
     cfg = {"family": "clip", "similarity": "dot", "model": "tinyclip-test", "weights": weights}
     [(_, matrices)] = clip.compute(cfg, FakeInputs(train, queries), [1.0])
-    expected = by_hand(net, queries["heldout"], clip.OPENAI_MEAN, clip.OPENAI_STD) @ \
-        by_hand(net, train, clip.OPENAI_MEAN, clip.OPENAI_STD).T
+    expected = (
+        by_hand(net, queries["heldout"], clip.OPENAI_MEAN, clip.OPENAI_STD)
+        @ by_hand(net, train, clip.OPENAI_MEAN, clip.OPENAI_STD).T
+    )
     np.testing.assert_allclose(matrices["heldout"], expected, rtol=1e-4, atol=1e-5)
 
 
@@ -100,8 +105,12 @@ def test_clip_without_weights_is_not_run(tmp_path, weights):
         def queries(self):
             raise AssertionError("read queries")
 
-    cfg = {"family": "clip", "similarity": "cosine", "model": "ViT-B-32",
-           "weights": None if weights is None else (weights and str(tmp_path / weights))}
+    cfg = {
+        "family": "clip",
+        "similarity": "cosine",
+        "model": "ViT-B-32",
+        "weights": None if weights is None else (weights and str(tmp_path / weights)),
+    }
     with pytest.raises(clip.ScorerNotRun) as info:
         clip.compute(cfg, NoData(), [1.0])
     assert info.value.reason == "not run: no CLIP weights"

@@ -1,20 +1,26 @@
 """Journey-TRAK: query features from sampling trajectories against a direct per-step loop, and the scorer."""
+
 import numpy as np
 import pytest
 import torch
 
-from workflow_scripts.stages import gradients
 from workflow_scripts.core.common import generator
-from workflow_scripts.families.ddpm import add_noise, alphas_cumprod, build_model
 from workflow_scripts.core.projection import Projector
+from workflow_scripts.families.ddpm import alphas_cumprod, build_model
 from workflow_scripts.scorers import get_scorer, journey
 from workflow_scripts.scorers.trak import KernelSolver
+from workflow_scripts.stages import gradients
 
 torch.set_num_threads(1)
 
 DIFFUSION = {"num_train_timesteps": 1000, "beta_start": 0.0001, "beta_end": 0.02}
-TINY_MODEL = {"block_out_channels": [8, 16], "attention": [False, True], "layers_per_block": 1,
-              "norm_num_groups": 4, "attention_head_dim": 4}
+TINY_MODEL = {
+    "block_out_channels": [8, 16],
+    "attention": [False, True],
+    "layers_per_block": 1,
+    "norm_num_groups": 4,
+    "attention_head_dim": 4,
+}
 SHAPE = (1, 8, 8)
 TIMESTEPS = np.array([900, 600, 300, 0])  # a 4-step sampler; trajectories hold x_T .. x_0 (5 states)
 
@@ -58,7 +64,9 @@ def test_journey_gradients_equal_per_step_loop(setup):
     assert fast.shape == slow.shape
     assert ((fast - slow).norm() / slow.norm()).item() < 1e-4
     # a different subset of steps is a different feature
-    fewer = gradients.journey_gradients(model, trajectories, TIMESTEPS, gradients.journey_steps(4, 2), range(3), 5, a_bar)
+    fewer = gradients.journey_gradients(
+        model, trajectories, TIMESTEPS, gradients.journey_steps(4, 2), range(3), 5, a_bar
+    )
     assert not torch.allclose(fewer, fast)
 
 
@@ -66,14 +74,17 @@ def test_journey_features_projected_and_batch_independent(setup):
     model, trajectories, a_bar = setup
     cfg = {"projection": "gaussian", "projection_dim": 16, "batch_size": 2, "projection_memory_mb": 64}
     seeds = {"gradients": 5, "projection": 6}
-    out = gradients.compute_journey_features(model, trajectories.numpy(), TIMESTEPS, 3, cfg, DIFFUSION, seeds, torch.device("cpu"))
+    out = gradients.compute_journey_features(
+        model, trajectories.numpy(), TIMESTEPS, 3, cfg, DIFFUSION, seeds, torch.device("cpu")
+    )
     assert out.shape == (3, 16) and out.dtype == np.float32
     steps = gradients.journey_steps(4, 3)
     raw = loop_journey(model, trajectories, steps, 5, a_bar)
     project = Projector(raw.shape[1], 16, "gaussian", 6, 64)
     np.testing.assert_allclose(out, project(raw).numpy(), rtol=1e-3, atol=1e-5)
-    one_by_one = gradients.compute_journey_features(model, trajectories.numpy(), TIMESTEPS, 3, {**cfg, "batch_size": 1},
-                                                    DIFFUSION, seeds, torch.device("cpu"))
+    one_by_one = gradients.compute_journey_features(
+        model, trajectories.numpy(), TIMESTEPS, 3, {**cfg, "batch_size": 1}, DIFFUSION, seeds, torch.device("cpu")
+    )
     np.testing.assert_allclose(one_by_one, out, rtol=1e-4, atol=1e-6)
 
 
@@ -91,8 +102,16 @@ def test_journey_rejects_trajectories_without_final_state(setup):
 
     cfg = {"projection": "gaussian", "projection_dim": 4, "batch_size": 2, "projection_memory_mb": 64}
     with pytest.raises(ArtefactError, match="expected steps \\+ 1"):
-        gradients.compute_journey_features(model, trajectories[:, :-1].numpy(), TIMESTEPS, 2, cfg, DIFFUSION,
-                                           {"gradients": 5, "projection": 6}, torch.device("cpu"))
+        gradients.compute_journey_features(
+            model,
+            trajectories[:, :-1].numpy(),
+            TIMESTEPS,
+            2,
+            cfg,
+            DIFFUSION,
+            {"gradients": 5, "projection": 6},
+            torch.device("cpu"),
+        )
 
 
 class _Inputs:
@@ -106,14 +125,23 @@ class _Inputs:
         return self.stores[role][split]
 
     def sidecar(self, role, split):
-        return {"made_by": {"model": "m", "projection": "gaussian", "projection_dim": 6, "seed_projection": 6,
-                            "checkpoint": self.checkpoints.get(role, "c1")}}
+        return {
+            "made_by": {
+                "model": "m",
+                "projection": "gaussian",
+                "projection_dim": 6,
+                "seed_projection": 6,
+                "checkpoint": self.checkpoints.get(role, "c1"),
+            }
+        }
 
 
 def test_journey_scorer_uses_journey_features_for_generated_only():
     rng = np.random.default_rng(0)
     train, gen_journey, gen_trak, held = (rng.normal(size=s) for s in [(9, 6), (3, 6), (3, 6), (2, 6)])
-    inputs = _Inputs({"final": {"train": train, "generated": gen_trak, "heldout": held}, "journey": {"generated": gen_journey}})
+    inputs = _Inputs(
+        {"final": {"train": train, "generated": gen_trak, "heldout": held}, "journey": {"generated": gen_journey}}
+    )
     out = get_scorer("journey").compute({"family": "journey", "output_function": "loss"}, inputs, [0.1, 1.0])
     solver = KernelSolver(train)
     np.testing.assert_allclose(out[0][1]["generated"], solver.scores(gen_journey, 0.1), rtol=1e-5)
@@ -126,8 +154,12 @@ def test_journey_scorer_rejects_features_of_another_checkpoint():
     from workflow_scripts.core.common import ArtefactError
 
     rng = np.random.default_rng(1)
-    inputs = _Inputs({"final": {"train": rng.normal(size=(4, 3)), "heldout": rng.normal(size=(2, 3))},
-                      "journey": {"generated": rng.normal(size=(2, 3))}})
+    inputs = _Inputs(
+        {
+            "final": {"train": rng.normal(size=(4, 3)), "heldout": rng.normal(size=(2, 3))},
+            "journey": {"generated": rng.normal(size=(2, 3))},
+        }
+    )
     inputs.checkpoints["journey"] = "c2"
     with pytest.raises(ArtefactError, match="differ in checkpoint"):
         journey.compute({"family": "journey", "output_function": "loss"}, inputs, [1.0])

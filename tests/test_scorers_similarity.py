@@ -1,5 +1,6 @@
 """Gradient similarity, TracInCP / GAS and relative / renormalised influence against hand-written
 dense formulas (numpy float64)."""
+
 import numpy as np
 import pytest
 
@@ -40,7 +41,11 @@ class _Inputs:
 
 
 def _store(n=7, d=5, seed=0):
-    return {"train": _features(n, d, seed), "generated": _features(3, d, seed + 1), "heldout": _features(2, d, seed + 2)}
+    return {
+        "train": _features(n, d, seed),
+        "generated": _features(3, d, seed + 1),
+        "heldout": _features(2, d, seed + 2),
+    }
 
 
 # ---------------------------------------------------------------- gradient similarity
@@ -50,14 +55,19 @@ def _store(n=7, d=5, seed=0):
 def test_gradient_similarity_dense(kind):
     store = _store()
     out = get_scorer("gradient_similarity").compute(
-        {"family": "gradient_similarity", "output_function": "loss", "similarity": kind}, _Inputs({"final": store}), [0.1, 1.0])
+        {"family": "gradient_similarity", "output_function": "loss", "similarity": kind},
+        _Inputs({"final": store}),
+        [0.1, 1.0],
+    )
     assert len(out) == 1 and out[0][0] is None  # no lambda
     for name in ("generated", "heldout"):
         q, x = store[name], store["train"]
         if kind == "dot":
             expected = np.array([[sum(q[a, k] * x[b, k] for k in range(5)) for b in range(7)] for a in range(len(q))])
         else:
-            expected = np.array([[q[a] @ x[b] / np.sqrt((q[a] @ q[a]) * (x[b] @ x[b])) for b in range(7)] for a in range(len(q))])
+            expected = np.array(
+                [[q[a] @ x[b] / np.sqrt((q[a] @ q[a]) * (x[b] @ x[b])) for b in range(7)] for a in range(len(q))]
+            )
         np.testing.assert_allclose(out[0][1][name], expected, rtol=1e-5, atol=1e-7)
         assert out[0][1][name].dtype == np.float32
 
@@ -99,7 +109,9 @@ def test_tracin_compute_uses_every_checkpoint_with_its_lr():
     expected = sum(lrs[r] * stores[r]["generated"] @ stores[r]["train"].T for r in stores)
     np.testing.assert_allclose(out[0][1]["generated"], expected, rtol=1e-5)
     # a single checkpoint's contribution is visible: dropping one changes the scores
-    partial = tracin.tracin_scores([stores["step0000100"]["generated"]], [stores["step0000100"]["train"]], [1e-3], "dot")
+    partial = tracin.tracin_scores(
+        [stores["step0000100"]["generated"]], [stores["step0000100"]["train"]], [1e-3], "dot"
+    )
     assert not np.allclose(partial, expected)
 
 
@@ -128,20 +140,30 @@ def test_normalized_influence_dense(n, d, relative_lambda):
     solved = np.linalg.solve(gram + lam * np.eye(d), train.T)  # columns (Phi^T Phi + lam I)^{-1} phi_i
     trak = queries @ solved
     solver = KernelSolver(train)
-    np.testing.assert_allclose(normalized_if.normalized_scores(solver, queries, relative_lambda, "relative"),
-                               trak / np.linalg.norm(solved, axis=0)[None], rtol=1e-6)
-    np.testing.assert_allclose(normalized_if.normalized_scores(solver, queries, relative_lambda, "renormalized"),
-                               trak / np.linalg.norm(train, axis=1)[None], rtol=1e-6)
+    np.testing.assert_allclose(
+        normalized_if.normalized_scores(solver, queries, relative_lambda, "relative"),
+        trak / np.linalg.norm(solved, axis=0)[None],
+        rtol=1e-6,
+    )
+    np.testing.assert_allclose(
+        normalized_if.normalized_scores(solver, queries, relative_lambda, "renormalized"),
+        trak / np.linalg.norm(train, axis=1)[None],
+        rtol=1e-6,
+    )
     np.testing.assert_allclose(solver.train_norms(), np.linalg.norm(train, axis=1), rtol=1e-10)
 
 
 def test_normalized_influence_compute_sweeps_lambda():
     store = _store(n=9, d=4, seed=6)
-    out = get_scorer("normalized_if").compute({"family": "normalized_if", "output_function": "loss", "normalization": "relative"},
-                                              _Inputs({"final": store}), [0.01, 1.0])
+    out = get_scorer("normalized_if").compute(
+        {"family": "normalized_if", "output_function": "loss", "normalization": "relative"},
+        _Inputs({"final": store}),
+        [0.01, 1.0],
+    )
     assert [lam for lam, _ in out] == [0.01, 1.0]
     solver = KernelSolver(store["train"])
-    np.testing.assert_allclose(out[1][1]["heldout"], normalized_if.normalized_scores(solver, store["heldout"], 1.0, "relative"),
-                               rtol=1e-5)
+    np.testing.assert_allclose(
+        out[1][1]["heldout"], normalized_if.normalized_scores(solver, store["heldout"], 1.0, "relative"), rtol=1e-5
+    )
     with pytest.raises(ValueError, match="unknown normalization"):
         normalized_if.normalized_scores(solver, store["heldout"], 1.0, "absolute")

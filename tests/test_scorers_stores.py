@@ -1,5 +1,6 @@
 """Gradient store kinds of the scorers (unitnorm, sketch, residuals, journey), their sidecar checks,
 the store tags of paths.py, ScorerInputs and the per-method sweep plot."""
+
 import copy
 
 import numpy as np
@@ -7,28 +8,40 @@ import pandas as pd
 import pytest
 import torch
 
-from workflow_scripts.stages import gradients
 from workflow_scripts.core import store as store_mod
-from workflow_scripts.dag import paths
 from workflow_scripts.core.common import ArtefactError
 from workflow_scripts.core.contracts import RESIDUAL
-from workflow_scripts.families.ddpm import add_noise, alphas_cumprod, build_model, output_function
 from workflow_scripts.core.projection import Projector
+from workflow_scripts.dag import paths
+from workflow_scripts.families.ddpm import add_noise, alphas_cumprod, build_model, output_function
+from workflow_scripts.stages import gradients
 from workflow_scripts.stages.scores import ScorerInputs, parse_stores, plot_sweep
 
 torch.set_num_threads(1)
 
 DIFFUSION = {"num_train_timesteps": 1000, "beta_start": 0.0001, "beta_end": 0.02}
-TINY_MODEL = {"block_out_channels": [8, 16], "attention": [False, True], "layers_per_block": 1,
-              "norm_num_groups": 4, "attention_head_dim": 4}
+TINY_MODEL = {
+    "block_out_channels": [8, 16],
+    "attention": [False, True],
+    "layers_per_block": 1,
+    "norm_num_groups": 4,
+    "attention_head_dim": 4,
+}
 SHAPE = (1, 8, 8)
 SEEDS = {"gradients": 5, "projection": 6}
 CPU = torch.device("cpu")
 
 
 def grad_cfg(**kw):
-    return {"timesteps": 3, "projection": "gaussian", "projection_dim": 16, "batch_size": 2, "timestep_chunk": 10,
-            "projection_memory_mb": 64, **kw}
+    return {
+        "timesteps": 3,
+        "projection": "gaussian",
+        "projection_dim": 16,
+        "batch_size": 2,
+        "timestep_chunk": 10,
+        "projection_memory_mb": 64,
+        **kw,
+    }
 
 
 @pytest.fixture(scope="module")
@@ -66,8 +79,9 @@ def test_unitnorm_features_equal_loop(setup):
         rows.append(total / 3)
     expected = project(torch.stack(rows)).numpy()
     for chunk in (10, 1):  # chunking over timesteps does not change the result
-        out = gradients.compute_features(model, images.numpy(), "mean", grad_cfg(timestep_chunk=chunk), DIFFUSION, SEEDS, CPU,
-                                         kind="unitnorm")
+        out = gradients.compute_features(
+            model, images.numpy(), "mean", grad_cfg(timestep_chunk=chunk), DIFFUSION, SEEDS, CPU, kind="unitnorm"
+        )
         np.testing.assert_allclose(out, expected, rtol=1e-3, atol=1e-6)
     # not the plain average
     plain = gradients.compute_features(model, images.numpy(), "mean", grad_cfg(), DIFFUSION, SEEDS, CPU)
@@ -77,7 +91,9 @@ def test_unitnorm_features_equal_loop(setup):
 def test_avg_features_chunked_and_per_method_timesteps(setup):
     model, images, a_bar, project = setup
     whole = gradients.compute_features(model, images.numpy(), "loss", grad_cfg(), DIFFUSION, SEEDS, CPU, timesteps=4)
-    chunked = gradients.compute_features(model, images.numpy(), "loss", grad_cfg(timestep_chunk=3), DIFFUSION, SEEDS, CPU, timesteps=4)
+    chunked = gradients.compute_features(
+        model, images.numpy(), "loss", grad_cfg(timestep_chunk=3), DIFFUSION, SEEDS, CPU, timesteps=4
+    )
     np.testing.assert_allclose(chunked, whole, rtol=1e-4, atol=1e-6)
     t, eps = gradients.feature_draws(1000, 4, SHAPE, 5)
     expected = project(gradients.per_example_gradients(model, images, "loss", t, eps, a_bar)).numpy()
@@ -106,8 +122,9 @@ def test_sketch_features_and_residuals_equal_loop(setup):
             racc = racc + w * (u[k].flatten(1) @ e.flatten())
         feats.append(project(acc / K))
         resid.append(racc / K)
-    out, residuals = gradients.compute_features(model, images.numpy(), "eps", grad_cfg(), DIFFUSION, SEEDS, CPU, kind="sketch",
-                                                directions=r, residuals=True)
+    out, residuals = gradients.compute_features(
+        model, images.numpy(), "eps", grad_cfg(), DIFFUSION, SEEDS, CPU, kind="sketch", directions=r, residuals=True
+    )
     assert out.shape == (3, r, 16) and residuals.shape == (3, r)
     np.testing.assert_allclose(out, torch.stack(feats).numpy(), rtol=1e-3, atol=1e-6)
     np.testing.assert_allclose(residuals, torch.stack(resid).numpy(), rtol=1e-4, atol=1e-7)
@@ -128,11 +145,15 @@ def test_output_directions_are_seeded_per_timestep():
 
 def test_scalar_residuals_follow_reference_normalisation(setup):
     model, images, a_bar, _ = setup
-    _, res = gradients.compute_features(model, images.numpy(), "loss", grad_cfg(), DIFFUSION, SEEDS, CPU, residuals=True)
+    _, res = gradients.compute_features(
+        model, images.numpy(), "loss", grad_cfg(), DIFFUSION, SEEDS, CPU, residuals=True
+    )
     t, eps = gradients.feature_draws(1000, 3, SHAPE, 5)
     for i, x in enumerate(images):
         with torch.no_grad():
-            rho = np.array([float((eps[k] - _prediction(model, x, t[k], eps[k], a_bar)).pow(2).mean().sqrt()) for k in range(3)])
+            rho = np.array(
+                [float((eps[k] - _prediction(model, x, t[k], eps[k], a_bar)).pow(2).mean().sqrt()) for k in range(3)]
+            )
         assert res[i] == pytest.approx(rho.mean() / np.linalg.norm(rho), rel=1e-5)
     assert np.all((res > 1 / 3) & (res <= 1 / np.sqrt(3) + 1e-6))  # mean / l2-norm of 3 positive values
 
@@ -163,18 +184,27 @@ def test_new_kind_identities_and_shapes(smoke_config):
     assert residual["shape"] == [5, 4] and residual["config_hash"] == sketch["config_hash"]
     scalar_residual = gradients.store_identity(smoke_config, PAYLOAD, "mean", RESIDUAL, 5, kind="unitnorm")
     assert scalar_residual["shape"] == [5]
-    journey = gradients.store_identity(smoke_config, {**PAYLOAD, "lr": 1e-3}, "loss", "generated", 4, kind="journey", timesteps=5)
+    journey = gradients.store_identity(
+        smoke_config, {**PAYLOAD, "lr": 1e-3}, "loss", "generated", 4, kind="journey", timesteps=5
+    )
     assert journey["made_by"]["timesteps"] == 5 and journey["checkpoint"] == {"step": 20, "lr": 1e-3}
     assert len({sketch["config_hash"], scalar_residual["config_hash"], journey["config_hash"]}) == 3
 
 
-@pytest.mark.parametrize("written, expected, field", [
-    (dict(fn="mean", kind="unitnorm"), dict(fn="mean", kind="avg"), "kind"),
-    (dict(fn="eps", kind="sketch", directions=4), dict(fn="eps", kind="sketch", directions=8), "output_directions"),
-    (dict(fn="loss", kind="journey", timesteps=50), dict(fn="loss", kind="journey", timesteps=25), "timesteps"),
-    (dict(fn="loss", kind="avg", timesteps=10), dict(fn="loss", kind="avg", timesteps=100), "timesteps"),
-    (dict(fn="loss", kind="avg", images=np.zeros(3)), dict(fn="loss", kind="avg", images=np.ones(3)), "inputs_sha256"),
-])
+@pytest.mark.parametrize(
+    "written, expected, field",
+    [
+        (dict(fn="mean", kind="unitnorm"), dict(fn="mean", kind="avg"), "kind"),
+        (dict(fn="eps", kind="sketch", directions=4), dict(fn="eps", kind="sketch", directions=8), "output_directions"),
+        (dict(fn="loss", kind="journey", timesteps=50), dict(fn="loss", kind="journey", timesteps=25), "timesteps"),
+        (dict(fn="loss", kind="avg", timesteps=10), dict(fn="loss", kind="avg", timesteps=100), "timesteps"),
+        (
+            dict(fn="loss", kind="avg", images=np.zeros(3)),
+            dict(fn="loss", kind="avg", images=np.ones(3)),
+            "inputs_sha256",
+        ),
+    ],
+)
 def test_store_mismatch_names_the_field(tmp_path, smoke_config, written, expected, field):
     def identity(spec):
         spec = dict(spec)
@@ -182,7 +212,7 @@ def test_store_mismatch_names_the_field(tmp_path, smoke_config, written, expecte
         return gradients.store_identity(smoke_config, PAYLOAD, fn, "train", 3, **spec)
 
     path = _write(tmp_path, identity(written))
-    with pytest.raises(ArtefactError, match=rf"config_hash|shape") as info:
+    with pytest.raises(ArtefactError, match=r"config_hash|shape") as info:
         store_mod.open_store(path, identity(expected))
     assert field in str(info.value) and str(path) in str(info.value)
 
@@ -198,9 +228,13 @@ def test_check_tag(smoke_config):
     smoke_config["gradients"]["projection"] = "gaussian"  # the tags below name a Gaussian projection
     ok = paths.feature_tag(smoke_config, "eps", kind="sketch", directions=4)
     gradients.check_tag(paths.parse_feature_tag(ok), smoke_config, ok)
-    bad = {"eps_avg_K2_gaussian64": "sketch stores only", "mean_sketch4_K2_gaussian64": "noise predictor itself",
-           "mean_journey_K5_gaussian64": "TRAK loss", "loss_avg_K2_gaussian32": "projection_dim is 32",
-           "loss_avg_K2_rademacher64": "projection is rademacher"}
+    bad = {
+        "eps_avg_K2_gaussian64": "sketch stores only",
+        "mean_sketch4_K2_gaussian64": "noise predictor itself",
+        "mean_journey_K5_gaussian64": "TRAK loss",
+        "loss_avg_K2_gaussian32": "projection_dim is 32",
+        "loss_avg_K2_rademacher64": "projection is rademacher",
+    }
     for tag, message in bad.items():
         with pytest.raises(ValueError, match=message):
             gradients.check_tag(paths.parse_feature_tag(tag), smoke_config, tag)
@@ -238,15 +272,26 @@ def test_stores_of_another_sparse_sketch_are_not_combined():
 
 
 def test_tags_round_trip(smoke_config):
-    cases = [("loss", None, "avg", None), ("mean-squared-l2-norm", 100, "avg", None), ("mean", None, "unitnorm", None),
-             ("eps", 10, "sketch", 4), ("loss", 50, "journey", None)]
+    cases = [
+        ("loss", None, "avg", None),
+        ("mean-squared-l2-norm", 100, "avg", None),
+        ("mean", None, "unitnorm", None),
+        ("eps", 10, "sketch", 4),
+        ("loss", 50, "journey", None),
+    ]
     for fn, k, kind, r in cases:
         tag = paths.feature_tag(smoke_config, fn, k, kind, r)
         spec = paths.parse_feature_tag(tag)
-        assert spec == {"output_function": fn, "kind": kind, "timesteps": k or smoke_config["gradients"]["timesteps"],
-                        "projection": smoke_config["gradients"]["projection"], "projection_dim": 64,
-                        "output_directions": r}
+        assert spec == {
+            "output_function": fn,
+            "kind": kind,
+            "timesteps": k or smoke_config["gradients"]["timesteps"],
+            "projection": smoke_config["gradients"]["projection"],
+            "projection_dim": 64,
+            "output_directions": r,
+        }
         import re
+
         pattern = paths.JOURNEY_STORE_PATTERN if kind == "journey" else paths.SPLIT_STORE_PATTERN
         other = paths.SPLIT_STORE_PATTERN if kind == "journey" else paths.JOURNEY_STORE_PATTERN
         assert re.fullmatch(pattern, tag) and not re.fullmatch(other, tag)
@@ -281,9 +326,14 @@ def test_method_stores(base_config):
         "ds": {"family": "das", "form": "scalar", "output_function": "mean", "leverage": False},
         "px": {"family": "pixel", "similarity": "dot"},
     }
-    assert paths.method_stores(cfg, "t100") == {"final": ("results/digits/gradients/full/loss_avg_K100_gaussian2048", "avg")}
+    assert paths.method_stores(cfg, "t100") == {
+        "final": ("results/digits/gradients/full/loss_avg_K100_gaussian2048", "avg")
+    }
     assert list(paths.method_stores(cfg, "tr")) == steps
-    assert paths.method_stores(cfg, "j")["journey"] == ("results/digits/gradients/full/loss_journey_K10_gaussian2048", "journey")
+    assert paths.method_stores(cfg, "j")["journey"] == (
+        "results/digits/gradients/full/loss_journey_K10_gaussian2048",
+        "journey",
+    )
     assert paths.method_stores(cfg, "dv")["final"][0].endswith("/full/eps_sketch4_K10_gaussian2048")
     assert paths.method_stores(cfg, "ds")["final"][0].endswith("/full/mean_unitnorm_K10_gaussian2048")
     assert paths.method_stores(cfg, "px") == {} and paths.method_feature_args(cfg, "px") == ""
@@ -291,8 +341,10 @@ def test_method_stores(base_config):
     assert "results/digits/gradients/full/loss_journey_K10_gaussian2048/generated.npy" in files
     assert not any("journey" in f and ("heldout" in f or "train" in f) for f in files)
     assert "results/digits/gradients/full/loss_avg_K10_gaussian2048/train_residual.json" in files
-    assert paths.method_feature_args(cfg, "j") == ("--features final=results/digits/gradients/full/loss_avg_K10_gaussian2048 "
-                                                   "journey=results/digits/gradients/full/loss_journey_K10_gaussian2048")
+    assert paths.method_feature_args(cfg, "j") == (
+        "--features final=results/digits/gradients/full/loss_avg_K10_gaussian2048 "
+        "journey=results/digits/gradients/full/loss_journey_K10_gaussian2048"
+    )
 
 
 def test_every_configured_method_has_a_family(base_config):
@@ -303,8 +355,11 @@ def test_every_configured_method_has_a_family(base_config):
         if method["family"] in ("pixel", "clip"):  # need no model artefact
             continue
         # every other family reads gradient stores, a model file or (metagradient) its chunk jobs' scores
-        assert (paths.method_stores(base_config, name) or paths.method_model_inputs(base_config, name)
-                or paths.metagradient_chunk_files(base_config, name)), name
+        assert (
+            paths.method_stores(base_config, name)
+            or paths.method_model_inputs(base_config, name)
+            or paths.metagradient_chunk_files(base_config, name)
+        ), name
 
 
 # ---------------------------------------------------------------- ScorerInputs
@@ -318,7 +373,9 @@ def test_scorer_inputs_check_stores(tmp_path, smoke_config):
     store_mod.write_store(np.full(3, 0.5, np.float32), resid, store / f"{RESIDUAL}.npy")
     inputs = ScorerInputs("unused", "unused", parse_stores([f"final={store}"]))
     assert inputs.roles() == ["final"]
-    np.testing.assert_array_equal(inputs.features("final", "train", {"kind": "unitnorm", "output_function": "mean"}), 1.0)
+    np.testing.assert_array_equal(
+        inputs.features("final", "train", {"kind": "unitnorm", "output_function": "mean"}), 1.0
+    )
     np.testing.assert_array_equal(inputs.residuals("final"), 0.5)
     assert inputs.checkpoint("final") == {"step": 20, "lr": 2e-4}
     with pytest.raises(ArtefactError, match="kind 'unitnorm', the method needs 'avg'"):
@@ -342,8 +399,13 @@ def test_sweep_plot_is_a_png(tmp_path, with_lambda):
     from PIL import Image
 
     lambdas = [1e-3, 1e-2, 1e-1, 1.0] if with_lambda else [np.nan]
-    table = pd.DataFrame([{"lambda": lam, "query_set": q, "lds_tuning": 0.1 * i, "lds_evaluation": 0.05 * i + 0.01}
-                          for i, lam in enumerate(lambdas) for q in ("generated", "heldout")])
+    table = pd.DataFrame(
+        [
+            {"lambda": lam, "query_set": q, "lds_tuning": 0.1 * i, "lds_evaluation": 0.05 * i + 0.01}
+            for i, lam in enumerate(lambdas)
+            for q in ("generated", "heldout")
+        ]
+    )
     path = tmp_path / "m" / "sweep.png"
     plot_sweep(table, 1e-2 if with_lambda else None, "m", path, {"heldout": "a caveat"} if with_lambda else None)
     image = Image.open(path)

@@ -9,6 +9,7 @@ memory. The tables must equal the local run's (conftest's smoke_run), the retrai
 group jobs, and the DVC commands of README's cluster section must carry the cluster's results to a
 fresh clone with nothing left to rerun.
 """
+
 from __future__ import annotations
 
 import os
@@ -21,7 +22,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from workflow_runs import BIN, copy_repo, snakemake
 
 REPO = Path(__file__).resolve().parents[1]
@@ -47,24 +47,39 @@ def cluster() -> dict:
         started = subprocess.run([str(REPO / "scripts/slurm-localhost")], capture_output=True, text=True)
         assert started.returncode == 0, f"scripts/slurm-localhost failed:\n{started.stdout}{started.stderr}"
     elif not (shutil.which("sinfo") and ours() and node_idle()):
-        reason = ("no Slurm cluster: tests/test_slurm.py needs root to start one (scripts/slurm-localhost), "
-                  "or start it first with `sudo scripts/slurm-localhost`")
+        reason = (
+            "no Slurm cluster: tests/test_slurm.py needs root to start one (scripts/slurm-localhost), "
+            "or start it first with `sudo scripts/slurm-localhost`"
+        )
         print(reason)
         pytest.skip(reason)
     assert ours(), "/etc/slurm/slurm.conf is not scripts/slurm-localhost's: not submitting to that cluster"
     node = subprocess.run(["sinfo", "-h", "-N", "-o", "%R %m %G"], capture_output=True, text=True, check=True)
     partition, memory, gres = node.stdout.split()[:3]  # e.g. "debug 24105 gpu:slot:2"
     # README's site settings, with this cluster's names; the memory cap: the profile asks up to 32 GB
-    return {"TDA_CPU_PARTITION": partition, "TDA_GPU_PARTITION": partition, "TDA_GPU_MODEL": gres.split(":")[1],
-            "TDA_MAX_MEM_MB": memory}
+    return {
+        "TDA_CPU_PARTITION": partition,
+        "TDA_GPU_PARTITION": partition,
+        "TDA_GPU_MODEL": gres.split(":")[1],
+        "TDA_MAX_MEM_MB": memory,
+    }
 
 
 def run(args: list[str], cwd: Path) -> str:
     """A DVC / git / script command of README's cluster section; its output, or an error with it."""
-    env = {"PATH": f"{BIN}:/usr/bin:/bin", "HOME": str(cwd.parent), "DVC_NO_ANALYTICS": "1",
-           "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+    env = {
+        "PATH": f"{BIN}:/usr/bin:/bin",
+        "HOME": str(cwd.parent),
+        "DVC_NO_ANALYTICS": "1",
+        "GIT_AUTHOR_NAME": "t",
+        "GIT_AUTHOR_EMAIL": "t@t",
+        "GIT_COMMITTER_NAME": "t",
+        "GIT_COMMITTER_EMAIL": "t@t",
+    }
     result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True)
-    assert result.returncode == 0, f"{' '.join(args)} failed in {cwd}:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
+    assert result.returncode == 0, (
+        f"{' '.join(args)} failed in {cwd}:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
+    )
     return result.stdout + result.stderr
 
 
@@ -74,16 +89,28 @@ def slurm_run(cluster, tmp_path_factory):
     from workflow_scripts.dag.config import deep_merge
 
     workdir = copy_repo(REPO, tmp_path_factory.mktemp("slurm") / "repo")
-    params = deep_merge(yaml.safe_load((REPO / "params.yaml").read_text()),
-                        yaml.safe_load((REPO / "configs/smoke.yaml").read_text()))
+    params = deep_merge(
+        yaml.safe_load((REPO / "params.yaml").read_text()), yaml.safe_load((REPO / "configs/smoke.yaml").read_text())
+    )
     (workdir / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     started = time.monotonic()
     log = workdir.parent / "slurm-run.log"
     with log.open("w") as out:
         process = subprocess.Popen(
-            [str(BIN / "snakemake"), "--profile", "profiles/slurm", *FAST_POLLING, "--slurm-keep-successful-logs",
-             "--verbose"], cwd=workdir, stdout=out, stderr=subprocess.STDOUT, text=True,
-            env={"PATH": f"{BIN}:/usr/bin:/bin", "HOME": str(workdir), **cluster})
+            [
+                str(BIN / "snakemake"),
+                "--profile",
+                "profiles/slurm",
+                *FAST_POLLING,
+                "--slurm-keep-successful-logs",
+                "--verbose",
+            ],
+            cwd=workdir,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env={"PATH": f"{BIN}:/usr/bin:/bin", "HOME": str(workdir), **cluster},
+        )
         while process.poll() is None and time.monotonic() - started < 3600:
             time.sleep(5)
             # Plugin 2.8.0 reads MinJobAge with `scontrol show config` before every status query; if that

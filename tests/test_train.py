@@ -1,5 +1,6 @@
 """Unit tests of workflow_scripts.train (resume determinism, checkpoints, data order), plus
 measure.load_targets and common.load_torch error handling."""
+
 import copy
 import logging
 import math
@@ -8,13 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-from workflow_scripts.core import data
-from workflow_scripts.families import ddpm as train
-from workflow_scripts.core import seeds
-from workflow_scripts.stages import train as train_mod
+from workflow_scripts.core import data, seeds
 from workflow_scripts.core.common import ArtefactError, load_torch, save_npz, save_torch
+from workflow_scripts.families import ddpm as train
 from workflow_scripts.families.ddpm import load_model
 from workflow_scripts.families.likelihood import load_targets
+from workflow_scripts.stages import train as train_mod
 
 torch.set_num_threads(1)
 CPU = torch.device("cpu")
@@ -173,8 +173,13 @@ def _write_measurements(tmp_path, order, n_queries=3):
     for k, (subset, replicate) in enumerate(order):
         path = tmp_path / f"m{k}.npz"
         value = 10 * subset + replicate
-        save_npz(path, subset=np.array(subset), replicate=np.array(replicate),
-                 generated=np.full(n_queries, value, float), heldout=np.full(2, -value, float))
+        save_npz(
+            path,
+            subset=np.array(subset),
+            replicate=np.array(replicate),
+            generated=np.full(n_queries, value, float),
+            heldout=np.full(2, -value, float),
+        )
         paths.append(str(path))
     return paths
 

@@ -1,16 +1,15 @@
 """Mixed-precision training (compute.amp, precision.Precision) on CPU: bf16 / fp16 autocast train (finite, falling
 loss), the default float32 path is the former code bit for bit, and an fp16 run resumes exactly (GradScaler state)."""
+
 import copy
 
 import numpy as np
 import pytest
 import torch
 
-from workflow_scripts.core import data
-from workflow_scripts.core import precision
-from workflow_scripts.families import ddpm as train
-from workflow_scripts.core import seeds
+from workflow_scripts.core import data, precision, seeds
 from workflow_scripts.core.common import load_torch, rng
+from workflow_scripts.families import ddpm as train
 from workflow_scripts.families.ddpm import alphas_cumprod, build_model, load_model, measurement_draws, simple_loss
 
 torch.set_num_threads(1)
@@ -43,8 +42,11 @@ def fixed_loss(model, cfg, images):
     t, eps = measurement_draws(len(images), images.shape[1:], 20, 2, cfg["diffusion"]["num_train_timesteps"], 0, 0)
     a_bar, x = alphas_cumprod(cfg["diffusion"]), torch.from_numpy(images)
     with torch.no_grad():
-        return float(torch.stack([simple_loss(model, x, t[k].repeat(len(x)), eps[:, k], a_bar).mean()
-                                  for k in range(0, len(t), 4)]).mean())
+        return float(
+            torch.stack(
+                [simple_loss(model, x, t[k].repeat(len(x)), eps[:, k], a_bar).mean() for k in range(0, len(t), 4)]
+            ).mean()
+        )
 
 
 def initial_model(cfg, images):
@@ -62,7 +64,9 @@ def test_mixed_precision_trains(config, images, tmp_path, amp):
     before, after = fixed_loss(initial_model(cfg, images), cfg, images), fixed_loss(model, cfg, images)
     assert np.isfinite(after) and after < 0.7 * before, (before, after)
     # and it is really another computation than float32
-    reference, _ = load_model(train.train_model(config, images, MEMBERS, 0, tmp_path / "f32.pt", device=CPU), cfg["model"])
+    reference, _ = load_model(
+        train.train_model(config, images, MEMBERS, 0, tmp_path / "f32.pt", device=CPU), cfg["model"]
+    )
     assert not all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), reference.state_dict().values()))
 
 

@@ -1,4 +1,5 @@
 """Unit tests of workflow_scripts.scorers.trak (KernelSolver) and scorers.pixel against dense formulas."""
+
 import numpy as np
 import pytest
 
@@ -55,7 +56,9 @@ def test_query_outside_row_space_of_train():
     solver = trak.KernelSolver(train)
     _, _, vt = np.linalg.svd(train.astype(np.float64), full_matrices=True)
     orthogonal = vt[5:].sum(0)  # orthogonal to the row space of Phi
-    np.testing.assert_allclose(solver.scores(queries + orthogonal, 0.1), solver.scores(queries, 0.1), rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(
+        solver.scores(queries + orthogonal, 0.1), solver.scores(queries, 0.1), rtol=1e-6, atol=1e-9
+    )
 
 
 def test_large_lambda_tends_to_scaled_dot_product():
@@ -63,8 +66,9 @@ def test_large_lambda_tends_to_scaled_dot_product():
     solver = trak.KernelSolver(train)
     rel = 1e6
     lam = solver.absolute(rel)
-    np.testing.assert_allclose(solver.scores(queries, rel) * lam, queries.astype(np.float64) @ train.T.astype(np.float64),
-                               rtol=1e-4)
+    np.testing.assert_allclose(
+        solver.scores(queries, rel) * lam, queries.astype(np.float64) @ train.T.astype(np.float64), rtol=1e-4
+    )
 
 
 class _FakeInputs:
@@ -112,7 +116,9 @@ def test_pixel_cosine():
     rng = np.random.default_rng(1)
     queries, train = rng.normal(size=(3, 1, 4, 4)), rng.normal(size=(5, 1, 4, 4))
     got = pixel.similarity(queries, train, "cosine")
-    expected = np.array([[float(np.sum(q * z) / np.sqrt(np.sum(q * q) * np.sum(z * z))) for z in train] for q in queries])
+    expected = np.array(
+        [[float(np.sum(q * z) / np.sqrt(np.sum(q * q) * np.sum(z * z))) for z in train] for q in queries]
+    )
     np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-7)
     assert np.all(np.abs(got) <= 1 + 1e-6)
     # an image is maximally similar to itself and to scaled copies of itself

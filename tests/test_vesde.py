@@ -1,6 +1,7 @@
 """Unit tests of workflow_scripts.vesde: the VE-SDE, the exact probability-flow log-likelihood checked against a
 known density (Gaussian data, analytic optimal score), the exact divergence against the autograd Jacobian,
 gradients with vs without checkpointing, the Measurement under vmap vs a per-image loop, DSM training."""
+
 import copy
 import math
 
@@ -8,14 +9,19 @@ import numpy as np
 import pytest
 import torch
 
-from workflow_scripts.families import vesde as V
-from workflow_scripts.core.curvature import ParamLayout
 from workflow_scripts.core import measurement as K
+from workflow_scripts.core.curvature import ParamLayout
+from workflow_scripts.families import vesde as V
 
 torch.set_num_threads(1)
 
-TINY_MODEL = {"block_out_channels": [8, 16], "attention": [False, True], "layers_per_block": 1,
-              "norm_num_groups": 4, "attention_head_dim": 4}
+TINY_MODEL = {
+    "block_out_channels": [8, 16],
+    "attention": [False, True],
+    "layers_per_block": 1,
+    "norm_num_groups": 4,
+    "attention_head_dim": 4,
+}
 SHAPE = (1, 8, 8)
 D = 64
 SETTINGS = dict(V.VESDE_DEFAULTS)
@@ -32,7 +38,7 @@ def net():
 
 
 def test_marginal_std_formula_and_derivative():
-    assert SIGMA_MAX == pytest.approx(math.sqrt((25 ** 2 - 1) / (2 * math.log(25))), rel=1e-12)
+    assert SIGMA_MAX == pytest.approx(math.sqrt((25**2 - 1) / (2 * math.log(25))), rel=1e-12)
     assert SIGMA_MAX == pytest.approx(9.8452, rel=1e-4)
     assert SIGMA_MIN == pytest.approx(math.sqrt(1e-5), rel=1e-4)  # sigma_t ~ sqrt(t) for small t
     t = torch.linspace(0.01, 1, 50, dtype=torch.float64)
@@ -56,11 +62,13 @@ def test_bits_per_dim_offset():
 def gaussian_case(mu=0.3, s=0.5, n=3, seed=0):
     """Data N(mu, s^2 I): the marginal at noise std sigma is N(mu, (s^2 + sigma^2) I), so the optimal
     eps_theta = -sigma * score = sigma (x - mu) / (s^2 + sigma^2)."""
+
     def eps_fn(x, sigma):
         sigma = sigma.view(-1, 1, 1, 1)
-        return sigma * (x - mu) / (s ** 2 + sigma ** 2)
+        return sigma * (x - mu) / (s**2 + sigma**2)
+
     g = torch.Generator().manual_seed(seed)
-    x = (mu + s * torch.randn(n, *SHAPE, generator=g, dtype=torch.float64))
+    x = mu + s * torch.randn(n, *SHAPE, generator=g, dtype=torch.float64)
     return eps_fn, x, mu, s
 
 
@@ -70,10 +78,10 @@ def test_ode_log_likelihood_of_gaussian_data_is_exact(solver, n_steps, tol):
     log-density N(x; mu, (s^2 + sigma_min^2) I) up to the solver error (tol in nats for D = 64)."""
     eps_fn, x, mu, s = gaussian_case()
     grid = V.log_sigma_grid(SIGMA_MIN, SIGMA_MAX, n_steps)
-    prior = lambda x1: V.gaussian_prior_logp(x1, math.sqrt(s ** 2 + SIGMA_MAX ** 2), mu)  # noqa: E731
+    prior = lambda x1: V.gaussian_prior_logp(x1, math.sqrt(s**2 + SIGMA_MAX**2), mu)  # noqa: E731
     nll = V.pf_ode_nll(eps_fn, x, grid, solver, prior_logp=prior)
-    true = -V.gaussian_prior_logp(x, math.sqrt(s ** 2 + SIGMA_MIN ** 2), mu)
-    assert torch.all((nll - true).abs() < tol), (nll - true)
+    true = -V.gaussian_prior_logp(x, math.sqrt(s**2 + SIGMA_MIN**2), mu)
+    assert torch.all((nll - true).abs() < tol), nll - true
 
 
 def test_ode_log_likelihood_with_default_prior_matches_closed_form():
@@ -82,27 +90,33 @@ def test_ode_log_likelihood_with_default_prior_matches_closed_form():
     eps_fn, x, mu, s = gaussian_case(mu=0.1, s=0.6)
     grid = V.log_sigma_grid(SIGMA_MIN, SIGMA_MAX, 96)
     nll, terms = V.pf_ode_nll(eps_fn, x, grid, "rk4", return_terms=True)
-    ratio = (s ** 2 + SIGMA_MAX ** 2) / (s ** 2 + SIGMA_MIN ** 2)
+    ratio = (s**2 + SIGMA_MAX**2) / (s**2 + SIGMA_MIN**2)
     x1 = mu + (x - mu) * math.sqrt(ratio)
     torch.testing.assert_close(terms["x1"], x1, rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(terms["delta"], torch.full((3,), D / 2 * math.log(ratio), dtype=torch.float64),
-                               rtol=1e-6, atol=1e-4)
+    torch.testing.assert_close(
+        terms["delta"], torch.full((3,), D / 2 * math.log(ratio), dtype=torch.float64), rtol=1e-6, atol=1e-4
+    )
     expected = -(V.gaussian_prior_logp(x1, SIGMA_MAX) + D / 2 * math.log(ratio))
     torch.testing.assert_close(nll, expected, rtol=1e-6, atol=1e-3)
     # and the prior mismatch is small (sigma_1 = 9.8 >> s): of the order D s^2 / (2 sigma_1^2) = 0.12 nats
-    true = -V.gaussian_prior_logp(x, math.sqrt(s ** 2 + SIGMA_MIN ** 2), mu)
+    true = -V.gaussian_prior_logp(x, math.sqrt(s**2 + SIGMA_MIN**2), mu)
     assert torch.all((nll - true).abs() < 0.5)
 
 
 @pytest.mark.parametrize("solver, order", [("euler", 1), ("heun", 2), ("rk4", 4)])
 def test_solver_order_of_convergence(solver, order):
     eps_fn, x, mu, s = gaussian_case()
-    prior = lambda x1: V.gaussian_prior_logp(x1, math.sqrt(s ** 2 + SIGMA_MAX ** 2), mu)  # noqa: E731
-    true = -V.gaussian_prior_logp(x, math.sqrt(s ** 2 + SIGMA_MIN ** 2), mu)
+    prior = lambda x1: V.gaussian_prior_logp(x1, math.sqrt(s**2 + SIGMA_MAX**2), mu)  # noqa: E731
+    true = -V.gaussian_prior_logp(x, math.sqrt(s**2 + SIGMA_MIN**2), mu)
     n = 64 if solver == "rk4" else 256
-    err = [(V.pf_ode_nll(eps_fn, x, V.log_sigma_grid(SIGMA_MIN, SIGMA_MAX, k), solver, prior_logp=prior) - true)
-           .abs().max().item() for k in (n, 2 * n)]
-    assert 2 ** order * 0.7 < err[0] / err[1] < 2 ** order * 1.3  # halving the step divides the error by 2^order
+    err = [
+        (V.pf_ode_nll(eps_fn, x, V.log_sigma_grid(SIGMA_MIN, SIGMA_MAX, k), solver, prior_logp=prior) - true)
+        .abs()
+        .max()
+        .item()
+        for k in (n, 2 * n)
+    ]
+    assert 2**order * 0.7 < err[0] / err[1] < 2**order * 1.3  # halving the step divides the error by 2^order
 
 
 # ---------------------------------------------------------------- exact divergence
@@ -230,7 +244,7 @@ def test_train_vesde_is_deterministic_and_round_trips(smoke_config, tmp_path):
     a = V.train_vesde(config, images, members, 0, model_out=tmp_path / "a.pt")
     b = V.train_vesde(config, images, members, 0)
     c = V.train_vesde(config, images, members, 1)
-    for (k, va), (_, vb), (_, vc) in zip(a.state_dict().items(), b.state_dict().items(), c.state_dict().items()):
+    for (k, va), (_, vb), (_, _vc) in zip(a.state_dict().items(), b.state_dict().items(), c.state_dict().items()):
         assert torch.equal(va, vb), k
     assert any(not torch.equal(va, vc) for va, vc in zip(a.state_dict().values(), c.state_dict().values()))
     loaded, payload = V.load_model(tmp_path / "a.pt", config["model"])
@@ -253,8 +267,8 @@ def test_likelihood_defaults_shared_with_measure_settings():
 
 
 def test_measure_queries_for_the_vesde_family(net, smoke_config):
-    from workflow_scripts.families.likelihood import measure_queries
     from workflow_scripts.core.contracts import target_names
+    from workflow_scripts.families.likelihood import measure_queries
 
     config = copy.deepcopy(smoke_config)
     config["model"] = {**TINY_MODEL, "family": "vesde"}
@@ -264,6 +278,7 @@ def test_measure_queries_for_the_vesde_family(net, smoke_config):
     images = (torch.randint(0, 17, (3, *SHAPE), generator=torch.Generator().manual_seed(6)) / 8.0 - 1).numpy()
     out = measure_queries(net, {"generated": images[:2], "heldout": images}, config)
     assert sorted(out) == ["generated__likelihood", "heldout__likelihood"]
-    direct = V.measure_likelihood(net, images, config["model"], config["measure"]["likelihood"], 17,
-                                  config["seeds"]["measure"], stream=1)
+    direct = V.measure_likelihood(
+        net, images, config["model"], config["measure"]["likelihood"], 17, config["seeds"]["measure"], stream=1
+    )
     np.testing.assert_allclose(out["heldout__likelihood"], direct["nats"])

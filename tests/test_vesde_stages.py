@@ -1,5 +1,6 @@
 """The VE-SDE family through the workflow's stages (train, sample, measure, regenerate, likelihood_sanity), run by
 their command-line entry with the JSON configuration the rules pass, and the config-time refusals."""
+
 import copy
 import json
 import math
@@ -8,16 +9,21 @@ import numpy as np
 import pytest
 import torch
 
-from workflow_scripts.dag import paths
-from workflow_scripts.families import vesde as V
 from workflow_scripts.__main__ import main
 from workflow_scripts.core.common import ArtefactError, load_npz, load_torch
+from workflow_scripts.dag import paths
 from workflow_scripts.dag.config import ConfigError, check_workflow_support, load_config, validate_config
+from workflow_scripts.families import vesde as V
 
 torch.set_num_threads(1)
 
-TINY_MODEL = {"block_out_channels": [8, 16], "attention": [False, True], "layers_per_block": 1,
-              "norm_num_groups": 4, "attention_head_dim": 4}
+TINY_MODEL = {
+    "block_out_channels": [8, 16],
+    "attention": [False, True],
+    "layers_per_block": 1,
+    "norm_num_groups": 4,
+    "attention_head_dim": 4,
+}
 
 
 @pytest.fixture(scope="module")
@@ -42,11 +48,36 @@ def cli(config, stage, *args):
 def run_dir(config, tmp_path_factory):
     d = tmp_path_factory.mktemp("vesde_stages")
     cli(config, "data", "--dataset-out", d / "dataset.npz", "--subsets-out", d / "subsets.npz")
-    cli(config, "train", "--dataset", d / "dataset.npz", "--subset", -1, "--out", d / "full.pt",
-        "--checkpoints", d / "step0000003.pt", d / "step0000006.pt")
+    cli(
+        config,
+        "train",
+        "--dataset",
+        d / "dataset.npz",
+        "--subset",
+        -1,
+        "--out",
+        d / "full.pt",
+        "--checkpoints",
+        d / "step0000003.pt",
+        d / "step0000006.pt",
+    )
     cli(config, "sample", "--model", d / "full.pt", "--out", d / "generated.npz")
-    cli(config, "measure", "--model", d / "full.pt", "--dataset", d / "dataset.npz", "--samples", d / "generated.npz",
-        "--subset", 0, "--replicate", 0, "--out", d / "measurement.npz")
+    cli(
+        config,
+        "measure",
+        "--model",
+        d / "full.pt",
+        "--dataset",
+        d / "dataset.npz",
+        "--samples",
+        d / "generated.npz",
+        "--subset",
+        0,
+        "--replicate",
+        0,
+        "--out",
+        d / "measurement.npz",
+    )
     return d
 
 
@@ -57,29 +88,39 @@ def test_vesde_overlay_is_supported_and_ddpm_default_unchanged(repo, base_config
     check_workflow_support(base_config)
     assert config["model"]["family"] == "vesde"
     assert {m["family"] for m in config["scores"]["methods"].values()} <= {"pixel", "clip", "embedding"}
-    assert set(config["counterfactual"]["methods"]) | set(config["figures"]["methods"]) <= set(config["scores"]["methods"])
+    assert set(config["counterfactual"]["methods"]) | set(config["figures"]["methods"]) <= set(
+        config["scores"]["methods"]
+    )
     # measure reads the data's name (its number of levels) for both families; vesde regenerate reads it too
     assert json.loads(paths.stage_config(base_config, "measure"))["data"] == {"dataset": "digits"}
     assert "data" not in json.loads(paths.stage_config(base_config, "regenerate"))
     assert json.loads(paths.stage_config(config, "measure"))["data"] == {"dataset": "digits"}
     assert paths.family_targets(base_config) == []
-    assert paths.family_targets(config) == ["results/digits-vesde/tables/bpd_sanity.md",
-                                            "results/digits-vesde/figures/bpd_sanity.png"]
+    assert paths.family_targets(config) == [
+        "results/digits-vesde/tables/bpd_sanity.md",
+        "results/digits-vesde/figures/bpd_sanity.png",
+    ]
 
 
-@pytest.mark.parametrize("method", [
-    {"family": "trak", "output_function": "loss"},
-    {"family": "das", "form": "vector", "output_directions": 4, "leverage": True},
-    {"family": "kfac"},
-    {"family": "journey", "output_function": "loss"},
-    {"family": "tracin", "output_function": "loss", "similarity": "dot"},
-])
+@pytest.mark.parametrize(
+    "method",
+    [
+        {"family": "trak", "output_function": "loss"},
+        {"family": "das", "form": "vector", "output_directions": 4, "leverage": True},
+        {"family": "kfac"},
+        {"family": "journey", "output_function": "loss"},
+        {"family": "tracin", "output_function": "loss", "similarity": "dot"},
+    ],
+)
 def test_ddpm_scorers_are_refused_naming_method_and_reason(config, method):
     bad = copy.deepcopy(config)
     bad["scores"]["methods"]["extra"] = method
     validate_config(bad)  # valid for the schema: only the workflow cannot honour it
-    with pytest.raises(ConfigError, match=rf"scores\.methods\.extra \(family {method['family']}\) cannot run with "
-                                          r"model\.family vesde: .*extra: null"):
+    with pytest.raises(
+        ConfigError,
+        match=rf"scores\.methods\.extra \(family {method['family']}\) cannot run with "
+        r"model\.family vesde: .*extra: null",
+    ):
         check_workflow_support(bad)
 
 
@@ -103,8 +144,8 @@ def test_null_in_an_overlay_removes_a_method(repo, tmp_path):
 # ---------------------------------------------------------------- stages
 def test_train_stage_trains_the_score_model(config, run_dir):
     from workflow_scripts.core.data import load_dataset
-    from workflow_scripts.families.registry import load_family_model
     from workflow_scripts.families.ddpm import load_model
+    from workflow_scripts.families.registry import load_family_model
 
     payload = load_torch(run_dir / "full.pt")
     assert payload["kind"] == "vesde-unet" and payload["step"] == 6 and payload["config"]["family"] == "vesde"
@@ -125,8 +166,7 @@ def test_train_stage_trains_the_score_model(config, run_dir):
 
 
 def test_sample_stage_uses_the_probability_flow_ode_per_image(config, run_dir):
-    from workflow_scripts.families.registry import load_family_model
-    from workflow_scripts.families.registry import generate_images
+    from workflow_scripts.families.registry import generate_images, load_family_model
 
     samples = load_npz(run_dir / "generated.npz", ("images", "trajectories", "timesteps", "seeds"))
     assert samples["images"].shape == (3, 1, 8, 8) and np.abs(samples["images"]).max() <= 1
@@ -142,19 +182,28 @@ def test_sample_stage_uses_the_probability_flow_ode_per_image(config, run_dir):
 
 def test_measure_stage_writes_exact_likelihood_and_load_targets_reads_it(config, run_dir):
     from workflow_scripts.core.data import load_dataset
-    from workflow_scripts.families.registry import load_family_model
     from workflow_scripts.families.likelihood import load_targets
+    from workflow_scripts.families.registry import load_family_model
     from workflow_scripts.stages.regenerate import measure_query
 
     arrays = load_npz(run_dir / "measurement.npz")
     assert str(arrays["measurement"]) == "likelihood"
     assert sorted(k for k in arrays if "__" in k) == ["generated__likelihood", "heldout__likelihood"]
     model, _ = load_family_model(run_dir / "full.pt", config["model"])
-    queries = {"generated": load_npz(run_dir / "generated.npz")["images"],
-               "heldout": load_dataset(run_dir / "dataset.npz")["heldout_images"]}
+    queries = {
+        "generated": load_npz(run_dir / "generated.npz")["images"],
+        "heldout": load_dataset(run_dir / "dataset.npz")["heldout_images"],
+    }
     for stream, name in enumerate(("generated", "heldout")):
-        direct = V.measure_likelihood(model, queries[name], config["model"], config["measure"]["likelihood"], 17,
-                                      config["seeds"]["measure"], stream)["nats"]
+        direct = V.measure_likelihood(
+            model,
+            queries[name],
+            config["model"],
+            config["measure"]["likelihood"],
+            17,
+            config["seeds"]["measure"],
+            stream,
+        )["nats"]
         np.testing.assert_allclose(arrays[f"{name}__likelihood"], direct, rtol=1e-6)
     targets = load_targets([run_dir / "measurement.npz"], 1, 1)
     np.testing.assert_array_equal(targets["heldout"][0, 0], arrays["heldout__likelihood"])
@@ -190,8 +239,13 @@ def test_sanity_images_are_what_they_claim(run_dir):
 def test_sanity_verdict_names_the_broken_pairs():
     from workflow_scripts.stages.likelihood_sanity import broken_pairs, markdown, summary_table
 
-    bpd = {"train": np.array([1.0, 1.2]), "heldout": np.array([1.5, 1.4]), "rotated": np.array([3.0, 3.2]),
-           "averaged": np.array([2.0, 2.2]), "noise": np.array([5.0, 5.1])}
+    bpd = {
+        "train": np.array([1.0, 1.2]),
+        "heldout": np.array([1.5, 1.4]),
+        "rotated": np.array([3.0, 3.2]),
+        "averaged": np.array([2.0, 2.2]),
+        "noise": np.array([5.0, 5.1]),
+    }
     table = summary_table(bpd)
     assert table.loc[table["category"] == "train", "mean_bpd"].item() == pytest.approx(1.1)
     assert table.loc[table["category"] == "train", "se_bpd"].item() == pytest.approx(0.1)
@@ -206,8 +260,18 @@ def test_sanity_stage_writes_table_and_figure(config, run_dir):
     import pandas as pd
     from PIL import Image
 
-    cli(config, "likelihood_sanity", "--model", run_dir / "full.pt", "--dataset", run_dir / "dataset.npz",
-        "--table", run_dir / "bpd_sanity", "--figure", run_dir / "fig" / "bpd_sanity")
+    cli(
+        config,
+        "likelihood_sanity",
+        "--model",
+        run_dir / "full.pt",
+        "--dataset",
+        run_dir / "dataset.npz",
+        "--table",
+        run_dir / "bpd_sanity",
+        "--figure",
+        run_dir / "fig" / "bpd_sanity",
+    )
     table = pd.read_csv(run_dir / "bpd_sanity.csv")
     assert list(table["category"]) == ["train", "heldout", "rotated", "averaged", "noise"]
     assert (table["n"] == 3).all()  # as many images per category as held-out queries

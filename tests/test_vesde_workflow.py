@@ -1,4 +1,5 @@
 """The VE-SDE workflow (configs/vesde.yaml) end to end through Snakemake, on a tiny overlay, in a scratch copy."""
+
 import math
 import shutil
 
@@ -6,7 +7,6 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
-
 from workflow_runs import IGNORE, snakemake
 
 # configs/vesde.yaml shrunk to seconds per job: 4 subsets x 1 seed, 3 queries per set, a few steps everywhere, two
@@ -42,8 +42,18 @@ def test_vesde_overlay_plans_every_rule_it_needs(repo, tmp_path):
     result = snakemake(workdir, "--configfile", "configs/vesde.yaml", "-n", "--quiet", "rules")
     out = result.stdout + result.stderr
     assert result.returncode == 0, out[-3000:]
-    for rule in ("train_full", "train_subset", "sample", "measure", "likelihood_sanity", "scores", "evaluate",
-                 "regenerate", "counterfactual_evaluate", "figures"):
+    for rule in (
+        "train_full",
+        "train_subset",
+        "sample",
+        "measure",
+        "likelihood_sanity",
+        "scores",
+        "evaluate",
+        "regenerate",
+        "counterfactual_evaluate",
+        "figures",
+    ):
         assert rule in out, rule
     for rule in ("gradients", "curvature"):  # no DDPM gradient scorer is configured
         assert rule not in out, rule

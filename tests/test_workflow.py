@@ -1,4 +1,5 @@
 """The smoke workflow end to end, through Snakemake, in a scratch copy of the repository."""
+
 import json
 import math
 import re
@@ -10,7 +11,6 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
-
 from workflow_runs import snakemake
 
 # smoke_run (tests/conftest.py): the smoke workflow run locally once per session, also the reference of
@@ -172,8 +172,15 @@ def test_counterfactual_models_differ_from_the_full_one_only_in_members(smoke_ru
             assert made_by["n_members"] == full["n_members"] - k
 
 
-FIGURES = ("lds_bars", "damping_sweeps", "predicted_vs_actual", "influencers", "counterfactual_boxplots",
-           "counterfactual_pairs", "lds_measurements")
+FIGURES = (
+    "lds_bars",
+    "damping_sweeps",
+    "predicted_vs_actual",
+    "influencers",
+    "counterfactual_boxplots",
+    "counterfactual_pairs",
+    "lds_measurements",
+)
 
 
 @pytest.mark.parametrize("name", FIGURES)
@@ -231,17 +238,33 @@ def test_benchmark_lds_on_the_metagradient_queries(smoke_run, smoke_config, repo
     metagradient row equals tables/metagradient.csv, and the other methods are restricted to the same queries."""
     from workflow_runs import BIN
 
-    out = subprocess.run([str(BIN / "python"), str(repo / "benchmarks/lds_on_queries.py"), "--results", "results/smoke",
-                          "--config", "params.yaml", "configs/smoke.yaml"], cwd=smoke_run, capture_output=True, text=True)
+    out = subprocess.run(
+        [
+            str(BIN / "python"),
+            str(repo / "benchmarks/lds_on_queries.py"),
+            "--results",
+            "results/smoke",
+            "--config",
+            "params.yaml",
+            "configs/smoke.yaml",
+        ],
+        cwd=smoke_run,
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
-    rows = {line.split(" | ")[0].strip("| "): line.split(" | ")[1:] for line in out.stdout.splitlines()
-            if line.startswith("| ") and not line.startswith("| method")}
+    rows = {
+        line.split(" | ")[0].strip("| "): line.split(" | ")[1:]
+        for line in out.stdout.splitlines()
+        if line.startswith("| ") and not line.startswith("| method")
+    }
     table = pd.read_csv(smoke_run / "results/smoke/tables/metagradient.csv").set_index(["query_set", "target"])
     from workflow_scripts.stages import metagradient_evaluate as M
 
     cells = rows["metagradient"]
-    for k, (name, target) in enumerate((name, t) for name in ("generated", "heldout")
-                                       for t in (M.FIXED_SEED_LDS, M.SEED_AVERAGED_LDS, M.LOO_SPEARMAN)):
+    for k, (name, target) in enumerate(
+        (name, t) for name in ("generated", "heldout") for t in (M.FIXED_SEED_LDS, M.SEED_AVERAGED_LDS, M.LOO_SPEARMAN)
+    ):
         assert float(cells[k].split()[0]) == pytest.approx(table.loc[(name, target), "value"], abs=5e-4)
     assert "trak" in rows and "kfac" in rows and "queries: generated [0], heldout [0]" in out.stdout
     # trak's seed-averaged LDS is over query 0 alone: scipy's Spearman of its subset predictions vs the target
@@ -254,8 +277,11 @@ def test_benchmark_lds_on_the_metagradient_queries(smoke_run, smoke_config, repo
     config = smoke_config
     subsets = core_data.load_subsets(smoke_run / "results/smoke/data/subsets.npz")
     evaluation = subsets["evaluation"]
-    target = load_targets([str(smoke_run / p) for p in paths.measurement_files(config)], config["lds"]["n_subsets"],
-                          config["lds"]["n_seeds"])["generated"][evaluation].mean(1)[:, 0]
+    target = load_targets(
+        [str(smoke_run / p) for p in paths.measurement_files(config)],
+        config["lds"]["n_subsets"],
+        config["lds"]["n_seeds"],
+    )["generated"][evaluation].mean(1)[:, 0]
     scores = np.load(smoke_run / "results/smoke/scores/trak/generated.npy")[0].astype(np.float64)
     predicted = (~subsets["masks"][evaluation]).astype(np.float64) @ scores
     assert float(rows["trak"][1].split()[0]) == pytest.approx(spearmanr(predicted, target)[0], abs=5e-4)
@@ -325,7 +351,7 @@ def test_report_is_self_contained_with_every_table_and_figure(report):
     assert len(html) > 100_000
     for name in (*FIGURES, "lds", "counterfactual", "kfac_ablation", "measurement_substitution"):
         assert name in html, name
-    assert "src=\"http" not in html and "href=\"http" not in html.replace('href="https://snakemake', "")
+    assert 'src="http' not in html and 'href="http' not in html.replace('href="https://snakemake', "")
 
 
 def test_report_renders_its_figures_in_a_headless_browser(report, tmp_path):
@@ -337,11 +363,28 @@ def test_report_renders_its_figures_in_a_headless_browser(report, tmp_path):
     head, body_end, tail = report.read_text().rpartition("</body>")
     page.write_text(head + CHECK_SCRIPT + body_end + tail)
     result = subprocess.run(
-        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic",
-         "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync",
-         f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1400,1000", "--virtual-time-budget=60000",
-         "--dump-dom", page.as_uri()],
-        capture_output=True, text=True, timeout=300, env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
+        [
+            CHROMIUM,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-dev-shm-usage",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            f"--user-data-dir={tmp_path / 'profile'}",
+            "--window-size=1400,1000",
+            "--virtual-time-budget=60000",
+            "--dump-dom",
+            page.as_uri(),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)},
+    )
     match = re.search(r'<pre id="tda-check">(.*?)</pre>', result.stdout, re.S)
     assert match, f"the check script did not finish (exit {result.returncode}):\n{result.stderr[-3000:]}"
     import html as html_module
@@ -353,10 +396,15 @@ def test_report_renders_its_figures_in_a_headless_browser(report, tmp_path):
     for name in expected_images:
         r = by_name[name]
         assert r.get("naturalWidth", 0) > 100 and r.get("naturalHeight", 0) > 100, r  # decoded by the browser
-        assert r["shownWidth"] > 50, r                                                 # laid out on the page
-        assert 0.005 < r["inkFraction"] < 0.99, r                                      # not blank
-        assert r["caption"] > 100, r                                                   # explained
-    for name in ("lds.html", "counterfactual.html", "kfac_ablation.html", "lds_measurements.html",
-                 "measurement_substitution.html"):
+        assert r["shownWidth"] > 50, r  # laid out on the page
+        assert 0.005 < r["inkFraction"] < 0.99, r  # not blank
+        assert r["caption"] > 100, r  # explained
+    for name in (
+        "lds.html",
+        "counterfactual.html",
+        "kfac_ablation.html",
+        "lds_measurements.html",
+        "measurement_substitution.html",
+    ):
         r = by_name[name]
         assert r["iframe"] and r["rows"] >= 3 and r["caption"] > 100, r

@@ -8,6 +8,7 @@ torchvision checks the md5 of every CIFAR file against the official archive's; s
 so `official_cifar_md5s(monkeypatch, root)` replaces the expected checksums by those of the files written
 here (the check itself still runs, in torchvision's code and in ours).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -53,7 +54,12 @@ def write_cifar10(root: Path, per_batch: int = 30, n_test: int = 40, seed: int =
     for name, n in batches:
         images = g.integers(0, 256, size=(n, 3, 32, 32), dtype=np.uint8)
         labels = [int(x) for x in (np.arange(n) + g.integers(10)) % 10]
-        entry = {"batch_label": name, "labels": labels, "data": images.reshape(n, 3072), "filenames": [f"{i}.png" for i in range(n)]}
+        entry = {
+            "batch_label": name,
+            "labels": labels,
+            "data": images.reshape(n, 3072),
+            "filenames": [f"{i}.png" for i in range(n)],
+        }
         with open(folder / name, "wb") as f:
             pickle.dump(entry, f, protocol=2)
         if name == "test_batch":

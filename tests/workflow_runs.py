@@ -1,4 +1,5 @@
 """Running Snakemake on a scratch copy of the repository (shared by the workflow and Slurm tests)."""
+
 import shutil
 import subprocess
 import sys
@@ -16,5 +17,10 @@ def copy_repo(repo: Path, workdir: Path) -> Path:
 def snakemake(workdir: Path, *args: str, cores: bool = True) -> subprocess.CompletedProcess:
     """`snakemake [--cores 2] args` in workdir with only the venv and the system on PATH."""
     exe = BIN / "snakemake"
-    return subprocess.run([str(exe), *(["--cores", "2"] if cores else []), *args], cwd=workdir, capture_output=True,
-                          text=True, env={"PATH": f"{BIN}:/usr/bin:/bin", "HOME": str(workdir)})
+    return subprocess.run(
+        [str(exe), *(["--cores", "2"] if cores else []), *args],
+        cwd=workdir,
+        capture_output=True,
+        text=True,
+        env={"PATH": f"{BIN}:/usr/bin:/bin", "HOME": str(workdir)},
+    )

@@ -3,6 +3,7 @@
 CONFIG is a JSON object (what the Snakemake rules pass: only the sections the stage reads, so that
 Snakemake reruns a stage exactly when its own parameters change) or a path to a YAML file.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -12,11 +13,28 @@ import sys
 from pathlib import Path
 
 import yaml
+
 from workflow_scripts.core.common import setup_logging
 
-STAGES = ("data", "train", "classifier", "sample", "measure", "gradients", "curvature", "scores", "evaluate",
-          "counterfactual", "regenerate", "counterfactual_evaluate", "figures",
-          "metagradient", "fixed_seed", "metagradient_evaluate", "likelihood_sanity")
+STAGES = (
+    "data",
+    "train",
+    "classifier",
+    "sample",
+    "measure",
+    "gradients",
+    "curvature",
+    "scores",
+    "evaluate",
+    "counterfactual",
+    "regenerate",
+    "counterfactual_evaluate",
+    "figures",
+    "metagradient",
+    "fixed_seed",
+    "metagradient_evaluate",
+    "likelihood_sanity",
+)
 
 
 def parse_config(text: str) -> dict:
@@ -34,8 +52,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.parse_args(argv[:1])  # prints usage and the list of stages, then exits
     # Import only the chosen stage: job start-up stays fast and independent of the other stages.
     module = importlib.import_module(f"workflow_scripts.stages.{argv[0]}")
-    stage_parser = argparse.ArgumentParser(prog=f"python -m workflow_scripts {argv[0]}", description=module.__doc__,
-                                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    stage_parser = argparse.ArgumentParser(
+        prog=f"python -m workflow_scripts {argv[0]}",
+        description=module.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     stage_parser.add_argument("--config", required=True, help="JSON object or path to a YAML config")
     stage_parser.add_argument("--log", help="also write the log to this file")
     module.add_arguments(stage_parser)

@@ -9,21 +9,30 @@ Training: AdamW on cross-entropy with random +-augment_shift pixel shifts; every
 (on CPU, bit for bit). The checkpoint records its configuration and a fingerprint of the training
 data; a checkpoint made by another configuration or for other data is refused.
 """
+
 from __future__ import annotations
 
 import hashlib
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from workflow_scripts.core.common import ArtefactError, generator, load_torch, log, rng
 
+from workflow_scripts.core.common import ArtefactError, generator, load_torch, log, rng
 
 KIND = "digit-classifier"
 
 
-DEFAULTS = {"channels": [32, 64], "feature_dim": 128, "steps": 1500, "batch_size": 64, "lr": 0.002,
-            "weight_decay": 0.0001, "augment_shift": 1}
+DEFAULTS = {
+    "channels": [32, 64],
+    "feature_dim": 128,
+    "steps": 1500,
+    "batch_size": 64,
+    "lr": 0.002,
+    "weight_decay": 0.0001,
+    "augment_shift": 1,
+}
 
 
 INIT_STREAM, ORDER_STREAM, SHIFT_STREAM = 1, 2, 3
@@ -35,8 +44,14 @@ class DigitClassifier(nn.Module):
         c_in, h, w = image_shape
         c1, c2 = channels
         self.conv = nn.Sequential(
-            nn.Conv2d(c_in, c1, 3, padding=1), nn.ReLU(), nn.Conv2d(c1, c2, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(c2, c2, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(c_in, c1, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(c1, c2, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(c2, c2, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
         )
         self.fc = nn.Linear(c2 * (h // 4) * (w // 4), feature_dim)
         self.head = nn.Linear(feature_dim, n_classes)
@@ -70,9 +85,15 @@ def data_fingerprint(images: np.ndarray, labels: np.ndarray | None = None) -> st
 
 def identity(cfg: dict, seed: int, images: np.ndarray, labels: np.ndarray) -> dict:
     """What a checkpoint was made from; a checkpoint whose identity differs must not be used."""
-    return {"classifier": dict(cfg), "seed": int(seed), "n_train": int(len(images)),
-            "n_classes": int(labels.max()) + 1, "image_shape": [int(s) for s in images.shape[1:]],
-            "images_sha256": data_fingerprint(images), "data_sha256": data_fingerprint(images, labels)}
+    return {
+        "classifier": dict(cfg),
+        "seed": int(seed),
+        "n_train": int(len(images)),
+        "n_classes": int(labels.max()) + 1,
+        "image_shape": [int(s) for s in images.shape[1:]],
+        "images_sha256": data_fingerprint(images),
+        "data_sha256": data_fingerprint(images, labels),
+    }
 
 
 def shift(x: torch.Tensor, max_shift: int, g: torch.Generator) -> torch.Tensor:
@@ -93,8 +114,9 @@ def accuracy(model: nn.Module, images: np.ndarray, labels: np.ndarray, device="c
     return float((logits.argmax(1).cpu().numpy() == np.asarray(labels)).mean())
 
 
-def train_classifier(cfg: dict, seed: int, images: np.ndarray, labels: np.ndarray,
-                     device: torch.device | str = "cpu") -> tuple[DigitClassifier, dict]:
+def train_classifier(
+    cfg: dict, seed: int, images: np.ndarray, labels: np.ndarray, device: torch.device | str = "cpu"
+) -> tuple[DigitClassifier, dict]:
     """Train on (images, labels); returns the model (eval mode) and the checkpoint payload."""
     ident = identity(cfg, seed, images, labels)
     torch.manual_seed(int(rng(seed, INIT_STREAM).integers(2**31)))
@@ -120,13 +142,18 @@ def train_classifier(cfg: dict, seed: int, images: np.ndarray, labels: np.ndarra
         if step % 500 == 0 or step == cfg["steps"] - 1:
             log.info("classifier: step %d/%d loss %.4f", step + 1, cfg["steps"], loss.item())
     model.eval()
-    payload = {"kind": KIND, "state_dict": {k: v.cpu() for k, v in model.state_dict().items()}, "identity": ident,
-               "metrics": {"train_accuracy": accuracy(model, images, labels, device)}}
+    payload = {
+        "kind": KIND,
+        "state_dict": {k: v.cpu() for k, v in model.state_dict().items()},
+        "identity": ident,
+        "metrics": {"train_accuracy": accuracy(model, images, labels, device)},
+    }
     return model, payload
 
 
-def load_classifier(path, expected: dict | None = None, train_images: np.ndarray | None = None,
-                    device: torch.device | str = "cpu") -> tuple[DigitClassifier, dict]:
+def load_classifier(
+    path, expected: dict | None = None, train_images: np.ndarray | None = None, device: torch.device | str = "cpu"
+) -> tuple[DigitClassifier, dict]:
     """Load a classifier checkpoint, refusing one made by another configuration or for other data.
 
     `expected`: the identity it must have (see identity()); `train_images`: the training images it
@@ -138,11 +165,13 @@ def load_classifier(path, expected: dict | None = None, train_images: np.ndarray
     ident = payload["identity"]
     if expected is not None and ident != expected:
         diff = sorted(k for k in set(ident) | set(expected) if ident.get(k) != expected.get(k))
-        raise ArtefactError(f"{path}: made by a different configuration (differs in {', '.join(diff)}); "
-                            f"rerun the classifier stage")
+        raise ArtefactError(
+            f"{path}: made by a different configuration (differs in {', '.join(diff)}); rerun the classifier stage"
+        )
     if train_images is not None and data_fingerprint(train_images) != ident["images_sha256"]:
-        raise ArtefactError(f"{path}: trained on other images than this benchmark's training set; "
-                            f"rerun the classifier stage")
+        raise ArtefactError(
+            f"{path}: trained on other images than this benchmark's training set; rerun the classifier stage"
+        )
     cfg = ident["classifier"]
     model = DigitClassifier(cfg["channels"], cfg["feature_dim"], ident["n_classes"], tuple(ident["image_shape"]))
     try:
@@ -156,6 +185,8 @@ def load_classifier(path, expected: dict | None = None, train_images: np.ndarray
 def embed(model: DigitClassifier, images: np.ndarray, batch_size: int = 512) -> np.ndarray:
     """(n, feature_dim) float32 penultimate features."""
     device = next(model.parameters()).device
-    out = [model.features(torch.as_tensor(images[s : s + batch_size], dtype=torch.float32, device=device)).cpu()
-           for s in range(0, len(images), batch_size)]
+    out = [
+        model.features(torch.as_tensor(images[s : s + batch_size], dtype=torch.float32, device=device)).cpu()
+        for s in range(0, len(images), batch_size)
+    ]
     return torch.cat(out).numpy() if out else np.zeros((0, model.fc.out_features), np.float32)

@@ -2,6 +2,7 @@
 
 torch is imported inside the four functions that need it, so that the light modules importing this one (the
 gradient-store format, the scorer declarations read by the Snakefile) do not load it."""
+
 from __future__ import annotations
 
 import json
@@ -29,7 +30,9 @@ def setup_logging(log_file: str | None = None) -> None:
     if log_file:
         Path(log_file).parent.mkdir(parents=True, exist_ok=True)
         handlers.append(logging.FileHandler(log_file))
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", handlers=handlers, force=True)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", handlers=handlers, force=True
+    )
 
 
 def select_device(compute: dict) -> torch.device:
@@ -86,6 +89,7 @@ def save_npy(array: np.ndarray, path: str | Path) -> None:
     def write(tmp):
         with open(tmp, "wb") as f:
             np.save(f, array)
+
     _atomic(path, write)
 
 
@@ -93,6 +97,7 @@ def save_npz(path: str | Path, **arrays) -> None:
     def write(tmp):
         with open(tmp, "wb") as f:
             np.savez(f, **arrays)
+
     _atomic(path, write)
 
 

@@ -2,11 +2,11 @@
 measured targets and their defaults, the key of a target in a measurement file, the files of a gradient store,
 and the hash of a configuration section.
 """
+
 from __future__ import annotations
 
 import hashlib
 import json
-
 
 # measure.measurements each model family can compute (workflow_scripts/likelihood.py, vesde.py)
 MEASUREMENTS_BY_FAMILY = {"ddpm": ("loss", "elbo", "timestep_loss", "trajectory"), "vesde": ("likelihood",)}

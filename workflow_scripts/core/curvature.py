@@ -51,18 +51,20 @@ The file (torch.save of plain tensors, lists and the config dict) stores the eig
 factors (float64), the K-FAC eigenvalues and, for EK-FAC, the corrected eigenvalues, plus the config
 that made them; `load_curvature` refuses a file whose config differs from the expected one.
 """
+
 from __future__ import annotations
 
 import contextlib
 import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
+
 import numpy as np
 import torch
 from torch import nn
+
 from workflow_scripts.core.common import ArtefactError, generator, save_torch
 from workflow_scripts.core.contracts import config_hash
-
 
 FILE_KIND = "kfac-curvature"
 
@@ -83,8 +85,16 @@ CURVATURE_STREAM, TRAIN_GRADIENT_STREAM, QUERY_GRADIENT_STREAM, LABEL_STREAM = 4
 CURVATURE_KEYS = ("fisher_type", "kfac_approx", "ekfac", "draws", "fisher_mc_samples", "separate_weight_and_bias")
 
 
-DEFAULTS = {"fisher_type": "mc", "kfac_approx": "expand", "ekfac": False, "draws": 64, "fisher_mc_samples": 1,
-            "separate_weight_and_bias": False, "batch_size": 256, "fast_factors": True}
+DEFAULTS = {
+    "fisher_type": "mc",
+    "kfac_approx": "expand",
+    "ekfac": False,
+    "draws": 64,
+    "fisher_mc_samples": 1,
+    "separate_weight_and_bias": False,
+    "batch_size": 256,
+    "fast_factors": True,
+}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -98,8 +108,11 @@ def denoise(model: nn.Module, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tenso
 
 def curvature_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """The Linear and Conv2d modules (attention projections included) that have parameters."""
-    return [(name, m) for name, m in model.named_modules()
-            if isinstance(m, (nn.Linear, nn.Conv2d)) and any(p.requires_grad for p in m.parameters(recurse=False))]
+    return [
+        (name, m)
+        for name, m in model.named_modules()
+        if isinstance(m, (nn.Linear, nn.Conv2d)) and any(p.requires_grad for p in m.parameters(recurse=False))
+    ]
 
 
 def curvature_param_names(model: nn.Module) -> list[str]:
@@ -203,7 +216,7 @@ class ParamLayout:
         return slice(self.offsets[i], self.offsets[i + 1])
 
     @classmethod
-    def of(cls, model: nn.Module, names: list[str] | None = None) -> "ParamLayout":
+    def of(cls, model: nn.Module, names: list[str] | None = None) -> ParamLayout:
         params = dict(model.named_parameters())
         names = curvature_param_names(model) if names is None else names
         return cls(list(names), [tuple(params[n].shape) for n in names])
@@ -236,7 +249,9 @@ class Curvature:
     def precondition(self, flat: torch.Tensor, relative_lambda: float) -> torch.Tensor:
         """(C + lambda I)^-1 flat, lambda = relative_lambda * mean eigenvalue; float64."""
         coords = self.to_eigenbasis(flat.double())
-        return self.from_eigenbasis(coords / (self.eigenvalues().to(coords.device) + self.absolute_damping(relative_lambda)))
+        return self.from_eigenbasis(
+            coords / (self.eigenvalues().to(coords.device) + self.absolute_damping(relative_lambda))
+        )
 
     def dense(self) -> torch.Tensor:
         """The (P, P) matrix (tests and tiny models only)."""
@@ -297,9 +312,18 @@ class Block:
         return torch.outer(self.g_vals, self.a_vals)
 
     def to_dict(self) -> dict:
-        return {"module": self.module, "weight": self.weight, "bias": self.bias, "d_out": self.d_out, "d_in": self.d_in,
-                "a_vecs": self.a_vecs, "a_vals": self.a_vals, "g_vecs": self.g_vecs, "g_vals": self.g_vals,
-                "corrected": self.corrected}
+        return {
+            "module": self.module,
+            "weight": self.weight,
+            "bias": self.bias,
+            "d_out": self.d_out,
+            "d_in": self.d_in,
+            "a_vecs": self.a_vecs,
+            "a_vals": self.a_vals,
+            "g_vecs": self.g_vecs,
+            "g_vals": self.g_vals,
+            "corrected": self.corrected,
+        }
 
 
 class KFACCurvature(Curvature):
@@ -315,7 +339,7 @@ class KFACCurvature(Curvature):
     def is_ekfac(self) -> bool:
         return all(b.corrected is not None for b in self.blocks)
 
-    def kfac_view(self) -> "KFACCurvature":
+    def kfac_view(self) -> KFACCurvature:
         """The plain K-FAC eigenvalues of an EK-FAC fit (same eigenbasis)."""
         blocks = [Block(**{**b.to_dict(), "corrected": None}) for b in self.blocks]
         return KFACCurvature(blocks, self.layout, {**self.config, "ekfac": False})
@@ -352,8 +376,16 @@ class KFACCurvature(Curvature):
         return flat
 
     def save(self, path: str | Path) -> None:
-        save_torch({"kind": FILE_KIND, "version": FILE_VERSION, "config": self.config, "layout": self.layout.to_dict(),
-                    "blocks": [b.to_dict() for b in self.blocks]}, path)
+        save_torch(
+            {
+                "kind": FILE_KIND,
+                "version": FILE_VERSION,
+                "config": self.config,
+                "layout": self.layout.to_dict(),
+                "blocks": [b.to_dict() for b in self.blocks],
+            },
+            path,
+        )
 
 
 def config_differences(stored: dict, expected: dict, prefix: str = "") -> list[str]:
@@ -432,13 +464,17 @@ def _fast_kfac_class():
     class FastKFACLinearOperator(KFACLinearOperator):
         def _hook_accumulate_input_covariance(self, module, inputs, module_name):
             conv = isinstance(module, nn.Conv2d)
-            if self._kfac_approx != KFACType.EXPAND or len(inputs) != 1 or (
-                    conv and (module.groups != 1 or isinstance(module.padding, str))):
+            if (
+                self._kfac_approx != KFACType.EXPAND
+                or len(inputs) != 1
+                or (conv and (module.groups != 1 or isinstance(module.padding, str)))
+            ):
                 return super()._hook_accumulate_input_covariance(module, inputs, module_name)
             x = inputs[0].data.detach()
             if conv:
-                u = nn.functional.unfold(x, module.kernel_size, dilation=module.dilation, padding=module.padding,
-                                         stride=module.stride)  # (batch, c_in * k1 * k2, positions)
+                u = nn.functional.unfold(
+                    x, module.kernel_size, dilation=module.dilation, padding=module.padding, stride=module.stride
+                )  # (batch, c_in * k1 * k2, positions)
                 positions, x = u.shape[2], u.transpose(1, 2).reshape(-1, u.shape[1])
             else:
                 positions, x = x.shape[1:-1].numel(), x.reshape(-1, x.shape[-1])
@@ -449,8 +485,9 @@ def _fast_kfac_class():
                 full = gram.new_empty(d + 1, d + 1)
                 full[:d, :d], full[:d, d], full[d, :d], full[d, d] = gram, col, col, x.shape[0]
                 gram = full
-            self._input_covariances = self._set_or_add_(self._input_covariances, module_name,
-                                                        gram.div_(self._N_data * positions))
+            self._input_covariances = self._set_or_add_(
+                self._input_covariances, module_name, gram.div_(self._N_data * positions)
+            )
 
     return FastKFACLinearOperator
 
@@ -470,9 +507,10 @@ def _fast_ekfac_class():
             batch = g.shape[0]
             g = g.flatten(2) if conv else g.reshape(batch, -1, g.shape[-1]).transpose(1, 2)  # (batch, d_out, positions)
             terms = batch * self._num_per_example_loss_terms
-            correction = {"sum": 1.0 / self._mc_samples,
-                          "mean": terms**2 / (self._N_data * self._mc_samples * self._num_per_example_loss_terms)}[
-                self._loss_func.reduction]
+            correction = {
+                "sum": 1.0 / self._mc_samples,
+                "mean": terms**2 / (self._N_data * self._mc_samples * self._num_per_example_loss_terms),
+            }[self._loss_func.reduction]
             pos = self._mapping[module_name]
             q_g = self._gradient_covariances_eigenvectors[module_name]
             q_a = self._input_covariances_eigenvectors.get(module_name)
@@ -480,8 +518,9 @@ def _fast_ekfac_class():
             if "weight" in pos:
                 x = self._cached_activations[module_name]
                 if conv:  # (batch, c_in * k1 * k2, positions)
-                    x = nn.functional.unfold(x, module.kernel_size, dilation=module.dilation, padding=module.padding,
-                                             stride=module.stride)
+                    x = nn.functional.unfold(
+                        x, module.kernel_size, dilation=module.dilation, padding=module.padding, stride=module.stride
+                    )
                 else:
                     x = x.reshape(batch, -1, x.shape[-1]).transpose(1, 2)
                 per_row["weight"] = torch.bmm(g, x.transpose(1, 2))  # (batch, d_out, d_in): each row's gradient
@@ -496,7 +535,8 @@ def _fast_ekfac_class():
             for p_name, p_pos in pos.items():
                 rotated = q_g.T @ per_row["weight"] @ q_a if p_name == "weight" else per_row["bias"] @ q_g
                 self._corrected_eigenvalues[module_name] = self._set_or_add_(
-                    self._corrected_eigenvalues[module_name], p_pos, rotated.square_().sum(0).mul_(correction))
+                    self._corrected_eigenvalues[module_name], p_pos, rotated.square_().sum(0).mul_(correction)
+                )
 
     return FastEKFACLinearOperator
 
@@ -513,9 +553,18 @@ def _eigh(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return values.clamp_min(0.0), vectors
 
 
-def kfac_from_data(model_func: nn.Module, param_names: list[str], data, num_rows: int, settings: dict, seed: int,
-                   config: dict | None = None, check_deterministic: bool = False, progressbar: bool = False,
-                   prefix: str = "") -> KFACCurvature:
+def kfac_from_data(
+    model_func: nn.Module,
+    param_names: list[str],
+    data,
+    num_rows: int,
+    settings: dict,
+    seed: int,
+    config: dict | None = None,
+    check_deterministic: bool = False,
+    progressbar: bool = False,
+    prefix: str = "",
+) -> KFACCurvature:
     """Fit K-FAC (and EK-FAC if settings['ekfac']) of MSELoss(mean) on 2d outputs of model_func over `data`.
 
     param_names are names in model_func.named_parameters(); `prefix` is stripped from them (and from module
@@ -530,10 +579,16 @@ def kfac_from_data(model_func: nn.Module, param_names: list[str], data, num_rows
         raise ValueError(f"kfac_approx {s['kfac_approx']!r} is not one of {KFAC_APPROX}")
     named = dict(model_func.named_parameters())
     params = [named[n] for n in param_names]
-    kwargs = dict(fisher_type=s["fisher_type"], mc_samples=int(s["fisher_mc_samples"]) if s["fisher_type"] == "mc" else 1,
-                  kfac_approx=s["kfac_approx"], num_per_example_loss_terms=1,
-                  separate_weight_and_bias=bool(s["separate_weight_and_bias"]), num_data=int(num_rows),
-                  seed=int(seed), progressbar=progressbar)
+    kwargs = dict(
+        fisher_type=s["fisher_type"],
+        mc_samples=int(s["fisher_mc_samples"]) if s["fisher_type"] == "mc" else 1,
+        kfac_approx=s["kfac_approx"],
+        num_per_example_loss_terms=1,
+        separate_weight_and_bias=bool(s["separate_weight_and_bias"]),
+        num_data=int(num_rows),
+        seed=int(seed),
+        progressbar=progressbar,
+    )
     loss = nn.MSELoss(reduction="mean")
     op_class = _fast_kfac_class() if s.get("fast_factors", True) else KFACLinearOperator
     with _limited_blas():
@@ -553,7 +608,7 @@ def kfac_from_data(model_func: nn.Module, param_names: list[str], data, num_rows
         ek.compute_eigenvalue_correction()
         corrected = ek._corrected_eigenvalues
     joint = not s["separate_weight_and_bias"]
-    strip = (lambda n: n[len(prefix):] if prefix and n.startswith(prefix) else n)
+    strip = lambda n: n[len(prefix) :] if prefix and n.startswith(prefix) else n
     blocks = []
     for mod_name, pos in mapping.items():
         module = model_func.get_submodule(mod_name)
@@ -568,11 +623,26 @@ def kfac_from_data(model_func: nn.Module, param_names: list[str], data, num_rows
             a_vals, a_vecs = eig_a[mod_name] if w else one
             c = None
             if corr is not None:
-                c = corr if isinstance(corr, torch.Tensor) else torch.cat(
-                    [corr[pos[k]].reshape(d_out, -1) for k in ("weight", "bias") if k in pos], dim=1)
+                c = (
+                    corr
+                    if isinstance(corr, torch.Tensor)
+                    else torch.cat([corr[pos[k]].reshape(d_out, -1) for k in ("weight", "bias") if k in pos], dim=1)
+                )
                 c = c.detach().double().cpu().reshape(d_out, -1)
-            blocks.append(Block(strip(mod_name), strip(w) if w else None, strip(b) if b else None, d_out, d_in,
-                                a_vecs, a_vals, g_vecs, g_vals, c))
+            blocks.append(
+                Block(
+                    strip(mod_name),
+                    strip(w) if w else None,
+                    strip(b) if b else None,
+                    d_out,
+                    d_in,
+                    a_vecs,
+                    a_vals,
+                    g_vecs,
+                    g_vals,
+                    c,
+                )
+            )
         else:  # separate weight and bias blocks
             a_vals, a_vecs = eig_a[mod_name]
             cw = None if corr is None else corr[pos["weight"]].detach().double().cpu().reshape(d_out, d_in)
@@ -587,11 +657,19 @@ def images_digest(images: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(images, dtype=np.float32).tobytes()).hexdigest()[:16]
 
 
-def curvature_config(settings: dict, diffusion_cfg: dict, seed: int, images: np.ndarray, extra: dict | None = None) -> dict:
+def curvature_config(
+    settings: dict, diffusion_cfg: dict, seed: int, images: np.ndarray, extra: dict | None = None
+) -> dict:
     """Everything a fit depends on (batch_size and fast_factors excluded: they change only float rounding)."""
     s = {**DEFAULTS, **settings}
-    return {"kfac": {k: s[k] for k in CURVATURE_KEYS}, "diffusion": dict(diffusion_cfg), "seed": int(seed),
-            "n_train": int(len(images)), "images": images_digest(images), **(extra or {})}
+    return {
+        "kfac": {k: s[k] for k in CURVATURE_KEYS},
+        "diffusion": dict(diffusion_cfg),
+        "seed": int(seed),
+        "n_train": int(len(images)),
+        "images": images_digest(images),
+        **(extra or {}),
+    }
 
 
 def checkpoint_identity(payload: dict, model_cfg: dict) -> dict:

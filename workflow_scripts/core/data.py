@@ -1,12 +1,12 @@
-"""The benchmark's data: the train / held-out split, the LDS subsets, the generated queries, and their readers.
-"""
+"""The benchmark's data: the train / held-out split, the LDS subsets, the generated queries, and their readers."""
+
 from __future__ import annotations
 
 import numpy as np
+
+from workflow_scripts.core import data as core_data
 from workflow_scripts.core import datasets
 from workflow_scripts.core.common import load_npz, rng
-from workflow_scripts.core import data as core_data
-
 
 # Number of intensity levels of each data set's pixels (scaled to [-1, 1]): the discretisation of the
 # likelihood measurements (decoder bins, dequantisation offset; workflow_scripts/likelihood.py, vesde.py).
@@ -30,8 +30,12 @@ def make_dataset(data_cfg: dict, split_seed: int) -> dict[str, np.ndarray]:
     train_idx = np.sort(order[: data_cfg["n_train"]])
     heldout_idx = np.sort(order[data_cfg["n_train"] : data_cfg["n_train"] + data_cfg["n_heldout"]])
     return {
-        "train_images": images[train_idx], "train_labels": labels[train_idx], "train_index": train_idx,
-        "heldout_images": images[heldout_idx], "heldout_labels": labels[heldout_idx], "heldout_index": heldout_idx,
+        "train_images": images[train_idx],
+        "train_labels": labels[train_idx],
+        "train_index": train_idx,
+        "heldout_images": images[heldout_idx],
+        "heldout_labels": labels[heldout_idx],
+        "heldout_index": heldout_idx,
     }
 
 
@@ -48,8 +52,13 @@ def make_torchvision_dataset(data_cfg: dict, split_seed: int) -> dict[str, np.nd
             chosen = datasets.stratified_choice(split[f"{source}_labels"], n, generator, n_classes)
         except ValueError as exc:
             raise ValueError(f"data.n_{part} = {n} is too large for {name}'s {source} split: {exc}") from None
-        out.update({f"{part}_images": split[f"{source}_images"][chosen], f"{part}_labels": split[f"{source}_labels"][chosen],
-                    f"{part}_index": split[f"{source}_index"][chosen]})
+        out.update(
+            {
+                f"{part}_images": split[f"{source}_images"][chosen],
+                f"{part}_labels": split[f"{source}_labels"][chosen],
+                f"{part}_index": split[f"{source}_index"][chosen],
+            }
+        )
     return out
 
 
@@ -74,5 +83,7 @@ def load_subsets(path) -> dict[str, np.ndarray]:
 
 def load_queries(dataset_path, samples_path) -> dict[str, np.ndarray]:
     """The query images of every query set, keyed by set name."""
-    return {"generated": load_npz(samples_path, ("images",))["images"],
-            "heldout": core_data.load_dataset(dataset_path)["heldout_images"]}
+    return {
+        "generated": load_npz(samples_path, ("images",))["images"],
+        "heldout": core_data.load_dataset(dataset_path)["heldout_images"],
+    }

@@ -9,6 +9,7 @@ CIFAR-2 (docs/methods.md, D-TRAK / DAS papers): CIFAR-10 classes automobile (1) 
 draws 5000 training images (2500 per class) from the training batches and the held-out queries from the
 test batch (`data.make_dataset`).
 """
+
 from __future__ import annotations
 
 import os
@@ -36,8 +37,10 @@ def image_shape(dataset: str) -> tuple[int, int, int]:
 
 def resolve_root(root: str | os.PathLike | None, dataset: str) -> Path:
     if not root:
-        raise DataNotFound(f"data.dataset {dataset!r} needs data.root: the directory torchvision downloads into "
-                           f"(it holds {'MNIST/raw/' if dataset == 'mnist' else 'cifar-10-batches-py/'})")
+        raise DataNotFound(
+            f"data.dataset {dataset!r} needs data.root: the directory torchvision downloads into "
+            f"(it holds {'MNIST/raw/' if dataset == 'mnist' else 'cifar-10-batches-py/'})"
+        )
     return Path(os.path.expanduser(str(root))).absolute()  # absolute: the error names the files wherever the job ran
 
 
@@ -45,15 +48,21 @@ def _how_to_get(dataset: str, root: Path) -> str:
     name = SPECS[dataset]["torchvision"]
     if name == "MNIST":
         files = f"{root}/MNIST/raw/{{{','.join(MNIST_RAW)}}}"
-        manual = (f"or download the four .gz files of https://ossci-datasets.s3.amazonaws.com/mnist/ and gunzip them "
-                  f"into {root}/MNIST/raw/")
+        manual = (
+            f"or download the four .gz files of https://ossci-datasets.s3.amazonaws.com/mnist/ and gunzip them "
+            f"into {root}/MNIST/raw/"
+        )
     else:
         files = f"{root}/cifar-10-batches-py/{{data_batch_1..5,test_batch,batches.meta}}"
-        manual = (f"or: wget https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz && "
-                  f"tar -xzf cifar-10-python.tar.gz -C {root}")
-    return (f"torchvision's {name} files are needed: {files}. Get them once, on a machine with internet, with\n"
-            f"  python -c \"import torchvision; torchvision.datasets.{name}('{root}', train=True, download=True)\"\n"
-            f"{manual} (then copy {root} to the machine that runs the workflow, or point data.root at it).")
+        manual = (
+            f"or: wget https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz && "
+            f"tar -xzf cifar-10-python.tar.gz -C {root}"
+        )
+    return (
+        f"torchvision's {name} files are needed: {files}. Get them once, on a machine with internet, with\n"
+        f"  python -c \"import torchvision; torchvision.datasets.{name}('{root}', train=True, download=True)\"\n"
+        f"{manual} (then copy {root} to the machine that runs the workflow, or point data.root at it)."
+    )
 
 
 def check_files(dataset: str, root: Path) -> None:
@@ -63,7 +72,9 @@ def check_files(dataset: str, root: Path) -> None:
 
     cls = getattr(datasets, SPECS[dataset]["torchvision"])
     if cls.__name__ == "MNIST":
-        problems = [f"missing {root / 'MNIST' / 'raw' / f}" for f in MNIST_RAW if not (root / "MNIST" / "raw" / f).is_file()]
+        problems = [
+            f"missing {root / 'MNIST' / 'raw' / f}" for f in MNIST_RAW if not (root / "MNIST" / "raw" / f).is_file()
+        ]
     else:
         problems = []
         for filename, md5 in [*cls.train_list, *cls.test_list, (cls.meta["filename"], cls.meta["md5"])]:
@@ -73,8 +84,12 @@ def check_files(dataset: str, root: Path) -> None:
             elif not check_integrity(str(path), md5):  # the check torchvision makes: md5 of the official file
                 problems.append(f"corrupt {path} (md5 differs from the official file's {md5})")
     if problems:
-        raise DataNotFound(f"data.dataset {dataset!r} under data.root {root}: " + "; ".join(problems) + "\n"
-                           + _how_to_get(dataset, root))
+        raise DataNotFound(
+            f"data.dataset {dataset!r} under data.root {root}: "
+            + "; ".join(problems)
+            + "\n"
+            + _how_to_get(dataset, root)
+        )
 
 
 def _to_unit_range(uint8_images: np.ndarray) -> np.ndarray:
@@ -104,10 +119,17 @@ def load(dataset: str, root) -> dict[str, np.ndarray]:
             index = np.flatnonzero(np.isin(labels, classes))
             images, labels = images[index], np.searchsorted(classes, labels[index]).astype(np.int64)
         if images.shape[1:] != SPECS[dataset]["shape"]:
-            raise DataNotFound(f"{root}: {cls.__name__} images have shape {images.shape[1:]}, expected "
-                               f"{SPECS[dataset]['shape']}\n" + _how_to_get(dataset, root))
-        splits.update({f"{split}_images": _to_unit_range(np.ascontiguousarray(images)), f"{split}_labels": labels,
-                       f"{split}_index": index})
+            raise DataNotFound(
+                f"{root}: {cls.__name__} images have shape {images.shape[1:]}, expected "
+                f"{SPECS[dataset]['shape']}\n" + _how_to_get(dataset, root)
+            )
+        splits.update(
+            {
+                f"{split}_images": _to_unit_range(np.ascontiguousarray(images)),
+                f"{split}_labels": labels,
+                f"{split}_index": index,
+            }
+        )
     return splits
 
 

@@ -8,11 +8,12 @@ the removed ones weighted 0; metagradient.retrain_weighted) on
   removed, drawn from seeds.subsets (stream LOO_STREAM, set k): the paper's leave-1%-out check.
 Writes fixed_seed/sets.npz: `names` and `masks` (n_sets, N) bool, True = weight 1 (kept).
 """
+
 from __future__ import annotations
 
 import numpy as np
-from workflow_scripts.core.common import ArtefactError, load_npz, rng
 
+from workflow_scripts.core.common import ArtefactError, load_npz, rng
 
 LOO_STREAM = 11  # seeds.subsets stream of the leave-out draws (the LDS subsets use the bare seed)
 
@@ -49,8 +50,9 @@ def weights(sets: dict, name: str, n_train: int) -> np.ndarray:
     """Per-example weights of fixed-seed set `name`: 1 for kept examples, 0 for removed ones."""
     names = [str(n) for n in sets["names"]]
     if name not in names:
-        raise ArtefactError(f"fixed-seed set {name!r} is not in the sets file (it has {names[:5]}...); rerun rule "
-                            "fixed_seed_sets")
+        raise ArtefactError(
+            f"fixed-seed set {name!r} is not in the sets file (it has {names[:5]}...); rerun rule fixed_seed_sets"
+        )
     mask = sets["masks"][names.index(name)]
     if len(mask) != n_train:
         raise ArtefactError(f"fixed-seed set {name!r} has {len(mask)} entries for {n_train} training examples")

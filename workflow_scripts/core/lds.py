@@ -8,6 +8,7 @@ Queries a method did not score (e.g. the metagradient beyond its max_queries) ha
 and every summary is over the scored queries only (n_queries says how many; the unscored ones are logged).
 A row is scored completely or not at all; a partly non-finite row is an error.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -65,7 +66,9 @@ def spearman_of_ranks(ra: np.ndarray, rb: np.ndarray) -> np.ndarray:
     denom = np.sqrt((ra**2).sum(-1) * (rb**2).sum(-1))
     constant = denom == 0
     if constant.any():
-        log.warning("%d of %d rows are constant; their rank correlation is set to 0", int(constant.sum()), constant.size)
+        log.warning(
+            "%d of %d rows are constant; their rank correlation is set to 0", int(constant.sum()), constant.size
+        )
     return np.where(constant, 0.0, (ra * rb).sum(-1) / np.where(constant, 1.0, denom))
 
 
@@ -76,8 +79,10 @@ def scored_queries(scores: np.ndarray) -> np.ndarray:
     unscored = np.isnan(scores).all(1)
     bad = np.flatnonzero(~(scored | unscored))
     if len(bad):
-        raise ValueError(f"score rows {bad[:10].tolist()} are partly non-finite (or infinite): a query is either scored "
-                         "completely or not at all (a NaN row)")
+        raise ValueError(
+            f"score rows {bad[:10].tolist()} are partly non-finite (or infinite): a query is either scored "
+            "completely or not at all (a NaN row)"
+        )
     return scored
 
 
@@ -114,8 +119,15 @@ def summarise(per_subset_fn, n_subsets: int, n_bootstrap: int, ci: float, seed: 
     low, high = np.quantile(boot, [(1 - ci) / 2, 1 - (1 - ci) / 2])
     n = int(valid.sum())
     se = float(per_query[valid].std(ddof=1) / np.sqrt(n)) if n > 1 else float("nan")  # one query: no SE
-    return {"lds": lds, "se": se, "ci_low": float(low), "ci_high": float(high), "n_queries": n,
-            "n_queries_total": int(len(per_query)), "n_subsets": int(n_subsets)}
+    return {
+        "lds": lds,
+        "se": se,
+        "ci_low": float(low),
+        "ci_high": float(high),
+        "n_queries": n,
+        "n_queries_total": int(len(per_query)),
+        "n_subsets": int(n_subsets),
+    }
 
 
 def bootstrap_indices(n_subsets: int, n_bootstrap: int, seed: int) -> np.ndarray:
@@ -150,10 +162,19 @@ class BootstrapRanks:
         low, high = np.quantile(boot, [(1 - self.ci) / 2, 1 - (1 - self.ci) / 2])
         n = len(per_query)
         se = float(per_query.std(ddof=1) / np.sqrt(n)) if n > 1 else float("nan")  # one query: no SE
-        return {"lds": float(per_query.mean()), "se": se, "ci_low": float(low), "ci_high": float(high),
-                "n_queries": int(n), "n_queries_total": int(n), "n_subsets": int(self.n_subsets)}
+        return {
+            "lds": float(per_query.mean()),
+            "se": se,
+            "ci_low": float(low),
+            "ci_high": float(high),
+            "n_queries": int(n),
+            "n_queries_total": int(n),
+            "n_subsets": int(self.n_subsets),
+        }
 
-    def lds(self, scores: np.ndarray, masks: np.ndarray, targets: np.ndarray, scores_key=None, targets_key=None) -> dict:
+    def lds(
+        self, scores: np.ndarray, masks: np.ndarray, targets: np.ndarray, scores_key=None, targets_key=None
+    ) -> dict:
         """lds_summary; the keys (None: not cached) name the scores and the targets for reuse.
 
         Over the scored queries only (NaN rows of scores = not scored, e.g. metagradient beyond max_queries; logged);
@@ -162,15 +183,21 @@ class BootstrapRanks:
         if not scored.any():
             raise ValueError("no query has scores: nothing to evaluate")
         if not scored.all():
-            log.warning("LDS over %d of %d queries: %d rows are NaN (not scored)", int(scored.sum()), len(scored),
-                        int((~scored).sum()))
+            log.warning(
+                "LDS over %d of %d queries: %d rows are NaN (not scored)",
+                int(scored.sum()),
+                len(scored),
+                int((~scored).sum()),
+            )
         prediction_ranks = self.ranks(scores_key, subset_predictions(scores[scored], masks))
         target_ranks = self.ranks(targets_key, targets.T)  # cached for all queries; rows = queries
         summary = self.summary(prediction_ranks, (target_ranks[0][scored], target_ranks[1][scored]))
         return {**summary, "n_queries_total": int(len(scored))}
 
 
-def lds_summary(scores: np.ndarray, masks: np.ndarray, targets: np.ndarray, n_bootstrap: int, ci: float, seed: int) -> dict:
+def lds_summary(
+    scores: np.ndarray, masks: np.ndarray, targets: np.ndarray, n_bootstrap: int, ci: float, seed: int
+) -> dict:
     """Mean LDS over queries, its standard error, and a bootstrap CI over subsets (= summarise of lds_per_query)."""
     return BootstrapRanks(len(masks), n_bootstrap, ci, seed).lds(scores, masks, targets)
 

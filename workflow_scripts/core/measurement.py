@@ -6,11 +6,13 @@ objective() its value for one image. per_example_gradients() differentiates any 
 torch.func (vmap over grad), for the parameters a ParamLayout names; the K-FAC scorer, the gradient stores of
 likelihood targets and the metagradient queries all go through it.
 """
+
 from __future__ import annotations
 
 import numpy as np
 import torch
 from torch.func import functional_call, grad, vmap
+
 from workflow_scripts.core.curvature import ParamLayout
 
 
@@ -45,8 +47,13 @@ class SimpleLossMeasurement(Measurement):
         t, eps = self.draw_fn(n, image_shape, start)
         a = self.a_bar[t]  # looked up outside vmap
         k = t.shape[1]
-        return {"t": t, "eps": eps.float(), "signal": a.sqrt().float(), "noise": (1 - a).sqrt().float(),
-                "weight": torch.full(t.shape, 1.0 / k)}
+        return {
+            "t": t,
+            "eps": eps.float(),
+            "signal": a.sqrt().float(),
+            "noise": (1 - a).sqrt().float(),
+            "weight": torch.full(t.shape, 1.0 / k),
+        }
 
     def objective(self, predict, x0, d):
         shape = (-1,) + (1,) * x0.dim()
@@ -58,7 +65,9 @@ class SimpleLossMeasurement(Measurement):
 # ----------------------------------------------------------------------------------------------------------------
 # Per-example gradients
 # ----------------------------------------------------------------------------------------------------------------
-def per_example_gradients(model, layout: ParamLayout, images: torch.Tensor, draws: dict, measurement: Measurement) -> torch.Tensor:
+def per_example_gradients(
+    model, layout: ParamLayout, images: torch.Tensor, draws: dict, measurement: Measurement
+) -> torch.Tensor:
     """(B, P) float32: grad of measurement.objective per image w.r.t. the layout's parameters (others fixed)."""
     params = {n: p.detach() for n, p in model.named_parameters()}
     tracked = {n: params[n] for n in layout.names}
@@ -68,14 +77,16 @@ def per_example_gradients(model, layout: ParamLayout, images: torch.Tensor, draw
         def predict(x_t, t):
             out = functional_call(model, {**frozen, **p}, (x_t, t))
             return out.sample if hasattr(out, "sample") else out
+
         return measurement.objective(predict, x, d)
 
     grads = vmap(grad(objective), in_dims=(None, 0, 0))(tracked, images, draws)
     return torch.cat([grads[n].flatten(1) for n in layout.names], dim=1)
 
 
-def iter_gradients(model, layout: ParamLayout, images: np.ndarray, measurement: Measurement, batch_rows: int,
-                   device, offset: int = 0) -> "iter[tuple[int, torch.Tensor]]":
+def iter_gradients(
+    model, layout: ParamLayout, images: np.ndarray, measurement: Measurement, batch_rows: int, device, offset: int = 0
+) -> iter[tuple[int, torch.Tensor]]:
     """(start, (B, P) gradients) batch by batch; B * draws-per-image <= batch_rows (at least one image).
     `offset`: images[0] is image `offset` of its set (its draws are that image's)."""
     probe = measurement.draws(1, images.shape[1:], 0)
@@ -88,5 +99,8 @@ def iter_gradients(model, layout: ParamLayout, images: np.ndarray, measurement: 
 
 
 def gradients(model, layout, images, measurement, batch_rows, device, offset: int = 0) -> torch.Tensor:
-    return torch.cat([g for _, g in iter_gradients(model, layout, images, measurement, batch_rows, device, offset)]) \
-        if len(images) else torch.zeros(0, layout.n_params)
+    return (
+        torch.cat([g for _, g in iter_gradients(model, layout, images, measurement, batch_rows, device, offset)])
+        if len(images)
+        else torch.zeros(0, layout.n_params)
+    )

@@ -1,4 +1,5 @@
 """Mixed-precision training (compute.amp): autocast of the forward pass and the matching optimizer step."""
+
 from __future__ import annotations
 
 import contextlib

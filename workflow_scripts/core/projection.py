@@ -19,6 +19,7 @@ kinds, (seed, SJLT_STREAM, c) for sjlt). So a projector that holds R in memory a
 regenerates blocks on the fly (when R exceeds the memory budget) give identical features (up to
 float32 summation order).
 """
+
 from __future__ import annotations
 
 import numbers
@@ -177,8 +178,9 @@ class SparseProjector:
         return out
 
 
-def build_projector(n_params: int, dim: int, kind: str, seed: int, memory_mb: float, device="cpu",
-                    nonzeros: int | None = None):
+def build_projector(
+    n_params: int, dim: int, kind: str, seed: int, memory_mb: float, device="cpu", nonzeros: int | None = None
+):
     """The projector of a kind: Projector (gaussian, rademacher) or SparseProjector (sjlt, needs nonzeros)."""
     if kind in SPARSE:
         if nonzeros is None:

@@ -5,13 +5,15 @@ data order of epoch e is the permutation of the members drawn from (seed, e), an
 from (seed, s). Generated image i has its own seed (image_seed), so one query can be regenerated alone.
 training_identity() is what a checkpoint records to be reproducible and checkable.
 """
+
 from __future__ import annotations
 
 import hashlib
+
 import numpy as np
+
 from workflow_scripts.core.common import rng
 from workflow_scripts.core.precision import amp_mode
-
 
 ORDER_STREAM, NOISE_STREAM, INIT_STREAM = 1, 2, 3
 
@@ -31,9 +33,15 @@ def batch_indices(members: np.ndarray, batch_size: int, seed: int, step: int) ->
 
 def training_identity(config: dict, members: np.ndarray, replicate: int) -> dict:
     """What a checkpoint must record to be reproducible and checkable."""
-    identity = {"model": config["model"], "diffusion": config["diffusion"], "train": config["train"],
-                "data": config["data"], "seed": training_seed(config, replicate),
-                "members_sha256": hashlib.sha256(np.asarray(members, np.int64).tobytes()).hexdigest(), "n_members": int(len(members))}
+    identity = {
+        "model": config["model"],
+        "diffusion": config["diffusion"],
+        "train": config["train"],
+        "data": config["data"],
+        "seed": training_seed(config, replicate),
+        "members_sha256": hashlib.sha256(np.asarray(members, np.int64).tobytes()).hexdigest(),
+        "n_members": int(len(members)),
+    }
     if amp_mode(config) != "float32":  # recorded only when used, so full-precision checkpoints keep their identity
         identity["amp"] = amp_mode(config)
     return identity

@@ -2,17 +2,18 @@
 made it. Writes are atomic; a store is reused only when its sidecar matches, and read only when it matches what
 the reader expects. The store's tag and directory are dag/paths.py's.
 """
+
 from __future__ import annotations
 
-import json
-import os
 import contextlib
 import hashlib
+import json
+import os
 from pathlib import Path
+
 import numpy as np
+
 from workflow_scripts.core.common import ArtefactError, log, save_json
-
-
 
 
 def array_digest(array: np.ndarray) -> str:
@@ -61,14 +62,18 @@ def open_store(path: str | Path, expected: dict | None = None) -> np.ndarray:
     sidecar = read_sidecar(path)
     array = np.load(path, mmap_mode="r")
     if list(array.shape) != sidecar["shape"] or str(array.dtype) != sidecar["dtype"]:
-        raise ArtefactError(f"{path}: array is {array.dtype}{list(array.shape)}, sidecar says {sidecar['dtype']}{sidecar['shape']}")
+        raise ArtefactError(
+            f"{path}: array is {array.dtype}{list(array.shape)}, sidecar says {sidecar['dtype']}{sidecar['shape']}"
+        )
     if expected is not None:
         for key in ("split", "shape", "config_hash"):
             if sidecar[key] != expected[key]:
                 have, want = sidecar.get("made_by", {}), expected["made_by"]
                 diff = [k for k in sorted({*have, *want}) if have.get(k) != want.get(k)]
-                raise ArtefactError(f"{path}: store {key} is {sidecar[key]}, config expects {expected[key]}"
-                                    + (f" (differs in {', '.join(diff)})" if diff else ""))
+                raise ArtefactError(
+                    f"{path}: store {key} is {sidecar[key]}, config expects {expected[key]}"
+                    + (f" (differs in {', '.join(diff)})" if diff else "")
+                )
     return array
 
 

@@ -1,14 +1,15 @@
 """Loading, merging and validating params.yaml (the single configuration)."""
+
 from __future__ import annotations
 
 import copy
 from pathlib import Path
+
 import jsonschema
 import yaml
 
-from workflow_scripts.scorers import SCORERS, get_scorer
 from workflow_scripts.core.contracts import DEFAULT_MEASUREMENTS, MEASUREMENTS_BY_FAMILY, measured_targets
-
+from workflow_scripts.scorers import SCORERS, get_scorer
 
 SCHEMA_PATH = Path(__file__).parent / "schemas" / "params.schema.yaml"
 
@@ -106,12 +107,15 @@ def _check_consistency(config: dict) -> None:
     for name in config["measure"].get("measurements", DEFAULT_MEASUREMENTS[family]):
         if name not in MEASUREMENTS_BY_FAMILY[family]:
             needs = [f for f, names in MEASUREMENTS_BY_FAMILY.items() if name in names]
-            raise ConfigError(f"measure.measurements: {name!r} needs model.family {' or '.join(needs)} "
-                              f"(model.family is {family})")
+            raise ConfigError(
+                f"measure.measurements: {name!r} needs model.family {' or '.join(needs)} (model.family is {family})"
+            )
     T = config["diffusion"]["num_train_timesteps"]
     for t in config["measure"].get("timestep_loss", {}).get("timesteps", []):
         if t >= T:
-            raise ConfigError(f"measure.timestep_loss.timesteps: timestep {t} must be below diffusion.num_train_timesteps {T}")
+            raise ConfigError(
+                f"measure.timestep_loss.timesteps: timestep {t} must be below diffusion.num_train_timesteps {T}"
+            )
     _check_counterfactual(config)
     _check_figures(config)
     _check_query_measurements(config)
@@ -137,8 +141,10 @@ def _check_torchvision_data(data: dict, model: dict) -> None:
     # the UNet halves the resolution between blocks (not after the last); the up path must find the same sizes
     size, halvings = IMAGE_SIZE[name], len(model["block_out_channels"]) - 1
     if size % 2**halvings:
-        raise ConfigError(f"model.block_out_channels: {halvings + 1} blocks halve {name}'s {size}x{size} images "
-                          f"{halvings} times; {size} is not divisible by {2**halvings} (use fewer blocks)")
+        raise ConfigError(
+            f"model.block_out_channels: {halvings + 1} blocks halve {name}'s {size}x{size} images "
+            f"{halvings} times; {size} is not divisible by {2**halvings} (use fewer blocks)"
+        )
 
 
 def check_workflow_support(config: dict) -> None:
@@ -159,11 +165,15 @@ def _check_query_measurements(config: dict) -> None:
     for method, m in config["scores"]["methods"].items():
         target = m.get("query_measurement")
         if target is not None and not get_scorer(m["family"]).takes_query_measurement:
-            raise ConfigError(f"scores.methods.{method}.query_measurement: family {m['family']} takes loss query "
-                              f"gradients only (query_measurement: {', '.join(takers)})")
+            raise ConfigError(
+                f"scores.methods.{method}.query_measurement: family {m['family']} takes loss query "
+                f"gradients only (query_measurement: {', '.join(takers)})"
+            )
         if target is not None and target not in targets:
-            raise ConfigError(f"scores.methods.{method}.query_measurement: {target!r} is not measured "
-                              f"(measure.measurements gives the targets {targets})")
+            raise ConfigError(
+                f"scores.methods.{method}.query_measurement: {target!r} is not measured "
+                f"(measure.measurements gives the targets {targets})"
+            )
 
 
 def _check_model_family_support(config: dict) -> None:
@@ -174,9 +184,11 @@ def _check_model_family_support(config: dict) -> None:
     for name, method in config["scores"]["methods"].items():
         scorer = get_scorer(method["family"])
         if model_family not in scorer.model_families:
-            raise ConfigError(f"scores.methods.{name} (family {method['family']}) cannot run with model.family "
-                              f"{model_family}: {scorer.refused_reason}. Remove it in the overlay ({name}: null); "
-                              f"{model_family} runs the families {', '.join(runs)}")
+            raise ConfigError(
+                f"scores.methods.{name} (family {method['family']}) cannot run with model.family "
+                f"{model_family}: {scorer.refused_reason}. Remove it in the overlay ({name}: null); "
+                f"{model_family} runs the families {', '.join(runs)}"
+            )
 
 
 def _check_vesde_support(config: dict) -> None:
@@ -184,8 +196,10 @@ def _check_vesde_support(config: dict) -> None:
     (exact bits/dim), the likelihood sanity check and the scorers that declare vesde; everything else is refused."""
     measurements = list(config["measure"].get("measurements", DEFAULT_MEASUREMENTS["vesde"]))
     if measurements != ["likelihood"]:
-        raise ConfigError(f"measure.measurements {measurements}: with model.family vesde the measure rule computes "
-                          "['likelihood'] (exact bits/dim)")
+        raise ConfigError(
+            f"measure.measurements {measurements}: with model.family vesde the measure rule computes "
+            "['likelihood'] (exact bits/dim)"
+        )
 
 
 def removal_count(k: int | float, n_train: int) -> int:
@@ -200,20 +214,25 @@ def removal_count(k: int | float, n_train: int) -> int:
     elif 0 < k < 1:
         count = int(round(k * n_train))
         if count < 1:
-            raise ConfigError(f"counterfactual.k = {k} of {n_train} training examples rounds to 0 removed; use a larger fraction")
+            raise ConfigError(
+                f"counterfactual.k = {k} of {n_train} training examples rounds to 0 removed; use a larger fraction"
+            )
     else:
         raise ConfigError(f"counterfactual.k must be a fraction (0 < k < 1) or a count (integer >= 1), got {k!r}")
     if count >= n_train:
-        raise ConfigError(f"counterfactual.k = {k} removes {count} of {n_train} training examples; "
-                          "at least one must remain")
+        raise ConfigError(
+            f"counterfactual.k = {k} removes {count} of {n_train} training examples; at least one must remain"
+        )
     return count
 
 
 def _check_counterfactual(config: dict) -> None:
     cf, methods = config["counterfactual"], config["scores"]["methods"]
     if cf["queries"] > config["sample"]["n_generated"]:
-        raise ConfigError(f"counterfactual.queries = {cf['queries']} exceeds sample.n_generated = "
-                          f"{config['sample']['n_generated']} (the counterfactual queries are the first generated ones)")
+        raise ConfigError(
+            f"counterfactual.queries = {cf['queries']} exceeds sample.n_generated = "
+            f"{config['sample']['n_generated']} (the counterfactual queries are the first generated ones)"
+        )
     for method in cf["methods"]:
         if method == "random":
             raise ConfigError("counterfactual.methods: 'random' is the built-in baseline (always run); remove it")
@@ -229,8 +248,10 @@ def _check_figures(config: dict) -> None:
     fig, methods = config["figures"], config["scores"]["methods"]
     for q in fig["queries"]:
         if q >= config["sample"]["n_generated"]:
-            raise ConfigError(f"figures.queries: generated query {q} does not exist "
-                              f"(sample.n_generated = {config['sample']['n_generated']})")
+            raise ConfigError(
+                f"figures.queries: generated query {q} does not exist "
+                f"(sample.n_generated = {config['sample']['n_generated']})"
+            )
     for method in fig["methods"]:
         if method not in methods:
             raise ConfigError(f"figures.methods: {method!r} is not in scores.methods")

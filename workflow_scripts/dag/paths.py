@@ -2,14 +2,15 @@
 
 Imported by the Snakefile (so keep it free of heavy imports) and by tests.
 """
+
 from __future__ import annotations
 
 import json
 import os
 import re
+
 from workflow_scripts.core.contracts import RESIDUAL, STORE_SPLITS  # the rules read them from here
 from workflow_scripts.scorers import StoreNeed, get_scorer
-
 
 SECTIONS = {  # the config keys each stage reads; a rule reruns exactly when one of them changes
     "data": ("data", "lds.n_subsets", "lds.n_tuning", "lds.fraction", "seeds.split", "seeds.subsets"),
@@ -19,24 +20,60 @@ SECTIONS = {  # the config keys each stage reads; a rule reruns exactly when one
     "measure": ("model", "diffusion", "measure", "seeds.measure", "data.dataset", "compute"),  # dataset: ELBO levels
     "gradients": ("model", "diffusion", "gradients", "seeds.gradients", "seeds.projection", "compute"),
     # query features of a likelihood measurement (a TRAK-family query_measurement): also the measurement's draws
-    "gradients_measurement": ("model", "diffusion", "gradients", "seeds.gradients", "seeds.projection", "measure",
-                              "seeds.measure", "data.dataset", "compute"),
+    "gradients_measurement": (
+        "model",
+        "diffusion",
+        "gradients",
+        "seeds.gradients",
+        "seeds.projection",
+        "measure",
+        "seeds.measure",
+        "data.dataset",
+        "compute",
+    ),
     # the variant (fisher_type, kfac_approx, ekfac) comes from the wildcard; scoring keys do not refit
-    "curvature": ("model", "diffusion", "kfac.draws", "kfac.fisher_mc_samples", "kfac.separate_weight_and_bias",
-                  "kfac.batch_size", "seeds.gradients", "compute"),
+    "curvature": (
+        "model",
+        "diffusion",
+        "kfac.draws",
+        "kfac.fisher_mc_samples",
+        "kfac.separate_weight_and_bias",
+        "kfac.batch_size",
+        "seeds.gradients",
+        "compute",
+    ),
     "scores": ("scores", "lds.n_subsets", "lds.n_seeds"),
     "evaluate": ("lds", "seeds.bootstrap"),  # the targets come from the measurement files (their 'targets')
     # counterfactual retraining: selection of the removed examples, regeneration + measurement, table
     "counterfactual": ("counterfactual.k", "seeds.counterfactual"),
     # regenerate measures the loss only: the other measure.* keys (likelihood targets) do not rerun it
-    "regenerate": ("model", "diffusion", "sample", "seeds.sample", "measure.n_timesteps", "measure.n_noise",
-                   "measure.batch_size", "seeds.measure", "compute"),
+    "regenerate": (
+        "model",
+        "diffusion",
+        "sample",
+        "seeds.sample",
+        "measure.n_timesteps",
+        "measure.n_noise",
+        "measure.batch_size",
+        "seeds.measure",
+        "compute",
+    ),
     "counterfactual_evaluate": ("counterfactual", "seeds.bootstrap", "compute"),
     "figures": ("figures", "lds.n_subsets", "lds.n_seeds"),
     # metagradient (MAGIC): one job per chunk of queries (the method's own keys are added per method,
     # metagradient_config), its fixed-seed ground truth (sets, then train_subset kind fixed_seed + measure), its table
-    "metagradient": ("data", "model", "diffusion", "train", "seeds.train", "measure.n_timesteps", "measure.n_noise",
-                     "measure.batch_size", "seeds.measure", "compute"),  # the loss target only, as regenerate
+    "metagradient": (
+        "data",
+        "model",
+        "diffusion",
+        "train",
+        "seeds.train",
+        "measure.n_timesteps",
+        "measure.n_noise",
+        "measure.batch_size",
+        "seeds.measure",
+        "compute",
+    ),  # the loss target only, as regenerate
     "fixed_seed": ("fixed_seed", "seeds.subsets"),
     "metagradient_evaluate": ("lds", "seeds.bootstrap", "fixed_seed"),
 }
@@ -45,11 +82,11 @@ SECTIONS = {  # the config keys each stage reads; a rule reruns exactly when one
 # Extra keys a stage reads for model.family vesde (the data's number of levels: bits/dim, dequantisation; measure
 # reads it for every family); the ddpm stages' configurations stay as they are. likelihood_sanity runs for vesde only (rule all: family_targets).
 FAMILY_SECTIONS = {
-    "vesde": {"regenerate": ("data.dataset",),
-              "likelihood_sanity": ("data.dataset", "model", "measure", "seeds.measure", "compute")},
+    "vesde": {
+        "regenerate": ("data.dataset",),
+        "likelihood_sanity": ("data.dataset", "model", "measure", "seeds.measure", "compute"),
+    },
 }
-
-
 
 
 def select(config: dict, keys) -> dict:
@@ -147,20 +184,26 @@ RANDOM_BASELINE = "random"  # the counterfactual baseline: k random training exa
 
 
 def _retraining(kind: str, name: str):
-    pattern = {"models": _LDS_RETRAINING, "counterfactual": _COUNTERFACTUAL_RETRAINING,
-               "fixed_seed": _FIXED_SEED_RETRAINING}.get(kind)
+    pattern = {
+        "models": _LDS_RETRAINING,
+        "counterfactual": _COUNTERFACTUAL_RETRAINING,
+        "fixed_seed": _FIXED_SEED_RETRAINING,
+    }.get(kind)
     match = pattern.fullmatch(name) if pattern else None
     if match is None:
-        raise ValueError(f"unknown retraining {kind}/{name}; expected models/subset<j>_seed<s>, "
-                         "counterfactual/<method>/q<NNN> or fixed_seed/<subset<j>|loo<k>>")
+        raise ValueError(
+            f"unknown retraining {kind}/{name}; expected models/subset<j>_seed<s>, "
+            "counterfactual/<method>/q<NNN> or fixed_seed/<subset<j>|loo<k>>"
+        )
     return match
 
 
 def retraining_inputs(config: dict, kind: str, name: str) -> dict[str, str]:
     """{dataset, membership} files of a retraining (membership: subsets.npz, its members.npy or fixed_seed/sets.npz)."""
     _retraining(kind, name)
-    membership = {"models": f"{root(config)}/data/subsets.npz",
-                  "fixed_seed": fixed_seed_sets_file(config)}.get(kind, f"{root(config)}/{kind}/{name}/members.npy")
+    membership = {"models": f"{root(config)}/data/subsets.npz", "fixed_seed": fixed_seed_sets_file(config)}.get(
+        kind, f"{root(config)}/{kind}/{name}/members.npy"
+    )
     return {"dataset": f"{root(config)}/data/dataset.npz", "membership": membership}
 
 
@@ -193,8 +236,11 @@ def counterfactual_queries(config: dict) -> list[str]:
 
 def counterfactual_files(config: dict, name: str) -> list[str]:
     """<name> (selection.json, regenerated.npz, ...) of every (method, query) of the counterfactual retraining."""
-    return [f"{root(config)}/counterfactual/{m}/{q}/{name}"
-            for m in counterfactual_methods(config) for q in counterfactual_queries(config)]
+    return [
+        f"{root(config)}/counterfactual/{m}/{q}/{name}"
+        for m in counterfactual_methods(config)
+        for q in counterfactual_queries(config)
+    ]
 
 
 def counterfactual_scores(config: dict, method: str) -> list[str]:
@@ -218,10 +264,10 @@ SPLIT_STORE_PATTERN = r"[a-z0-9-]+_(?:avg|unitnorm|sketch\d+)_K\d+_(?:gaussian|r
 JOURNEY_STORE_PATTERN = r"[a-z0-9-]+_journey_K\d+_(?:gaussian|rademacher|sjlt)\d+"
 
 
-_TAG = re.compile(r"(?P<fn>[a-z0-9-]+)_(?P<kind>avg|unitnorm|sketch(?P<r>\d+)|journey)_K(?P<k>\d+)"
-                  r"_(?P<projection>gaussian|rademacher|sjlt)(?P<dim>\d+)")
-
-
+_TAG = re.compile(
+    r"(?P<fn>[a-z0-9-]+)_(?P<kind>avg|unitnorm|sketch(?P<r>\d+)|journey)_K(?P<k>\d+)"
+    r"_(?P<projection>gaussian|rademacher|sjlt)(?P<dim>\d+)"
+)
 
 
 def checkpoint_name(step: int) -> str:
@@ -241,8 +287,9 @@ def checkpoint_model(config: dict, checkpoint: str) -> str:
     return f"{root(config)}/models/full/checkpoints/{checkpoint}.pt"
 
 
-def feature_tag(config: dict, output_function: str, timesteps: int | None = None, kind: str = "avg",
-                directions: int | None = None) -> str:
+def feature_tag(
+    config: dict, output_function: str, timesteps: int | None = None, kind: str = "avg", directions: int | None = None
+) -> str:
     g = config["gradients"]
     k = g["timesteps"] if timesteps is None else timesteps
     if kind == "sketch":
@@ -258,15 +305,29 @@ def parse_feature_tag(tag: str) -> dict:
     """The store specification a tag names (inverse of feature_tag)."""
     m = _TAG.fullmatch(tag)
     if m is None:
-        raise ValueError(f"bad gradient store tag {tag!r}: expected <output function>_<avg|unitnorm|sketch<r>|journey>"
-                         "_K<timesteps>_<gaussian|rademacher><dim>")
+        raise ValueError(
+            f"bad gradient store tag {tag!r}: expected <output function>_<avg|unitnorm|sketch<r>|journey>"
+            "_K<timesteps>_<gaussian|rademacher><dim>"
+        )
     kind = "sketch" if m["r"] else m["kind"]
-    return {"output_function": m["fn"], "kind": kind, "timesteps": int(m["k"]), "projection": m["projection"],
-            "projection_dim": int(m["dim"]), "output_directions": int(m["r"]) if m["r"] else None}
+    return {
+        "output_function": m["fn"],
+        "kind": kind,
+        "timesteps": int(m["k"]),
+        "projection": m["projection"],
+        "projection_dim": int(m["dim"]),
+        "output_directions": int(m["r"]) if m["r"] else None,
+    }
 
 
-def feature_dir(config: dict, output_function: str, checkpoint: str = "full", timesteps: int | None = None,
-                kind: str = "avg", directions: int | None = None) -> str:
+def feature_dir(
+    config: dict,
+    output_function: str,
+    checkpoint: str = "full",
+    timesteps: int | None = None,
+    kind: str = "avg",
+    directions: int | None = None,
+) -> str:
     return f"{root(config)}/gradients/{checkpoint}/{feature_tag(config, output_function, timesteps, kind, directions)}"
 
 
@@ -282,7 +343,7 @@ def measurement_splits(target: str) -> list[str]:
 
 def store_files(directory: str, kind: str) -> list[str]:
     if kind.startswith("measurement_"):
-        names = measurement_splits(kind[len("measurement_"):])
+        names = measurement_splits(kind[len("measurement_") :])
     else:
         names = ["generated"] if kind == "journey" else [*STORE_SPLITS, RESIDUAL]
     return [f"{directory}/{name}.{ext}" for name in names for ext in ("npy", "json")]
@@ -290,7 +351,9 @@ def store_files(directory: str, kind: str) -> list[str]:
 
 def store_directory(config: dict, need: StoreNeed, checkpoint: str = "full") -> str:
     """The directory of a store a scorer declares (scorers/base.py: StoreNeed) at one checkpoint."""
-    if need.kind == "measurement":  # query features of a likelihood target, beside the loss store they share a space with
+    if (
+        need.kind == "measurement"
+    ):  # query features of a likelihood target, beside the loss store they share a space with
         return f"{feature_dir(config, need.output_function, checkpoint, need.timesteps)}/measurement_{need.target}"
     if need.kind == "journey":  # K = the sampling steps of the stored trajectory
         steps = need.timesteps if need.timesteps is not None else config["sample"]["num_inference_steps"]
@@ -418,7 +481,10 @@ def metagradient_chunks(config: dict, method: str) -> list[list[tuple[str, int]]
 def metagradient_chunk_files(config: dict, method: str) -> list[str]:
     if not get_scorer(config["scores"]["methods"][method]["family"]).chunk_jobs:
         return []
-    return [f"{root(config)}/scores/{method}/chunks/chunk{k:03d}.npz" for k in range(len(metagradient_chunks(config, method)))]
+    return [
+        f"{root(config)}/scores/{method}/chunks/chunk{k:03d}.npz"
+        for k in range(len(metagradient_chunks(config, method)))
+    ]
 
 
 def metagradient_chunk_args(config: dict, method: str, chunk: str) -> str:
@@ -456,8 +522,9 @@ def fixed_seed_names(config: dict) -> list[str]:
     if not metagradient_methods(config):
         return []
     lds = config["lds"]
-    return [f"subset{j:03d}" for j in range(lds["n_tuning"], lds["n_subsets"])] + \
-           [f"loo{k:03d}" for k in range(config["fixed_seed"]["loo_sets"])]
+    return [f"subset{j:03d}" for j in range(lds["n_tuning"], lds["n_subsets"])] + [
+        f"loo{k:03d}" for k in range(config["fixed_seed"]["loo_sets"])
+    ]
 
 
 def fixed_seed_model(config: dict, name: str) -> str:

@@ -7,6 +7,7 @@ refused if it was trained on other images than inputs.train_images() or, when th
 `classifier_identity`, made by another configuration.
 Score convention as for raw pixels: S[q, i] = similarity(query q, training image i).
 """
+
 from __future__ import annotations
 
 from workflow_scripts.core.classifier import embed, load_classifier
@@ -17,8 +18,10 @@ from workflow_scripts.scorers.pixel import similarity
 def classifier_path(inputs) -> str:
     path = getattr(inputs, "classifier_path", None)
     if not path:
-        raise ArtefactError("the embedding scorer needs the classifier checkpoint, but the scorer inputs have no "
-                            "classifier_path (pass --classifier results/<benchmark>/models/classifier.pt to the scores stage)")
+        raise ArtefactError(
+            "the embedding scorer needs the classifier checkpoint, but the scorer inputs have no "
+            "classifier_path (pass --classifier results/<benchmark>/models/classifier.pt to the scores stage)"
+        )
     return str(path)
 
 
@@ -26,7 +29,16 @@ def compute(method_cfg: dict, inputs, lambdas) -> list:
     train = inputs.train_images()
     path = classifier_path(inputs)
     model, payload = load_classifier(path, expected=getattr(inputs, "classifier_identity", None), train_images=train)
-    log.info("embedding: classifier %s (held-out accuracy %s)", path, payload.get("metrics", {}).get("heldout_accuracy"))
+    log.info(
+        "embedding: classifier %s (held-out accuracy %s)", path, payload.get("metrics", {}).get("heldout_accuracy")
+    )
     features = embed(model, train)
-    return [(None, {name: similarity(embed(model, images), features, method_cfg["similarity"])
-                    for name, images in inputs.queries().items()})]
+    return [
+        (
+            None,
+            {
+                name: similarity(embed(model, images), features, method_cfg["similarity"])
+                for name, images in inputs.queries().items()
+            },
+        )
+    ]

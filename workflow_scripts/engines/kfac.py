@@ -26,22 +26,31 @@ training-loss GGN, so `query_measurement: loss` evaluated against the ELBO targe
 "measurement substitution". Held-out queries have no trajectory: a trajectory method scores them with the
 loss gradient and says so (notes).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
+
 import numpy as np
 import torch
-from workflow_scripts.core.common import ArtefactError, log
-from workflow_scripts.core.curvature import QUERY_GRADIENT_STREAM, TRAIN_GRADIENT_STREAM, Curvature, ParamLayout, random_draws
-from workflow_scripts.core.measurement import Measurement, SimpleLossMeasurement, gradients, iter_gradients
-from workflow_scripts.families.ddpm import alphas_cumprod, measurement_draws
+
+from workflow_scripts.core.common import ArtefactError, load_npz, log, select_device
 from workflow_scripts.core.contracts import QUERY_SETS
-from workflow_scripts.scorers.kfac import METHOD_KEYS, QUANTIZATIONS, SCORE_DEFAULTS, query_target
-from workflow_scripts.core.common import load_npz
+from workflow_scripts.core.curvature import (
+    QUERY_GRADIENT_STREAM,
+    TRAIN_GRADIENT_STREAM,
+    Curvature,
+    ParamLayout,
+    checkpoint_identity,
+    curvature_config,
+    load_curvature,
+    random_draws,
+    settings_from,
+)
+from workflow_scripts.core.measurement import Measurement, SimpleLossMeasurement, gradients, iter_gradients
+from workflow_scripts.families.ddpm import alphas_cumprod, load_model, measurement_draws
 from workflow_scripts.families.likelihood import target_measurement
-from workflow_scripts.core.common import select_device
-from workflow_scripts.core.curvature import checkpoint_identity, curvature_config, load_curvature, settings_from
-from workflow_scripts.families.ddpm import load_model
+from workflow_scripts.scorers.kfac import METHOD_KEYS, QUANTIZATIONS, SCORE_DEFAULTS, query_target
 
 
 def loss_measurement(cfg: dict, kind: str, stream_index: int = 0) -> SimpleLossMeasurement:
@@ -54,7 +63,9 @@ def loss_measurement(cfg: dict, kind: str, stream_index: int = 0) -> SimpleLossM
     seed = cfg["seeds"]["gradients"]
     if kind == "train":
         k = int(k_cfg["gradient_draws"])
-        return SimpleLossMeasurement(lambda n, shape, start: random_draws(n, k, shape, T, seed, TRAIN_GRADIENT_STREAM, start), a_bar)
+        return SimpleLossMeasurement(
+            lambda n, shape, start: random_draws(n, k, shape, T, seed, TRAIN_GRADIENT_STREAM, start), a_bar
+        )
     if kind != "query":
         raise ValueError(f"unknown measurement kind {kind!r}")
     if k_cfg["query_draws"] == "measure":
@@ -62,12 +73,17 @@ def loss_measurement(cfg: dict, kind: str, stream_index: int = 0) -> SimpleLossM
 
         def draw_fn(n, shape, start):
             # measurement_draws seeds eps per (stream, query index): take all queries up to start+n, keep ours
-            t, eps = measurement_draws(start + n, shape, m["n_timesteps"], m["n_noise"], T, cfg["seeds"]["measure"], stream_index)
+            t, eps = measurement_draws(
+                start + n, shape, m["n_timesteps"], m["n_noise"], T, cfg["seeds"]["measure"], stream_index
+            )
             return t.unsqueeze(0).expand(n, -1).clone(), eps[start:]
+
         return SimpleLossMeasurement(draw_fn, a_bar)
     k = int(k_cfg["query_draws"])
     return SimpleLossMeasurement(
-        lambda n, shape, start: random_draws(n, k, shape, T, seed, QUERY_GRADIENT_STREAM * 100 + stream_index, start), a_bar)
+        lambda n, shape, start: random_draws(n, k, shape, T, seed, QUERY_GRADIENT_STREAM * 100 + stream_index, start),
+        a_bar,
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -142,8 +158,9 @@ def check_layout(model, curvature: Curvature) -> None:
             raise ArtefactError(f"curvature parameter {name} {shape} does not exist in the model with this shape")
 
 
-def preconditioned_queries(curvature: Curvature, query_grads: dict[str, torch.Tensor], lambdas: list[float],
-                           quantization: str) -> list[dict]:
+def preconditioned_queries(
+    curvature: Curvature, query_grads: dict[str, torch.Tensor], lambdas: list[float], quantization: str
+) -> list[dict]:
     """For every lambda: {query set: compressed (G + lambda I)^-1 grad m}; one rotation into the eigenbasis."""
     rotated = {name: curvature.to_eigenbasis(g.double()) for name, g in query_grads.items()}
     eig = curvature.eigenvalues()
@@ -152,14 +169,28 @@ def preconditioned_queries(curvature: Curvature, query_grads: dict[str, torch.Te
         damping = curvature.absolute_damping(lam)
         if not damping > 0 and not bool((eig > 0).all()):
             raise ValueError(f"lambda {lam}: the curvature is singular, use a positive damping")
-        out.append({name: compress(curvature.from_eigenbasis(r / (eig.to(r.device) + damping)), curvature.layout, quantization)
-                    for name, r in rotated.items()})
+        out.append(
+            {
+                name: compress(
+                    curvature.from_eigenbasis(r / (eig.to(r.device) + damping)), curvature.layout, quantization
+                )
+                for name, r in rotated.items()
+            }
+        )
     return out
 
 
-def influence_scores(model, curvature: Curvature, train_images: np.ndarray, query_grads: dict[str, torch.Tensor],
-                     train_measurement: Measurement, lambdas: list[float], batch_rows: int, device,
-                     quantization: str = "int8") -> list[tuple[float, dict[str, np.ndarray]]]:
+def influence_scores(
+    model,
+    curvature: Curvature,
+    train_images: np.ndarray,
+    query_grads: dict[str, torch.Tensor],
+    train_measurement: Measurement,
+    lambdas: list[float],
+    batch_rows: int,
+    device,
+    quantization: str = "int8",
+) -> list[tuple[float, dict[str, np.ndarray]]]:
     """Scores from given query gradients; training gradients are streamed (one pass for all lambdas)."""
     n_train = len(train_images)
     pre = preconditioned_queries(curvature, {k: v.to(device) for k, v in query_grads.items()}, lambdas, quantization)
@@ -171,9 +202,17 @@ def influence_scores(model, curvature: Curvature, train_images: np.ndarray, quer
     return [(float(lam), {k: v.astype(np.float32) for k, v in out.items()}) for lam, out in zip(lambdas, scores)]
 
 
-def kfac_scores(model, curvature: Curvature, train_images: np.ndarray, query_images: dict[str, np.ndarray], cfg: dict,
-                lambdas: list[float], device="cpu", query_measurements: dict[str, Measurement] | None = None,
-                train_measurement: Measurement | None = None) -> list[tuple[float, dict[str, np.ndarray]]]:
+def kfac_scores(
+    model,
+    curvature: Curvature,
+    train_images: np.ndarray,
+    query_images: dict[str, np.ndarray],
+    cfg: dict,
+    lambdas: list[float],
+    device="cpu",
+    query_measurements: dict[str, Measurement] | None = None,
+    train_measurement: Measurement | None = None,
+) -> list[tuple[float, dict[str, np.ndarray]]]:
     """[(relative lambda, {query set: (n_query, n_train) float32})] in the format of scores.py's sweep.
 
     cfg: the configuration with sections kfac (gradient_draws, query_draws, batch_size, quantization), diffusion,
@@ -189,18 +228,45 @@ def kfac_scores(model, curvature: Curvature, train_images: np.ndarray, query_ima
     for i, name in enumerate(query_images):
         stream = QUERY_SETS.index(name) if name in QUERY_SETS else i
         measurements[name] = (query_measurements or {}).get(name) or loss_measurement(cfg, "query", stream_index=stream)
-    log.info("kfac scores: %d train x %s queries, %d params, lambdas %s, %s", len(train_images),
-             {k: len(v) for k, v in query_images.items()}, curvature.layout.n_params, list(lambdas), k_cfg["quantization"])
+    log.info(
+        "kfac scores: %d train x %s queries, %d params, lambdas %s, %s",
+        len(train_images),
+        {k: len(v) for k, v in query_images.items()},
+        curvature.layout.n_params,
+        list(lambdas),
+        k_cfg["quantization"],
+    )
     groups = query_groups({k: len(v) for k, v in query_images.items()}, k_cfg.get("query_batch"))
-    out = [{name: np.zeros((len(images), len(train_images)), dtype=np.float32) for name, images in query_images.items()}
-           for _ in lambdas]
+    out = [
+        {name: np.zeros((len(images), len(train_images)), dtype=np.float32) for name, images in query_images.items()}
+        for _ in lambdas
+    ]
     for number, group in enumerate(groups, 1):
         if len(groups) > 1:
             log.info("kfac scores: query group %d of %d %s", number, len(groups), group)
-        query_grads = {name: gradients(model, curvature.layout, query_images[name][rows], measurements[name],
-                                       k_cfg["batch_size"], device, offset=rows.start) for name, rows in group.items()}
-        part = influence_scores(model, curvature, train_images, query_grads, train_measurement, lambdas,
-                                k_cfg["batch_size"], device, k_cfg["quantization"])
+        query_grads = {
+            name: gradients(
+                model,
+                curvature.layout,
+                query_images[name][rows],
+                measurements[name],
+                k_cfg["batch_size"],
+                device,
+                offset=rows.start,
+            )
+            for name, rows in group.items()
+        }
+        part = influence_scores(
+            model,
+            curvature,
+            train_images,
+            query_grads,
+            train_measurement,
+            lambdas,
+            k_cfg["batch_size"],
+            device,
+            k_cfg["quantization"],
+        )
         for (_, matrices), full in zip(part, out):
             for name, rows in group.items():
                 full[name][rows] = matrices[name]
@@ -214,7 +280,11 @@ def query_groups(sizes: dict[str, int], query_batch: int | None) -> list[dict[st
     n_query x ... (CIFAR, 38M parameters: 1.6 GB per query and 7 lambdas), at ceil(n_query / query_batch) passes."""
     if query_batch is None:
         return [{name: slice(0, n) for name, n in sizes.items()}]
-    return [{name: slice(start, min(start + query_batch, n))} for name, n in sizes.items() for start in range(0, n, query_batch)]
+    return [
+        {name: slice(start, min(start + query_batch, n))}
+        for name, n in sizes.items()
+        for start in range(0, n, query_batch)
+    ]
 
 
 def query_measurements(method_cfg: dict, config: dict, query_sets, samples_path: str | None) -> dict[str, Measurement]:
@@ -246,10 +316,18 @@ def compute(method_cfg: dict, inputs, lambdas) -> list:
     device = select_device(config["compute"])
     model, payload = load_model(inputs.model_path, config["model"], device)
     train = inputs.train_images()
-    expected = curvature_config(curvature_settings, config["diffusion"], config["seeds"]["gradients"], train,
-                                checkpoint_identity(payload, config["model"]))
+    expected = curvature_config(
+        curvature_settings,
+        config["diffusion"],
+        config["seeds"]["gradients"],
+        train,
+        checkpoint_identity(payload, config["model"]),
+    )
     curvature = load_curvature(inputs.curvature_path, expected)
-    cfg = {**config, "kfac": {**config.get("kfac", {}), **{k: method_cfg[k] for k in ("quantization",) if k in method_cfg}}}
+    cfg = {
+        **config,
+        "kfac": {**config.get("kfac", {}), **{k: method_cfg[k] for k in ("quantization",) if k in method_cfg}},
+    }
     lambdas = [float(lam) for lam in lambdas]  # the scorer's grid (scorers/kfac.py: KFAC.lambdas)
     relative = lambdas
     if method_cfg.get("damping", "relative") == "absolute":
@@ -258,6 +336,8 @@ def compute(method_cfg: dict, inputs, lambdas) -> list:
         log.info("kfac: absolute damping %s = %s x the mean eigenvalue %.3e", lambdas, relative, mean)
     queries = inputs.queries()
     measurements = query_measurements(method_cfg, config, list(queries), getattr(inputs, "samples", None))
-    log.info("kfac: query gradients of %s for %s (else the loss)", query_target(method_cfg), sorted(measurements) or "none")
+    log.info(
+        "kfac: query gradients of %s for %s (else the loss)", query_target(method_cfg), sorted(measurements) or "none"
+    )
     results = kfac_scores(model, curvature, train, queries, cfg, relative, device, measurements)
     return [(lam, matrices) for lam, (_, matrices) in zip(lambdas, results)]

@@ -49,21 +49,22 @@ Cost (benchmarks/metagradient_cost.py, default model, 600 steps, CPU time): 5.6 
 queries (autograd.grad(is_grads_batched=True), or torch.func vmap over forward-over-reverse HVPs) measured no faster
 on CPU: the per-query work is FLOP-bound, not overhead-bound.
 """
+
 from __future__ import annotations
 
 import resource
 import time
 from dataclasses import dataclass, field
+
 import numpy as np
 import torch
 from torch.func import functional_call
-from workflow_scripts.core.common import generator, log, rng
-from workflow_scripts.families.ddpm import add_noise, alphas_cumprod, build_model, measurement_draws
-from workflow_scripts.core.seeds import INIT_STREAM, NOISE_STREAM, batch_indices, training_seed
-from workflow_scripts.families.ddpm import train_model
-from workflow_scripts.core.contracts import QUERY_SETS
-from workflow_scripts.scorers.metagradient import default_every
 
+from workflow_scripts.core.common import generator, log, rng
+from workflow_scripts.core.contracts import QUERY_SETS
+from workflow_scripts.core.seeds import INIT_STREAM, NOISE_STREAM, batch_indices, training_seed
+from workflow_scripts.families.ddpm import add_noise, alphas_cumprod, build_model, measurement_draws, train_model
+from workflow_scripts.scorers.metagradient import default_every
 
 # torch.optim.AdamW defaults (train.py does not override them)
 BETAS = (0.9, 0.999)
@@ -141,8 +142,14 @@ class TrainingProblem:
         return sum(p.numel() for p in self.model.parameters())
 
 
-def build_problem(config: dict, images: np.ndarray, replicate: int = 0, dtype=torch.float32,
-                  device: torch.device | str = "cpu", model: torch.nn.Module | None = None) -> tuple[TrainingProblem, State]:
+def build_problem(
+    config: dict,
+    images: np.ndarray,
+    replicate: int = 0,
+    dtype=torch.float32,
+    device: torch.device | str = "cpu",
+    model: torch.nn.Module | None = None,
+) -> tuple[TrainingProblem, State]:
     """The training problem of train.train_model(config, images, all members, replicate) and its initial state.
 
     `model`: another denoiser (forward(x_t, t) -> tensor or .sample) for tests; default: the project's UNet built
@@ -157,11 +164,18 @@ def build_problem(config: dict, images: np.ndarray, replicate: int = 0, dtype=to
         full_precision_attention(model)
     model.train()
     x = torch.as_tensor(np.asarray(images), dtype=dtype, device=device)
-    problem = TrainingProblem(model=model, images=x, a_bar=alphas_cumprod(config["diffusion"]).to(device=device, dtype=dtype),
-                              seed=seed, steps=int(train_cfg["steps"]), batch_size=int(train_cfg["batch_size"]),
-                              lrs=lr_schedule(train_cfg), weight_decay=float(train_cfg["weight_decay"]),
-                              grad_clip=float(train_cfg["grad_clip"]),
-                              num_train_timesteps=int(config["diffusion"]["num_train_timesteps"]))
+    problem = TrainingProblem(
+        model=model,
+        images=x,
+        a_bar=alphas_cumprod(config["diffusion"]).to(device=device, dtype=dtype),
+        seed=seed,
+        steps=int(train_cfg["steps"]),
+        batch_size=int(train_cfg["batch_size"]),
+        lrs=lr_schedule(train_cfg),
+        weight_decay=float(train_cfg["weight_decay"]),
+        grad_clip=float(train_cfg["grad_clip"]),
+        num_train_timesteps=int(config["diffusion"]["num_train_timesteps"]),
+    )
     return problem, initial_state(model)
 
 
@@ -178,14 +192,19 @@ def full_precision_attention(model: torch.nn.Module) -> None:
 
 def initial_state(model: torch.nn.Module) -> State:
     params = {n: p.detach().clone() for n, p in model.named_parameters()}
-    return {"params": params, "exp_avg": {n: torch.zeros_like(p) for n, p in params.items()},
-            "exp_avg_sq": {n: torch.zeros_like(p) for n, p in params.items()}}
+    return {
+        "params": params,
+        "exp_avg": {n: torch.zeros_like(p) for n, p in params.items()},
+        "exp_avg_sq": {n: torch.zeros_like(p) for n, p in params.items()},
+    }
 
 
 def check_weights(problem: TrainingProblem, weights) -> torch.Tensor:
     w = torch.as_tensor(np.asarray(weights, dtype=np.float64) if not torch.is_tensor(weights) else weights)
     if w.shape != (problem.n_train,):
-        raise ValueError(f"weights must have shape ({problem.n_train},) (one per training example), got {tuple(w.shape)}")
+        raise ValueError(
+            f"weights must have shape ({problem.n_train},) (one per training example), got {tuple(w.shape)}"
+        )
     if not bool(torch.isfinite(w).all()):
         raise ValueError("weights must be finite")
     return w.to(device=problem.device, dtype=problem.dtype)
@@ -212,8 +231,14 @@ def _safe_sqrt(v: torch.Tensor) -> torch.Tensor:
     return torch.where(positive, torch.where(positive, v, torch.ones_like(v)).sqrt(), torch.zeros_like(v))
 
 
-def training_step(problem: TrainingProblem, state: State, weights_batch: torch.Tensor, step: int, batch=None,
-                  create_graph: bool = False) -> State:
+def training_step(
+    problem: TrainingProblem,
+    state: State,
+    weights_batch: torch.Tensor,
+    step: int,
+    batch=None,
+    create_graph: bool = False,
+) -> State:
     """h_step(state, w): gradient of the weighted batch loss, clip_grad_norm_, AdamW; returns the new state.
 
     With create_graph the result is a differentiable function of state and weights_batch (whatever of them
@@ -257,8 +282,9 @@ def training_step(problem: TrainingProblem, state: State, weights_batch: torch.T
     return new
 
 
-def train(problem: TrainingProblem, state: State, weights, every: int | None = None, start: int = 0,
-          stop: int | None = None) -> tuple[State, dict[int, State]]:
+def train(
+    problem: TrainingProblem, state: State, weights, every: int | None = None, start: int = 0, stop: int | None = None
+) -> tuple[State, dict[int, State]]:
     """Run steps start..stop-1 from `state`; returns the final state and the checkpoints {step: state before
     that step} kept every `every` steps (every=None: none)."""
     w = check_weights(problem, weights)
@@ -280,8 +306,9 @@ def train_function(problem: TrainingProblem, state0: State, weights) -> dict[str
 def retrain_weighted(config: dict, images: np.ndarray, weights: np.ndarray, replicate: int, out, device=None):
     """This method's own ground truth (fixed seed and order, removed examples weighted 0): train.train_model on ALL
     training examples with per-example weights. Returns the checkpoint path."""
-    return train_model(config, images, np.arange(len(images)), replicate, out, weights=np.asarray(weights, np.float64),
-                       device=device)
+    return train_model(
+        config, images, np.arange(len(images)), replicate, out, weights=np.asarray(weights, np.float64), device=device
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -299,8 +326,9 @@ class QueryDraws:
         return int(self.images.shape[0])
 
 
-def measurement_queries(config: dict, images: np.ndarray, stream: int, indices=None, dtype=torch.float32,
-                        device="cpu") -> QueryDraws:
+def measurement_queries(
+    config: dict, images: np.ndarray, stream: int, indices=None, dtype=torch.float32, device="cpu"
+) -> QueryDraws:
     """The measure stage's draws for queries `indices` (default: all) of a query set (stream = QUERY_SETS index)."""
     n = len(images)
     indices = np.arange(n) if indices is None else np.asarray(indices, dtype=np.int64)
@@ -308,15 +336,23 @@ def measurement_queries(config: dict, images: np.ndarray, stream: int, indices=N
         raise ValueError(f"query indices must lie in [0, {n}), got {indices.min()}..{indices.max()}")
     m = config["measure"]
     upto = int(indices.max()) + 1 if len(indices) else 1  # eps are seeded per query: draw up to the last selected
-    t, eps = measurement_draws(upto, images.shape[1:], m["n_timesteps"], m["n_noise"],
-                               config["diffusion"]["num_train_timesteps"], config["seeds"]["measure"], stream)
+    t, eps = measurement_draws(
+        upto,
+        images.shape[1:],
+        m["n_timesteps"],
+        m["n_noise"],
+        config["diffusion"]["num_train_timesteps"],
+        config["seeds"]["measure"],
+        stream,
+    )
     x = torch.as_tensor(np.asarray(images)[indices], dtype=dtype, device=device)
     eps = eps[torch.from_numpy(indices)]
     return QueryDraws(x, t.to(device), eps.to(device=device, dtype=dtype))
 
 
-def query_value_and_grad(problem: TrainingProblem, params: dict, queries: QueryDraws, q: int,
-                         batch_size: int = 500) -> tuple[float, dict[str, torch.Tensor]]:
+def query_value_and_grad(
+    problem: TrainingProblem, params: dict, queries: QueryDraws, q: int, batch_size: int = 500
+) -> tuple[float, dict[str, torch.Tensor]]:
     """m_q at `params` and dm_q/dparams (the initial adjoint of the reverse pass)."""
     leaves = {n: p.detach().requires_grad_() for n, p in params.items()}
     total_draws = len(queries.t)
@@ -356,8 +392,15 @@ class MetagradientResult:
         return -self.dm_dw
 
 
-def metagradients(problem: TrainingProblem, state0: State, queries: QueryDraws, weights=None, every: int | None = None,
-                  measure_batch_size: int = 500, progress_every: int = 0) -> MetagradientResult:
+def metagradients(
+    problem: TrainingProblem,
+    state0: State,
+    queries: QueryDraws,
+    weights=None,
+    every: int | None = None,
+    measure_batch_size: int = 500,
+    progress_every: int = 0,
+) -> MetagradientResult:
     """d m_q(theta_T(w)) / d w for every query of `queries` by reverse-mode through every training step.
 
     weights: default all ones (the MAGIC point). every: checkpoint interval (default ceil(sqrt(T))). States held at
@@ -371,8 +414,14 @@ def metagradients(problem: TrainingProblem, state0: State, queries: QueryDraws, 
     every = int(min(every, T))
     if len(queries) == 0:
         raise ValueError("no queries to attribute")
-    info = {"steps": T, "every": every, "n_queries": len(queries), "n_train": problem.n_train,
-            "n_params": problem.n_params(), "dtype": str(problem.dtype).replace("torch.", "")}
+    info = {
+        "steps": T,
+        "every": every,
+        "n_queries": len(queries),
+        "n_train": problem.n_train,
+        "n_params": problem.n_params(),
+        "dtype": str(problem.dtype).replace("torch.", ""),
+    }
     state_bytes = 3 * info["n_params"] * problem.images.element_size()
 
     # 1. forward pass with checkpoints
@@ -389,8 +438,13 @@ def metagradients(problem: TrainingProblem, state0: State, queries: QueryDraws, 
     for q in range(len(queries)):
         value, g = query_value_and_grad(problem, final["params"], queries, q, measure_batch_size)
         values.append(value)
-        adjoints.append({"params": g, "exp_avg": {n: torch.zeros_like(x) for n, x in g.items()},
-                         "exp_avg_sq": {n: torch.zeros_like(x) for n, x in g.items()}})
+        adjoints.append(
+            {
+                "params": g,
+                "exp_avg": {n: torch.zeros_like(x) for n, x in g.items()},
+                "exp_avg_sq": {n: torch.zeros_like(x) for n, x in g.items()},
+            }
+        )
     info["time_query_gradients"] = time.perf_counter() - t0
     info["adjoint_mb"] = len(queries) * state_bytes / 2**20
 
@@ -418,8 +472,13 @@ def metagradients(problem: TrainingProblem, state0: State, queries: QueryDraws, 
             outputs = [new[key][n] for key in keys for n in names]
             inputs = [leaves[key][n] for key in keys for n in names] + [wb]
             for q, adj in enumerate(adjoints):
-                grads = torch.autograd.grad(outputs, inputs, grad_outputs=[adj[key][n] for key in keys for n in names],
-                                            retain_graph=q < len(adjoints) - 1, materialize_grads=True)
+                grads = torch.autograd.grad(
+                    outputs,
+                    inputs,
+                    grad_outputs=[adj[key][n] for key in keys for n in names],
+                    retain_graph=q < len(adjoints) - 1,
+                    materialize_grads=True,
+                )
                 it = iter(grads)
                 adjoints[q] = {key: {n: next(it).detach() for n in names} for key in keys}
                 dm_dw[q].index_add_(0, batch[0], next(it).detach().to(torch.float64))
@@ -442,9 +501,16 @@ def concat_queries(parts: list[QueryDraws]) -> QueryDraws:
     return QueryDraws(torch.cat([p.images for p in parts]), parts[0].t, torch.cat([p.eps for p in parts]))
 
 
-def attribute(config: dict, train_images: np.ndarray, query_sets: dict[str, np.ndarray],
-              indices: dict[str, np.ndarray] | None = None, replicate: int = 0, every: int | None = None,
-              device="cpu", dtype=torch.float32) -> "Attribution":
+def attribute(
+    config: dict,
+    train_images: np.ndarray,
+    query_sets: dict[str, np.ndarray],
+    indices: dict[str, np.ndarray] | None = None,
+    replicate: int = 0,
+    every: int | None = None,
+    device="cpu",
+    dtype=torch.float32,
+) -> Attribution:
     """MAGIC scores of the selected queries of every query set, in ONE forward + reverse pass.
 
     query_sets: {name: images}; the measurement stream of a set is its index in measure.QUERY_SETS (else its
@@ -467,17 +533,29 @@ def attribute(config: dict, train_images: np.ndarray, query_sets: dict[str, np.n
         sizes.append(len(idx))
     if not parts:
         raise ValueError("no queries selected for attribution")
-    log.info("metagradient: %d training steps, %d examples, queries %s, checkpoint every %s steps", problem.steps,
-             problem.n_train, dict(zip(names, sizes)), every or default_every(problem.steps))
-    result = metagradients(problem, state0, concat_queries(parts), every=every,
-                           measure_batch_size=int(config["measure"]["batch_size"]), progress_every=50)
+    log.info(
+        "metagradient: %d training steps, %d examples, queries %s, checkpoint every %s steps",
+        problem.steps,
+        problem.n_train,
+        dict(zip(names, sizes)),
+        every or default_every(problem.steps),
+    )
+    result = metagradients(
+        problem,
+        state0,
+        concat_queries(parts),
+        every=every,
+        measure_batch_size=int(config["measure"]["batch_size"]),
+        progress_every=50,
+    )
     scores, values, start = {}, {}, 0
     for name, size in zip(names, sizes):
         scores[name] = result.scores[start : start + size]
         values[name] = result.values[start : start + size]
         start += size
-    return Attribution(scores, values, {name: np.asarray(indices[name], np.int64) for name in names}, result.final_params,
-                       result.info)
+    return Attribution(
+        scores, values, {name: np.asarray(indices[name], np.int64) for name in names}, result.final_params, result.info
+    )
 
 
 @dataclass

@@ -1,6 +1,7 @@
 """Engine of the `metagradient` scorer: the scores of every attributed query computed in this process by the
 metagradient engine (engines/magic.py), checked against the full model's checkpoint when the inputs name it. The
 workflow computes them in chunk jobs instead (stage metagradient) and the scorer assembles those."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -16,13 +17,17 @@ def check_full_model(model_path: str, config: dict, n_train: int, replicate: int
     payload = load_torch(model_path)
     expected = training_identity(config, np.arange(n_train), replicate)
     if payload.get("config") != expected:
-        raise ArtefactError(f"{model_path}: not the model of this training (seed, data, train settings differ); the "
-                            "metagradient differentiates train.train_model on all training examples")
+        raise ArtefactError(
+            f"{model_path}: not the model of this training (seed, data, train settings differ); the "
+            "metagradient differentiates train.train_model on all training examples"
+        )
     diff = max(float((payload["state_dict"][n].to(p.dtype) - p.cpu()).abs().max()) for n, p in params.items())
     log.info("metagradient: recomputed final parameters vs %s: max |difference| %.3g", model_path, diff)
     if not diff < 1e-3:
-        raise ArtefactError(f"{model_path}: the recomputed training ends {diff:.3g} away from this checkpoint "
-                            f"(another torch version or device?); scores would not belong to this model")
+        raise ArtefactError(
+            f"{model_path}: the recomputed training ends {diff:.3g} away from this checkpoint "
+            f"(another torch version or device?); scores would not belong to this model"
+        )
     return diff
 
 
@@ -36,14 +41,26 @@ def compute(method_cfg: dict, inputs, lambdas) -> list:
     queries = inputs.queries()
     selected = selected_queries({name: len(images) for name, images in queries.items()}, opts["max_queries"])
     device = select_device(config["compute"])
-    result = attribute(config, train, queries, selected, replicate=int(opts["replicate"]), every=opts["checkpoint_every"],
-                       device=device)
+    result = attribute(
+        config,
+        train,
+        queries,
+        selected,
+        replicate=int(opts["replicate"]),
+        every=opts["checkpoint_every"],
+        device=device,
+    )
     if getattr(inputs, "model_path", None):
         check_full_model(inputs.model_path, config, len(train), int(opts["replicate"]), result.final_params)
     info = result.info
-    log.info("metagradient: forward %.1f s, query gradients %.1f s, reverse %.1f s (recompute %.1f s); peak RSS %.0f MB",
-             info["time_forward"], info["time_query_gradients"], info["time_reverse"], info["time_recompute"],
-             info["peak_rss_mb"])
+    log.info(
+        "metagradient: forward %.1f s, query gradients %.1f s, reverse %.1f s (recompute %.1f s); peak RSS %.0f MB",
+        info["time_forward"],
+        info["time_query_gradients"],
+        info["time_reverse"],
+        info["time_recompute"],
+        info["peak_rss_mb"],
+    )
     matrices = {}
     for name, images in queries.items():
         scores = np.full((len(images), len(train)), np.nan, dtype=np.float32)

@@ -4,23 +4,30 @@
 Notation follows docs/methods.md: x_t = sqrt(a_bar_t) x0 + sqrt(1 - a_bar_t) eps, and the per-example
 simple loss ||eps - eps_theta(x_t, t)||^2 / D_pix averaged over fixed (t, eps) draws.
 """
+
 from __future__ import annotations
 
-import numpy as np
-import torch
-from diffusers import DDPMScheduler, UNet2DModel
-from diffusers.models.attention_processor import AttnProcessor
-from workflow_scripts.core.common import ArtefactError, generator, load_torch
 import hashlib
 import os
 from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
+from diffusers.models.attention_processor import AttnProcessor
 from diffusers.optimization import get_cosine_schedule_with_warmup
 from tqdm import tqdm
-from workflow_scripts.core.common import log, rng, save_torch, select_device
-from workflow_scripts.core.precision import Precision, amp_mode
-from diffusers import DDIMScheduler
-from workflow_scripts.core.seeds import INIT_STREAM, NOISE_STREAM, batch_indices, image_seed, training_identity, training_seed
 
+from workflow_scripts.core.common import ArtefactError, generator, load_torch, log, rng, save_torch, select_device
+from workflow_scripts.core.precision import Precision, amp_mode
+from workflow_scripts.core.seeds import (
+    INIT_STREAM,
+    NOISE_STREAM,
+    batch_indices,
+    image_seed,
+    training_identity,
+    training_seed,
+)
 
 # UNet2DModel arguments a configuration may set (absent: diffusers' defaults); the ddpm-cifar10 layout needs them
 OPTIONAL_UNET_KEYS = ("norm_eps", "downsample_padding", "flip_sin_to_cos", "freq_shift", "resnet_time_scale_shift")
@@ -31,9 +38,14 @@ def build_model(model_cfg: dict, image_shape: tuple[int, int, int]) -> UNet2DMod
     down = tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in model_cfg["attention"])
     up = tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(model_cfg["attention"]))
     model = UNet2DModel(
-        sample_size=size, in_channels=channels, out_channels=channels,
-        layers_per_block=model_cfg["layers_per_block"], block_out_channels=tuple(model_cfg["block_out_channels"]),
-        down_block_types=down, up_block_types=up, norm_num_groups=model_cfg["norm_num_groups"],
+        sample_size=size,
+        in_channels=channels,
+        out_channels=channels,
+        layers_per_block=model_cfg["layers_per_block"],
+        block_out_channels=tuple(model_cfg["block_out_channels"]),
+        down_block_types=down,
+        up_block_types=up,
+        norm_num_groups=model_cfg["norm_num_groups"],
         attention_head_dim=model_cfg["attention_head_dim"],
         **{key: model_cfg[key] for key in OPTIONAL_UNET_KEYS if key in model_cfg},
     )
@@ -45,8 +57,13 @@ def build_model(model_cfg: dict, image_shape: tuple[int, int, int]) -> UNet2DMod
 
 
 def make_scheduler(diffusion_cfg: dict) -> DDPMScheduler:
-    return DDPMScheduler(num_train_timesteps=diffusion_cfg["num_train_timesteps"], beta_start=diffusion_cfg["beta_start"],
-                         beta_end=diffusion_cfg["beta_end"], beta_schedule="linear", clip_sample=True)
+    return DDPMScheduler(
+        num_train_timesteps=diffusion_cfg["num_train_timesteps"],
+        beta_start=diffusion_cfg["beta_start"],
+        beta_end=diffusion_cfg["beta_end"],
+        beta_schedule="linear",
+        clip_sample=True,
+    )
 
 
 def alphas_cumprod(diffusion_cfg: dict) -> torch.Tensor:
@@ -93,8 +110,16 @@ def timestep_grid(num_train_timesteps: int, k: int) -> np.ndarray:
     return np.arange(0, num_train_timesteps, num_train_timesteps // k)[:k]
 
 
-def measurement_draws(n_queries: int, image_shape, n_timesteps: int, n_noise: int, num_train_timesteps: int,
-                      seed: int, stream: int, indices=None) -> tuple[torch.Tensor, torch.Tensor]:
+def measurement_draws(
+    n_queries: int,
+    image_shape,
+    n_timesteps: int,
+    n_noise: int,
+    num_train_timesteps: int,
+    seed: int,
+    stream: int,
+    indices=None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Fixed (t, eps) draws per query: t on a uniform grid, eps seeded per (stream, query).
 
     Every model sees the same draws, so differences between models are not Monte Carlo noise.
@@ -107,10 +132,17 @@ def measurement_draws(n_queries: int, image_shape, n_timesteps: int, n_noise: in
     return t, eps
 
 
-def save_checkpoint_payload(model: torch.nn.Module, config: dict, step: int, image_shape, kind: str = "ddpm-unet",
-                            **extra) -> dict:
-    return {"kind": kind, "state_dict": model.state_dict(), "config": config, "step": step,
-            "image_shape": tuple(int(s) for s in image_shape), **extra}
+def save_checkpoint_payload(
+    model: torch.nn.Module, config: dict, step: int, image_shape, kind: str = "ddpm-unet", **extra
+) -> dict:
+    return {
+        "kind": kind,
+        "state_dict": model.state_dict(),
+        "config": config,
+        "step": step,
+        "image_shape": tuple(int(s) for s in image_shape),
+        **extra,
+    }
 
 
 def load_checkpoint(path, model_cfg: dict, kind: str, build, device="cpu", description: str = "DDPM UNet"):
@@ -134,9 +166,17 @@ def load_model(path, model_cfg: dict, device="cpu") -> tuple[UNet2DModel, dict]:
     return load_checkpoint(path, model_cfg, "ddpm-unet", build_model, device)
 
 
-def train_model(config: dict, images: np.ndarray, members: np.ndarray, replicate: int, model_out: str | Path,
-                checkpoint_paths: dict[int, str] | None = None, weights: np.ndarray | None = None,
-                device: torch.device | None = None, stop_after: int | None = None) -> Path | None:
+def train_model(
+    config: dict,
+    images: np.ndarray,
+    members: np.ndarray,
+    replicate: int,
+    model_out: str | Path,
+    checkpoint_paths: dict[int, str] | None = None,
+    weights: np.ndarray | None = None,
+    device: torch.device | None = None,
+    stop_after: int | None = None,
+) -> Path | None:
     """Train one model on images[members]; returns the final checkpoint path (None if stopped early).
 
     `checkpoint_paths` maps step -> path of intermediate checkpoints to keep (with the lr at that step).
@@ -155,7 +195,9 @@ def train_model(config: dict, images: np.ndarray, members: np.ndarray, replicate
     torch.manual_seed(int(rng(seed, INIT_STREAM).integers(2**31)))
     model = build_model(config["model"], images.shape[1:]).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=train_cfg["lr"], weight_decay=train_cfg["weight_decay"])
-    schedule = get_cosine_schedule_with_warmup(optimizer, int(train_cfg["warmup_fraction"] * train_cfg["steps"]), train_cfg["steps"])
+    schedule = get_cosine_schedule_with_warmup(
+        optimizer, int(train_cfg["warmup_fraction"] * train_cfg["steps"]), train_cfg["steps"]
+    )
     precision = Precision(amp_mode(config), device)
     start = 0
     if resume_path.exists():
@@ -196,9 +238,17 @@ def train_model(config: dict, images: np.ndarray, members: np.ndarray, replicate
         if done in checkpoint_paths:
             save_torch(save_checkpoint_payload(model, identity, done, images.shape[1:], lr=lr), checkpoint_paths[done])
         if done % train_cfg["resume_every"] == 0 and done < train_cfg["steps"]:
-            save_torch({"identity": identity, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                        "schedule": schedule.state_dict(), "step": done,
-                        **({"scaler": precision.scaler.state_dict()} if precision.scaler else {})}, resume_path)
+            save_torch(
+                {
+                    "identity": identity,
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "schedule": schedule.state_dict(),
+                    "step": done,
+                    **({"scaler": precision.scaler.state_dict()} if precision.scaler else {}),
+                },
+                resume_path,
+            )
         if step % 50 == 0:
             progress.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
     save_torch(save_checkpoint_payload(model, identity, train_cfg["steps"], images.shape[1:]), model_out)
@@ -208,8 +258,13 @@ def train_model(config: dict, images: np.ndarray, members: np.ndarray, replicate
 
 
 def make_sampling_scheduler(diffusion_cfg: dict, sample_cfg: dict):
-    kwargs = dict(num_train_timesteps=diffusion_cfg["num_train_timesteps"], beta_start=diffusion_cfg["beta_start"],
-                  beta_end=diffusion_cfg["beta_end"], beta_schedule="linear", clip_sample=True)
+    kwargs = dict(
+        num_train_timesteps=diffusion_cfg["num_train_timesteps"],
+        beta_start=diffusion_cfg["beta_start"],
+        beta_end=diffusion_cfg["beta_end"],
+        beta_schedule="linear",
+        clip_sample=True,
+    )
     if sample_cfg["scheduler"] == "ddim":
         scheduler = DDIMScheduler(**kwargs, set_alpha_to_one=True)
     else:
@@ -219,8 +274,16 @@ def make_sampling_scheduler(diffusion_cfg: dict, sample_cfg: dict):
 
 
 @torch.no_grad()
-def generate(model, image_shape, diffusion_cfg: dict, sample_cfg: dict, sample_seed: int, n_images: int,
-             device: torch.device, indices=None) -> dict[str, np.ndarray]:
+def generate(
+    model,
+    image_shape,
+    diffusion_cfg: dict,
+    sample_cfg: dict,
+    sample_seed: int,
+    n_images: int,
+    device: torch.device,
+    indices=None,
+) -> dict[str, np.ndarray]:
     """DDIM (eta 0) or DDPM ancestral sampling; returns images, trajectories (x_T .. x_0) and timesteps.
 
     `indices` regenerates only those images (e.g. one query of a counterfactual): image i is the same
@@ -234,17 +297,33 @@ def generate(model, image_shape, diffusion_cfg: dict, sample_cfg: dict, sample_s
     for t in tqdm(scheduler.timesteps, desc=f"sample ({sample_cfg['scheduler']})", mininterval=5):
         eps = model(x, t.to(device).expand(n_images)).sample
         # Per-image stepping keeps each image's ancestral noise on its own generator.
-        x = torch.cat([scheduler.step(eps[i : i + 1].cpu(), t, x[i : i + 1].cpu(), generator=generators[i]).prev_sample
-                       for i in range(n_images)]).to(device)
+        x = torch.cat(
+            [
+                scheduler.step(eps[i : i + 1].cpu(), t, x[i : i + 1].cpu(), generator=generators[i]).prev_sample
+                for i in range(n_images)
+            ]
+        ).to(device)
         trajectory.append(x.cpu())
     images = x.clamp(-1, 1).cpu()
-    return {"images": images.numpy(), "trajectories": torch.stack(trajectory, 1).numpy(),
-            "timesteps": scheduler.timesteps.numpy(), "seeds": np.array([image_seed(sample_seed, i) for i in indices])}
+    return {
+        "images": images.numpy(),
+        "trajectories": torch.stack(trajectory, 1).numpy(),
+        "timesteps": scheduler.timesteps.numpy(),
+        "seeds": np.array([image_seed(sample_seed, i) for i in indices]),
+    }
 
 
 @torch.no_grad()
-def measure_loss(model, images: np.ndarray, diffusion_cfg: dict, measure_cfg: dict, seed: int, stream: int,
-                 device: torch.device, indices=None) -> np.ndarray:
+def measure_loss(
+    model,
+    images: np.ndarray,
+    diffusion_cfg: dict,
+    measure_cfg: dict,
+    seed: int,
+    stream: int,
+    device: torch.device,
+    indices=None,
+) -> np.ndarray:
     """Simple loss of each image, averaged over its fixed (t, eps) draws; float64 of shape (n_images,).
 
     `indices`: the images are these queries of their set (e.g. one generated query), measured with
@@ -258,8 +337,16 @@ def measure_loss(model, images: np.ndarray, diffusion_cfg: dict, measure_cfg: di
     for q, image in enumerate(torch.from_numpy(images)):
         # one query's draws at a time (the same numbers: eps is seeded per query): all queries' eps at once would
         # be n_query x n_timesteps x n_noise images (CIFAR anchors, 1000 x 3000 x 3072 floats: 37 GB)
-        t, eps = measurement_draws(len(images), images.shape[1:], measure_cfg["n_timesteps"], measure_cfg["n_noise"],
-                                   diffusion_cfg["num_train_timesteps"], seed, stream, [query_index[q]])
+        t, eps = measurement_draws(
+            len(images),
+            images.shape[1:],
+            measure_cfg["n_timesteps"],
+            measure_cfg["n_noise"],
+            diffusion_cfg["num_train_timesteps"],
+            seed,
+            stream,
+            [query_index[q]],
+        )
         total = 0.0
         for start in range(0, len(t), batch):
             tb = t[start : start + batch].to(device)
@@ -270,12 +357,14 @@ def measure_loss(model, images: np.ndarray, diffusion_cfg: dict, measure_cfg: di
 
 
 # ---------------------------------------------------------------- the model-family interface (families.registry)
-def train_family_model(config: dict, images, members, replicate: int, model_out, checkpoint_paths=None,
-                       weights=None) -> None:
+def train_family_model(
+    config: dict, images, members, replicate: int, model_out, checkpoint_paths=None, weights=None
+) -> None:
     train_model(config, images, members, replicate, model_out, checkpoint_paths, weights=weights)
 
 
 def generate_images(model, image_shape, config: dict, device, n_images: int, indices=None) -> dict:
     """DDIM / DDPM sampling with the sample section's scheduler and per-image seeds."""
-    return generate(model, image_shape, config["diffusion"], config["sample"], config["seeds"]["sample"], n_images,
-                    device, indices)
+    return generate(
+        model, image_shape, config["diffusion"], config["sample"], config["seeds"]["sample"], n_images, device, indices
+    )

@@ -61,24 +61,27 @@ function of theta, not the probability of the sampler's output. `clip_x0=True` c
 [-1, 1] as sample.py's schedulers do (clip_sample=True), which makes the mean exactly the sampler's mean but
 zeroes the gradient of clipped pixels; the default (False) is the eps-parametrised mean above.
 """
+
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+
 import numpy as np
 import torch
-from workflow_scripts.core.common import generator, rng
-from workflow_scripts.core.contracts import DEFAULT_MEASUREMENTS, DEFAULT_TIMESTEP_LOSS_TIMESTEPS
-from workflow_scripts.families.ddpm import alphas_cumprod
-from workflow_scripts.core.measurement import Measurement, SimpleLossMeasurement
-from workflow_scripts.families.vesde import LIKELIHOOD_DEFAULTS
-from workflow_scripts.core.common import ArtefactError, load_npz
-from workflow_scripts.core.contracts import QUERY_SETS, target_key, target_names
-from workflow_scripts.families.ddpm import make_scheduler
-from workflow_scripts.core.data import N_LEVELS
-from workflow_scripts.families.ddpm import measure_loss
-from workflow_scripts.families.vesde import measure_likelihood
 
+from workflow_scripts.core.common import ArtefactError, generator, load_npz, rng
+from workflow_scripts.core.contracts import (
+    DEFAULT_MEASUREMENTS,
+    DEFAULT_TIMESTEP_LOSS_TIMESTEPS,
+    QUERY_SETS,
+    target_key,
+    target_names,
+)
+from workflow_scripts.core.data import N_LEVELS
+from workflow_scripts.core.measurement import Measurement, SimpleLossMeasurement
+from workflow_scripts.families.ddpm import alphas_cumprod, make_scheduler, measure_loss
+from workflow_scripts.families.vesde import LIKELIHOOD_DEFAULTS, measure_likelihood
 
 MEASUREMENTS = ("loss", "elbo", "timestep_loss", "trajectory", "likelihood")
 
@@ -198,8 +201,9 @@ def discretized_gaussian_log_likelihood(x: torch.Tensor, mean: torch.Tensor, std
 # ----------------------------------------------------------------------------------------------------------------
 # ELBO
 # ----------------------------------------------------------------------------------------------------------------
-def elbo_timestep_draws(sched: Schedule, n_timesteps: int, scheme: str, seed: int, stream: int
-                        ) -> tuple[torch.Tensor, torch.Tensor]:
+def elbo_timestep_draws(
+    sched: Schedule, n_timesteps: int, scheme: str, seed: int, stream: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(t (K,) long in 1..T-1, weight (K,) float64) with sum_k weight_k f(t_k) estimating sum_{i>=1} w_i f(i)."""
     w = sched.elbo_weights()
     T = sched.T
@@ -224,8 +228,17 @@ class ElboMeasurement(Measurement):
 
     name = "elbo"
 
-    def __init__(self, diffusion_cfg: dict, levels: int, seed: int, stream: int = 0, scheme: str = "importance",
-                 n_timesteps: int = 250, n_noise: int = 2, decoder_draws: int = 1):
+    def __init__(
+        self,
+        diffusion_cfg: dict,
+        levels: int,
+        seed: int,
+        stream: int = 0,
+        scheme: str = "importance",
+        n_timesteps: int = 250,
+        n_noise: int = 2,
+        decoder_draws: int = 1,
+    ):
         self.sched = schedule(diffusion_cfg)
         self.levels, self.seed, self.stream = int(levels), int(seed), int(stream)
         self.n_noise, self.n_decoder = int(n_noise), int(decoder_draws)
@@ -242,14 +255,23 @@ class ElboMeasurement(Measurement):
 
     def draws(self, n, image_shape, start=0):
         rows = self.n_kl + self.n_decoder
-        eps = torch.stack([torch.randn(rows, *image_shape, generator=generator(self.seed, ELBO_STREAM + self.stream, start + i))
-                           for i in range(n)])
+        eps = torch.stack(
+            [
+                torch.randn(rows, *image_shape, generator=generator(self.seed, ELBO_STREAM + self.stream, start + i))
+                for i in range(n)
+            ]
+        )
         t = torch.cat([self.t_kl, torch.zeros(self.n_decoder, dtype=torch.long)])
         a = self.sched.a_bar[t]
         weight = torch.cat([self.w_kl, torch.zeros(self.n_decoder, dtype=torch.float64)])
         rep = lambda v: v.unsqueeze(0).expand(n, *v.shape).clone()  # noqa: E731
-        return {"t": rep(t), "eps": eps, "signal": rep(a.sqrt().float()), "noise": rep((1 - a).sqrt().float()),
-                "weight": rep(weight)}
+        return {
+            "t": rep(t),
+            "eps": eps,
+            "signal": rep(a.sqrt().float()),
+            "noise": rep((1 - a).sqrt().float()),
+            "weight": rep(weight),
+        }
 
     def terms(self, predict, x0, d) -> dict[str, torch.Tensor]:
         """{kl, l0, lt} in nats for one image; their sum is objective()."""
@@ -260,7 +282,12 @@ class ElboMeasurement(Measurement):
         sq = (d["eps"][:k] - pred[:k]).double().pow(2).flatten(1).sum(1)
         kl = (d["weight"][:k] * sq).sum()
         mean = (x_t[k:].double() - math.sqrt(self.beta0) * pred[k:].double()) / math.sqrt(self.alpha0)
-        l0 = -discretized_gaussian_log_likelihood(x0.unsqueeze(0), mean, self.decoder_std, self.levels).flatten(1).sum(1).mean()
+        l0 = (
+            -discretized_gaussian_log_likelihood(x0.unsqueeze(0), mean, self.decoder_std, self.levels)
+            .flatten(1)
+            .sum(1)
+            .mean()
+        )
         return {"kl": kl, "l0": l0, "lt": prior_kl(x0, self.a_bar_last)}
 
     def objective(self, predict, x0, d):
@@ -284,10 +311,18 @@ class TimestepLossMeasurement(SimpleLossMeasurement):
             raise ValueError(f"timestep {timestep} outside 0..{T - 1}")
 
         def draw_fn(n, shape, start):
-            eps = torch.stack([torch.randn(self.n_noise, *shape, generator=generator(seed, TIMESTEP_STREAM + stream,
-                                                                                        self.timestep, start + i))
-                               for i in range(n)])
+            eps = torch.stack(
+                [
+                    torch.randn(
+                        self.n_noise,
+                        *shape,
+                        generator=generator(seed, TIMESTEP_STREAM + stream, self.timestep, start + i),
+                    )
+                    for i in range(n)
+                ]
+            )
             return torch.full((n, self.n_noise), self.timestep, dtype=torch.long), eps
+
         super().__init__(draw_fn, alphas_cumprod(diffusion_cfg))
 
 
@@ -319,18 +354,25 @@ class TrajectoryMeasurement(Measurement):
     def __init__(self, trajectories: np.ndarray, timesteps, diffusion_cfg: dict, clip_x0: bool = False):
         self.trajectories = torch.as_tensor(np.asarray(trajectories), dtype=torch.float32)
         if self.trajectories.shape[1] != len(timesteps) + 1:
-            raise ValueError(f"trajectories hold {self.trajectories.shape[1]} states, expected len(timesteps) + 1 = "
-                             f"{len(timesteps) + 1}")
+            raise ValueError(
+                f"trajectories hold {self.trajectories.shape[1]} states, expected len(timesteps) + 1 = "
+                f"{len(timesteps) + 1}"
+            )
         self.coef = trajectory_coefficients(diffusion_cfg, timesteps)
         self.clip_x0 = bool(clip_x0)
 
     def draws(self, n, image_shape, start=0):
         c = self.coef
         rep = lambda v: v.unsqueeze(0).expand(n, *v.shape).clone()  # noqa: E731
-        return {"t": rep(c["t"]), "states": self.trajectories[start : start + n].clone(),
-                "sqrt_a": rep(c["a_bar"].sqrt()), "sqrt_1ma": rep((1 - c["a_bar"]).sqrt()),
-                "c0": rep(c["a_bar_next"].sqrt() * c["beta"] / (1 - c["a_bar"])),
-                "cx": rep(c["alpha"].sqrt() * (1 - c["a_bar_next"]) / (1 - c["a_bar"])), "var": rep(c["var"])}
+        return {
+            "t": rep(c["t"]),
+            "states": self.trajectories[start : start + n].clone(),
+            "sqrt_a": rep(c["a_bar"].sqrt()),
+            "sqrt_1ma": rep((1 - c["a_bar"]).sqrt()),
+            "c0": rep(c["a_bar_next"].sqrt() * c["beta"] / (1 - c["a_bar"])),
+            "cx": rep(c["alpha"].sqrt() * (1 - c["a_bar_next"]) / (1 - c["a_bar"])),
+            "var": rep(c["var"]),
+        }
 
     def step_nll(self, predict, d) -> torch.Tensor:
         """(S,) -ln N(x_{k+1}; mu_theta(x_k), s_k^2 I) per step, nats."""
@@ -358,6 +400,7 @@ def model_predict(model):
     def predict(x, t):
         out = model(x, t)
         return out.sample if hasattr(out, "sample") else out
+
     return predict
 
 
@@ -367,8 +410,9 @@ def _rows_per_image(draws: dict) -> int:
 
 
 @torch.no_grad()
-def evaluate(model, images: np.ndarray, measurement: Measurement, device="cpu", batch_rows: int = 500,
-             vectorized: bool = True) -> dict[str, np.ndarray]:
+def evaluate(
+    model, images: np.ndarray, measurement: Measurement, device="cpu", batch_rows: int = 500, vectorized: bool = True
+) -> dict[str, np.ndarray]:
     """measurement.objective (and its terms, if it has any) of every image: {"value": (n,), term: (n,)} float64.
     Images are processed vmap-ped in groups of about batch_rows model rows (vectorized=False: one at a time)."""
     from torch.func import vmap
@@ -401,27 +445,57 @@ def evaluate(model, images: np.ndarray, measurement: Measurement, device="cpu", 
     return {k: torch.cat(v).numpy() for k, v in out.items()}
 
 
-def measure_elbo(model, images: np.ndarray, diffusion_cfg: dict, elbo_cfg: dict, levels: int, seed: int, stream: int,
-                 device="cpu", batch_rows: int = 500) -> dict[str, np.ndarray]:
+def measure_elbo(
+    model,
+    images: np.ndarray,
+    diffusion_cfg: dict,
+    elbo_cfg: dict,
+    levels: int,
+    seed: int,
+    stream: int,
+    device="cpu",
+    batch_rows: int = 500,
+) -> dict[str, np.ndarray]:
     """-ELBO per image: {"nats", "bpd", "kl", "l0", "lt"} (float64, shape (n,)); elbo_cfg = measure.elbo."""
     cfg = {**MEASURE_DEFAULTS["elbo"], **elbo_cfg}
-    m = ElboMeasurement(diffusion_cfg, levels, seed, stream, cfg["scheme"], cfg["n_timesteps"], cfg["n_noise"],
-                        cfg["decoder_draws"])
+    m = ElboMeasurement(
+        diffusion_cfg, levels, seed, stream, cfg["scheme"], cfg["n_timesteps"], cfg["n_noise"], cfg["decoder_draws"]
+    )
     r = evaluate(model, images, m, device, batch_rows)
     n_dims = int(np.prod(np.asarray(images).shape[1:]))
     return {"nats": r["value"], "bpd": bits_per_dim(r["value"], n_dims), "kl": r["kl"], "l0": r["l0"], "lt": r["lt"]}
 
 
-def measure_timestep_losses(model, images: np.ndarray, diffusion_cfg: dict, timesteps, n_noise: int, seed: int,
-                            stream: int, device="cpu", batch_rows: int = 500) -> np.ndarray:
+def measure_timestep_losses(
+    model,
+    images: np.ndarray,
+    diffusion_cfg: dict,
+    timesteps,
+    n_noise: int,
+    seed: int,
+    stream: int,
+    device="cpu",
+    batch_rows: int = 500,
+) -> np.ndarray:
     """(n_images, len(timesteps)) float64: the simple loss at each chosen timestep."""
-    cols = [evaluate(model, images, TimestepLossMeasurement(t, n_noise, diffusion_cfg, seed, stream), device,
-                     batch_rows)["value"] for t in timesteps]
+    cols = [
+        evaluate(model, images, TimestepLossMeasurement(t, n_noise, diffusion_cfg, seed, stream), device, batch_rows)[
+            "value"
+        ]
+        for t in timesteps
+    ]
     return np.stack(cols, axis=1) if cols else np.zeros((len(images), 0))
 
 
-def measure_trajectory_nll(model, trajectories: np.ndarray, timesteps, diffusion_cfg: dict, clip_x0: bool = False,
-                           device="cpu", batch_rows: int = 500) -> dict[str, np.ndarray]:
+def measure_trajectory_nll(
+    model,
+    trajectories: np.ndarray,
+    timesteps,
+    diffusion_cfg: dict,
+    clip_x0: bool = False,
+    device="cpu",
+    batch_rows: int = 500,
+) -> dict[str, np.ndarray]:
     """-ln p of every stored trajectory: {"nats", "bpd"} (bpd: nats / (D ln 2), D = pixels of ONE image; the
     trajectory has S + 1 states, so this is not a bits/dim of the image, only a unit)."""
     m = TrajectoryMeasurement(trajectories, timesteps, diffusion_cfg, clip_x0)
@@ -430,8 +504,9 @@ def measure_trajectory_nll(model, trajectories: np.ndarray, timesteps, diffusion
     return {"nats": r["value"], "bpd": bits_per_dim(r["value"], int(np.prod(final.shape[1:])))}
 
 
-def measure_queries(model, queries: dict[str, np.ndarray], config: dict, device="cpu",
-                    samples: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+def measure_queries(
+    model, queries: dict[str, np.ndarray], config: dict, device="cpu", samples: dict[str, np.ndarray] | None = None
+) -> dict[str, np.ndarray]:
     """Every configured measurement of every query set: {target_key(set, target): (n_queries,) float64}.
 
     config: model, diffusion, measure, seeds.measure, data.dataset. The noise stream of a query set is its index
@@ -446,15 +521,34 @@ def measure_queries(model, queries: dict[str, np.ndarray], config: dict, device=
         stream = QUERY_SETS.index(name) if name in QUERY_SETS else i
         for m in s["measurements"]:
             if m == "loss":
-                out[target_key(name, m)] = measure_loss(model, images, config["diffusion"], config["measure"], seed,
-                                                        stream, device)
+                out[target_key(name, m)] = measure_loss(
+                    model, images, config["diffusion"], config["measure"], seed, stream, device
+                )
             elif m == "elbo":
-                out[target_key(name, m)] = measure_elbo(model, images, config["diffusion"], s["elbo"], levels, seed,
-                                                        stream, device, config["measure"]["batch_size"])["nats"]
+                out[target_key(name, m)] = measure_elbo(
+                    model,
+                    images,
+                    config["diffusion"],
+                    s["elbo"],
+                    levels,
+                    seed,
+                    stream,
+                    device,
+                    config["measure"]["batch_size"],
+                )["nats"]
             elif m == "timestep_loss":
                 ts = s["timestep_loss"]["timesteps"]
-                values = measure_timestep_losses(model, images, config["diffusion"], ts, s["timestep_loss"]["n_noise"],
-                                                 seed, stream, device, config["measure"]["batch_size"])
+                values = measure_timestep_losses(
+                    model,
+                    images,
+                    config["diffusion"],
+                    ts,
+                    s["timestep_loss"]["n_noise"],
+                    seed,
+                    stream,
+                    device,
+                    config["measure"]["batch_size"],
+                )
                 out.update({target_key(name, f"timestep_loss_t{t}"): values[:, j] for j, t in enumerate(ts)})
             elif m == "trajectory":
                 if name != "generated":
@@ -462,18 +556,26 @@ def measure_queries(model, queries: dict[str, np.ndarray], config: dict, device=
                 if samples is None:
                     raise ValueError("the trajectory measurement needs the samples file (trajectories, timesteps)")
                 out[target_key(name, m)] = measure_trajectory_nll(
-                    model, samples["trajectories"], samples["timesteps"], config["diffusion"],
-                    s["trajectory"]["clip_x0"], device, config["measure"]["batch_size"])["nats"]
+                    model,
+                    samples["trajectories"],
+                    samples["timesteps"],
+                    config["diffusion"],
+                    s["trajectory"]["clip_x0"],
+                    device,
+                    config["measure"]["batch_size"],
+                )["nats"]
             elif m == "likelihood":
-                out[target_key(name, m)] = measure_likelihood(model, images, config["model"], s["likelihood"], levels,
-                                                              seed, stream, device)["nats"]
+                out[target_key(name, m)] = measure_likelihood(
+                    model, images, config["model"], s["likelihood"], levels, seed, stream, device
+                )["nats"]
             else:
                 raise ValueError(f"unknown measurement {m!r}")
     return out
 
 
-def load_measurement_targets(paths: list[str], n_subsets: int, n_seeds: int, target: str = "loss",
-                             query_sets=("generated", "heldout")) -> dict[str, np.ndarray]:
+def load_measurement_targets(
+    paths: list[str], n_subsets: int, n_seeds: int, target: str = "loss", query_sets=("generated", "heldout")
+) -> dict[str, np.ndarray]:
     """measure.load_targets for any target: {query set: (n_subsets, n_seeds, n_queries)}; query sets without
     that target in the files (trajectory: held-out) are left out."""
     if len(paths) != n_subsets * n_seeds:
@@ -482,8 +584,10 @@ def load_measurement_targets(paths: list[str], n_subsets: int, n_seeds: int, tar
     for k, path in enumerate(paths):
         arrays = load_npz(path, ("subset", "replicate"))
         if (int(arrays["subset"]), int(arrays["replicate"])) != divmod(k, n_seeds):
-            raise ArtefactError(f"{path}: holds subset {int(arrays['subset'])} seed {int(arrays['replicate'])}, "
-                                f"expected subset {k // n_seeds} seed {k % n_seeds}")
+            raise ArtefactError(
+                f"{path}: holds subset {int(arrays['subset'])} seed {int(arrays['replicate'])}, "
+                f"expected subset {k // n_seeds} seed {k % n_seeds}"
+            )
         for name in query_sets:
             key = target_key(name, target)
             if key in arrays:
@@ -509,18 +613,28 @@ def target_measurement(config: dict, target: str, query_set: str, samples: dict 
     seed, stream = config["seeds"]["measure"], QUERY_SETS.index(query_set)
     if target == "elbo":
         e = s["elbo"]
-        return ElboMeasurement(config["diffusion"], N_LEVELS[config["data"]["dataset"]], seed, stream, e["scheme"],
-                               e["n_timesteps"], e["n_noise"], e["decoder_draws"])
+        return ElboMeasurement(
+            config["diffusion"],
+            N_LEVELS[config["data"]["dataset"]],
+            seed,
+            stream,
+            e["scheme"],
+            e["n_timesteps"],
+            e["n_noise"],
+            e["decoder_draws"],
+        )
     if target.startswith("timestep_loss_t"):
-        return TimestepLossMeasurement(int(target[len("timestep_loss_t"):]), s["timestep_loss"]["n_noise"],
-                                       config["diffusion"], seed, stream)
+        return TimestepLossMeasurement(
+            int(target[len("timestep_loss_t") :]), s["timestep_loss"]["n_noise"], config["diffusion"], seed, stream
+        )
     if target == "trajectory":
         if query_set != "generated":
             return None
         if samples is None:
             raise ValueError("the trajectory measurement needs the samples file (trajectories, timesteps)")
-        return TrajectoryMeasurement(samples["trajectories"], samples["timesteps"], config["diffusion"],
-                                     s["trajectory"]["clip_x0"])
+        return TrajectoryMeasurement(
+            samples["trajectories"], samples["timesteps"], config["diffusion"], s["trajectory"]["clip_x0"]
+        )
     raise ValueError(f"no query-side measurement for target {target!r} (loss: scorers.kfac.loss_measurement)")
 
 
@@ -544,8 +658,9 @@ def file_targets(paths: list[str]) -> list[str]:
     return found or []
 
 
-def method_targets(paths: list[str], n_subsets: int, n_seeds: int, target: str,
-                   query_sets=("generated", "heldout")) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+def method_targets(
+    paths: list[str], n_subsets: int, n_seeds: int, target: str, query_sets=("generated", "heldout")
+) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """Ground truth of a method whose scores predict `target`: {query set: (n_subsets, n_seeds, n_query)}, and
     {query set: note} for the sets without that target (trajectory: held-out), which get the loss -- as the
     method's own scores for them use the loss gradient. `loss` stands for the files' primary target: a vesde
@@ -575,8 +690,10 @@ def load_targets(paths: list[str], n_subsets: int, n_seeds: int) -> dict[str, np
         if any(key not in arrays for key in keys):
             raise ArtefactError(f"{path}: lacks arrays {[key for key in keys if key not in arrays]}")
         if (int(arrays["subset"]), int(arrays["replicate"])) != divmod(k, n_seeds):
-            raise ArtefactError(f"{path}: holds subset {int(arrays['subset'])} seed {int(arrays['replicate'])}, "
-                                f"expected subset {k // n_seeds} seed {k % n_seeds}")
+            raise ArtefactError(
+                f"{path}: holds subset {int(arrays['subset'])} seed {int(arrays['replicate'])}, "
+                f"expected subset {k // n_seeds} seed {k % n_seeds}"
+            )
         for name, key in zip(QUERY_SETS, keys):
             out[name].append(arrays[key])
     return {name: np.stack(v).reshape(n_subsets, n_seeds, -1) for name, v in out.items()}

@@ -8,6 +8,7 @@ and the constant SCORER_FAMILIES (None: every scorer family applies; a tuple: on
 The stages call the functions below and never branch on the family themselves; a new family is one new
 module here plus one entry of FAMILIES.
 """
+
 from __future__ import annotations
 
 from workflow_scripts.families import ddpm, vesde
@@ -32,11 +33,13 @@ def load_family_model(path, model_cfg: dict, device="cpu"):
     return family_module(model_cfg).load_model(path, model_cfg, device)
 
 
-def train_family_model(config: dict, images, members, replicate: int, model_out, checkpoint_paths=None,
-                       weights=None) -> None:
+def train_family_model(
+    config: dict, images, members, replicate: int, model_out, checkpoint_paths=None, weights=None
+) -> None:
     """Train one model of the configured family on images[members] (weights: per-example loss weights)."""
-    family_module(config["model"]).train_family_model(config, images, members, replicate, model_out,
-                                                      checkpoint_paths=checkpoint_paths, weights=weights)
+    family_module(config["model"]).train_family_model(
+        config, images, members, replicate, model_out, checkpoint_paths=checkpoint_paths, weights=weights
+    )
 
 
 def generate_images(model, image_shape, config: dict, device, n_images: int | None = None, indices=None) -> dict:

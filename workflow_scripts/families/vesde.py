@@ -50,6 +50,7 @@ image); likelihood.dequantize: false evaluates at x itself, the midpoint rule). 
 "bits/dim = -ln p / (D ln 2)" plus the offset for the data's levels). For reference, uniform over 17 levels is
 log2 17 = 4.09 bits/dim.
 """
+
 from __future__ import annotations
 
 import math
@@ -59,13 +60,19 @@ import torch
 import torch.nn as nn
 from diffusers.optimization import get_cosine_schedule_with_warmup
 
-from workflow_scripts.families import ddpm as diffusion
+from workflow_scripts.core import data as core_data
 from workflow_scripts.core.common import generator, log, rng, save_torch, select_device
 from workflow_scripts.core.measurement import Measurement
+from workflow_scripts.core.seeds import (
+    INIT_STREAM,
+    NOISE_STREAM,
+    batch_indices,
+    image_seed,
+    training_identity,
+    training_seed,
+)
+from workflow_scripts.families import ddpm as diffusion
 from workflow_scripts.families.ddpm import build_model
-from workflow_scripts.core import data as core_data
-from workflow_scripts.core.seeds import INIT_STREAM, NOISE_STREAM, batch_indices, training_identity, training_seed
-from workflow_scripts.core.seeds import image_seed
 
 VESDE_DEFAULTS = {"sigma": 25.0, "t_min": 1.0e-5, "weighting": "sigma2", "dequantize": True, "data_std": 0.5}
 WEIGHTINGS = ("sigma2", "likelihood")
@@ -91,14 +98,14 @@ def marginal_std(t, sigma: float = 25.0):
 
 def diffusion_coeff(t, sigma: float = 25.0):
     """g(t) = sigma^t."""
-    return sigma ** t
+    return sigma**t
 
 
 def time_of_std(std, sigma: float = 25.0):
     """Inverse of marginal_std: t = ln(1 + 2 ln(sigma) std^2) / (2 ln sigma)."""
     if torch.is_tensor(std):
         return torch.log1p(2 * math.log(sigma) * std.pow(2)) / (2 * math.log(sigma))
-    return math.log1p(2 * math.log(sigma) * std ** 2) / (2 * math.log(sigma))
+    return math.log1p(2 * math.log(sigma) * std**2) / (2 * math.log(sigma))
 
 
 def std_range(settings: dict) -> tuple[float, float]:
@@ -139,7 +146,7 @@ class VEScoreNet(nn.Module):
         if std.dim() == 0:
             std = std.expand(x.shape[0])
         view = (-1,) + (1,) * (x.dim() - 1)
-        c_in = (std.pow(2) + self.data_std ** 2).rsqrt().view(view)
+        c_in = (std.pow(2) + self.data_std**2).rsqrt().view(view)
         out = self.unet(c_in * x, noise_embedding(std))
         return out.sample if hasattr(out, "sample") else out
 
@@ -180,9 +187,17 @@ def load_model(path, model_cfg: dict, device="cpu") -> tuple[VEScoreNet, dict]:
     return diffusion.load_checkpoint(path, model_cfg, "vesde-unet", build_score_model, device, "VE-SDE score-model")
 
 
-def train_vesde(config: dict, images: np.ndarray, members: np.ndarray, replicate: int = 0, model_out=None,
-                weights: np.ndarray | None = None, device=None, levels: int | None = None,
-                checkpoint_paths: dict[int, str] | None = None) -> VEScoreNet:
+def train_vesde(
+    config: dict,
+    images: np.ndarray,
+    members: np.ndarray,
+    replicate: int = 0,
+    model_out=None,
+    weights: np.ndarray | None = None,
+    device=None,
+    levels: int | None = None,
+    checkpoint_paths: dict[int, str] | None = None,
+) -> VEScoreNet:
     """DSM training of the VE-SDE score model on images[members], with train.py's conventions: config["train"]
     (steps, batch_size, lr, weight_decay, warmup_fraction, grad_clip), seed seeds.train + replicate, data order,
     init and per-step draws (sigma_t, eps, dequantisation u) pure functions of (seed, step); optional per-example
@@ -196,8 +211,9 @@ def train_vesde(config: dict, images: np.ndarray, members: np.ndarray, replicate
     torch.manual_seed(int(rng(seed, INIT_STREAM).integers(2**31)))
     model = build_score_model(config["model"], images.shape[1:]).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=train_cfg["lr"], weight_decay=train_cfg["weight_decay"])
-    schedule = get_cosine_schedule_with_warmup(optimizer, int(train_cfg["warmup_fraction"] * train_cfg["steps"]),
-                                               train_cfg["steps"])
+    schedule = get_cosine_schedule_with_warmup(
+        optimizer, int(train_cfg["warmup_fraction"] * train_cfg["steps"]), train_cfg["steps"]
+    )
     x_all = torch.from_numpy(np.asarray(images, dtype=np.float32)).to(device)
     w_all = None if weights is None else torch.as_tensor(weights, dtype=torch.float32, device=device)
     h = dequantization_half_width(levels)
@@ -221,7 +237,9 @@ def train_vesde(config: dict, images: np.ndarray, members: np.ndarray, replicate
         optimizer.step()
         schedule.step()
         if step + 1 in checkpoint_paths:
-            save_torch(save_checkpoint_payload(model, identity, step + 1, images.shape[1:], lr=lr), checkpoint_paths[step + 1])
+            save_torch(
+                save_checkpoint_payload(model, identity, step + 1, images.shape[1:], lr=lr), checkpoint_paths[step + 1]
+            )
         if step % 250 == 0 or step == train_cfg["steps"] - 1:
             log.info("vesde train step %d: loss %.4f", step, loss.item())
     model.eval()
@@ -231,7 +249,9 @@ def train_vesde(config: dict, images: np.ndarray, members: np.ndarray, replicate
 
 
 @torch.no_grad()
-def pf_ode_sample(model, x: torch.Tensor, settings: dict, n_steps: int, device="cpu") -> tuple[torch.Tensor, list, list]:
+def pf_ode_sample(
+    model, x: torch.Tensor, settings: dict, n_steps: int, device="cpu"
+) -> tuple[torch.Tensor, list, list]:
     """Integrate the probability-flow ODE from x ~ N(0, sigma_1^2 I) at sigma_1 down to sigma_min: Heun steps uniform
     in u = ln sigma (dx/du = sigma eps_theta). Returns (x at sigma_min, the n_steps + 1 states, the n_steps sigmas
     the steps start from). Deterministic: each image depends only on its own starting point."""
@@ -250,7 +270,9 @@ def pf_ode_sample(model, x: torch.Tensor, settings: dict, n_steps: int, device="
 
 
 @torch.no_grad()
-def sample_vesde(model, n: int, image_shape, settings: dict, n_steps: int = 64, seed: int = 0, device="cpu") -> torch.Tensor:
+def sample_vesde(
+    model, n: int, image_shape, settings: dict, n_steps: int = 64, seed: int = 0, device="cpu"
+) -> torch.Tensor:
     """Probability-flow ODE samples (Heun in u = ln sigma, from x(1) ~ N(0, sigma_1^2 I) down to sigma_min)."""
     lo, hi = (math.log(s) for s in std_range(settings))
     x = torch.randn(n, *image_shape, generator=generator(seed)).to(device) * math.exp(hi)
@@ -258,8 +280,9 @@ def sample_vesde(model, n: int, image_shape, settings: dict, n_steps: int = 64, 
 
 
 @torch.no_grad()
-def generate_vesde(model, image_shape, settings: dict, n_steps: int, sample_seed: int, n_images: int, device="cpu",
-                   indices=None) -> dict[str, np.ndarray]:
+def generate_vesde(
+    model, image_shape, settings: dict, n_steps: int, sample_seed: int, n_images: int, device="cpu", indices=None
+) -> dict[str, np.ndarray]:
     """The sample stage's queries for the VE-SDE family, in sample.generate's format: image i starts from
     N(0, sigma_1^2 I) drawn with its own generator (seed sample_seed * 1000 + i) and follows the deterministic
     probability-flow ODE (n_steps Heun steps), so it does not depend on the other images; clamped to [-1, 1].
@@ -268,8 +291,12 @@ def generate_vesde(model, image_shape, settings: dict, n_steps: int, sample_seed
     sigma_max = std_range(settings)[1]
     x = torch.stack([torch.randn(*image_shape, generator=generator(image_seed(sample_seed, i))) for i in indices])
     final, states, sigmas = pf_ode_sample(model, x.to(device) * sigma_max, settings, n_steps, device)
-    return {"images": final.clamp(-1, 1).cpu().numpy(), "trajectories": torch.stack(states, 1).numpy(),
-            "timesteps": np.asarray(sigmas), "seeds": np.array([image_seed(sample_seed, i) for i in indices])}
+    return {
+        "images": final.clamp(-1, 1).cpu().numpy(),
+        "trajectories": torch.stack(states, 1).numpy(),
+        "timesteps": np.asarray(sigmas),
+        "seeds": np.array([image_seed(sample_seed, i) for i in indices]),
+    }
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -326,7 +353,7 @@ def gaussian_prior_logp(x: torch.Tensor, std, mean=0.0) -> torch.Tensor:
     return -0.5 * ((x - mean).pow(2).flatten(1).sum(1) / var + n_dims * torch.log(2 * math.pi * var))
 
 
-def _module_fn(module: nn.Module, names: list[str], params) -> "callable":
+def _module_fn(module: nn.Module, names: list[str], params) -> callable:
     from torch.func import functional_call
 
     tensors = dict(zip(names, params))
@@ -360,8 +387,15 @@ class _CheckpointedStep(torch.autograd.Function):
         return (None, None, None, grads[0], None, None, *grads[1:])
 
 
-def pf_ode_nll(eps_fn, x: torch.Tensor, grid: torch.Tensor, solver: str = "rk4", checkpoint: bool = False,
-               prior_logp=None, return_terms: bool = False):
+def pf_ode_nll(
+    eps_fn,
+    x: torch.Tensor,
+    grid: torch.Tensor,
+    solver: str = "rk4",
+    checkpoint: bool = False,
+    prior_logp=None,
+    return_terms: bool = False,
+):
     """-ln p_{sigma_min}(x) (B,) in nats by the probability-flow ODE on the u = ln sigma grid (grid[0] = ln sigma_min,
     grid[-1] = ln sigma_max), exact divergence. eps_fn(x (B, *S), sigma (B,)) -> eps_theta. prior_logp(x1) -> (B,)
     defaults to N(0, sigma_max^2 I). return_terms: also {"prior": ln p_1(x(1)), "delta": int div, "x1": x(1)}.
@@ -392,8 +426,12 @@ def pf_ode_nll(eps_fn, x: torch.Tensor, grid: torch.Tensor, solver: str = "rk4",
 def dequantization_noise(n: int, image_shape, levels: int, seed: int, stream: int, start: int = 0) -> torch.Tensor:
     """Fixed u ~ U(-h, h)^D per image, seeded (seed, 300 + stream, image)."""
     h = dequantization_half_width(levels)
-    return torch.stack([(2 * torch.rand(*image_shape, generator=generator(seed, DEQUANT_STREAM + stream, start + i)) - 1) * h
-                        for i in range(n)])
+    return torch.stack(
+        [
+            (2 * torch.rand(*image_shape, generator=generator(seed, DEQUANT_STREAM + stream, start + i)) - 1) * h
+            for i in range(n)
+        ]
+    )
 
 
 class LikelihoodMeasurement(Measurement):
@@ -403,37 +441,77 @@ class LikelihoodMeasurement(Measurement):
 
     name = "likelihood"
 
-    def __init__(self, settings: dict, levels: int, seed: int, stream: int = 0, solver: str = "rk4", n_steps: int = 32,
-                 dequantize: bool = True, checkpoint: bool = False):
+    def __init__(
+        self,
+        settings: dict,
+        levels: int,
+        seed: int,
+        stream: int = 0,
+        solver: str = "rk4",
+        n_steps: int = 32,
+        dequantize: bool = True,
+        checkpoint: bool = False,
+    ):
         self.settings, self.levels, self.seed, self.stream = settings, int(levels), int(seed), int(stream)
-        self.solver, self.n_steps, self.dequantize, self.checkpoint = solver, int(n_steps), bool(dequantize), bool(checkpoint)
+        self.solver, self.n_steps, self.dequantize, self.checkpoint = (
+            solver,
+            int(n_steps),
+            bool(dequantize),
+            bool(checkpoint),
+        )
         self.grid = log_sigma_grid(*std_range(settings), self.n_steps)
 
     def draws(self, n, image_shape, start=0):
-        u = dequantization_noise(n, image_shape, self.levels, self.seed, self.stream, start) if self.dequantize \
+        u = (
+            dequantization_noise(n, image_shape, self.levels, self.seed, self.stream, start)
+            if self.dequantize
             else torch.zeros(n, *image_shape)
+        )
         return {"t": self.grid.unsqueeze(0).expand(n, -1).clone(), "u": u}
 
     def nll(self, predict, x: torch.Tensor, d: dict, checkpoint: bool | None = None) -> torch.Tensor:
         """Batched form: x (B, *S), d with leading dim B (the grid of the first row is used)."""
         grid = d["t"][0] if d["t"].dim() > 1 else d["t"]
-        return pf_ode_nll(predict, x + d["u"].to(x.dtype), grid.to(x.device), self.solver,
-                          self.checkpoint if checkpoint is None else checkpoint)
+        return pf_ode_nll(
+            predict,
+            x + d["u"].to(x.dtype),
+            grid.to(x.device),
+            self.solver,
+            self.checkpoint if checkpoint is None else checkpoint,
+        )
 
     def objective(self, predict, x0, d):
         # called per image under vmap: no checkpointing there (see the module docstring)
         return pf_ode_nll(predict, (x0 + d["u"].to(x0.dtype)).unsqueeze(0), d["t"], self.solver, False)[0]
 
 
-def likelihood_measurement(model_cfg: dict, likelihood_cfg: dict, levels: int, seed: int, stream: int = 0
-                           ) -> LikelihoodMeasurement:
+def likelihood_measurement(
+    model_cfg: dict, likelihood_cfg: dict, levels: int, seed: int, stream: int = 0
+) -> LikelihoodMeasurement:
     cfg = {**LIKELIHOOD_DEFAULTS, **likelihood_cfg}
-    return LikelihoodMeasurement(vesde_settings(model_cfg), levels, seed, stream, cfg["solver"], cfg["n_steps"],
-                                 cfg["dequantize"], cfg["checkpoint"])
+    return LikelihoodMeasurement(
+        vesde_settings(model_cfg),
+        levels,
+        seed,
+        stream,
+        cfg["solver"],
+        cfg["n_steps"],
+        cfg["dequantize"],
+        cfg["checkpoint"],
+    )
 
 
-def measure_likelihood(model, images: np.ndarray, model_cfg: dict, likelihood_cfg: dict, levels: int, seed: int,
-                       stream: int = 0, device="cpu", first_index: int = 0) -> dict[str, np.ndarray]:
+def measure_likelihood(
+    model,
+    images: np.ndarray,
+    model_cfg: dict,
+    likelihood_cfg: dict,
+    levels: int,
+    seed: int,
+    stream: int = 0,
+    device="cpu",
+    first_index: int = 0,
+) -> dict[str, np.ndarray]:
     """Exact -ln p and bits/dim of every image (ground truth on a trained model): {"nats", "bpd"} float64 (n,).
     images[i] gets the dequantisation draw of query first_index + i of its stream (e.g. one regenerated query)."""
     cfg = {**LIKELIHOOD_DEFAULTS, **likelihood_cfg}
@@ -451,13 +529,22 @@ def measure_likelihood(model, images: np.ndarray, model_cfg: dict, likelihood_cf
 
 
 # ---------------------------------------------------------------- the model-family interface (families.registry)
-def train_family_model(config: dict, images, members, replicate: int, model_out, checkpoint_paths=None,
-                       weights=None) -> None:
+def train_family_model(
+    config: dict, images, members, replicate: int, model_out, checkpoint_paths=None, weights=None
+) -> None:
     train_vesde(config, images, members, replicate, model_out, weights=weights, checkpoint_paths=checkpoint_paths)
 
 
 def generate_images(model, image_shape, config: dict, device, n_images: int, indices=None) -> dict:
     """The probability-flow ODE with sample.num_inference_steps Heun steps, from the same per-image seeds as the
     DDPM sampler (sample.scheduler is a DDPM setting)."""
-    return generate_vesde(model, image_shape, vesde_settings(config["model"]), config["sample"]["num_inference_steps"],
-                          config["seeds"]["sample"], n_images, device, indices)
+    return generate_vesde(
+        model,
+        image_shape,
+        vesde_settings(config["model"]),
+        config["sample"]["num_inference_steps"],
+        config["seeds"]["sample"],
+        n_images,
+        device,
+        indices,
+    )

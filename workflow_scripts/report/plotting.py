@@ -1,4 +1,5 @@
 """Figure helpers shared by the stages that draw: a headless backend and atomic, reproducible PNG + PDF files."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -8,8 +9,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from workflow_scripts.core.common import _atomic
-from workflow_scripts.core.common import save_text
+from workflow_scripts.core.common import _atomic, save_text
 
 FORMATS = ("png", "pdf")
 # No creation dates or software versions in the files: the same figure gives the same bytes.
@@ -24,7 +24,9 @@ def save_figure(fig, stem: str | Path, dpi: int = 130, formats=FORMATS) -> list[
     try:
         for fmt in formats:
             path = stem.with_name(f"{stem.name}.{fmt}")
-            _atomic(path, lambda tmp: fig.savefig(tmp, format=fmt, dpi=dpi, metadata=METADATA[fmt], bbox_inches="tight"))
+            _atomic(
+                path, lambda tmp: fig.savefig(tmp, format=fmt, dpi=dpi, metadata=METADATA[fmt], bbox_inches="tight")
+            )
             written.append(path)
     finally:
         plt.close(fig)
@@ -70,9 +72,13 @@ def markdown_to_html(markdown: str) -> str:
         rows = [r for r in table if not all(set(c) <= set("-: ") for c in cells(r))]  # drop the |---| line
         if rows:
             header, *body = rows
-            out.append("<table><thead><tr>" + "".join(f"<th>{c}</th>" for c in cells(header)) + "</tr></thead><tbody>"
-                       + "".join("<tr>" + "".join(f"<td>{c}</td>" for c in cells(r)) + "</tr>" for r in body)
-                       + "</tbody></table>")
+            out.append(
+                "<table><thead><tr>"
+                + "".join(f"<th>{c}</th>" for c in cells(header))
+                + "</tr></thead><tbody>"
+                + "".join("<tr>" + "".join(f"<td>{c}</td>" for c in cells(r)) + "</tr>" for r in body)
+                + "</tbody></table>"
+            )
         table.clear()
 
     for line in markdown.splitlines():
@@ -90,11 +96,18 @@ def html_page(title: str, body: str, caption: str = "") -> str:
     """A small self-contained HTML page (how the report shows a table)."""
     import html
 
-    return ("<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>" + html.escape(title) + "</title><style>"
-            "body{font-family:sans-serif;font-size:13px;margin:1em}table{border-collapse:collapse;margin:0.5em 0}"
-            "th,td{border:1px solid #ccc;padding:3px 6px}td{text-align:right}td:first-child{text-align:left}"
-            "th{background:#f3f3f3}</style></head><body><h3>" + html.escape(title) + "</h3>"
-            + (f"<p>{html.escape(caption)}</p>" if caption else "") + "\n" + body + "\n</body></html>\n")
+    return (
+        "<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>" + html.escape(title) + "</title><style>"
+        "body{font-family:sans-serif;font-size:13px;margin:1em}table{border-collapse:collapse;margin:0.5em 0}"
+        "th,td{border:1px solid #ccc;padding:3px 6px}td{text-align:right}td:first-child{text-align:left}"
+        "th{background:#f3f3f3}</style></head><body><h3>"
+        + html.escape(title)
+        + "</h3>"
+        + (f"<p>{html.escape(caption)}</p>" if caption else "")
+        + "\n"
+        + body
+        + "\n</body></html>\n"
+    )
 
 
 def save_table(frame, markdown: str, stem: str | Path, title: str) -> None:

@@ -11,6 +11,7 @@ influence), journey (Journey-TRAK), das (DAS, scalar and vector-output forms), c
 weights; ScorerNotRun without them), embedding (the benchmark's own classifier features), kfac (K-FAC / EK-FAC
 influence), metagradient (MAGIC: -dm/dw by reverse mode through the whole training).
 """
+
 from __future__ import annotations
 
 import importlib
@@ -27,11 +28,15 @@ def _discover() -> dict[str, Scorer]:
     for info in sorted(pkgutil.iter_modules(__path__), key=lambda i: i.name):
         module = importlib.import_module(f"{__name__}.{info.name}")
         for obj in vars(module).values():
-            if not (isinstance(obj, type) and issubclass(obj, Scorer) and obj.__module__ == module.__name__ and obj.family):
+            if not (
+                isinstance(obj, type) and issubclass(obj, Scorer) and obj.__module__ == module.__name__ and obj.family
+            ):
                 continue
             if obj.family in found:
-                raise TypeError(f"scorer family {obj.family!r} is declared twice ({type(found[obj.family]).__module__}, "
-                                f"{module.__name__})")
+                raise TypeError(
+                    f"scorer family {obj.family!r} is declared twice ({type(found[obj.family]).__module__}, "
+                    f"{module.__name__})"
+                )
             if not obj.schemas:
                 raise TypeError(f"scorer family {obj.family!r} ({module.__name__}) declares no method schema")
             found[obj.family] = obj()

@@ -9,6 +9,7 @@ calls `compute`. Modules of this package are imported by the Snakefile (through 
 they import only light modules: a scorer whose computation needs torch or a model names an `engine` module
 (workflow_scripts/engines/), loaded only when it computes.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from workflow_scripts.core.common import ArtefactError
+
 
 class ScorerNotRun(Exception):
     """A scorer that cannot run in this environment (e.g. no CLIP weights): no numbers, a reason.
@@ -61,8 +63,12 @@ QUERY_MEASUREMENT = {"type": "string", "pattern": "^(loss|elbo|trajectory|timest
 def method_schema(family, required=(), **properties) -> dict:
     """The JSON schema of one form of a method entry: {family: <family>, ...properties}, nothing else."""
     family_schema = {"const": family} if isinstance(family, str) else {"enum": list(family)}
-    return {"type": "object", "additionalProperties": False, "required": ["family", *required],
-            "properties": {"family": family_schema, **properties}}
+    return {
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["family", *required],
+        "properties": {"family": family_schema, **properties},
+    }
 
 
 class Scorer:
@@ -124,8 +130,9 @@ def query_measurement_stores(method_cfg: dict) -> list[StoreNeed]:
     target = query_target(method_cfg)
     if target == "loss":
         return []
-    return [StoreNeed("query", method_cfg["output_function"], "measurement", method_cfg.get("timesteps"),
-                      target=target)]
+    return [
+        StoreNeed("query", method_cfg["output_function"], "measurement", method_cfg.get("timesteps"), target=target)
+    ]
 
 
 CHUNK_BYTES = 64 * 2**20  # float64 bytes of one chunk of training rows
@@ -180,8 +187,10 @@ def check_same_space(inputs, stores: list[tuple[str, str]], keys=SPACE) -> None:
         made_by = inputs.sidecar(role, split)["made_by"]
         for key in keys:
             if made_by.get(key) != ref.get(key):
-                raise ArtefactError(f"gradient stores {role0!r} and {role!r} differ in {key} "
-                                    f"({ref.get(key)!r} vs {made_by.get(key)!r}); their features cannot be combined")
+                raise ArtefactError(
+                    f"gradient stores {role0!r} and {role!r} differ in {key} "
+                    f"({ref.get(key)!r} vs {made_by.get(key)!r}); their features cannot be combined"
+                )
 
 
 # ---------------------------------------------------------------- query_measurement (TRAK family)

@@ -17,11 +17,11 @@ size, replicated to 3 channels and normalised with the model's mean / std (open_
 preprocess_cfg; OpenAI's statistics when a model config names none).
 Score convention as for raw pixels: S[q, i] = similarity(query q, training image i).
 """
+
 from __future__ import annotations
 
 import json
 from pathlib import Path
-
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -55,8 +55,9 @@ def load_clip(model: str, weights: str | Path, device: torch.device | str = "cpu
         import open_clip
         from open_clip.model import set_model_preprocess_cfg
     except ImportError as exc:
-        raise ScorerNotRun("not run: open_clip is not installed",
-                           "pip install open-clip-torch (see requirements.txt)") from exc
+        raise ScorerNotRun(
+            "not run: open_clip is not installed", "pip install open-clip-torch (see requirements.txt)"
+        ) from exc
     weights = str(weights)
     try:
         if str(model).endswith(".json"):
@@ -65,13 +66,23 @@ def load_clip(model: str, weights: str | Path, device: torch.device | str = "cpu
             custom_text = model_cfg.pop("custom_text", False) or "hf_model_name" in model_cfg.get("text_cfg", {})
             net = (open_clip.CustomTextCLIP if custom_text else open_clip.CLIP)(**model_cfg)
             open_clip.load_checkpoint(net, weights, strict=True)
-            preprocess = {"mean": OPENAI_MEAN, "std": OPENAI_STD, **spec.get("preprocess_cfg", {}),
-                          "size": net.visual.image_size}
+            preprocess = {
+                "mean": OPENAI_MEAN,
+                "std": OPENAI_STD,
+                **spec.get("preprocess_cfg", {}),
+                "size": net.visual.image_size,
+            }
             set_model_preprocess_cfg(net, preprocess)
         else:
             # A file path as `pretrained` is loaded as is; tags were excluded by check_weights.
-            net = open_clip.create_model(model, pretrained=weights, pretrained_image=False, pretrained_text=False,
-                                         require_pretrained=True, device="cpu")
+            net = open_clip.create_model(
+                model,
+                pretrained=weights,
+                pretrained_image=False,
+                pretrained_text=False,
+                require_pretrained=True,
+                device="cpu",
+            )
     except (FileNotFoundError, json.JSONDecodeError) as exc:
         raise ArtefactError(f"CLIP model config {model}: {exc}") from exc
     except RuntimeError as exc:  # wrong architecture for the state dict, unknown model name, corrupt file
@@ -118,15 +129,29 @@ def compute(method_cfg: dict, inputs, lambdas) -> list:
     batch = int(method_cfg.get("batch_size", 64))
     train = embed(net, inputs.train_images(), batch)
     log.info("clip: %s embeddings of %d training images (dim %d)", method_cfg.get("model"), len(train), train.shape[1])
-    return [(None, {name: similarity(embed(net, images, batch), train, method_cfg["similarity"])
-                    for name, images in inputs.queries().items()})]
+    return [
+        (
+            None,
+            {
+                name: similarity(embed(net, images, batch), train, method_cfg["similarity"])
+                for name, images in inputs.queries().items()
+            },
+        )
+    ]
 
 
 class Clip(Scorer):
     family = "clip"
-    schemas = (method_schema("clip", ["similarity", "model", "weights"], similarity=SIMILARITY,
-                             model={"type": "string", "minLength": 1}, weights={"type": ["string", "null"]},
-                             batch_size=POSINT),)
+    schemas = (
+        method_schema(
+            "clip",
+            ["similarity", "model", "weights"],
+            similarity=SIMILARITY,
+            model={"type": "string", "minLength": 1},
+            weights={"type": ["string", "null"]},
+            batch_size=POSINT,
+        ),
+    )
     model_families = ("ddpm", "vesde")  # model-free: it reads images only
 
     def compute(self, method_cfg, inputs, lambdas):

@@ -53,10 +53,12 @@ example r rows J_i = mean_k w_ik U_k J_ik (U_k: r random output directions of ti
 independently sketched timesteps is an r-row sketch of the stacked (timestep, pixel) output, so
 S[q, i] above estimates the squared change of the whole (weighted) noise prediction of the query.
 """
+
 from __future__ import annotations
 
 import numpy as np
 
+from workflow_scripts.core.contracts import VECTOR_OUTPUT
 from workflow_scripts.scorers.base import (
     LAMBDA_GRID,
     OUTPUT_FUNCTION,
@@ -69,11 +71,11 @@ from workflow_scripts.scorers.base import (
     row_chunks,
 )
 from workflow_scripts.scorers.trak import KernelSolver, kernel_eigh
-from workflow_scripts.core.contracts import VECTOR_OUTPUT
 
 
-def scalar_scores(solver: KernelSolver, queries: np.ndarray, residuals: np.ndarray, relative_lambda: float,
-                  leverage: bool) -> np.ndarray:
+def scalar_scores(
+    solver: KernelSolver, queries: np.ndarray, residuals: np.ndarray, relative_lambda: float, leverage: bool
+) -> np.ndarray:
     """Reference form: phi_q^T H^{-1} phi_i r_i [/(1 - h_i)], (n_query, n_train)."""
     weight = np.asarray(residuals, dtype=np.float64)
     if leverage:
@@ -81,7 +83,9 @@ def scalar_scores(solver: KernelSolver, queries: np.ndarray, residuals: np.ndarr
     return solver.scores(queries, relative_lambda) * weight[None, :]
 
 
-def scalar_parameter_changes(solver: KernelSolver, residuals: np.ndarray, relative_lambda: float, leverage: bool = True) -> np.ndarray:
+def scalar_parameter_changes(
+    solver: KernelSolver, residuals: np.ndarray, relative_lambda: float, leverage: bool = True
+) -> np.ndarray:
     """(n_train, d) predicted theta_{-i} - theta* = -H^{-1} phi_i e_i [/(1 - h_i)] (for checking eq. 15)."""
     weight = np.asarray(residuals, dtype=np.float64) / ((1.0 - solver.leverages(relative_lambda)) if leverage else 1.0)
     return -solver.preconditioned_train(relative_lambda) * weight[:, None]
@@ -129,7 +133,9 @@ class VectorKernelSolver:
         """(n, d) predicted theta_{-i} - theta* = -H^{-1} J_i^T (I - H_ii)^{-1} e_i (holds n x d: small checks)."""
         return np.concatenate([-(c.T @ self.v.T) for _, c in self._coefficients(residuals, relative_lambda, leverage)])
 
-    def scores(self, queries: np.ndarray, residuals: np.ndarray, relative_lambda: float, leverage: bool = True) -> np.ndarray:
+    def scores(
+        self, queries: np.ndarray, residuals: np.ndarray, relative_lambda: float, leverage: bool = True
+    ) -> np.ndarray:
         """(n_query, n_train) ||J_q (theta_{-i} - theta*)||^2."""
         q = np.asarray(queries, dtype=np.float64)
         if q.ndim != 3 or q.shape[1:] != (self.r, self.d):
@@ -148,26 +154,49 @@ def compute(method_cfg: dict, inputs, lambdas) -> list:
         solver = KernelSolver(inputs.features("final", "train", expect))
         residuals = inputs.residuals("final")
         queries = {name: inputs.features("final", name, expect) for name in inputs.query_sets}
-        return [(lam, {name: scalar_scores(solver, q, residuals, lam, leverage).astype(np.float32) for name, q in queries.items()})
-                for lam in lambdas]
-    expect = expected_store(method_cfg, kind="sketch", output_function=VECTOR_OUTPUT,
-                            output_directions=method_cfg["output_directions"])
+        return [
+            (
+                lam,
+                {
+                    name: scalar_scores(solver, q, residuals, lam, leverage).astype(np.float32)
+                    for name, q in queries.items()
+                },
+            )
+            for lam in lambdas
+        ]
+    expect = expected_store(
+        method_cfg, kind="sketch", output_function=VECTOR_OUTPUT, output_directions=method_cfg["output_directions"]
+    )
     solver = VectorKernelSolver(inputs.features("final", "train", expect))
     residuals = inputs.residuals("final")
     queries = {name: inputs.features("final", name, expect) for name in inputs.query_sets}
-    return [(lam, {name: solver.scores(q, residuals, lam, leverage).astype(np.float32) for name, q in queries.items()})
-            for lam in lambdas]
+    return [
+        (lam, {name: solver.scores(q, residuals, lam, leverage).astype(np.float32) for name, q in queries.items()})
+        for lam in lambdas
+    ]
 
 
 class DAS(Scorer):
     family = "das"
     schemas = (
-        method_schema("das", ["form", "output_function", "leverage"], form={"const": "scalar"},
-                      output_function=OUTPUT_FUNCTION, leverage={"type": "boolean"}, timesteps=TIMESTEPS,
-                      lambda_grid=LAMBDA_GRID),
-        method_schema("das", ["form", "output_directions", "leverage"], form={"const": "vector"},
-                      output_directions=POSINT, leverage={"type": "boolean"}, timesteps=TIMESTEPS,
-                      lambda_grid=LAMBDA_GRID),
+        method_schema(
+            "das",
+            ["form", "output_function", "leverage"],
+            form={"const": "scalar"},
+            output_function=OUTPUT_FUNCTION,
+            leverage={"type": "boolean"},
+            timesteps=TIMESTEPS,
+            lambda_grid=LAMBDA_GRID,
+        ),
+        method_schema(
+            "das",
+            ["form", "output_directions", "leverage"],
+            form={"const": "vector"},
+            output_directions=POSINT,
+            leverage={"type": "boolean"},
+            timesteps=TIMESTEPS,
+            lambda_grid=LAMBDA_GRID,
+        ),
     )
     refused_reason = "it linearises the DDPM noise predictor at DDPM timesteps (rule gradients)"
 

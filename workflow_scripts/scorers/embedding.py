@@ -1,5 +1,6 @@
 """Classifier-embedding similarity: dot product or cosine of the penultimate features of the small CNN that the
 `classifier` stage trains on the benchmark's own training set (engine: workflow_scripts/engines/embedding.py)."""
+
 from __future__ import annotations
 
 from workflow_scripts.scorers.base import SIMILARITY, Scorer, method_schema

@@ -4,6 +4,7 @@ phi are the TRAK loss features (projected loss gradients averaged over the K tim
 checkpoint; no kernel, no lambda. Sign convention as TRAK: a training gradient aligned with the
 query's loss gradient means removing z_i raises the query's loss. `query_measurement` as in trak.py.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -27,14 +28,29 @@ def compute(method_cfg: dict, inputs, lambdas) -> list:
     expect = expected_store(method_cfg)
     train = inputs.features("final", "train", expect)
     kind = method_cfg["similarity"]
-    return [(None, {name: similarity(query_features(method_cfg, inputs, name, expect), train, kind).astype(np.float32)
-                    for name in inputs.query_sets})]
+    return [
+        (
+            None,
+            {
+                name: similarity(query_features(method_cfg, inputs, name, expect), train, kind).astype(np.float32)
+                for name in inputs.query_sets
+            },
+        )
+    ]
 
 
 class GradientSimilarity(Scorer):
     family = "gradient_similarity"
-    schemas = (method_schema("gradient_similarity", ["output_function", "similarity"], output_function=OUTPUT_FUNCTION,
-                             similarity=SIMILARITY, timesteps=TIMESTEPS, query_measurement=QUERY_MEASUREMENT),)
+    schemas = (
+        method_schema(
+            "gradient_similarity",
+            ["output_function", "similarity"],
+            output_function=OUTPUT_FUNCTION,
+            similarity=SIMILARITY,
+            timesteps=TIMESTEPS,
+            query_measurement=QUERY_MEASUREMENT,
+        ),
+    )
     refused_reason = "its gradient store (rule gradients) holds gradients of DDPM output functions"
     takes_query_measurement = True
 

@@ -10,6 +10,7 @@ Held-out queries have no sampling trajectory, so Journey-TRAK does not apply to 
 scored with the standard TRAK query features (the method then differs from `trak` only in the lambda
 chosen on the tuning subsets) and says so in chosen.json ("notes"), the log and sweep.png.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -28,8 +29,10 @@ from workflow_scripts.scorers.base import (
 )
 from workflow_scripts.scorers.trak import KernelSolver
 
-NOTES = {"heldout": "standard TRAK query features: Journey-TRAK applies to generated queries only "
-                    "(held-out images have no sampling trajectory)"}
+NOTES = {
+    "heldout": "standard TRAK query features: Journey-TRAK applies to generated queries only "
+    "(held-out images have no sampling trajectory)"
+}
 
 
 def notes(method_cfg: dict) -> dict[str, str]:
@@ -53,14 +56,24 @@ def compute(method_cfg: dict, inputs, lambdas) -> list:
 
 class JourneyTrak(Scorer):
     family = "journey"
-    schemas = (method_schema("journey", ["output_function"], output_function={"const": "loss"}, timesteps=TIMESTEPS,
-                             sampling_steps=POSINT, lambda_grid=LAMBDA_GRID),)
+    schemas = (
+        method_schema(
+            "journey",
+            ["output_function"],
+            output_function={"const": "loss"},
+            timesteps=TIMESTEPS,
+            sampling_steps=POSINT,
+            lambda_grid=LAMBDA_GRID,
+        ),
+    )
     refused_reason = "it re-noises the DDPM sampling trajectory at DDPM timesteps"
 
     def stores(self, method_cfg):
         # timesteps None: the journey store spans sample.num_inference_steps (dag/paths.py)
-        return [loss_store(method_cfg), StoreNeed("journey", method_cfg["output_function"], "journey",
-                                                  method_cfg.get("sampling_steps"))]
+        return [
+            loss_store(method_cfg),
+            StoreNeed("journey", method_cfg["output_function"], "journey", method_cfg.get("sampling_steps")),
+        ]
 
     def compute(self, method_cfg, inputs, lambdas):
         return compute(method_cfg, inputs, lambdas)

@@ -4,6 +4,7 @@ S[q, i] = (1/N) grad m(x_q)^T (G + lambda I)^-1 grad l(z_i), G the fitted K-FAC 
 The declaration: settings, inputs (the final checkpoint and the curvature variant of its settings), lambda grid and
 notes. The computation is workflow_scripts/engines/kfac.py.
 """
+
 from __future__ import annotations
 
 from workflow_scripts.scorers.base import LAMBDA_GRID, QUERY_MEASUREMENT, Scorer, method_schema
@@ -21,19 +22,30 @@ def query_target(method_cfg: dict) -> str:
 
 def settings(method_cfg: dict, config: dict) -> dict:
     """The resolved settings of a kfac method (kfac.* with the method's overrides): the ablation table's columns."""
-    k = {**SCORE_DEFAULTS, **config.get("kfac", {}), **{key: method_cfg[key] for key in (*METHOD_KEYS, "quantization")
-                                                         if key in method_cfg}}
-    return {"fisher_type": k["fisher_type"], "kfac_approx": k["kfac_approx"], "ekfac": bool(k["ekfac"]),
-            "quantization": k["quantization"], "damping": method_cfg.get("damping", "relative"),
-            "query_measurement": query_target(method_cfg)}
+    k = {
+        **SCORE_DEFAULTS,
+        **config.get("kfac", {}),
+        **{key: method_cfg[key] for key in (*METHOD_KEYS, "quantization") if key in method_cfg},
+    }
+    return {
+        "fisher_type": k["fisher_type"],
+        "kfac_approx": k["kfac_approx"],
+        "ekfac": bool(k["ekfac"]),
+        "quantization": k["quantization"],
+        "damping": method_cfg.get("damping", "relative"),
+        "query_measurement": query_target(method_cfg),
+    }
 
 
 def notes(method_cfg: dict) -> dict[str, str]:
     out = {}
     if method_cfg.get("damping") == "absolute":
         grid = ", ".join(f"{lam:g}" for lam in method_cfg.get("lambda_grid", []))
-        text = f"absolute damping {grid} (paper default), not tuned" if len(method_cfg.get("lambda_grid", [])) == 1 \
+        text = (
+            f"absolute damping {grid} (paper default), not tuned"
+            if len(method_cfg.get("lambda_grid", [])) == 1
             else f"absolute damping grid {grid}"
+        )
         out = {name: text for name in ("generated", "heldout")}
     if query_target(method_cfg) == "trajectory":  # likelihood.target_measurement: held-out sets have none
         text = "loss query gradients: held-out images have no sampling trajectory"
@@ -43,21 +55,44 @@ def notes(method_cfg: dict) -> dict[str, str]:
 
 class KFAC(Scorer):
     family = "kfac"
-    schemas = (method_schema("kfac", fisher_type={"enum": ["mc", "empirical", "type-2"]},
-                             kfac_approx={"enum": ["expand", "reduce"]}, ekfac={"type": "boolean"},
-                             quantization={"enum": list(QUANTIZATIONS)}, damping={"enum": ["relative", "absolute"]},
-                             lambda_grid=LAMBDA_GRID, query_measurement=QUERY_MEASUREMENT),)
-    refused_reason = ("the curvature rule fits K-FAC to the DDPM training loss (the DSM loss and the bits/dim query "
-                      "gradients of the VE-SDE likelihood are not wired into rules curvature / scores)")
+    schemas = (
+        method_schema(
+            "kfac",
+            fisher_type={"enum": ["mc", "empirical", "type-2"]},
+            kfac_approx={"enum": ["expand", "reduce"]},
+            ekfac={"type": "boolean"},
+            quantization={"enum": list(QUANTIZATIONS)},
+            damping={"enum": ["relative", "absolute"]},
+            lambda_grid=LAMBDA_GRID,
+            query_measurement=QUERY_MEASUREMENT,
+        ),
+    )
+    refused_reason = (
+        "the curvature rule fits K-FAC to the DDPM training loss (the DSM loss and the bits/dim query "
+        "gradients of the VE-SDE likelihood are not wired into rules curvature / scores)"
+    )
     takes_query_measurement = True
-    config_keys = ("model", "diffusion", "kfac", "seeds.gradients", "seeds.measure", "measure", "data.dataset", "compute")
+    config_keys = (
+        "model",
+        "diffusion",
+        "kfac",
+        "seeds.gradients",
+        "seeds.measure",
+        "measure",
+        "data.dataset",
+        "compute",
+    )
     model_inputs = ("model", "curvature")
     engine = "workflow_scripts.engines.kfac"
 
     def lambdas(self, method_cfg, config):
         """The method's lambda_grid, else kfac.lambda_grid (K-FAC's damping grid reaches far lower than TRAK's: the
         paper uses almost none), else scores.lambda_grid; absolute dampings when the method says damping: absolute."""
-        grid = method_cfg.get("lambda_grid") or config.get("kfac", {}).get("lambda_grid") or config["scores"]["lambda_grid"]
+        grid = (
+            method_cfg.get("lambda_grid")
+            or config.get("kfac", {}).get("lambda_grid")
+            or config["scores"]["lambda_grid"]
+        )
         return [float(lam) for lam in grid]
 
     def notes(self, method_cfg):

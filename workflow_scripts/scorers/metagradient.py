@@ -17,14 +17,16 @@ Method keys:
 - replicate: training seed index of the attributed model (default 0 = the full model).
 There is no lambda: a single result (None, matrices).
 """
-from __future__ import annotations
 
-import numpy as np
+from __future__ import annotations
 
 import math
 
+import numpy as np
+
 from workflow_scripts.core.common import ArtefactError, load_npz, log
 from workflow_scripts.scorers.base import POSINT, Scorer, method_schema
+
 
 def default_every(steps: int) -> int:
     """The reverse pass's default state checkpoint interval: ceil(sqrt(train.steps))."""
@@ -43,7 +45,11 @@ def _options(method_cfg: dict) -> dict:
         value = opts[key]
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1):
             raise ValueError(f"metagradient: {key} must be a positive integer or null, got {value!r}")
-    if isinstance(opts["replicate"], bool) or not isinstance(opts["replicate"], (int, np.integer)) or opts["replicate"] < 0:
+    if (
+        isinstance(opts["replicate"], bool)
+        or not isinstance(opts["replicate"], (int, np.integer))
+        or opts["replicate"] < 0
+    ):
         raise ValueError(f"metagradient: replicate must be a non-negative integer, got {opts['replicate']!r}")
     return opts
 
@@ -64,12 +70,18 @@ def notes(method_cfg: dict) -> dict[str, str]:
 def settings(method_cfg: dict, config: dict) -> dict:
     opts = _options(method_cfg)
     steps = int(config["train"]["steps"])
-    return {"checkpoint_every": int(opts["checkpoint_every"] or default_every(steps)), "max_queries": opts["max_queries"],
-            "replicate": int(opts["replicate"]), "train_steps": steps, "queries_per_job": opts["queries_per_job"]}
+    return {
+        "checkpoint_every": int(opts["checkpoint_every"] or default_every(steps)),
+        "max_queries": opts["max_queries"],
+        "replicate": int(opts["replicate"]),
+        "train_steps": steps,
+        "queries_per_job": opts["queries_per_job"],
+    }
 
 
-def assemble(chunk_paths: list[str], queries: dict[str, np.ndarray], n_train: int,
-             selected: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+def assemble(
+    chunk_paths: list[str], queries: dict[str, np.ndarray], n_train: int, selected: dict[str, np.ndarray]
+) -> dict[str, np.ndarray]:
     """{query set: (n_query, n_train) float32} from the chunk jobs' files; rows not attributed are NaN. The chunks
     must hold every selected query exactly once, and nothing else."""
     matrices = {name: np.full((len(images), n_train), np.nan, dtype=np.float32) for name, images in queries.items()}
@@ -81,16 +93,23 @@ def assemble(chunk_paths: list[str], queries: dict[str, np.ndarray], n_train: in
                 raise ArtefactError(f"{path}: scores for unknown query set {name!r}")
             idx, scores = chunk[f"{name}_indices"], chunk[f"{name}_scores"]
             if scores.shape != (len(idx), n_train) or not np.isfinite(scores).all():
-                raise ArtefactError(f"{path}: {name} scores of shape {scores.shape} (expected ({len(idx)}, {n_train}), "
-                                    "finite); delete it and rerun")
+                raise ArtefactError(
+                    f"{path}: {name} scores of shape {scores.shape} (expected ({len(idx)}, {n_train}), "
+                    "finite); delete it and rerun"
+                )
             matrices[name][idx] = scores
             seen[name].extend(int(i) for i in idx)
     for name in queries:
         if sorted(seen[name]) != sorted(int(i) for i in selected[name]):
-            raise ArtefactError(f"the chunk files hold {name} queries {sorted(seen[name])}, expected exactly "
-                                f"{selected[name].tolist()} (max_queries changed? rerun the metagradient jobs)")
-    log.info("metagradient: assembled %d chunk file(s): %s queries attributed", len(chunk_paths),
-             {name: len(v) for name, v in seen.items()})
+            raise ArtefactError(
+                f"the chunk files hold {name} queries {sorted(seen[name])}, expected exactly "
+                f"{selected[name].tolist()} (max_queries changed? rerun the metagradient jobs)"
+            )
+    log.info(
+        "metagradient: assembled %d chunk file(s): %s queries attributed",
+        len(chunk_paths),
+        {name: len(v) for name, v in seen.items()},
+    )
     return matrices
 
 
@@ -99,8 +118,15 @@ OPTIONAL_POSINT = {"oneOf": [POSINT, {"type": "null"}]}
 
 class Metagradient(Scorer):
     family = "metagradient"
-    schemas = (method_schema("metagradient", checkpoint_every=OPTIONAL_POSINT, max_queries=OPTIONAL_POSINT,
-                             replicate={"type": "integer", "minimum": 0}, queries_per_job=OPTIONAL_POSINT),)
+    schemas = (
+        method_schema(
+            "metagradient",
+            checkpoint_every=OPTIONAL_POSINT,
+            max_queries=OPTIONAL_POSINT,
+            replicate={"type": "integer", "minimum": 0},
+            queries_per_job=OPTIONAL_POSINT,
+        ),
+    )
     refused_reason = "it replays DDPM training (workflow_scripts/engines/magic.py)"
     config_keys = ("train.steps",)  # its settings (checkpoint interval); the scores come from its chunk jobs
     chunk_jobs = True
@@ -119,11 +145,15 @@ class Metagradient(Scorer):
     def check(self, name, method_cfg, config):
         """It needs its fixed-seed ground truth, made with the full model's seed (replicate 0)."""
         if "fixed_seed" not in config:
-            raise ValueError(f"scores.methods.{name}: a metagradient method needs the section fixed_seed "
-                             "(loo_sets, loo_fraction: its fixed-seed ground truth)")
+            raise ValueError(
+                f"scores.methods.{name}: a metagradient method needs the section fixed_seed "
+                "(loo_sets, loo_fraction: its fixed-seed ground truth)"
+            )
         if method_cfg.get("replicate", 0) != 0:
-            raise ValueError(f"scores.methods.{name}.replicate: the fixed-seed ground truth retrains with the full "
-                             "model's seed (replicate 0); other replicates are library-only")
+            raise ValueError(
+                f"scores.methods.{name}.replicate: the fixed-seed ground truth retrains with the full "
+                "model's seed (replicate 0); other replicates are library-only"
+            )
 
     def notes(self, method_cfg):
         return notes(method_cfg)

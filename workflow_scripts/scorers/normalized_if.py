@@ -5,6 +5,7 @@ With S_TRAK[q, i] = phi(x_q)^T (Phi^T Phi + lambda I)^{-1} phi(z_i) on the TRAK 
   renormalized:  S[q, i] = S_TRAK[q, i] / ||phi(z_i)||
 (DAS paper appendix E.3). lambda is swept like TRAK's (relative to the mean eigenvalue of Phi^T Phi).
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -24,7 +25,9 @@ from workflow_scripts.scorers.base import (
 from workflow_scripts.scorers.trak import KernelSolver
 
 
-def normalized_scores(solver: KernelSolver, queries: np.ndarray, relative_lambda: float, normalization: str) -> np.ndarray:
+def normalized_scores(
+    solver: KernelSolver, queries: np.ndarray, relative_lambda: float, normalization: str
+) -> np.ndarray:
     if normalization == "relative":
         norms = solver.preconditioned_train_norms(relative_lambda)
     elif normalization == "renormalized":
@@ -39,15 +42,25 @@ def compute(method_cfg: dict, inputs, lambdas) -> list:
     solver = KernelSolver(inputs.features("final", "train", expect))
     queries = {name: query_features(method_cfg, inputs, name, expect) for name in inputs.query_sets}
     kind = method_cfg["normalization"]
-    return [(lam, {name: normalized_scores(solver, q, lam, kind).astype(np.float32) for name, q in queries.items()})
-            for lam in lambdas]
+    return [
+        (lam, {name: normalized_scores(solver, q, lam, kind).astype(np.float32) for name, q in queries.items()})
+        for lam in lambdas
+    ]
 
 
 class NormalizedInfluence(Scorer):
     family = "normalized_if"
-    schemas = (method_schema("normalized_if", ["output_function", "normalization"], output_function=OUTPUT_FUNCTION,
-                             normalization={"enum": ["relative", "renormalized"]}, timesteps=TIMESTEPS,
-                             lambda_grid=LAMBDA_GRID, query_measurement=QUERY_MEASUREMENT),)
+    schemas = (
+        method_schema(
+            "normalized_if",
+            ["output_function", "normalization"],
+            output_function=OUTPUT_FUNCTION,
+            normalization={"enum": ["relative", "renormalized"]},
+            timesteps=TIMESTEPS,
+            lambda_grid=LAMBDA_GRID,
+            query_measurement=QUERY_MEASUREMENT,
+        ),
+    )
     refused_reason = "its gradient store (rule gradients) holds gradients of DDPM output functions"
     takes_query_measurement = True
 

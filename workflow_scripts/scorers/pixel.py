@@ -1,4 +1,5 @@
 """Raw pixel similarity: dot product or cosine of flattened images (no model involved)."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -14,7 +15,9 @@ def similarity(queries: np.ndarray, train: np.ndarray, kind: str) -> np.ndarray:
 
 def compute(method_cfg: dict, inputs, lambdas) -> list:
     train = inputs.train_images()
-    return [(None, {name: similarity(images, train, method_cfg["similarity"]) for name, images in inputs.queries().items()})]
+    return [
+        (None, {name: similarity(images, train, method_cfg["similarity"]) for name, images in inputs.queries().items()})
+    ]
 
 
 class Pixel(Scorer):

@@ -6,6 +6,7 @@ step*.pt) and lr_c the learning rate of the optimizer step that produced it (rec
 checkpoint and copied into each store's sidecar). The sum runs over the C checkpoints of
 train.checkpoint_every (the last one is the final step, whose cosine-schedule lr is ~0).
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -28,7 +29,9 @@ from workflow_scripts.scorers.base import (
 def tracin_scores(queries: list[np.ndarray], train: list[np.ndarray], lrs: list[float], kind: str) -> np.ndarray:
     """sum_c lr_c sim(queries[c], train[c]) -- one feature matrix pair per checkpoint."""
     if not (len(queries) == len(train) == len(lrs)) or not lrs:
-        raise ValueError(f"need one (query, train, lr) triple per checkpoint, got {len(queries)}, {len(train)}, {len(lrs)}")
+        raise ValueError(
+            f"need one (query, train, lr) triple per checkpoint, got {len(queries)}, {len(train)}, {len(lrs)}"
+        )
     return sum(lr * similarity(q, x, kind) for q, x, lr in zip(queries, train, lrs))
 
 
@@ -47,20 +50,39 @@ def compute(method_cfg: dict, inputs, lambdas) -> list:
     for role in roles:
         lr = inputs.checkpoint(role)["lr"]
         if lr is None:
-            raise ArtefactError(f"store {role}: its checkpoint records no learning rate (not an intermediate checkpoint?)")
+            raise ArtefactError(
+                f"store {role}: its checkpoint records no learning rate (not an intermediate checkpoint?)"
+            )
         lrs.append(lr)
     log.info("TracIn over %d checkpoints: %s", len(roles), ", ".join(f"{r} (lr {lr:.3g})" for r, lr in zip(roles, lrs)))
     train = [inputs.features(role, "train", expect) for role in roles]
     kind = method_cfg["similarity"]
-    return [(None, {name: tracin_scores([inputs.features(role, name, expect) for role in roles], train, lrs, kind).astype(np.float32)
-                    for name in inputs.query_sets})]
+    return [
+        (
+            None,
+            {
+                name: tracin_scores([inputs.features(role, name, expect) for role in roles], train, lrs, kind).astype(
+                    np.float32
+                )
+                for name in inputs.query_sets
+            },
+        )
+    ]
 
 
 class TracIn(Scorer):
     family = "tracin"
     # query_measurement is accepted by the schema only to be refused with a reason (dag/config.py)
-    schemas = (method_schema("tracin", ["output_function", "similarity"], output_function=OUTPUT_FUNCTION,
-                             similarity=SIMILARITY, timesteps=TIMESTEPS, query_measurement=QUERY_MEASUREMENT),)
+    schemas = (
+        method_schema(
+            "tracin",
+            ["output_function", "similarity"],
+            output_function=OUTPUT_FUNCTION,
+            similarity=SIMILARITY,
+            timesteps=TIMESTEPS,
+            query_measurement=QUERY_MEASUREMENT,
+        ),
+    )
     refused_reason = "its gradient stores (rule gradients) hold gradients of DDPM output functions"
 
     def stores(self, method_cfg):

@@ -18,6 +18,7 @@ and K = 100 are separate methods reading separate stores.
 `query_measurement` (default loss; elbo, timestep_loss_t<t>, trajectory) makes phi(x) the projected gradient of
 that likelihood measurement instead (store role 'query', scorers/base.py query_features); Phi stays the loss store.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -35,6 +36,7 @@ from workflow_scripts.scorers.base import (
     query_measurement_stores,
     row_chunks,
 )
+
 
 def kernel_eigh(features) -> tuple[np.ndarray, np.ndarray]:
     """Eigenvalues (clipped at 0) and eigenvectors of sum_i J_i^T J_i over the rows of (n, ..., d) features."""
@@ -113,8 +115,16 @@ def compute(method_cfg: dict, inputs, lambdas) -> list:
 
 class Trak(Scorer):
     family = "trak"
-    schemas = (method_schema("trak", ["output_function"], output_function=OUTPUT_FUNCTION, timesteps=TIMESTEPS,
-                             lambda_grid=LAMBDA_GRID, query_measurement=QUERY_MEASUREMENT),)
+    schemas = (
+        method_schema(
+            "trak",
+            ["output_function"],
+            output_function=OUTPUT_FUNCTION,
+            timesteps=TIMESTEPS,
+            lambda_grid=LAMBDA_GRID,
+            query_measurement=QUERY_MEASUREMENT,
+        ),
+    )
     refused_reason = "its gradient store (rule gradients) holds gradients of DDPM output functions at DDPM timesteps"
     takes_query_measurement = True
 

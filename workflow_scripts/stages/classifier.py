@@ -1,15 +1,18 @@
-"""Stage `classifier`: train the digit classifier of core/classifier.py and save it with its held-out accuracy.
-"""
+"""Stage `classifier`: train the digit classifier of core/classifier.py and save it with its held-out accuracy."""
+
 from __future__ import annotations
 
 import argparse
+
 from workflow_scripts.core import data as core_data
-from workflow_scripts.core.common import ArtefactError, log, save_torch, select_device
 from workflow_scripts.core.classifier import accuracy, classifier_config, train_classifier
+from workflow_scripts.core.common import ArtefactError, log, save_torch, select_device
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--dataset", required=True, help="dataset.npz of the data stage (train + held-out images, labels)")
+    parser.add_argument(
+        "--dataset", required=True, help="dataset.npz of the data stage (train + held-out images, labels)"
+    )
     parser.add_argument("--out", required=True, help="classifier checkpoint (.pt)")
 
 
@@ -23,8 +26,14 @@ def run(args, config: dict) -> None:
         if key not in dataset:
             raise ArtefactError(f"{args.dataset}: lacks {key}")
     model, payload = train_classifier(cfg, seed, dataset["train_images"], dataset["train_labels"], device)
-    payload["metrics"]["heldout_accuracy"] = accuracy(model, dataset["heldout_images"], dataset["heldout_labels"], device)
+    payload["metrics"]["heldout_accuracy"] = accuracy(
+        model, dataset["heldout_images"], dataset["heldout_labels"], device
+    )
     save_torch(payload, args.out)
-    log.info("classifier: train accuracy %.3f, held-out accuracy %.3f (%d held-out images); wrote %s",
-             payload["metrics"]["train_accuracy"], payload["metrics"]["heldout_accuracy"],
-             len(dataset["heldout_images"]), args.out)
+    log.info(
+        "classifier: train accuracy %.3f, held-out accuracy %.3f (%d held-out images); wrote %s",
+        payload["metrics"]["train_accuracy"],
+        payload["metrics"]["heldout_accuracy"],
+        len(dataset["heldout_images"]),
+        args.out,
+    )

@@ -12,6 +12,7 @@ Writes <out-dir>/members.npy (the sorted training indices that remain: what the 
 and <out-dir>/selection.json (k, the removed indices and, for a method, their scores). One job per
 (method, query), so adding queries or methods reruns only the new retrainings.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -59,7 +60,9 @@ def select(method: str, n_train: int, k: int, query: int, seed: int, scores: np.
     if scores is None:
         raise ValueError(f"method {method!r} needs its score matrix")
     if scores.ndim != 2 or scores.shape[1] != n_train:
-        raise ArtefactError(f"{method}: score matrix of shape {scores.shape} does not match {n_train} training examples")
+        raise ArtefactError(
+            f"{method}: score matrix of shape {scores.shape} does not match {n_train} training examples"
+        )
     if not 0 <= query < scores.shape[0]:
         raise ArtefactError(f"{method}: scores for {scores.shape[0]} generated queries, none for query {query}")
     return top_k(scores[query], k)
@@ -71,8 +74,10 @@ def load_generated_scores(score_dir: str | Path, method: str) -> np.ndarray:
     if chosen.exists():
         not_run = json.loads(chosen.read_text()).get("not_run")
         if not_run:
-            raise ArtefactError(f"{method}: the scores stage did not run it ({not_run}); it has no top-k to remove. "
-                                f"Remove it from counterfactual.methods")
+            raise ArtefactError(
+                f"{method}: the scores stage did not run it ({not_run}); it has no top-k to remove. "
+                f"Remove it from counterfactual.methods"
+            )
     path = score_dir / "generated.npy"
     if not path.exists():
         raise ArtefactError(f"{path}: missing (run the scores stage for {method})")
@@ -97,14 +102,25 @@ def run(args, config: dict) -> None:
         scores = load_generated_scores(args.scores, args.method)
     removed = select(args.method, n_train, k, args.query, config["seeds"]["counterfactual"], scores)
     out = Path(args.out_dir)
-    record = {"method": args.method, "query": args.query, "k": k, "k_config": config["counterfactual"]["k"],
-              "n_train": n_train, "removed": [int(i) for i in removed]}
+    record = {
+        "method": args.method,
+        "query": args.query,
+        "k": k,
+        "k_config": config["counterfactual"]["k"],
+        "n_train": n_train,
+        "removed": [int(i) for i in removed],
+    }
     if scores is not None:
         record["scores"] = [float(scores[args.query, i]) for i in removed]
         positive = int((scores[args.query, removed] > 0).sum())
         if positive < k:
-            log.warning("counterfactual %s query %d: only %d of the top %d scores are positive", args.method, args.query,
-                        positive, k)
+            log.warning(
+                "counterfactual %s query %d: only %d of the top %d scores are positive",
+                args.method,
+                args.query,
+                positive,
+                k,
+            )
     save_npy(remaining(n_train, removed), out / "members.npy")
     save_json(record, out / "selection.json")
     log.info("counterfactual %s query %d: removed %d of %d training examples", args.method, args.query, k, n_train)

@@ -14,6 +14,7 @@ counterfactual.ci, seeds.bootstrap).
 Writes <table>.csv (long: method, metric, ...), .md, .json (DVC metrics), .html (for the report),
 <table>_per_query.csv, and the figures <boxplots>.{png,pdf} and <pairs>.{png,pdf}.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,12 +25,10 @@ import numpy as np
 import pandas as pd
 
 from workflow_scripts.core import data as core_data
-from workflow_scripts.core.common import ArtefactError, load_npz, log, save_json, save_text
-from workflow_scripts.dag.paths import RANDOM_BASELINE
-from workflow_scripts.report.plotting import html_page, markdown_to_html, save_figure, show_image
-from workflow_scripts.report.plotting import plt
-from workflow_scripts.core.common import select_device
 from workflow_scripts.core.classifier import embed, load_classifier
+from workflow_scripts.core.common import ArtefactError, load_npz, log, save_json, save_text, select_device
+from workflow_scripts.dag.paths import RANDOM_BASELINE
+from workflow_scripts.report.plotting import html_page, markdown_to_html, plt, save_figure, show_image
 from workflow_scripts.scorers import clip
 
 METRICS = {  # column -> (label, which direction means "the removed examples mattered")
@@ -67,8 +66,13 @@ def bootstrap_median(values, n_bootstrap: int, ci: float, seed: int) -> dict:
     generator = np.random.default_rng(seed)
     resamples = values[generator.integers(0, len(values), (n_bootstrap, len(values)))]
     low, high = np.quantile(np.median(resamples, axis=1), [(1 - ci) / 2, 1 - (1 - ci) / 2])
-    return {"median": float(np.median(values)), "mean": float(values.mean()), "ci_low": float(low),
-            "ci_high": float(high), "n_queries": int(len(values))}
+    return {
+        "median": float(np.median(values)),
+        "mean": float(values.mean()),
+        "ci_low": float(low),
+        "ci_high": float(high),
+        "n_queries": int(len(values)),
+    }
 
 
 # ------------------------------------------------------------------------------------------- embeddings
@@ -85,8 +89,10 @@ class Embedder:
         if weights:
             log.warning("counterfactual.clip_weights %s does not exist: embedding cosine uses the classifier", weights)
         if not classifier_path:
-            raise ArtefactError("the embedding cosine needs CLIP weights (counterfactual.clip_weights) or the "
-                                "classifier checkpoint (--classifier)")
+            raise ArtefactError(
+                "the embedding cosine needs CLIP weights (counterfactual.clip_weights) or the "
+                "classifier checkpoint (--classifier)"
+            )
         model, _ = load_classifier(classifier_path, train_images=train_images, device=device)
         self._embed = lambda x: embed(model, x)
         self.name = "classifier features" + (f" (CLIP weights {weights} not found)" if weights else "")
@@ -105,9 +111,16 @@ def load_regenerated(paths: list[str]) -> pd.DataFrame:
         method, query = path.parent.parent.name, path.parent.name
         if int(arrays["query"]) != int(query.lstrip("q")):
             raise ArtefactError(f"{path}: holds query {int(arrays['query'])}, its directory says {query}")
-        rows.append({"method": method, "query": int(arrays["query"]), "image_full": arrays["image_full"],
-                     "image_counterfactual": arrays["image_counterfactual"],
-                     "loss_full": float(arrays["loss_full"]), "loss_counterfactual": float(arrays["loss_counterfactual"])})
+        rows.append(
+            {
+                "method": method,
+                "query": int(arrays["query"]),
+                "image_full": arrays["image_full"],
+                "image_counterfactual": arrays["image_counterfactual"],
+                "loss_full": float(arrays["loss_full"]),
+                "loss_counterfactual": float(arrays["loss_counterfactual"]),
+            }
+        )
     if not rows:
         raise ArtefactError("no regenerated counterfactual queries given (--regenerated)")
     return pd.DataFrame(rows)
@@ -144,9 +157,12 @@ def to_markdown(summary: pd.DataFrame, k: int, n_train: int, embedding: str, ci:
             cells.append(f"{r['median']:.4g} (mean {r['mean']:.4g}) [{r['ci_low']:.4g}, {r['ci_high']:.4g}]")
         lines.append(f"| {method} | {' | '.join(cells)} |")
     n = int(summary["n_queries"].iloc[0])
-    lines += ["", f"Median over {n} generated queries (mean in parentheses) and a {ci:.0%} bootstrap CI of the median; "
-              f"k = {k} of {n_train} training examples removed per query ({RANDOM_BASELINE}: k random ones). "
-              f"pixel L2 on images in [-1, 1]; embedding: {embedding}; loss change = m_q(retrained) - m_q(full)."]
+    lines += [
+        "",
+        f"Median over {n} generated queries (mean in parentheses) and a {ci:.0%} bootstrap CI of the median; "
+        f"k = {k} of {n_train} training examples removed per query ({RANDOM_BASELINE}: k random ones). "
+        f"pixel L2 on images in [-1, 1]; embedding: {embedding}; loss change = m_q(retrained) - m_q(full).",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -155,10 +171,21 @@ def plot_boxplots(per_query: pd.DataFrame, methods: list[str], stem, embedding: 
     import seaborn as sns
 
     fig, axes = plt.subplots(1, len(METRICS), figsize=(3.6 * len(METRICS), 3.8))
-    palette = {m: ("0.6" if m == RANDOM_BASELINE else c) for m, c in zip(methods, sns.color_palette("deep", len(methods)))}
+    palette = {
+        m: ("0.6" if m == RANDOM_BASELINE else c) for m, c in zip(methods, sns.color_palette("deep", len(methods)))
+    }
     for ax, (metric, (label, better)) in zip(axes, METRICS.items()):
-        sns.boxplot(data=per_query, x="method", y=metric, order=methods, hue="method", palette=palette, ax=ax,
-                    showfliers=False, legend=False)
+        sns.boxplot(
+            data=per_query,
+            x="method",
+            y=metric,
+            order=methods,
+            hue="method",
+            palette=palette,
+            ax=ax,
+            showfliers=False,
+            legend=False,
+        )
         sns.stripplot(data=per_query, x="method", y=metric, order=methods, color="k", size=3, ax=ax)
         ax.set_title(f"{label}\n({better} = removal mattered more)", fontsize=9)
         ax.set_xlabel("")
@@ -166,7 +193,9 @@ def plot_boxplots(per_query: pd.DataFrame, methods: list[str], stem, embedding: 
         ax.tick_params(axis="x", rotation=30, labelsize=8)
         if metric == "loss_change":
             ax.axhline(0, c="grey", lw=0.8)
-    fig.suptitle(f"Counterfactual retraining: top-k removed per query ({per_query['query'].nunique()} queries)", fontsize=10)
+    fig.suptitle(
+        f"Counterfactual retraining: top-k removed per query ({per_query['query'].nunique()} queries)", fontsize=10
+    )
     fig.tight_layout()
     save_figure(fig, stem)
 
@@ -175,15 +204,17 @@ def plot_pairs(regenerated: pd.DataFrame, per_query: pd.DataFrame, methods: list
     """Rows = queries; first column the full model's image, then each method's counterfactual image."""
 
     queries = sorted(regenerated["query"].unique())
-    fig, axes = plt.subplots(len(queries), 1 + len(methods), figsize=(1.3 * (1 + len(methods)), 1.45 * len(queries)),
-                             squeeze=False)
+    fig, axes = plt.subplots(
+        len(queries), 1 + len(methods), figsize=(1.3 * (1 + len(methods)), 1.45 * len(queries)), squeeze=False
+    )
     for r, q in enumerate(queries):
         rows = regenerated[regenerated["query"] == q].set_index("method")
         show_image(axes[r, 0], rows.iloc[0]["image_full"], f"q{q}: full model" if r == 0 else f"q{q}")
         for c, method in enumerate(methods, start=1):
             l2 = per_query[(per_query["method"] == method) & (per_query["query"] == q)]["pixel_l2"].iloc[0]
-            show_image(axes[r, c], rows.loc[method, "image_counterfactual"],
-                       (f"{method}\n" if r == 0 else "") + f"L2 {l2:.2f}")
+            show_image(
+                axes[r, c], rows.loc[method, "image_counterfactual"], (f"{method}\n" if r == 0 else "") + f"L2 {l2:.2f}"
+            )
     fig.suptitle("Same sampling seed: full model vs. retrained without each method's top-k", fontsize=9)
     fig.tight_layout()
     save_figure(fig, stem)
@@ -191,8 +222,12 @@ def plot_pairs(regenerated: pd.DataFrame, per_query: pd.DataFrame, methods: list
 
 # ------------------------------------------------------------------------------------------- stage
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--regenerated", nargs="+", required=True, help=".../counterfactual/<method>/q<NNN>/regenerated.npz")
-    parser.add_argument("--selections", nargs="+", required=True, help=".../counterfactual/<method>/q<NNN>/selection.json")
+    parser.add_argument(
+        "--regenerated", nargs="+", required=True, help=".../counterfactual/<method>/q<NNN>/regenerated.npz"
+    )
+    parser.add_argument(
+        "--selections", nargs="+", required=True, help=".../counterfactual/<method>/q<NNN>/selection.json"
+    )
     parser.add_argument("--dataset", required=True)
     parser.add_argument("--classifier", help="classifier checkpoint (the embedding when there are no CLIP weights)")
     parser.add_argument("--table", required=True, help="output stem: .csv, .md, .json, .html and _per_query.csv")
@@ -222,9 +257,17 @@ def run(args, config: dict) -> None:
     save_text(per_query.to_csv(index=False), stem.with_name(stem.name + "_per_query.csv"))
     markdown = to_markdown(summary, k, n_train, embed.name, cf["ci"])
     save_text(markdown, stem.with_suffix(".md"))
-    save_json({m: {f"{r.metric}_{stat}": float(getattr(r, stat)) for r in sub.itertuples()
-                   for stat in ("median", "mean", "ci_low", "ci_high")}
-               for m, sub in summary.groupby("method", sort=False)}, stem.with_suffix(".json"))
+    save_json(
+        {
+            m: {
+                f"{r.metric}_{stat}": float(getattr(r, stat))
+                for r in sub.itertuples()
+                for stat in ("median", "mean", "ci_low", "ci_high")
+            }
+            for m, sub in summary.groupby("method", sort=False)
+        },
+        stem.with_suffix(".json"),
+    )
     save_text(html_page("Counterfactual retraining", markdown_to_html(markdown)), stem.with_suffix(".html"))
     plot_boxplots(per_query, methods, args.boxplots, embed.name)
     plot_pairs(regenerated, per_query, methods, args.pairs)

@@ -1,23 +1,49 @@
 """Stage `curvature`: fit one K-FAC / EK-FAC variant (fisher type, approximation, eigenvalue correction) of the
 final model to its training loss and save it; the curvature itself is core/curvature.py.
 """
+
 from __future__ import annotations
 
 import argparse
+
 import numpy as np
 import torch
 from torch import nn
-from workflow_scripts.core.common import ArtefactError, generator, log, select_device
-from workflow_scripts.core.curvature import DEFAULTS, CURVATURE_STREAM, DrawBatches, FISHER_TYPES, KFACCurvature, KFAC_APPROX, LABEL_STREAM, PackedDenoiser, checkpoint_identity, curvature_config, curvature_param_names, kfac_from_data, load_curvature, settings_from
-from workflow_scripts.families.ddpm import alphas_cumprod
-from workflow_scripts.dag.paths import format_curvature_variant
+
 from workflow_scripts.core import data as core_data
-from workflow_scripts.families.ddpm import load_model
+from workflow_scripts.core.common import ArtefactError, generator, log, select_device
+from workflow_scripts.core.curvature import (
+    CURVATURE_STREAM,
+    DEFAULTS,
+    FISHER_TYPES,
+    KFAC_APPROX,
+    LABEL_STREAM,
+    DrawBatches,
+    KFACCurvature,
+    PackedDenoiser,
+    checkpoint_identity,
+    curvature_config,
+    curvature_param_names,
+    kfac_from_data,
+    load_curvature,
+    settings_from,
+)
+from workflow_scripts.dag.paths import format_curvature_variant
+from workflow_scripts.families.ddpm import alphas_cumprod, load_model
 
 
-def fit_curvature(model: nn.Module, images: np.ndarray, settings: dict, diffusion_cfg: dict, seed: int,
-                  device: torch.device | str = "cpu", extra_config: dict | None = None, check_deterministic: bool = False,
-                  stream: int = CURVATURE_STREAM, progressbar: bool = False) -> KFACCurvature:
+def fit_curvature(
+    model: nn.Module,
+    images: np.ndarray,
+    settings: dict,
+    diffusion_cfg: dict,
+    seed: int,
+    device: torch.device | str = "cpu",
+    extra_config: dict | None = None,
+    check_deterministic: bool = False,
+    stream: int = CURVATURE_STREAM,
+    progressbar: bool = False,
+) -> KFACCurvature:
     """K-FAC (EK-FAC) of the GGN of the mean simple loss over `images` with settings['draws'] seeded draws each.
 
     settings: fisher_type, kfac_approx, ekfac, draws, fisher_mc_samples, separate_weight_and_bias, batch_size
@@ -28,14 +54,37 @@ def fit_curvature(model: nn.Module, images: np.ndarray, settings: dict, diffusio
     model = model.to(device).eval()
     wrapper = PackedDenoiser(model, images.shape[1:])
     names = ["model." + n for n in curvature_param_names(model)]
-    data = DrawBatches(torch.from_numpy(np.asarray(images, dtype=np.float32)), s["draws"], alphas_cumprod(diffusion_cfg),
-                       seed, stream, s["batch_size"])
+    data = DrawBatches(
+        torch.from_numpy(np.asarray(images, dtype=np.float32)),
+        s["draws"],
+        alphas_cumprod(diffusion_cfg),
+        seed,
+        stream,
+        s["batch_size"],
+    )
     config = curvature_config(s, diffusion_cfg, seed, images, extra_config)
     label_seed = int(generator(seed, LABEL_STREAM).initial_seed() % (2**31 - 1))
-    curvature = kfac_from_data(wrapper, names, data, data.num_rows, s, label_seed, config=config,
-                               check_deterministic=check_deterministic, progressbar=progressbar, prefix="model.")
-    log.info("curvature: %s %s%s over %d params in %d blocks; mean eigenvalue %.3e", s["fisher_type"], s["kfac_approx"],
-             " EK-FAC" if s["ekfac"] else "", curvature.layout.n_params, len(curvature.blocks), curvature.mean_eigenvalue())
+    curvature = kfac_from_data(
+        wrapper,
+        names,
+        data,
+        data.num_rows,
+        s,
+        label_seed,
+        config=config,
+        check_deterministic=check_deterministic,
+        progressbar=progressbar,
+        prefix="model.",
+    )
+    log.info(
+        "curvature: %s %s%s over %d params in %d blocks; mean eigenvalue %.3e",
+        s["fisher_type"],
+        s["kfac_approx"],
+        " EK-FAC" if s["ekfac"] else "",
+        curvature.layout.n_params,
+        len(curvature.blocks),
+        curvature.mean_eigenvalue(),
+    )
     return curvature
 
 

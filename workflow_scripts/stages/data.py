@@ -1,7 +1,9 @@
 """Stage `data`: load the data set, split train / held-out queries, draw the LDS subsets."""
+
 from __future__ import annotations
 
 import argparse
+
 from workflow_scripts.core.common import log, save_npz
 from workflow_scripts.core.data import make_dataset, make_subsets
 
@@ -16,5 +18,10 @@ def run(args, config: dict) -> None:
     subsets = make_subsets(len(dataset["train_images"]), config["lds"], config["seeds"]["subsets"])
     save_npz(args.dataset_out, **dataset)
     save_npz(args.subsets_out, **subsets)
-    log.info("data: %d train, %d held-out queries, %d subsets (%d tuning)", len(dataset["train_images"]),
-             len(dataset["heldout_images"]), len(subsets["masks"]), len(subsets["tuning"]))
+    log.info(
+        "data: %d train, %d held-out queries, %d subsets (%d tuning)",
+        len(dataset["train_images"]),
+        len(dataset["heldout_images"]),
+        len(subsets["masks"]),
+        len(subsets["tuning"]),
+    )

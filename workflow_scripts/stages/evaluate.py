@@ -19,6 +19,7 @@ truth, and the noise ceiling of that target. `measurement_substitution` is the K
 kfac methods that differ only in their query measurement (e.g. `kfac` with the loss gradient, `kfac_elbo`
 with the ELBO gradient), each against every target one of them is the gradient of (and the loss).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,15 +31,11 @@ import pandas as pd
 
 from workflow_scripts.core import data as core_data
 from workflow_scripts.core.common import log, save_json
-from workflow_scripts.scorers import SCORERS
-from workflow_scripts.core.lds import BootstrapRanks, noise_ceiling_summary
-from workflow_scripts.families.likelihood import file_targets, load_measurement_targets
 from workflow_scripts.core.contracts import QUERY_SETS
-from workflow_scripts.families.likelihood import load_targets
-from workflow_scripts.report.plotting import save_table
-from workflow_scripts.report.plotting import plt
-from workflow_scripts.report.plotting import save_figure
-from workflow_scripts.report.plotting import message_figure
+from workflow_scripts.core.lds import BootstrapRanks, noise_ceiling_summary
+from workflow_scripts.families.likelihood import file_targets, load_measurement_targets, load_targets
+from workflow_scripts.report.plotting import message_figure, plt, save_figure, save_table
+from workflow_scripts.scorers import SCORERS
 
 NOISE_CEILING = "noise ceiling (seed-to-seed)"
 
@@ -48,8 +45,15 @@ def scored_target(chosen: dict, query_set: str) -> str:
     return (chosen.get("target") or {}).get(query_set, "loss")
 
 
-def lds_table(method_dirs: dict[str, Path], subsets: dict, targets: dict, lds_cfg: dict, seed: int,
-              measurement: str = "loss", ranks: BootstrapRanks | None = None) -> pd.DataFrame:
+def lds_table(
+    method_dirs: dict[str, Path],
+    subsets: dict,
+    targets: dict,
+    lds_cfg: dict,
+    seed: int,
+    measurement: str = "loss",
+    ranks: BootstrapRanks | None = None,
+) -> pd.DataFrame:
     """LDS of every method against `targets` ({query set: (n_subsets, n_seeds, n_query)}) of one measurement;
     query sets without that measurement (trajectory: held-out) have no rows. 'LDS tuned on evaluation' comes
     from the method's sweep, so it is given only where the method was tuned on this measurement.
@@ -62,15 +66,37 @@ def lds_table(method_dirs: dict[str, Path], subsets: dict, targets: dict, lds_cf
         target = targets[name][evaluation]  # (n_eval, n_seeds, n_query)
         if target.shape[1] >= 2:
             ceiling = noise_ceiling_summary(target, lds_cfg["bootstrap_samples"], lds_cfg["ci"], seed)
-            rows.append({"method": NOISE_CEILING, "query_set": name, "lambda": np.nan, **ceiling,
-                         "lds_tuned_on_evaluation": np.nan, "note": "two retrainings of the same subset", "scores_of": ""})
+            rows.append(
+                {
+                    "method": NOISE_CEILING,
+                    "query_set": name,
+                    "lambda": np.nan,
+                    **ceiling,
+                    "lds_tuned_on_evaluation": np.nan,
+                    "note": "two retrainings of the same subset",
+                    "scores_of": "",
+                }
+            )
         for method, directory in method_dirs.items():
             chosen = json.loads((directory / "chosen.json").read_text())
             if "not_run" in chosen:  # the method could not run here: a row that says why, no number
-                rows.append({"method": method, "query_set": name, "lambda": np.nan, "lds": np.nan, "se": np.nan,
-                             "ci_low": np.nan, "ci_high": np.nan, "n_queries": 0,
-                             "n_queries_total": target.shape[-1], "n_subsets": len(evaluation),
-                             "lds_tuned_on_evaluation": np.nan, "note": chosen["not_run"], "scores_of": ""})
+                rows.append(
+                    {
+                        "method": method,
+                        "query_set": name,
+                        "lambda": np.nan,
+                        "lds": np.nan,
+                        "se": np.nan,
+                        "ci_low": np.nan,
+                        "ci_high": np.nan,
+                        "n_queries": 0,
+                        "n_queries_total": target.shape[-1],
+                        "n_subsets": len(evaluation),
+                        "lds_tuned_on_evaluation": np.nan,
+                        "note": chosen["not_run"],
+                        "scores_of": "",
+                    }
+                )
                 continue
             scores = np.load(directory / f"{name}.npy")
             sweep = pd.read_csv(directory / "sweep.csv")
@@ -82,9 +108,17 @@ def lds_table(method_dirs: dict[str, Path], subsets: dict, targets: dict, lds_cf
             note = (chosen.get("notes") or {}).get(name, "")
             if own != "loss":
                 note = "; ".join(filter(None, [f"scores predict {own} (query gradients and lambda)", note]))
-            rows.append({"method": method, "query_set": name, "lambda": np.nan if chosen["lambda"] is None else chosen["lambda"],
-                         **summary, "lds_tuned_on_evaluation": best_on_evaluation,
-                         "note": coverage_note(summary, note), "scores_of": own})
+            rows.append(
+                {
+                    "method": method,
+                    "query_set": name,
+                    "lambda": np.nan if chosen["lambda"] is None else chosen["lambda"],
+                    **summary,
+                    "lds_tuned_on_evaluation": best_on_evaluation,
+                    "note": coverage_note(summary, note),
+                    "scores_of": own,
+                }
+            )
     return pd.DataFrame(rows)
 
 
@@ -111,33 +145,52 @@ def kfac_ablation(table: pd.DataFrame, method_dirs: dict[str, Path]) -> pd.DataF
     ablation = table[keep].copy()
     for column in ABLATION_COLUMNS:
         ablation[column] = ablation["method"].map(lambda m: settings.get(m, {}).get(column, ""))
-    return ablation[["method", *ABLATION_COLUMNS, "query_set", "lds", "ci_low", "ci_high", "lambda",
-                     "lds_tuned_on_evaluation", "note"]]
+    return ablation[
+        [
+            "method",
+            *ABLATION_COLUMNS,
+            "query_set",
+            "lds",
+            "ci_low",
+            "ci_high",
+            "lambda",
+            "lds_tuned_on_evaluation",
+            "note",
+        ]
+    ]
 
 
 def ablation_markdown(ablation: pd.DataFrame) -> str:
     if not (ablation["fisher_type"] != "").any():
         return "No kfac methods are configured (scores.methods): nothing to ablate.\n"
-    lines = ["| method | Fisher | K-FAC | EK-FAC | query gradients | damping | query set | LDS (evaluation subsets) | 95% bootstrap CI | lambda (tuned) | query measurement |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| method | Fisher | K-FAC | EK-FAC | query gradients | damping | query set | LDS (evaluation subsets) | 95% bootstrap CI | lambda (tuned) | query measurement |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in ablation.to_dict("records"):
         ekfac = {True: "yes", False: "no"}.get(r["ekfac"], "")
         lam = "-" if np.isnan(r["lambda"]) else f"{r['lambda']:g}"
         lds = f"{r['lds']:.3f}" if not np.isnan(r["lds"]) else (r["note"] or "not run")
         ci = f"[{r['ci_low']:.3f}, {r['ci_high']:.3f}]" if not np.isnan(r["lds"]) else ""
-        lines.append(f"| {r['method']} | {r['fisher_type']} | {r['kfac_approx']} | {ekfac} | {r['quantization']} | "
-                     f"{r['damping']} | {r['query_set']} | {lds} | {ci} | {lam} | {r['query_measurement']} |")
+        lines.append(
+            f"| {r['method']} | {r['fisher_type']} | {r['kfac_approx']} | {ekfac} | {r['quantization']} | "
+            f"{r['damping']} | {r['query_set']} | {lds} | {ci} | {lam} | {r['query_measurement']} |"
+        )
     lines.append("")
-    lines.append("lambda: relative to the mean eigenvalue of the fitted G, chosen on the tuning subsets; damping "
-                 "'absolute': the paper's untuned value, in units of G. Every row is evaluated against the loss; "
-                 "query measurement: what the query gradients are of (not the loss: a substitution, see "
-                 "measurement_substitution.md).")
+    lines.append(
+        "lambda: relative to the mean eigenvalue of the fitted G, chosen on the tuning subsets; damping "
+        "'absolute': the paper's untuned value, in units of G. Every row is evaluated against the loss; "
+        "query measurement: what the query gradients are of (not the loss: a substitution, see "
+        "measurement_substitution.md)."
+    )
     return "\n".join(lines) + "\n"
 
 
 def to_markdown(table: pd.DataFrame) -> str:
-    lines = ["| method | query set | LDS (evaluation subsets) | SE | 95% bootstrap CI | lambda (tuned) | LDS tuned on evaluation* | note |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| method | query set | LDS (evaluation subsets) | SE | 95% bootstrap CI | lambda (tuned) | LDS tuned on evaluation* | note |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in table.itertuples():
         note = r.note if isinstance(r.note, str) else ""
         if np.isnan(r.lds):
@@ -146,15 +199,20 @@ def to_markdown(table: pd.DataFrame) -> str:
         lam = "-" if np.isnan(r[3]) else f"{r[3]:g}"
         tuned = "-" if np.isnan(r.lds_tuned_on_evaluation) else f"{r.lds_tuned_on_evaluation:.3f}"
         se = "-" if np.isnan(r.se) else f"{r.se:.3f}"  # no SE over a single scored query
-        lines.append(f"| {r.method} | {r.query_set} | {r.lds:.3f} | {se} | [{r.ci_low:.3f}, {r.ci_high:.3f}] | {lam} | {tuned} | {note} |")
+        lines.append(
+            f"| {r.method} | {r.query_set} | {r.lds:.3f} | {se} | [{r.ci_low:.3f}, {r.ci_high:.3f}] | {lam} | {tuned} | {note} |"
+        )
     lines.append("")
-    lines.append("*best LDS over the lambda grid measured on the evaluation subsets themselves (how published repositories tune); "
-                 "not an honest estimate, shown for comparison only.")
+    lines.append(
+        "*best LDS over the lambda grid measured on the evaluation subsets themselves (how published repositories tune); "
+        "not an honest estimate, shown for comparison only."
+    )
     return "\n".join(lines) + "\n"
 
 
-def plot(table: pd.DataFrame, path: str | Path,
-         title: str = "Linear datamodelling score, 95% bootstrap CI over subsets") -> None:
+def plot(
+    table: pd.DataFrame, path: str | Path, title: str = "Linear datamodelling score, 95% bootstrap CI over subsets"
+) -> None:
     """Bar chart of the table's LDS with CIs, written as `path` (.png) and beside it as .pdf."""
     import seaborn as sns
 
@@ -187,8 +245,14 @@ def plot(table: pd.DataFrame, path: str | Path,
 
 
 # ---------------------------------------------------------------- likelihood measurements
-def measurement_table(method_dirs: dict[str, Path], subsets: dict, paths: list[str], lds_cfg: dict,
-                      seed: int, ranks: BootstrapRanks | None = None) -> pd.DataFrame:
+def measurement_table(
+    method_dirs: dict[str, Path],
+    subsets: dict,
+    paths: list[str],
+    lds_cfg: dict,
+    seed: int,
+    ranks: BootstrapRanks | None = None,
+) -> pd.DataFrame:
     """lds_table for every target the measurement files hold, stacked: first column `measurement`."""
     ranks = ranks or BootstrapRanks(len(subsets["evaluation"]), lds_cfg["bootstrap_samples"], lds_cfg["ci"], seed)
     parts = []
@@ -214,7 +278,11 @@ def lds_grid(table: pd.DataFrame) -> tuple[list[str], list[tuple[str, str]], np.
     columns = list(dict.fromkeys(zip(ran["measurement"], ran["query_set"])))
     methods = list(dict.fromkeys([NOISE_CEILING, *ran["method"]]))
     grid = ran.pivot_table(index="method", columns=["measurement", "query_set"], values="lds", aggfunc="first")
-    return methods, columns, grid.reindex(index=methods, columns=pd.MultiIndex.from_tuples(columns)).to_numpy(dtype=float)
+    return (
+        methods,
+        columns,
+        grid.reindex(index=methods, columns=pd.MultiIndex.from_tuples(columns)).to_numpy(dtype=float),
+    )
 
 
 def measurement_overview(table: pd.DataFrame) -> str:
@@ -230,20 +298,26 @@ def measurement_overview(table: pd.DataFrame) -> str:
 
 
 def measurement_markdown(table: pd.DataFrame) -> str:
-    lines = ["| measurement | method | query set | LDS (evaluation subsets) | SE | 95% bootstrap CI | lambda (tuned) | scores predict | note |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| measurement | method | query set | LDS (evaluation subsets) | SE | 95% bootstrap CI | lambda (tuned) | scores predict | note |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in table.to_dict("records"):
         note = r["note"] if isinstance(r["note"], str) else ""
         if np.isnan(r["lds"]):
             lines.append(f"| {r['measurement']} | {r['method']} | {r['query_set']} | {note or 'not run'} | | | | | |")
             continue
         lam = "-" if np.isnan(r["lambda"]) else f"{r['lambda']:g}"
-        lines.append(f"| {r['measurement']} | {r['method']} | {r['query_set']} | {r['lds']:.3f} | {r['se']:.3f} | "
-                     f"[{r['ci_low']:.3f}, {r['ci_high']:.3f}] | {lam} | {r['scores_of']} | {note} |")
+        lines.append(
+            f"| {r['measurement']} | {r['method']} | {r['query_set']} | {r['lds']:.3f} | {r['se']:.3f} | "
+            f"[{r['ci_low']:.3f}, {r['ci_high']:.3f}] | {lam} | {r['scores_of']} | {note} |"
+        )
     lines.append("")
-    lines.append("measurement: the target whose change on retraining the LDS ranks (ground truth of every retrained "
-                 "model); scores predict: the measurement the method's scores are of, on which its lambda was tuned "
-                 "(a method is evaluated as chosen against every target). Noise ceiling: of that target.")
+    lines.append(
+        "measurement: the target whose change on retraining the LDS ranks (ground truth of every retrained "
+        "model); scores predict: the measurement the method's scores are of, on which its lambda was tuned "
+        "(a method is evaluated as chosen against every target). Noise ceiling: of that target."
+    )
     return measurement_overview(table) + "\n".join(lines) + "\n"
 
 
@@ -273,20 +347,39 @@ def measurement_substitution(measurements: pd.DataFrame, method_dirs: dict[str, 
     out = measurements[keep].copy()
     out["query_measurement"] = out["method"].map(lambda m: methods.get(m, ""))
     out["matched"] = out["scores_of"] == out["measurement"]
-    return out[["measurement", "query_set", "method", "query_measurement", "scores_of", "matched", "lds", "se",
-                "ci_low", "ci_high", "lambda", "note"]].reset_index(drop=True)
+    return out[
+        [
+            "measurement",
+            "query_set",
+            "method",
+            "query_measurement",
+            "scores_of",
+            "matched",
+            "lds",
+            "se",
+            "ci_low",
+            "ci_high",
+            "lambda",
+            "note",
+        ]
+    ].reset_index(drop=True)
 
 
 def substitution_markdown(table: pd.DataFrame) -> str:
     """Wide: one row per (target, query set), one column per method (its query measurement), the noise ceiling."""
     methods = [m for m in dict.fromkeys(table["method"]) if m != NOISE_CEILING]
     if not methods:
-        return ("No kfac / TRAK-family methods that differ only in their query measurement are configured (scores.methods, "
-                "query_measurement): no substitution to show.\n")
+        return (
+            "No kfac / TRAK-family methods that differ only in their query measurement are configured (scores.methods, "
+            "query_measurement): no substitution to show.\n"
+        )
     gradient = dict(zip(table["method"], table["query_measurement"]))
-    lines = ["| measured change (target) | query set | noise ceiling | "
-             + " | ".join(f"{m} ({gradient[m]} gradient)" for m in methods) + " |",
-             "|---|---|---|" + "---|" * len(methods)]
+    lines = [
+        "| measured change (target) | query set | noise ceiling | "
+        + " | ".join(f"{m} ({gradient[m]} gradient)" for m in methods)
+        + " |",
+        "|---|---|---|" + "---|" * len(methods),
+    ]
     for (target, query_set), rows in table.groupby(["measurement", "query_set"], sort=False):
         by = rows.set_index("method")
         cells = []
@@ -301,11 +394,13 @@ def substitution_markdown(table: pd.DataFrame) -> str:
             cells.append(f"**{text}**" if m != NOISE_CEILING and r["matched"] else text)
         lines.append(f"| {target} | {query_set} | " + " | ".join(cells) + " |")
     lines.append("")
-    lines.append("LDS on the evaluation subsets [95% bootstrap CI over subsets]. Each column is one K-FAC influence "
-                 "or TRAK-family method (same curvature or training features, and damping grid) whose QUERY "
-                 "gradients are of the named measurement; bold: the gradient of the measured target itself, the others substitute "
-                 "another measurement's gradient (the K-FAC paper's measurement substitution: predict the ELBO "
-                 "change with the loss gradient). Each method's lambda is tuned on its own target.")
+    lines.append(
+        "LDS on the evaluation subsets [95% bootstrap CI over subsets]. Each column is one K-FAC influence "
+        "or TRAK-family method (same curvature or training features, and damping grid) whose QUERY "
+        "gradients are of the named measurement; bold: the gradient of the measured target itself, the others substitute "
+        "another measurement's gradient (the K-FAC paper's measurement substitution: predict the ELBO "
+        "change with the loss gradient). Each method's lambda is tuned on its own target."
+    )
     return "\n".join(lines) + "\n"
 
 
@@ -320,8 +415,14 @@ def plot_measurements(table: pd.DataFrame, stem) -> None:
     for (i, j), v in np.ndenumerate(values):
         if np.isfinite(v):
             ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=6, color="w" if v < 0.6 else "k")
-    ax.set_xticks(range(len(columns)), [f"{m}\n{q}" for m, q in columns], fontsize=7, rotation=45, ha="right",
-                  rotation_mode="anchor")
+    ax.set_xticks(
+        range(len(columns)),
+        [f"{m}\n{q}" for m, q in columns],
+        fontsize=7,
+        rotation=45,
+        ha="right",
+        rotation_mode="anchor",
+    )
     ax.set_yticks(range(len(methods)), methods, fontsize=7)
     fig.colorbar(image, ax=ax, fraction=0.03, pad=0.02, label="LDS (evaluation subsets)")
     ax.set_title("LDS per measurement target (columns) and method (rows)", fontsize=9)
@@ -332,13 +433,18 @@ def plot_measurements(table: pd.DataFrame, stem) -> None:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--subsets", required=True)
     parser.add_argument("--measurements", nargs="+", required=True)
-    parser.add_argument("--scores", nargs="+", required=True, help="score directories, one per method (named by method)")
+    parser.add_argument(
+        "--scores", nargs="+", required=True, help="score directories, one per method (named by method)"
+    )
     parser.add_argument("--table", required=True, help="output stem: writes .csv, .md and .json")
     parser.add_argument("--figure", required=True)
     parser.add_argument("--ablation", required=True, help="K-FAC ablation output stem: writes .csv and .md")
     parser.add_argument("--ablation-figure", required=True)
-    parser.add_argument("--measurements-table", required=True,
-                        help="LDS per measurement target, output stem: writes .csv, .md and .html")
+    parser.add_argument(
+        "--measurements-table",
+        required=True,
+        help="LDS per measurement target, output stem: writes .csv, .md and .html",
+    )
     parser.add_argument("--measurements-figure", required=True, help="its heat map (.png, and .pdf beside it)")
     parser.add_argument("--substitution", required=True, help="measurement substitution output stem: .csv, .md, .html")
 
@@ -352,19 +458,27 @@ def run(args, config: dict) -> None:
     table = lds_table(method_dirs, subsets, targets, lds_cfg, seed, ranks=ranks)
     stem = Path(args.table)
     save_table(table, to_markdown(table), stem, "Linear datamodelling score")
-    save_json({f"{r.method}/{r.query_set}": {"lds": r.lds, "ci_low": r.ci_low, "ci_high": r.ci_high}
-               for r in table.itertuples() if not np.isnan(r.lds)},
-              stem.with_suffix(".json"))
+    save_json(
+        {
+            f"{r.method}/{r.query_set}": {"lds": r.lds, "ci_low": r.ci_low, "ci_high": r.ci_high}
+            for r in table.itertuples()
+            if not np.isnan(r.lds)
+        },
+        stem.with_suffix(".json"),
+    )
     plot(table, args.figure)
     ablation = kfac_ablation(table, method_dirs)
     save_table(ablation, ablation_markdown(ablation), args.ablation, "K-FAC influence ablation")
-    plot(ablation, args.ablation_figure,
-         "K-FAC influence ablation: LDS, 95% bootstrap CI over subsets")
+    plot(ablation, args.ablation_figure, "K-FAC influence ablation: LDS, 95% bootstrap CI over subsets")
     measurements = measurement_table(method_dirs, subsets, args.measurements, lds_cfg, seed, ranks)
     save_table(measurements, measurement_markdown(measurements), args.measurements_table, "LDS per measurement")
     plot_measurements(measurements, Path(args.measurements_figure).with_suffix(""))
     substitution = measurement_substitution(measurements, method_dirs)
-    save_table(substitution, substitution_markdown(substitution), args.substitution,
-               "Measurement substitution (K-FAC influence)")
+    save_table(
+        substitution,
+        substitution_markdown(substitution),
+        args.substitution,
+        "Measurement substitution (K-FAC influence)",
+    )
     log.info("evaluate, measurement substitution:\n%s", substitution_markdown(substitution))
     log.info("evaluate:\n%s", to_markdown(table))

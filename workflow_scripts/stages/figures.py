@@ -13,6 +13,7 @@
   scoring ones (the top negative influencers; for methods whose scores are never negative, such as
   DAS's squared norms, the least influential), with their scores.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,8 +27,7 @@ from workflow_scripts.core import data as core_data
 from workflow_scripts.core.common import ArtefactError, load_npz, log
 from workflow_scripts.core.lds import rowwise_spearman, subset_predictions
 from workflow_scripts.families.likelihood import load_targets
-from workflow_scripts.report.plotting import message_figure, save_figure, show_image
-from workflow_scripts.report.plotting import plt
+from workflow_scripts.report.plotting import message_figure, plt, save_figure, show_image
 
 NOISE_CEILING = "noise ceiling (seed-to-seed)"
 MEASUREMENT = "loss"  # the LDS table's measurement when it has no `measurement` column
@@ -46,8 +46,9 @@ def plot_lds_bars(table: pd.DataFrame, stem) -> None:
     if not methods or not panels:
         save_figure(message_figure("LDS: no method produced scores"), stem)
         return
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 1.2 + 0.24 * len(methods)), sharey=True,
-                             squeeze=False)
+    fig, axes = plt.subplots(
+        1, len(panels), figsize=(4.2 * len(panels), 1.2 + 0.24 * len(methods)), sharey=True, squeeze=False
+    )
     colors = dict(zip(methods, sns.color_palette("husl", len(methods))))
     for ax, (measurement, query_set) in zip(axes[0], panels):
         sub = ran[(ran["measurement"] == measurement) & (ran["query_set"] == query_set)].set_index("method")
@@ -99,8 +100,16 @@ def plot_damping_sweeps(sweeps: dict, stem) -> None:
             sub = sub.sort_values("lambda")
             color = colors.setdefault(query_set, f"C{len(colors)}")
             for column, style in styles.items():
-                ax.plot(sub["lambda"], sub[column], style, color=color, marker=".", ms=3, lw=1,
-                        label=f"{query_set}, {column.split('_')[1]}")
+                ax.plot(
+                    sub["lambda"],
+                    sub[column],
+                    style,
+                    color=color,
+                    marker=".",
+                    ms=3,
+                    lw=1,
+                    label=f"{query_set}, {column.split('_')[1]}",
+                )
         ax.axvline(chosen, color="grey", lw=0.8, ls="--")
         ax.set_xscale("log")
         ax.set_title(f"{method} (lambda {chosen:g})", fontsize=8)
@@ -110,11 +119,15 @@ def plot_damping_sweeps(sweeps: dict, stem) -> None:
     handles, labels = axes.flat[0].get_legend_handles_labels()
     fig.supxlabel("lambda (relative to the mean eigenvalue)", fontsize=8)
     fig.supylabel("LDS (mean over queries)", fontsize=8)
-    fig.suptitle("Damping sweeps: LDS vs lambda on tuning (solid) and evaluation (dotted) subsets; "
-                 "dashed: lambda chosen on tuning", fontsize=9)
+    fig.suptitle(
+        "Damping sweeps: LDS vs lambda on tuning (solid) and evaluation (dotted) subsets; "
+        "dashed: lambda chosen on tuning",
+        fontsize=9,
+    )
     fig.tight_layout(rect=(0, 0.03, 1, 1))
-    fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=7, frameon=False,
-               bbox_to_anchor=(0.5, -0.02))
+    fig.legend(
+        handles, labels, loc="lower center", ncol=len(labels), fontsize=7, frameon=False, bbox_to_anchor=(0.5, -0.02)
+    )
     save_figure(fig, stem)
 
 
@@ -132,8 +145,9 @@ def load_scores(score_dirs: dict[str, Path], methods: list[str], query_set: str 
     return scores
 
 
-def plot_predicted_vs_actual(scores: dict[str, np.ndarray], queries: list[int], masks: np.ndarray,
-                             targets: np.ndarray, stem) -> None:
+def plot_predicted_vs_actual(
+    scores: dict[str, np.ndarray], queries: list[int], masks: np.ndarray, targets: np.ndarray, stem
+) -> None:
     """targets: (n_subsets, n_query) seed-averaged measured loss on the subsets of `masks`."""
     if not scores or not queries:
         save_figure(message_figure("No method or query chosen for the predicted-vs-actual figure."), stem)
@@ -157,8 +171,9 @@ def plot_predicted_vs_actual(scores: dict[str, np.ndarray], queries: list[int], 
     save_figure(fig, stem)
 
 
-def plot_influencers(scores: dict[str, np.ndarray], queries: list[int], query_images: np.ndarray,
-                     train_images: np.ndarray, n: int, stem) -> None:
+def plot_influencers(
+    scores: dict[str, np.ndarray], queries: list[int], query_images: np.ndarray, train_images: np.ndarray, n: int, stem
+) -> None:
     if not scores or not queries:
         save_figure(message_figure("No method or query chosen for the influencer figure."), stem)
         return
@@ -177,8 +192,11 @@ def plot_influencers(scores: dict[str, np.ndarray], queries: list[int], query_im
             show_image(axes[r, c], train_images[i], f"- #{i}\n{s[i]:.2g}", fontsize=6)
             for spine in axes[r, c].spines.values():
                 spine.set_edgecolor("tab:red")
-    fig.suptitle(f"The {n} highest (+: removal predicted to raise the query's loss most) and the {n} lowest (-) "
-                 "scoring training images per method", fontsize=8)
+    fig.suptitle(
+        f"The {n} highest (+: removal predicted to raise the query's loss most) and the {n} lowest (-) "
+        "scoring training images per method",
+        fontsize=8,
+    )
     fig.tight_layout()
     save_figure(fig, stem)
 
@@ -209,8 +227,9 @@ def run(args, config: dict) -> None:
     bad = [q for q in queries if q >= n_queries]
     if bad:
         raise ArtefactError(f"figures.queries {bad}: there are only {n_queries} generated queries")
-    plot_predicted_vs_actual(scores, queries, subsets["masks"][evaluation], targets[evaluation].mean(1),
-                             out / "predicted_vs_actual")
+    plot_predicted_vs_actual(
+        scores, queries, subsets["masks"][evaluation], targets[evaluation].mean(1), out / "predicted_vs_actual"
+    )
     query_images = load_npz(args.samples, ("images",))["images"]
     train_images = core_data.load_dataset(args.dataset)["train_images"]
     plot_influencers(scores, queries, query_images, train_images, fig_cfg["n_influencers"], out / "influencers")

@@ -37,29 +37,26 @@ Per-example gradients come from torch.func.vmap(grad(.)) (vjp for sketch rows). 
 bounded by gradients.batch_size x gradients.timestep_chunk x n_params floats. Stores are float32
 .npy (memory-mappable) with a JSON sidecar that records what made them.
 """
+
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
-import numpy as np
-from workflow_scripts.core.common import ArtefactError, generator, load_npz, log, select_device
-from workflow_scripts.core.contracts import config_hash
-from workflow_scripts.core.contracts import RESIDUAL, STORE_SPLITS, VECTOR_OUTPUT
-from workflow_scripts.dag.paths import parse_feature_tag
-from workflow_scripts.core.store import _reusable, array_digest, new_store, write_store
-from workflow_scripts.families.ddpm import timestep_grid
-from workflow_scripts.families.ddpm import add_noise, output_function
-from workflow_scripts.core.projection import SPARSE, build_projector
-from workflow_scripts.families.ddpm import alphas_cumprod
-from workflow_scripts.core.curvature import ParamLayout
-from workflow_scripts.core.measurement import iter_gradients
-from workflow_scripts.core import data as core_data
-from workflow_scripts.families.ddpm import load_model
-from workflow_scripts.core.data import load_queries
-from workflow_scripts.core.contracts import config_hash as hash_of
-from workflow_scripts.families.likelihood import target_measurement
-from workflow_scripts.dag.paths import measurement_splits
 
+import numpy as np
+
+from workflow_scripts.core import data as core_data
+from workflow_scripts.core.common import ArtefactError, generator, load_npz, log, select_device
+from workflow_scripts.core.contracts import RESIDUAL, STORE_SPLITS, VECTOR_OUTPUT, config_hash
+from workflow_scripts.core.contracts import config_hash as hash_of
+from workflow_scripts.core.curvature import ParamLayout
+from workflow_scripts.core.data import load_queries
+from workflow_scripts.core.measurement import iter_gradients
+from workflow_scripts.core.projection import SPARSE, build_projector
+from workflow_scripts.core.store import _reusable, array_digest, new_store, write_store
+from workflow_scripts.dag.paths import measurement_splits, parse_feature_tag
+from workflow_scripts.families.ddpm import add_noise, alphas_cumprod, load_model, output_function, timestep_grid
+from workflow_scripts.families.likelihood import target_measurement
 
 SKETCH_STREAM, JOURNEY_STREAM = 101, 102  # sub-streams of seeds.projection / seeds.gradients
 
@@ -77,7 +74,10 @@ def output_directions(t, r: int, image_shape, seed: int):
     """(K, r, *image_shape) random output directions, N(0, I / r) so that E[U^T U] = I; seeded per t."""
     import torch
 
-    return torch.stack([torch.randn(r, *image_shape, generator=generator(seed, SKETCH_STREAM, int(ti))) for ti in t]) / r**0.5
+    return (
+        torch.stack([torch.randn(r, *image_shape, generator=generator(seed, SKETCH_STREAM, int(ti))) for ti in t])
+        / r**0.5
+    )
 
 
 def journey_steps(n_steps: int, k: int) -> np.ndarray:
@@ -176,14 +176,34 @@ def make_projector(model, grad_cfg: dict, seeds: dict, device):
     (dense kinds; the sparse sjlt sketch is n_params x sjlt_nonzeros indices)."""
     n_params = sum(p.numel() for p in model.parameters())
     kind = grad_cfg["projection"]
-    return build_projector(n_params, grad_cfg["projection_dim"], kind, seeds["projection"],
-                           grad_cfg["projection_memory_mb"], device,
-                           nonzeros=grad_cfg["sjlt_nonzeros"] if kind in SPARSE else None)
+    return build_projector(
+        n_params,
+        grad_cfg["projection_dim"],
+        kind,
+        seeds["projection"],
+        grad_cfg["projection_memory_mb"],
+        device,
+        nonzeros=grad_cfg["sjlt_nonzeros"] if kind in SPARSE else None,
+    )
 
 
-def compute_features(model, images: np.ndarray, fn: str, grad_cfg: dict, diffusion_cfg: dict, seeds: dict, device,
-                     desc: str = "gradients", *, kind: str = "avg", timesteps: int | None = None,
-                     directions: int | None = None, residuals: bool = False, project=None, out=None):
+def compute_features(
+    model,
+    images: np.ndarray,
+    fn: str,
+    grad_cfg: dict,
+    diffusion_cfg: dict,
+    seeds: dict,
+    device,
+    desc: str = "gradients",
+    *,
+    kind: str = "avg",
+    timesteps: int | None = None,
+    directions: int | None = None,
+    residuals: bool = False,
+    project=None,
+    out=None,
+):
     """(n, d) float32 features ((n, r, d) for kind 'sketch'), streamed in batches.
 
     With residuals=True returns (features, residuals): (n,) for scalar kinds, (n, r) for 'sketch'.
@@ -221,7 +241,9 @@ def compute_features(model, images: np.ndarray, fn: str, grad_cfg: dict, diffusi
         x = torch.from_numpy(images[start : start + batch]).to(device)
         b = len(x)
         if kind == "avg":
-            acc = sum(per_example_gradients(model, x, fn, t[c], eps[c], a_bar) * ((c.stop - c.start) / k) for c in chunks)
+            acc = sum(
+                per_example_gradients(model, x, fn, t[c], eps[c], a_bar) * ((c.stop - c.start) / k) for c in chunks
+            )
             out[start : start + b] = project(acc).cpu().numpy()
         elif kind == "unitnorm":
             acc = sum(_unit(per_timestep_gradients(model, x, fn, t[c], eps[c], a_bar), 1)[0].sum(1) for c in chunks) / k
@@ -239,8 +261,12 @@ def compute_features(model, images: np.ndarray, fn: str, grad_cfg: dict, diffusi
             if residuals:
                 res[start : start + b] = (racc / k).cpu().numpy()
         if residuals and not sketch:
-            rms = torch.cat([noise_residuals(model, x, t[c], eps[c], a_bar).flatten(2).pow(2).mean(2).sqrt() for c in chunks], 1)
-            res[start : start + b] = (rms.mean(1) / rms.norm(dim=1).clamp_min(torch.finfo(rms.dtype).tiny)).cpu().numpy()
+            rms = torch.cat(
+                [noise_residuals(model, x, t[c], eps[c], a_bar).flatten(2).pow(2).mean(2).sqrt() for c in chunks], 1
+            )
+            res[start : start + b] = (
+                (rms.mean(1) / rms.norm(dim=1).clamp_min(torch.finfo(rms.dtype).tiny)).cpu().numpy()
+            )
     return (out, res) if residuals else out
 
 
@@ -257,14 +283,27 @@ def journey_gradients(model, trajectories, timesteps, steps, query_index, seed: 
         ab = a_bar[tt].view(-1, *([1] * (x_s.dim() - 1)))
         with torch.no_grad():
             x0_hat = ((x_s - (1 - ab).sqrt() * model(x_s, tt).sample) / ab.sqrt()).clamp(-1, 1)
-        noise = torch.stack([torch.randn(*x_s.shape[1:], generator=generator(seed, JOURNEY_STREAM, int(q), int(timesteps[s])))
-                             for q in query_index]).to(device)
+        noise = torch.stack(
+            [
+                torch.randn(*x_s.shape[1:], generator=generator(seed, JOURNEY_STREAM, int(q), int(timesteps[s])))
+                for q in query_index
+            ]
+        ).to(device)
         acc = acc + per_sample_gradients(model, x0_hat, tt, noise, a_bar, "loss")
     return acc / len(steps)
 
 
-def compute_journey_features(model, trajectories: np.ndarray, timesteps: np.ndarray, k: int, grad_cfg: dict,
-                             diffusion_cfg: dict, seeds: dict, device, desc: str = "gradients journey") -> np.ndarray:
+def compute_journey_features(
+    model,
+    trajectories: np.ndarray,
+    timesteps: np.ndarray,
+    k: int,
+    grad_cfg: dict,
+    diffusion_cfg: dict,
+    seeds: dict,
+    device,
+    desc: str = "gradients journey",
+) -> np.ndarray:
     """(n_generated, d) float32 Journey-TRAK query features from the stored sampling trajectories."""
     import torch
     from tqdm import tqdm
@@ -272,8 +311,10 @@ def compute_journey_features(model, trajectories: np.ndarray, timesteps: np.ndar
     model.eval()
     steps = journey_steps(len(timesteps), k)
     if trajectories.shape[1] != len(timesteps) + 1:
-        raise ArtefactError(f"trajectories hold {trajectories.shape[1]} states for {len(timesteps)} sampling steps "
-                            "(expected steps + 1: x_T .. x_0)")
+        raise ArtefactError(
+            f"trajectories hold {trajectories.shape[1]} states for {len(timesteps)} sampling steps "
+            "(expected steps + 1: x_T .. x_0)"
+        )
     a_bar = alphas_cumprod(diffusion_cfg).to(device)
     dim = grad_cfg["projection_dim"]
     project = make_projector(model, grad_cfg, seeds, device)
@@ -286,8 +327,16 @@ def compute_journey_features(model, trajectories: np.ndarray, timesteps: np.ndar
     return out
 
 
-def compute_measurement_features(model, images: np.ndarray, measurement, grad_cfg: dict, device, project,
-                                 desc: str = "gradients measurement", out=None) -> np.ndarray:
+def compute_measurement_features(
+    model,
+    images: np.ndarray,
+    measurement,
+    grad_cfg: dict,
+    device,
+    project,
+    desc: str = "gradients measurement",
+    out=None,
+) -> np.ndarray:
     """(n, d) float32 query features P^T grad_theta m(x_q) of a likelihood Measurement (likelihood.py), over ALL
     parameters in the order of the loss stores, with their projector P: they live in the training features' space.
     The per-image gradients are scorers/kfac.py's (vmap over images, mean over the measurement's own draws).
@@ -305,17 +354,34 @@ def compute_measurement_features(model, images: np.ndarray, measurement, grad_cf
     return out
 
 
-def store_identity(config: dict, checkpoint_payload: dict, fn: str, split: str, n: int, *, kind: str = "avg",
-                   timesteps: int | None = None, directions: int | None = None, images: np.ndarray | None = None) -> dict:
+def store_identity(
+    config: dict,
+    checkpoint_payload: dict,
+    fn: str,
+    split: str,
+    n: int,
+    *,
+    kind: str = "avg",
+    timesteps: int | None = None,
+    directions: int | None = None,
+    images: np.ndarray | None = None,
+) -> dict:
     """What a gradient store was made from; a store whose sidecar differs must not be used.
 
     split is a query/train split or RESIDUAL (the training residuals of a store)."""
     g = config["gradients"]
-    made_by = {"model": config["model"], "diffusion": config["diffusion"], "kind": kind,
-               "timesteps": g["timesteps"] if timesteps is None else timesteps,
-               "projection": g["projection"], "projection_dim": g["projection_dim"], "output_function": fn,
-               "seed_gradients": config["seeds"]["gradients"], "seed_projection": config["seeds"]["projection"],
-               "checkpoint": config_hash({"identity": checkpoint_payload["config"], "step": checkpoint_payload["step"]})}
+    made_by = {
+        "model": config["model"],
+        "diffusion": config["diffusion"],
+        "kind": kind,
+        "timesteps": g["timesteps"] if timesteps is None else timesteps,
+        "projection": g["projection"],
+        "projection_dim": g["projection_dim"],
+        "output_function": fn,
+        "seed_gradients": config["seeds"]["gradients"],
+        "seed_projection": config["seeds"]["projection"],
+        "checkpoint": config_hash({"identity": checkpoint_payload["config"], "step": checkpoint_payload["step"]}),
+    }
     if kind == "sketch":
         made_by["output_directions"] = directions
     if g["projection"] == "sjlt":  # only then, so that dense stores keep their hashes
@@ -325,8 +391,14 @@ def store_identity(config: dict, checkpoint_payload: dict, fn: str, split: str, 
     rows = [directions] if kind == "sketch" else []
     shape = [n, *rows] if split == RESIDUAL else [n, *rows, g["projection_dim"]]
     lr = checkpoint_payload.get("lr")
-    return {"split": split, "shape": shape, "dtype": "float32", "config_hash": config_hash(made_by), "made_by": made_by,
-            "checkpoint": {"step": int(checkpoint_payload["step"]), "lr": None if lr is None else float(lr)}}
+    return {
+        "split": split,
+        "shape": shape,
+        "dtype": "float32",
+        "config_hash": config_hash(made_by),
+        "made_by": made_by,
+        "checkpoint": {"step": int(checkpoint_payload["step"]), "lr": None if lr is None else float(lr)},
+    }
 
 
 def check_tag(spec: dict, config: dict, tag: str) -> None:
@@ -337,7 +409,9 @@ def check_tag(spec: dict, config: dict, tag: str) -> None:
             raise ValueError(f"store tag {tag}: {key} is {spec[key]}, but gradients.{key} is {g[key]}")
     fn, kind = spec["output_function"], spec["kind"]
     if kind == "sketch" and fn != VECTOR_OUTPUT:
-        raise ValueError(f"store tag {tag}: sketch stores take the noise predictor itself ({VECTOR_OUTPUT!r}), not {fn!r}")
+        raise ValueError(
+            f"store tag {tag}: sketch stores take the noise predictor itself ({VECTOR_OUTPUT!r}), not {fn!r}"
+        )
     if kind == "journey" and fn != "loss":
         raise ValueError(f"store tag {tag}: Journey-TRAK features use the TRAK loss, not {fn!r}")
     if kind in ("avg", "unitnorm") and fn == VECTOR_OUTPUT:
@@ -348,10 +422,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="checkpoint whose gradients are taken")
     parser.add_argument("--dataset", required=True)
     parser.add_argument("--samples", required=True)
-    parser.add_argument("--tag", required=True, help="store tag <output function>_<kind>_K<K>_<projection><dim> (paths.py)")
-    parser.add_argument("--out-dir", required=True, help="writes <split>.npy (+ .json) and train_residual.npy (+ .json)")
-    parser.add_argument("--measurement", help="instead: query features of this likelihood measurement (elbo, "
-                        "timestep_loss_t<t>, trajectory) projected like store --tag; writes generated/heldout.npy")
+    parser.add_argument(
+        "--tag", required=True, help="store tag <output function>_<kind>_K<K>_<projection><dim> (paths.py)"
+    )
+    parser.add_argument(
+        "--out-dir", required=True, help="writes <split>.npy (+ .json) and train_residual.npy (+ .json)"
+    )
+    parser.add_argument(
+        "--measurement",
+        help="instead: query features of this likelihood measurement (elbo, "
+        "timestep_loss_t<t>, trajectory) projected like store --tag; writes generated/heldout.npy",
+    )
 
 
 def run(args, config: dict) -> None:
@@ -368,11 +449,22 @@ def run(args, config: dict) -> None:
     if kind == "journey":
         samples = load_npz(args.samples, ("trajectories", "timesteps"))
         trajectories, timesteps = samples["trajectories"], samples["timesteps"]
-        identity = store_identity(config, payload, fn, "generated", len(trajectories), kind=kind, timesteps=k, images=trajectories)
+        identity = store_identity(
+            config, payload, fn, "generated", len(trajectories), kind=kind, timesteps=k, images=trajectories
+        )
         path = out / "generated.npy"
         if not _reusable(path, identity):
-            features = compute_journey_features(model, trajectories, timesteps, k, config["gradients"], config["diffusion"],
-                                                config["seeds"], device, desc=f"gradients {args.tag} generated")
+            features = compute_journey_features(
+                model,
+                trajectories,
+                timesteps,
+                k,
+                config["gradients"],
+                config["diffusion"],
+                config["seeds"],
+                device,
+                desc=f"gradients {args.tag} generated",
+            )
             write_store(features, identity, path)
             log.info("gradients: wrote %s %s (%d of %d sampling steps)", path, features.shape, k, len(timesteps))
         return
@@ -384,26 +476,46 @@ def run(args, config: dict) -> None:
         common = dict(kind=kind, timesteps=k, directions=r, images=images)
         identity = store_identity(config, payload, fn, split, len(images), **common)
         residual_path = out / f"{RESIDUAL}.npy"
-        residual_identity = store_identity(config, payload, fn, RESIDUAL, len(images), **common) if split == "train" else None
+        residual_identity = (
+            store_identity(config, payload, fn, RESIDUAL, len(images), **common) if split == "train" else None
+        )
         if _reusable(path, identity) and (residual_identity is None or _reusable(residual_path, residual_identity)):
             continue
         project = project or make_projector(model, config["gradients"], config["seeds"], device)
         with new_store(identity, path) as features:  # filled batch by batch, never all in RAM (CIFAR-10: GBs)
-            result = compute_features(model, images, fn, config["gradients"], config["diffusion"], config["seeds"], device,
-                                      desc=f"gradients {args.tag} {split}", kind=kind, timesteps=k, directions=r,
-                                      residuals=split == "train", project=project, out=features)
+            result = compute_features(
+                model,
+                images,
+                fn,
+                config["gradients"],
+                config["diffusion"],
+                config["seeds"],
+                device,
+                desc=f"gradients {args.tag} {split}",
+                kind=kind,
+                timesteps=k,
+                directions=r,
+                residuals=split == "train",
+                project=project,
+                out=features,
+            )
         if split == "train":
             write_store(result[1], residual_identity, residual_path)
         log.info("gradients: wrote %s %s", path, tuple(identity["shape"]))
 
 
-def measurement_identity(config: dict, payload: dict, fn: str, split: str, images: np.ndarray, k: int, target: str,
-                         samples: dict | None) -> dict:
+def measurement_identity(
+    config: dict, payload: dict, fn: str, split: str, images: np.ndarray, k: int, target: str, samples: dict | None
+) -> dict:
     """store_identity of the base store's projection, plus what defines the measurement (target, its settings and seed)."""
     identity = store_identity(config, payload, fn, split, len(images), kind="avg", timesteps=k, images=images)
     made_by = identity["made_by"]
-    made_by.update(query_measurement=target, measure=config["measure"], seed_measure=config["seeds"]["measure"],
-                   dataset=config["data"]["dataset"])
+    made_by.update(
+        query_measurement=target,
+        measure=config["measure"],
+        seed_measure=config["seeds"]["measure"],
+        dataset=config["data"]["dataset"],
+    )
     if target == "trajectory":
         made_by["trajectories_sha256"] = array_digest(samples["trajectories"])
     identity["config_hash"] = hash_of(made_by)
@@ -427,6 +539,14 @@ def run_measurement(args, config: dict, model, payload: dict, fn: str, k: int, d
             continue
         project = project or make_projector(model, config["gradients"], config["seeds"], device)
         with new_store(identity, path) as features:
-            compute_measurement_features(model, images, measurement, config["gradients"], device, project,
-                                         desc=f"gradients {args.tag} {target} {split}", out=features)
+            compute_measurement_features(
+                model,
+                images,
+                measurement,
+                config["gradients"],
+                device,
+                project,
+                desc=f"gradients {args.tag} {target} {split}",
+                out=features,
+            )
         log.info("gradients: wrote %s %s (query gradients of %s)", path, tuple(identity["shape"]), target)

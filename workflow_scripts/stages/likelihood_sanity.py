@@ -16,6 +16,7 @@ position in its category (the same draws in every category). Writes <table>.csv 
 standard error, median, min, max bits/dim), <table>.md (with whether the paper's ordering of the means holds,
 and which pairs break it) and <figure>.png/.pdf (examples and bits/dim per category, seaborn).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,11 +29,10 @@ import pandas as pd
 
 from workflow_scripts.core import data as core_data
 from workflow_scripts.core.common import log, rng, save_text, select_device
-from workflow_scripts.families.vesde import measure_likelihood
-from workflow_scripts.report.plotting import save_figure
-from workflow_scripts.families.registry import load_family_model
 from workflow_scripts.families.likelihood import measure_settings
-from workflow_scripts.families.vesde import vesde_settings
+from workflow_scripts.families.registry import load_family_model
+from workflow_scripts.families.vesde import measure_likelihood, vesde_settings
+from workflow_scripts.report.plotting import save_figure
 
 CATEGORIES = ("train", "heldout", "rotated", "averaged", "noise")
 PAPER_ORDER = ("train", "rotated", "averaged", "noise")  # the paper's claim, in increasing bits/dim
@@ -62,16 +62,23 @@ def sanity_categories(dataset: dict, n: int, levels: int, g: np.random.Generator
     }
 
 
-def measure_categories(model, images: dict[str, np.ndarray], model_cfg: dict, likelihood_cfg: dict, levels: int,
-                       seed: int, device="cpu") -> dict[str, np.ndarray]:
+def measure_categories(
+    model, images: dict[str, np.ndarray], model_cfg: dict, likelihood_cfg: dict, levels: int, seed: int, device="cpu"
+) -> dict[str, np.ndarray]:
     """{category: bits/dim (n,)} under the model's exact likelihood."""
     out = {}
     for name, x in images.items():
         start = time.time()
-        out[name] = measure_likelihood(model, np.asarray(x, np.float32), model_cfg, likelihood_cfg, levels, seed,
-                                       SANITY_STREAM, device)["bpd"]
-        log.info("likelihood_sanity %-8s %d images: mean %.3f bits/dim (%.0f s)", name, len(x), out[name].mean(),
-                 time.time() - start)
+        out[name] = measure_likelihood(
+            model, np.asarray(x, np.float32), model_cfg, likelihood_cfg, levels, seed, SANITY_STREAM, device
+        )["bpd"]
+        log.info(
+            "likelihood_sanity %-8s %d images: mean %.3f bits/dim (%.0f s)",
+            name,
+            len(x),
+            out[name].mean(),
+            time.time() - start,
+        )
     return out
 
 
@@ -79,9 +86,17 @@ def summary_table(bpd: dict[str, np.ndarray]) -> pd.DataFrame:
     rows = []
     for name in CATEGORIES:
         v = np.asarray(bpd[name], dtype=np.float64)
-        rows.append({"category": name, "n": len(v), "mean_bpd": v.mean(),
-                     "se_bpd": v.std(ddof=1) / math.sqrt(len(v)) if len(v) > 1 else float("nan"),
-                     "median_bpd": float(np.median(v)), "min_bpd": v.min(), "max_bpd": v.max()})
+        rows.append(
+            {
+                "category": name,
+                "n": len(v),
+                "mean_bpd": v.mean(),
+                "se_bpd": v.std(ddof=1) / math.sqrt(len(v)) if len(v) > 1 else float("nan"),
+                "median_bpd": float(np.median(v)),
+                "min_bpd": v.min(),
+                "max_bpd": v.max(),
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -94,12 +109,17 @@ def broken_pairs(table: pd.DataFrame) -> list[tuple[str, str]]:
 def markdown(table: pd.DataFrame, levels: int, setting: str) -> str:
     lines = ["| category | n | mean bits/dim (SE) | median | min | max |", "|---|---|---|---|---|---|"]
     for r in table.itertuples():
-        lines.append(f"| {r.category} | {r.n} | {r.mean_bpd:.3f} ({r.se_bpd:.3f}) | {r.median_bpd:.3f} | "
-                     f"{r.min_bpd:.3f} | {r.max_bpd:.3f} |")
+        lines.append(
+            f"| {r.category} | {r.n} | {r.mean_bpd:.3f} ({r.se_bpd:.3f}) | {r.median_bpd:.3f} | "
+            f"{r.min_bpd:.3f} | {r.max_bpd:.3f} |"
+        )
     broken = broken_pairs(table)
     verdict = "holds" if not broken else "does NOT hold: " + ", ".join(f"{a} >= {b}" for a, b in broken)
-    lines += ["", f"Paper's ordering of the means, train < rotated < averaged < noise: {verdict}.",
-              f"Uniform over the {levels} levels: {math.log2(levels):.3f} bits/dim. {setting}"]
+    lines += [
+        "",
+        f"Paper's ordering of the means, train < rotated < averaged < noise: {verdict}.",
+        f"Uniform over the {levels} levels: {math.log2(levels):.3f} bits/dim. {setting}",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -122,8 +142,15 @@ def plot(bpd: dict[str, np.ndarray], images: dict[str, np.ndarray], levels: int,
     sns.boxplot(data=frame, x="category", y="bits/dim", order=list(CATEGORIES), ax=ax, color="0.9", showfliers=False)
     sns.stripplot(data=frame, x="category", y="bits/dim", order=list(CATEGORIES), ax=ax, size=4, color="C0")
     ax.axhline(math.log2(levels), ls="--", color="C3", lw=1)
-    ax.text(len(CATEGORIES) - 0.5, math.log2(levels), f" uniform over {levels} levels", color="C3", va="bottom",
-            ha="right", fontsize=8)
+    ax.text(
+        len(CATEGORIES) - 0.5,
+        math.log2(levels),
+        f" uniform over {levels} levels",
+        color="C3",
+        va="bottom",
+        ha="right",
+        fontsize=8,
+    )
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
     save_figure(fig, stem)
@@ -148,12 +175,23 @@ def run(args, config: dict) -> None:
     lik = measure_settings(config["measure"], "vesde")["likelihood"]
     bpd = measure_categories(model, images, config["model"], lik, levels, config["seeds"]["measure"], device)
     table = summary_table(bpd)
-    setting = (f"VE-SDE (sigma {vesde_settings(config['model'])['sigma']:g}) trained "
-               f"{payload['step']} steps; {lik['solver']} with {lik['n_steps']} steps in ln sigma, exact divergence, "
-               f"dequantised: {lik['dequantize']}.")
+    setting = (
+        f"VE-SDE (sigma {vesde_settings(config['model'])['sigma']:g}) trained "
+        f"{payload['step']} steps; {lik['solver']} with {lik['n_steps']} steps in ln sigma, exact divergence, "
+        f"dequantised: {lik['dequantize']}."
+    )
     save_text(table.to_csv(index=False), Path(args.table).with_suffix(".csv"))
     save_text(markdown(table, levels, setting), Path(args.table).with_suffix(".md"))
-    plot(bpd, images, levels, f"exact bits/dim, VE-SDE ({payload['step']} DSM steps, {lik['solver']} "
-         f"{lik['n_steps']} steps), {n} images per category", args.figure)
-    log.info("likelihood_sanity: %s; ordering broken at %s", table.set_index("category")["mean_bpd"].round(3).to_dict(),
-             broken_pairs(table) or "nothing")
+    plot(
+        bpd,
+        images,
+        levels,
+        f"exact bits/dim, VE-SDE ({payload['step']} DSM steps, {lik['solver']} "
+        f"{lik['n_steps']} steps), {n} images per category",
+        args.figure,
+    )
+    log.info(
+        "likelihood_sanity: %s; ordering broken at %s",
+        table.set_index("category")["mean_bpd"].round(3).to_dict(),
+        broken_pairs(table) or "nothing",
+    )

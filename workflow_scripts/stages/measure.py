@@ -8,15 +8,18 @@ target as '<query set>__<target>' (likelihood.target_key), and the list of targe
 model.family vesde: the only target is the exact -ln p (nats), '<query set>__likelihood', and the file's
 'measurement' entry names it as the primary target (what load_targets reads).
 """
+
 from __future__ import annotations
 
 import argparse
+
 import numpy as np
+
 from workflow_scripts.core.common import load_npz, log, save_npz, select_device
-from workflow_scripts.families.registry import load_family_model
+from workflow_scripts.core.contracts import target_names
 from workflow_scripts.core.data import load_queries
 from workflow_scripts.families.likelihood import measure_queries
-from workflow_scripts.core.contracts import target_names
+from workflow_scripts.families.registry import load_family_model
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -38,6 +41,12 @@ def run(args, config: dict) -> None:
     results = measure_queries(model, queries, config, device, samples)
     # the primary target of the LDS tables: the loss, or a vesde model's exact -ln p
     primary = {"measurement": np.array("likelihood")} if config["model"].get("family", "ddpm") == "vesde" else {}
-    save_npz(args.out, subset=np.array(args.subset), replicate=np.array(args.replicate), targets=np.array(targets),
-             **primary, **results)
+    save_npz(
+        args.out,
+        subset=np.array(args.subset),
+        replicate=np.array(args.replicate),
+        targets=np.array(targets),
+        **primary,
+        **results,
+    )
     log.info("measure %s: means %s", args.model, {k: round(float(v.mean()), 5) for k, v in results.items()})

@@ -1,16 +1,17 @@
 """Stage `metagradient`: one job's chunk of queries attributed by the metagradient engine (engines/magic.py),
 written to scores/<method>/chunks/chunk<NNN>.npz; the scores stage assembles the chunks.
 """
+
 from __future__ import annotations
 
 import time
+
 import numpy as np
-from workflow_scripts.core.common import log
-from workflow_scripts.engines.magic import Attribution, attribute
-from workflow_scripts.core.common import save_npz
+
 from workflow_scripts.core import data as core_data
-from workflow_scripts.core.common import select_device
+from workflow_scripts.core.common import log, save_npz, select_device
 from workflow_scripts.core.data import load_queries
+from workflow_scripts.engines.magic import Attribution, attribute
 from workflow_scripts.scorers import metagradient as family
 
 
@@ -37,8 +38,13 @@ def save_chunk(path, method: str, result: Attribution) -> None:
         arrays[f"{name}_scores"] = result.scores[name].astype(np.float32)
         arrays[f"{name}_values"] = np.asarray(result.values[name], np.float64)
     info = {k: v for k, v in result.info.items() if isinstance(v, (int, float, str))}
-    save_npz(path, method=np.array(method), query_sets=np.array(list(result.scores)), info=np.array(json.dumps(info)),
-             **arrays)
+    save_npz(
+        path,
+        method=np.array(method),
+        query_sets=np.array(list(result.scores)),
+        info=np.array(json.dumps(info)),
+        **arrays,
+    )
 
 
 def add_arguments(parser) -> None:
@@ -55,11 +61,21 @@ def run(args, config: dict) -> None:
     if args.method not in methods or methods[args.method]["family"] != "metagradient":
         raise ValueError(f"{args.method!r} is not a metagradient method of scores.methods")
     opts = family._options(methods[args.method])
-    train_images, queries = core_data.load_dataset(args.dataset)["train_images"], load_queries(args.dataset, args.samples)
+    train_images, queries = (
+        core_data.load_dataset(args.dataset)["train_images"],
+        load_queries(args.dataset, args.samples),
+    )
     selection = parse_query_selection(args.queries)
     t0 = time.perf_counter()
-    result = attribute(config, train_images, queries, selection, replicate=int(opts["replicate"]),
-                       every=opts["checkpoint_every"], device=select_device(config["compute"]))
+    result = attribute(
+        config,
+        train_images,
+        queries,
+        selection,
+        replicate=int(opts["replicate"]),
+        every=opts["checkpoint_every"],
+        device=select_device(config["compute"]),
+    )
     if args.model:
         family.check_full_model(args.model, config, len(train_images), int(opts["replicate"]), result.final_params)
     for name, scores in result.scores.items():
@@ -68,6 +84,13 @@ def run(args, config: dict) -> None:
     result.info["time_total"] = time.perf_counter() - t0
     save_chunk(args.out, args.method, result)
     info = result.info
-    log.info("metagradient %s %s: %.1f s (forward %.1f s, reverse %.1f s of which recompute %.1f s); peak RSS %.0f MB",
-             args.method, {k: v.tolist() for k, v in selection.items()}, info["time_total"], info["time_forward"],
-             info["time_reverse"], info["time_recompute"], info["peak_rss_mb"])
+    log.info(
+        "metagradient %s %s: %.1f s (forward %.1f s, reverse %.1f s of which recompute %.1f s); peak RSS %.0f MB",
+        args.method,
+        {k: v.tolist() for k, v in selection.items()},
+        info["time_total"],
+        info["time_forward"],
+        info["time_reverse"],
+        info["time_recompute"],
+        info["peak_rss_mb"],
+    )

@@ -13,6 +13,7 @@ Reference rows on the same queries: the fixed-seed retrained models themselves a
 target (the most a fixed-seed method can reach on it) and the seed-to-seed noise ceiling.
 Mean over queries, SE over queries, 95% bootstrap CI over subsets (leave-out: over sets).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,9 +25,15 @@ import pandas as pd
 
 from workflow_scripts.core import data as core_data
 from workflow_scripts.core.common import ArtefactError, load_npz, log
-from workflow_scripts.core.fixed_seed import load_sets
-from workflow_scripts.core.lds import lds_per_query, noise_ceiling_per_query, rowwise_spearman, scored_queries, summarise
 from workflow_scripts.core.contracts import QUERY_SETS
+from workflow_scripts.core.fixed_seed import load_sets
+from workflow_scripts.core.lds import (
+    lds_per_query,
+    noise_ceiling_per_query,
+    rowwise_spearman,
+    scored_queries,
+    summarise,
+)
 from workflow_scripts.families.likelihood import load_targets
 from workflow_scripts.report.plotting import save_table
 
@@ -52,14 +59,28 @@ def _masked(values: np.ndarray, scored: np.ndarray) -> np.ndarray:
     return np.where(scored, values, np.nan)
 
 
-def method_rows(method: str, scores: np.ndarray, name: str, subsets: dict, seed_averaged: np.ndarray, sets: dict,
-                fixed: dict, lds_cfg: dict, seed: int) -> list[dict]:
+def method_rows(
+    method: str,
+    scores: np.ndarray,
+    name: str,
+    subsets: dict,
+    seed_averaged: np.ndarray,
+    sets: dict,
+    fixed: dict,
+    lds_cfg: dict,
+    seed: int,
+) -> list[dict]:
     """The table rows of one method and query set. seed_averaged: (n_subsets, n_seeds, n_query) measurements."""
     scored = scored_queries(scores)
     n_total = len(scored)
     if not scored.all():
-        log.warning("metagradient table %s %s: %d of %d queries attributed; rows are over those only", method, name,
-                    int(scored.sum()), n_total)
+        log.warning(
+            "metagradient table %s %s: %d of %d queries attributed; rows are over those only",
+            method,
+            name,
+            int(scored.sum()),
+            n_total,
+        )
     evaluation = subsets["evaluation"]
     set_names = [str(n) for n in sets["names"]]
     subset_names = [f"subset{j:03d}" for j in evaluation]
@@ -69,8 +90,9 @@ def method_rows(method: str, scores: np.ndarray, name: str, subsets: dict, seed_
     masks = subsets["masks"][evaluation]
     for j, n in zip(evaluation, subset_names):
         if n in set_names and not np.array_equal(sets["masks"][set_names.index(n)], subsets["masks"][j]):
-            raise ArtefactError(f"fixed_seed/sets.npz: {n} is not LDS subset {j} of data/subsets.npz; rerun rule "
-                                "fixed_seed_sets")
+            raise ArtefactError(
+                f"fixed_seed/sets.npz: {n} is not LDS subset {j} of data/subsets.npz; rerun rule fixed_seed_sets"
+            )
     fixed_target = np.stack([fixed[n][name] for n in subset_names])  # (n_eval, n_query)
     averaged = seed_averaged[evaluation].mean(1)
     n_boot, ci = lds_cfg["bootstrap_samples"], lds_cfg["ci"]
@@ -78,17 +100,30 @@ def method_rows(method: str, scores: np.ndarray, name: str, subsets: dict, seed_
 
     def add(target: str, per_fn, n_sets: int, note: str = ""):
         summary = summarise(per_fn, n_sets, n_boot, ci, seed)
-        rows.append({"method": method, "query_set": name, "target": target, "value": summary["lds"], "se": summary["se"],
-                     "ci_low": summary["ci_low"], "ci_high": summary["ci_high"], "n_queries": summary["n_queries"],
-                     "n_queries_total": n_total, "n_sets": n_sets, "note": note})
+        rows.append(
+            {
+                "method": method,
+                "query_set": name,
+                "target": target,
+                "value": summary["lds"],
+                "se": summary["se"],
+                "ci_low": summary["ci_low"],
+                "ci_high": summary["ci_high"],
+                "n_queries": summary["n_queries"],
+                "n_queries_total": n_total,
+                "n_sets": n_sets,
+                "note": note,
+            }
+        )
 
     add(FIXED_SEED_LDS, lambda idx: lds_per_query(scores, masks[idx], fixed_target[idx]), len(evaluation))
     add(SEED_AVERAGED_LDS, lambda idx: lds_per_query(scores, masks[idx], averaged[idx]), len(evaluation))
     loo_names = [n for n in set_names if n.startswith("loo")]
     if len(loo_names) >= 2:
         removed = ~sets["masks"][[set_names.index(n) for n in loo_names]]  # (n_loo, N)
-        predicted = np.where(scored[:, None], np.nan_to_num(scores.astype(np.float64)) @ removed.T.astype(np.float64),
-                             np.nan)  # (n_query, n_loo)
+        predicted = np.where(
+            scored[:, None], np.nan_to_num(scores.astype(np.float64)) @ removed.T.astype(np.float64), np.nan
+        )  # (n_query, n_loo)
         actual = np.stack([fixed[n][name] - fixed["full"][name] for n in loo_names], axis=1)
         ratio = np.median(np.abs(predicted[scored]) / np.maximum(np.abs(actual[scored]), 1e-300))
         size = int(removed[0].sum())
@@ -98,21 +133,35 @@ def method_rows(method: str, scores: np.ndarray, name: str, subsets: dict, seed_
             out[scored] = rowwise_spearman(predicted[scored][:, idx], actual[scored][:, idx])
             return out
 
-        add(LOO_SPEARMAN, loo, len(loo_names),
-            f"{size} of {removed.shape[1]} examples removed per set; median |predicted| / |actual| change {ratio:.2f}")
+        add(
+            LOO_SPEARMAN,
+            loo,
+            len(loo_names),
+            f"{size} of {removed.shape[1]} examples removed per set; median |predicted| / |actual| change {ratio:.2f}",
+        )
     else:
-        log.warning("metagradient table: %d leave-out sets (fixed_seed.loo_sets); a Spearman needs at least 2",
-                    len(loo_names))
-    add(FIXED_SEED_PREDICTOR, lambda idx: _masked(rowwise_spearman(fixed_target[idx].T, averaged[idx].T), scored),
-        len(evaluation), "no scores: the measured fixed-seed m_q itself")
+        log.warning(
+            "metagradient table: %d leave-out sets (fixed_seed.loo_sets); a Spearman needs at least 2", len(loo_names)
+        )
+    add(
+        FIXED_SEED_PREDICTOR,
+        lambda idx: _masked(rowwise_spearman(fixed_target[idx].T, averaged[idx].T), scored),
+        len(evaluation),
+        "no scores: the measured fixed-seed m_q itself",
+    )
     if seed_averaged.shape[1] >= 2:
-        add(NOISE_CEILING, lambda idx: _masked(noise_ceiling_per_query(seed_averaged[evaluation][idx]), scored),
-            len(evaluation), "two retrainings of the same subset, different seeds")
+        add(
+            NOISE_CEILING,
+            lambda idx: _masked(noise_ceiling_per_query(seed_averaged[evaluation][idx]), scored),
+            len(evaluation),
+            "two retrainings of the same subset, different seeds",
+        )
     return rows
 
 
-def metagradient_table(method_dirs: dict[str, Path], subsets: dict, targets: dict, sets: dict, fixed: dict,
-                       lds_cfg: dict, seed: int) -> pd.DataFrame:
+def metagradient_table(
+    method_dirs: dict[str, Path], subsets: dict, targets: dict, sets: dict, fixed: dict, lds_cfg: dict, seed: int
+) -> pd.DataFrame:
     rows = []
     for method, directory in method_dirs.items():
         for name in QUERY_SETS:
@@ -124,17 +173,23 @@ def metagradient_table(method_dirs: dict[str, Path], subsets: dict, targets: dic
 def to_markdown(table: pd.DataFrame) -> str:
     if table.empty:
         return "No metagradient method is configured (scores.methods): no fixed-seed ground truth was computed.\n"
-    lines = ["| method | query set | target | value | SE | 95% bootstrap CI | queries | subsets / sets | note |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| method | query set | target | value | SE | 95% bootstrap CI | queries | subsets / sets | note |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in table.itertuples():
         se = "-" if np.isnan(r.se) else f"{r.se:.3f}"
-        lines.append(f"| {r.method} | {r.query_set} | {r.target} | {r.value:.3f} | {se} | [{r.ci_low:.3f}, {r.ci_high:.3f}] "
-                     f"| {r.n_queries} of {r.n_queries_total} | {r.n_sets} | {r.note} |")
+        lines.append(
+            f"| {r.method} | {r.query_set} | {r.target} | {r.value:.3f} | {se} | [{r.ci_low:.3f}, {r.ci_high:.3f}] "
+            f"| {r.n_queries} of {r.n_queries_total} | {r.n_sets} | {r.note} |"
+        )
     lines.append("")
-    lines.append("Mean over the attributed queries (the others were not attributed: metagradient max_queries), SE over "
-                 "those queries ('-' for one), 95% bootstrap CI over the evaluation subsets (leave-out: over the sets). "
-                 "Fixed-seed target: retrained with the full model's seed and data order, the removed examples "
-                 "weighted 0 -- what the metagradient differentiates; seed-averaged target: the LDS table's.")
+    lines.append(
+        "Mean over the attributed queries (the others were not attributed: metagradient max_queries), SE over "
+        "those queries ('-' for one), 95% bootstrap CI over the evaluation subsets (leave-out: over the sets). "
+        "Fixed-seed target: retrained with the full model's seed and data order, the removed examples "
+        "weighted 0 -- what the metagradient differentiates; seed-averaged target: the LDS table's."
+    )
     return "\n".join(lines) + "\n"
 
 
@@ -158,9 +213,15 @@ def run(args, config: dict) -> None:
                 raise ArtefactError(f"{directory}: not a metagradient method's scores")
         subsets = core_data.load_subsets(args.subsets)
         targets = load_targets(args.measurements, config["lds"]["n_subsets"], config["lds"]["n_seeds"])
-        table = metagradient_table({Path(d).name: Path(d) for d in args.scores}, subsets, targets,
-                                   load_sets(args.fixed_seed_sets), load_fixed_seed(args.fixed_seed), config["lds"],
-                                   config["seeds"]["bootstrap"])
+        table = metagradient_table(
+            {Path(d).name: Path(d) for d in args.scores},
+            subsets,
+            targets,
+            load_sets(args.fixed_seed_sets),
+            load_fixed_seed(args.fixed_seed),
+            config["lds"],
+            config["seeds"]["bootstrap"],
+        )
     else:
         table = pd.DataFrame()
     markdown = to_markdown(table)

@@ -12,6 +12,7 @@ training seed as the full model):
 Writes an .npz with query, image_full, image_counterfactual, query_image, loss_full, loss_counterfactual.
 model.family vesde: the probability-flow ODE regenerates, and "loss" is the exact -ln p of the query (nats).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -19,12 +20,11 @@ import argparse
 import numpy as np
 
 from workflow_scripts.core.common import ArtefactError, load_npz, log, save_npz, select_device
-from workflow_scripts.families.registry import load_family_model
 from workflow_scripts.core.contracts import QUERY_SETS
-from workflow_scripts.families.ddpm import measure_loss
-from workflow_scripts.families.registry import generate_images
 from workflow_scripts.core.data import N_LEVELS
+from workflow_scripts.families.ddpm import measure_loss
 from workflow_scripts.families.likelihood import measure_settings
+from workflow_scripts.families.registry import generate_images, load_family_model
 from workflow_scripts.families.vesde import measure_likelihood
 
 GENERATED_STREAM = QUERY_SETS.index("generated")  # the measure stage's noise stream of generated queries
@@ -40,10 +40,29 @@ def measure_query(model, query_image: np.ndarray, config: dict, query: int, devi
     model.family vesde the exact -ln p in nats."""
     if config["model"].get("family", "ddpm") == "vesde":
         settings = measure_settings(config["measure"], "vesde")["likelihood"]
-        return float(measure_likelihood(model, query_image, config["model"], settings, N_LEVELS[config["data"]["dataset"]],
-                                        config["seeds"]["measure"], GENERATED_STREAM, device, first_index=query)["nats"][0])
-    return measure_loss(model, query_image, config["diffusion"], config["measure"], config["seeds"]["measure"],
-                        GENERATED_STREAM, device, indices=[query])[0]
+        return float(
+            measure_likelihood(
+                model,
+                query_image,
+                config["model"],
+                settings,
+                N_LEVELS[config["data"]["dataset"]],
+                config["seeds"]["measure"],
+                GENERATED_STREAM,
+                device,
+                first_index=query,
+            )["nats"][0]
+        )
+    return measure_loss(
+        model,
+        query_image,
+        config["diffusion"],
+        config["measure"],
+        config["seeds"]["measure"],
+        GENERATED_STREAM,
+        device,
+        indices=[query],
+    )[0]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -66,14 +85,32 @@ def run(args, config: dict) -> None:
         made_by[name] = payload["config"]
         images[name] = regenerate(model, payload["image_shape"], config, args.query, device)
         losses[name] = measure_query(model, query_image, config, args.query, device)
-    for key in ("seed", "train", "diffusion", "data"):  # a counterfactual differs from the full model only in its members
+    for key in (
+        "seed",
+        "train",
+        "diffusion",
+        "data",
+    ):  # a counterfactual differs from the full model only in its members
         if made_by["counterfactual"].get(key) != made_by["full"].get(key):
-            raise ArtefactError(f"{args.model}: trained with {key} {made_by['counterfactual'].get(key)!r}, the full model "
-                                f"{args.full_model} with {made_by['full'].get(key)!r}; retrain it")
+            raise ArtefactError(
+                f"{args.model}: trained with {key} {made_by['counterfactual'].get(key)!r}, the full model "
+                f"{args.full_model} with {made_by['full'].get(key)!r}; retrain it"
+            )
     drift = float(np.abs(images["full"] - query_image).max())
-    save_npz(args.out, query=np.array(args.query), image_full=images["full"][0],
-             image_counterfactual=images["counterfactual"][0], query_image=query_image[0],
-             loss_full=np.array(losses["full"]), loss_counterfactual=np.array(losses["counterfactual"]))
-    log.info("regenerate query %d: pixel L2 %.4f, loss %.5f -> %.5f (full-model regeneration vs samples: max |diff| %.2e)",
-             args.query, float(np.linalg.norm(images["counterfactual"] - images["full"])), losses["full"],
-             losses["counterfactual"], drift)
+    save_npz(
+        args.out,
+        query=np.array(args.query),
+        image_full=images["full"][0],
+        image_counterfactual=images["counterfactual"][0],
+        query_image=query_image[0],
+        loss_full=np.array(losses["full"]),
+        loss_counterfactual=np.array(losses["counterfactual"]),
+    )
+    log.info(
+        "regenerate query %d: pixel L2 %.4f, loss %.5f -> %.5f (full-model regeneration vs samples: max |diff| %.2e)",
+        args.query,
+        float(np.linalg.norm(images["counterfactual"] - images["full"])),
+        losses["full"],
+        losses["counterfactual"],
+        drift,
+    )

@@ -4,12 +4,13 @@
 Image i starts from, and draws its ancestral noise from, its own generator seeded with
 seeds.sample * 1000 + i, so an image does not depend on how many others are generated with it.
 """
+
 from __future__ import annotations
 
 import argparse
+
 from workflow_scripts.core.common import log, save_npz, select_device
-from workflow_scripts.families.registry import load_family_model
-from workflow_scripts.families.registry import generate_images
+from workflow_scripts.families.registry import generate_images, load_family_model
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -22,5 +23,7 @@ def run(args, config: dict) -> None:
     model, payload = load_family_model(args.model, config["model"], device)
     result = generate_images(model, payload["image_shape"], config, device)
     save_npz(args.out, **result)
-    sampler = "probability-flow ODE (Heun)" if config["model"].get("family") == "vesde" else config["sample"]["scheduler"]
+    sampler = (
+        "probability-flow ODE (Heun)" if config["model"].get("family") == "vesde" else config["sample"]["scheduler"]
+    )
     log.info("sample: %d images with %s, %d steps", len(result["images"]), sampler, len(result["timesteps"]))

@@ -8,6 +8,7 @@ the loss). The lambda with the best mean TUNING LDS over the query sets is kept;
 written as <query_set>.npy (n_query x n_train, float32) beside sweep.csv, and the LDS-vs-lambda curve as sweep.png.
 A method may set its own `lambda_grid` (else scores.lambda_grid).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -18,12 +19,11 @@ import pandas as pd
 
 from workflow_scripts.core import data as core_data
 from workflow_scripts.core.common import ArtefactError, log, save_json, save_npy, save_text
-from workflow_scripts.core.store import open_store, read_sidecar
-from workflow_scripts.core.lds import lds_per_query, mean_over_scored, scored_queries
-from workflow_scripts.families.likelihood import method_targets
-from workflow_scripts.core.contracts import QUERY_SETS
+from workflow_scripts.core.contracts import QUERY_SETS, RESIDUAL
 from workflow_scripts.core.data import load_queries
-from workflow_scripts.core.contracts import RESIDUAL
+from workflow_scripts.core.lds import lds_per_query, mean_over_scored, scored_queries
+from workflow_scripts.core.store import open_store, read_sidecar
+from workflow_scripts.families.likelihood import method_targets
 from workflow_scripts.scorers import ScorerNotRun, get_scorer
 
 
@@ -35,9 +35,17 @@ class ScorerInputs:
 
     query_sets = QUERY_SETS
 
-    def __init__(self, dataset: str, samples: str, stores: dict[str, str] | None = None, classifier_path: str | None = None,
-                 model_path: str | None = None, curvature_path: str | None = None, config: dict | None = None,
-                 chunks: list[str] | None = None):
+    def __init__(
+        self,
+        dataset: str,
+        samples: str,
+        stores: dict[str, str] | None = None,
+        classifier_path: str | None = None,
+        model_path: str | None = None,
+        curvature_path: str | None = None,
+        config: dict | None = None,
+        chunks: list[str] | None = None,
+    ):
         self.dataset, self.samples, self.stores = dataset, samples, dict(stores or {})
         # Model-based scorers: the embedding classifier, the final diffusion checkpoint and its curvature (K-FAC).
         self.classifier_path, self.model_path, self.curvature_path = classifier_path, model_path, curvature_path
@@ -58,8 +66,10 @@ class ScorerInputs:
 
     def _path(self, role: str, split: str) -> Path:
         if role not in self.stores:
-            raise ArtefactError(f"this scorer needs the gradient store {role!r}, but --features names only "
-                                f"{sorted(self.stores) or 'none'}")
+            raise ArtefactError(
+                f"this scorer needs the gradient store {role!r}, but --features names only "
+                f"{sorted(self.stores) or 'none'}"
+            )
         return Path(self.stores[role]) / f"{split}.npy"
 
     def sidecar(self, role: str, split: str) -> dict:
@@ -79,8 +89,10 @@ class ScorerInputs:
         """Training residuals of a store (DAS); made with exactly the train features' configuration."""
         residual, train = self.sidecar(role, RESIDUAL), self.sidecar(role, "train")
         if residual["config_hash"] != train["config_hash"]:
-            raise ArtefactError(f"{self.stores[role]}: {RESIDUAL} (config {residual['config_hash']}) does not belong to "
-                                f"the train features (config {train['config_hash']})")
+            raise ArtefactError(
+                f"{self.stores[role]}: {RESIDUAL} (config {residual['config_hash']}) does not belong to "
+                f"the train features (config {train['config_hash']})"
+            )
         return np.asarray(open_store(self._path(role, RESIDUAL)))
 
     def checkpoint(self, role: str) -> dict:
@@ -98,17 +110,23 @@ def parse_stores(items: list[str] | None) -> dict[str, str]:
     return stores
 
 
-def sweep(results: list, masks: np.ndarray, tuning: np.ndarray, evaluation: np.ndarray,
-          targets: dict[str, np.ndarray]) -> pd.DataFrame:
+def sweep(
+    results: list, masks: np.ndarray, tuning: np.ndarray, evaluation: np.ndarray, targets: dict[str, np.ndarray]
+) -> pd.DataFrame:
     """LDS of every (lambda, query set) on tuning and evaluation subsets; targets are seed-averaged.
     Means over the scored queries (NaN rows: not scored, see lds.py)."""
     rows = []
     for lam, matrices in results:
         for name, scores in matrices.items():
             target = targets[name].mean(1)  # (n_subsets, n_query)
-            rows.append({"lambda": np.nan if lam is None else lam, "query_set": name,
-                         "lds_tuning": mean_over_scored(lds_per_query(scores, masks[tuning], target[tuning])),
-                         "lds_evaluation": mean_over_scored(lds_per_query(scores, masks[evaluation], target[evaluation]))})
+            rows.append(
+                {
+                    "lambda": np.nan if lam is None else lam,
+                    "query_set": name,
+                    "lds_tuning": mean_over_scored(lds_per_query(scores, masks[tuning], target[tuning])),
+                    "lds_evaluation": mean_over_scored(lds_per_query(scores, masks[evaluation], target[evaluation])),
+                }
+            )
     return pd.DataFrame(rows)
 
 
@@ -127,8 +145,12 @@ def plot_sweep(table: pd.DataFrame, chosen_lambda, method: str, path: str | Path
     import matplotlib.pyplot as plt
     import seaborn as sns
 
-    long = table.melt(id_vars=["lambda", "query_set"], value_vars=["lds_tuning", "lds_evaluation"], var_name="subsets",
-                      value_name="LDS")
+    long = table.melt(
+        id_vars=["lambda", "query_set"],
+        value_vars=["lds_tuning", "lds_evaluation"],
+        var_name="subsets",
+        value_name="LDS",
+    )
     long["subsets"] = long["subsets"].map({"lds_tuning": "tuning", "lds_evaluation": "evaluation"})
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     if long["lambda"].notna().any():
@@ -138,7 +160,9 @@ def plot_sweep(table: pd.DataFrame, chosen_lambda, method: str, path: str | Path
         ax.set_xlabel("lambda (relative to the mean eigenvalue of Phi^T Phi)")
         title = f"{method}: LDS vs lambda (chosen on tuning subsets: {chosen_lambda:g})"
     else:
-        sns.pointplot(data=long, x="query_set", y="LDS", hue="subsets", dodge=0.3, linestyle="none", errorbar=None, ax=ax)
+        sns.pointplot(
+            data=long, x="query_set", y="LDS", hue="subsets", dodge=0.3, linestyle="none", errorbar=None, ax=ax
+        )
         ax.set_xlabel("query set")
         title = f"{method}: no lambda"
     ax.axhline(0, c="grey", lw=0.6)
@@ -160,8 +184,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--samples", required=True)
     parser.add_argument("--subsets", required=True)
     parser.add_argument("--measurements", nargs="+", required=True, help="per-model measurements, subset-major")
-    parser.add_argument("--features", nargs="*", metavar="ROLE=DIR",
-                        help="gradient store directories by role (final, step<N>, journey); gradient-based methods")
+    parser.add_argument(
+        "--features",
+        nargs="*",
+        metavar="ROLE=DIR",
+        help="gradient store directories by role (final, step<N>, journey); gradient-based methods",
+    )
     parser.add_argument("--classifier", help="classifier checkpoint (embedding scorers)")
     parser.add_argument("--model", help="final diffusion checkpoint (model-based scorers, e.g. K-FAC)")
     parser.add_argument("--curvature", help="fitted curvature file (K-FAC influence)")
@@ -176,8 +204,16 @@ def run(args, config: dict) -> None:
     method_cfg = methods[args.method]
     scorer = get_scorer(method_cfg["family"])
     notes = scorer.notes(method_cfg)
-    inputs = ScorerInputs(args.dataset, args.samples, parse_stores(args.features), args.classifier, args.model,
-                          args.curvature, config, args.chunks)
+    inputs = ScorerInputs(
+        args.dataset,
+        args.samples,
+        parse_stores(args.features),
+        args.classifier,
+        args.model,
+        args.curvature,
+        config,
+        args.chunks,
+    )
     lambdas = scorer.lambdas(method_cfg, config)  # resolved once, here
     out = Path(args.out_dir)
     try:
@@ -185,15 +221,22 @@ def run(args, config: dict) -> None:
     except ScorerNotRun as exc:  # e.g. no CLIP weights: say so in the table, never a number
         log.warning("scores %s: %s (%s)", args.method, exc.reason, exc.detail)
         save_text("lambda,query_set,lds_tuning,lds_evaluation\n", out / "sweep.csv")
-        plot_sweep(pd.DataFrame(columns=["lambda", "query_set", "lds_tuning", "lds_evaluation"]), None, args.method,
-                   out / "sweep.png", {name: exc.reason for name in QUERY_SETS})
-        save_json({"method": args.method, "config": method_cfg, "lambda": None, "not_run": exc.reason,
-                   "detail": exc.detail}, out / "chosen.json")
+        plot_sweep(
+            pd.DataFrame(columns=["lambda", "query_set", "lds_tuning", "lds_evaluation"]),
+            None,
+            args.method,
+            out / "sweep.png",
+            {name: exc.reason for name in QUERY_SETS},
+        )
+        save_json(
+            {"method": args.method, "config": method_cfg, "lambda": None, "not_run": exc.reason, "detail": exc.detail},
+            out / "chosen.json",
+        )
         return
     subsets = core_data.load_subsets(args.subsets)
     target = scorer.query_target(method_cfg)
     targets, fallback = method_targets(args.measurements, config["lds"]["n_subsets"], config["lds"]["n_seeds"], target)
-    for name, note in fallback.items():
+    for note in fallback.values():
         log.info("scores %s: %s", args.method, note)
     used = {name: "loss" if name in fallback else target for name in targets}  # the target each set was tuned on
     table = sweep(results, subsets["masks"], subsets["tuning"], subsets["evaluation"], targets)
@@ -207,14 +250,36 @@ def run(args, config: dict) -> None:
         if not scored.any():
             raise FloatingPointError(f"{args.method}: no {name} query has scores")
         if not scored.all():
-            log.warning("scores %s, %s: %d of %d queries scored; the other rows are NaN (not scored)", args.method, name,
-                        int(scored.sum()), len(scored))
+            log.warning(
+                "scores %s, %s: %d of %d queries scored; the other rows are NaN (not scored)",
+                args.method,
+                name,
+                int(scored.sum()),
+                len(scored),
+            )
         save_npy(scores.astype(np.float32), out / f"{name}.npy")
     save_text(table.to_csv(index=False), out / "sweep.csv")
     plot_sweep(table, chosen_lambda, args.method, out / "sweep.png", notes)
-    save_json({"method": args.method, "config": method_cfg, "lambda": chosen_lambda, "notes": notes, "target": used,
-               "settings": scorer.settings(method_cfg, config)}, out / "chosen.json")
+    save_json(
+        {
+            "method": args.method,
+            "config": method_cfg,
+            "lambda": chosen_lambda,
+            "notes": notes,
+            "target": used,
+            "settings": scorer.settings(method_cfg, config),
+        },
+        out / "chosen.json",
+    )
     for name, note in notes.items():
         log.warning("scores %s, %s queries: %s", args.method, name, note)
-    log.info("scores %s: lambda %s; tuning LDS (target %s) %s", args.method, chosen_lambda, target,
-             table[table["lambda"].eq(chosen_lambda) | table["lambda"].isna()].set_index("query_set")["lds_tuning"].round(3).to_dict())
+    log.info(
+        "scores %s: lambda %s; tuning LDS (target %s) %s",
+        args.method,
+        chosen_lambda,
+        target,
+        table[table["lambda"].eq(chosen_lambda) | table["lambda"].isna()]
+        .set_index("query_set")["lds_tuning"]
+        .round(3)
+        .to_dict(),
+    )

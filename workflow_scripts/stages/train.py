@@ -10,15 +10,18 @@ same initialisation and the same per-step (t, eps) stream; the data order necess
 when the members differ. A run resumed from its last saved state reproduces the uninterrupted run
 exactly (on CPU, bit for bit).
 """
+
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
+
 import numpy as np
+
 from workflow_scripts.core import data as core_data
 from workflow_scripts.core.common import ArtefactError, log
-from workflow_scripts.families.registry import train_family_model
 from workflow_scripts.core.fixed_seed import load_sets, weights
+from workflow_scripts.families.registry import train_family_model
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -26,8 +29,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--subsets", help="LDS subset masks (data stage); with --subset")
     parser.add_argument("--subset", type=int, default=-1, help="LDS subset index; -1 = the full training set")
     parser.add_argument("--members", help="a .npy of training indices to train on (counterfactual retrainings)")
-    parser.add_argument("--fixed-seed-sets", help="fixed_seed/sets.npz; with --fixed-seed-set: train on ALL examples, "
-                        "those outside the set weighted 0 (the metagradient's fixed-seed ground truth)")
+    parser.add_argument(
+        "--fixed-seed-sets",
+        help="fixed_seed/sets.npz; with --fixed-seed-set: train on ALL examples, "
+        "those outside the set weighted 0 (the metagradient's fixed-seed ground truth)",
+    )
     parser.add_argument("--fixed-seed-set", help="name of the fixed-seed set (subset<j> or loo<k>)")
     parser.add_argument("--replicate", type=int, default=0, help="training seed index s (seed = seeds.train + s)")
     parser.add_argument("--out", required=True)
@@ -51,8 +57,10 @@ def load_members(path: str | Path, n_train: int) -> np.ndarray:
     except Exception as exc:
         raise ArtefactError(f"{path}: cannot be read ({exc}); delete it and rerun") from exc
     if members.ndim != 1 or not np.issubdtype(members.dtype, np.integer) or len(members) == 0:
-        raise ArtefactError(f"{path}: expected a non-empty 1-D integer array of training indices, "
-                            f"got {members.dtype} of shape {members.shape}")
+        raise ArtefactError(
+            f"{path}: expected a non-empty 1-D integer array of training indices, "
+            f"got {members.dtype} of shape {members.shape}"
+        )
     if members.min() < 0 or members.max() >= n_train:
         raise ArtefactError(f"{path}: indices outside [0, {n_train}) (the training set has {n_train} images)")
     if np.any(np.diff(members) <= 0):
@@ -65,11 +73,18 @@ def run(args, config: dict) -> None:
     images = dataset["train_images"]
     if args.fixed_seed_sets or args.fixed_seed_set:
         if not (args.fixed_seed_sets and args.fixed_seed_set) or args.members is not None or args.subset >= 0:
-            raise ValueError("a fixed-seed retraining needs --fixed-seed-sets and --fixed-seed-set, and neither "
-                             "--members nor --subset")
+            raise ValueError(
+                "a fixed-seed retraining needs --fixed-seed-sets and --fixed-seed-set, and neither "
+                "--members nor --subset"
+            )
         w = weights(load_sets(args.fixed_seed_sets), args.fixed_seed_set, len(images))
-        log.info("fixed-seed retraining %s: %d of %d examples weighted 0, seed and data order of replicate %d",
-                 args.fixed_seed_set, int((w == 0).sum()), len(w), args.replicate)
+        log.info(
+            "fixed-seed retraining %s: %d of %d examples weighted 0, seed and data order of replicate %d",
+            args.fixed_seed_set,
+            int((w == 0).sum()),
+            len(w),
+            args.replicate,
+        )
         train_family_model(config, images, np.arange(len(images)), args.replicate, args.out, weights=w)
         return
     if args.members is not None:
