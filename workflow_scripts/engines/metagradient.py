@@ -9,7 +9,7 @@ import numpy as np
 from workflow_scripts.core.common import ArtefactError, load_torch, log, select_device
 from workflow_scripts.core.seeds import training_identity
 from workflow_scripts.engines.magic import attribute
-from workflow_scripts.scorers.metagradient import _options, selected_queries
+from workflow_scripts.scorers.metagradient import method_options, selected_queries
 
 
 def check_full_model(model_path: str, config: dict, n_train: int, replicate: int, params: dict) -> float:
@@ -33,7 +33,7 @@ def check_full_model(model_path: str, config: dict, n_train: int, replicate: int
 
 def compute(method_cfg: dict, inputs, lambdas) -> list:
     """[(None, {query set: (n_query, n_train) float32})]; rows of queries beyond max_queries are NaN."""
-    opts = _options(method_cfg)
+    opts = method_options(method_cfg)
     config = getattr(inputs, "config", None)
     if not config:
         raise ArtefactError("the metagradient scorer needs the full configuration in its inputs (ScorerInputs.config)")

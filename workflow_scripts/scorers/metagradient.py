@@ -36,7 +36,7 @@ def default_every(steps: int) -> int:
 DEFAULTS = {"checkpoint_every": None, "max_queries": None, "replicate": 0, "queries_per_job": None}
 
 
-def _options(method_cfg: dict) -> dict:
+def method_options(method_cfg: dict) -> dict:
     unknown = sorted(set(method_cfg) - set(DEFAULTS) - {"family"})
     if unknown:
         raise ValueError(f"metagradient: unknown method keys {unknown}; known: {sorted(DEFAULTS)}")
@@ -68,7 +68,7 @@ def notes(method_cfg: dict) -> dict[str, str]:
 
 
 def settings(method_cfg: dict, config: dict) -> dict:
-    opts = _options(method_cfg)
+    opts = method_options(method_cfg)
     steps = int(config["train"]["steps"])
     return {
         "checkpoint_every": int(opts["checkpoint_every"] or default_every(steps)),
@@ -135,7 +135,7 @@ class Metagradient(Scorer):
     def compute(self, method_cfg, inputs, lambdas):
         """[(None, {query set: (n_query, n_train) float32})]; rows of queries beyond max_queries are NaN. With chunk
         files (inputs.chunks, the workflow) they are assembled; otherwise the engine computes the scores here."""
-        opts = _options(method_cfg)
+        opts = method_options(method_cfg)
         if getattr(inputs, "chunks", None):
             queries = inputs.queries()
             selected = selected_queries({name: len(images) for name, images in queries.items()}, opts["max_queries"])

@@ -12,7 +12,8 @@ from workflow_scripts.core import data as core_data
 from workflow_scripts.core.common import log, save_npz, select_device
 from workflow_scripts.core.data import load_queries
 from workflow_scripts.engines.magic import Attribution, attribute
-from workflow_scripts.scorers import metagradient as family
+from workflow_scripts.engines.metagradient import check_full_model
+from workflow_scripts.scorers.metagradient import method_options
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -60,7 +61,7 @@ def run(args, config: dict) -> None:
     methods = config["scores"]["methods"]
     if args.method not in methods or methods[args.method]["family"] != "metagradient":
         raise ValueError(f"{args.method!r} is not a metagradient method of scores.methods")
-    opts = family._options(methods[args.method])
+    opts = method_options(methods[args.method])
     train_images, queries = (
         core_data.load_dataset(args.dataset)["train_images"],
         load_queries(args.dataset, args.samples),
@@ -77,7 +78,7 @@ def run(args, config: dict) -> None:
         device=select_device(config["compute"]),
     )
     if args.model:
-        family.check_full_model(args.model, config, len(train_images), int(opts["replicate"]), result.final_params)
+        check_full_model(args.model, config, len(train_images), int(opts["replicate"]), result.final_params)
     for name, scores in result.scores.items():
         if not np.isfinite(scores).all():
             raise FloatingPointError(f"metagradient: non-finite scores for attributed {name} queries")
