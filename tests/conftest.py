@@ -5,6 +5,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).parent))  # the shared helpers beside this file (workflow_runs, fakes, ...)
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,4 @@
-"""Test doubles shared by several test modules."""
+"""Test doubles and tiny configurations shared by several test modules."""
 
 
 class FakeInputs:
@@ -14,3 +14,13 @@ class FakeInputs:
 
     def queries(self):
         return self._queries
+
+
+# The tiny DDPM UNet the unit tests build (two blocks, attention on the second; a few thousand parameters).
+TINY_MODEL = {
+    "block_out_channels": [8, 16],
+    "attention": [False, True],
+    "layers_per_block": 1,
+    "norm_num_groups": 4,
+    "attention_head_dim": 4,
+}

@@ -11,7 +11,7 @@ sum_{i in B_k} w_i l_i / |B_k|, gradient-norm clipping (torch.nn.utils.clip_grad
 single-tensor CPU algorithm: decoupled weight decay, bias corrections, eps outside the square root) and the diffusers
 cosine schedule with linear warm-up. Everything here is written functionally on dicts of tensors so that
 torch.autograd differentiates through it; with w = 1 (and with 0/1 weights) it reproduces train.train_model's final
-parameters bit for bit on CPU (`tests/test_metagradient.py`; same kernels: foreach norms in the clipping, lerp /
+parameters bit for bit on CPU (`tests/unit/scorers/test_metagradient.py`; same kernels: foreach norms in the clipping, lerp /
 addcmul / addcdiv in AdamW, the schedule's own lr values).
 
 Scores (docs/methods.md sign convention): S[q, i] = -d m_q(theta_T(w)) / d w_i at w = 1, m_q = the simple loss of query q

@@ -20,7 +20,7 @@ sum_j J_j^T e_j = lambda (theta* - theta_0). Removing z_i and taking ONE Newton 
 by the Woodbury identity (A - U^T U)^{-1} U^T = A^{-1} U^T (I - U A^{-1} U^T)^{-1}; for r = 1 this is
 the Sherman-Morrison step of eq. 15, theta_{-i} - theta* = -H^{-1} phi_i e_i / (1 - h_i), the classic
 beta_{-i} = beta - (X^T X)^{-1} x_i e_i / (1 - h_i) of least squares. For a linear model the step is
-exact (tests/test_scorers_das.py checks it against refitting without z_i). The predicted change of the
+exact (tests/unit/scorers/test_scorers_das.py checks it against refitting without z_i). The predicted change of the
 query's output is J_q (theta_{-i} - theta*), and DAS (eqs. 12/16) scores its squared norm:
 
     S[q, i] = || J_q H^{-1} J_i^T (I - H_ii)^{-1} e_i ||^2   (>= 0; DAS appendix D: ~ the rise of the

@@ -10,7 +10,7 @@ projection size.
 Memory: the training features are never held in RAM. Phi^T Phi is accumulated over row chunks of the
 (memory-mapped) store, and every quantity per training example (scores, norms, leverages) is computed
 chunk by chunk, so the solver holds d x d + n_query x d + the (n_query x n_train) scores, whatever n_train
-is (CIFAR-10: 50,000 training examples; tests/test_scorer_memory.py).
+is (CIFAR-10: 50,000 training examples; tests/unit/scorers/test_scorer_memory.py).
 
 The timestep budget K is the store's (method key `timesteps`, default gradients.timesteps), so K = 10
 and K = 100 are separate methods reading separate stores.

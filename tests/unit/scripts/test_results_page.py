@@ -17,7 +17,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = next(p for p in Path(__file__).resolve().parents if (p / "Snakefile").is_file())
 SCRIPT = REPO / "scripts" / "results_page.py"
 NAN = math.nan
 NOISE = "noise ceiling (seed-to-seed)"

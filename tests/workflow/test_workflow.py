@@ -14,7 +14,7 @@ import yaml
 from workflow_runs import snakemake
 
 # smoke_run (tests/conftest.py): the smoke workflow run locally once per session, also the reference of
-# tests/test_slurm.py
+# tests/workflow/test_slurm.py
 
 
 def test_lds_table_has_every_method_and_query_set(smoke_run, smoke_config):

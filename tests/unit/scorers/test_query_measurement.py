@@ -4,6 +4,7 @@ and the scorers that read them (scorers/base.py query_features)."""
 import numpy as np
 import pytest
 import torch
+from fakes import TINY_MODEL
 
 from workflow_scripts.core import store as store_mod
 from workflow_scripts.core.common import ArtefactError
@@ -16,13 +17,6 @@ from workflow_scripts.stages.scores import ScorerInputs
 
 torch.set_num_threads(1)
 
-TINY_MODEL = {
-    "block_out_channels": [8, 16],
-    "attention": [False, True],
-    "layers_per_block": 1,
-    "norm_num_groups": 4,
-    "attention_head_dim": 4,
-}
 SHAPE = (1, 8, 8)
 GRAD_CFG = {
     "timesteps": 2,

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = next(p for p in Path(__file__).resolve().parents if (p / "Snakefile").is_file())
 README = REPO / "README.md"
 WORKFLOW_DOC = REPO / "docs" / "workflow.md"
 MAX_README_LINES = 150

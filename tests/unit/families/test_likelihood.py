@@ -9,6 +9,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from fakes import TINY_MODEL
 from scipy.stats import norm
 
 from workflow_scripts.core import contracts
@@ -22,13 +23,6 @@ torch.set_num_threads(1)
 
 DIFFUSION = {"num_train_timesteps": 1000, "beta_start": 0.0001, "beta_end": 0.02}
 SMALL_DIFFUSION = {"num_train_timesteps": 20, "beta_start": 0.001, "beta_end": 0.2}
-TINY_MODEL = {
-    "block_out_channels": [8, 16],
-    "attention": [False, True],
-    "layers_per_block": 1,
-    "norm_num_groups": 4,
-    "attention_head_dim": 4,
-}
 SHAPE = (1, 8, 8)
 D = 64
 LEVELS = 17

@@ -8,6 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from fakes import TINY_MODEL
 
 from workflow_scripts.__main__ import main
 from workflow_scripts.core.common import ArtefactError, load_npz, load_torch
@@ -16,14 +17,6 @@ from workflow_scripts.dag.config import ConfigError, check_workflow_support, loa
 from workflow_scripts.families import vesde as V
 
 torch.set_num_threads(1)
-
-TINY_MODEL = {
-    "block_out_channels": [8, 16],
-    "attention": [False, True],
-    "layers_per_block": 1,
-    "norm_num_groups": 4,
-    "attention_head_dim": 4,
-}
 
 
 @pytest.fixture(scope="module")

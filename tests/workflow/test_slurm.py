@@ -24,7 +24,7 @@ import pytest
 import yaml
 from workflow_runs import BIN, copy_repo, snakemake
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = next(p for p in Path(__file__).resolve().parents if (p / "Snakefile").is_file())
 MARKER = "# written by scripts/slurm-localhost"
 # the first status check 10 s after a submission instead of the plugin's 40 s (jobs here take seconds)
 FAST_POLLING = ("--slurm-init-seconds-before-status-checks", "10")
@@ -48,7 +48,7 @@ def cluster() -> dict:
         assert started.returncode == 0, f"scripts/slurm-localhost failed:\n{started.stdout}{started.stderr}"
     elif not (shutil.which("sinfo") and ours() and node_idle()):
         reason = (
-            "no Slurm cluster: tests/test_slurm.py needs root to start one (scripts/slurm-localhost), "
+            "no Slurm cluster: tests/workflow/test_slurm.py needs root to start one (scripts/slurm-localhost), "
             "or start it first with `sudo scripts/slurm-localhost`"
         )
         print(reason)
