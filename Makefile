@@ -19,7 +19,7 @@ report: setup  ## the self-contained HTML report of the default run (after `make
 	PATH=$(abspath $(BIN)):$$PATH $(BIN)/snakemake --report results/report.html
 
 test: setup  ## unit tests + the smoke workflow (+ its HTML report in headless chromium) + the DVC round trip
-	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python -m pytest -ra tests
+	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python -m pytest -ra --durations=10 tests
 
 smoke: setup
 	PATH=$(abspath $(BIN)):$$PATH $(BIN)/snakemake --cores all --configfile configs/smoke.yaml
