@@ -1,4 +1,8 @@
-"""Test doubles and tiny configurations shared by several test modules."""
+"""Test doubles, dense references and tiny configurations shared by several test modules."""
+
+import torch
+
+from workflow_scripts.core.curvature import Curvature, ParamLayout
 
 
 class FakeInputs:
@@ -24,3 +28,22 @@ TINY_MODEL = {
     "norm_num_groups": 4,
     "attention_head_dim": 4,
 }
+
+
+class DenseCurvature(Curvature):
+    """Exact curvature from a dense symmetric matrix (e.g. the GGN of a tiny model), same interface as K-FAC."""
+
+    def __init__(self, matrix: torch.Tensor, layout: ParamLayout, config: dict | None = None):
+        matrix = matrix.double()
+        values, self.vectors = torch.linalg.eigh((matrix + matrix.T) / 2)
+        self.values = values.clamp_min(0.0)
+        self.layout, self.config = layout, dict(config or {})
+
+    def eigenvalues(self) -> torch.Tensor:
+        return self.values
+
+    def to_eigenbasis(self, flat):
+        return flat.double() @ self.vectors.to(flat.device)
+
+    def from_eigenbasis(self, coords):
+        return coords @ self.vectors.to(coords.device).T

@@ -259,25 +259,6 @@ class Curvature:
         return (basis * self.eigenvalues()) @ basis.T
 
 
-class DenseCurvature(Curvature):
-    """Exact curvature from a dense symmetric matrix (e.g. the GGN of a tiny model), same interface as K-FAC."""
-
-    def __init__(self, matrix: torch.Tensor, layout: ParamLayout, config: dict | None = None):
-        matrix = matrix.double()
-        values, self.vectors = torch.linalg.eigh((matrix + matrix.T) / 2)
-        self.values = values.clamp_min(0.0)
-        self.layout, self.config = layout, dict(config or {})
-
-    def eigenvalues(self) -> torch.Tensor:
-        return self.values
-
-    def to_eigenbasis(self, flat):
-        return flat.double() @ self.vectors.to(flat.device)
-
-    def from_eigenbasis(self, coords):
-        return coords @ self.vectors.to(coords.device).T
-
-
 @dataclass
 class Block:
     """One Kronecker block: a layer's weight (flattened to d_out x d_in) and/or bias (one more column).

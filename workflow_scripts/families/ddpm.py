@@ -363,6 +363,10 @@ def train_family_model(
     train_model(config, images, members, replicate, model_out, checkpoint_paths, weights=weights)
 
 
+def sampler_name(config: dict) -> str:
+    return config["sample"]["scheduler"]
+
+
 def generate_images(model, image_shape, config: dict, device, n_images: int, indices=None) -> dict:
     """DDIM / DDPM sampling with the sample section's scheduler and per-image seeds."""
     return generate(

@@ -697,3 +697,39 @@ def load_targets(paths: list[str], n_subsets: int, n_seeds: int) -> dict[str, np
         for name, key in zip(QUERY_SETS, keys):
             out[name].append(arrays[key])
     return {name: np.stack(v).reshape(n_subsets, n_seeds, -1) for name, v in out.items()}
+
+
+def measure_generated_query(model, query_image: np.ndarray, config: dict, query: int, device) -> float:
+    """The measurement m_q of generated query `query` (its draws as in the measure stage): the loss, or for
+    model.family vesde the exact -ln p in nats."""
+    stream = QUERY_SETS.index("generated")  # the measure stage's noise stream of generated queries
+    if model_family(config["model"]) == "vesde":
+        settings = measure_settings(config["measure"], "vesde")["likelihood"]
+        return float(
+            measure_likelihood(
+                model,
+                query_image,
+                config["model"],
+                settings,
+                N_LEVELS[config["data"]["dataset"]],
+                config["seeds"]["measure"],
+                stream,
+                device,
+                first_index=query,
+            )["nats"][0]
+        )
+    return measure_loss(
+        model,
+        query_image,
+        config["diffusion"],
+        config["measure"],
+        config["seeds"]["measure"],
+        stream,
+        device,
+        indices=[query],
+    )[0]
+
+
+def family_primary_target(model_cfg: dict) -> str:
+    """The target the LDS tables rank on by default: the loss, or a VE-SDE model's exact -ln p."""
+    return "likelihood" if model_family(model_cfg) == "vesde" else "loss"

@@ -4,7 +4,9 @@ A model family is a module that provides
   load_model(path, model_cfg, device) -> (model in eval mode on device, checkpoint payload)
   train_family_model(config, images, members, replicate, model_out, checkpoint_paths, weights) -> None
   generate_images(model, image_shape, config, device, n_images, indices) -> {images, trajectories, timesteps, seeds}
-and the constant SCORER_FAMILIES (None: every scorer family applies; a tuple: only those) with REFUSED_REASONS.
+  sampler_name(config) -> how it samples (for the logs)
+Which scorers apply to a family is the scorers' declaration (Scorer.model_families), and the measurements of a
+family are families/likelihood.py's (measure_queries, measure_generated_query, family_primary_target).
 The stages call the functions below and never branch on the family themselves; a new family is one new
 module here plus one entry of FAMILIES.
 """
@@ -40,6 +42,11 @@ def train_family_model(
     family_module(config["model"]).train_family_model(
         config, images, members, replicate, model_out, checkpoint_paths=checkpoint_paths, weights=weights
     )
+
+
+def sampler_name(config: dict) -> str:
+    """How the configured family draws its generated queries (for the logs)."""
+    return family_module(config["model"]).sampler_name(config)
 
 
 def generate_images(model, image_shape, config: dict, device, n_images: int | None = None, indices=None) -> dict:

@@ -535,6 +535,10 @@ def train_family_model(
     train_vesde(config, images, members, replicate, model_out, weights=weights, checkpoint_paths=checkpoint_paths)
 
 
+def sampler_name(config: dict) -> str:
+    return "probability-flow ODE (Heun)"
+
+
 def generate_images(model, image_shape, config: dict, device, n_images: int, indices=None) -> dict:
     """The probability-flow ODE with sample.num_inference_steps Heun steps, from the same per-image seeds as the
     DDPM sampler (sample.scheduler is a DDPM setting)."""

@@ -28,7 +28,6 @@ from workflow_scripts.core.curvature import (
     load_curvature,
     settings_from,
 )
-from workflow_scripts.dag.paths import format_curvature_variant
 from workflow_scripts.families.ddpm import alphas_cumprod, load_model
 
 
@@ -86,11 +85,6 @@ def fit_curvature(
         curvature.mean_eigenvalue(),
     )
     return curvature
-
-
-def variant_name(settings: dict) -> str:
-    s = {**DEFAULTS, **settings}
-    return format_curvature_variant(s["fisher_type"], s["kfac_approx"], s["ekfac"])
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ import numpy as np
 from workflow_scripts.core.common import load_npz, log, save_npz, select_device
 from workflow_scripts.core.contracts import target_names
 from workflow_scripts.core.data import load_queries
-from workflow_scripts.families.likelihood import measure_queries
+from workflow_scripts.families.likelihood import family_primary_target, measure_queries
 from workflow_scripts.families.registry import load_family_model
 
 
@@ -40,7 +40,8 @@ def run(args, config: dict) -> None:
     samples = load_npz(args.samples, ("trajectories", "timesteps")) if "trajectory" in targets else None
     results = measure_queries(model, queries, config, device, samples)
     # the primary target of the LDS tables: the loss, or a vesde model's exact -ln p
-    primary = {"measurement": np.array("likelihood")} if config["model"].get("family", "ddpm") == "vesde" else {}
+    target = family_primary_target(config["model"])
+    primary = {"measurement": np.array(target)} if target != "loss" else {}
     save_npz(
         args.out,
         subset=np.array(args.subset),

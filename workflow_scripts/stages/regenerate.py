@@ -20,49 +20,13 @@ import argparse
 import numpy as np
 
 from workflow_scripts.core.common import ArtefactError, load_npz, log, save_npz, select_device
-from workflow_scripts.core.contracts import QUERY_SETS
-from workflow_scripts.core.data import N_LEVELS
-from workflow_scripts.families.ddpm import measure_loss
-from workflow_scripts.families.likelihood import measure_settings
+from workflow_scripts.families.likelihood import measure_generated_query
 from workflow_scripts.families.registry import generate_images, load_family_model
-from workflow_scripts.families.vesde import measure_likelihood
-
-GENERATED_STREAM = QUERY_SETS.index("generated")  # the measure stage's noise stream of generated queries
 
 
 def regenerate(model, image_shape, config: dict, query: int, device) -> np.ndarray:
     """Generated query `query` as this model makes it from the query's own sampling seed, (1, c, h, w)."""
     return generate_images(model, image_shape, config, device, 1, indices=[query])["images"]
-
-
-def measure_query(model, query_image: np.ndarray, config: dict, query: int, device) -> float:
-    """The measurement m_q of generated query `query` (its draws as in the measure stage): the loss, or for
-    model.family vesde the exact -ln p in nats."""
-    if config["model"].get("family", "ddpm") == "vesde":
-        settings = measure_settings(config["measure"], "vesde")["likelihood"]
-        return float(
-            measure_likelihood(
-                model,
-                query_image,
-                config["model"],
-                settings,
-                N_LEVELS[config["data"]["dataset"]],
-                config["seeds"]["measure"],
-                GENERATED_STREAM,
-                device,
-                first_index=query,
-            )["nats"][0]
-        )
-    return measure_loss(
-        model,
-        query_image,
-        config["diffusion"],
-        config["measure"],
-        config["seeds"]["measure"],
-        GENERATED_STREAM,
-        device,
-        indices=[query],
-    )[0]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -84,7 +48,7 @@ def run(args, config: dict) -> None:
         model, payload = load_family_model(path, config["model"], device)
         made_by[name] = payload["config"]
         images[name] = regenerate(model, payload["image_shape"], config, args.query, device)
-        losses[name] = measure_query(model, query_image, config, args.query, device)
+        losses[name] = measure_generated_query(model, query_image, config, args.query, device)
     for key in (
         "seed",
         "train",

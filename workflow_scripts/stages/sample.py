@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 
 from workflow_scripts.core.common import log, save_npz, select_device
-from workflow_scripts.families.registry import generate_images, load_family_model
+from workflow_scripts.families.registry import generate_images, load_family_model, sampler_name
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -23,7 +23,5 @@ def run(args, config: dict) -> None:
     model, payload = load_family_model(args.model, config["model"], device)
     result = generate_images(model, payload["image_shape"], config, device)
     save_npz(args.out, **result)
-    sampler = (
-        "probability-flow ODE (Heun)" if config["model"].get("family") == "vesde" else config["sample"]["scheduler"]
-    )
+    sampler = sampler_name(config)
     log.info("sample: %d images with %s, %d steps", len(result["images"]), sampler, len(result["timesteps"]))

@@ -4,6 +4,7 @@ int8 queries, curvature files. Models are tiny so the whole file runs in well un
 import numpy as np
 import pytest
 import torch
+from fakes import DenseCurvature
 from scipy.stats import pearsonr, spearmanr
 from torch import nn
 
@@ -285,7 +286,7 @@ def test_influence_matches_retraining_for_linear_denoiser():
     layout = C.ParamLayout.of(model)
     d_out = int(np.prod(shape))
     hessian = torch.kron(torch.eye(d_out, dtype=torch.float64), uu.sum(0)) * 2 / (n * k * d_out)
-    exact = C.DenseCurvature(hessian, layout)
+    exact = DenseCurvature(hessian, layout)
     grads = {"q": measurement.gradients(model, layout, queries, query_m, 64, "cpu")}
     predicted = K.influence_scores(model, exact, images, grads, train_m, [0.0], 64, "cpu", "float32")[0][1]["q"]
     rel = np.linalg.norm(predicted - actual) / np.linalg.norm(actual)

@@ -12,6 +12,7 @@ import torch
 from workflow_scripts.core import curvature
 from workflow_scripts.core import data as core_data
 from workflow_scripts.core.common import ArtefactError
+from workflow_scripts.dag.paths import format_curvature_variant
 from workflow_scripts.engines import kfac as kfac_engine
 from workflow_scripts.families.ddpm import train_model
 from workflow_scripts.scorers import get_scorer
@@ -69,7 +70,11 @@ def _inputs(config, dataset, model_path, curvature_path):
 
 def test_stage_then_scorer(workflow, caplog):
     config, dataset, model_path, tmp = workflow
-    out = tmp / "curvature" / f"{C.variant_name(config['kfac'])}.pt"
+    out = (
+        tmp
+        / "curvature"
+        / f"{format_curvature_variant(*(config['kfac'][k] for k in ('fisher_type', 'kfac_approx', 'ekfac')))}.pt"
+    )
     args = argparse.Namespace(
         model=str(model_path), dataset=str(dataset), fisher_type=None, kfac_approx=None, ekfac=None, out=str(out)
     )

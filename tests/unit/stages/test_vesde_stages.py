@@ -176,8 +176,8 @@ def test_sample_stage_uses_the_probability_flow_ode_per_image(config, run_dir):
 def test_measure_stage_writes_exact_likelihood_and_load_targets_reads_it(config, run_dir):
     from workflow_scripts.core.data import load_dataset
     from workflow_scripts.families.likelihood import load_targets
+    from workflow_scripts.families.likelihood import measure_generated_query as measure_query
     from workflow_scripts.families.registry import load_family_model
-    from workflow_scripts.stages.regenerate import measure_query
 
     arrays = load_npz(run_dir / "measurement.npz")
     assert str(arrays["measurement"]) == "likelihood"
