@@ -2,7 +2,7 @@ rule evaluate:
     input:
         subsets=rules.data.output.subsets,
         measurements=paths.measurement_files(config),
-        scores=expand(f"{ROOT}/scores/{{method}}/chosen.json", method=config["scores"]["methods"]),
+        scores=paths.chosen_files(config, config["scores"]["methods"]),
     output:
         table=multiext(f"{ROOT}/tables/lds", ".csv", ".md", ".json"),
         table_html=report(

@@ -5,7 +5,7 @@ FIGURES = ("lds_bars", "damping_sweeps", "predicted_vs_actual", "influencers")
 rule figures:
     input:
         lds=f"{ROOT}/tables/lds.csv",
-        scores=expand(f"{ROOT}/scores/{{method}}/chosen.json", method=config["scores"]["methods"]),
+        scores=paths.chosen_files(config, config["scores"]["methods"]),
         dataset=rules.data.output.dataset,
         samples=rules.sample.output[0],
         subsets=rules.data.output.subsets,

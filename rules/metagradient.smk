@@ -8,7 +8,7 @@ rule metagradient:
         samples=rules.sample.output[0],
         model=rules.train_full.output.model,
     output:
-        f"{ROOT}/scores/{{method}}/chunks/{{chunk}}.npz",
+        paths.scores_file(config, name="chunks/{chunk}.npz"),
     log:
         f"{ROOT}/logs/scores/{{method}}/{{chunk}}.log",
     wildcard_constraints:
@@ -78,7 +78,7 @@ rule metagradient_evaluate:
         measurements=paths.measurement_files(config),
         sets=paths.fixed_seed_sets_file(config) if paths.metagradient_methods(config) else [],
         fixed_seed=paths.fixed_seed_measurements(config),
-        scores=expand(f"{ROOT}/scores/{{method}}/chosen.json", method=paths.metagradient_methods(config)),
+        scores=paths.chosen_files(config, paths.metagradient_methods(config)),
     output:
         table=multiext(f"{ROOT}/tables/metagradient", ".csv", ".md"),
         table_html=report(

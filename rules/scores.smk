@@ -10,9 +10,9 @@ rule scores:
     output:
         # <query_set>.npy score matrices are written beside these, except for a method that
         # cannot run here (e.g. CLIP without weights), whose chosen.json says why
-        sweep=f"{ROOT}/scores/{{method}}/sweep.csv",
-        sweep_figure=f"{ROOT}/scores/{{method}}/sweep.png",
-        chosen=f"{ROOT}/scores/{{method}}/chosen.json",
+        sweep=paths.scores_file(config, name="sweep.csv"),
+        sweep_figure=paths.scores_file(config, name="sweep.png"),
+        chosen=paths.scores_file(config),
     log:
         f"{ROOT}/logs/scores/{{method}}.log",
     conda:

@@ -135,6 +135,16 @@ def root(config: dict) -> str:
     return f"results/{config['benchmark']}"
 
 
+def scores_file(config: dict, method: str = "{method}", name: str = "chosen.json") -> str:
+    """A file of a method's scores job: chosen.json (what every consumer waits for), sweep.csv, sweep.png, the
+    <query set>.npy matrices; method "{method}" gives the rules' wildcard template."""
+    return f"{root(config)}/scores/{method}/{name}"
+
+
+def chosen_files(config: dict, methods) -> list[str]:
+    return [scores_file(config, method) for method in methods]
+
+
 def subset_model_names(config: dict) -> list[str]:
     """Retrained models, subset-major: subset000_seed0, subset000_seed1, ..."""
     lds = config["lds"]
@@ -245,7 +255,7 @@ def counterfactual_files(config: dict, name: str) -> list[str]:
 
 def counterfactual_scores(config: dict, method: str) -> list[str]:
     """The scores job output a method's selection reads ([] for the random baseline)."""
-    return [] if method == RANDOM_BASELINE else [f"{root(config)}/scores/{method}/chosen.json"]
+    return [] if method == RANDOM_BASELINE else [scores_file(config, method)]
 
 
 def counterfactual_clip_weights(config: dict) -> list[str]:
@@ -482,8 +492,7 @@ def metagradient_chunk_files(config: dict, method: str) -> list[str]:
     if not get_scorer(config["scores"]["methods"][method]["family"]).chunk_jobs:
         return []
     return [
-        f"{root(config)}/scores/{method}/chunks/chunk{k:03d}.npz"
-        for k in range(len(metagradient_chunks(config, method)))
+        scores_file(config, method, f"chunks/chunk{k:03d}.npz") for k in range(len(metagradient_chunks(config, method)))
     ]
 
 
