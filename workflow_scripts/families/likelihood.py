@@ -576,8 +576,8 @@ def measure_queries(
 def load_measurement_targets(
     paths: list[str], n_subsets: int, n_seeds: int, target: str = "loss", query_sets=("generated", "heldout")
 ) -> dict[str, np.ndarray]:
-    """measure.load_targets for any target: {query set: (n_subsets, n_seeds, n_queries)}; query sets without
-    that target in the files (trajectory: held-out) are left out."""
+    """The one reader of measurement files: {query set: (n_subsets, n_seeds, n_queries)} of any target; query sets
+    without that target in the files (trajectory: held-out) are left out. Files must come subset-major."""
     if len(paths) != n_subsets * n_seeds:
         raise ArtefactError(f"expected {n_subsets * n_seeds} measurement files, got {len(paths)}")
     out: dict[str, list] = {}
@@ -678,25 +678,16 @@ def method_targets(
 
 
 def load_targets(paths: list[str], n_subsets: int, n_seeds: int) -> dict[str, np.ndarray]:
-    """Stack per-model measurements into {query set: array (n_subsets, n_seeds, n_queries)}: the loss, or the
-    measurement a file names in its `measurement` entry (a vesde model's file: likelihood)."""
+    """The files' primary target (the loss, or what their `measurement` entry names: a VE-SDE model's likelihood)
+    of every query set: {query set: (n_subsets, n_seeds, n_queries)}, read by load_measurement_targets."""
     if len(paths) != n_subsets * n_seeds:
         raise ArtefactError(f"expected {n_subsets * n_seeds} measurement files, got {len(paths)}")
-    out = {name: [] for name in QUERY_SETS}
-    for k, path in enumerate(paths):
-        arrays = load_npz(path, ("subset", "replicate"))
-        target = str(arrays.get("measurement", "loss"))
-        keys = [target_key(name, target) for name in QUERY_SETS]
-        if any(key not in arrays for key in keys):
-            raise ArtefactError(f"{path}: lacks arrays {[key for key in keys if key not in arrays]}")
-        if (int(arrays["subset"]), int(arrays["replicate"])) != divmod(k, n_seeds):
-            raise ArtefactError(
-                f"{path}: holds subset {int(arrays['subset'])} seed {int(arrays['replicate'])}, "
-                f"expected subset {k // n_seeds} seed {k % n_seeds}"
-            )
-        for name, key in zip(QUERY_SETS, keys):
-            out[name].append(arrays[key])
-    return {name: np.stack(v).reshape(n_subsets, n_seeds, -1) for name, v in out.items()}
+    target = primary_target(paths)
+    out = load_measurement_targets(paths, n_subsets, n_seeds, target, QUERY_SETS)
+    missing = [target_key(name, target) for name in QUERY_SETS if name not in out]
+    if missing:
+        raise ArtefactError(f"{paths[0]}: lacks arrays {missing}")
+    return out
 
 
 def measure_generated_query(model, query_image: np.ndarray, config: dict, query: int, device) -> float:
