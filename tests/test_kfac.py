@@ -449,7 +449,42 @@ def test_query_batches_give_the_same_scores(tiny_unet_case, monkeypatch, quantiz
     batched = K.kfac_scores(model, cur, train, queries, _cfg(query_draws="measure", quantization=quantization,
                                                               query_batch=2), [1e-3, 1e-1])
     assert passes == [{"generated": 2}, {"generated": 1}, {"heldout": 2}, {"heldout": 2}, {"heldout": 1}]
-    for (la, a), (lb, b) in zip(whole, batched):
+    bounds = _order_bounds(model, cur, train, queries, _cfg(query_draws="measure"), [1e-3, 1e-1], quantization)
+    for (la, a), (lb, b), bound in zip(whole, batched, bounds):
         assert la == lb
         for name in queries:
-            np.testing.assert_allclose(b[name], a[name], rtol=1e-5, atol=1e-6 * np.abs(a[name]).max())
+            assert a[name].shape == b[name].shape
+            # float32 order (+ int8 code flips) only: another query's draws or row are O(|score|) >= 0.1 magnitude away
+            assert (np.abs(b[name] - a[name]) <= bound[name]).all(), (name, (np.abs(b[name] - a[name]) / bound[name]).max())
+
+
+def _order_bounds(model, curvature, train, queries, cfg, lambdas, quantization):
+    """Per lambda, {query set: (n_query, n_train)}: how far the same K-FAC scores evaluated in another float32 order
+    (other query batch sizes) may be. Float part: L eps32 sum_k |v_qk g_ik| / n_train (v_q the preconditioned query
+    gradient, g_i the training gradient), the worst-case rounding bound of a sum of L terms, L = the largest parameter
+    tensor + the number of tensors (the score's longest reduction); measured differences are <= 3 eps32 x magnitude.
+    int8 adds 4 code steps: a query gradient that differs in its last bits (batch 1 vs 5: ~4e-7 relative) moves a
+    few preconditioned entries across a rounding boundary (expected <1 per query, seen <= 2), each changing the score
+    by at most scale_qj max_k |g_ik| / n_train for its tensor j. Measured: <3% of the bound; a query with another
+    query's draws, or another query's row, is >100x the bound, one quantisation scale shared by a batch's rows ~2x."""
+    from workflow_scripts.measure import QUERY_SETS
+
+    layout = curvature.layout
+    sizes = np.diff(layout.offsets)
+    length = int(sizes.max()) + len(sizes)
+    g = K.gradients(model, layout, train, K.loss_measurement(cfg, "train"), 64, "cpu").double().abs()
+    g_max = torch.stack([g[:, a:b].max(1).values for a, b in zip(layout.offsets[:-1], layout.offsets[1:])], 1)
+    grads = {name: K.gradients(model, layout, images, K.loss_measurement(cfg, "query", stream_index=QUERY_SETS.index(name)),
+                               64, "cpu") for name, images in queries.items()}
+    out = []
+    for lam in lambdas:
+        bounds = {}
+        for name, q in grads.items():
+            v = curvature.precondition(q, lam)
+            bound = length * np.finfo(np.float32).eps * (v.abs() @ g.T) / len(train)
+            if quantization == "int8":
+                step = K.quantize_per_tensor(v, layout).scale.double()  # (n_query, n_tensors)
+                bound = bound + 4 * (step[:, None, :] * g_max[None]).amax(2) / len(train)
+            bounds[name] = bound.numpy()
+        out.append(bounds)
+    return out
