@@ -1,6 +1,7 @@
 """Test doubles shared by several test modules."""
 import contextlib
 import copy
+import math
 
 import torch
 
@@ -21,16 +22,43 @@ class FakeInputs:
 
 
 class Float64Model(torch.nn.Module):
-    """A float64 copy of a model for order-independence tests: float32 inputs (stored trajectories, images) are cast
-    to float64 on the way in, so code that casts its inputs to float32 still computes in float64 throughout."""
+    """A float64 copy of a diffusers model for order-independence tests: float32 inputs (stored trajectories, images)
+    are cast to float64 on the way in, so code that casts its inputs to float32 still computes in float64 throughout.
+    diffusers keeps two float32 steps in a float64 model, both replaced: the sinusoidal timestep embedding and the
+    attention softmax "upcast" (a downcast from float64; its rounding made batch sizes differ by ~1e-8 here)."""
 
     def __init__(self, model):
+        from diffusers.models.attention_processor import Attention
+        from diffusers.models.embeddings import Timesteps
+
         super().__init__()
         self.inner = copy.deepcopy(model).double()
+        for name, module in list(self.inner.named_modules()):
+            if isinstance(module, Attention):
+                module.upcast_attention = module.upcast_softmax = False
+            elif isinstance(module, Timesteps):
+                parent, _, attribute = name.rpartition(".")
+                setattr(self.inner.get_submodule(parent), attribute, _Float64Timesteps(module))
         self.train(model.training)
 
     def forward(self, x, t):
         return self.inner(x.double(), t)
+
+
+class _Float64Timesteps(torch.nn.Module):
+    """diffusers.models.embeddings.get_timestep_embedding (max_period 10000) in float64 instead of float32."""
+
+    def __init__(self, timesteps):
+        super().__init__()
+        self.channels, self.flip, self.shift, self.scale = (timesteps.num_channels, timesteps.flip_sin_to_cos,
+                                                            timesteps.downscale_freq_shift, timesteps.scale)
+
+    def forward(self, t):
+        half = self.channels // 2
+        frequencies = torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float64, device=t.device) / (half - self.shift))
+        angles = self.scale * t[:, None].double() * frequencies[None]
+        parts = [angles.cos(), angles.sin()] if self.flip else [angles.sin(), angles.cos()]
+        return torch.nn.functional.pad(torch.cat(parts, dim=-1), (0, self.channels % 2))
 
 
 @contextlib.contextmanager
