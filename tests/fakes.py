@@ -71,3 +71,12 @@ def float64_default():
         yield
     finally:
         torch.set_default_dtype(previous)
+
+
+def float64_gradient_atol(model, gradient) -> float:
+    """How far two float64 evaluations of one of the model's per-example gradients (vmap vs autograd, other batches)
+    may be apart: n_params eps64 max|g|, the rounding of a float64 sum as long as the model (longer than any reduction
+    in its backward pass) over terms of the gradient's scale; ~1e-11 max|g|, 1e4 x the measured ~1e-15 max|g|. A
+    gradient of another image, draw or parameter is O(max|g|) away."""
+    n_params = sum(p.numel() for p in model.parameters())
+    return n_params * torch.finfo(torch.float64).eps * float(gradient.abs().max())
