@@ -80,3 +80,14 @@ def float64_gradient_atol(model, gradient) -> float:
     gradient of another image, draw or parameter is O(max|g|) away."""
     n_params = sum(p.numel() for p in model.parameters())
     return n_params * torch.finfo(torch.float64).eps * float(gradient.abs().max())
+
+
+def float64_projection_atol(gradients, matrix, reductions: int = 1):
+    """How far two float64 evaluations of projected features gradients @ matrix (matrix: n_params x dim, as applied,
+    e.g. a dense Projector's matrix / sqrt(dim)) may be apart, elementwise: n_params eps64 sum_k |g_k R_kj|, the
+    worst-case rounding of a float64 sum of n_params products (~1e-9 |feature| for the tiny models; the gradients'
+    own float64 rounding is ~1e-15 of their norm). `reductions` such sums in a row (e.g. a norm that weights the
+    gradient) add up. A dropped timestep, another seed or query is O(|feature|) away."""
+    n_params = matrix.shape[0]
+    magnitude = gradients.double().abs() @ matrix.double().abs()
+    return (reductions * n_params * torch.finfo(torch.float64).eps * magnitude).numpy()

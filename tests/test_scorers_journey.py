@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from fakes import Float64Model, float64_default
+from fakes import Float64Model, float64_default, float64_projection_atol
 from workflow_scripts import gradients
 from workflow_scripts.common import generator
 from workflow_scripts.diffusion import add_noise, alphas_cumprod, build_model
@@ -78,9 +78,8 @@ def test_journey_features_projected_and_batch_independent(setup):
         expected = project(raw).numpy()
         one_by_one = gradients.compute_journey_features(model, trajectories.numpy(), TIMESTEPS, 3, {**cfg, "batch_size": 1},
                                                         DIFFUSION, seeds, torch.device("cpu"))
-        # two float64 orders of the n_params products g_k P_kj / sqrt(dim) differ by <= n_params eps64 sum |g_k P_kj| / sqrt(dim)
-        # (~1e-9 |feature|; the gradients' own float64 rounding, ~1e-15 of their norm, is far inside)
-        atol = (raw.shape[1] * np.finfo(np.float64).eps * (raw.abs() @ project.matrix.abs()) / 16**0.5).numpy()
+        # two float64 orders of the n_params products g_k P_kj / sqrt(dim): <= n_params eps64 sum |g_k P_kj| / sqrt(dim)
+        atol = float64_projection_atol(raw, project.matrix / 16**0.5)
     assert out.shape == (3, 16) and out.dtype == np.float32
     # out is the float64 feature rounded once to float32 (2^-24); a dropped step, another query's noise or another
     # projection seed changes features by O(1)

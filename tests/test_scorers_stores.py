@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 import torch
 
-from fakes import Float64Model, float64_default
+from fakes import Float64Model, float64_default, float64_projection_atol
 from workflow_scripts import gradients, paths
 from workflow_scripts.common import ArtefactError
 from workflow_scripts.diffusion import add_noise, alphas_cumprod, build_model, output_function
@@ -69,7 +69,7 @@ def test_unitnorm_features_equal_loop(setup):
         project = Projector(len(rows[0]), 16, "gaussian", 6, 64)
         expected = project(torch.stack(rows)).numpy()
         # two n_params-term float64 sums: the projection and the norm that weights each timestep
-        atol = _float64_order_bound(torch.stack(sizes), project, reductions=2)
+        atol = float64_projection_atol(torch.stack(sizes), project.matrix / 16**0.5, reductions=2)
         for chunk in (10, 1):  # chunking over timesteps does not change the result
             out = gradients.compute_features(model, images.numpy(), "mean", grad_cfg(timestep_chunk=chunk), DIFFUSION, SEEDS,
                                              CPU, kind="unitnorm")
@@ -93,20 +93,12 @@ def test_avg_features_chunked_and_per_method_timesteps(setup):
         g = gradients.per_example_gradients(model, x, "loss", t, eps, a_bar)
         project = Projector(g.shape[1], 16, "gaussian", 6, 64)
         expected = project(g).numpy()
-        atol = _float64_order_bound(g, project)
+        atol = float64_projection_atol(g, project.matrix / 16**0.5)
     # both float64 features rounded to float32: <= one float32 spacing (2^-23) apart; chunks weighted 1/n_chunks
     # instead of by their timesteps, or a chunk's timestep dropped, moves features by ~40% (1e8 x this bound)
     np.testing.assert_array_less(np.abs(chunked - whole), atol + 2**-23 * np.abs(whole))
     # whole: the float64 feature rounded once (2^-24); the store's K = 3 instead of the method's 4 is O(1) away
     np.testing.assert_array_less(np.abs(whole - expected), atol + 2**-24 * np.abs(expected))
-
-
-def _float64_order_bound(gradients, project, reductions=1):
-    """Two float64 orders of the n_params products g_k P_kj / sqrt(dim) of a projected feature differ by <= n_params
-    eps64 sum_k |g_k P_kj| / sqrt(dim) (~1e-9 |feature|; the gradients' own float64 rounding is ~1e-15 of their norm);
-    `reductions` such n_params-term sums in a row (e.g. a norm that weights the gradient) add up."""
-    n_params, dim = project.matrix.shape
-    return (reductions * n_params * np.finfo(np.float64).eps * (gradients.abs() @ project.matrix.abs()) / dim**0.5).numpy()
 
 
 def test_sketch_features_and_residuals_equal_loop(setup):
@@ -139,7 +131,7 @@ def test_sketch_features_and_residuals_equal_loop(setup):
         project = Projector(feats[0].shape[1], 16, "gaussian", 6, 64)
         expected = torch.stack([project(f) for f in feats]).numpy()
         # the projection (n_params terms) and the Frobenius norm weighting each timestep (r x n_params terms)
-        atol = np.stack([_float64_order_bound(s, project, reductions=r + 1) for s in sizes])
+        atol = np.stack([float64_projection_atol(s, project.matrix / 16**0.5, reductions=r + 1) for s in sizes])
         out, residuals = gradients.compute_features(model, images.numpy(), "eps", grad_cfg(), DIFFUSION, SEEDS, CPU,
                                                     kind="sketch", directions=r, residuals=True)
     assert out.shape == (3, r, 16) and residuals.shape == (3, r)
