@@ -108,7 +108,9 @@ def test_ggn_scaling_matches_autograd_hessian_of_our_loss():
     torch.testing.assert_close(ggn.double(), hess, rtol=1e-4, atol=1e-7)
     # the factor 2 and 1/D: H = 2/(N K D) sum_rows [u;1][u;1]^T (x) I_D, u the denoiser's features
     x_t, t, _ = _loss_rows(model, images, k)
-    u = torch.cat([model.features(x_t, t), torch.ones(len(t), 1)], 1).double()
+    # u in float64 from the same x_t as the autograd Hessian (float32 features were 1 ulp from its sin/cos: 0.5 x the
+    # tolerance); both are then float64 sums of N K products, ~1e-15 apart, and a wrong factor 2 or 1/D is O(1)
+    u = torch.cat([model.features(x_t.double(), t), torch.ones(len(t), 1, dtype=torch.float64)], 1)
     expected = torch.kron(torch.eye(4, dtype=torch.float64), u.T @ u) * 2 / (len(t) * 4)  # index (o, j), j = 8: bias
     perm = [o * 9 + j for o in range(4) for j in range(8)] + [o * 9 + 8 for o in range(4)]  # -> (weight, bias) order
     torch.testing.assert_close(hess, expected[perm][:, perm], rtol=1e-6, atol=1e-9)
