@@ -25,7 +25,7 @@ class Float64Model(torch.nn.Module):
     """A float64 copy of a diffusers model for order-independence tests: float32 inputs (stored trajectories, images)
     are cast to float64 on the way in, so code that casts its inputs to float32 still computes in float64 throughout.
     diffusers keeps two float32 steps in a float64 model, both replaced: the sinusoidal timestep embedding and the
-    attention softmax "upcast" (a downcast from float64; its rounding made batch sizes differ by ~1e-8 here)."""
+    attention softmax "upcast" (a downcast from float64; its rounding made batch sizes differ by ~5e-9 here)."""
 
     def __init__(self, model):
         from diffusers.models.attention_processor import Attention
