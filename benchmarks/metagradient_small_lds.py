@@ -4,7 +4,7 @@
 Reduced default setup so it runs in minutes on one CPU thread: the params.yaml model (284,513 parameters), the first
 --n-train training digits of the data stage's split, --steps steps at batch --batch (AdamW + cosine, clip 1), the
 loss measurement with the measure stage's draws on the first --queries held-out digits. MAGIC scores S = -dm/dw at
-w = 1 from workflow_scripts.metagradient (float32), then three ground truths:
+w = 1 from workflow_scripts/engines/magic.py (float32), then three ground truths:
 - fixed-seed LDS target (the method's own): retrain with the same seed and data order, examples outside each 50%
   subset weighted 0 (metagradient.train_function == train.train_model with weights, tested bit for bit);
 - seed-averaged LDS target (the workflow's): train.train_model on the subset's members, seeds s = 0..--seeds-1

@@ -59,6 +59,7 @@ def test_vesde_overlay_plans_every_rule_it_needs(repo, tmp_path):
         assert rule not in out, rule
 
 
+@pytest.mark.slow  # the tiny VE-SDE workflow, run through Snakemake
 def test_vesde_run_measures_bits_per_dim_and_ranks_methods(vesde_run):
     measurement = np.load(vesde_run / "measurements" / "subset000_seed0.npz")
     assert str(measurement["measurement"]) == "likelihood"
@@ -70,6 +71,7 @@ def test_vesde_run_measures_bits_per_dim_and_ranks_methods(vesde_run):
     assert set(counterfactual["method"]) == {"embedding_cosine", "random"}
 
 
+@pytest.mark.slow  # the tiny VE-SDE workflow, run through Snakemake
 def test_vesde_run_writes_the_sanity_table_and_figure(vesde_run):
     from PIL import Image
 

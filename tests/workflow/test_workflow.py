@@ -15,6 +15,7 @@ from workflow_runs import snakemake
 
 # smoke_run (tests/conftest.py): the smoke workflow run locally once per session, also the reference of
 # tests/workflow/test_slurm.py
+pytestmark = pytest.mark.slow  # every test here needs the smoke run (~25 min on 2 CPUs) or its report
 
 
 def test_lds_table_has_every_method_and_query_set(smoke_run, smoke_config):

@@ -9,7 +9,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from fakes import TINY_MODEL
+from fakes import TINY_MODEL, Float64Model, float64_default, float64_gradient_atol
 from scipy.stats import norm
 
 from workflow_scripts.core import contracts
@@ -337,20 +337,28 @@ def test_measurements_under_vmap_equal_per_image_loop(model, images, index):
     vec = L.evaluate(model, images, m, vectorized=True)["value"]
     loop = L.evaluate(model, images, m, vectorized=False)["value"]
     np.testing.assert_allclose(vec, loop, rtol=1e-5)
-    # gradients: the K-FAC scorer's vmap(grad) per-example gradients == autograd per image
+    x = torch.from_numpy(images)
+    d = m.draws(len(images), SHAPE, 0)
+    with torch.no_grad():
+        for q in range(len(images)):
+            assert m.objective(predict_of(model), x[q], {k: v[q] for k, v in d.items()}).item() == pytest.approx(
+                vec[q], rel=1e-5
+            )
+    # gradients: the K-FAC scorer's vmap(grad) per-example gradients == autograd per image, in float64 (a float64 copy
+    # of the model, float64 draws) where the two orders differ only by float64 rounding
+    model = Float64Model(model)
     names = [n for n, _ in model.named_parameters()][:6] + [n for n, _ in model.named_parameters()][-4:]
     params = dict(model.named_parameters())
     layout = ParamLayout(names, [tuple(params[n].shape) for n in names])
-    x = torch.from_numpy(images)
-    d = m.draws(len(images), SHAPE, 0)
-    batched = K.per_example_gradients(model, layout, x, d, m)
-    predict = predict_of(model)
-    for q in range(len(images)):
-        value = m.objective(predict, x[q], {k: v[q] for k, v in d.items()})
-        grads = torch.autograd.grad(value, [params[n] for n in names])
-        flat = torch.cat([g.flatten() for g in grads])
-        torch.testing.assert_close(batched[q], flat.float(), rtol=2e-4, atol=1e-5 * float(flat.abs().max()))
-        assert value.item() == pytest.approx(vec[q], rel=1e-5)
+    with float64_default():
+        m = _measurements(images)[index]
+        d = m.draws(len(images), SHAPE, 0)
+        batched = K.per_example_gradients(model, layout, x, d, m)
+        for q in range(len(images)):
+            value = m.objective(predict_of(model), x[q], {k: v[q] for k, v in d.items()})
+            flat = torch.cat([g.flatten() for g in torch.autograd.grad(value, [params[n] for n in names])])
+            assert batched.dtype == flat.dtype == torch.float64
+            torch.testing.assert_close(batched[q], flat, rtol=0, atol=float64_gradient_atol(model, flat))
 
 
 def test_kfac_gradients_accept_elbo_measurement(model, images):
@@ -473,14 +481,18 @@ def test_measure_queries_and_load_targets(model, images, smoke_config, tmp_path)
     np.testing.assert_array_equal(
         out["heldout"], measure_loss(model, images, config["diffusion"], config["measure"], seed, 1, "cpu")
     )
-    elbo = L.measure_elbo(
-        model, images, config["diffusion"], L.measure_settings(config["measure"])["elbo"], LEVELS, seed, 1
-    )
-    np.testing.assert_allclose(out["heldout__elbo"], elbo["nats"])
-    ts = L.measure_timestep_losses(model, images, config["diffusion"], [3, 700], 2, seed, 1)
-    np.testing.assert_allclose(out["heldout__timestep_loss_t700"], ts[:, 1])
-    np.testing.assert_allclose(
-        out["generated__trajectory"], L.measure_trajectory_nll(model, traj, timesteps, config["diffusion"])["nats"]
+    # the batch functions with measure.batch_size rows, as measure_queries calls them: the very same float32 work, so
+    # equal bit for bit (at their default 500 rows the batches differ and so do the last bits)
+    rows, settings = config["measure"]["batch_size"], L.measure_settings(config["measure"])
+    elbo = L.measure_elbo(model, images, config["diffusion"], settings["elbo"], LEVELS, seed, 1, "cpu", rows)
+    np.testing.assert_array_equal(out["heldout__elbo"], elbo["nats"])
+    ts = L.measure_timestep_losses(model, images, config["diffusion"], [3, 700], 2, seed, 1, "cpu", rows)
+    np.testing.assert_array_equal(out["heldout__timestep_loss_t700"], ts[:, 1])
+    np.testing.assert_array_equal(
+        out["generated__trajectory"],
+        L.measure_trajectory_nll(
+            model, traj, timesteps, config["diffusion"], settings["trajectory"]["clip_x0"], "cpu", rows
+        )["nats"],
     )
     with pytest.raises(ValueError, match="samples"):
         L.measure_queries(model, queries, config)

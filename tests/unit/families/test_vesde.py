@@ -8,6 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from fakes import Float64Model, float64_default, float64_gradient_atol
 
 from workflow_scripts.core import measurement as K
 from workflow_scripts.core.curvature import ParamLayout
@@ -179,15 +180,21 @@ def test_likelihood_measurement_under_vmap_equals_per_image_loop(net, dequantize
     assert d["t"].shape == (2, 3) and d["u"].shape == (2, *SHAPE)
     if dequantize:
         assert float(d["u"].abs().max()) <= 1 / 16 and float(d["u"].abs().max()) > 0
-    names = [n for n, _ in net.named_parameters()][:4] + [n for n, _ in net.named_parameters()][-2:]
-    params = dict(net.named_parameters())
+    # vmap(grad) over the batch == autograd per image, in float64 (a float64 copy of the net, float64 draws) where the
+    # two differ only by float64 rounding
+    net64 = Float64Model(net)
+    names = [n for n, _ in net64.named_parameters()][:4] + [n for n, _ in net64.named_parameters()][-2:]
+    params = dict(net64.named_parameters())
     layout = ParamLayout(names, [tuple(params[n].shape) for n in names])
-    batched = K.per_example_gradients(net, layout, images, d, m)
-    for q in range(2):
-        value = m.objective(net, images[q], {k: v[q] for k, v in d.items()})
-        grads = torch.autograd.grad(value, [params[n] for n in names])
-        flat = torch.cat([g.flatten() for g in grads])
-        torch.testing.assert_close(batched[q], flat, rtol=1e-4, atol=1e-5 * float(flat.abs().max()))
+    with float64_default():
+        m64 = V.LikelihoodMeasurement(SETTINGS, 17, seed=0, solver="heun", n_steps=2, dequantize=dequantize)
+        d64 = m64.draws(2, SHAPE, 0)
+        batched = K.per_example_gradients(net64, layout, images.double(), d64, m64)
+        for q in range(2):
+            value = m64.objective(net64, images[q].double(), {k: v[q] for k, v in d64.items()})
+            flat = torch.cat([g.flatten() for g in torch.autograd.grad(value, [params[n] for n in names])])
+            assert batched.dtype == flat.dtype == torch.float64
+            torch.testing.assert_close(batched[q], flat, rtol=0, atol=float64_gradient_atol(net64, flat))
     # the batch function (ground truth) gives the same values
     cfg = {"solver": "heun", "n_steps": 2, "dequantize": dequantize, "batch_size": 2}
     gt = V.measure_likelihood(net, images.numpy(), {**TINY_MODEL}, cfg, 17, seed=0)

@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from fakes import TINY_MODEL
+from fakes import TINY_MODEL, Float64Model, float64_default, float64_projection_atol
 
 from workflow_scripts.core import store as store_mod
 from workflow_scripts.core.common import ArtefactError
@@ -61,67 +61,101 @@ def _prediction(model, x, t, e, a_bar):
 
 
 def test_unitnorm_features_equal_loop(setup):
-    model, images, a_bar, project = setup
-    t, eps = gradients.feature_draws(1000, 3, SHAPE, 5)
-    rows = []
-    for x in images:
-        total = 0
-        for k in range(3):
-            output_function("mean", _prediction(model, x, t[k], eps[k], a_bar)[None], eps[k][None]).sum().backward()
-            g = _grad(model)
-            total = total + g / g.norm()
-        rows.append(total / 3)
-    expected = project(torch.stack(rows)).numpy()
-    for chunk in (10, 1):  # chunking over timesteps does not change the result
-        out = gradients.compute_features(
-            model, images.numpy(), "mean", grad_cfg(timestep_chunk=chunk), DIFFUSION, SEEDS, CPU, kind="unitnorm"
-        )
-        np.testing.assert_allclose(out, expected, rtol=1e-3, atol=1e-6)
-    # not the plain average
-    plain = gradients.compute_features(model, images.numpy(), "mean", grad_cfg(), DIFFUSION, SEEDS, CPU)
+    """In float64 (model, projection, draws; stored float32), like the avg features below."""
+    model, images, a_bar, _ = setup
+    model, images = Float64Model(model), images.double()
+    with float64_default():
+        t, eps = gradients.feature_draws(1000, 3, SHAPE, 5)
+        rows, sizes = [], []
+        for x in images:
+            total, size = 0, 0
+            for k in range(3):
+                output_function("mean", _prediction(model, x, t[k], eps[k], a_bar)[None], eps[k][None]).sum().backward()
+                g = _grad(model)
+                total, size = total + g / g.norm(), size + g.abs() / g.norm()
+            rows.append(total / 3)
+            sizes.append(size / 3)
+        project = Projector(len(rows[0]), 16, "gaussian", 6, 64)
+        expected = project(torch.stack(rows)).numpy()
+        # two n_params-term float64 sums: the projection and the norm that weights each timestep
+        atol = float64_projection_atol(torch.stack(sizes), project.matrix / 16**0.5, reductions=2)
+        for chunk in (10, 1):  # chunking over timesteps does not change the result
+            out = gradients.compute_features(
+                model, images.numpy(), "mean", grad_cfg(timestep_chunk=chunk), DIFFUSION, SEEDS, CPU, kind="unitnorm"
+            )
+            # the float64 feature rounded once to float32; an unnormalised or misweighted timestep is O(|feature|) away
+            np.testing.assert_array_less(np.abs(out - expected), atol + 2**-24 * np.abs(expected))
+        # not the plain average
+        plain = gradients.compute_features(model, images.numpy(), "mean", grad_cfg(), DIFFUSION, SEEDS, CPU)
     assert not np.allclose(plain, out, rtol=0.1)
 
 
 def test_avg_features_chunked_and_per_method_timesteps(setup):
-    model, images, a_bar, project = setup
-    whole = gradients.compute_features(model, images.numpy(), "loss", grad_cfg(), DIFFUSION, SEEDS, CPU, timesteps=4)
-    chunked = gradients.compute_features(
-        model, images.numpy(), "loss", grad_cfg(timestep_chunk=3), DIFFUSION, SEEDS, CPU, timesteps=4
-    )
-    np.testing.assert_allclose(chunked, whole, rtol=1e-4, atol=1e-6)
-    t, eps = gradients.feature_draws(1000, 4, SHAPE, 5)
-    expected = project(gradients.per_example_gradients(model, images, "loss", t, eps, a_bar)).numpy()
-    np.testing.assert_allclose(whole, expected, rtol=1e-4, atol=1e-6)
+    """In float64 (model, projection, draws; stored float32): chunked and whole sums over timesteps differ only by
+    float64 rounding (float32 kernels of another CPU: ~4e-6 absolute)."""
+    model, images, a_bar, _ = setup
+    model, x = Float64Model(model), images.double()
+    with float64_default():
+        whole = gradients.compute_features(model, x.numpy(), "loss", grad_cfg(), DIFFUSION, SEEDS, CPU, timesteps=4)
+        chunked = gradients.compute_features(
+            model, x.numpy(), "loss", grad_cfg(timestep_chunk=3), DIFFUSION, SEEDS, CPU, timesteps=4
+        )
+        t, eps = gradients.feature_draws(1000, 4, SHAPE, 5)
+        g = gradients.per_example_gradients(model, x, "loss", t, eps, a_bar)
+        project = Projector(g.shape[1], 16, "gaussian", 6, 64)
+        expected = project(g).numpy()
+        atol = float64_projection_atol(g, project.matrix / 16**0.5)
+    # both float64 features rounded to float32: <= one float32 spacing (2^-23) apart; chunks weighted 1/n_chunks
+    # instead of by their timesteps, or a chunk's timestep dropped, moves features by ~40% (1e8 x this bound)
+    np.testing.assert_array_less(np.abs(chunked - whole), atol + 2**-23 * np.abs(whole))
+    # whole: the float64 feature rounded once (2^-24); the store's K = 3 instead of the method's 4 is O(1) away
+    np.testing.assert_array_less(np.abs(whole - expected), atol + 2**-24 * np.abs(expected))
 
 
 def test_sketch_features_and_residuals_equal_loop(setup):
-    model, images, a_bar, project = setup
+    """In float64 (model, projection, draws, directions; stored float32), like the avg features below."""
+    model, images, a_bar, _ = setup
+    model, images = Float64Model(model), images.double()
     r, K = 2, 3
-    t, eps = gradients.feature_draws(1000, K, SHAPE, 5)
-    u = gradients.output_directions(t, r, SHAPE, 6)
-    assert u.shape == (K, r, *SHAPE)
-    feats, resid = [], []
-    for x in images:
-        acc, racc = 0, 0
-        for k in range(K):
-            block = []
-            for j in range(r):
-                (u[k, j] * _prediction(model, x, t[k], eps[k], a_bar)).sum().backward()
-                block.append(_grad(model))
-            block = torch.stack(block)  # (r, n_params) = U_k J_k
-            w = 1 / block.norm()  # Frobenius norm of the timestep's block
-            acc = acc + w * block
-            with torch.no_grad():
-                e = eps[k] - _prediction(model, x, t[k], eps[k], a_bar)
-            racc = racc + w * (u[k].flatten(1) @ e.flatten())
-        feats.append(project(acc / K))
-        resid.append(racc / K)
-    out, residuals = gradients.compute_features(
-        model, images.numpy(), "eps", grad_cfg(), DIFFUSION, SEEDS, CPU, kind="sketch", directions=r, residuals=True
-    )
+    with float64_default():
+        t, eps = gradients.feature_draws(1000, K, SHAPE, 5)
+        u = gradients.output_directions(t, r, SHAPE, 6)
+        assert u.shape == (K, r, *SHAPE)
+        feats, sizes, resid, resid_sizes = [], [], [], []
+        for x in images:
+            acc, size, racc, rsize = 0, 0, 0, 0
+            for k in range(K):
+                block = []
+                for j in range(r):
+                    (u[k, j] * _prediction(model, x, t[k], eps[k], a_bar)).sum().backward()
+                    block.append(_grad(model))
+                block = torch.stack(block)  # (r, n_params) = U_k J_k
+                w = 1 / block.norm()  # Frobenius norm of the timestep's block
+                acc, size = acc + w * block, size + w * block.abs()
+                with torch.no_grad():
+                    e = eps[k] - _prediction(model, x, t[k], eps[k], a_bar)
+                racc, rsize = (
+                    racc + w * (u[k].flatten(1) @ e.flatten()),
+                    rsize + w * (u[k].flatten(1).abs() @ e.flatten().abs()),
+                )
+            feats.append(acc / K)
+            sizes.append(size / K)
+            resid.append(racc / K)
+            resid_sizes.append(rsize / K)
+        project = Projector(feats[0].shape[1], 16, "gaussian", 6, 64)
+        expected = torch.stack([project(f) for f in feats]).numpy()
+        # the projection (n_params terms) and the Frobenius norm weighting each timestep (r x n_params terms)
+        atol = np.stack([float64_projection_atol(s, project.matrix / 16**0.5, reductions=r + 1) for s in sizes])
+        out, residuals = gradients.compute_features(
+            model, images.numpy(), "eps", grad_cfg(), DIFFUSION, SEEDS, CPU, kind="sketch", directions=r, residuals=True
+        )
     assert out.shape == (3, r, 16) and residuals.shape == (3, r)
-    np.testing.assert_allclose(out, torch.stack(feats).numpy(), rtol=1e-3, atol=1e-6)
-    np.testing.assert_allclose(residuals, torch.stack(resid).numpy(), rtol=1e-4, atol=1e-7)
+    # the float64 feature rounded once to float32; another timestep weight or direction is O(|feature|) away
+    np.testing.assert_array_less(np.abs(out - expected), atol + 2**-24 * np.abs(expected))
+    # residuals: the weight's (r x n_params)-term norm and the D-pixel dot product in float64, rounded to float32
+    expected, terms = torch.stack(resid).numpy(), r * feats[0].shape[1] + int(np.prod(SHAPE))
+    bound = terms * np.finfo(np.float64).eps * torch.stack(resid_sizes).numpy()
+    np.testing.assert_array_less(np.abs(residuals - expected), bound + 2**-24 * np.abs(expected))
 
 
 def test_output_directions_are_seeded_per_timestep():

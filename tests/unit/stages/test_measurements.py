@@ -10,10 +10,10 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from fakes import Float64Model, float64_default, float64_gradient_atol
 
 from workflow_scripts.core import contracts, data
 from workflow_scripts.core import contracts as M
-from workflow_scripts.core import measurement as measurement_mod
 from workflow_scripts.core.common import ArtefactError, load_npz, save_npz
 from workflow_scripts.core.curvature import ParamLayout
 from workflow_scripts.dag.config import ConfigError, check_workflow_support, validate_config
@@ -142,19 +142,33 @@ def test_kfac_query_measurement_gradient_equals_autograd(stage, target):
         {"family": "kfac", "query_measurement": target}, config, M.QUERY_SETS, str(samples)
     )
     assert set(measurements) == ({"generated"} if target == "trajectory" else set(M.QUERY_SETS))
+    for name, m in measurements.items():
+        x = torch.from_numpy(queries[name])
+        d = m.draws(len(x), x.shape[1:], 0)
+        with torch.no_grad():
+            for q in range(len(x)):
+                value = m.objective(lambda xt, t: model(xt, t).sample, x[q], {k: v[q] for k, v in d.items()})
+                assert value.item() == pytest.approx(arrays[L.target_key(name, target)][q], rel=1e-5)
+    # the gradients in float64 (a float64 copy of the model, float64 draws): batches of vmap(grad) and autograd per
+    # image then differ only by float64 rounding
+    model = Float64Model(model)
     params = dict(model.named_parameters())
     names = [n for n in params if n.endswith("weight")][:4] + [n for n in params if n.endswith("weight")][-3:]
     layout = ParamLayout(names, [tuple(params[n].shape) for n in names])
-    for name, m in measurements.items():
-        images = queries[name]
-        batched = measurement_mod.gradients(model, layout, images, m, batch_rows=9, device="cpu")  # several batches
-        x = torch.from_numpy(images)
-        d = m.draws(len(images), images.shape[1:], 0)
-        for q in range(len(images)):
-            value = m.objective(lambda xt, t: model(xt, t).sample, x[q], {k: v[q] for k, v in d.items()})
-            assert value.item() == pytest.approx(arrays[contracts.target_key(name, target)][q], rel=1e-5)
-            flat = torch.cat([g.flatten() for g in torch.autograd.grad(value, [params[n] for n in names])])
-            torch.testing.assert_close(batched[q], flat.float(), rtol=2e-4, atol=1e-5 * float(flat.abs().max()))
+    with float64_default():
+        measurements = K.query_measurements(
+            {"family": "kfac", "query_measurement": target}, config, M.QUERY_SETS, str(samples)
+        )
+        for name, m in measurements.items():
+            images = queries[name]
+            batched = K.gradients(model, layout, images, m, batch_rows=9, device="cpu")  # several batches
+            x = torch.from_numpy(images)
+            d = m.draws(len(images), images.shape[1:], 0)
+            for q in range(len(images)):
+                value = m.objective(lambda xt, t: model(xt, t).sample, x[q], {k: v[q] for k, v in d.items()})
+                flat = torch.cat([g.flatten() for g in torch.autograd.grad(value, [params[n] for n in names])])
+                assert batched.dtype == flat.dtype == torch.float64
+                torch.testing.assert_close(batched[q], flat, rtol=0, atol=float64_gradient_atol(model, flat))
     assert K.query_measurements({"family": "kfac"}, config, M.QUERY_SETS, None) == {}  # loss: kfac's own draws
     with pytest.raises(ArtefactError, match="samples"):
         K.query_measurements({"family": "kfac", "query_measurement": "trajectory"}, config, M.QUERY_SETS, None)
