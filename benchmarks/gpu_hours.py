@@ -7,7 +7,7 @@
    (forward + backward of the simple loss) per image with torch.utils.flop_counter (matmuls and convolutions;
    elementwise work is not counted), and the CPU seconds of a training step of --batch images.
 2. Counts the network passes of every stage of the configuration's DAG (the same functions the Snakefile uses:
-   workflow_scripts/paths.py), in forward-pass equivalents: a training image = one forward + backward (the counted
+   workflow_scripts/dag/paths.py), in forward-pass equivalents: a training image = one forward + backward (the counted
    training-step FLOPs); a per-example gradient = the same; a DAS vector-output sketch with r directions = one
    forward + r backward passes.
 3. Converts to GPU-hours with an assumed GPU: --gpu-tflops dense bf16 peak (A100: 312) at an assumed utilisation,

@@ -2,16 +2,16 @@
 """Per-example gradient-feature throughput: this project vs the TRAK reference package (traker 0.3.2).
 
 Features: phi(z) = P^T mean_k grad_theta loss(z, t_k, eps_k), K timesteps on the uniform grid with
-eps seeded per t (workflow_scripts.gradients), random projection P to d dimensions. Same model
+eps seeded per t (workflow_scripts.stages.gradients), random projection P to d dimensions. Same model
 (params.yaml model config; the trained full checkpoint when it exists), same images (sklearn
 digits), same (t, eps) draws, same d, same batch size, on CPU, in one process, interleaved.
 
 Pipelines, each timed end to end (projector set-up included) on n = n_train + n_query examples:
-- ours:          workflow_scripts.gradients.compute_features with gradients.projection = gaussian
+- ours:          workflow_scripts.stages.gradients.compute_features with gradients.projection = gaussian
                  (one vmap(grad) over the K-expanded batch; the dense Gaussian matrix generated once
                  and held in memory).
 - ours_sjlt<s>:  the same with gradients.projection = sjlt, gradients.sjlt_nonzeros = s (the sparse
-                 JL sketch of workflow_scripts/projection.py: s nonzeros per gradient coordinate,
+                 JL sketch of workflow_scripts/core/projection.py: s nonzeros per gradient coordinate,
                  applied as one CSR product; s = 1 is CountSketch).
 - traker:        traker's own components as TRAKer wires them on CPU, in the pattern of the D-TRAK
                  reference code (the published use of traker for diffusion models): for each t_k a

@@ -1,4 +1,4 @@
-"""K-FAC influence: this workflow's implementation (curvlinops + vmap, workflow_scripts.curvature / scorers.kfac)
+"""K-FAC influence: this workflow's implementation (curvlinops + vmap, workflow_scripts.core.curvature / engines.kfac)
 against kronfluence 1.0.1 (Analyzer(cpu=True), strategies "kfac" and "ekfac") on the same model, data, MC draws
 and damping. Each (tool, variant) runs in its own subprocess (one torch thread) so that time and peak memory
 (ru_maxrss) are its own.

@@ -5,7 +5,7 @@ Setup: the default params.yaml (300 training digits of the data stage's split, 2
 AdamW + cosine schedule; --steps overrides train.steps), CPU, one torch thread. Every measurement runs in its own
 subprocess (clean peak RSS = ru_maxrss; baseline = VmRSS after imports, data and model set-up):
 - train:   train.train_model on all training examples (what the workflow runs for every model);
-- forward: the functional training function of workflow_scripts.metagradient (no checkpoints), for comparison;
+- forward: the functional training function of workflow_scripts.engines.magic (no checkpoints), for comparison;
 - meta Q:  metagradients for Q held-out queries (loss measurement, the measure stage's draws): forward pass with
            state checkpoints every ceil(sqrt(T)) steps (--every), query gradients, reverse pass. The cost of one
            further query is (meta Q2 - meta Q1) / (Q2 - Q1).

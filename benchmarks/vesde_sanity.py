@@ -1,7 +1,7 @@
 """Sanity ordering of the exact likelihood (paper metagradient-likelihood-attribution, Figure 2):
 bits/dim of training images < rotated (90 deg) < averaged (mean of two) < uniform noise.
 
-Trains the VE-SDE score model (workflow_scripts/vesde.py) briefly on the digits training set of params.yaml,
+Trains the VE-SDE score model (workflow_scripts/families/vesde.py) briefly on the digits training set of params.yaml,
 then measures exact bits/dim (probability-flow ODE, exact divergence, RK4) of
   train     training images
   heldout   held-out digits (not trained on; extra category, not in the paper)

@@ -1,4 +1,4 @@
-# Counterfactual retraining (paths.py "counterfactual retraining"): per method (and the random baseline),
+# Counterfactual retraining (dag/paths.py "counterfactual retraining"): per method (and the random baseline),
 # which training examples each query's retraining removes; the retrainings themselves are train_subset
 # jobs (retraining = counterfactual/<method>/q<NNN>); each is then regenerated and measured, and the
 # table and figures compare the methods.

@@ -1,4 +1,4 @@
-# K-FAC / EK-FAC of the training-loss GGN of the final model, one file per variant (paths.py "curvature").
+# K-FAC / EK-FAC of the training-loss GGN of the final model, one file per variant (dag/paths.py "curvature").
 rule curvature:
     input:
         model=f"{ROOT}/models/full/model.pt",

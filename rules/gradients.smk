@@ -1,4 +1,4 @@
-# One gradient store per (checkpoint, tag); tag = <output function>_<kind>_K<K>_<projection><dim> (paths.py).
+# One gradient store per (checkpoint, tag); tag = <output function>_<kind>_K<K>_<projection><dim> (dag/paths.py).
 rule gradients:
     input:
         model=lambda w: paths.checkpoint_model(config, w.checkpoint),

@@ -1,5 +1,5 @@
 # model.family vesde: exact bits/dim of training, held-out, rotated, averaged and noise images under the full
-# model (workflow_scripts/likelihood_sanity.py); a target of rule all through paths.family_targets.
+# model (workflow_scripts/stages/likelihood_sanity.py); a target of rule all through paths.family_targets.
 rule likelihood_sanity:
     input:
         model=rules.train_full.output.model,

@@ -1,4 +1,4 @@
-# Metagradient / MAGIC (paths.py "metagradient"): the scores of each chunk of attributed queries (one forward +
+# Metagradient / MAGIC (dag/paths.py "metagradient"): the scores of each chunk of attributed queries (one forward +
 # reverse pass through the whole training per job; the scores rule assembles the chunks), and the method's own
 # ground truth: retrainings with the full model's seed and data order, removed examples weighted 0
 # (train_subset jobs, kind fixed_seed), each measured, then the metagradient table.

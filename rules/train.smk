@@ -23,7 +23,7 @@ rule train_full:
 
 # Every retraining: the LDS subset models (models/subset<j>_seed<s>) and the counterfactual models
 # (counterfactual/<method>/q<NNN>, membership from the counterfactual rule's members.npy, the full
-# model's seed). One rule, so both are ordinary, equally resourced jobs (paths.py "retrainings").
+# model's seed). One rule, so both are ordinary, equally resourced jobs (dag/paths.py "retrainings").
 rule train_subset:
     input:
         unpack(lambda w: paths.retraining_inputs(config, w.kind, w.name)),

@@ -1,4 +1,4 @@
-"""Small data sets written in torchvision's exact on-disk formats (tests of workflow_scripts/datasets.py).
+"""Small data sets written in torchvision's exact on-disk formats (tests of workflow_scripts/core/datasets.py).
 
 MNIST: the four raw idx files under <root>/MNIST/raw/ (big-endian magic 0x0803 images / 0x0801 labels).
 CIFAR-10: the python pickles of cifar-10-batches-py/ (data_batch_1..5, test_batch: {'data': (n, 3072)

@@ -27,7 +27,7 @@ BIN = Path(sys.executable).parent
 # schema's minimum of 4 LDS subsets (2 tuning + 2 evaluation) and one counterfactual query.
 ROUND_TRIP_FAMILIES = ("pixel", "trak", "journey", "kfac", "metagradient")
 ROUND_TRIP_LDS = {"n_subsets": 4, "n_tuning": 2}
-# workflow_scripts.paths.SECTIONS stages whose rules each dvc.yaml stage runs
+# workflow_scripts.dag.paths.SECTIONS stages whose rules each dvc.yaml stage runs
 DVC_STAGE_SECTIONS = {
     "models": ("data", "train", "classifier"),
     "samples": ("sample",),

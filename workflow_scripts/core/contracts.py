@@ -8,7 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 
-# measure.measurements each model family can compute (workflow_scripts/likelihood.py, vesde.py)
+# measure.measurements each model family can compute (workflow_scripts/families/likelihood.py, vesde.py)
 MEASUREMENTS_BY_FAMILY = {"ddpm": ("loss", "elbo", "timestep_loss", "trajectory"), "vesde": ("likelihood",)}
 
 
@@ -20,7 +20,7 @@ DEFAULT_TIMESTEP_LOSS_TIMESTEPS = [10, 100, 500, 900]  # measure.timestep_loss.t
 
 def measured_targets(config: dict) -> list[str]:
     """The targets measure.measurements produces: loss, elbo, timestep_loss_t<t> (one per chosen timestep),
-    trajectory, likelihood (workflow_scripts/likelihood.py: target_names, target_key)."""
+    trajectory, likelihood (workflow_scripts/families/likelihood.py: target_names, target_key)."""
     family = config["model"].get("family", "ddpm")
     names = []
     for m in config["measure"].get("measurements", DEFAULT_MEASUREMENTS[family]):

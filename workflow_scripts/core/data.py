@@ -9,7 +9,7 @@ from workflow_scripts.core import datasets
 from workflow_scripts.core.common import load_npz, rng
 
 # Number of intensity levels of each data set's pixels (scaled to [-1, 1]): the discretisation of the
-# likelihood measurements (decoder bins, dequantisation offset; workflow_scripts/likelihood.py, vesde.py).
+# likelihood measurements (decoder bins, dequantisation offset; workflow_scripts/families/likelihood.py, vesde.py).
 N_LEVELS = {"digits": 17, "mnist": 256, "cifar10": 256, "cifar2": 256}  # digits: pixel values 0..16; others uint8
 
 

@@ -122,7 +122,7 @@ def _check_consistency(config: dict) -> None:
     _check_methods(config)
 
 
-# training / test split sizes of the torchvision data sets (workflow_scripts/datasets.py)
+# training / test split sizes of the torchvision data sets (workflow_scripts/core/datasets.py)
 TORCHVISION_SPLITS = {"mnist": (60000, 10000), "cifar10": (50000, 10000), "cifar2": (10000, 2000)}
 
 

@@ -3,7 +3,7 @@ docs/methods.md "K-FAC influence"):
 
     S[q, i] = (1/N) grad m(x_q)^T (G + lambda I)^-1 grad l(z_i)
 
-G: the fitted K-FAC / EK-FAC of the training-loss GGN (workflow_scripts.curvature), lambda relative to its
+G: the fitted K-FAC / EK-FAC of the training-loss GGN (workflow_scripts.core.curvature), lambda relative to its
 mean eigenvalue. Sign: removing z_i changes the optimum by about +(1/N) H^-1 grad l(z_i) (the mean loss
 loses the term l(z_i)/N), so S is the predicted change of m_q on REMOVAL; for the loss measurement,
 positive = z_i helped (docs/methods.md convention, same sign as TRAK here).
@@ -20,7 +20,7 @@ Parameters: those of curvature (Linear / Conv2d layers; norm layers excluded) --
 
 Measurements are pluggable (`Measurement`: its draws plus a per-image objective evaluated under vmap);
 `SimpleLossMeasurement` is the loss measurement. A method's `query_measurement` (default loss) selects the
-query side m: loss, elbo, timestep_loss_t<t> or trajectory (workflow_scripts/likelihood.py), with exactly the
+query side m: loss, elbo, timestep_loss_t<t> or trajectory (workflow_scripts/families/likelihood.py), with exactly the
 draws of that measured target (likelihood.target_measurement); the training side stays grad l(z_i) and G the
 training-loss GGN, so `query_measurement: loss` evaluated against the ELBO target is the K-FAC paper's
 "measurement substitution". Held-out queries have no trajectory: a trajectory method scores them with the

@@ -7,7 +7,7 @@ of docs/methods.md (S[q, i] = change of m_q when z_i is removed; positive = z_i 
 - `timestep_loss`: the simple loss ||eps - eps_theta(x_t, t)||^2 / D at one chosen timestep,
 - `trajectory`: -log p_theta of a generated query's stored sampling trajectory.
 
-Each is a `Measurement` of `scorers/kfac.py` (draws() + a per-image objective() evaluated under torch.func.vmap,
+Each is a `Measurement` of `core/measurement.py` (draws() + a per-image objective() evaluated under torch.func.vmap,
 so K-FAC -- and any other gradient scorer -- gets query gradients of exactly the measured quantity) and has a
 batch function (`measure_elbo`, `measure_timestep_losses`, `measure_trajectory_nll`) for the ground truth on
 retrained models. Both use the same objective; `evaluate` runs it under vmap over images without gradients.
@@ -604,7 +604,7 @@ def target_measurement(config: dict, target: str, query_set: str, samples: dict 
     """The Measurement whose objective is exactly what measure_queries writes for (query_set, target): same
     draws, seeds and noise stream; its gradient is the query side of an influence score for that target.
     None where the target does not exist for the set (trajectory: held-out images have no trajectory).
-    'loss' is not built here: scorers/kfac.py's loss_measurement (kfac.query_draws) gives its draws.
+    'loss' is not built here: engines/kfac.py's loss_measurement (kfac.query_draws) gives its draws.
 
     config: model, diffusion, measure, seeds.measure, data.dataset; samples: sample.py's file (trajectory)."""
     if target not in target_names(config):
@@ -635,7 +635,7 @@ def target_measurement(config: dict, target: str, query_set: str, samples: dict 
         return TrajectoryMeasurement(
             samples["trajectories"], samples["timesteps"], config["diffusion"], s["trajectory"]["clip_x0"]
         )
-    raise ValueError(f"no query-side measurement for target {target!r} (loss: scorers.kfac.loss_measurement)")
+    raise ValueError(f"no query-side measurement for target {target!r} (loss: engines.kfac.loss_measurement)")
 
 
 def primary_target(paths: list[str]) -> str:

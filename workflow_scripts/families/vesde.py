@@ -9,7 +9,7 @@ Score model: s_theta(x, t) = -eps_theta(x, sigma_t) / sigma_t, eps_theta a diffu
 section's layout, `diffusion.build_model`) applied to c_in x, c_in = 1 / sqrt(sigma_t^2 + data_std^2), with the
 UNet's sinusoidal time embedding fed c_noise = 125 (ln sigma_t + 6) (ln sigma_t mapped affinely onto the
 ~0..1000 range of DDPM timesteps). `VEScoreNet.forward(x, std)` returns eps_theta, so it plugs into every
-place that calls predict(x_t, t) (scorers/kfac.py's Measurement interface) with t := sigma_t.
+place that calls predict(x_t, t) (core/measurement.py's Measurement interface) with t := sigma_t.
 
 Denoising score matching (training): x_t = x_0 + sigma_t eps, loss ||eps_theta(x_t, sigma_t) - eps||^2 / D
 = (sigma_t^2 / D) ||s_theta - grad ln p_0t(x_t | x_0)||^2, i.e. DSM with lambda(t) = sigma_t^2, with

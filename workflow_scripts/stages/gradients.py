@@ -1,7 +1,7 @@
 """Stage `gradients`: cached per-example gradient features for train and query images.
 
 One store per (checkpoint, output function, feature kind, timestep budget K, projection); its tag
-(see paths.py) is `<output function>_<kind>_K<K>_<projection><dim>`, projection gaussian, rademacher or
+(see dag/paths.py) is `<output function>_<kind>_K<K>_<projection><dim>`, projection gaussian, rademacher or
 sjlt (projection.py). The sjlt sketch's nonzeros per input (gradients.sjlt_nonzeros) are not in the
 tag but in the sidecar's `made_by` (like the seeds), so a store made with another s is recomputed.
 Timesteps are the uniform grid range(0, T, T // K) with eps_k seeded per timestep and shared by all
@@ -339,7 +339,7 @@ def compute_measurement_features(
 ) -> np.ndarray:
     """(n, d) float32 query features P^T grad_theta m(x_q) of a likelihood Measurement (likelihood.py), over ALL
     parameters in the order of the loss stores, with their projector P: they live in the training features' space.
-    The per-image gradients are scorers/kfac.py's (vmap over images, mean over the measurement's own draws).
+    The per-image gradients are core/measurement.py's (vmap over images, mean over the measurement's own draws).
     `project`: the store's Projector (make_projector with the store's seeds)."""
     from tqdm import tqdm
 
@@ -423,7 +423,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dataset", required=True)
     parser.add_argument("--samples", required=True)
     parser.add_argument(
-        "--tag", required=True, help="store tag <output function>_<kind>_K<K>_<projection><dim> (paths.py)"
+        "--tag", required=True, help="store tag <output function>_<kind>_K<K>_<projection><dim> (dag/paths.py)"
     )
     parser.add_argument(
         "--out-dir", required=True, help="writes <split>.npy (+ .json) and train_residual.npy (+ .json)"

@@ -2,7 +2,7 @@
 
 Measurement `loss` (docs/methods.md): the simple loss of the query averaged over fixed (t, eps) draws
 (a uniform grid of n_timesteps t, n_noise eps each), the same draws for every model. The other targets of
-measure.measurements (ELBO, per-timestep losses, trajectory -log p; workflow_scripts/likelihood.py) are
+measure.measurements (ELBO, per-timestep losses, trajectory -log p; workflow_scripts/families/likelihood.py) are
 written into the same file: the loss under the query set's name ('generated', 'heldout'), every other
 target as '<query set>__<target>' (likelihood.target_key), and the list of targets as 'targets'.
 model.family vesde: the only target is the exact -ln p (nats), '<query set>__likelihood', and the file's

@@ -1,4 +1,4 @@
-"""MNIST / CIFAR-10 / CIFAR-2 loaders (workflow_scripts/datasets.py, data.make_dataset) on small files written in
+"""MNIST / CIFAR-10 / CIFAR-2 loaders (workflow_scripts/core/datasets.py, data.make_dataset) on small files written in
 torchvision's on-disk formats (tests/torchvision_files.py), read by torchvision 0.29's own loaders."""
 
 import numpy as np

@@ -1,4 +1,4 @@
-"""Unit tests of workflow_scripts.config: schema validation, cross-field checks, overlays, deep_merge."""
+"""Unit tests of workflow_scripts.dag.config: schema validation, cross-field checks, overlays, deep_merge."""
 
 import copy
 

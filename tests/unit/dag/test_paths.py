@@ -1,4 +1,4 @@
-"""Artefact paths and per-job configurations (workflow_scripts.paths): what decides which jobs rerun."""
+"""Artefact paths and per-job configurations (workflow_scripts.dag.paths): what decides which jobs rerun."""
 
 import json
 

@@ -1,4 +1,4 @@
-"""Unit tests of workflow_scripts.diffusion against hand-written DDPM formulas."""
+"""Unit tests of workflow_scripts.families.ddpm against hand-written DDPM formulas."""
 
 import numpy as np
 import pytest

@@ -1,4 +1,4 @@
-"""Unit tests of workflow_scripts.likelihood (measurements of the DDPM family) against independent
+"""Unit tests of workflow_scripts.families.likelihood (measurements of the DDPM family) against independent
 computations: ELBO terms by an explicit numpy loop over every timestep (Gaussian KLs written out, scipy CDFs),
 trajectory log-prob by a per-step Gaussian loop and by the noise diffusers' DDPM sampler actually drew,
 and every measurement under torch.func.vmap (the scorers' query gradients) against a per-image loop."""

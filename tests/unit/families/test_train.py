@@ -1,4 +1,4 @@
-"""Unit tests of workflow_scripts.train (resume determinism, checkpoints, data order), plus
+"""Unit tests of workflow_scripts.families.ddpm (resume determinism, checkpoints, data order), plus
 measure.load_targets and common.load_torch error handling."""
 
 import copy

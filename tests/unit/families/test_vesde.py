@@ -1,4 +1,4 @@
-"""Unit tests of workflow_scripts.vesde: the VE-SDE, the exact probability-flow log-likelihood checked against a
+"""Unit tests of workflow_scripts.families.vesde: the VE-SDE, the exact probability-flow log-likelihood checked against a
 known density (Gaussian data, analytic optimal score), the exact divergence against the autograd Jacobian,
 gradients with vs without checkpointing, the Measurement under vmap vs a per-image loop, DSM training."""
 

@@ -1,4 +1,4 @@
-"""Metagradient / MAGIC (workflow_scripts.metagradient, scorers.metagradient).
+"""Metagradient / MAGIC (workflow_scripts.engines.magic, scorers.metagradient).
 
 (a) the reverse pass equals central finite differences of the training function in w (float64, tiny UNet, 5 steps
     of warm-up + cosine lr, AdamW state, clipping active or not) and exact autograd through the unrolled training;

@@ -19,7 +19,7 @@ def test_every_family_in_the_configurations_is_registered(base_config, smoke_con
 
 
 def test_declarations_replace_the_lookup_tables():
-    """What used to be hand-kept tables in paths.py / config.py now follows from each scorer's declaration."""
+    """What used to be hand-kept tables in dag/paths.py / config.py now follows from each scorer's declaration."""
     takers = {f for f, s in SCORERS.items() if s.takes_query_measurement}
     assert takers == {"kfac", "trak", "gradient_similarity", "normalized_if"}
     assert {f for f, s in SCORERS.items() if "vesde" in s.model_families} == {"pixel", "clip", "embedding"}

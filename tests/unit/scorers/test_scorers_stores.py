@@ -1,5 +1,5 @@
 """Gradient store kinds of the scorers (unitnorm, sketch, residuals, journey), their sidecar checks,
-the store tags of paths.py, ScorerInputs and the per-method sweep plot."""
+the store tags of dag/paths.py, ScorerInputs and the per-method sweep plot."""
 
 import copy
 

@@ -1,4 +1,4 @@
-"""Unit tests of workflow_scripts.gradients: vmap per-example gradients and the gradient store."""
+"""Unit tests of workflow_scripts.stages.gradients: vmap per-example gradients and the gradient store."""
 
 import copy
 import json
