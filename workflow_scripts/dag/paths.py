@@ -9,6 +9,8 @@ import json
 import os
 import re
 
+import numpy as np
+
 from workflow_scripts.core.contracts import RESIDUAL, STORE_SPLITS  # the rules read them from here
 from workflow_scripts.scorers import StoreNeed, get_scorer
 
@@ -398,6 +400,17 @@ def method_feature_args(config: dict, method: str) -> str:
     return "--features " + " ".join(f"{role}={d}" for role, (d, _) in stores.items()) if stores else ""
 
 
+def parse_stores(items: list[str] | None) -> dict[str, str]:
+    """The scores stage's reading of --features (method_feature_args): {role: store directory}."""
+    stores = {}
+    for item in items or []:
+        role, sep, directory = item.partition("=")
+        if not sep or not role or not directory:
+            raise ValueError(f"--features entries are ROLE=DIRECTORY, got {item!r}")
+        stores[role] = directory
+    return stores
+
+
 # ---------------------------------------------------------------- curvature (K-FAC influence)
 #
 # One fit per variant <fisher_type>-<kfac_approx>[-ekfac] of the final model: results/<benchmark>/curvature/<variant>.pt.
@@ -506,6 +519,19 @@ def metagradient_chunk_args(config: dict, method: str, chunk: str) -> str:
     for name, q in chunks[int(m[1])]:
         by_set.setdefault(name, []).append(q)
     return "--queries " + " ".join(f"{name}={','.join(map(str, qs))}" for name, qs in by_set.items())
+
+
+def parse_query_selection(items: list[str]) -> dict[str, np.ndarray]:
+    """The metagradient stage's reading of --queries (metagradient_chunk_args): ['generated=0,1', 'heldout=0'] ->
+    {set: indices}."""
+
+    selection = {}
+    for item in items:
+        name, sep, values = item.partition("=")
+        if not sep or not name or not values:
+            raise ValueError(f"--queries entries are SET=i,j,..., got {item!r}")
+        selection[name] = np.array([int(v) for v in values.split(",")], dtype=np.int64)
+    return selection
 
 
 def metagradient_config(config: dict, method: str) -> str:

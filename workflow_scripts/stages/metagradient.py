@@ -11,6 +11,7 @@ import numpy as np
 from workflow_scripts.core import data as core_data
 from workflow_scripts.core.common import log, save_npz, select_device
 from workflow_scripts.core.data import load_queries
+from workflow_scripts.dag import paths
 from workflow_scripts.engines.magic import Attribution, attribute
 from workflow_scripts.engines.metagradient import check_full_model
 from workflow_scripts.scorers.metagradient import method_options
@@ -19,17 +20,6 @@ from workflow_scripts.scorers.metagradient import method_options
 # ----------------------------------------------------------------------------------------------------------------
 # Stage `metagradient`: one job per chunk of queries (paths.metagradient_chunks); the scores stage assembles them
 # ----------------------------------------------------------------------------------------------------------------
-def parse_query_selection(items: list[str]) -> dict[str, np.ndarray]:
-    """['generated=0,1', 'heldout=0'] -> {set: indices}."""
-    selection = {}
-    for item in items:
-        name, sep, values = item.partition("=")
-        if not sep or not name or not values:
-            raise ValueError(f"--queries entries are SET=i,j,..., got {item!r}")
-        selection[name] = np.array([int(v) for v in values.split(",")], dtype=np.int64)
-    return selection
-
-
 def save_chunk(path, method: str, result: Attribution) -> None:
     import json
 
@@ -66,7 +56,7 @@ def run(args, config: dict) -> None:
         core_data.load_dataset(args.dataset)["train_images"],
         load_queries(args.dataset, args.samples),
     )
-    selection = parse_query_selection(args.queries)
+    selection = paths.parse_query_selection(args.queries)
     t0 = time.perf_counter()
     result = attribute(
         config,

@@ -23,6 +23,7 @@ from workflow_scripts.core.contracts import QUERY_SETS, RESIDUAL
 from workflow_scripts.core.data import load_queries
 from workflow_scripts.core.lds import lds_per_query, mean_over_scored, scored_queries
 from workflow_scripts.core.store import open_store, read_sidecar
+from workflow_scripts.dag import paths
 from workflow_scripts.families.likelihood import method_targets
 from workflow_scripts.scorers import ScorerNotRun, get_scorer
 
@@ -98,16 +99,6 @@ class ScorerInputs:
     def checkpoint(self, role: str) -> dict:
         """{'step', 'lr'} of the checkpoint a store was computed at."""
         return self.sidecar(role, "train").get("checkpoint", {"step": None, "lr": None})
-
-
-def parse_stores(items: list[str] | None) -> dict[str, str]:
-    stores = {}
-    for item in items or []:
-        role, sep, directory = item.partition("=")
-        if not sep or not role or not directory:
-            raise ValueError(f"--features entries are ROLE=DIRECTORY, got {item!r}")
-        stores[role] = directory
-    return stores
 
 
 def sweep(
@@ -207,7 +198,7 @@ def run(args, config: dict) -> None:
     inputs = ScorerInputs(
         args.dataset,
         args.samples,
-        parse_stores(args.features),
+        paths.parse_stores(args.features),
         args.classifier,
         args.model,
         args.curvature,

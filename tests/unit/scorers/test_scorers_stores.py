@@ -16,7 +16,7 @@ from workflow_scripts.core.projection import Projector
 from workflow_scripts.dag import paths
 from workflow_scripts.families.ddpm import add_noise, alphas_cumprod, build_model, output_function
 from workflow_scripts.stages import gradients
-from workflow_scripts.stages.scores import ScorerInputs, parse_stores, plot_sweep
+from workflow_scripts.stages.scores import ScorerInputs, plot_sweep
 
 torch.set_num_threads(1)
 
@@ -399,7 +399,7 @@ def test_scorer_inputs_check_stores(tmp_path, smoke_config):
     store_mod.write_store(np.ones(ident["shape"], np.float32), ident, store / "train.npy")
     resid = gradients.store_identity(smoke_config, PAYLOAD, "mean", RESIDUAL, 3, kind="unitnorm")
     store_mod.write_store(np.full(3, 0.5, np.float32), resid, store / f"{RESIDUAL}.npy")
-    inputs = ScorerInputs("unused", "unused", parse_stores([f"final={store}"]))
+    inputs = ScorerInputs("unused", "unused", paths.parse_stores([f"final={store}"]))
     assert inputs.roles() == ["final"]
     np.testing.assert_array_equal(
         inputs.features("final", "train", {"kind": "unitnorm", "output_function": "mean"}), 1.0
@@ -416,7 +416,7 @@ def test_scorer_inputs_check_stores(tmp_path, smoke_config):
     with pytest.raises(ArtefactError, match="does not belong"):
         inputs.residuals("final")
     with pytest.raises(ValueError, match="ROLE=DIRECTORY"):
-        parse_stores(["final"])
+        paths.parse_stores(["final"])
 
 
 # ---------------------------------------------------------------- sweep plot
