@@ -20,19 +20,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from workflow_scripts.core.common import ArtefactError, generator, load_torch, log, rng
+from workflow_scripts.core.contracts import params_defaults
 
 KIND = "digit-classifier"
 
 
-DEFAULTS = {
-    "channels": [32, 64],
-    "feature_dim": 128,
-    "steps": 1500,
-    "batch_size": 64,
-    "lr": 0.002,
-    "weight_decay": 0.0001,
-    "augment_shift": 1,
-}
+DEFAULTS = params_defaults("classifier")  # the keys a classifier section may set, and their defaults
 
 
 INIT_STREAM, ORDER_STREAM, SHIFT_STREAM = 1, 2, 3

@@ -5,8 +5,12 @@ and the hash of a configuration section.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
+from pathlib import Path
+
+import yaml
 
 # measure.measurements each model family can compute (workflow_scripts/families/likelihood.py, vesde.py)
 MEASUREMENTS_BY_FAMILY = {"ddpm": ("loss", "elbo", "timestep_loss", "trajectory"), "vesde": ("likelihood",)}
@@ -63,3 +67,19 @@ RESIDUAL = "train_residual"  # per-training-example residuals at the store's (t,
 
 
 VECTOR_OUTPUT = "eps"  # the "output function" of sketch stores: the noise predictor itself
+
+
+# The one source of default settings: the repository's params.yaml (validated by dag/schemas/params.schema.yaml).
+# Code that accepts a partial section (a library call, a test) fills it from here, never from its own numbers.
+PARAMS_FILE = Path(__file__).resolve().parents[2] / "params.yaml"
+
+
+@functools.cache
+def _params() -> dict:
+    return yaml.safe_load(PARAMS_FILE.read_text())
+
+
+def params_defaults(section: str, keys=None) -> dict:
+    """params.yaml's settings of a section (only `keys` when given): the defaults of a partial section."""
+    values = _params()[section]
+    return {key: values[key] for key in keys} if keys is not None else dict(values)

@@ -64,7 +64,7 @@ import torch
 from torch import nn
 
 from workflow_scripts.core.common import ArtefactError, generator, save_torch
-from workflow_scripts.core.contracts import config_hash
+from workflow_scripts.core.contracts import config_hash, params_defaults
 
 FILE_KIND = "kfac-curvature"
 
@@ -85,14 +85,11 @@ CURVATURE_STREAM, TRAIN_GRADIENT_STREAM, QUERY_GRADIENT_STREAM, LABEL_STREAM = 4
 CURVATURE_KEYS = ("fisher_type", "kfac_approx", "ekfac", "draws", "fisher_mc_samples", "separate_weight_and_bias")
 
 
-DEFAULTS = {
-    "fisher_type": "mc",
-    "kfac_approx": "expand",
-    "ekfac": False,
-    "draws": 64,
-    "fisher_mc_samples": 1,
-    "separate_weight_and_bias": False,
-    "batch_size": 256,
+DEFAULTS = {  # params.yaml's kfac settings of a fit; fast_factors (optional, absent there): curvlinops' factors faster
+    **params_defaults(
+        "kfac",
+        ("fisher_type", "kfac_approx", "ekfac", "draws", "fisher_mc_samples", "separate_weight_and_bias", "batch_size"),
+    ),
     "fast_factors": True,
 }
 

@@ -7,11 +7,12 @@ notes. The computation is workflow_scripts/engines/kfac.py.
 
 from __future__ import annotations
 
+from workflow_scripts.core.contracts import params_defaults
 from workflow_scripts.scorers.base import LAMBDA_GRID, QUERY_MEASUREMENT, Scorer, method_schema
 
 QUANTIZATIONS = ("int8", "float32")
-# scoring defaults of the kfac section (params.yaml sets them all; these fill a test's partial configuration)
-SCORE_DEFAULTS = {"gradient_draws": 64, "query_draws": 64, "batch_size": 256, "quantization": "int8"}
+# the scoring settings of the kfac section, filled from params.yaml where a partial section leaves them out
+SCORE_DEFAULTS = params_defaults("kfac", ("gradient_draws", "query_draws", "batch_size", "quantization"))
 METHOD_KEYS = ("fisher_type", "kfac_approx", "ekfac")  # curvature settings a method may override
 
 
