@@ -135,6 +135,18 @@ def query_measurement_stores(method_cfg: dict) -> list[StoreNeed]:
     ]
 
 
+class LossFeatureScorer(Scorer):
+    """A scorer on the final model's TRAK-style features of an output function (the store of rule gradients), with
+    the query features of its query_measurement when it names another measured target: TRAK / D-TRAK, gradient
+    similarity, relative / renormalised influence."""
+
+    refused_reason = "its gradient store (rule gradients) holds gradients of DDPM output functions at DDPM timesteps"
+    takes_query_measurement = True
+
+    def stores(self, method_cfg: dict) -> list[StoreNeed]:
+        return [loss_store(method_cfg), *query_measurement_stores(method_cfg)]
+
+
 CHUNK_BYTES = 64 * 2**20  # float64 bytes of one chunk of training rows
 
 

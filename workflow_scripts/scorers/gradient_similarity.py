@@ -14,12 +14,10 @@ from workflow_scripts.scorers.base import (
     QUERY_MEASUREMENT,
     SIMILARITY,
     TIMESTEPS,
-    Scorer,
+    LossFeatureScorer,
     expected_store,
-    loss_store,
     method_schema,
     query_features,
-    query_measurement_stores,
     similarity,
 )
 
@@ -39,7 +37,7 @@ def compute(method_cfg: dict, inputs, lambdas) -> list:
     ]
 
 
-class GradientSimilarity(Scorer):
+class GradientSimilarity(LossFeatureScorer):
     family = "gradient_similarity"
     schemas = (
         method_schema(
@@ -51,11 +49,6 @@ class GradientSimilarity(Scorer):
             query_measurement=QUERY_MEASUREMENT,
         ),
     )
-    refused_reason = "its gradient store (rule gradients) holds gradients of DDPM output functions"
-    takes_query_measurement = True
-
-    def stores(self, method_cfg):
-        return [loss_store(method_cfg), *query_measurement_stores(method_cfg)]
 
     def compute(self, method_cfg, inputs, lambdas):
         return compute(method_cfg, inputs, lambdas)

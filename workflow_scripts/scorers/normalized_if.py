@@ -15,12 +15,10 @@ from workflow_scripts.scorers.base import (
     OUTPUT_FUNCTION,
     QUERY_MEASUREMENT,
     TIMESTEPS,
-    Scorer,
+    LossFeatureScorer,
     expected_store,
-    loss_store,
     method_schema,
     query_features,
-    query_measurement_stores,
 )
 from workflow_scripts.scorers.trak import KernelSolver
 
@@ -48,7 +46,7 @@ def compute(method_cfg: dict, inputs, lambdas) -> list:
     ]
 
 
-class NormalizedInfluence(Scorer):
+class NormalizedInfluence(LossFeatureScorer):
     family = "normalized_if"
     schemas = (
         method_schema(
@@ -61,11 +59,6 @@ class NormalizedInfluence(Scorer):
             query_measurement=QUERY_MEASUREMENT,
         ),
     )
-    refused_reason = "its gradient store (rule gradients) holds gradients of DDPM output functions"
-    takes_query_measurement = True
-
-    def stores(self, method_cfg):
-        return [loss_store(method_cfg), *query_measurement_stores(method_cfg)]
 
     def compute(self, method_cfg, inputs, lambdas):
         return compute(method_cfg, inputs, lambdas)

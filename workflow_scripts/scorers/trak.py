@@ -28,12 +28,10 @@ from workflow_scripts.scorers.base import (
     OUTPUT_FUNCTION,
     QUERY_MEASUREMENT,
     TIMESTEPS,
-    Scorer,
+    LossFeatureScorer,
     expected_store,
-    loss_store,
     method_schema,
     query_features,
-    query_measurement_stores,
     row_chunks,
 )
 
@@ -113,7 +111,7 @@ def compute(method_cfg: dict, inputs, lambdas) -> list:
     return [(lam, {name: solver.scores(q, lam).astype(np.float32) for name, q in queries.items()}) for lam in lambdas]
 
 
-class Trak(Scorer):
+class Trak(LossFeatureScorer):
     family = "trak"
     schemas = (
         method_schema(
@@ -125,11 +123,6 @@ class Trak(Scorer):
             query_measurement=QUERY_MEASUREMENT,
         ),
     )
-    refused_reason = "its gradient store (rule gradients) holds gradients of DDPM output functions at DDPM timesteps"
-    takes_query_measurement = True
-
-    def stores(self, method_cfg):
-        return [loss_store(method_cfg), *query_measurement_stores(method_cfg)]
 
     def compute(self, method_cfg, inputs, lambdas):
         return compute(method_cfg, inputs, lambdas)

@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import torch
+from fakes import TINY_MODEL
 
 from workflow_scripts.core.common import ArtefactError, save_torch
 from workflow_scripts.families import ddpm as diffusion
@@ -10,13 +11,6 @@ from workflow_scripts.families import ddpm as diffusion
 torch.set_num_threads(1)
 
 DIFFUSION = {"num_train_timesteps": 1000, "beta_start": 0.0001, "beta_end": 0.02}
-TINY_MODEL = {
-    "block_out_channels": [8, 16],
-    "attention": [False, True],
-    "layers_per_block": 1,
-    "norm_num_groups": 4,
-    "attention_head_dim": 4,
-}
 SHAPE = (1, 8, 8)
 
 

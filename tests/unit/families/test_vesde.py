@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from fakes import Float64Model, float64_default, float64_gradient_atol
+from fakes import TINY_MODEL, Float64Model, float64_default, float64_gradient_atol
 
 from workflow_scripts.core import measurement as K
 from workflow_scripts.core.curvature import ParamLayout
@@ -16,13 +16,6 @@ from workflow_scripts.families import vesde as V
 
 torch.set_num_threads(1)
 
-TINY_MODEL = {
-    "block_out_channels": [8, 16],
-    "attention": [False, True],
-    "layers_per_block": 1,
-    "norm_num_groups": 4,
-    "attention_head_dim": 4,
-}
 SHAPE = (1, 8, 8)
 D = 64
 SETTINGS = dict(V.VESDE_DEFAULTS)

@@ -4,7 +4,7 @@ int8 queries, curvature files. Models are tiny so the whole file runs in well un
 import numpy as np
 import pytest
 import torch
-from fakes import DenseCurvature
+from fakes import TINY_MODEL, DenseCurvature
 from scipy.stats import pearsonr, spearmanr
 from torch import nn
 
@@ -17,13 +17,7 @@ from workflow_scripts.stages import curvature
 
 torch.set_num_threads(1)
 DIFFUSION = {"num_train_timesteps": 1000, "beta_start": 0.0001, "beta_end": 0.02}
-TINY_UNET = {
-    "block_out_channels": [8, 8],
-    "attention": [False, True],
-    "layers_per_block": 1,
-    "norm_num_groups": 4,
-    "attention_head_dim": 4,
-}
+TINY_UNET = {**TINY_MODEL, "block_out_channels": [8, 8]}
 SEED = 5
 EPS32 = torch.finfo(torch.float32).eps
 
