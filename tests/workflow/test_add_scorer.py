@@ -26,7 +26,8 @@ def added_scorer(smoke_run, repo, tmp_path_factory):
 
 
 def test_the_new_scorer_runs_only_its_own_jobs(added_scorer):
-    args = ("--configfile", "configs/smoke.yaml", "extra.yaml", "results/smoke/tables/lds.md")
+    # the target first: --configfile takes every file name that follows it
+    args = ("results/smoke/tables/lds.md", "--configfile", "configs/smoke.yaml", "extra.yaml")
     plan = snakemake(added_scorer, *args, "-n", "--quiet", "rules")
     out = plan.stdout + plan.stderr
     assert plan.returncode == 0, out
