@@ -20,7 +20,6 @@ order_methods(
 validate_config(config)  # fails before any job starts, naming the bad field
 check_workflow_support(config)  # ... or naming a setting the rules cannot honour yet
 
-ROOT = paths.root(config)
 QUERY_SETS = ["generated", "heldout"]
 
 
@@ -42,14 +41,14 @@ include: "rules/metagradient.smk"
 rule all:
     default_target: True
     input:
-        f"{ROOT}/tables/lds.md",
-        f"{ROOT}/figures/lds.png",
-        f"{ROOT}/tables/kfac_ablation.md",
-        f"{ROOT}/figures/kfac_ablation.png",
-        f"{ROOT}/tables/lds_measurements.md",
-        f"{ROOT}/figures/lds_measurements.png",
-        f"{ROOT}/tables/measurement_substitution.md",
+        paths.table_file(config, "lds"),
+        paths.figure_file(config, "lds"),
+        paths.table_file(config, "kfac_ablation"),
+        paths.figure_file(config, "kfac_ablation"),
+        paths.table_file(config, "lds_measurements"),
+        paths.figure_file(config, "lds_measurements"),
+        paths.table_file(config, "measurement_substitution"),
         rules.counterfactual_evaluate.output,
         rules.figures.output,
         paths.family_targets(config),  # model.family vesde: the bits/dim sanity check
-        f"{ROOT}/tables/metagradient.md",
+        paths.table_file(config, "metagradient"),

@@ -2,9 +2,9 @@ rule classifier:
     input:
         dataset=rules.data.output.dataset,
     output:
-        f"{ROOT}/models/classifier.pt",
+        paths.classifier_model(config),
     log:
-        f"{ROOT}/logs/classifier.log",
+        paths.log_file(config, "classifier"),
     conda:
         "../envs/benchmark.yaml"
     threads: 1

@@ -7,10 +7,10 @@ rule counterfactual:
         dataset=rules.data.output.dataset,
         scores=lambda w: paths.counterfactual_scores(config, w.method),
     output:
-        members=f"{ROOT}/counterfactual/{{method}}/q{{query}}/members.npy",
-        selection=f"{ROOT}/counterfactual/{{method}}/q{{query}}/selection.json",
+        members=paths.counterfactual_file(config, "members.npy"),
+        selection=paths.counterfactual_file(config, "selection.json"),
     log:
-        f"{ROOT}/logs/counterfactual/{{method}}/q{{query}}.select.log",
+        paths.log_file(config, "counterfactual"),
     wildcard_constraints:
         method=r"[A-Za-z0-9_-]+",
         query=r"\d+",
@@ -33,12 +33,12 @@ rule counterfactual:
 rule regenerate:
     input:
         full_model=rules.train_full.output.model,
-        model=f"{ROOT}/counterfactual/{{method}}/q{{query}}/model.pt",
+        model=paths.counterfactual_file(config, "model.pt"),
         samples=rules.sample.output[0],
     output:
-        f"{ROOT}/counterfactual/{{method}}/q{{query}}/regenerated.npz",
+        paths.counterfactual_file(config, "regenerated.npz"),
     log:
-        f"{ROOT}/logs/counterfactual/{{method}}/q{{query}}.regenerate.log",
+        paths.log_file(config, "regenerate"),
     wildcard_constraints:
         method=r"[A-Za-z0-9_-]+",
         query=r"\d+",
@@ -65,28 +65,28 @@ rule counterfactual_evaluate:
         clip_weights=paths.counterfactual_clip_weights(config),
     output:
         table=report(
-            f"{ROOT}/tables/counterfactual.html",
+            paths.table_file(config, "counterfactual", ".html"),
             caption="../report/counterfactual_table.rst",
             category="2. Counterfactual retraining",
             labels={"result": "table"},
         ),
-        data=multiext(f"{ROOT}/tables/counterfactual", ".csv", ".md", ".json", "_per_query.csv"),
+        data=multiext(paths.table_stem(config, "counterfactual"), ".csv", ".md", ".json", "_per_query.csv"),
         boxplots=report(
-            f"{ROOT}/figures/counterfactual_boxplots.png",
+            paths.figure_file(config, "counterfactual_boxplots"),
             caption="../report/counterfactual_boxplots.rst",
             category="2. Counterfactual retraining",
             labels={"result": "boxplots"},
         ),
-        boxplots_pdf=f"{ROOT}/figures/counterfactual_boxplots.pdf",
+        boxplots_pdf=paths.figure_file(config, "counterfactual_boxplots", ".pdf"),
         pairs=report(
-            f"{ROOT}/figures/counterfactual_pairs.png",
+            paths.figure_file(config, "counterfactual_pairs"),
             caption="../report/counterfactual_pairs.rst",
             category="2. Counterfactual retraining",
             labels={"result": "image pairs"},
         ),
-        pairs_pdf=f"{ROOT}/figures/counterfactual_pairs.pdf",
+        pairs_pdf=paths.figure_file(config, "counterfactual_pairs", ".pdf"),
     log:
-        f"{ROOT}/logs/counterfactual/evaluate.log",
+        paths.log_file(config, "counterfactual_evaluate"),
     conda:
         "../envs/benchmark.yaml"
     threads: 1

@@ -1,12 +1,12 @@
 # K-FAC / EK-FAC of the training-loss GGN of the final model, one file per variant (dag/paths.py "curvature").
 rule curvature:
     input:
-        model=f"{ROOT}/models/full/model.pt",
+        model=paths.full_model(config),
         dataset=rules.data.output.dataset,
     output:
-        f"{ROOT}/curvature/{{variant}}.pt",
+        paths.curvature_file(config),
     log:
-        f"{ROOT}/logs/curvature/{{variant}}.log",
+        paths.log_file(config, "curvature"),
     wildcard_constraints:
         variant=paths.VARIANT_PATTERN,
     conda:

@@ -1,9 +1,9 @@
 rule data:
     output:
-        dataset=f"{ROOT}/data/dataset.npz",
-        subsets=f"{ROOT}/data/subsets.npz",
+        dataset=paths.dataset_file(config),
+        subsets=paths.subsets_file(config),
     log:
-        f"{ROOT}/logs/data.log",
+        paths.log_file(config, "data"),
     conda:
         "../envs/benchmark.yaml"
     threads: 1

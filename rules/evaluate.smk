@@ -4,53 +4,53 @@ rule evaluate:
         measurements=paths.measurement_files(config),
         scores=paths.chosen_files(config, config["scores"]["methods"]),
     output:
-        table=multiext(f"{ROOT}/tables/lds", ".csv", ".md", ".json"),
+        table=multiext(paths.table_stem(config, "lds"), ".csv", ".md", ".json"),
         table_html=report(
-            f"{ROOT}/tables/lds.html",
+            paths.table_file(config, "lds", ".html"),
             caption="../report/lds_table.rst",
             category="1. Linear datamodelling score",
             labels={"result": "LDS table"},
         ),
-        figure=f"{ROOT}/figures/lds.png",
-        figure_pdf=f"{ROOT}/figures/lds.pdf",  # written beside the PNG
-        ablation=multiext(f"{ROOT}/tables/kfac_ablation", ".csv", ".md"),
+        figure=paths.figure_file(config, "lds"),
+        figure_pdf=paths.figure_file(config, "lds", ".pdf"),  # written beside the PNG
+        ablation=multiext(paths.table_stem(config, "kfac_ablation"), ".csv", ".md"),
         ablation_html=report(
-            f"{ROOT}/tables/kfac_ablation.html",
+            paths.table_file(config, "kfac_ablation", ".html"),
             caption="../report/kfac_ablation.rst",
             category="4. K-FAC influence ablation",
             labels={"result": "table"},
         ),
         ablation_figure=report(
-            f"{ROOT}/figures/kfac_ablation.png",
+            paths.figure_file(config, "kfac_ablation"),
             caption="../report/kfac_ablation_figure.rst",
             category="4. K-FAC influence ablation",
             labels={"result": "figure"},
         ),
-        ablation_figure_pdf=f"{ROOT}/figures/kfac_ablation.pdf",
+        ablation_figure_pdf=paths.figure_file(config, "kfac_ablation", ".pdf"),
         # likelihood measurements: LDS per measurement target, and the measurement substitution ablation
-        measurements=multiext(f"{ROOT}/tables/lds_measurements", ".csv", ".md"),
+        measurements=multiext(paths.table_stem(config, "lds_measurements"), ".csv", ".md"),
         measurements_html=report(
-            f"{ROOT}/tables/lds_measurements.html",
+            paths.table_file(config, "lds_measurements", ".html"),
             caption="../report/lds_measurements.rst",
             category="5. Likelihood measurements",
             labels={"result": "LDS per measurement"},
         ),
         measurements_figure=report(
-            f"{ROOT}/figures/lds_measurements.png",
+            paths.figure_file(config, "lds_measurements"),
             caption="../report/lds_measurements_figure.rst",
             category="5. Likelihood measurements",
             labels={"result": "heat map"},
         ),
-        measurements_figure_pdf=f"{ROOT}/figures/lds_measurements.pdf",
-        substitution=multiext(f"{ROOT}/tables/measurement_substitution", ".csv", ".md"),
+        measurements_figure_pdf=paths.figure_file(config, "lds_measurements", ".pdf"),
+        substitution=multiext(paths.table_stem(config, "measurement_substitution"), ".csv", ".md"),
         substitution_html=report(
-            f"{ROOT}/tables/measurement_substitution.html",
+            paths.table_file(config, "measurement_substitution", ".html"),
             caption="../report/measurement_substitution.rst",
             category="5. Likelihood measurements",
             labels={"result": "measurement substitution"},
         ),
     log:
-        f"{ROOT}/logs/evaluate.log",
+        paths.log_file(config, "evaluate"),
     conda:
         "../envs/benchmark.yaml"
     threads: 1

@@ -4,7 +4,7 @@ FIGURES = ("lds_bars", "damping_sweeps", "predicted_vs_actual", "influencers")
 
 rule figures:
     input:
-        lds=f"{ROOT}/tables/lds.csv",
+        lds=paths.table_file(config, "lds", ".csv"),
         scores=paths.chosen_files(config, config["scores"]["methods"]),
         dataset=rules.data.output.dataset,
         samples=rules.sample.output[0],
@@ -13,7 +13,7 @@ rule figures:
     output:
         **{
             name: report(
-                f"{ROOT}/figures/{name}.png",
+                paths.figure_file(config, name),
                 caption=f"../report/{name}.rst",
                 category=category,
                 labels={"result": label},
@@ -25,9 +25,9 @@ rule figures:
                 ("influencers", "3. Attribution examples", "top influencers"),
             )
         },
-        pdfs=expand(f"{ROOT}/figures/{{name}}.pdf", name=FIGURES),
+        pdfs=[paths.figure_file(config, name, ".pdf") for name in FIGURES],
     log:
-        f"{ROOT}/logs/figures.log",
+        paths.log_file(config, "figures"),
     conda:
         "../envs/benchmark.yaml"
     threads: 1

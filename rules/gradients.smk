@@ -5,12 +5,12 @@ rule gradients:
         dataset=rules.data.output.dataset,
         samples=rules.sample.output[0],
     output:
-        stores=expand(f"{ROOT}/gradients/{{{{checkpoint}}}}/{{{{tag}}}}/{{split}}.npy", split=paths.STORE_SPLITS),
-        sidecars=expand(f"{ROOT}/gradients/{{{{checkpoint}}}}/{{{{tag}}}}/{{split}}.json", split=paths.STORE_SPLITS),
-        residual=f"{ROOT}/gradients/{{checkpoint}}/{{tag}}/{paths.RESIDUAL}.npy",
-        residual_sidecar=f"{ROOT}/gradients/{{checkpoint}}/{{tag}}/{paths.RESIDUAL}.json",
+        stores=[paths.gradients_file(config, split) for split in paths.STORE_SPLITS],
+        sidecars=[paths.gradients_file(config, split, "json") for split in paths.STORE_SPLITS],
+        residual=paths.gradients_file(config, paths.RESIDUAL),
+        residual_sidecar=paths.gradients_file(config, paths.RESIDUAL, "json"),
     log:
-        f"{ROOT}/logs/gradients/{{checkpoint}}/{{tag}}.log",
+        paths.log_file(config, "gradients"),
     wildcard_constraints:
         checkpoint=paths.CHECKPOINT_PATTERN,
         tag=paths.SPLIT_STORE_PATTERN,
@@ -36,10 +36,10 @@ rule gradients_journey:
         dataset=rules.data.output.dataset,
         samples=rules.sample.output[0],
     output:
-        store=f"{ROOT}/gradients/{{checkpoint}}/{{tag}}/generated.npy",
-        sidecar=f"{ROOT}/gradients/{{checkpoint}}/{{tag}}/generated.json",
+        store=paths.gradients_file(config, "generated"),
+        sidecar=paths.gradients_file(config, "generated", "json"),
     log:
-        f"{ROOT}/logs/gradients/{{checkpoint}}/{{tag}}.log",
+        paths.log_file(config, "gradients"),
     wildcard_constraints:
         checkpoint=paths.CHECKPOINT_PATTERN,
         tag=paths.JOURNEY_STORE_PATTERN,
@@ -65,16 +65,10 @@ rule gradients_measurement:
         dataset=rules.data.output.dataset,
         samples=rules.sample.output[0],
     output:
-        stores=expand(
-            f"{ROOT}/gradients/{{{{checkpoint}}}}/{{{{tag}}}}/measurement_{{{{target}}}}/{{split}}.npy",
-            split=["generated", "heldout"],
-        ),
-        sidecars=expand(
-            f"{ROOT}/gradients/{{{{checkpoint}}}}/{{{{tag}}}}/measurement_{{{{target}}}}/{{split}}.json",
-            split=["generated", "heldout"],
-        ),
+        stores=[paths.measurement_gradients_file(config, split) for split in ["generated", "heldout"]],
+        sidecars=[paths.measurement_gradients_file(config, split, "json") for split in ["generated", "heldout"]],
     log:
-        f"{ROOT}/logs/gradients/{{checkpoint}}/{{tag}}/measurement_{{target}}.log",
+        paths.log_file(config, "gradients_measurement"),
     wildcard_constraints:
         checkpoint=paths.CHECKPOINT_PATTERN,
         tag=paths.SPLIT_STORE_PATTERN,
@@ -97,8 +91,8 @@ rule gradients_measurement:
 # The trajectory measurement exists for generated queries only (held-out queries keep the loss features).
 use rule gradients_measurement as gradients_measurement_trajectory with:
     output:
-        store=f"{ROOT}/gradients/{{checkpoint}}/{{tag}}/measurement_{{target}}/generated.npy",
-        sidecar=f"{ROOT}/gradients/{{checkpoint}}/{{tag}}/measurement_{{target}}/generated.json",
+        store=paths.measurement_gradients_file(config, "generated"),
+        sidecar=paths.measurement_gradients_file(config, "generated", "json"),
     wildcard_constraints:
         checkpoint=paths.CHECKPOINT_PATTERN,
         tag=paths.SPLIT_STORE_PATTERN,

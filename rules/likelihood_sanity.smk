@@ -5,16 +5,16 @@ rule likelihood_sanity:
         model=rules.train_full.output.model,
         dataset=rules.data.output.dataset,
     output:
-        table=multiext(f"{ROOT}/tables/bpd_sanity", ".csv", ".md"),
+        table=multiext(paths.table_stem(config, "bpd_sanity"), ".csv", ".md"),
         figure=report(
-            f"{ROOT}/figures/bpd_sanity.png",
+            paths.figure_file(config, "bpd_sanity"),
             caption="../report/bpd_sanity.rst",
             category="5. Likelihood sanity check",
             labels={"result": "bits/dim per image category"},
         ),
-        figure_pdf=f"{ROOT}/figures/bpd_sanity.pdf",
+        figure_pdf=paths.figure_file(config, "bpd_sanity", ".pdf"),
     log:
-        f"{ROOT}/logs/likelihood_sanity.log",
+        paths.log_file(config, "likelihood_sanity"),
     conda:
         "../envs/benchmark.yaml"
     threads: config["compute"]["threads"]

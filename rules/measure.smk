@@ -1,12 +1,12 @@
 rule measure:
     input:
-        model=f"{ROOT}/models/subset{{subset}}_seed{{replicate}}/model.pt",
+        model=paths.subset_model(config),
         dataset=rules.data.output.dataset,
         samples=rules.sample.output[0],
     output:
-        f"{ROOT}/measurements/subset{{subset}}_seed{{replicate}}.npz",
+        paths.measurement_file(config),
     log:
-        f"{ROOT}/logs/measure/subset{{subset}}_seed{{replicate}}.log",
+        paths.log_file(config, "measure"),
     wildcard_constraints:
         subset=r"\d+",
         replicate=r"\d+",

@@ -8,9 +8,9 @@ rule metagradient:
         samples=rules.sample.output[0],
         model=rules.train_full.output.model,
     output:
-        paths.scores_file(config, name="chunks/{chunk}.npz"),
+        paths.metagradient_chunk_file(config),
     log:
-        f"{ROOT}/logs/scores/{{method}}/{{chunk}}.log",
+        paths.log_file(config, "metagradient"),
     wildcard_constraints:
         method=r"[A-Za-z0-9_-]+",
         chunk=r"chunk\d+",
@@ -35,7 +35,7 @@ rule fixed_seed_sets:
     output:
         paths.fixed_seed_sets_file(config),
     log:
-        f"{ROOT}/logs/fixed_seed/sets.log",
+        paths.log_file(config, "fixed_seed_sets"),
     conda:
         "../envs/benchmark.yaml"
     threads: 1
@@ -54,9 +54,9 @@ rule measure_fixed_seed:
         dataset=rules.data.output.dataset,
         samples=rules.sample.output[0],
     output:
-        f"{ROOT}/fixed_seed/{{name}}/measurement.npz",
+        paths.fixed_seed_measurement(config),
     log:
-        f"{ROOT}/logs/fixed_seed/{{name}}.measure.log",
+        paths.log_file(config, "measure_fixed_seed"),
     wildcard_constraints:
         name=paths.FIXED_SEED_NAME_PATTERN,
     conda:
@@ -80,15 +80,15 @@ rule metagradient_evaluate:
         fixed_seed=paths.fixed_seed_measurements(config),
         scores=paths.chosen_files(config, paths.metagradient_methods(config)),
     output:
-        table=multiext(f"{ROOT}/tables/metagradient", ".csv", ".md"),
+        table=multiext(paths.table_stem(config, "metagradient"), ".csv", ".md"),
         table_html=report(
-            f"{ROOT}/tables/metagradient.html",
+            paths.table_file(config, "metagradient", ".html"),
             caption="../report/metagradient_table.rst",
             category="1. Linear datamodelling score",
             labels={"result": "metagradient table"},
         ),
     log:
-        f"{ROOT}/logs/metagradient_evaluate.log",
+        paths.log_file(config, "metagradient_evaluate"),
     conda:
         "../envs/benchmark.yaml"
     threads: 1

@@ -2,9 +2,9 @@ rule sample:
     input:
         model=rules.train_full.output.model,
     output:
-        f"{ROOT}/samples/generated.npz",
+        paths.samples_file(config),
     log:
-        f"{ROOT}/logs/sample.log",
+        paths.log_file(config, "sample"),
     conda:
         "../envs/benchmark.yaml"
     threads: config["compute"]["threads"]

@@ -14,7 +14,7 @@ rule scores:
         sweep_figure=paths.scores_file(config, name="sweep.png"),
         chosen=paths.scores_file(config),
     log:
-        f"{ROOT}/logs/scores/{{method}}.log",
+        paths.log_file(config, "scores"),
     conda:
         "../envs/benchmark.yaml"
     threads: 1

@@ -3,10 +3,10 @@ rule train_full:
         dataset=rules.data.output.dataset,
         subsets=rules.data.output.subsets,
     output:
-        model=f"{ROOT}/models/full/model.pt",
+        model=paths.full_model(config),
         checkpoints=paths.full_checkpoints(config),
     log:
-        f"{ROOT}/logs/train/full.log",
+        paths.log_file(config, "train_full"),
     conda:
         "../envs/benchmark.yaml"
     threads: config["compute"]["threads"]
@@ -28,9 +28,9 @@ rule train_subset:
     input:
         unpack(lambda w: paths.retraining_inputs(config, w.kind, w.name)),
     output:
-        model=f"{ROOT}/{{kind}}/{{name}}/model.pt",
+        model=paths.retrained_model(config),
     log:
-        f"{ROOT}/logs/train/{{kind}}/{{name}}.log",
+        paths.log_file(config, "train_subset"),
     wildcard_constraints:
         kind=paths.RETRAINING_KIND_PATTERN,
         name=paths.RETRAINING_NAME_PATTERN,

@@ -121,7 +121,7 @@ def family_targets(config: dict) -> list[str]:
     """Extra targets of rule all for the model family: the bits/dim sanity check of a vesde model."""
     if config["model"].get("family", "ddpm") != "vesde":
         return []
-    return [f"{root(config)}/tables/bpd_sanity.md", f"{root(config)}/figures/bpd_sanity.png"]
+    return [table_file(config, "bpd_sanity"), figure_file(config, "bpd_sanity")]
 
 
 def scores_config(config: dict, method: str) -> str:
@@ -137,10 +137,171 @@ def root(config: dict) -> str:
     return f"results/{config['benchmark']}"
 
 
+# ---------------------------------------------------------------- artefact paths, by kind
+#
+# The one place a path is spelled: the rules and the functions below call these. A wildcard argument left at its
+# default ("{method}", ...) gives the rules' wildcard template; a value gives a concrete path.
+
+
+# data
+def dataset_file(config: dict) -> str:
+    return f"{root(config)}/data/dataset.npz"
+
+
+def subsets_file(config: dict) -> str:
+    return f"{root(config)}/data/subsets.npz"
+
+
+# models
+def full_model(config: dict) -> str:
+    return f"{root(config)}/models/full/model.pt"
+
+
+def full_checkpoint(config: dict, checkpoint: str) -> str:
+    """An intermediate checkpoint of the full model: checkpoint 'step<N>' (checkpoint_name)."""
+    return f"{root(config)}/models/full/checkpoints/{checkpoint}.pt"
+
+
+def classifier_model(config: dict) -> str:
+    return f"{root(config)}/models/classifier.pt"
+
+
+def retraining_file(config: dict, kind: str, name: str, file: str) -> str:
+    """A file in a retraining's directory ("retrainings" below): its model.pt, a counterfactual one's members.npy."""
+    return f"{root(config)}/{kind}/{name}/{file}"
+
+
+def retrained_model(config: dict, kind: str = "{kind}", name: str = "{name}") -> str:
+    return retraining_file(config, kind, name, "model.pt")
+
+
+def subset_model_name(subset: str | int = "{subset}", replicate: str | int = "{replicate}") -> str:
+    return f"subset{subset}_seed{replicate}"
+
+
+def subset_model(config: dict, name: str = subset_model_name()) -> str:
+    """An LDS retraining's model (retraining kind models)."""
+    return retrained_model(config, "models", name)
+
+
+# samples
+def samples_file(config: dict) -> str:
+    return f"{root(config)}/samples/generated.npz"
+
+
+# measurements
+def measurement_file(config: dict, name: str = subset_model_name()) -> str:
+    """The measurement of an LDS retraining (rule measure)."""
+    return f"{root(config)}/measurements/{name}.npz"
+
+
+# gradients: a store is a directory of <split>.npy features with <split>.json sidecars (core/store.py)
+def gradients_dir(config: dict, checkpoint: str = "{checkpoint}", tag: str = "{tag}") -> str:
+    return f"{root(config)}/gradients/{checkpoint}/{tag}"
+
+
+def measurement_gradients_dir(
+    config: dict, checkpoint: str = "{checkpoint}", tag: str = "{tag}", target: str = "{target}"
+) -> str:
+    """Query features of a likelihood measurement, inside the loss store whose projection they share."""
+    return f"{gradients_dir(config, checkpoint, tag)}/measurement_{target}"
+
+
+def store_file(directory: str, split: str, ext: str = "npy") -> str:
+    return f"{directory}/{split}.{ext}"
+
+
+def gradients_file(
+    config: dict, split: str, ext: str = "npy", checkpoint: str = "{checkpoint}", tag: str = "{tag}"
+) -> str:
+    return store_file(gradients_dir(config, checkpoint, tag), split, ext)
+
+
+def measurement_gradients_file(
+    config: dict,
+    split: str,
+    ext: str = "npy",
+    checkpoint: str = "{checkpoint}",
+    tag: str = "{tag}",
+    target: str = "{target}",
+) -> str:
+    return store_file(measurement_gradients_dir(config, checkpoint, tag, target), split, ext)
+
+
+# curvature
+def curvature_file(config: dict, variant: str = "{variant}") -> str:
+    return f"{root(config)}/curvature/{variant}.pt"
+
+
+# scores
 def scores_file(config: dict, method: str = "{method}", name: str = "chosen.json") -> str:
     """A file of a method's scores job: chosen.json (what every consumer waits for), sweep.csv, sweep.png, the
-    <query set>.npy matrices; method "{method}" gives the rules' wildcard template."""
+    <query set>.npy matrices."""
     return f"{root(config)}/scores/{method}/{name}"
+
+
+def metagradient_chunk_file(config: dict, method: str = "{method}", chunk: str = "{chunk}") -> str:
+    """The scores of one chunk job (chunk<NNN>) of a metagradient method, which its scores job assembles."""
+    return scores_file(config, method, f"chunks/{chunk}.npz")
+
+
+# tables
+def table_stem(config: dict, name: str) -> str:
+    """A table without extension: a stage writes its formats side by side (the rules' multiext)."""
+    return f"{root(config)}/tables/{name}"
+
+
+def table_file(config: dict, name: str, ext: str = ".md") -> str:
+    return table_stem(config, name) + ext
+
+
+# figures
+def figure_file(config: dict, name: str, ext: str = ".png") -> str:
+    return f"{root(config)}/figures/{name}{ext}"
+
+
+# counterfactual: everything of one query lives in its retraining's directory (kind counterfactual)
+def counterfactual_file(config: dict, name: str, method: str = "{method}", query: str = "q{query}") -> str:
+    return retraining_file(config, "counterfactual", f"{method}/{query}", name)
+
+
+# fixed_seed
+def fixed_seed_sets_file(config: dict) -> str:
+    return f"{root(config)}/fixed_seed/sets.npz"
+
+
+def fixed_seed_measurement(config: dict, name: str = "{name}") -> str:
+    return f"{root(config)}/fixed_seed/{name}/measurement.npz"
+
+
+# logs, by rule (gradients_journey writes the gradients one: their tags never overlap)
+LOGS = {
+    "data": "data",
+    "classifier": "classifier",
+    "train_full": "train/full",
+    "train_subset": "train/{kind}/{name}",
+    "sample": "sample",
+    "measure": f"measure/{subset_model_name()}",
+    "gradients": "gradients/{checkpoint}/{tag}",
+    "gradients_measurement": "gradients/{checkpoint}/{tag}/measurement_{target}",
+    "curvature": "curvature/{variant}",
+    "scores": "scores/{method}",
+    "metagradient": "scores/{method}/{chunk}",
+    "counterfactual": "counterfactual/{method}/q{query}.select",
+    "regenerate": "counterfactual/{method}/q{query}.regenerate",
+    "counterfactual_evaluate": "counterfactual/evaluate",
+    "evaluate": "evaluate",
+    "figures": "figures",
+    "likelihood_sanity": "likelihood_sanity",
+    "fixed_seed_sets": "fixed_seed/sets",
+    "measure_fixed_seed": "fixed_seed/{name}.measure",
+    "metagradient_evaluate": "metagradient_evaluate",
+}
+
+
+def log_file(config: dict, rule: str) -> str:
+    """The log of a rule's jobs (a template in the rule's wildcards)."""
+    return f"{root(config)}/logs/{LOGS[rule]}.log"
 
 
 def chosen_files(config: dict, methods) -> list[str]:
@@ -150,7 +311,7 @@ def chosen_files(config: dict, methods) -> list[str]:
 def subset_model_names(config: dict) -> list[str]:
     """Retrained models, subset-major: subset000_seed0, subset000_seed1, ..."""
     lds = config["lds"]
-    return [f"subset{j:03d}_seed{s}" for j in range(lds["n_subsets"]) for s in range(lds["n_seeds"])]
+    return [subset_model_name(f"{j:03d}", s) for j in range(lds["n_subsets"]) for s in range(lds["n_seeds"])]
 
 
 def checkpoint_steps(config: dict) -> list[int]:
@@ -160,11 +321,11 @@ def checkpoint_steps(config: dict) -> list[int]:
 
 
 def full_checkpoints(config: dict) -> list[str]:
-    return [f"{root(config)}/models/full/checkpoints/step{s:07d}.pt" for s in checkpoint_steps(config)]
+    return [full_checkpoint(config, name) for name in checkpoint_names(config)]
 
 
 def measurement_files(config: dict) -> list[str]:
-    return [f"{root(config)}/measurements/{name}.npz" for name in subset_model_names(config)]
+    return [measurement_file(config, name) for name in subset_model_names(config)]
 
 
 # ---------------------------------------------------------------- retrainings (rule train_subset)
@@ -213,10 +374,10 @@ def _retraining(kind: str, name: str):
 def retraining_inputs(config: dict, kind: str, name: str) -> dict[str, str]:
     """{dataset, membership} files of a retraining (membership: subsets.npz, its members.npy or fixed_seed/sets.npz)."""
     _retraining(kind, name)
-    membership = {"models": f"{root(config)}/data/subsets.npz", "fixed_seed": fixed_seed_sets_file(config)}.get(
-        kind, f"{root(config)}/{kind}/{name}/members.npy"
+    membership = {"models": subsets_file(config), "fixed_seed": fixed_seed_sets_file(config)}.get(
+        kind, retraining_file(config, kind, name, "members.npy")
     )
-    return {"dataset": f"{root(config)}/data/dataset.npz", "membership": membership}
+    return {"dataset": dataset_file(config), "membership": membership}
 
 
 def retraining_args(kind: str, name: str, membership: str) -> str:
@@ -249,7 +410,7 @@ def counterfactual_queries(config: dict) -> list[str]:
 def counterfactual_files(config: dict, name: str) -> list[str]:
     """<name> (selection.json, regenerated.npz, ...) of every (method, query) of the counterfactual retraining."""
     return [
-        f"{root(config)}/counterfactual/{m}/{q}/{name}"
+        counterfactual_file(config, name, m, q)
         for m in counterfactual_methods(config)
         for q in counterfactual_queries(config)
     ]
@@ -293,10 +454,10 @@ def checkpoint_names(config: dict) -> list[str]:
 def checkpoint_model(config: dict, checkpoint: str) -> str:
     """The model file of a store's checkpoint: 'full' (the final model) or 'step<N>' (intermediate)."""
     if checkpoint == "full":
-        return f"{root(config)}/models/full/model.pt"
+        return full_model(config)
     if not re.fullmatch(r"step\d+", checkpoint):
         raise ValueError(f"unknown checkpoint {checkpoint!r}; expected 'full' or 'step<N>'")
-    return f"{root(config)}/models/full/checkpoints/{checkpoint}.pt"
+    return full_checkpoint(config, checkpoint)
 
 
 def feature_tag(
@@ -340,7 +501,7 @@ def feature_dir(
     kind: str = "avg",
     directions: int | None = None,
 ) -> str:
-    return f"{root(config)}/gradients/{checkpoint}/{feature_tag(config, output_function, timesteps, kind, directions)}"
+    return gradients_dir(config, checkpoint, feature_tag(config, output_function, timesteps, kind, directions))
 
 
 # A TRAK-family method with query_measurement m (not loss) reads its query features from
@@ -358,7 +519,7 @@ def store_files(directory: str, kind: str) -> list[str]:
         names = measurement_splits(kind[len("measurement_") :])
     else:
         names = ["generated"] if kind == "journey" else [*STORE_SPLITS, RESIDUAL]
-    return [f"{directory}/{name}.{ext}" for name in names for ext in ("npy", "json")]
+    return [store_file(directory, name, ext) for name in names for ext in ("npy", "json")]
 
 
 def store_directory(config: dict, need: StoreNeed, checkpoint: str = "full") -> str:
@@ -366,7 +527,8 @@ def store_directory(config: dict, need: StoreNeed, checkpoint: str = "full") -> 
     if (
         need.kind == "measurement"
     ):  # query features of a likelihood target, beside the loss store they share a space with
-        return f"{feature_dir(config, need.output_function, checkpoint, need.timesteps)}/measurement_{need.target}"
+        tag = feature_tag(config, need.output_function, need.timesteps)
+        return measurement_gradients_dir(config, checkpoint, tag, need.target)
     if need.kind == "journey":  # K = the sampling steps of the stored trajectory
         steps = need.timesteps if need.timesteps is not None else config["sample"]["num_inference_steps"]
         return feature_dir(config, need.output_function, checkpoint, steps, "journey")
@@ -443,16 +605,12 @@ def curvature_variant_args(variant: str) -> str:
     return f"--fisher-type {v['fisher_type']} --kfac-approx {v['kfac_approx']} --{'' if v['ekfac'] else 'no-'}ekfac"
 
 
-def curvature_file(config: dict, variant: str) -> str:
-    return f"{root(config)}/curvature/{variant}.pt"
-
-
 def model_input_file(config: dict, method: str, name: str) -> str:
     """The file of a model input a scorer declares (Scorer.model_inputs)."""
     if name == "classifier":
-        return f"{root(config)}/models/classifier.pt"
+        return classifier_model(config)
     if name == "model":
-        return f"{root(config)}/models/full/model.pt"
+        return full_model(config)
     if name == "curvature":
         return curvature_file(config, curvature_variant(config, method))
     raise ValueError(f"scores.methods.{method}: unknown model input {name!r} (classifier, model or curvature)")
@@ -505,7 +663,8 @@ def metagradient_chunk_files(config: dict, method: str) -> list[str]:
     if not get_scorer(config["scores"]["methods"][method]["family"]).chunk_jobs:
         return []
     return [
-        scores_file(config, method, f"chunks/chunk{k:03d}.npz") for k in range(len(metagradient_chunks(config, method)))
+        metagradient_chunk_file(config, method, f"chunk{k:03d}")
+        for k in range(len(metagradient_chunks(config, method)))
     ]
 
 
@@ -547,10 +706,6 @@ def metagradient_chunk_option(config: dict, method: str) -> str:
     return "--chunks " + " ".join(files) if files else ""
 
 
-def fixed_seed_sets_file(config: dict) -> str:
-    return f"{root(config)}/fixed_seed/sets.npz"
-
-
 def fixed_seed_names(config: dict) -> list[str]:
     """The fixed-seed retrainings: every EVALUATION subset and fixed_seed.loo_sets leave-out sets; none without a
     metagradient method (nothing would use them)."""
@@ -565,12 +720,12 @@ def fixed_seed_names(config: dict) -> list[str]:
 def fixed_seed_model(config: dict, name: str) -> str:
     """The model a fixed-seed measurement reads: the full model for `full` (w = 1), else the retraining."""
     if name == "full":
-        return f"{root(config)}/models/full/model.pt"
+        return full_model(config)
     _retraining("fixed_seed", name)
-    return f"{root(config)}/fixed_seed/{name}/model.pt"
+    return retrained_model(config, "fixed_seed", name)
 
 
 def fixed_seed_measurements(config: dict) -> list[str]:
     """The full model's measurement first, then one per fixed-seed retraining ([] without a metagradient method)."""
     names = fixed_seed_names(config)
-    return [f"{root(config)}/fixed_seed/{name}/measurement.npz" for name in (["full", *names] if names else [])]
+    return [fixed_seed_measurement(config, name) for name in (["full", *names] if names else [])]

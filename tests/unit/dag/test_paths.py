@@ -1,6 +1,8 @@
 """Artefact paths and per-job configurations (workflow_scripts.dag.paths): what decides which jobs rerun."""
 
 import json
+import re
+import tokenize
 
 import pytest
 
@@ -151,3 +153,29 @@ def test_fixed_seed_retrainings_are_a_retraining_kind(base_config):
     no_magic = _with_magic(base_config)
     no_magic["scores"]["methods"].pop("magic")
     assert paths.fixed_seed_names(no_magic) == [] == paths.fixed_seed_measurements(no_magic)
+
+
+# ---------------------------------------------------------------- the rules spell no path
+# a path with an artefact's extension (a bare file name such as scores_file's "sweep.csv" is not a path)
+ARTEFACT = re.compile(r"/.*\.(?:npz|npy|pt|json|csv|md|png|pdf|html|log)\b")
+
+
+def rule_strings(path):
+    """The NAME and string tokens of a Snakefile (comments dropped; f-string pieces on Python >= 3.12)."""
+    strings = {tokenize.STRING, getattr(tokenize, "FSTRING_MIDDLE", tokenize.STRING)}
+    with open(path) as f:
+        tokens = list(tokenize.generate_tokens(f.readline))
+    return [t.string for t in tokens if t.type == tokenize.NAME], [t.string for t in tokens if t.type in strings]
+
+
+def test_rules_spell_no_artefact_path(repo):
+    """Every path template lives in dag/paths.py: the Snakefile and rules/*.smk call it and spell none themselves."""
+    files = [repo / "Snakefile", *sorted((repo / "rules").glob("*.smk"))]
+    assert len(files) > 10
+    for path in files:
+        names, strings = rule_strings(path)
+        assert "ROOT" not in names, path.name
+        for s in strings:
+            assert "results/" not in s and "{ROOT" not in s and not ARTEFACT.search(s), (
+                f"{path.name} spells a path: {s}"
+            )
