@@ -36,6 +36,7 @@ include: "rules/counterfactual.smk"
 include: "rules/figures.smk"
 include: "rules/likelihood_sanity.smk"
 include: "rules/metagradient.smk"
+include: "rules/latent.smk"
 
 
 rule all:

@@ -1,6 +1,6 @@
-"""Expected GPU-hours of the paper-scale configurations (configs/cifar2.yaml, cifar10.yaml, mnist.yaml).
+"""Expected GPU-hours of the paper-scale configurations (configs/cifar2.yaml, cifar10.yaml, mnist.yaml, celeba.yaml).
 
-    python benchmarks/gpu_hours.py [--configs cifar2 cifar10 mnist] [--batch 4] [--threads 2] [--gpu-tflops 312]
+    python benchmarks/gpu_hours.py [--configs cifar2 cifar10 mnist celeba] [--batch 4] [--threads 2] [--gpu-tflops 312]
                                    [--util-batched 0.3] [--util-per-example 0.15] [--markdown]
 
 1. Measures the reference UNet of each configuration here: FLOPs of one forward pass and of one training step
@@ -32,19 +32,28 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from workflow_scripts.dag import paths
-from workflow_scripts.dag.config import IMAGE_SIZE, load_config
+from workflow_scripts.dag.config import image_size, load_config
 from workflow_scripts.families.ddpm import alphas_cumprod, build_model, simple_loss
 from workflow_scripts.families.likelihood import measure_settings
 
 # benchmarks/metagradient_cost.py (digits default model, CPU): training runs per metagradient job and per query
 METAGRADIENT_JOB_RUNS, METAGRADIENT_QUERY_RUNS = 3.0, 2.6
 
-CHANNELS = {"digits": 1, "mnist": 1, "cifar10": 3, "cifar2": 3}
+CHANNELS = {
+    "digits": 1,
+    "mnist": 1,
+    "cifar10": 3,
+    "cifar2": 3,
+    "artbench2": 3,
+    "artbench5": 3,
+    "artbench10": 3,
+    "celeba": 3,
+}
 
 
 def image_shape(config: dict) -> tuple[int, int, int]:
-    name = config["data"]["dataset"]
-    return CHANNELS[name], IMAGE_SIZE[name], IMAGE_SIZE[name]
+    size = image_size(config["data"])
+    return CHANNELS[config["data"]["dataset"]], size, size
 
 
 def measure_model(config: dict, batch: int, repeats: int = 2) -> dict:
@@ -160,6 +169,11 @@ def stage_passes(config: dict, train_over_forward: float) -> list[tuple[str, str
         stores.update({directory: kind for directory, kind in paths.method_stores(config, method).values()})
     gradient_passes, n_train = 0.0, d["n_train"]
     for directory, kind in stores.items():
+        if kind.startswith("measurement_"):  # query gradients of a likelihood measurement (K-FAC ELBO / trajectory)
+            target = kind.removeprefix("measurement_")
+            per_query_draws = {**extra, "loss": draws, "trajectory": s["num_inference_steps"]}.get(target, draws)
+            gradient_passes += n_query * per_query_draws * tr
+            continue
         spec = paths.parse_feature_tag(directory.rsplit("/", 1)[1])
         if kind == "journey":
             gradient_passes += s["n_generated"] * spec["timesteps"] * tr
@@ -194,7 +208,7 @@ def stage_passes(config: dict, train_over_forward: float) -> list[tuple[str, str
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--configs", nargs="+", default=["cifar2", "cifar10", "mnist"])
+    parser.add_argument("--configs", nargs="+", default=["cifar2", "cifar10", "mnist", "celeba"])
     parser.add_argument("--batch", type=int, default=4, help="images per measured CPU training step")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--gpu-tflops", type=float, default=312.0, help="assumed dense bf16 peak (A100: 312)")

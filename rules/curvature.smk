@@ -2,7 +2,7 @@
 rule curvature:
     input:
         model=paths.full_model(config),
-        dataset=rules.data.output.dataset,
+        dataset=paths.model_inputs_file(config),
     output:
         paths.curvature_file(config),
     log:

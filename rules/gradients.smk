@@ -2,7 +2,7 @@
 rule gradients:
     input:
         model=lambda w: paths.checkpoint_model(config, w.checkpoint),
-        dataset=rules.data.output.dataset,
+        dataset=paths.model_inputs_file(config),
         samples=rules.sample.output[0],
     output:
         stores=[paths.gradients_file(config, split) for split in paths.STORE_SPLITS],
@@ -33,7 +33,7 @@ rule gradients:
 rule gradients_journey:
     input:
         model=lambda w: paths.checkpoint_model(config, w.checkpoint),
-        dataset=rules.data.output.dataset,
+        dataset=paths.model_inputs_file(config),
         samples=rules.sample.output[0],
     output:
         store=paths.gradients_file(config, "generated"),
@@ -62,7 +62,7 @@ rule gradients_journey:
 rule gradients_measurement:
     input:
         model=lambda w: paths.checkpoint_model(config, w.checkpoint),
-        dataset=rules.data.output.dataset,
+        dataset=paths.model_inputs_file(config),
         samples=rules.sample.output[0],
     output:
         stores=[paths.measurement_gradients_file(config, split) for split in ["generated", "heldout"]],

@@ -1,7 +1,7 @@
 rule measure:
     input:
         model=paths.subset_model(config),
-        dataset=rules.data.output.dataset,
+        dataset=paths.model_inputs_file(config),
         samples=rules.sample.output[0],
     output:
         paths.measurement_file(config),

@@ -4,7 +4,7 @@
 # (train_subset jobs, kind fixed_seed), each measured, then the metagradient table.
 rule metagradient:
     input:
-        dataset=rules.data.output.dataset,
+        dataset=paths.model_inputs_file(config),
         samples=rules.sample.output[0],
         model=rules.train_full.output.model,
     output:
@@ -51,7 +51,7 @@ rule fixed_seed_sets:
 rule measure_fixed_seed:
     input:
         model=lambda w: paths.fixed_seed_model(config, w.name),
-        dataset=rules.data.output.dataset,
+        dataset=paths.model_inputs_file(config),
         samples=rules.sample.output[0],
     output:
         paths.fixed_seed_measurement(config),

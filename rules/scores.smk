@@ -1,6 +1,7 @@
 rule scores:
     input:
-        dataset=rules.data.output.dataset,
+        dataset=paths.model_inputs_file(config),
+        images=rules.data.output.dataset,
         subsets=rules.data.output.subsets,
         samples=rules.sample.output[0],
         measurements=paths.measurement_files(config),
@@ -29,5 +30,5 @@ rule scores:
         out_dir=lambda w, output: os.path.dirname(output.sweep),
     shell:
         "python -m workflow_scripts scores --config {params.config:q} --method {wildcards.method}"
-        " --dataset {input.dataset} --samples {input.samples} --subsets {input.subsets}"
+        " --dataset {input.dataset} --images {input.images} --samples {input.samples} --subsets {input.subsets}"
         " --measurements {input.measurements} {params.features} {params.models} {params.chunks} --out-dir {params.out_dir} 2> {log}"

@@ -1,6 +1,6 @@
 rule train_full:
     input:
-        dataset=rules.data.output.dataset,
+        dataset=paths.model_inputs_file(config),
         subsets=rules.data.output.subsets,
     output:
         model=paths.full_model(config),

@@ -7,6 +7,7 @@ import math
 import torch
 
 from workflow_scripts.core.curvature import Curvature, ParamLayout
+from workflow_scripts.families.latent import LatentDenoiser, add_lora
 
 
 class FakeInputs:
@@ -23,6 +24,9 @@ class FakeInputs:
     def queries(self):
         return self._queries
 
+    # a pixel-space family: the images are the model inputs
+    train_pixels, query_pixels = train_images, queries
+
 
 # The tiny DDPM UNet the unit tests build (two blocks, attention on the second; a few thousand parameters).
 TINY_MODEL = {
@@ -32,6 +36,45 @@ TINY_MODEL = {
     "norm_num_groups": 4,
     "attention_head_dim": 4,
 }
+
+
+# The tiny text-conditional UNet of tiny_latent_denoiser (2-channel 4x4 latents; ~51k frozen base weights).
+TINY_LATENT_UNET = {
+    "sample_size": 4,
+    "in_channels": 2,
+    "out_channels": 2,
+    "block_out_channels": (8, 16),
+    "down_block_types": ("CrossAttnDownBlock2D", "DownBlock2D"),
+    "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D"),
+    "layers_per_block": 1,
+    "cross_attention_dim": 8,
+    "norm_num_groups": 4,
+    "attention_head_dim": 4,
+}
+
+
+def tiny_latent_denoiser(
+    seed: int = 0, n_captions: int = 3, caption_length: int = 2, targets=None, lora_b_std: float = 0.3
+) -> LatentDenoiser:
+    """A LatentDenoiser (families/latent.py) without a pipeline directory: a tiny diffusers UNet2DConditionModel with
+    random weights, random caption embeddings (n_captions + 1 rows, the last the empty caption; caption_length
+    tokens of dimension 8) and peft LoRA (rank 2, alpha 2; model.lora.targets `targets`, default the family's) added
+    by the family's own add_lora. The LoRA B matrices are drawn N(0, lora_b_std^2) instead of peft's zeros (a
+    "fine-tuned" state: with B = 0 every lora_A gradient would vanish). Only the LoRA weights are parameters."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**TINY_LATENT_UNET)
+    embeddings = torch.randn(n_captions + 1, caption_length, TINY_LATENT_UNET["cross_attention_dim"])
+    lora = {"rank": 2, "alpha": 2, **({} if targets is None else {"targets": list(targets)})}
+    add_lora(unet, {"lora": lora}, seed)
+    model = LatentDenoiser(unet, embeddings)
+    generator = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".lora_B." in name:
+                p.copy_(lora_b_std * torch.randn(p.shape, generator=generator))
+    return model.eval()
 
 
 class DenseCurvature(Curvature):

@@ -34,6 +34,8 @@ STAGES = (
     "fixed_seed",
     "metagradient_evaluate",
     "likelihood_sanity",
+    "base_pipeline",
+    "encode",
 )
 
 

@@ -1,6 +1,6 @@
-"""configs/{cifar2,cifar10,mnist}.yaml: each validates, plans with `snakemake -n` with the job counts its protocol
-implies (64 subsets x 3 seeds, 60 counterfactual queries x (3 methods + random), ...), builds the reference UNet,
-and (CIFAR-2) its data rule runs through Snakemake on small files in torchvision's format."""
+"""configs/{cifar2,cifar10,mnist,celeba}.yaml: each validates, plans with `snakemake -n` with the job counts its
+protocol implies (64 subsets x 3 seeds, 60 counterfactual queries x (3 methods + random), ...), builds the reference
+UNet, and (CIFAR-2, CelebA) its data rule runs through Snakemake on small files in torchvision's format."""
 
 import re
 import shutil
@@ -11,12 +11,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from image_files import write_celeba
 from torchvision_files import write_cifar10
 
 from workflow_scripts.dag.config import load_config
 
 IGNORE = shutil.ignore_patterns(".venv", "results", ".snakemake", ".git", ".dvc", "__pycache__", ".pytest_cache")
-CONFIGS = ["cifar2", "cifar10", "mnist"]
+CONFIGS = ["cifar2", "cifar10", "mnist", "celeba"]
 
 
 def snakemake(workdir: Path, *args: str) -> subprocess.CompletedProcess:
@@ -80,6 +81,47 @@ def test_reference_unet_layout(repo):
     assert down == ["DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"]
 
 
+def test_celeba_unet_layout(repo):
+    """The published CelebA UNet (the D-TRAK / DAS code's config.json with scale_shift time conditioning): 118,793,987
+    parameters (~118.8M), attention at the fifth of six levels. Built on the meta device (no weights allocated)."""
+    import torch
+
+    from workflow_scripts.families.ddpm import build_model
+
+    config = load_config(repo / "params.yaml", repo / "configs" / "celeba.yaml")
+    with torch.device("meta"):
+        model = build_model(config["model"], (3, 64, 64))
+    assert sum(p.numel() for p in model.parameters()) == 118_793_987
+    down = [type(b).__name__ for b in model.down_blocks]
+    assert down == ["DownBlock2D"] * 4 + ["AttnDownBlock2D", "DownBlock2D"]
+    assert config["train"]["steps"] == 200 * (5000 // 128) and config["train"]["batch_size"] == 128
+
+
+def test_celeba_data_rule_runs_on_files_in_torchvision_format(workdir, tmp_path):
+    """The real data job of configs/celeba.yaml (scaled down by an overlay) through Snakemake, on 178x218 JPEGs and
+    list_eval_partition.txt in torchvision's celeba/ layout."""
+    root = tmp_path / "torchvision"
+    partitions = [0] * 12 + [1] * 6 + [2] * 2
+    write_celeba(root, partitions)
+    overlay = tmp_path / "overlay.yaml"
+    overlay.write_text(yaml.safe_dump({"data": {"root": str(root), "n_train": 10, "n_heldout": 4}}))
+    exe = Path(sys.executable).with_name("snakemake")
+    result = subprocess.run(
+        [str(exe), "--cores", "1", "--configfile", "configs/celeba.yaml", str(overlay), "--until", "data"],
+        cwd=workdir,
+        capture_output=True,
+        text=True,
+        env={"PATH": f"{exe.parent}:/usr/bin:/bin", "HOME": str(workdir)},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    with np.load(workdir / "results/celeba/data/dataset.npz") as f:
+        assert f["train_images"].shape == (10, 3, 64, 64) and f["heldout_images"].shape == (4, 3, 64, 64)
+        assert set(np.array(partitions)[f["train_index"]]) == {0} and set(np.array(partitions)[f["heldout_index"]]) == {
+            1
+        }
+        assert "captions" not in f.files and not f["train_labels"].any()
+
+
 def test_cifar2_data_rule_runs_on_files_in_torchvision_format(workdir, tmp_path, monkeypatch):
     """The real data job of configs/cifar2.yaml (scaled down by an overlay) through Snakemake. torchvision checks
     the md5 of the official CIFAR files, so the job runs in a subprocess that accepts the small files' md5s."""
@@ -113,3 +155,24 @@ def test_cifar2_data_rule_runs_on_files_in_torchvision_format(workdir, tmp_path,
         assert f["train_images"].shape == (20, 3, 32, 32) and f["heldout_images"].shape == (6, 3, 32, 32)
         assert np.bincount(f["train_labels"]).tolist() == [10, 10]
         assert set(written["train_labels"][f["train_index"]]) <= {1, 7}
+
+
+@pytest.mark.parametrize("name, n_train", [("artbench2", 5000), ("artbench5", 12500)])
+def test_artbench_overlays_plan_the_latent_protocol(workdir, repo, name, n_train):
+    """configs/artbench{2,5}.yaml: LoRA fine-tunes of a local miniSD directory (not needed to plan: the encode job
+    is the first to read it), 64 subsets x 3 seeds, 60 counterfactual queries x (3 methods + random), no base rule."""
+    config = load_config(repo / "params.yaml", repo / "configs" / f"{name}.yaml")
+    lds, cf = config["lds"], config["counterfactual"]
+    assert config["model"]["family"] == "latent" and config["model"]["lora"]["rank"] == 128
+    assert config["data"]["n_train"] == n_train and config["sample"]["guidance_scale"] == 7.5
+    assert config["train"]["steps"] == 100 * (n_train // 64)  # 100 epochs at batch 64
+    result = snakemake(workdir, "--configfile", f"configs/{name}.yaml", "-n")
+    assert result.returncode == 0, result.stderr[-3000:]
+    counts = job_counts(result.stdout)
+    retrainings, counterfactuals = lds["n_subsets"] * lds["n_seeds"], cf["queries"] * (len(cf["methods"]) + 1)
+    assert retrainings + counterfactuals == 192 + 60 * 4
+    assert counts["train_full"] == counts["encode"] == counts["sample"] == 1
+    assert "base_pipeline" not in counts  # model.pipeline names the base: nothing pretrains one
+    assert counts["train_subset"] == retrainings + counterfactuals
+    assert counts["measure"] == retrainings
+    assert counts["scores"] == len(config["scores"]["methods"])

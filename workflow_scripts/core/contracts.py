@@ -13,10 +13,14 @@ from pathlib import Path
 import yaml
 
 # measure.measurements each model family can compute (workflow_scripts/families/likelihood.py, vesde.py)
-MEASUREMENTS_BY_FAMILY = {"ddpm": ("loss", "elbo", "timestep_loss", "trajectory"), "vesde": ("likelihood",)}
+MEASUREMENTS_BY_FAMILY = {
+    "ddpm": ("loss", "elbo", "timestep_loss", "trajectory"),
+    "vesde": ("likelihood",),
+    "latent": ("loss",),  # the loss in latent space conditioned on the query's caption
+}
 
 
-DEFAULT_MEASUREMENTS = {"ddpm": ["loss"], "vesde": ["likelihood"]}
+DEFAULT_MEASUREMENTS = {"ddpm": ["loss"], "vesde": ["likelihood"], "latent": ["loss"]}
 
 
 DEFAULT_TIMESTEP_LOSS_TIMESTEPS = [10, 100, 500, 900]  # measure.timestep_loss.timesteps when absent

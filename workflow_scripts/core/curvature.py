@@ -32,6 +32,11 @@ Layers: every nn.Linear and nn.Conv2d of the UNet (time embedding, resnets, atte
 to_q/k/v/out, up/down samplers), weights and biases; GroupNorm and other normalisation parameters
 are excluded (as in the paper, Appendix G), also from the gradients that the scores use.
 
+Conditional models (class attribute `conditional`, forward(x_t, t, cond); families/latent.py): eps_theta also takes
+each example's condition c_i (a caption index), the same for all its K draws; it rides in the rows as one more packed
+column (PackedDenoiser, DrawBatches(cond=...)). The only parameters of the latent family are its LoRA adapters, so
+the layers are the lora_A / lora_B Linear modules. Unconditional models get cond = None and are called model(x_t, t).
+
 Damping: (G + lambda I)^-1 with lambda = relative_lambda * mean eigenvalue of G (trace / n_params of
 the fitted K-FAC or EK-FAC), applied through the eigendecompositions of the Kronecker factors: one fit
 serves every lambda. The paper's "damping 1e-8" is absolute for the mean-loss GGN; `absolute_damping`
@@ -97,9 +102,24 @@ DEFAULTS = {  # params.yaml's kfac settings of a fit; fast_factors (optional, ab
 # ----------------------------------------------------------------------------------------------------------------
 # Model side: which parameters, and a single-tensor interface for curvlinops
 # ----------------------------------------------------------------------------------------------------------------
-def denoise(model: nn.Module, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """eps_theta(x_t, t) of a diffusers UNet2DModel (`.sample`) or of any module returning a tensor."""
-    out = model(x_t, t)
+def is_conditional(model: nn.Module) -> bool:
+    """Whether the denoiser takes a condition per example, forward(x_t, t, cond) (class attribute `conditional`,
+    e.g. families/latent.py's LatentDenoiser); unconditional models are called model(x_t, t)."""
+    return bool(getattr(model, "conditional", False))
+
+
+def denoise(model: nn.Module, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+    """eps_theta(x_t, t[, cond]) of a diffusers UNet2DModel (`.sample`) or of any module returning a tensor.
+
+    cond: the per-row condition (LongTensor) of a conditional model, None for an unconditional one."""
+    if cond is None:
+        if is_conditional(model):
+            raise ValueError("the model is conditional: denoise needs its condition (cond) per row")
+        out = model(x_t, t)
+    else:
+        if not is_conditional(model):
+            raise ValueError("a condition was given for an unconditional model")
+        out = model(x_t, t, cond)
     return out.sample if hasattr(out, "sample") else out
 
 
@@ -124,25 +144,38 @@ def curvature_param_names(model: nn.Module) -> list[str]:
 
 
 class PackedDenoiser(nn.Module):
-    """forward(X) with X = [x_t flattened, t] of shape (rows, D + 1) -> eps_theta(x_t, t) flattened (rows, D).
+    """forward(X) with X = [x_t flattened, t(, cond)] of shape (rows, D + 1 (+ 1)) -> eps_theta(x_t, t(, cond))
+    flattened (rows, D).
 
     curvlinops feeds one tensor per batch and compares a 2d output with a 2d target; the timestep rides
-    along as the last column (an integer < 2^24, exact in float32).
+    along as the last column (an integer < 2^24, exact in float32), followed, for a conditional model, by the
+    condition (an integer index < 2^24: exact too).
     """
 
     def __init__(self, model: nn.Module, image_shape):
         super().__init__()
         self.model = model
         self.image_shape = tuple(int(s) for s in image_shape)
+        self.conditional = is_conditional(model)
 
     def forward(self, packed: torch.Tensor) -> torch.Tensor:
-        x_t = packed[:, :-1].reshape(-1, *self.image_shape)
-        t = packed[:, -1].round().long()
-        return denoise(self.model, x_t, t).flatten(1)
+        extra = 2 if self.conditional else 1
+        if packed.shape[1] != int(np.prod(self.image_shape)) + extra:
+            raise ValueError(
+                f"packed rows have {packed.shape[1]} columns, expected pixels + {extra} "
+                f"({'t and cond' if self.conditional else 't'}) for images of shape {self.image_shape}"
+            )
+        x_t = packed[:, :-extra].reshape(-1, *self.image_shape)
+        t = packed[:, -extra].round().long()
+        cond = packed[:, -1].round().long() if self.conditional else None
+        return denoise(self.model, x_t, t, cond).flatten(1)
 
 
-def pack(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    return torch.cat([x_t.flatten(1), t.to(x_t.dtype)[:, None]], dim=1)
+def pack(x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+    columns = [x_t.flatten(1), t.to(x_t.dtype)[:, None]]
+    if cond is not None:
+        columns.append(cond.to(x_t.dtype)[:, None])
+    return torch.cat(columns, dim=1)
 
 
 def example_draws(index: int, k: int, image_shape, num_train_timesteps: int, seed: int, stream: int):
@@ -160,14 +193,29 @@ def random_draws(n: int, k: int, image_shape, num_train_timesteps: int, seed: in
 
 
 class DrawBatches:
-    """Re-iterable (X, y) batches for curvlinops: one row per (example, draw), X = pack(x_t, t), y = eps.
+    """Re-iterable (X, y) batches for curvlinops: one row per (example, draw), X = pack(x_t, t(, cond)), y = eps.
 
+    cond: the per-example condition (n,) of a conditional model (None: unconditional), repeated for every draw.
     Rows are generated on the fly (nothing of size N*K is held); every pass yields the same batches.
     """
 
-    def __init__(self, images: torch.Tensor, k: int, a_bar: torch.Tensor, seed: int, stream: int, batch_rows: int):
+    def __init__(
+        self,
+        images: torch.Tensor,
+        k: int,
+        a_bar: torch.Tensor,
+        seed: int,
+        stream: int,
+        batch_rows: int,
+        cond: torch.Tensor | None = None,
+    ):
         self.images, self.k, self.a_bar, self.seed, self.stream = images, int(k), a_bar.cpu(), seed, stream
         self.examples_per_batch = max(1, int(batch_rows) // self.k)
+        self.cond = None if cond is None else torch.as_tensor(cond).long().cpu()
+        if self.cond is not None and self.cond.shape != (len(images),):
+            raise ValueError(f"cond has shape {tuple(self.cond.shape)}, expected one per image ({len(images)},)")
+        if self.cond is not None and len(self.cond) and int(self.cond.abs().max()) >= 2**24:
+            raise ValueError("conditions must be integers below 2^24 (packed exactly as float32)")
 
     @property
     def num_rows(self) -> int:
@@ -185,7 +233,10 @@ class DrawBatches:
             x0 = x0.repeat_interleave(self.k, dim=0)
             a = self.a_bar[t].view(-1, *([1] * len(shape)))
             x_t = a.sqrt() * x0 + (1 - a).sqrt() * eps
-            yield pack(x_t, t), eps.flatten(1)
+            cond = None
+            if self.cond is not None:
+                cond = self.cond[start : start + self.examples_per_batch].repeat_interleave(self.k, dim=0)
+            yield pack(x_t, t, cond), eps.flatten(1)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -635,17 +686,29 @@ def images_digest(images: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(images, dtype=np.float32).tobytes()).hexdigest()[:16]
 
 
+def conditions_digest(cond: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(cond, dtype=np.int64).tobytes()).hexdigest()[:16]
+
+
 def curvature_config(
-    settings: dict, diffusion_cfg: dict, seed: int, images: np.ndarray, extra: dict | None = None
+    settings: dict,
+    diffusion_cfg: dict,
+    seed: int,
+    images: np.ndarray,
+    extra: dict | None = None,
+    cond: np.ndarray | None = None,
 ) -> dict:
-    """Everything a fit depends on (batch_size and fast_factors excluded: they change only float rounding)."""
+    """Everything a fit depends on (batch_size and fast_factors excluded: they change only float rounding).
+    cond: the training examples' conditions of a conditional model (None: unconditional, no entry)."""
     s = {**DEFAULTS, **settings}
+    conditions = {} if cond is None else {"conditions": conditions_digest(cond)}
     return {
         "kfac": {k: s[k] for k in CURVATURE_KEYS},
         "diffusion": dict(diffusion_cfg),
         "seed": int(seed),
         "n_train": int(len(images)),
         "images": images_digest(images),
+        **conditions,
         **(extra or {}),
     }
 

@@ -4,13 +4,22 @@ from __future__ import annotations
 
 import numpy as np
 
+from workflow_scripts.core import artbench, celeba, datasets
 from workflow_scripts.core import data as core_data
-from workflow_scripts.core import datasets
 from workflow_scripts.core.common import load_npz, rng
 
 # Number of intensity levels of each data set's pixels (scaled to [-1, 1]): the discretisation of the
 # likelihood measurements (decoder bins, dequantisation offset; workflow_scripts/families/likelihood.py, vesde.py).
-N_LEVELS = {"digits": 17, "mnist": 256, "cifar10": 256, "cifar2": 256}  # digits: pixel values 0..16; others uint8
+N_LEVELS = {  # digits: pixel values 0..16; the others are uint8 images
+    "digits": 17,
+    "mnist": 256,
+    "cifar10": 256,
+    "cifar2": 256,
+    "artbench2": 256,
+    "artbench5": 256,
+    "artbench10": 256,
+    "celeba": 256,
+}
 
 
 def load_digits_images() -> tuple[np.ndarray, np.ndarray]:
@@ -23,6 +32,12 @@ def load_digits_images() -> tuple[np.ndarray, np.ndarray]:
 
 
 def make_dataset(data_cfg: dict, split_seed: int) -> dict[str, np.ndarray]:
+    """{train,heldout}_{images,labels,index}; caption-bearing data sets (ArtBench) add `captions`, one str per class
+    (index = label)."""
+    if data_cfg["dataset"] in artbench.DATASETS:
+        return make_file_dataset(data_cfg, split_seed, artbench.open_source(data_cfg))
+    if data_cfg["dataset"] == "celeba":
+        return make_file_dataset(data_cfg, split_seed, celeba.open_source(data_cfg))
     if data_cfg["dataset"] != "digits":
         return make_torchvision_dataset(data_cfg, split_seed)
     images, labels = load_digits_images()
@@ -62,6 +77,32 @@ def make_torchvision_dataset(data_cfg: dict, split_seed: int) -> dict[str, np.nd
     return out
 
 
+def make_file_dataset(data_cfg: dict, split_seed: int, source: datasets.ImageSource) -> dict[str, np.ndarray]:
+    """ArtBench / CelebA: n_train images of the source's training split and n_heldout of its held-out split, each
+    drawn class-balanced by the split seed as in make_torchvision_dataset (CelebA: one class, a plain seeded draw);
+    only the drawn images are decoded. *_index identify the images in the data set's files (core/artbench.py,
+    core/celeba.py)."""
+    name, generator, out = data_cfg["dataset"], rng(split_seed), {}
+    for part, n in (("train", data_cfg["n_train"]), ("heldout", data_cfg["n_heldout"])):
+        labels = source.labels[part]
+        try:
+            chosen = datasets.stratified_choice(labels, n, generator, source.n_classes)
+        except ValueError as exc:
+            raise ValueError(
+                f"data.n_{part} = {n} is too large for {name}'s {source.split_names[part]}: {exc}"
+            ) from None
+        out.update(
+            {
+                f"{part}_images": source.read(part, chosen),
+                f"{part}_labels": labels[chosen],
+                f"{part}_index": source.index[part][chosen],
+            }
+        )
+    if source.captions is not None:
+        out["captions"] = source.captions
+    return out
+
+
 def make_subsets(n_train: int, lds_cfg: dict, subsets_seed: int) -> dict[str, np.ndarray]:
     """M membership masks, each exactly round(fraction * N) examples; first n_tuning are TUNING subsets."""
     size = int(round(lds_cfg["fraction"] * n_train))
@@ -86,4 +127,52 @@ def load_queries(dataset_path, samples_path) -> dict[str, np.ndarray]:
     return {
         "generated": load_npz(samples_path, ("images",))["images"],
         "heldout": core_data.load_dataset(dataset_path)["heldout_images"],
+    }
+
+
+# The per-example conditions of a conditional model (model.family latent: caption indices), by split: file, array.
+CONDITION_ARRAYS = {
+    "train": ("dataset", "train_labels"),
+    "generated": ("samples", "labels"),
+    "heldout": ("dataset", "heldout_labels"),
+}
+
+
+def load_conditions(dataset_path, samples_path) -> dict[str, np.ndarray | None]:
+    """{split: (n,) int64 conditions} for train / generated / heldout, aligned with the split's images: the dataset
+    file's train_labels / heldout_labels and the samples file's labels (the caption index of each generated query).
+    A split whose file is None is None. Read only for a conditional model (unconditional models take none)."""
+    paths = {"dataset": dataset_path, "samples": samples_path}
+    needed = {source: tuple(k for s, k in CONDITION_ARRAYS.values() if s == source) for source in paths}
+    files = {source: load_npz(path, needed[source]) for source, path in paths.items() if path is not None}
+    return {
+        split: np.asarray(files[source][key]).astype(np.int64) if source in files else None
+        for split, (source, key) in CONDITION_ARRAYS.items()
+    }
+
+
+def to_size(images: np.ndarray, size: int) -> np.ndarray:
+    """Images (n, C, H, W) at spatial size `size` x `size`: block means when H is a multiple of size (a decoded
+    16x16 latent-family sample next to the 8x8 training digits), pixel repeats when size is a multiple of H."""
+    height = images.shape[-1]
+    if height == size:
+        return images
+    if height % size == 0:
+        f = height // size
+        return images.reshape(*images.shape[:-2], size, f, size, f).mean(axis=(-3, -1)).astype(images.dtype)
+    if size % height == 0:
+        f = size // height
+        return images.repeat(f, axis=-2).repeat(f, axis=-1)
+    raise ValueError(f"images of size {height} cannot be brought to size {size} (neither divides the other)")
+
+
+def load_query_images(dataset_path, samples_path) -> dict[str, np.ndarray]:
+    """The query sets as IMAGES at the data set's resolution: the generated queries' decodings where the model
+    works in a latent space (samples 'decoded'), else the samples themselves; the held-out images."""
+    dataset = load_dataset(dataset_path)
+    samples = load_npz(samples_path, ("images",))
+    generated = samples["decoded"] if "decoded" in samples else samples["images"]
+    return {
+        "generated": to_size(generated, dataset["heldout_images"].shape[-1]),
+        "heldout": dataset["heldout_images"],
     }

@@ -1,4 +1,5 @@
-"""Real image data sets (MNIST, CIFAR-10, CIFAR-2) through torchvision, read from a local root (no download).
+"""Real image data sets (MNIST, CIFAR-10, CIFAR-2) through torchvision, read from a local root (no download), and the
+helpers the image-file data sets share (ArtBench: core/artbench.py, CelebA: core/celeba.py).
 
 Every loader returns (train_images, train_labels, test_images, test_labels) with images float32 in [-1, 1]
 of shape (n, C, H, W) and int64 labels. torchvision reads the files and checks them (CIFAR-10: the md5 of
@@ -13,6 +14,8 @@ test batch (`data.make_dataset`).
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -131,6 +134,50 @@ def load(dataset: str, root) -> dict[str, np.ndarray]:
             }
         )
     return splits
+
+
+@dataclass(frozen=True)
+class ImageSource:
+    """An image-file data set's two source splits, keyed "train" and "heldout": the labels and index (an identifier
+    of each image in the data set's own files) of every candidate image, and `read(part, positions)`, which decodes
+    only the images drawn (float32 in [-1, 1], NCHW). `captions`: one str per class (index = label) or None;
+    `split_names`: how the error messages name each source split."""
+
+    labels: dict[str, np.ndarray]
+    index: dict[str, np.ndarray]
+    read: Callable[[str, np.ndarray], np.ndarray]
+    n_classes: int
+    split_names: dict[str, str]
+    captions: np.ndarray | None = None
+
+
+def list_problems(kind: str, paths: list, shown: int = 5) -> str:
+    """'N <kind> files: a, b, c, d, e and N - 5 more' (the first few by name, and the count)."""
+    more = f" and {len(paths) - shown} more" if len(paths) > shown else ""
+    return f"{len(paths)} {kind} file{'s' if len(paths) != 1 else ''}: " + ", ".join(map(str, paths[:shown])) + more
+
+
+def read_image_files(paths: list, transform: Callable, size: int, how_to_get: str) -> np.ndarray:
+    """Decode image files (PIL, converted to RGB), `transform` them to size x size PIL images, return float32 in
+    [-1, 1] of shape (n, 3, size, size). Unreadable or corrupt files raise DataNotFound naming them (never skipped)."""
+    from PIL import Image
+
+    images = np.empty((len(paths), 3, size, size), dtype=np.float32)
+    bad = []
+    for i, path in enumerate(paths):
+        try:
+            with Image.open(path) as image:
+                pixels = np.asarray(transform(image.convert("RGB")), dtype=np.uint8)
+        except (OSError, ValueError, Image.DecompressionBombError) as exc:  # UnidentifiedImageError is an OSError
+            bad.append(f"{path} ({exc})")
+            continue
+        if pixels.shape != (size, size, 3):
+            bad.append(f"{path} (decodes to shape {pixels.shape}, expected ({size}, {size}, 3))")
+            continue
+        images[i] = _to_unit_range(pixels.transpose(2, 0, 1))
+    if bad:
+        raise DataNotFound(list_problems("unreadable or corrupt image", bad) + "\n" + how_to_get)
+    return images
 
 
 def stratified_choice(labels: np.ndarray, n: int, generator: np.random.Generator, n_classes: int) -> np.ndarray:

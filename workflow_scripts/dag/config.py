@@ -122,24 +122,53 @@ def _check_consistency(config: dict) -> None:
     _check_methods(config)
 
 
-# training / test split sizes of the torchvision data sets (workflow_scripts/core/datasets.py)
-TORCHVISION_SPLITS = {"mnist": (60000, 10000), "cifar10": (50000, 10000), "cifar2": (10000, 2000)}
+# training / held-out source split sizes of the real data sets (workflow_scripts/core/datasets.py, artbench.py,
+# celeba.py): ArtBench 5000 / 1000 images per style; CelebA partitions 0 (train) and 1 (validation)
+TORCHVISION_SPLITS = {
+    "mnist": (60000, 10000),
+    "cifar10": (50000, 10000),
+    "cifar2": (10000, 2000),
+    "artbench2": (10000, 2000),
+    "artbench5": (25000, 5000),
+    "artbench10": (50000, 10000),
+    "celeba": (162770, 19867),
+}
+HELDOUT_SPLIT = {"celeba": "validation (partition 1)"}  # the others: "test"
+ARTBENCH = ("artbench2", "artbench5", "artbench10")
 
 
-IMAGE_SIZE = {"digits": 8, "mnist": 28, "cifar10": 32, "cifar2": 32}
+IMAGE_SIZE = {"digits": 8, "mnist": 28, "cifar10": 32, "cifar2": 32}  # fixed sizes; the others: image_size()
+
+
+def image_size(data: dict) -> int:
+    """Side of the data set's square images: fixed, or data.resolution (default ArtBench imagefolder 256, ArtBench
+    batches 32, CelebA 64)."""
+    if data["dataset"] in ARTBENCH:
+        return data.get("resolution", 32 if data.get("format") == "batches" else 256)
+    if data["dataset"] == "celeba":
+        return data.get("resolution", 64)
+    return IMAGE_SIZE[data["dataset"]]
 
 
 def _check_torchvision_data(data: dict, model: dict) -> None:
     name = data["dataset"]
     if "root" not in data:
-        raise ConfigError(f"data.root is required for data.dataset {name!r}: the directory holding torchvision's files")
+        raise ConfigError(f"data.root is required for data.dataset {name!r}: the directory holding its files")
+    if "format" in data and name not in ARTBENCH:
+        raise ConfigError(f"data.format applies to the ArtBench data sets only (data.dataset is {name!r})")
+    if "resolution" in data and name not in (*ARTBENCH, "celeba"):
+        raise ConfigError(f"data.resolution applies to ArtBench and CelebA only; {name}'s size is fixed")
+    if data.get("format") == "batches" and data.get("resolution", 32) != 32:
+        raise ConfigError("data.resolution: data.format batches holds 32x32 images (omit the key or use imagefolder)")
     n_train, n_test = TORCHVISION_SPLITS[name]
     if data["n_train"] > n_train:
         raise ConfigError(f"data.n_train = {data['n_train']} exceeds {name}'s {n_train} training images")
     if data["n_heldout"] > n_test:
-        raise ConfigError(f"data.n_heldout = {data['n_heldout']} exceeds {name}'s {n_test} test images")
+        raise ConfigError(
+            f"data.n_heldout = {data['n_heldout']} exceeds {name}'s {n_test} {HELDOUT_SPLIT.get(name, 'test')} images"
+        )
     # the UNet halves the resolution between blocks (not after the last); the up path must find the same sizes
-    size, halvings = IMAGE_SIZE[name], len(model["block_out_channels"]) - 1
+    size, halvings = image_size(data), len(model["block_out_channels"]) - 1
     if size % 2**halvings:
         raise ConfigError(
             f"model.block_out_channels: {halvings + 1} blocks halve {name}'s {size}x{size} images "

@@ -77,6 +77,9 @@ SECTIONS = {  # the config keys each stage reads; a rule reruns exactly when one
         "compute",
     ),  # the loss target only, as regenerate
     "fixed_seed": ("fixed_seed", "seeds.subsets"),
+    # the latent family: the miniature base pipeline (model.pipeline null) and the data set's VAE latents
+    "base_pipeline": ("data", "model.pipeline", "base", "diffusion", "seeds.train", "compute"),
+    "encode": ("data", "model.pipeline", "measure.batch_size", "compute"),
     "metagradient_evaluate": ("lds", "seeds.bootstrap", "fixed_seed"),
 }
 
@@ -92,14 +95,15 @@ FAMILY_SECTIONS = {
 
 
 def select(config: dict, keys) -> dict:
-    """The sub-configuration holding exactly the given (dotted) keys."""
+    """The sub-configuration holding exactly the given (dotted) keys; optional keys absent from config are left out."""
     selected: dict = {}
     for dotted in keys:
         *parents, leaf = dotted.split(".")
         source, target = config, selected
         for key in parents:
-            source, target = source[key], target.setdefault(key, {})
-        target[leaf] = source[leaf]
+            source, target = source.get(key, {}), target.setdefault(key, {})
+        if leaf in source:
+            target[leaf] = source[leaf]
     return selected
 
 
@@ -146,6 +150,28 @@ def root(config: dict) -> str:
 # data
 def dataset_file(config: dict) -> str:
     return f"{root(config)}/data/dataset.npz"
+
+
+def latents_file(config: dict) -> str:
+    """The latent family's model inputs: dataset.npz's arrays with the images replaced by VAE latents (rule encode)."""
+    return f"{root(config)}/data/latents.npz"
+
+
+def model_inputs_file(config: dict) -> str:
+    """What the model trains on and is differentiated at: the data stage's images, or the latent family's latents."""
+    return latents_file(config) if config["model"].get("family") == "latent" else dataset_file(config)
+
+
+def base_pipeline_dir(config: dict) -> str:
+    """The latent family's base pipeline: model.pipeline (a local diffusers directory), or the miniature base the
+    DAG pretrains (rule base_pipeline) when it is null."""
+    return config["model"].get("pipeline") or f"{root(config)}/base_pipeline"
+
+
+def base_pipeline_inputs(config: dict) -> list[str]:
+    """The encode rule's dependency on the base: the rule base_pipeline's directory, or nothing for a given one
+    (a missing model.pipeline directory fails the encode job, naming it and how to fetch it)."""
+    return [] if config["model"].get("pipeline") else [base_pipeline_dir(config)]
 
 
 def subsets_file(config: dict) -> str:
@@ -296,6 +322,8 @@ LOGS = {
     "fixed_seed_sets": "fixed_seed/sets",
     "measure_fixed_seed": "fixed_seed/{name}.measure",
     "metagradient_evaluate": "metagradient_evaluate",
+    "base_pipeline": "base_pipeline",
+    "encode": "encode",
 }
 
 
@@ -377,7 +405,7 @@ def retraining_inputs(config: dict, kind: str, name: str) -> dict[str, str]:
     membership = {"models": subsets_file(config), "fixed_seed": fixed_seed_sets_file(config)}.get(
         kind, retraining_file(config, kind, name, "members.npy")
     )
-    return {"dataset": dataset_file(config), "membership": membership}
+    return {"dataset": model_inputs_file(config), "membership": membership}
 
 
 def retraining_args(kind: str, name: str, membership: str) -> str:

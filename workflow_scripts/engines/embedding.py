@@ -26,7 +26,7 @@ def classifier_path(inputs) -> str:
 
 
 def compute(method_cfg: dict, inputs, lambdas) -> list:
-    train = inputs.train_images()
+    train = inputs.train_pixels()
     path = classifier_path(inputs)
     model, payload = load_classifier(path, expected=getattr(inputs, "classifier_identity", None), train_images=train)
     log.info(
@@ -38,7 +38,7 @@ def compute(method_cfg: dict, inputs, lambdas) -> list:
             None,
             {
                 name: similarity(embed(model, images), features, method_cfg["similarity"])
-                for name, images in inputs.queries().items()
+                for name, images in inputs.query_pixels().items()
             },
         )
     ]

@@ -43,13 +43,16 @@ from workflow_scripts.core.curvature import (
     ParamLayout,
     checkpoint_identity,
     curvature_config,
+    is_conditional,
     load_curvature,
     random_draws,
     settings_from,
 )
+from workflow_scripts.core.data import load_conditions
 from workflow_scripts.core.measurement import Measurement, SimpleLossMeasurement, gradients, iter_gradients
-from workflow_scripts.families.ddpm import alphas_cumprod, load_model, measurement_draws
+from workflow_scripts.families.ddpm import alphas_cumprod, measurement_draws
 from workflow_scripts.families.likelihood import target_measurement
+from workflow_scripts.families.registry import load_family_model
 from workflow_scripts.scorers.kfac import METHOD_KEYS, QUANTIZATIONS, SCORE_DEFAULTS, query_target
 
 
@@ -190,12 +193,17 @@ def influence_scores(
     batch_rows: int,
     device,
     quantization: str = "int8",
+    train_cond: np.ndarray | None = None,
 ) -> list[tuple[float, dict[str, np.ndarray]]]:
-    """Scores from given query gradients; training gradients are streamed (one pass for all lambdas)."""
+    """Scores from given query gradients; training gradients are streamed (one pass for all lambdas).
+    train_cond: the training examples' conditions for a conditional model (None: unconditional)."""
     n_train = len(train_images)
     pre = preconditioned_queries(curvature, {k: v.to(device) for k, v in query_grads.items()}, lambdas, quantization)
     scores = [{name: np.zeros((len(g), n_train), dtype=np.float64) for name, g in query_grads.items()} for _ in lambdas]
-    for start, g in iter_gradients(model, curvature.layout, train_images, train_measurement, batch_rows, device):
+    train_gradients = iter_gradients(
+        model, curvature.layout, train_images, train_measurement, batch_rows, device, cond=train_cond
+    )
+    for start, g in train_gradients:
         for per_lambda, out in zip(pre, scores):
             for name, q in per_lambda.items():
                 out[name][:, start : start + len(g)] = q.matmul_t(g).double().cpu().numpy() / n_train
@@ -212,13 +220,17 @@ def kfac_scores(
     device="cpu",
     query_measurements: dict[str, Measurement] | None = None,
     train_measurement: Measurement | None = None,
+    conditions: dict[str, np.ndarray | None] | None = None,
 ) -> list[tuple[float, dict[str, np.ndarray]]]:
     """[(relative lambda, {query set: (n_query, n_train) float32})] in the format of scores.py's sweep.
 
     cfg: the configuration with sections kfac (gradient_draws, query_draws, batch_size, quantization), diffusion,
     seeds (gradients; measure if query_draws == 'measure') and measure (if query_draws == 'measure').
     query_measurements: {query set: Measurement} to override the loss measurement (e.g. the ELBO's).
+    conditions: a conditional model's per-example conditions, {"train": (n_train,), query set: (n_query,)}
+    (core.data.load_conditions); None for an unconditional model.
     """
+    conditions = conditions or {}
     k_cfg = {**SCORE_DEFAULTS, **cfg.get("kfac", {})}
     model = model.to(device).eval()
     check_layout(model, curvature)
@@ -253,6 +265,7 @@ def kfac_scores(
                 k_cfg["batch_size"],
                 device,
                 offset=rows.start,
+                cond=None if conditions.get(name) is None else conditions[name][rows],
             )
             for name, rows in group.items()
         }
@@ -266,6 +279,7 @@ def kfac_scores(
             k_cfg["batch_size"],
             device,
             k_cfg["quantization"],
+            train_cond=conditions.get("train"),
         )
         for (_, matrices), full in zip(part, out):
             for name, rows in group.items():
@@ -314,14 +328,17 @@ def compute(method_cfg: dict, inputs, lambdas) -> list:
     overrides = {k: method_cfg[k] for k in METHOD_KEYS if k in method_cfg}
     curvature_settings = settings_from({"kfac": {**config.get("kfac", {}), **overrides}})
     device = select_device(config["compute"])
-    model, payload = load_model(inputs.model_path, config["model"], device)
+    model, payload = load_family_model(inputs.model_path, config["model"], device)
     train = inputs.train_images()
+    # a conditional model's per-example conditions (caption indices) of every split; None: unconditional
+    conditions = load_conditions(inputs.dataset, inputs.samples) if is_conditional(model) else None
     expected = curvature_config(
         curvature_settings,
         config["diffusion"],
         config["seeds"]["gradients"],
         train,
         checkpoint_identity(payload, config["model"]),
+        cond=None if conditions is None else conditions["train"],
     )
     curvature = load_curvature(inputs.curvature_path, expected)
     cfg = {
@@ -339,5 +356,5 @@ def compute(method_cfg: dict, inputs, lambdas) -> list:
     log.info(
         "kfac: query gradients of %s for %s (else the loss)", query_target(method_cfg), sorted(measurements) or "none"
     )
-    results = kfac_scores(model, curvature, train, queries, cfg, relative, device, measurements)
+    results = kfac_scores(model, curvature, train, queries, cfg, relative, device, measurements, conditions=conditions)
     return [(lam, matrices) for lam, (_, matrices) in zip(lambdas, results)]

@@ -61,7 +61,7 @@ def make_scheduler(diffusion_cfg: dict) -> DDPMScheduler:
         num_train_timesteps=diffusion_cfg["num_train_timesteps"],
         beta_start=diffusion_cfg["beta_start"],
         beta_end=diffusion_cfg["beta_end"],
-        beta_schedule="linear",
+        beta_schedule=diffusion_cfg.get("beta_schedule", "linear"),
         clip_sample=True,
     )
 
@@ -75,13 +75,16 @@ def add_noise(x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor, a_bar: torch
     return a.sqrt() * x0 + (1 - a).sqrt() * eps
 
 
-def predict_noise(model, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    return model(x_t, t).sample
+def predict_noise(model, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+    """eps_theta(x_t, t) of an unconditional model (a UNet2DModel's `.sample`, or a plain tensor), or
+    eps_theta(x_t, t, cond) of a conditional one (families/latent.py: cond = caption indices)."""
+    out = model(x_t, t) if cond is None else model(x_t, t, cond)
+    return out.sample if hasattr(out, "sample") else out
 
 
-def simple_loss(model, x0, t, eps, a_bar) -> torch.Tensor:
-    """Per-example ||eps - eps_theta(x_t, t)||^2 / D_pix, shape (batch,)."""
-    prediction = predict_noise(model, add_noise(x0, t, eps, a_bar), t)
+def simple_loss(model, x0, t, eps, a_bar, cond=None) -> torch.Tensor:
+    """Per-example ||eps - eps_theta(x_t, t[, cond])||^2 / D_pix, shape (batch,)."""
+    prediction = predict_noise(model, add_noise(x0, t, eps, a_bar), t, cond)
     return (eps - prediction).pow(2).flatten(1).mean(1)
 
 
@@ -262,7 +265,7 @@ def make_sampling_scheduler(diffusion_cfg: dict, sample_cfg: dict):
         num_train_timesteps=diffusion_cfg["num_train_timesteps"],
         beta_start=diffusion_cfg["beta_start"],
         beta_end=diffusion_cfg["beta_end"],
-        beta_schedule="linear",
+        beta_schedule=diffusion_cfg.get("beta_schedule", "linear"),
         clip_sample=True,
     )
     if sample_cfg["scheduler"] == "ddim":
@@ -323,11 +326,13 @@ def measure_loss(
     stream: int,
     device: torch.device,
     indices=None,
+    cond=None,
 ) -> np.ndarray:
     """Simple loss of each image, averaged over its fixed (t, eps) draws; float64 of shape (n_images,).
 
     `indices`: the images are these queries of their set (e.g. one generated query), measured with
-    exactly the draws they get when the whole set is measured."""
+    exactly the draws they get when the whole set is measured. `cond`: each image's condition (a conditional
+    model's caption index), None for an unconditional model."""
     if indices is not None and len(indices) != len(images):
         raise ValueError(f"{len(indices)} query indices for {len(images)} images")
     a_bar = alphas_cumprod(diffusion_cfg).to(device)
@@ -351,16 +356,18 @@ def measure_loss(
         for start in range(0, len(t), batch):
             tb = t[start : start + batch].to(device)
             x0 = image.to(device).expand(len(tb), *image.shape)
-            total += simple_loss(model, x0, tb, eps[0, start : start + batch].to(device), a_bar).double().sum().item()
+            c = None if cond is None else torch.full((len(tb),), int(cond[q]), dtype=torch.long, device=device)
+            e = eps[0, start : start + batch].to(device)
+            total += simple_loss(model, x0, tb, e, a_bar, c).double().sum().item()
         losses[q] = total / len(t)
     return losses
 
 
 # ---------------------------------------------------------------- the model-family interface (families.registry)
 def train_family_model(
-    config: dict, images, members, replicate: int, model_out, checkpoint_paths=None, weights=None
+    config: dict, dataset: dict, members, replicate: int, model_out, checkpoint_paths=None, weights=None
 ) -> None:
-    train_model(config, images, members, replicate, model_out, checkpoint_paths, weights=weights)
+    train_model(config, dataset["train_images"], members, replicate, model_out, checkpoint_paths, weights=weights)
 
 
 def sampler_name(config: dict) -> str:

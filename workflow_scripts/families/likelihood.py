@@ -505,14 +505,20 @@ def measure_trajectory_nll(
 
 
 def measure_queries(
-    model, queries: dict[str, np.ndarray], config: dict, device="cpu", samples: dict[str, np.ndarray] | None = None
+    model,
+    queries: dict[str, np.ndarray],
+    config: dict,
+    device="cpu",
+    samples: dict[str, np.ndarray] | None = None,
+    conditions: dict[str, np.ndarray | None] | None = None,
 ) -> dict[str, np.ndarray]:
     """Every configured measurement of every query set: {target_key(set, target): (n_queries,) float64}.
 
     config: model, diffusion, measure, seeds.measure, data.dataset. The noise stream of a query set is its index
     in measure.QUERY_SETS (as the loss measurement). `samples` (sample.py's file: trajectories, timesteps) is
     needed for `trajectory`, which exists for the generated queries only (held-out images have no trajectory;
-    no array is written for them). Values in nats; bits/dim are an affine function of them."""
+    no array is written for them). Values in nats; bits/dim are an affine function of them.
+    `conditions`: per query set, each query's condition (the latent family's caption indices; None: unconditional)."""
     family = model_family(config["model"])
     s = measure_settings(config["measure"], family)
     seed, levels = config["seeds"]["measure"], N_LEVELS[config["data"]["dataset"]]
@@ -521,8 +527,9 @@ def measure_queries(
         stream = QUERY_SETS.index(name) if name in QUERY_SETS else i
         for m in s["measurements"]:
             if m == "loss":
+                cond = None if conditions is None else conditions.get(name)
                 out[target_key(name, m)] = measure_loss(
-                    model, images, config["diffusion"], config["measure"], seed, stream, device
+                    model, images, config["diffusion"], config["measure"], seed, stream, device, cond=cond
                 )
             elif m == "elbo":
                 out[target_key(name, m)] = measure_elbo(
@@ -690,9 +697,9 @@ def load_targets(paths: list[str], n_subsets: int, n_seeds: int) -> dict[str, np
     return out
 
 
-def measure_generated_query(model, query_image: np.ndarray, config: dict, query: int, device) -> float:
+def measure_generated_query(model, query_image: np.ndarray, config: dict, query: int, device, cond=None) -> float:
     """The measurement m_q of generated query `query` (its draws as in the measure stage): the loss, or for
-    model.family vesde the exact -ln p in nats."""
+    model.family vesde the exact -ln p in nats. `cond`: the query's condition (latent family: [caption index])."""
     stream = QUERY_SETS.index("generated")  # the measure stage's noise stream of generated queries
     if model_family(config["model"]) == "vesde":
         settings = measure_settings(config["measure"], "vesde")["likelihood"]
@@ -718,6 +725,7 @@ def measure_generated_query(model, query_image: np.ndarray, config: dict, query:
         stream,
         device,
         indices=[query],
+        cond=cond,
     )[0]
 
 

@@ -2,7 +2,8 @@
 
 A model family is a module that provides
   load_model(path, model_cfg, device) -> (model in eval mode on device, checkpoint payload)
-  train_family_model(config, images, members, replicate, model_out, checkpoint_paths, weights) -> None
+  train_family_model(config, dataset, members, replicate, model_out, checkpoint_paths, weights) -> None
+    (dataset: the dict of the stage's --dataset file, the family's model inputs: dataset.npz, or latents.npz)
   generate_images(model, image_shape, config, device, n_images, indices) -> {images, trajectories, timesteps, seeds}
   sampler_name(config) -> how it samples (for the logs)
 Which scorers apply to a family is the scorers' declaration (Scorer.model_families), and the measurements of a
@@ -13,9 +14,9 @@ module here plus one entry of FAMILIES.
 
 from __future__ import annotations
 
-from workflow_scripts.families import ddpm, vesde
+from workflow_scripts.families import ddpm, latent, vesde
 
-FAMILIES = {"ddpm": ddpm, "vesde": vesde}
+FAMILIES = {"ddpm": ddpm, "vesde": vesde, "latent": latent}
 
 
 def family_name(model_cfg: dict) -> str:
@@ -36,11 +37,12 @@ def load_family_model(path, model_cfg: dict, device="cpu"):
 
 
 def train_family_model(
-    config: dict, images, members, replicate: int, model_out, checkpoint_paths=None, weights=None
+    config: dict, dataset: dict, members, replicate: int, model_out, checkpoint_paths=None, weights=None
 ) -> None:
-    """Train one model of the configured family on images[members] (weights: per-example loss weights)."""
+    """Train one model of the configured family on training examples `members` of the dataset dict (weights:
+    per-example loss weights)."""
     family_module(config["model"]).train_family_model(
-        config, images, members, replicate, model_out, checkpoint_paths=checkpoint_paths, weights=weights
+        config, dataset, members, replicate, model_out, checkpoint_paths=checkpoint_paths, weights=weights
     )
 
 
@@ -53,3 +55,8 @@ def generate_images(model, image_shape, config: dict, device, n_images: int | No
     """The sample stage's images of the configured family (n_images: sample.n_generated unless given)."""
     n_images = config["sample"]["n_generated"] if n_images is None else n_images
     return family_module(config["model"]).generate_images(model, image_shape, config, device, n_images, indices)
+
+
+def is_conditional(model_cfg: dict) -> bool:
+    """Whether the family's denoiser takes a condition (caption index) per example: forward(x_t, t, cond)."""
+    return bool(getattr(family_module(model_cfg), "CONDITIONAL", False))

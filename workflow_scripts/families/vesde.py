@@ -530,9 +530,17 @@ def measure_likelihood(
 
 # ---------------------------------------------------------------- the model-family interface (families.registry)
 def train_family_model(
-    config: dict, images, members, replicate: int, model_out, checkpoint_paths=None, weights=None
+    config: dict, dataset: dict, members, replicate: int, model_out, checkpoint_paths=None, weights=None
 ) -> None:
-    train_vesde(config, images, members, replicate, model_out, weights=weights, checkpoint_paths=checkpoint_paths)
+    train_vesde(
+        config,
+        dataset["train_images"],
+        members,
+        replicate,
+        model_out,
+        weights=weights,
+        checkpoint_paths=checkpoint_paths,
+    )
 
 
 def sampler_name(config: dict) -> str:

@@ -140,6 +140,7 @@ class LossFeatureScorer(Scorer):
     the query features of its query_measurement when it names another measured target: TRAK / D-TRAK, gradient
     similarity, relative / renormalised influence."""
 
+    model_families = ("ddpm", "latent")  # latent: the gradients of the LoRA parameters, conditioned on the caption
     refused_reason = "its gradient store (rule gradients) holds gradients of DDPM output functions at DDPM timesteps"
     takes_query_measurement = True
 

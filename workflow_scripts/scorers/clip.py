@@ -127,14 +127,14 @@ def compute(method_cfg: dict, inputs, lambdas) -> list:
     device = getattr(inputs, "device", None) or "cpu"
     net = load_clip(method_cfg.get("model", "ViT-B-32"), weights, device)
     batch = int(method_cfg.get("batch_size", 64))
-    train = embed(net, inputs.train_images(), batch)
+    train = embed(net, inputs.train_pixels(), batch)
     log.info("clip: %s embeddings of %d training images (dim %d)", method_cfg.get("model"), len(train), train.shape[1])
     return [
         (
             None,
             {
                 name: similarity(embed(net, images, batch), train, method_cfg["similarity"])
-                for name, images in inputs.queries().items()
+                for name, images in inputs.query_pixels().items()
             },
         )
     ]
@@ -152,7 +152,7 @@ class Clip(Scorer):
             batch_size=POSINT,
         ),
     )
-    model_families = ("ddpm", "vesde")  # model-free: it reads images only
+    model_families = ("ddpm", "vesde", "latent")  # model-free: it reads images only (latent: decoded samples)
 
     def compute(self, method_cfg, inputs, lambdas):
         return compute(method_cfg, inputs, lambdas)

@@ -198,6 +198,7 @@ class DAS(Scorer):
             lambda_grid=LAMBDA_GRID,
         ),
     )
+    model_families = ("ddpm", "latent")  # latent: the LoRA parameters, conditioned on the caption
     refused_reason = "it linearises the DDPM noise predictor at DDPM timesteps (rule gradients)"
 
     def stores(self, method_cfg):

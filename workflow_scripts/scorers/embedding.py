@@ -9,6 +9,7 @@ from workflow_scripts.scorers.base import SIMILARITY, Scorer, method_schema
 class Embedding(Scorer):
     family = "embedding"
     schemas = (method_schema("embedding", ["similarity"], similarity=SIMILARITY),)
-    model_families = ("ddpm", "vesde")  # model-free: it reads images and the data's classifier
+    # model-free: it reads images and the data's classifier (latent family: the decoded samples)
+    model_families = ("ddpm", "vesde", "latent")
     model_inputs = ("classifier",)
     engine = "workflow_scripts.engines.embedding"

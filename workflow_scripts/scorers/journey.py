@@ -66,7 +66,10 @@ class JourneyTrak(Scorer):
             lambda_grid=LAMBDA_GRID,
         ),
     )
-    refused_reason = "it re-noises the DDPM sampling trajectory at DDPM timesteps"
+    refused_reason = (
+        "it re-noises the DDPM sampling trajectory at DDPM timesteps (latent family: the guided trajectory and "
+        "its prompt are not wired into the Journey features yet)"
+    )
 
     def stores(self, method_cfg):
         # timesteps None: the journey store spans sample.num_inference_steps (dag/paths.py)

@@ -68,6 +68,7 @@ class KFAC(Scorer):
             query_measurement=QUERY_MEASUREMENT,
         ),
     )
+    model_families = ("ddpm", "latent")  # latent: the LoRA parameters, conditioned on the caption
     refused_reason = (
         "the curvature rule fits K-FAC to the DDPM training loss (the DSM loss and the bits/dim query "
         "gradients of the VE-SDE likelihood are not wired into rules curvature / scores)"

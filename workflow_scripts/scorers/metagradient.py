@@ -127,7 +127,7 @@ class Metagradient(Scorer):
             queries_per_job=OPTIONAL_POSINT,
         ),
     )
-    refused_reason = "it replays DDPM training (workflow_scripts/engines/magic.py)"
+    refused_reason = "it replays DDPM training (workflow_scripts/engines/magic.py), not LoRA fine-tuning"
     config_keys = ("train.steps",)  # its settings (checkpoint interval); the scores come from its chunk jobs
     chunk_jobs = True
     engine = "workflow_scripts.engines.metagradient"

@@ -83,6 +83,7 @@ class TracIn(Scorer):
             query_measurement=QUERY_MEASUREMENT,
         ),
     )
+    model_families = ("ddpm", "latent")  # latent: the LoRA parameters, conditioned on the caption
     refused_reason = "its gradient stores (rule gradients) hold gradients of DDPM output functions"
 
     def stores(self, method_cfg):

@@ -94,7 +94,8 @@ class Embedder:
                 "classifier checkpoint (--classifier)"
             )
         model, _ = load_classifier(classifier_path, train_images=train_images, device=device)
-        self._embed = lambda x: embed(model, x)
+        # regenerated images at another resolution (the latent family's decodings) at the classifier's
+        self._embed = lambda x: embed(model, core_data.to_size(x, train_images.shape[-1]))
         self.name = "classifier features" + (f" (CLIP weights {weights} not found)" if weights else "")
 
     def __call__(self, images: np.ndarray) -> np.ndarray:

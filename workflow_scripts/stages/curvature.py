@@ -24,11 +24,13 @@ from workflow_scripts.core.curvature import (
     checkpoint_identity,
     curvature_config,
     curvature_param_names,
+    is_conditional,
     kfac_from_data,
     load_curvature,
     settings_from,
 )
-from workflow_scripts.families.ddpm import alphas_cumprod, load_model
+from workflow_scripts.families.ddpm import alphas_cumprod
+from workflow_scripts.families.registry import load_family_model
 
 
 def fit_curvature(
@@ -42,14 +44,22 @@ def fit_curvature(
     check_deterministic: bool = False,
     stream: int = CURVATURE_STREAM,
     progressbar: bool = False,
+    cond: np.ndarray | None = None,
 ) -> KFACCurvature:
     """K-FAC (EK-FAC) of the GGN of the mean simple loss over `images` with settings['draws'] seeded draws each.
 
     settings: fisher_type, kfac_approx, ekfac, draws, fisher_mc_samples, separate_weight_and_bias, batch_size
     (rows per curvlinops batch). seed: seeds.gradients. extra_config: identity of the model (checkpoint hash, ...),
-    stored in the file's config.
+    stored in the file's config. cond: the images' conditions (caption indices) for a conditional model (required
+    then, and part of the file's config), None for an unconditional one.
     """
     s = {**DEFAULTS, **settings}
+    if is_conditional(model) != (cond is not None):
+        raise ValueError(
+            "a conditional model needs the training examples' conditions (cond)"
+            if is_conditional(model)
+            else "conditions given for an unconditional model"
+        )
     model = model.to(device).eval()
     wrapper = PackedDenoiser(model, images.shape[1:])
     names = ["model." + n for n in curvature_param_names(model)]
@@ -60,8 +70,9 @@ def fit_curvature(
         seed,
         stream,
         s["batch_size"],
+        cond=None if cond is None else torch.from_numpy(np.asarray(cond, dtype=np.int64)),
     )
-    config = curvature_config(s, diffusion_cfg, seed, images, extra_config)
+    config = curvature_config(s, diffusion_cfg, seed, images, extra_config, cond)
     label_seed = int(generator(seed, LABEL_STREAM).initial_seed() % (2**31 - 1))
     curvature = kfac_from_data(
         wrapper,
@@ -101,16 +112,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args, config: dict) -> None:
     device = select_device(config["compute"])
-    model, payload = load_model(args.model, config["model"], device)
+    model, payload = load_family_model(args.model, config["model"], device)
     images = core_data.load_dataset(args.dataset)["train_images"]
+    # the training examples' conditions (caption indices) of a conditional model; None for an unconditional one
+    cond = core_data.load_conditions(args.dataset, None)["train"] if is_conditional(model) else None
     settings = settings_from(config, args)
     seed = config["seeds"]["gradients"]
     extra = checkpoint_identity(payload, config["model"])
     try:
-        load_curvature(args.out, curvature_config(settings, config["diffusion"], seed, images, extra))
+        load_curvature(args.out, curvature_config(settings, config["diffusion"], seed, images, extra, cond))
         log.info("curvature: reusing %s (config matches)", args.out)
         return
     except ArtefactError:
         pass
-    fit_curvature(model, images, settings, config["diffusion"], seed, device, extra).save(args.out)
+    fit_curvature(model, images, settings, config["diffusion"], seed, device, extra, cond=cond).save(args.out)
     log.info("curvature: wrote %s", args.out)

@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 
 from workflow_scripts.core import data as core_data
-from workflow_scripts.core.common import ArtefactError, load_npz, log
+from workflow_scripts.core.common import ArtefactError, log
 from workflow_scripts.core.lds import rowwise_spearman, subset_predictions
 from workflow_scripts.families.likelihood import load_targets
 from workflow_scripts.report.plotting import message_figure, plt, save_figure, show_image
@@ -230,7 +230,7 @@ def run(args, config: dict) -> None:
     plot_predicted_vs_actual(
         scores, queries, subsets["masks"][evaluation], targets[evaluation].mean(1), out / "predicted_vs_actual"
     )
-    query_images = load_npz(args.samples, ("images",))["images"]
+    query_images = core_data.load_query_images(args.dataset, args.samples)["generated"]
     train_images = core_data.load_dataset(args.dataset)["train_images"]
     plot_influencers(scores, queries, query_images, train_images, fig_cfg["n_influencers"], out / "influencers")
     log.info("figures: wrote lds_bars, damping_sweeps, predicted_vs_actual, influencers (.png, .pdf) to %s", out)

@@ -55,8 +55,9 @@ from workflow_scripts.core.measurement import iter_gradients
 from workflow_scripts.core.projection import SPARSE, build_projector
 from workflow_scripts.core.store import _reusable, array_digest, new_store, write_store
 from workflow_scripts.dag.paths import measurement_splits, parse_feature_tag
-from workflow_scripts.families.ddpm import add_noise, alphas_cumprod, load_model, output_function, timestep_grid
+from workflow_scripts.families.ddpm import add_noise, alphas_cumprod, output_function, predict_noise, timestep_grid
 from workflow_scripts.families.likelihood import target_measurement
+from workflow_scripts.families.registry import load_family_model
 
 SKETCH_STREAM, JOURNEY_STREAM = 101, 102  # sub-streams of seeds.projection / seeds.gradients
 
@@ -97,57 +98,76 @@ def _flatten(grads: dict, lead: int):
     return torch.cat([g.flatten(lead) for g in grads.values()], dim=lead)
 
 
-def per_example_gradients(model, images, fn: str, t, eps, a_bar):
-    """Flattened grad_theta of mean_k f(x, t_k, eps_k) for each image: (batch, n_params)."""
-    from torch.func import functional_call, grad, vmap
+def _denoise(model, params, x_t, t, c):
+    """eps_theta(x_t, t) under `params` (torch.func.functional_call); a conditional model (families/latent.py)
+    also gets its example's condition c (a 0-d caption index inside the per-example vmap), repeated per row."""
+    from torch.func import functional_call
 
-    def objective(p, x):
+    args = (x_t, t) if c is None else (x_t, t, c.expand(len(t)))
+    out = functional_call(model, params, args)
+    return out.sample if hasattr(out, "sample") else out
+
+
+def _cond_dim(cond):
+    """vmap in_dim of the per-example condition: batched when given, absent (None) for unconditional models."""
+    return None if cond is None else 0
+
+
+def per_example_gradients(model, images, fn: str, t, eps, a_bar, cond=None):
+    """Flattened grad_theta of mean_k f(x, t_k, eps_k) for each image: (batch, n_params).
+    `cond`: the images' conditions (caption indices) for a conditional model, else None (as in every function here)."""
+    from torch.func import grad, vmap
+
+    def objective(p, x, c):
         xs = x.unsqueeze(0).expand(len(t), *x.shape)
-        prediction = functional_call(model, p, (add_noise(xs, t, eps, a_bar), t)).sample
+        prediction = _denoise(model, p, add_noise(xs, t, eps, a_bar), t, c)
         return output_function(fn, prediction, eps).mean()
 
-    return _flatten(vmap(grad(objective), in_dims=(None, 0))(_params(model), images), 1)
+    return _flatten(vmap(grad(objective), in_dims=(None, 0, _cond_dim(cond)))(_params(model), images, cond), 1)
 
 
-def per_timestep_gradients(model, images, fn: str, t, eps, a_bar):
+def per_timestep_gradients(model, images, fn: str, t, eps, a_bar, cond=None):
     """grad_theta f(x, t_k, eps_k) for each image and each timestep separately: (batch, K, n_params)."""
-    from torch.func import functional_call, grad, vmap
+    from torch.func import grad, vmap
 
-    def objective(p, x, ti, ei):
-        prediction = functional_call(model, p, (add_noise(x[None], ti[None], ei[None], a_bar), ti[None])).sample
+    def objective(p, x, c, ti, ei):
+        prediction = _denoise(model, p, add_noise(x[None], ti[None], ei[None], a_bar), ti[None], c)
         return output_function(fn, prediction, ei[None]).sum()
 
-    per_t = vmap(grad(objective), in_dims=(None, None, 0, 0))
-    return _flatten(vmap(per_t, in_dims=(None, 0, None, None))(_params(model), images, t, eps), 2)
+    per_t = vmap(grad(objective), in_dims=(None, None, None, 0, 0))
+    per_image = vmap(per_t, in_dims=(None, 0, _cond_dim(cond), None, None))
+    return _flatten(per_image(_params(model), images, cond, t, eps), 2)
 
 
-def sketched_jacobians(model, images, t, eps, a_bar, directions):
+def sketched_jacobians(model, images, t, eps, a_bar, directions, cond=None):
     """Rows grad_theta <u_{k,j}, eps_theta(x_{t_k}, t_k)>: (batch, K, r, n_params); directions (K, r, *shape)."""
-    from torch.func import functional_call, vjp, vmap
+    from torch.func import vjp, vmap
 
-    def rows(p, x, ti, ei, ui):
+    def rows(p, x, c, ti, ei, ui):
         def output(q):
-            return functional_call(model, q, (add_noise(x[None], ti[None], ei[None], a_bar), ti[None])).sample[0]
+            return _denoise(model, q, add_noise(x[None], ti[None], ei[None], a_bar), ti[None], c)[0]
 
         _, pullback = vjp(output, p)
         return vmap(pullback)(ui)[0]  # one forward, r backward passes
 
-    per_t = vmap(rows, in_dims=(None, None, 0, 0, 0))
-    return _flatten(vmap(per_t, in_dims=(None, 0, None, None, None))(_params(model), images, t, eps, directions), 3)
+    per_t = vmap(rows, in_dims=(None, None, None, 0, 0, 0))
+    per_image = vmap(per_t, in_dims=(None, 0, _cond_dim(cond), None, None, None))
+    return _flatten(per_image(_params(model), images, cond, t, eps, directions), 3)
 
 
-def per_sample_gradients(model, x0, t, eps, a_bar, fn: str = "loss"):
+def per_sample_gradients(model, x0, t, eps, a_bar, fn: str = "loss", cond=None):
     """grad_theta f(x0_b, t_b, eps_b), every sample with its own (x0, t, eps): (batch, n_params)."""
-    from torch.func import functional_call, grad, vmap
+    from torch.func import grad, vmap
 
-    def objective(p, x, ti, ei):
-        prediction = functional_call(model, p, (add_noise(x[None], ti[None], ei[None], a_bar), ti[None])).sample
+    def objective(p, x, c, ti, ei):
+        prediction = _denoise(model, p, add_noise(x[None], ti[None], ei[None], a_bar), ti[None], c)
         return output_function(fn, prediction, ei[None]).sum()
 
-    return _flatten(vmap(grad(objective), in_dims=(None, 0, 0, 0))(_params(model), x0, t, eps), 1)
+    dims = (None, 0, _cond_dim(cond), 0, 0)
+    return _flatten(vmap(grad(objective), in_dims=dims)(_params(model), x0, cond, t, eps), 1)
 
 
-def noise_residuals(model, images, t, eps, a_bar):
+def noise_residuals(model, images, t, eps, a_bar, cond=None):
     """eps_k - eps_theta(x_{t_k}, t_k) for each image and timestep: (batch, K, *image_shape)."""
     import torch
 
@@ -155,7 +175,9 @@ def noise_residuals(model, images, t, eps, a_bar):
     with torch.no_grad():
         x0 = images.unsqueeze(1).expand(b, k, *images.shape[1:]).reshape(b * k, *images.shape[1:])
         tt, ee = t.repeat(b), eps.repeat(b, *([1] * (eps.dim() - 1)))
-        prediction = model(add_noise(x0, tt, ee, a_bar), tt).sample
+        prediction = predict_noise(
+            model, add_noise(x0, tt, ee, a_bar), tt, None if cond is None else cond.repeat_interleave(k)
+        )
     return (ee - prediction).reshape(b, k, *images.shape[1:])
 
 
@@ -203,8 +225,10 @@ def compute_features(
     residuals: bool = False,
     project=None,
     out=None,
+    cond=None,
 ):
     """(n, d) float32 features ((n, r, d) for kind 'sketch'), streamed in batches.
+    `cond`: each image's condition (a conditional model's caption indices), None for unconditional models.
 
     With residuals=True returns (features, residuals): (n,) for scalar kinds, (n, r) for 'sketch'.
     `project`: the job's Projector (make_projector), built here if not given.
@@ -239,30 +263,34 @@ def compute_features(
     batch = grad_cfg["batch_size"]
     for start in tqdm(range(0, len(images), batch), desc=desc, mininterval=5):
         x = torch.from_numpy(images[start : start + batch]).to(device)
+        c = None if cond is None else torch.from_numpy(np.asarray(cond[start : start + batch], np.int64)).to(device)
         b = len(x)
         if kind == "avg":
             acc = sum(
-                per_example_gradients(model, x, fn, t[c], eps[c], a_bar) * ((c.stop - c.start) / k) for c in chunks
+                per_example_gradients(model, x, fn, t[h], eps[h], a_bar, c) * ((h.stop - h.start) / k) for h in chunks
             )
             out[start : start + b] = project(acc).cpu().numpy()
         elif kind == "unitnorm":
-            acc = sum(_unit(per_timestep_gradients(model, x, fn, t[c], eps[c], a_bar), 1)[0].sum(1) for c in chunks) / k
+            acc = (
+                sum(_unit(per_timestep_gradients(model, x, fn, t[h], eps[h], a_bar, c), 1)[0].sum(1) for h in chunks)
+                / k
+            )
             out[start : start + b] = project(acc).cpu().numpy()
         else:
             acc, racc = 0, 0
-            for c in chunks:
-                normalised, norms = _unit(sketched_jacobians(model, x, t[c], eps[c], a_bar, u[c]), 2)
+            for h in chunks:
+                normalised, norms = _unit(sketched_jacobians(model, x, t[h], eps[h], a_bar, u[h], c), 2)
                 acc = acc + normalised.sum(1)
                 if residuals:
-                    e = noise_residuals(model, x, t[c], eps[c], a_bar).flatten(2)  # (b, c, D)
-                    sketched = torch.einsum("bkd,krd->bkr", e, u[c].flatten(2))
+                    e = noise_residuals(model, x, t[h], eps[h], a_bar, c).flatten(2)  # (b, chunk, D)
+                    sketched = torch.einsum("bkd,krd->bkr", e, u[h].flatten(2))
                     racc = racc + (sketched / norms.clamp_min(torch.finfo(norms.dtype).tiny)[..., None]).sum(1)
             out[start : start + b] = project((acc / k).reshape(b * rows, n_params)).reshape(b, rows, dim).cpu().numpy()
             if residuals:
                 res[start : start + b] = (racc / k).cpu().numpy()
         if residuals and not sketch:
             rms = torch.cat(
-                [noise_residuals(model, x, t[c], eps[c], a_bar).flatten(2).pow(2).mean(2).sqrt() for c in chunks], 1
+                [noise_residuals(model, x, t[h], eps[h], a_bar, c).flatten(2).pow(2).mean(2).sqrt() for h in chunks], 1
             )
             res[start : start + b] = (
                 (rms.mean(1) / rms.norm(dim=1).clamp_min(torch.finfo(rms.dtype).tiny)).cpu().numpy()
@@ -440,7 +468,7 @@ def run(args, config: dict) -> None:
     check_tag(spec, config, args.tag)
     fn, kind, k, r = spec["output_function"], spec["kind"], spec["timesteps"], spec["output_directions"]
     device = select_device(config["compute"])
-    model, payload = load_model(args.model, config["model"], device)
+    model, payload = load_family_model(args.model, config["model"], device)
     out = Path(args.out_dir)
     if args.measurement:
         if kind not in ("avg",):
@@ -470,6 +498,8 @@ def run(args, config: dict) -> None:
         return
     splits = {"train": core_data.load_dataset(args.dataset)["train_images"], **load_queries(args.dataset, args.samples)}
     assert tuple(splits) == STORE_SPLITS
+    conditional = getattr(model, "conditional", False)
+    conditions = core_data.load_conditions(args.dataset, args.samples) if conditional else {}
     project = None  # built on first use, shared by the splits
     for split, images in splits.items():
         path = out / f"{split}.npy"
@@ -498,6 +528,7 @@ def run(args, config: dict) -> None:
                 residuals=split == "train",
                 project=project,
                 out=features,
+                cond=conditions.get(split),
             )
         if split == "train":
             write_store(result[1], residual_identity, residual_path)

@@ -17,7 +17,7 @@ import numpy as np
 
 from workflow_scripts.core.common import load_npz, log, save_npz, select_device
 from workflow_scripts.core.contracts import target_names
-from workflow_scripts.core.data import load_queries
+from workflow_scripts.core.data import load_conditions, load_queries
 from workflow_scripts.families.likelihood import family_primary_target, measure_queries
 from workflow_scripts.families.registry import load_family_model
 
@@ -38,7 +38,8 @@ def run(args, config: dict) -> None:
     targets = target_names(config)
     # the trajectory target needs the generated queries' stored sampling trajectories
     samples = load_npz(args.samples, ("trajectories", "timesteps")) if "trajectory" in targets else None
-    results = measure_queries(model, queries, config, device, samples)
+    conditions = load_conditions(args.dataset, args.samples) if getattr(model, "conditional", False) else None
+    results = measure_queries(model, queries, config, device, samples, conditions)
     # the primary target of the LDS tables: the loss, or a vesde model's exact -ln p
     target = family_primary_target(config["model"])
     primary = {"measurement": np.array(target)} if target != "loss" else {}

@@ -24,9 +24,11 @@ from workflow_scripts.families.likelihood import measure_generated_query
 from workflow_scripts.families.registry import generate_images, load_family_model
 
 
-def regenerate(model, image_shape, config: dict, query: int, device) -> np.ndarray:
-    """Generated query `query` as this model makes it from the query's own sampling seed, (1, c, h, w)."""
-    return generate_images(model, image_shape, config, device, 1, indices=[query])["images"]
+def regenerate(model, image_shape, config: dict, query: int, device) -> tuple[np.ndarray, np.ndarray]:
+    """Generated query `query` as this model makes it from the query's own sampling seed: (model output, image),
+    each (1, c, h, w); they differ for a latent family (the latent, and its decoding)."""
+    result = generate_images(model, image_shape, config, device, 1, indices=[query])
+    return result["images"], result.get("decoded", result["images"])
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -39,16 +41,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args, config: dict) -> None:
     device = select_device(config["compute"])
-    samples = load_npz(args.samples, ("images",))["images"]
+    stored = load_npz(args.samples, ("images",))
+    samples = stored["images"]
     if not 0 <= args.query < len(samples):
         raise ArtefactError(f"{args.samples}: has {len(samples)} generated queries, no query {args.query}")
     query_image = samples[args.query : args.query + 1]
-    images, losses, made_by = {}, {}, {}
+    images, outputs, losses, made_by = {}, {}, {}, {}
     for name, path in (("full", args.full_model), ("counterfactual", args.model)):
         model, payload = load_family_model(path, config["model"], device)
         made_by[name] = payload["config"]
-        images[name] = regenerate(model, payload["image_shape"], config, args.query, device)
-        losses[name] = measure_generated_query(model, query_image, config, args.query, device)
+        outputs[name], images[name] = regenerate(model, payload["image_shape"], config, args.query, device)
+        # a conditional model (latent family) measures the query under its own prompt
+        cond = stored["labels"][args.query : args.query + 1] if getattr(model, "conditional", False) else None
+        losses[name] = measure_generated_query(model, query_image, config, args.query, device, cond)
     for key in (
         "seed",
         "train",
@@ -60,13 +65,14 @@ def run(args, config: dict) -> None:
                 f"{args.model}: trained with {key} {made_by['counterfactual'].get(key)!r}, the full model "
                 f"{args.full_model} with {made_by['full'].get(key)!r}; retrain it"
             )
-    drift = float(np.abs(images["full"] - query_image).max())
+    drift = float(np.abs(outputs["full"] - query_image).max())
+    shown = stored["decoded"][args.query : args.query + 1] if "decoded" in stored else query_image
     save_npz(
         args.out,
         query=np.array(args.query),
         image_full=images["full"][0],
         image_counterfactual=images["counterfactual"][0],
-        query_image=query_image[0],
+        query_image=shown[0],
         loss_full=np.array(losses["full"]),
         loss_counterfactual=np.array(losses["counterfactual"]),
     )

@@ -46,8 +46,11 @@ class ScorerInputs:
         curvature_path: str | None = None,
         config: dict | None = None,
         chunks: list[str] | None = None,
+        images: str | None = None,
     ):
         self.dataset, self.samples, self.stores = dataset, samples, dict(stores or {})
+        # the data stage's images (pixel space); `dataset` is the model inputs (the latent family: VAE latents)
+        self.images = images or dataset
         # Model-based scorers: the embedding classifier, the final diffusion checkpoint and its curvature (K-FAC).
         self.classifier_path, self.model_path, self.curvature_path = classifier_path, model_path, curvature_path
         self.config = config or {}
@@ -61,6 +64,14 @@ class ScorerInputs:
         if self._queries is None:
             self._queries = load_queries(self.dataset, self.samples)
         return self._queries
+
+    def train_pixels(self) -> np.ndarray:
+        """The training IMAGES (= train_images() for a pixel-space family)."""
+        return core_data.load_dataset(self.images)["train_images"]
+
+    def query_pixels(self) -> dict[str, np.ndarray]:
+        """The query sets as images at the training images' size (core.data.load_query_images)."""
+        return core_data.load_query_images(self.images, self.samples)
 
     def roles(self) -> list[str]:
         return list(self.stores)
@@ -171,7 +182,10 @@ def plot_sweep(table: pd.DataFrame, chosen_lambda, method: str, path: str | Path
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--method", required=True)
-    parser.add_argument("--dataset", required=True)
+    parser.add_argument(
+        "--dataset", required=True, help="the model inputs (dataset.npz, or the latent family's latents)"
+    )
+    parser.add_argument("--images", help="the data stage's dataset.npz (pixel-space scorers); default: --dataset")
     parser.add_argument("--samples", required=True)
     parser.add_argument("--subsets", required=True)
     parser.add_argument("--measurements", nargs="+", required=True, help="per-model measurements, subset-major")
@@ -204,6 +218,7 @@ def run(args, config: dict) -> None:
         args.curvature,
         config,
         args.chunks,
+        args.images,
     )
     lambdas = scorer.lambdas(method_cfg, config)  # resolved once, here
     out = Path(args.out_dir)

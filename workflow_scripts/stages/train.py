@@ -85,7 +85,7 @@ def run(args, config: dict) -> None:
             len(w),
             args.replicate,
         )
-        train_family_model(config, images, np.arange(len(images)), args.replicate, args.out, weights=w)
+        train_family_model(config, dataset, np.arange(len(images)), args.replicate, args.out, weights=w)
         return
     if args.members is not None:
         if args.subset >= 0:
@@ -98,4 +98,4 @@ def run(args, config: dict) -> None:
             raise ValueError("--subset needs --subsets (the data stage's subsets.npz)")
         members = np.flatnonzero(core_data.load_subsets(args.subsets)["masks"][args.subset])
     checkpoints = {checkpoint_step(p): p for p in args.checkpoints}
-    train_family_model(config, images, members, args.replicate, args.out, checkpoints)
+    train_family_model(config, dataset, members, args.replicate, args.out, checkpoints)

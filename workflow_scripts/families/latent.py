@@ -1,0 +1,399 @@
+"""The latent, text-conditional model family (model.family latent): LoRA fine-tunes of a Stable-Diffusion-style
+base pipeline, attributed to the fine-tuning images.
+
+The base is a diffusers directory (AutoencoderKL `vae`, CLIP `text_encoder` + `tokenizer`, UNet2DConditionModel
+`unet`, a DDPM-type `scheduler`) read with `from_pretrained` from a LOCAL directory: the published miniSD
+(`lambdalabs/miniSD-diffusers`, configs/artbench*.yaml) or the miniature base that the DAG itself pretrains
+(stage base_pipeline, `build_miniature` / `pretrain_miniature` below). Everything the base holds is frozen; the
+only trainable parameters are peft LoRA adapters on the UNet's attention projections (model.lora.targets).
+
+Model inputs are VAE latents, vae.encode(x).latent_dist.mode() * scaling_factor, encoded once per data set
+(stage encode, `encode_images`): latents.npz has the same keys as the data stage's dataset.npz, so every stage
+that trains, measures or differentiates a model reads it where a pixel family reads dataset.npz. The condition
+of an example is the index of its caption in the data set's caption table (one caption per class, e.g.
+"a post impressionism painting"); index len(captions) is the empty caption of classifier-free guidance.
+
+`LatentDenoiser` is the model every engine sees: forward(x_t, t, cond) -> eps_theta(x_t, t, caption[cond]). Its
+frozen weights are BUFFERS, not parameters, so `named_parameters()` -- which the training optimiser, the gradient
+stores, the projections, K-FAC and the metagradient all iterate over -- yields the LoRA parameters alone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from workflow_scripts.core.common import ArtefactError, generator, load_torch, log, rng, save_torch, select_device
+from workflow_scripts.core.seeds import (
+    INIT_STREAM,
+    NOISE_STREAM,
+    batch_indices,
+    image_seed,
+    training_identity,
+    training_seed,
+)
+from workflow_scripts.families.ddpm import alphas_cumprod, simple_loss
+
+CHECKPOINT_KIND = "latent-lora"
+CONDITIONAL = True  # the denoiser takes a caption index per example (families.registry.is_conditional)
+LORA_DEFAULTS = {"rank": 4, "alpha": 4, "targets": ["to_q", "to_k", "to_v", "to_out.0"]}
+# Streams of seeds.train for the fine-tuning's own draws (the shared ones: core/seeds.py)
+CAPTION_DROPOUT_STREAM, FLIP_STREAM = 61, 62
+DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+
+
+class PipelineMissing(FileNotFoundError):
+    """The base pipeline directory named by model.pipeline is absent or incomplete."""
+
+
+# ---------------------------------------------------------------------------------------------- the base pipeline
+PIPELINE_PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+
+
+def check_pipeline_dir(path) -> Path:
+    """The base pipeline directory, checked before anything loads from it (never downloaded at run time)."""
+    path = Path(path)
+    missing = [part for part in ("model_index.json", *PIPELINE_PARTS) if not (path / part).exists()]
+    if missing:
+        raise PipelineMissing(
+            f"model.pipeline: {path} is not a diffusers pipeline directory (missing: {', '.join(missing)}). "
+            "Fetch the published base once with: huggingface-cli download lambdalabs/miniSD-diffusers "
+            f"--local-dir {path}   (or set model.pipeline: null for the miniature base the workflow pretrains)"
+        )
+    return path
+
+
+def pipeline_digest(path) -> str:
+    """sha256 over the pipeline's weight and config files (names and bytes): which base a LoRA belongs to."""
+    h = hashlib.sha256()
+    root = Path(path)
+    for file in sorted(p for p in root.rglob("*") if p.is_file()):
+        h.update(str(file.relative_to(root)).encode())
+        h.update(file.read_bytes())
+    return h.hexdigest()
+
+
+def load_components(path, device="cpu") -> dict:
+    """unet, vae, text_encoder, tokenizer and the scheduler config of a local pipeline directory, frozen, eval."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    path = check_pipeline_dir(path)
+    parts = {
+        "unet": UNet2DConditionModel.from_pretrained(path / "unet", local_files_only=True),
+        "vae": AutoencoderKL.from_pretrained(path / "vae", local_files_only=True),
+        "text_encoder": CLIPTextModel.from_pretrained(path / "text_encoder", local_files_only=True),
+    }
+    for module in parts.values():
+        module.requires_grad_(False).to(device).eval()
+    parts["tokenizer"] = CLIPTokenizer.from_pretrained(path / "tokenizer", local_files_only=True)
+    parts["scheduler_config"] = json.loads((path / "scheduler" / "scheduler_config.json").read_text())
+    return parts
+
+
+def check_scheduler(scheduler_config: dict, diffusion_cfg: dict, path) -> None:
+    """The DAG's diffusion section must describe the pipeline's forward process (the engines use it)."""
+    expected = {
+        "num_train_timesteps": diffusion_cfg["num_train_timesteps"],
+        "beta_start": diffusion_cfg["beta_start"],
+        "beta_end": diffusion_cfg["beta_end"],
+        "beta_schedule": diffusion_cfg.get("beta_schedule", "linear"),
+    }
+    for key, value in expected.items():
+        got = scheduler_config.get(key)
+        if got != value and not (isinstance(value, float) and np.isclose(got, value)):
+            raise ArtefactError(f"diffusion.{key} is {value!r}, but the pipeline {path} was trained with {got!r}")
+
+
+@torch.no_grad()
+def caption_embeddings(text_encoder, tokenizer, captions, device="cpu") -> torch.Tensor:
+    """(len(captions) + 1, L, E) last hidden states of the frozen text encoder; the last row is the empty caption."""
+    tokens = tokenizer(
+        [*captions, ""],
+        padding="max_length",
+        max_length=tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    )
+    return text_encoder(tokens.input_ids.to(device))[0].float()
+
+
+class LatentDenoiser(nn.Module):
+    """eps_theta(x_t, t, cond) of the LoRA-adapted UNet conditioned on caption[cond] (cond = len(captions): empty).
+
+    Only the LoRA weights are parameters (see the module docstring)."""
+
+    conditional = True
+
+    def __init__(self, unet, embeddings: torch.Tensor):
+        super().__init__()
+        self.unet = unet
+        self.register_buffer("embeddings", embeddings, persistent=False)
+
+    @property
+    def unconditional(self) -> int:
+        return len(self.embeddings) - 1
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        return self.unet(x_t, t, encoder_hidden_states=self.embeddings[cond]).sample
+
+
+def freeze_to_buffers(module: nn.Module) -> None:
+    """Turn every parameter that does not require grad into a buffer of the same name and tensor."""
+    for sub in module.modules():
+        for name, p in list(sub._parameters.items()):
+            if p is not None and not p.requires_grad:
+                del sub._parameters[name]
+                sub.register_buffer(name, p.data)
+
+
+def lora_settings(model_cfg: dict) -> dict:
+    return {**LORA_DEFAULTS, **model_cfg.get("lora", {})}
+
+
+def add_lora(unet, model_cfg: dict, seed: int) -> None:
+    """peft LoRA adapters (model.lora: rank, alpha, targets) on the UNet, initialised from the seed; B = 0, so the
+    adapted UNet starts as the base."""
+    from diffusers.models.attention_processor import AttnProcessor
+    from peft import LoraConfig
+
+    settings = lora_settings(model_cfg)
+    torch.manual_seed(seed)
+    unet.add_adapter(
+        LoraConfig(
+            r=settings["rank"],
+            lora_alpha=settings["alpha"],
+            target_modules=list(settings["targets"]),
+            init_lora_weights="gaussian",
+        )
+    )
+    # Plain matmul attention: same maths as SDPA, and torch.func.vmap has batching rules for it.
+    unet.set_attn_processor(AttnProcessor())
+    freeze_to_buffers(unet)
+
+
+def lora_state(model: LatentDenoiser) -> dict[str, torch.Tensor]:
+    return {name: p.detach().cpu().clone() for name, p in model.named_parameters()}
+
+
+def make_denoiser(pipeline, model_cfg: dict, captions, seed: int, device) -> tuple[LatentDenoiser, dict]:
+    parts = load_components(pipeline, device)
+    add_lora(parts["unet"], model_cfg, seed)
+    embeddings = caption_embeddings(parts["text_encoder"], parts["tokenizer"], list(captions), device)
+    model = LatentDenoiser(parts["unet"], embeddings).to(device)
+    return model, parts
+
+
+def load_model(path, model_cfg: dict, device="cpu") -> tuple[LatentDenoiser, dict]:
+    """A LoRA checkpoint on its base pipeline (the one it was trained on, checked by digest)."""
+    payload = load_torch(path)
+    if not isinstance(payload, dict) or payload.get("kind") != CHECKPOINT_KIND:
+        raise ArtefactError(f"{path}: not a LoRA checkpoint of the latent family")
+    if payload["config"].get("model") != model_cfg:
+        raise ArtefactError(f"{path}: made with model config {payload['config'].get('model')}, expected {model_cfg}")
+    model, parts = make_denoiser(payload["pipeline"], model_cfg, payload["captions"], 0, device)
+    try:
+        model.load_state_dict(payload["state_dict"], strict=False)
+    except RuntimeError as exc:
+        raise ArtefactError(f"{path}: LoRA weights do not fit the model ({exc})") from exc
+    missing = set(dict(model.named_parameters())) - set(payload["state_dict"])
+    if missing:
+        raise ArtefactError(f"{path}: LoRA weights missing for {sorted(missing)[:3]} ...")
+    # for sampling and the figures; plain attributes (not submodules: no parameters, not in the state dict)
+    object.__setattr__(model, "vae", parts["vae"])
+    model.scheduler_config, model.captions = parts["scheduler_config"], list(payload["captions"])
+    return model.eval(), payload
+
+
+# ---------------------------------------------------------------------------------------------- model inputs
+@torch.no_grad()
+def encode_images(vae, images: np.ndarray, batch_size: int, device, resolution: int | None = None) -> np.ndarray:
+    """VAE latents mode() * scaling_factor of images in [-1, 1] (n, C, H, W), resized to `resolution` first."""
+    out = []
+    for start in tqdm(range(0, len(images), batch_size), desc="encode", mininterval=5):
+        x = torch.from_numpy(np.asarray(images[start : start + batch_size], np.float32)).to(device)
+        if resolution and x.shape[-1] != resolution:
+            x = nn.functional.interpolate(x, size=(resolution, resolution), mode="bilinear", align_corners=False)
+        out.append((vae.encode(x).latent_dist.mode() * vae.config.scaling_factor).float().cpu().numpy())
+    return np.concatenate(out) if out else np.zeros((0,), np.float32)
+
+
+@torch.no_grad()
+def decode_latents(vae, latents: torch.Tensor) -> np.ndarray:
+    return vae.decode(latents / vae.config.scaling_factor).sample.clamp(-1, 1).float().cpu().numpy()
+
+
+# ---------------------------------------------------------------------------------------------- the simple loss
+# ---------------------------------------------------------------------------------------------- fine-tuning
+def train_family_model(
+    config: dict, dataset: dict, members, replicate: int, model_out, checkpoint_paths=None, weights=None
+) -> None:
+    """LoRA fine-tuning on dataset's latents[members] with their captions (AdamW, cosine with warm-up, random
+    horizontal flips of the latent, caption dropout model.caption_dropout). Resumable bit-identically."""
+    from diffusers.optimization import get_cosine_schedule_with_warmup
+
+    device = select_device(config["compute"])
+    train_cfg, model_cfg = config["train"], config["model"]
+    latents, labels = dataset["train_images"], dataset["train_labels"]
+    captions, pipeline = [str(c) for c in dataset["captions"]], str(dataset["pipeline"])
+    seed = training_seed(config, replicate)
+    identity = training_identity(config, members, replicate)
+    identity["pipeline_sha256"] = str(dataset["pipeline_sha256"])
+    if weights is not None:
+        identity["weights_sha256"] = hashlib.sha256(np.asarray(weights, np.float64).tobytes()).hexdigest()
+    model_out = Path(model_out)
+    resume_path = model_out.with_name(model_out.stem + ".resume.pt")
+
+    model, parts = make_denoiser(pipeline, model_cfg, captions, int(rng(seed, INIT_STREAM).integers(2**31)), device)
+    check_scheduler(parts["scheduler_config"], config["diffusion"], pipeline)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=train_cfg["lr"], weight_decay=train_cfg["weight_decay"])
+    schedule = get_cosine_schedule_with_warmup(
+        optimizer, int(train_cfg["warmup_fraction"] * train_cfg["steps"]), train_cfg["steps"]
+    )
+    start = 0
+    if resume_path.exists():
+        state = load_torch(resume_path)
+        if state.get("identity") == identity:
+            model.load_state_dict(state["model"], strict=False)
+            optimizer.load_state_dict(state["optimizer"])
+            schedule.load_state_dict(state["schedule"])
+            start = state["step"]
+            log.info("resuming %s from step %d", model_out, start)
+        else:
+            log.warning("ignoring %s: made by a different configuration", resume_path)
+
+    a_bar = alphas_cumprod(config["diffusion"]).to(device)
+    x_all = torch.from_numpy(np.asarray(latents, np.float32)).to(device)
+    c_all = torch.from_numpy(np.asarray(labels, np.int64)).to(device)
+    w_all = None if weights is None else torch.as_tensor(weights, dtype=torch.float32, device=device)
+    dropout = float(model_cfg.get("caption_dropout", 0.0))
+    T = config["diffusion"]["num_train_timesteps"]
+    checkpoint_paths = checkpoint_paths or {}
+
+    def payload(step, **extra):
+        return {
+            "kind": CHECKPOINT_KIND,
+            "state_dict": lora_state(model),
+            "config": identity,
+            "step": step,
+            "image_shape": tuple(int(s) for s in latents.shape[1:]),
+            "captions": captions,
+            "pipeline": pipeline,
+            **extra,
+        }
+
+    model.train()
+    progress = tqdm(range(start, train_cfg["steps"]), desc=f"train {model_out.parent.name}", mininterval=5)
+    for step in progress:
+        idx = torch.from_numpy(batch_indices(members, train_cfg["batch_size"], seed, step)).to(device)
+        g = generator(seed, NOISE_STREAM, step)
+        t = torch.randint(0, T, (len(idx),), generator=g).to(device)
+        eps = torch.randn(len(idx), *latents.shape[1:], generator=g).to(device)
+        extra = generator(seed, CAPTION_DROPOUT_STREAM, step)
+        drop = torch.rand(len(idx), generator=extra).to(device) < dropout
+        flip = (torch.rand(len(idx), generator=extra) < 0.5).to(device)
+        x0 = torch.where(flip.view(-1, 1, 1, 1), x_all[idx].flip(-1), x_all[idx])
+        cond = torch.where(drop, torch.full_like(c_all[idx], model.unconditional), c_all[idx])
+        per_example = simple_loss(model, x0, t, eps, a_bar, cond)
+        loss = per_example.mean() if w_all is None else (w_all[idx] * per_example).mean()
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"{model_out}: loss is {loss.item()} at step {step} (train.lr too high?)")
+        optimizer.zero_grad(set_to_none=True)
+        lr = schedule.get_last_lr()[0]
+        loss.backward()
+        if train_cfg.get("grad_clip"):
+            torch.nn.utils.clip_grad_norm_(model.parameters(), train_cfg["grad_clip"])
+        optimizer.step()
+        schedule.step()
+        done = step + 1
+        if done in checkpoint_paths:
+            save_torch(payload(done, lr=lr), checkpoint_paths[done])
+        if done % train_cfg["resume_every"] == 0 and done < train_cfg["steps"]:
+            save_torch(
+                {
+                    "identity": identity,
+                    "model": lora_state(model),
+                    "optimizer": optimizer.state_dict(),
+                    "schedule": schedule.state_dict(),
+                    "step": done,
+                },
+                resume_path,
+            )
+        if step % 50 == 0:
+            progress.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
+    save_torch(payload(train_cfg["steps"]), model_out)
+    if resume_path.exists():
+        os.unlink(resume_path)
+
+
+# ---------------------------------------------------------------------------------------------- sampling
+def prompt_labels(n_captions: int, indices) -> np.ndarray:
+    """Generated query i uses caption i mod n_captions: an equal share per prompt, independent of the others."""
+    return np.asarray([int(i) % n_captions for i in indices], np.int64)
+
+
+def sampling_scheduler(model: LatentDenoiser, sample_cfg: dict):
+    from diffusers import DDIMScheduler, DDPMScheduler
+
+    config = {k: v for k, v in model.scheduler_config.items() if not k.startswith("_")}
+    if sample_cfg["scheduler"] == "ddim":
+        scheduler = DDIMScheduler.from_config(config)
+    else:
+        scheduler = DDPMScheduler.from_config(config)
+    scheduler.set_timesteps(sample_cfg["num_inference_steps"])
+    return scheduler
+
+
+@torch.no_grad()
+def generate_images(model: LatentDenoiser, image_shape, config: dict, device, n_images: int, indices=None) -> dict:
+    """DDIM (eta 0) / DDPM sampling with classifier-free guidance (sample.guidance_scale) in latent space.
+
+    `images` are the final latents (the model inputs of the generated queries), `decoded` their VAE decodings,
+    `labels` the caption index of each query and `prompts` its caption."""
+    sample_cfg = config["sample"]
+    guidance = float(sample_cfg.get("guidance_scale", 7.5))
+    indices = list(range(n_images)) if indices is None else [int(i) for i in indices]
+    scheduler = sampling_scheduler(model, sample_cfg)
+    seeds = [image_seed(config["seeds"]["sample"], i) for i in indices]
+    generators = [generator(s) for s in seeds]
+    x = torch.stack([torch.randn(*image_shape, generator=g) for g in generators]).to(device)
+    x = x * scheduler.init_noise_sigma
+    labels = prompt_labels(model.unconditional, indices)
+    cond = torch.from_numpy(labels).to(device)
+    uncond = torch.full_like(cond, model.unconditional)
+    trajectory = [x.cpu()]
+    for t in tqdm(scheduler.timesteps, desc=f"sample ({sample_cfg['scheduler']}, guidance {guidance})", mininterval=5):
+        tt = t.to(device).expand(len(x))
+        eps_u, eps_c = model(torch.cat([x, x]), torch.cat([tt, tt]), torch.cat([uncond, cond])).chunk(2)
+        eps = eps_u + guidance * (eps_c - eps_u)
+        x = torch.cat(
+            [
+                scheduler.step(eps[i : i + 1].cpu(), t, x[i : i + 1].cpu(), generator=generators[i]).prev_sample
+                for i in range(len(x))
+            ]
+        ).to(device)
+        trajectory.append(x.cpu())
+    return {
+        "images": x.cpu().numpy(),
+        "decoded": decode_latents(model.vae, x),
+        "labels": labels,
+        "prompts": np.asarray([model_caption(model, c) for c in labels]),
+        "trajectories": torch.stack(trajectory, 1).numpy(),
+        "timesteps": scheduler.timesteps.numpy(),
+        "seeds": np.asarray(seeds),
+    }
+
+
+def model_caption(model: LatentDenoiser, index: int) -> str:
+    return model.captions[int(index)]
+
+
+def sampler_name(config: dict) -> str:
+    return f"{config['sample']['scheduler']} + classifier-free guidance {config['sample'].get('guidance_scale', 7.5)}"
