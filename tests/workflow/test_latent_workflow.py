@@ -75,11 +75,11 @@ def test_counterfactual_table_has_the_method_and_the_random_baseline(latent_run)
     assert "trak" in table and "random" in table
 
 
-def test_a_refused_scorer_is_named_with_its_reason(repo, tmp_path):
+def test_a_refused_measurement_is_named_with_its_reason(repo, tmp_path):
     workdir = tmp_path / "repo"
     shutil.copytree(repo, workdir, ignore=IGNORE)
-    (workdir / "bad.yaml").write_text(yaml.safe_dump({"scores": {"methods": {"journey_trak": {"family": "journey"}}}}))
+    (workdir / "bad.yaml").write_text(yaml.safe_dump({"measure": {"measurements": ["loss", "elbo"]}}))
     result = snakemake(workdir, "--configfile", "configs/latent.yaml", "bad.yaml", "-n")
     out = result.stdout + result.stderr
     assert result.returncode != 0
-    assert "scores.methods.journey_trak" in out and "model.family latent" in out and "guided trajectory" in out
+    assert "measure.measurements" in out and "'elbo' needs model.family" in out and "model.family is latent" in out

@@ -79,7 +79,7 @@ SECTIONS = {  # the config keys each stage reads; a rule reruns exactly when one
     "fixed_seed": ("fixed_seed", "seeds.subsets"),
     # the latent family: the miniature base pipeline (model.pipeline null) and the data set's VAE latents
     "base_pipeline": ("data", "model.pipeline", "base", "diffusion", "seeds.train", "compute"),
-    "encode": ("data", "model.pipeline", "measure.batch_size", "compute"),
+    "encode": ("data", "model.pipeline", "model.base_dtype", "measure.batch_size", "compute"),
     "metagradient_evaluate": ("lds", "seeds.bootstrap", "fixed_seed"),
 }
 

@@ -80,16 +80,29 @@ def pipeline_digest(path) -> str:
     return h.hexdigest()
 
 
-def load_components(path, device="cpu") -> dict:
-    """unet, vae, text_encoder, tokenizer and the scheduler config of a local pipeline directory, frozen, eval."""
+BASE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def base_dtype(model_cfg: dict, device) -> torch.dtype:
+    """model.base_dtype of the frozen base (UNet, VAE, text encoder): `auto` (the default) is float16 on a GPU, as
+    the published fine-tunes hold it, and float32 elsewhere. The LoRA parameters are float32 in every case."""
+    name = model_cfg.get("base_dtype", "auto")
+    if name == "auto":
+        return torch.float16 if torch.device(device).type == "cuda" else torch.float32
+    return BASE_DTYPES[name]
+
+
+def load_components(path, device="cpu", dtype=torch.float32) -> dict:
+    """unet, vae, text_encoder (frozen, eval, in `dtype`), tokenizer and the scheduler config of a local pipeline
+    directory."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
     path = check_pipeline_dir(path)
     parts = {
-        "unet": UNet2DConditionModel.from_pretrained(path / "unet", local_files_only=True),
-        "vae": AutoencoderKL.from_pretrained(path / "vae", local_files_only=True),
-        "text_encoder": CLIPTextModel.from_pretrained(path / "text_encoder", local_files_only=True),
+        "unet": UNet2DConditionModel.from_pretrained(path / "unet", torch_dtype=dtype, local_files_only=True),
+        "vae": AutoencoderKL.from_pretrained(path / "vae", torch_dtype=dtype, local_files_only=True),
+        "text_encoder": CLIPTextModel.from_pretrained(path / "text_encoder", dtype=dtype, local_files_only=True),
     }
     for module in parts.values():
         module.requires_grad_(False).to(device).eval()
@@ -135,14 +148,18 @@ class LatentDenoiser(nn.Module):
     def __init__(self, unet, embeddings: torch.Tensor):
         super().__init__()
         self.unet = unet
-        self.register_buffer("embeddings", embeddings, persistent=False)
+        self.base_dtype = unet.conv_in.weight.dtype  # not unet.dtype: that reads the (float32) LoRA parameters
+        self.register_buffer("embeddings", embeddings.to(self.base_dtype), persistent=False)
 
     @property
     def unconditional(self) -> int:
         return len(self.embeddings) - 1
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        return self.unet(x_t, t, encoder_hidden_states=self.embeddings[cond]).sample
+        # a reduced-precision base computes in its dtype (peft runs the float32 LoRA branch in float32 and adds it
+        # back in the base's dtype); the prediction, and so every loss and gradient, is float32
+        x_t = x_t.to(self.base_dtype)
+        return self.unet(x_t, t, encoder_hidden_states=self.embeddings[cond]).sample.float()
 
 
 def freeze_to_buffers(module: nn.Module) -> None:
@@ -164,6 +181,8 @@ def add_lora(unet, model_cfg: dict, seed: int) -> None:
     from diffusers.models.attention_processor import AttnProcessor
     from peft import LoraConfig
 
+    from diffusers.training_utils import cast_training_params
+
     settings = lora_settings(model_cfg)
     torch.manual_seed(seed)
     unet.add_adapter(
@@ -174,6 +193,7 @@ def add_lora(unet, model_cfg: dict, seed: int) -> None:
             init_lora_weights="gaussian",
         )
     )
+    cast_training_params(unet, dtype=torch.float32)  # trainable LoRA weights stay float32 on a float16 base
     # Plain matmul attention: same maths as SDPA, and torch.func.vmap has batching rules for it.
     unet.set_attn_processor(AttnProcessor())
     freeze_to_buffers(unet)
@@ -184,7 +204,7 @@ def lora_state(model: LatentDenoiser) -> dict[str, torch.Tensor]:
 
 
 def make_denoiser(pipeline, model_cfg: dict, captions, seed: int, device) -> tuple[LatentDenoiser, dict]:
-    parts = load_components(pipeline, device)
+    parts = load_components(pipeline, device, base_dtype(model_cfg, device))
     add_lora(parts["unet"], model_cfg, seed)
     embeddings = caption_embeddings(parts["text_encoder"], parts["tokenizer"], list(captions), device)
     model = LatentDenoiser(parts["unet"], embeddings).to(device)
@@ -221,13 +241,15 @@ def encode_images(vae, images: np.ndarray, batch_size: int, device, resolution: 
         x = torch.from_numpy(np.asarray(images[start : start + batch_size], np.float32)).to(device)
         if resolution and x.shape[-1] != resolution:
             x = nn.functional.interpolate(x, size=(resolution, resolution), mode="bilinear", align_corners=False)
+        x = x.to(vae.dtype)
         out.append((vae.encode(x).latent_dist.mode() * vae.config.scaling_factor).float().cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0,), np.float32)
 
 
 @torch.no_grad()
 def decode_latents(vae, latents: torch.Tensor) -> np.ndarray:
-    return vae.decode(latents / vae.config.scaling_factor).sample.clamp(-1, 1).float().cpu().numpy()
+    latents = latents.to(vae.dtype) / vae.config.scaling_factor
+    return vae.decode(latents).sample.clamp(-1, 1).float().cpu().numpy()
 
 
 # ---------------------------------------------------------------------------------------------- the simple loss
@@ -257,6 +279,9 @@ def train_family_model(
     schedule = get_cosine_schedule_with_warmup(
         optimizer, int(train_cfg["warmup_fraction"] * train_cfg["steps"]), train_cfg["steps"]
     )
+    # a float16 base: the activations' gradients would underflow for small losses, so scale the loss (as the
+    # published fine-tunes' mixed precision does); the LoRA gradients are unscaled before clipping and stepping
+    scaler = torch.amp.GradScaler(device.type) if model.base_dtype == torch.float16 else None
     start = 0
     if resume_path.exists():
         state = load_torch(resume_path)
@@ -264,6 +289,8 @@ def train_family_model(
             model.load_state_dict(state["model"], strict=False)
             optimizer.load_state_dict(state["optimizer"])
             schedule.load_state_dict(state["schedule"])
+            if scaler is not None:
+                scaler.load_state_dict(state["scaler"])
             start = state["step"]
             log.info("resuming %s from step %d", model_out, start)
         else:
@@ -307,10 +334,18 @@ def train_family_model(
             raise FloatingPointError(f"{model_out}: loss is {loss.item()} at step {step} (train.lr too high?)")
         optimizer.zero_grad(set_to_none=True)
         lr = schedule.get_last_lr()[0]
-        loss.backward()
+        if scaler is None:
+            loss.backward()
+        else:
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
         if train_cfg.get("grad_clip"):
             torch.nn.utils.clip_grad_norm_(model.parameters(), train_cfg["grad_clip"])
-        optimizer.step()
+        if scaler is None:
+            optimizer.step()
+        else:  # skips a step whose gradients overflowed
+            scaler.step(optimizer)
+            scaler.update()
         schedule.step()
         done = step + 1
         if done in checkpoint_paths:
@@ -322,6 +357,7 @@ def train_family_model(
                     "model": lora_state(model),
                     "optimizer": optimizer.state_dict(),
                     "schedule": schedule.state_dict(),
+                    **({"scaler": scaler.state_dict()} if scaler is not None else {}),
                     "step": done,
                 },
                 resume_path,
@@ -337,6 +373,11 @@ def train_family_model(
 def prompt_labels(n_captions: int, indices) -> np.ndarray:
     """Generated query i uses caption i mod n_captions: an equal share per prompt, independent of the others."""
     return np.asarray([int(i) % n_captions for i in indices], np.int64)
+
+
+def guidance_scale(sample_cfg: dict) -> float:
+    """sample.guidance_scale, Stable Diffusion's customary 7.5 when absent."""
+    return float(sample_cfg.get("guidance_scale", 7.5))
 
 
 def sampling_scheduler(model: LatentDenoiser, sample_cfg: dict):
@@ -358,7 +399,7 @@ def generate_images(model: LatentDenoiser, image_shape, config: dict, device, n_
     `images` are the final latents (the model inputs of the generated queries), `decoded` their VAE decodings,
     `labels` the caption index of each query and `prompts` its caption."""
     sample_cfg = config["sample"]
-    guidance = float(sample_cfg.get("guidance_scale", 7.5))
+    guidance = guidance_scale(sample_cfg)
     indices = list(range(n_images)) if indices is None else [int(i) for i in indices]
     scheduler = sampling_scheduler(model, sample_cfg)
     seeds = [image_seed(config["seeds"]["sample"], i) for i in indices]
@@ -396,4 +437,4 @@ def model_caption(model: LatentDenoiser, index: int) -> str:
 
 
 def sampler_name(config: dict) -> str:
-    return f"{config['sample']['scheduler']} + classifier-free guidance {config['sample'].get('guidance_scale', 7.5)}"
+    return f"{config['sample']['scheduler']} + classifier-free guidance {guidance_scale(config['sample'])}"

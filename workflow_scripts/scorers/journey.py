@@ -66,10 +66,9 @@ class JourneyTrak(Scorer):
             lambda_grid=LAMBDA_GRID,
         ),
     )
-    refused_reason = (
-        "it re-noises the DDPM sampling trajectory at DDPM timesteps (latent family: the guided trajectory and "
-        "its prompt are not wired into the Journey features yet)"
-    )
+    # latent: the guided x0-prediction of the stored latent trajectory, the loss conditioned on the query's prompt
+    model_families = ("ddpm", "latent")
+    refused_reason = "it re-noises a DDPM-type sampling trajectory (x_t = sqrt(a_bar) x0 + sqrt(1 - a_bar) eps)"
 
     def stores(self, method_cfg):
         # timesteps None: the journey store spans sample.num_inference_steps (dag/paths.py)

@@ -14,7 +14,7 @@ import numpy as np
 
 from workflow_scripts.core import data as core_data
 from workflow_scripts.core.common import log, save_npz, select_device
-from workflow_scripts.families.latent import encode_images, load_components, pipeline_digest
+from workflow_scripts.families.latent import base_dtype, encode_images, load_components, pipeline_digest
 from workflow_scripts.families.latent_miniature import pool_captions
 
 
@@ -36,7 +36,7 @@ def captions_of(dataset: dict, data_cfg: dict) -> np.ndarray:
 def run(args, config: dict) -> None:
     device = select_device(config["compute"])
     dataset = core_data.load_dataset(args.dataset)
-    parts = load_components(args.pipeline, device)
+    parts = load_components(args.pipeline, device, base_dtype(config["model"], device))
     resolution = parts["vae"].config.sample_size
     batch = config["measure"]["batch_size"]
     latents = {

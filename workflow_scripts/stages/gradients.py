@@ -56,6 +56,7 @@ from workflow_scripts.core.projection import SPARSE, build_projector
 from workflow_scripts.core.store import _reusable, array_digest, new_store, write_store
 from workflow_scripts.dag.paths import measurement_splits, parse_feature_tag
 from workflow_scripts.families.ddpm import add_noise, alphas_cumprod, output_function, predict_noise, timestep_grid
+from workflow_scripts.families.latent import guidance_scale
 from workflow_scripts.families.likelihood import target_measurement
 from workflow_scripts.families.registry import load_family_model
 
@@ -298,26 +299,50 @@ def compute_features(
     return (out, res) if residuals else out
 
 
-def journey_gradients(model, trajectories, timesteps, steps, query_index, seed: int, a_bar):
+def x0_clip(model) -> bool:
+    """Does the model's sampler clip its x0-predictions to [-1, 1]? The DDPM family's sampler always does
+    (images); a diffusers scheduler as its config says (Stable Diffusion's latents: clip_sample false)."""
+    scheduler_config = getattr(model, "scheduler_config", None)
+    return True if scheduler_config is None else bool(scheduler_config.get("clip_sample", True))
+
+
+def sampler_noise_prediction(model, x, t, cond=None, guidance: float | None = None):
+    """The noise prediction the sampler stepped with at (x, t): eps_theta(x, t), or for a conditional model the
+    classifier-free-guided eps_u + guidance (eps_c - eps_u) of the query's prompt (families/latent.generate_images)."""
+    import torch
+
+    if cond is None:
+        out = model(x, t)
+        return out.sample if hasattr(out, "sample") else out
+    uncond = torch.full_like(cond, model.unconditional)
+    eps_u, eps_c = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([uncond, cond])).chunk(2)
+    return eps_u + guidance * (eps_c - eps_u)
+
+
+def journey_gradients(model, trajectories, timesteps, steps, query_index, seed: int, a_bar, cond=None, guidance=None):
     """Unprojected Journey-TRAK query gradients (batch, n_params): mean over the chosen sampling steps of
-    the loss gradient at the re-noised x0-prediction (see the module docstring)."""
+    the loss gradient at the re-noised x0-prediction (see the module docstring). A conditional model's
+    x0-prediction is the guided one its sampler used, and the loss is conditioned on the query's prompt `cond`."""
     import torch
 
     device = trajectories.device
+    clip = x0_clip(model)
     acc = 0
     for s in steps:
         x_s = trajectories[:, s]
         tt = torch.full((len(x_s),), int(timesteps[s]), dtype=torch.long, device=device)
         ab = a_bar[tt].view(-1, *([1] * (x_s.dim() - 1)))
         with torch.no_grad():
-            x0_hat = ((x_s - (1 - ab).sqrt() * model(x_s, tt).sample) / ab.sqrt()).clamp(-1, 1)
+            x0_hat = (x_s - (1 - ab).sqrt() * sampler_noise_prediction(model, x_s, tt, cond, guidance)) / ab.sqrt()
+            if clip:
+                x0_hat = x0_hat.clamp(-1, 1)
         noise = torch.stack(
             [
                 torch.randn(*x_s.shape[1:], generator=generator(seed, JOURNEY_STREAM, int(q), int(timesteps[s])))
                 for q in query_index
             ]
         ).to(device)
-        acc = acc + per_sample_gradients(model, x0_hat, tt, noise, a_bar, "loss")
+        acc = acc + per_sample_gradients(model, x0_hat, tt, noise, a_bar, "loss", cond=cond)
     return acc / len(steps)
 
 
@@ -331,8 +356,11 @@ def compute_journey_features(
     seeds: dict,
     device,
     desc: str = "gradients journey",
+    cond: np.ndarray | None = None,
+    guidance: float | None = None,
 ) -> np.ndarray:
-    """(n_generated, d) float32 Journey-TRAK query features from the stored sampling trajectories."""
+    """(n_generated, d) float32 Journey-TRAK query features from the stored sampling trajectories; `cond` the
+    generated queries' caption indices and `guidance` the sampler's guidance scale for a conditional model."""
     import torch
     from tqdm import tqdm
 
@@ -343,6 +371,8 @@ def compute_journey_features(
             f"trajectories hold {trajectories.shape[1]} states for {len(timesteps)} sampling steps "
             "(expected steps + 1: x_T .. x_0)"
         )
+    if cond is not None and len(cond) != len(trajectories):
+        raise ArtefactError(f"{len(cond)} prompts for {len(trajectories)} sampling trajectories")
     a_bar = alphas_cumprod(diffusion_cfg).to(device)
     dim = grad_cfg["projection_dim"]
     project = make_projector(model, grad_cfg, seeds, device)
@@ -350,7 +380,10 @@ def compute_journey_features(
     batch = grad_cfg["batch_size"]
     for start in tqdm(range(0, len(trajectories), batch), desc=desc, mininterval=5):
         traj = torch.from_numpy(np.ascontiguousarray(trajectories[start : start + batch], dtype=np.float32)).to(device)
-        g = journey_gradients(model, traj, timesteps, steps, range(start, start + len(traj)), seeds["gradients"], a_bar)
+        c = None if cond is None else torch.from_numpy(np.asarray(cond[start : start + len(traj)], np.int64)).to(device)
+        g = journey_gradients(
+            model, traj, timesteps, steps, range(start, start + len(traj)), seeds["gradients"], a_bar, c, guidance
+        )
         out[start : start + len(traj)] = project(g).cpu().numpy()
     return out
 
@@ -393,8 +426,11 @@ def store_identity(
     timesteps: int | None = None,
     directions: int | None = None,
     images: np.ndarray | None = None,
+    conditions: np.ndarray | None = None,
+    guidance: float | None = None,
 ) -> dict:
     """What a gradient store was made from; a store whose sidecar differs must not be used.
+    conditions / guidance: a conditional model's caption indices of the images / the journey's guidance scale.
 
     split is a query/train split or RESIDUAL (the training residuals of a store)."""
     g = config["gradients"]
@@ -416,6 +452,10 @@ def store_identity(
         made_by["sjlt_nonzeros"] = g["sjlt_nonzeros"]
     if images is not None:
         made_by["inputs_sha256"] = array_digest(images)
+    if conditions is not None:  # only for conditional models, so that the other families keep their hashes
+        made_by["conditions_sha256"] = array_digest(np.asarray(conditions, np.int64))
+    if guidance is not None:
+        made_by["guidance_scale"] = float(guidance)
     rows = [directions] if kind == "sketch" else []
     shape = [n, *rows] if split == RESIDUAL else [n, *rows, g["projection_dim"]]
     lr = checkpoint_payload.get("lr")
@@ -474,11 +514,24 @@ def run(args, config: dict) -> None:
         if kind not in ("avg",):
             raise ValueError(f"--measurement: query features pair with avg stores (TRAK family), not {kind!r}")
         return run_measurement(args, config, model, payload, fn, k, device)
+    conditional = getattr(model, "conditional", False)
+    conditions = core_data.load_conditions(args.dataset, args.samples) if conditional else {}
     if kind == "journey":
         samples = load_npz(args.samples, ("trajectories", "timesteps"))
         trajectories, timesteps = samples["trajectories"], samples["timesteps"]
+        prompts = conditions.get("generated")
+        guidance = guidance_scale(config["sample"]) if conditional else None
         identity = store_identity(
-            config, payload, fn, "generated", len(trajectories), kind=kind, timesteps=k, images=trajectories
+            config,
+            payload,
+            fn,
+            "generated",
+            len(trajectories),
+            kind=kind,
+            timesteps=k,
+            images=trajectories,
+            conditions=prompts,
+            guidance=guidance,
         )
         path = out / "generated.npy"
         if not _reusable(path, identity):
@@ -492,18 +545,18 @@ def run(args, config: dict) -> None:
                 config["seeds"],
                 device,
                 desc=f"gradients {args.tag} generated",
+                cond=prompts,
+                guidance=guidance,
             )
             write_store(features, identity, path)
             log.info("gradients: wrote %s %s (%d of %d sampling steps)", path, features.shape, k, len(timesteps))
         return
     splits = {"train": core_data.load_dataset(args.dataset)["train_images"], **load_queries(args.dataset, args.samples)}
     assert tuple(splits) == STORE_SPLITS
-    conditional = getattr(model, "conditional", False)
-    conditions = core_data.load_conditions(args.dataset, args.samples) if conditional else {}
     project = None  # built on first use, shared by the splits
     for split, images in splits.items():
         path = out / f"{split}.npy"
-        common = dict(kind=kind, timesteps=k, directions=r, images=images)
+        common = dict(kind=kind, timesteps=k, directions=r, images=images, conditions=conditions.get(split))
         identity = store_identity(config, payload, fn, split, len(images), **common)
         residual_path = out / f"{RESIDUAL}.npy"
         residual_identity = (

@@ -5,10 +5,11 @@ import numpy as np
 import pytest
 import torch
 
+from workflow_scripts.core.common import generator
 from workflow_scripts.core.data import load_digits_images
 from workflow_scripts.families import latent, latent_miniature
 from workflow_scripts.families.ddpm import alphas_cumprod, measure_loss
-from workflow_scripts.stages.gradients import per_example_gradients
+from workflow_scripts.stages.gradients import JOURNEY_STREAM, journey_gradients, journey_steps, per_example_gradients
 
 DIFFUSION = {"num_train_timesteps": 1000, "beta_start": 1e-4, "beta_end": 0.02}
 
@@ -147,3 +148,74 @@ def test_fine_tuning_is_deterministic_for_a_seed(pool, trained, tmp_path):
     latent.train_family_model(tiny_config(), pool, np.arange(12), 1, tmp_path / "other.pt")
     other = torch.load(tmp_path / "other.pt", weights_only=False)["state_dict"]
     assert not all(torch.equal(first[k], other[k]) for k in first)  # replicate 1: another seed, other weights
+
+
+def test_journey_follows_the_guided_latent_trajectory_and_its_prompt(trained):
+    config = tiny_config()
+    model, payload = latent.load_model(trained, config["model"])
+    samples = latent.generate_images(model, payload["image_shape"], config, "cpu", 2)
+    trajectories = torch.from_numpy(samples["trajectories"])
+    timesteps, prompts = samples["timesteps"], torch.from_numpy(samples["labels"])
+    a_bar, guidance = alphas_cumprod(DIFFUSION), 3.0
+    steps = journey_steps(len(timesteps), 2)
+    fast = journey_gradients(model, trajectories, timesteps, steps, range(2), 5, a_bar, prompts, guidance)
+    # reference: one query and one step at a time, the guided prediction spelled out, autograd of the prompt's loss
+    for q in range(2):
+        reference = 0
+        for s in steps:
+            x_s, t = trajectories[q : q + 1, s], torch.tensor([int(timesteps[s])])
+            with torch.no_grad():
+                eps_u = model(x_s, t, torch.tensor([model.unconditional]))
+                eps_c = model(x_s, t, prompts[q : q + 1])
+                x0 = (x_s - (1 - a_bar[t]).sqrt() * (eps_u + guidance * (eps_c - eps_u))) / a_bar[t].sqrt()
+            noise = torch.randn(*x_s.shape[1:], generator=generator(5, JOURNEY_STREAM, q, int(timesteps[s])))[None]
+            model.zero_grad()
+            x_t = a_bar[t].sqrt() * x0 + (1 - a_bar[t]).sqrt() * noise
+            (noise - model(x_t, t, prompts[q : q + 1])).pow(2).mean().backward()
+            reference = reference + torch.cat([p.grad.flatten() for p in model.parameters()])
+        reference = reference / len(steps)
+        # float32 vmap vs loop (~1e-6 relative); the unguided prediction, a clipped x0 or another prompt differ at O(1)
+        torch.testing.assert_close(fast[q], reference, rtol=1e-4, atol=1e-6 * reference.abs().max().item())
+    other = journey_gradients(model, trajectories, timesteps, steps, range(2), 5, a_bar, prompts.flip(0), guidance)
+    assert not torch.allclose(other, fast)  # the prompt reaches the Journey features
+
+
+def test_a_float16_base_keeps_float32_lora_weights_and_gradients(pipeline_dir, pool):
+    model_cfg = tiny_config()["model"]
+    full, _ = latent.make_denoiser(pipeline_dir, model_cfg, pool["captions"], 0, "cpu")
+    half, _ = latent.make_denoiser(pipeline_dir, {**model_cfg, "base_dtype": "float16"}, pool["captions"], 0, "cpu")
+    assert {b.dtype for b in half.unet.buffers() if b.is_floating_point()} == {torch.float16}
+    assert {p.dtype for p in half.parameters()} == {torch.float32}  # trainable LoRA weights stay float32
+    for p in half.parameters():  # B = 0 at initialisation: give the LoRA branch a value to differentiate through
+        p.data.normal_(0, 0.1, generator=torch.Generator().manual_seed(p.numel()))
+    full.load_state_dict(dict(half.named_parameters()), strict=False)
+    x = torch.from_numpy(pool["train_images"][:4])
+    t, cond = torch.tensor([10, 300, 600, 900]), torch.from_numpy(pool["train_labels"][:4])
+    eps = torch.randn(x.shape, generator=torch.Generator().manual_seed(2))
+    a_bar = alphas_cumprod(DIFFUSION)
+    grads, losses = [], []
+    for model in (full, half):
+        model.zero_grad()
+        a = a_bar[t].view(-1, 1, 1, 1)
+        prediction = model(a.sqrt() * x + (1 - a).sqrt() * eps, t, cond)
+        assert prediction.dtype == torch.float32
+        loss = (eps - prediction).pow(2).mean()
+        loss.backward()
+        losses.append(loss.item())
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    assert grads[1].dtype == torch.float32
+    # float16 rounds each activation to ~5e-4 relative: the loss and the gradient direction agree to ~1e-2; a base
+    # left in float32, a LoRA branch dropped or a wrong cast would give exact equality or an O(1) difference
+    assert losses[0] != losses[1] and abs(losses[1] - losses[0]) < 2e-2 * losses[0]
+    assert torch.nn.functional.cosine_similarity(grads[0], grads[1], dim=0) > 0.99
+
+
+def test_fine_tuning_on_a_float16_base_trains_the_lora_weights(pool, tmp_path):
+    config = tiny_config()
+    config["model"] = {**config["model"], "base_dtype": "float16"}
+    latent.train_family_model(config, pool, np.arange(12), 0, tmp_path / "half.pt")
+    model, _ = latent.load_model(tmp_path / "half.pt", config["model"])
+    assert model.base_dtype == torch.float16
+    lora_b = [p for n, p in model.named_parameters() if ".lora_B." in n]
+    # B starts at 0: non-zero, finite B means the scaled, unscaled and clipped steps reached the LoRA weights
+    assert all(torch.isfinite(p).all() for p in lora_b) and any(p.abs().max() > 0 for p in lora_b)
