@@ -77,7 +77,7 @@ def open_store(path: str | Path, expected: dict | None = None) -> np.ndarray:
     return array
 
 
-def _reusable(path: Path, identity: dict) -> bool:
+def reusable(path: Path, identity: dict) -> bool:
     try:
         open_store(path, identity)
     except ArtefactError as exc:

@@ -179,9 +179,8 @@ def add_lora(unet, model_cfg: dict, seed: int) -> None:
     """peft LoRA adapters (model.lora: rank, alpha, targets) on the UNet, initialised from the seed; B = 0, so the
     adapted UNet starts as the base."""
     from diffusers.models.attention_processor import AttnProcessor
-    from peft import LoraConfig
-
     from diffusers.training_utils import cast_training_params
+    from peft import LoraConfig
 
     settings = lora_settings(model_cfg)
     torch.manual_seed(seed)

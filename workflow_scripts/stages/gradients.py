@@ -53,7 +53,7 @@ from workflow_scripts.core.curvature import ParamLayout
 from workflow_scripts.core.data import load_queries
 from workflow_scripts.core.measurement import iter_gradients
 from workflow_scripts.core.projection import SPARSE, build_projector
-from workflow_scripts.core.store import _reusable, array_digest, new_store, write_store
+from workflow_scripts.core.store import array_digest, new_store, reusable, write_store
 from workflow_scripts.dag.paths import measurement_splits, parse_feature_tag
 from workflow_scripts.families.ddpm import add_noise, alphas_cumprod, output_function, predict_noise, timestep_grid
 from workflow_scripts.families.latent import guidance_scale
@@ -534,7 +534,7 @@ def run(args, config: dict) -> None:
             guidance=guidance,
         )
         path = out / "generated.npy"
-        if not _reusable(path, identity):
+        if not reusable(path, identity):
             features = compute_journey_features(
                 model,
                 trajectories,
@@ -562,7 +562,7 @@ def run(args, config: dict) -> None:
         residual_identity = (
             store_identity(config, payload, fn, RESIDUAL, len(images), **common) if split == "train" else None
         )
-        if _reusable(path, identity) and (residual_identity is None or _reusable(residual_path, residual_identity)):
+        if reusable(path, identity) and (residual_identity is None or reusable(residual_path, residual_identity)):
             continue
         project = project or make_projector(model, config["gradients"], config["seeds"], device)
         with new_store(identity, path) as features:  # filled batch by batch, never all in RAM (CIFAR-10: GBs)
@@ -619,7 +619,7 @@ def run_measurement(args, config: dict, model, payload: dict, fn: str, k: int, d
         images = queries[split]
         path = Path(args.out_dir) / f"{split}.npy"
         identity = measurement_identity(config, payload, fn, split, images, k, target, samples)
-        if _reusable(path, identity):
+        if reusable(path, identity):
             continue
         project = project or make_projector(model, config["gradients"], config["seeds"], device)
         with new_store(identity, path) as features:
