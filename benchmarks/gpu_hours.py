@@ -51,7 +51,7 @@ sys.path.insert(0, str(REPO))
 from workflow_scripts.dag import paths
 from workflow_scripts.dag.config import image_size, load_config
 from workflow_scripts.families.ddpm import alphas_cumprod, build_model, predict_noise, simple_loss
-from workflow_scripts.families.latent import LatentDenoiser, add_lora, lora_settings
+from workflow_scripts.families.latent import LatentDenoiser, add_lora, encode_resolution, lora_settings
 from workflow_scripts.families.latent_miniature import MAX_TOKENS, base_settings, build_components, write_tokenizer
 from workflow_scripts.families.likelihood import measure_settings, model_family
 
@@ -134,9 +134,9 @@ def latent_architecture(config: dict) -> dict:
     }
 
 
-def latent_shape(vae_config: dict) -> tuple[int, int, int]:
-    """The encode stage's latents: images resized to the VAE's sample_size, downsampled once per block but the last."""
-    size = vae_config["sample_size"] // 2 ** (len(vae_config["block_out_channels"]) - 1)
+def latent_shape(config: dict, vae_config: dict) -> tuple[int, int, int]:
+    """The encode stage's latents: images at latent.encode_resolution, downsampled once per VAE block but the last."""
+    size = encode_resolution(config["data"], vae_config) // 2 ** (len(vae_config["block_out_channels"]) - 1)
     return vae_config["latent_channels"], size, size
 
 
@@ -155,7 +155,7 @@ def network(config: dict, device) -> tuple[torch.nn.Module, tuple[int, int, int]
         add_lora(unet, config["model"], seed=0)
         # one caption and the empty one: the length of the caption table does not change the cost of a pass
         model = LatentDenoiser(unet, torch.zeros(2, *arch["text"]))
-    return model, latent_shape(arch["vae"])
+    return model, latent_shape(config, arch["vae"])
 
 
 def count_flops(fn) -> float:
@@ -166,18 +166,20 @@ def count_flops(fn) -> float:
 
 
 @torch.no_grad()
-def vae_flops(vae_config: dict) -> dict:
-    """FLOPs per image of the VAE encoder at its sample_size (the encode stage resizes to it) and of the decoder."""
+def vae_flops(config: dict, vae_config: dict) -> dict:
+    """FLOPs per image of the VAE encoder at the encode stage's resolution (latent.encode_resolution) and of the
+    decoder."""
     from diffusers import AutoencoderKL
 
+    size = encode_resolution(config["data"], vae_config)
     with torch.device("meta"):
         vae = AutoencoderKL.from_config(vae_config)
-        x = torch.zeros(1, vae.config.in_channels, vae.config.sample_size, vae.config.sample_size)
+        x = torch.zeros(1, vae.config.in_channels, size, size)
     z = vae.encode(x).latent_dist.mode()
     return {
         "encode_flops": count_flops(lambda: vae.encode(x).latent_dist.mode()),
         "decode_flops": count_flops(lambda: vae.decode(z).sample),
-        "vae_resolution": vae.config.sample_size,
+        "vae_resolution": size,
     }
 
 
@@ -225,7 +227,7 @@ def measure_model(config: dict, batch: int, cpu: bool = True) -> dict:
     }
     if model_family(config["model"]) == "latent":
         arch = latent_architecture(config)
-        cost.update(vae_flops(arch["vae"]), source=arch["source"])
+        cost.update(vae_flops(config, arch["vae"]), source=arch["source"])
     return cost
 
 
@@ -344,8 +346,8 @@ def stage_passes(config: dict, cost: dict) -> list[tuple[str, str, float, str]]:
             gradient_passes += n_query * per_query_draws * tr
             continue
         spec = paths.parse_feature_tag(directory.rsplit("/", 1)[1])
-        if kind == "journey":
-            gradient_passes += s["n_generated"] * spec["timesteps"] * tr
+        if kind == "journey":  # per sampling step: the sampler's (guided) x0-prediction, then one loss gradient
+            gradient_passes += s["n_generated"] * spec["timesteps"] * (guided + tr)
         elif (
             kind == "sketch"
         ):  # one forward + r backward passes (backward ~ train - forward) per timestep, + residual forward

@@ -232,6 +232,13 @@ def load_model(path, model_cfg: dict, device="cpu") -> tuple[LatentDenoiser, dic
 
 
 # ---------------------------------------------------------------------------------------------- model inputs
+def encode_resolution(data_cfg: dict, vae_config) -> int:
+    """The image size the encode stage gives the VAE: data.resolution when the data set has one (ArtBench's 256 px
+    for miniSD, whatever the VAE config's sample_size says), else the VAE's own sample_size (the miniature base
+    upsamples the 8x8 digits to it)."""
+    return int(data_cfg.get("resolution") or vae_config["sample_size"])
+
+
 @torch.no_grad()
 def encode_images(vae, images: np.ndarray, batch_size: int, device, resolution: int | None = None) -> np.ndarray:
     """VAE latents mode() * scaling_factor of images in [-1, 1] (n, C, H, W), resized to `resolution` first."""

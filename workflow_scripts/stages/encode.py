@@ -1,7 +1,7 @@
 """Stage `encode` (model.family latent): the model inputs of the latent family, encoded once per data set.
 
 Writes latents.npz with the keys of dataset.npz (train_images / heldout_images are now VAE latents,
-mode() * scaling_factor, of the images resized to the VAE's resolution), the caption table `captions` (one per
+mode() * scaling_factor, of the images at latent.encode_resolution: data.resolution, else the VAE's sample_size), the caption table `captions` (one per
 class; train_labels / heldout_labels index it) and the base pipeline it was encoded with (`pipeline`, and its
 sha256 `pipeline_sha256`, which every LoRA trained on these latents records). Every retraining reuses it.
 """
@@ -14,7 +14,13 @@ import numpy as np
 
 from workflow_scripts.core import data as core_data
 from workflow_scripts.core.common import log, save_npz, select_device
-from workflow_scripts.families.latent import base_dtype, encode_images, load_components, pipeline_digest
+from workflow_scripts.families.latent import (
+    base_dtype,
+    encode_images,
+    encode_resolution,
+    load_components,
+    pipeline_digest,
+)
 from workflow_scripts.families.latent_miniature import pool_captions
 
 
@@ -37,7 +43,7 @@ def run(args, config: dict) -> None:
     device = select_device(config["compute"])
     dataset = core_data.load_dataset(args.dataset)
     parts = load_components(args.pipeline, device, base_dtype(config["model"], device))
-    resolution = parts["vae"].config.sample_size
+    resolution = encode_resolution(config["data"], parts["vae"].config)
     batch = config["measure"]["batch_size"]
     latents = {
         split: encode_images(parts["vae"], dataset[f"{split}_images"], batch, device, resolution)
