@@ -184,11 +184,12 @@ def full_precision_attention(model: torch.nn.Module) -> None:
     """diffusers' attention blocks compute the softmax in float32 (upcast_softmax=True): in a float64 model that
     rounds every step to float32 precision and makes finite differences in w meaningless. Compute it in the model's
     dtype instead (a no-op for float32 models, whose softmax is float32 anyway)."""
+    from diffusers.models.attention_processor import Attention
+
+    # the attention layers only: a UNet2DConditionModel also answers upcast_attention, from its (deprecated) config
     for module in model.modules():
-        if hasattr(module, "upcast_softmax"):
-            module.upcast_softmax = False
-        if hasattr(module, "upcast_attention"):
-            module.upcast_attention = False
+        if isinstance(module, Attention):
+            module.upcast_softmax = module.upcast_attention = False
 
 
 def initial_state(model: torch.nn.Module) -> State:
