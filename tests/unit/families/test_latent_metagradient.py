@@ -135,32 +135,33 @@ def stage(*argv):
 
 def test_metagradient_stage_measures_the_queries_as_the_measure_stage(tiny_config, pool, tmp_path):
     """Rule metagradient on latents.npz: the recomputed training ends at the full LoRA checkpoint (check_full_model),
-    and m_q at theta_T is the measure stage's loss of that checkpoint, each query under its own caption."""
+    m_q at theta_T is the measure stage's loss of that checkpoint, each query under its own caption, and the scorer
+    computing in-process (no chunk files) gives the chunk's scores."""
+    from workflow_scripts.scorers import get_scorer
+    from workflow_scripts.stages.scores import ScorerInputs
+
     method = {"family": "metagradient", "max_queries": 2, "checkpoint_every": 2}
     cfg = {**tiny_config, "scores": {**tiny_config["scores"], "methods": {"magic": method}}}
-    save_npz(tmp_path / "latents.npz", **pool)
-    generated = np.random.default_rng(2).standard_normal((2, 4, 8, 8)).astype(np.float32)
-    save_npz(tmp_path / "samples.npz", images=generated, labels=np.array([4, 8]))
+    files = {name: tmp_path / f"{name}.npz" for name in ("latents", "samples", "chunk000", "measurement")}
+    save_npz(files["latents"], **pool)
+    generated = np.random.default_rng(2).standard_normal((3, 4, 8, 8)).astype(np.float32)
+    save_npz(files["samples"], images=generated, labels=np.array([4, 8, 0]))
     model = tmp_path / "full.pt"
     latent.train_family_model(cfg, pool, np.arange(N_TRAIN), 0, model)
-    common = ["--dataset", tmp_path / "latents.npz", "--samples", tmp_path / "samples.npz", "--model", model]
+    inputs = ["--dataset", files["latents"], "--samples", files["samples"], "--model", model]
     stage(
-        "metagradient",
-        *["--config", paths.metagradient_config(cfg, "magic"), "--method", "magic", *common],
-        *["--queries", "generated=0,1", "heldout=1,2", "--out", tmp_path / "chunk000.npz"],
+        *["metagradient", "--config", paths.metagradient_config(cfg, "magic"), "--method", "magic", *inputs],
+        *["--queries", "generated=0,1", "heldout=0,1", "--out", files["chunk000"]],
     )
-    stage(
-        "measure",
-        "--config",
-        paths.stage_config(cfg, "measure"),
-        *common[:4],
-        "--model",
-        model,
-        "--out",
-        tmp_path / "m.npz",
-    )
-    chunk, measured = load_npz(tmp_path / "chunk000.npz"), load_npz(tmp_path / "m.npz")
+    stage("measure", "--config", paths.stage_config(cfg, "measure"), *inputs, "--out", files["measurement"])
+    chunk, measured = load_npz(files["chunk000"]), load_npz(files["measurement"])
     assert json.loads(str(chunk["info"]))["n_queries"] == 4
-    np.testing.assert_allclose(chunk["generated_values"], measured["generated"][[0, 1]], rtol=1e-5)
-    np.testing.assert_allclose(chunk["heldout_values"], measured["heldout"][[1, 2]], rtol=1e-5)
-    assert np.isfinite(chunk["heldout_scores"]).all() and np.abs(chunk["heldout_scores"]).max() > 0
+    for name in ("generated", "heldout"):
+        np.testing.assert_allclose(chunk[f"{name}_values"], measured[name][:2], rtol=1e-5)
+
+    scorer_inputs = ScorerInputs(str(files["latents"]), str(files["samples"]), model_path=str(model), config=cfg)
+    [(_, direct)] = get_scorer("metagradient").compute(method, scorer_inputs, [1.0])
+    for name in ("generated", "heldout"):
+        np.testing.assert_allclose(direct[name][:2], chunk[f"{name}_scores"], rtol=1e-5, atol=1e-7)
+        assert np.abs(direct[name][:2]).max() > 0
+    assert np.isnan(direct["generated"][2]).all()  # beyond max_queries: not attributed
