@@ -4,19 +4,23 @@ Training as a deterministic function of per-example weights w (one weight per tr
 
     theta_T(w) = A(w),  state s_{k+1} = h_k(s_k, w),  s = (theta, m, v)  (AdamW parameters and moments),
 
-with the project's training exactly (train.train_model on ALL training examples): the same initialisation
-(seed), the same data order (train.batch_indices over all N examples, so removing an example by w_i = 0 does not
-change the order), the same (t, eps) draws per step (a pure function of (seed, step)), the batch loss
-sum_{i in B_k} w_i l_i / |B_k|, gradient-norm clipping (torch.nn.utils.clip_grad_norm_), AdamW (torch's
-single-tensor CPU algorithm: decoupled weight decay, bias corrections, eps outside the square root) and the diffusers
-cosine schedule with linear warm-up. Everything here is written functionally on dicts of tensors so that
-torch.autograd differentiates through it; with w = 1 (and with 0/1 weights) it reproduces train.train_model's final
-parameters bit for bit on CPU (`tests/unit/scorers/test_metagradient.py`; same kernels: foreach norms in the clipping, lerp /
-addcmul / addcdiv in AdamW, the schedule's own lr values).
+with the family's training exactly (its train_family_model on ALL training examples), as the family describes it
+(families.registry.training_replay): the same initialisation (seed; the latent family: its LoRA adapters), the same
+data order (core.seeds.batch_indices over all N examples, so removing an example by w_i = 0 does not change the
+order), the same per-step draws (a pure function of (seed, step): t and eps; the latent family also its caption
+dropout and latent flips, and the condition of every example), the batch loss sum_{i in B_k} w_i l_i / |B_k|,
+gradient-norm clipping (torch.nn.utils.clip_grad_norm_; the latent family only when train.grad_clip is set), AdamW
+(torch's single-tensor CPU algorithm: decoupled weight decay, bias corrections, eps outside the square root) and the
+diffusers cosine schedule with linear warm-up. The parameters are the model's named_parameters(): all of the DDPM
+UNet, the LoRA adapters alone for the latent family (its base weights are buffers). Everything here is written
+functionally on dicts of tensors so that torch.autograd differentiates through it; with w = 1 (and with 0/1 weights)
+it reproduces the family's training bit for bit on CPU (tests/unit/scorers/test_metagradient.py,
+tests/unit/families/test_latent_metagradient.py; same kernels: foreach norms in the clipping, lerp / addcmul /
+addcdiv in AdamW, the schedule's own lr values).
 
 Scores (docs/methods.md sign convention): S[q, i] = -d m_q(theta_T(w)) / d w_i at w = 1, m_q = the simple loss of query q
 over the fixed measurement draws of measure.py (diffusion.measurement_draws, seeds.measure, stream = query-set
-index). Removing z_i is w_i: 1 -> 0, so to first order m_q(w^{-i}) - m_q(1) = -dm_q/dw_i = S[q, i]: positive = the
+index), conditioned on the query's caption for the latent family (core.data.load_conditions, as the measure stage). Removing z_i is w_i: 1 -> 0, so to first order m_q(w^{-i}) - m_q(1) = -dm_q/dw_i = S[q, i]: positive = the
 removal raises the loss (z_i helped). LDS prediction for a subset: sum_{i not in S_j} S[q, i] (first-order Taylor
 expansion in w, the MAGIC estimate).
 
@@ -47,26 +51,30 @@ Cost (benchmarks/metagradient_cost.py, default model, 600 steps, CPU time): 5.6 
 (forward 1x, recomputation ~1x, per step the graph = forward + create_graph gradient, and one double-backward VJP),
 2.6 training runs for each further query (its VJPs); peak RSS ~440 MB above the ~820 MB baseline. Vectorising the
 queries (autograd.grad(is_grads_batched=True), or torch.func vmap over forward-over-reverse HVPs) measured no faster
-on CPU: the per-query work is FLOP-bound, not overhead-bound.
+on CPU: the per-query work is FLOP-bound, not overhead-bound. The latent family (configs/latent.yaml: 15,360 LoRA
+parameters, 300 examples, batch 64; measured over 40 steps, CPU time, loaded machine): 5.1 fine-tunings for the
+first query, 1.35 for each further one (the frozen base's forward dominates both), one fine-tuning ~55 s at 400 steps.
 """
 
 from __future__ import annotations
 
 import resource
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
 from torch.func import functional_call
 
-from workflow_scripts.core.common import generator, log, rng
+from workflow_scripts.core.common import log
 from workflow_scripts.core.contracts import QUERY_SETS
-from workflow_scripts.core.seeds import INIT_STREAM, NOISE_STREAM, batch_indices, training_seed
-from workflow_scripts.families.ddpm import add_noise, alphas_cumprod, build_model, measurement_draws, train_model
+from workflow_scripts.families.ddpm import Batch, add_noise, alphas_cumprod, measurement_draws
+from workflow_scripts.families.registry import is_conditional, train_family_model, training_replay
 from workflow_scripts.scorers.metagradient import default_every
 
-# torch.optim.AdamW defaults (train.py does not override them)
+# torch.optim.AdamW defaults (the families' trainings do not override them)
 BETAS = (0.9, 0.999)
 
 
@@ -80,7 +88,7 @@ State = dict  # {"params": {name: tensor}, "exp_avg": {...}, "exp_avg_sq": {...}
 
 
 def lr_schedule(train_cfg: dict) -> list[float]:
-    """The learning rate of every optimizer step, exactly as train.py's diffusers schedule gives it."""
+    """The learning rate of every optimizer step, exactly as the families' diffusers schedule gives it."""
     from diffusers.optimization import get_cosine_schedule_with_warmup
 
     steps = int(train_cfg["steps"])
@@ -99,15 +107,13 @@ class TrainingProblem:
     """Everything the training function needs besides the weights: model template, data, per-step randomness."""
 
     model: torch.nn.Module  # used only as a functional template (functional_call)
-    images: torch.Tensor  # (N, C, H, W) on device, in the training dtype
+    images: torch.Tensor  # (N, C, H, W) model inputs on device, in the training dtype
     a_bar: torch.Tensor
-    seed: int
+    batches: Callable[[int], Batch]  # step -> the family's batch of that step (ddpm.TrainingBatches and subclasses)
     steps: int
-    batch_size: int
     lrs: list[float]
     weight_decay: float
-    grad_clip: float
-    num_train_timesteps: int
+    grad_clip: float | None  # None: no clipping
     betas: tuple[float, float] = BETAS
     adam_eps: float = ADAM_EPS
     names: list[str] = field(default_factory=list)
@@ -130,51 +136,48 @@ class TrainingProblem:
     def dtype(self):
         return self.images.dtype
 
-    def batch(self, step: int):
-        """(idx, t, eps) of step `step`: train.train_model's draws, members = all training examples."""
-        idx = batch_indices(np.arange(self.n_train), self.batch_size, self.seed, step)
-        g = generator(self.seed, NOISE_STREAM, step)
-        t = torch.randint(0, self.num_train_timesteps, (len(idx),), generator=g)
-        eps = torch.randn(len(idx), *self.images.shape[1:], generator=g)
-        return (torch.from_numpy(idx).to(self.device), t.to(self.device), eps.to(device=self.device, dtype=self.dtype))
+    def batch(self, step: int) -> Batch:
+        """The examples and draws of step `step`, as the family's training makes them (members = all examples)."""
+        return self.batches(step)
 
     def n_params(self) -> int:
         return sum(p.numel() for p in self.model.parameters())
 
 
+def model_inputs(dataset) -> dict:
+    """The family's model inputs as a dict (dataset.npz / latents.npz); a bare array is a pixel family's training
+    images."""
+    return dataset if isinstance(dataset, dict) else {"train_images": np.asarray(dataset)}
+
+
 def build_problem(
     config: dict,
-    images: np.ndarray,
+    dataset,
     replicate: int = 0,
     dtype=torch.float32,
     device: torch.device | str = "cpu",
     model: torch.nn.Module | None = None,
 ) -> tuple[TrainingProblem, State]:
-    """The training problem of train.train_model(config, images, all members, replicate) and its initial state.
+    """The training problem of the family's train_family_model(config, dataset, all members, replicate) and its
+    initial state. dataset: the model inputs (model_inputs).
 
-    `model`: another denoiser (forward(x_t, t) -> tensor or .sample) for tests; default: the project's UNet built
-    exactly as train.py builds it (same global-seed initialisation)."""
+    `model`: another denoiser of the same signature for tests; default: the family's model initialised exactly as
+    its training initialises it."""
     train_cfg = config["train"]
-    seed = training_seed(config, replicate)
-    if model is None:
-        torch.manual_seed(int(rng(seed, INIT_STREAM).integers(2**31)))
-        model = build_model(config["model"], images.shape[1:])
-    model = model.to(device=device, dtype=dtype)
+    replay = training_replay(config, model_inputs(dataset), replicate, device, dtype)
+    model = (replay.model if model is None else model).to(device=device, dtype=dtype)
     if dtype != torch.float32:
         full_precision_attention(model)
     model.train()
-    x = torch.as_tensor(np.asarray(images), dtype=dtype, device=device)
     problem = TrainingProblem(
         model=model,
-        images=x,
+        images=replay.batches.images,
         a_bar=alphas_cumprod(config["diffusion"]).to(device=device, dtype=dtype),
-        seed=seed,
+        batches=replay.batches,
         steps=int(train_cfg["steps"]),
-        batch_size=int(train_cfg["batch_size"]),
         lrs=lr_schedule(train_cfg),
         weight_decay=float(train_cfg["weight_decay"]),
-        grad_clip=float(train_cfg["grad_clip"]),
-        num_train_timesteps=int(config["diffusion"]["num_train_timesteps"]),
+        grad_clip=replay.grad_clip,
     )
     return problem, initial_state(model)
 
@@ -183,11 +186,12 @@ def full_precision_attention(model: torch.nn.Module) -> None:
     """diffusers' attention blocks compute the softmax in float32 (upcast_softmax=True): in a float64 model that
     rounds every step to float32 precision and makes finite differences in w meaningless. Compute it in the model's
     dtype instead (a no-op for float32 models, whose softmax is float32 anyway)."""
+    from diffusers.models.attention_processor import Attention
+
+    # the attention layers only: a UNet2DConditionModel also answers upcast_attention, from its (deprecated) config
     for module in model.modules():
-        if hasattr(module, "upcast_softmax"):
-            module.upcast_softmax = False
-        if hasattr(module, "upcast_attention"):
-            module.upcast_attention = False
+        if isinstance(module, Attention):
+            module.upcast_softmax = module.upcast_attention = False
 
 
 def initial_state(model: torch.nn.Module) -> State:
@@ -213,15 +217,16 @@ def check_weights(problem: TrainingProblem, weights) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------------------------
 # One training step, functionally
 # ----------------------------------------------------------------------------------------------------------------
-def _predict(model, params, x_t, t):
-    out = functional_call(model, params, (x_t, t))
+def _predict(model, params, x_t, t, cond=None):
+    """eps_theta(x_t, t) of an unconditional model, eps_theta(x_t, t, cond) of a conditional one."""
+    out = functional_call(model, params, (x_t, t) if cond is None else (x_t, t, cond))
     return out.sample if hasattr(out, "sample") else out
 
 
-def batch_loss(problem: TrainingProblem, params: dict, weights_batch: torch.Tensor, idx, t, eps) -> torch.Tensor:
-    """sum_{i in B} w_i l_i / |B| with l_i the simple loss of diffusion.simple_loss."""
-    x_t = add_noise(problem.images[idx], t, eps, problem.a_bar)
-    per_example = (eps - _predict(problem.model, params, x_t, t)).pow(2).flatten(1).mean(1)
+def batch_loss(problem: TrainingProblem, params: dict, weights_batch: torch.Tensor, batch: Batch) -> torch.Tensor:
+    """sum_{i in B} w_i l_i / |B| with l_i the simple loss of ddpm.simple_loss."""
+    x_t = add_noise(batch.x0, batch.t, batch.eps, problem.a_bar)
+    per_example = (batch.eps - _predict(problem.model, params, x_t, batch.t, batch.cond)).pow(2).flatten(1).mean(1)
     return (weights_batch * per_example).mean()
 
 
@@ -239,11 +244,12 @@ def training_step(
     batch=None,
     create_graph: bool = False,
 ) -> State:
-    """h_step(state, w): gradient of the weighted batch loss, clip_grad_norm_, AdamW; returns the new state.
+    """h_step(state, w): gradient of the weighted batch loss, clip_grad_norm_ (when the family clips), AdamW;
+    returns the new state.
 
     With create_graph the result is a differentiable function of state and weights_batch (whatever of them
     requires grad); otherwise the new state is detached."""
-    idx, t, eps = batch if batch is not None else problem.batch(step)
+    batch = batch if batch is not None else problem.batch(step)
     params = state["params"]
     names = problem.names
     with torch.enable_grad():
@@ -251,15 +257,16 @@ def training_step(
             leaves = params
         else:
             leaves = {n: p.detach().requires_grad_() for n, p in params.items()}
-        loss = batch_loss(problem, leaves, weights_batch, idx, t, eps)
+        loss = batch_loss(problem, leaves, weights_batch, batch)
         grads = torch.autograd.grad(loss, [leaves[n] for n in names], create_graph=create_graph, materialize_grads=True)
-    # contiguous: the layout AccumulateGrad gives .grad in train.py (autograd.grad may return e.g. transposed conv
+    # contiguous: the layout AccumulateGrad gives .grad in training (autograd.grad may return e.g. transposed conv
     # weight gradients); _foreach_norm sums in memory order, so another layout changes the norm in the last bit
     grads = [g.detach().contiguous() if not create_graph else g.contiguous() for g in grads]
-    # torch.nn.utils.clip_grad_norm_ (foreach norms on CPU), differentiable
-    total_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads, 2.0)), 2.0)
-    coef = torch.clamp(problem.grad_clip / (total_norm + CLIP_EPS), max=1.0)
-    grads = [g * coef for g in grads]
+    if problem.grad_clip is not None:
+        # torch.nn.utils.clip_grad_norm_ (foreach norms on CPU), differentiable
+        total_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads, 2.0)), 2.0)
+        coef = torch.clamp(problem.grad_clip / (total_norm + CLIP_EPS), max=1.0)
+        grads = [g * coef for g in grads]
     # torch.optim.AdamW, single-tensor algorithm, step count k + 1
     lr = problem.lrs[step]
     beta1, beta2 = problem.betas
@@ -294,7 +301,7 @@ def train(
         if every is not None and (step - start) % every == 0:
             checkpoints[step] = state
         batch = problem.batch(step)
-        state = training_step(problem, state, w[batch[0]], step, batch)
+        state = training_step(problem, state, w[batch.idx], step, batch)
     return state, checkpoints
 
 
@@ -303,12 +310,13 @@ def train_function(problem: TrainingProblem, state0: State, weights) -> dict[str
     return train(problem, state0, weights)[0]["params"]
 
 
-def retrain_weighted(config: dict, images: np.ndarray, weights: np.ndarray, replicate: int, out, device=None):
-    """This method's own ground truth (fixed seed and order, removed examples weighted 0): train.train_model on ALL
-    training examples with per-example weights. Returns the checkpoint path."""
-    return train_model(
-        config, images, np.arange(len(images)), replicate, out, weights=np.asarray(weights, np.float64), device=device
-    )
+def retrain_weighted(config: dict, dataset, weights: np.ndarray, replicate: int, out) -> Path:
+    """This method's own ground truth (fixed seed and order, removed examples weighted 0): the family's
+    train_family_model on ALL training examples with per-example weights. Returns the checkpoint path."""
+    dataset = model_inputs(dataset)
+    members = np.arange(len(dataset["train_images"]))
+    train_family_model(config, dataset, members, replicate, out, weights=np.asarray(weights, np.float64))
+    return Path(out)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -316,20 +324,22 @@ def retrain_weighted(config: dict, images: np.ndarray, weights: np.ndarray, repl
 # ----------------------------------------------------------------------------------------------------------------
 @dataclass
 class QueryDraws:
-    """Query images with their fixed measurement draws: m_q = mean_k ||eps_qk - eps_theta(x_t, t_k)||^2 / D."""
+    """Query images with their fixed measurement draws: m_q = mean_k ||eps_qk - eps_theta(x_t, t_k[, c_q])||^2 / D."""
 
     images: torch.Tensor  # (Q, C, H, W)
     t: torch.Tensor  # (K,) long, shared by all queries (measure.py)
     eps: torch.Tensor  # (Q, K, C, H, W)
+    cond: torch.Tensor | None = None  # (Q,) long: each query's condition (caption index) for a conditional model
 
     def __len__(self):
         return int(self.images.shape[0])
 
 
 def measurement_queries(
-    config: dict, images: np.ndarray, stream: int, indices=None, dtype=torch.float32, device="cpu"
+    config: dict, images: np.ndarray, stream: int, indices=None, dtype=torch.float32, device="cpu", cond=None
 ) -> QueryDraws:
-    """The measure stage's draws for queries `indices` (default: all) of a query set (stream = QUERY_SETS index)."""
+    """The measure stage's draws for queries `indices` (default: all) of a query set (stream = QUERY_SETS index).
+    cond: the conditions of ALL the set's images (core.data.load_conditions), for a conditional model."""
     n = len(images)
     indices = np.arange(n) if indices is None else np.asarray(indices, dtype=np.int64)
     if len(indices) and (indices.min() < 0 or indices.max() >= n):
@@ -347,7 +357,8 @@ def measurement_queries(
     )
     x = torch.as_tensor(np.asarray(images)[indices], dtype=dtype, device=device)
     eps = eps[torch.from_numpy(indices)]
-    return QueryDraws(x, t.to(device), eps.to(device=device, dtype=dtype))
+    c = None if cond is None else torch.as_tensor(np.asarray(cond, np.int64)[indices], device=device)
+    return QueryDraws(x, t.to(device), eps.to(device=device, dtype=dtype), c)
 
 
 def query_value_and_grad(
@@ -363,7 +374,8 @@ def query_value_and_grad(
             t = queries.t[start : start + batch_size]
             eps = queries.eps[q, start : start + batch_size]
             x0 = queries.images[q].expand(len(t), *queries.images.shape[1:])
-            pred = _predict(problem.model, leaves, add_noise(x0, t, eps, problem.a_bar), t)
+            cond = None if queries.cond is None else queries.cond[q].expand(len(t))
+            pred = _predict(problem.model, leaves, add_noise(x0, t, eps, problem.a_bar), t, cond)
             part = (eps - pred).pow(2).flatten(1).mean(1).sum() / total_draws
             g = torch.autograd.grad(part, [leaves[n] for n in problem.names], materialize_grads=True)
             for n, gi in zip(problem.names, g):
@@ -461,13 +473,13 @@ def metagradients(
         states = [checkpoints[seg_start]]
         for step in range(seg_start, seg_stop - 1):
             batch = problem.batch(step)
-            states.append(training_step(problem, states[-1], w[batch[0]], step, batch))
+            states.append(training_step(problem, states[-1], w[batch.idx], step, batch))
         time_recompute += time.perf_counter() - tr
         for step in range(seg_stop - 1, seg_start - 1, -1):
             state = states.pop()
             batch = problem.batch(step)
             leaves = {key: {n: x.detach().requires_grad_() for n, x in state[key].items()} for key in keys}
-            wb = w[batch[0]].detach().clone().requires_grad_()
+            wb = w[batch.idx].detach().clone().requires_grad_()
             new = training_step(problem, leaves, wb, step, batch, create_graph=True)
             outputs = [new[key][n] for key in keys for n in names]
             inputs = [leaves[key][n] for key in keys for n in names] + [wb]
@@ -481,7 +493,7 @@ def metagradients(
                 )
                 it = iter(grads)
                 adjoints[q] = {key: {n: next(it).detach() for n in names} for key in keys}
-                dm_dw[q].index_add_(0, batch[0], next(it).detach().to(torch.float64))
+                dm_dw[q].index_add_(0, batch.idx, next(it).detach().to(torch.float64))
             del new, outputs, inputs, leaves
             done += 1
             if progress_every and done % progress_every == 0:
@@ -498,37 +510,45 @@ def metagradients(
 def concat_queries(parts: list[QueryDraws]) -> QueryDraws:
     if any(not torch.equal(parts[0].t, p.t) for p in parts[1:]):
         raise ValueError("query sets with different measurement timesteps cannot share a reverse pass")
-    return QueryDraws(torch.cat([p.images for p in parts]), parts[0].t, torch.cat([p.eps for p in parts]))
+    cond = None if parts[0].cond is None else torch.cat([p.cond for p in parts])
+    return QueryDraws(torch.cat([p.images for p in parts]), parts[0].t, torch.cat([p.eps for p in parts]), cond)
 
 
 def attribute(
     config: dict,
-    train_images: np.ndarray,
+    dataset,
     query_sets: dict[str, np.ndarray],
     indices: dict[str, np.ndarray] | None = None,
     replicate: int = 0,
     every: int | None = None,
     device="cpu",
     dtype=torch.float32,
+    conditions: dict[str, np.ndarray] | None = None,
 ) -> Attribution:
     """MAGIC scores of the selected queries of every query set, in ONE forward + reverse pass.
 
-    query_sets: {name: images}; the measurement stream of a set is its index in measure.QUERY_SETS (else its
-    position in query_sets). indices: {name: query indices to attribute} (default: all).
+    dataset: the family's model inputs (model_inputs). query_sets: {name: images}; the measurement stream of a set
+    is its index in measure.QUERY_SETS (else its position in query_sets). indices: {name: query indices to
+    attribute} (default: all). conditions: {name: the set's conditions} (core.data.load_conditions), required for a
+    conditional family: its queries are measured under their own captions, as in the measure stage.
     Returns scores {name: (len(indices), N) float64, S = -dm/dw at w = 1}, the measurements m_q at theta_T(1),
     the final parameters and cost information (times, memory)."""
     indices = {name: np.arange(len(images)) for name, images in query_sets.items()} if indices is None else indices
     unknown = sorted(set(indices) - set(query_sets))
     if unknown:
         raise ValueError(f"indices for unknown query sets {unknown}; known: {sorted(query_sets)}")
-    problem, state0 = build_problem(config, train_images, replicate, dtype=dtype, device=device)
+    conditional = is_conditional(config["model"])
+    problem, state0 = build_problem(config, dataset, replicate, dtype=dtype, device=device)
     parts, names, sizes = [], [], []
     for position, (name, images) in enumerate(query_sets.items()):
         idx = np.asarray(indices.get(name, []), dtype=np.int64)
         if len(idx) == 0:
             continue
+        cond = (conditions or {}).get(name) if conditional else None
+        if conditional and cond is None:
+            raise ValueError(f"the {name} queries need their conditions: the family measures a query under its caption")
         stream = QUERY_SETS.index(name) if name in QUERY_SETS else position
-        parts.append(measurement_queries(config, images, stream, idx, dtype=dtype, device=device))
+        parts.append(measurement_queries(config, images, stream, idx, dtype=dtype, device=device, cond=cond))
         names.append(name)
         sizes.append(len(idx))
     if not parts:

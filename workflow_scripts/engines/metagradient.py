@@ -6,20 +6,23 @@ from __future__ import annotations
 
 import numpy as np
 
+from workflow_scripts.core import data as core_data
 from workflow_scripts.core.common import ArtefactError, load_torch, log, select_device
-from workflow_scripts.core.seeds import training_identity
-from workflow_scripts.engines.magic import attribute
+from workflow_scripts.engines.magic import attribute, model_inputs
+from workflow_scripts.families.registry import checkpoint_identity, is_conditional
 from workflow_scripts.scorers.metagradient import method_options, selected_queries
 
 
-def check_full_model(model_path: str, config: dict, n_train: int, replicate: int, params: dict) -> float:
-    """The checkpoint must come from the training we differentiated; returns the max |param difference|."""
+def check_full_model(model_path: str, config: dict, dataset, replicate: int, params: dict) -> float:
+    """The checkpoint must come from the training we differentiated (dataset: the model inputs, magic.model_inputs);
+    returns the max |param difference|."""
     payload = load_torch(model_path)
-    expected = training_identity(config, np.arange(n_train), replicate)
+    dataset = model_inputs(dataset)
+    expected = checkpoint_identity(config, dataset, np.arange(len(dataset["train_images"])), replicate)
     if payload.get("config") != expected:
         raise ArtefactError(
-            f"{model_path}: not the model of this training (seed, data, train settings differ); the "
-            "metagradient differentiates train.train_model on all training examples"
+            f"{model_path}: not the model of this training (seed, data, train settings or base differ); the "
+            "metagradient differentiates the family's training on all training examples"
         )
     diff = max(float((payload["state_dict"][n].to(p.dtype) - p.cpu()).abs().max()) for n, p in params.items())
     log.info("metagradient: recomputed final parameters vs %s: max |difference| %.3g", model_path, diff)
@@ -37,21 +40,26 @@ def compute(method_cfg: dict, inputs, lambdas) -> list:
     config = getattr(inputs, "config", None)
     if not config:
         raise ArtefactError("the metagradient scorer needs the full configuration in its inputs (ScorerInputs.config)")
-    train = inputs.train_images()
+    # a conditional family's replay reads the captions and labels of its model inputs, its queries their captions
+    conditional = is_conditional(config["model"])
+    dataset = core_data.load_dataset(inputs.dataset) if conditional else inputs.train_images()
+    conditions = core_data.load_conditions(inputs.dataset, inputs.samples) if conditional else None
+    train = model_inputs(dataset)["train_images"]
     queries = inputs.queries()
     selected = selected_queries({name: len(images) for name, images in queries.items()}, opts["max_queries"])
     device = select_device(config["compute"])
     result = attribute(
         config,
-        train,
+        dataset,
         queries,
         selected,
         replicate=int(opts["replicate"]),
         every=opts["checkpoint_every"],
         device=device,
+        conditions=conditions,
     )
     if getattr(inputs, "model_path", None):
-        check_full_model(inputs.model_path, config, len(train), int(opts["replicate"]), result.final_params)
+        check_full_model(inputs.model_path, config, dataset, int(opts["replicate"]), result.final_params)
     info = result.info
     log.info(
         "metagradient: forward %.1f s, query gradients %.1f s, reverse %.1f s (recompute %.1f s); peak RSS %.0f MB",

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -169,6 +172,58 @@ def load_model(path, model_cfg: dict, device="cpu") -> tuple[UNet2DModel, dict]:
     return load_checkpoint(path, model_cfg, "ddpm-unet", build_model, device)
 
 
+class Batch(NamedTuple):
+    """One training step's examples and random draws."""
+
+    idx: torch.Tensor  # (B,) training indices
+    x0: torch.Tensor  # (B, *input shape) the model inputs the step trains on
+    t: torch.Tensor  # (B,) timesteps
+    eps: torch.Tensor  # (B, *input shape) noise
+    cond: torch.Tensor | None  # (B,) conditions of a conditional family, None for an unconditional one
+
+
+class TrainingBatches:
+    """The batch of every step of train_model: a pure function of (seed, step) -- the members' data order of
+    core.seeds.batch_indices, then (t, eps) from the step's NOISE_STREAM generator. eps takes the images' dtype."""
+
+    def __init__(self, images: torch.Tensor, members, batch_size: int, seed: int, num_train_timesteps: int):
+        self.images, self.members, self.batch_size = images, np.asarray(members), int(batch_size)
+        self.seed, self.num_train_timesteps = seed, int(num_train_timesteps)
+
+    def __call__(self, step: int) -> Batch:
+        device = self.images.device
+        idx = torch.from_numpy(batch_indices(self.members, self.batch_size, self.seed, step)).to(device)
+        g = generator(self.seed, NOISE_STREAM, step)
+        t = torch.randint(0, self.num_train_timesteps, (len(idx),), generator=g).to(device)
+        eps = torch.randn(len(idx), *self.images.shape[1:], generator=g).to(device=device, dtype=self.images.dtype)
+        return Batch(idx, self.images[idx], t, eps, None)
+
+
+@dataclass
+class TrainingReplay:
+    """A family's training on ALL training examples, as the metagradient engine (engines/magic.py) replays it:
+    the model as the training initialises it, the batch of every step, and the gradient clipping."""
+
+    model: torch.nn.Module
+    batches: Callable[[int], Batch]
+    grad_clip: float | None  # None: the family does not clip (clip_grad_norm_ otherwise)
+
+
+def weighted_identity(config: dict, members, replicate: int, weights=None) -> dict:
+    """core.seeds.training_identity, plus the weights' hash for a weighted training (the fixed-seed ground truth is
+    another model than the unweighted one)."""
+    identity = training_identity(config, members, replicate)
+    if weights is not None:
+        identity["weights_sha256"] = hashlib.sha256(np.asarray(weights, np.float64).tobytes()).hexdigest()
+    return identity
+
+
+def initial_model(config: dict, image_shape, seed: int) -> UNet2DModel:
+    """The UNet as a training with this seed starts (global-seed initialisation from INIT_STREAM)."""
+    torch.manual_seed(int(rng(seed, INIT_STREAM).integers(2**31)))
+    return build_model(config["model"], image_shape)
+
+
 def train_model(
     config: dict,
     images: np.ndarray,
@@ -189,14 +244,11 @@ def train_model(
     device = device or select_device(config["compute"])
     train_cfg = config["train"]
     seed = training_seed(config, replicate)
-    identity = training_identity(config, members, replicate)
-    if weights is not None:  # a weighted training (fixed-seed ground truth) is another model than the unweighted one
-        identity["weights_sha256"] = hashlib.sha256(np.asarray(weights, np.float64).tobytes()).hexdigest()
+    identity = weighted_identity(config, members, replicate, weights)
     model_out = Path(model_out)
     resume_path = model_out.with_name(model_out.stem + ".resume.pt")
 
-    torch.manual_seed(int(rng(seed, INIT_STREAM).integers(2**31)))
-    model = build_model(config["model"], images.shape[1:]).to(device)
+    model = initial_model(config, images.shape[1:], seed).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=train_cfg["lr"], weight_decay=train_cfg["weight_decay"])
     schedule = get_cosine_schedule_with_warmup(
         optimizer, int(train_cfg["warmup_fraction"] * train_cfg["steps"]), train_cfg["steps"]
@@ -220,19 +272,16 @@ def train_model(
     x_all = torch.from_numpy(images).to(device)
     w_all = None if weights is None else torch.as_tensor(weights, dtype=torch.float32, device=device)
     checkpoint_paths = checkpoint_paths or {}
-    T = config["diffusion"]["num_train_timesteps"]
+    batches = TrainingBatches(x_all, members, train_cfg["batch_size"], seed, config["diffusion"]["num_train_timesteps"])
     model.train()
     progress = tqdm(range(start, train_cfg["steps"]), desc=f"train {model_out.parent.name}", mininterval=5, file=None)
     for step in progress:
         if stop_after is not None and step >= stop_after:
             return None
-        idx = torch.from_numpy(batch_indices(members, train_cfg["batch_size"], seed, step)).to(device)
-        g = generator(seed, NOISE_STREAM, step)
-        t = torch.randint(0, T, (len(idx),), generator=g).to(device)
-        eps = torch.randn(len(idx), *images.shape[1:], generator=g).to(device)
+        batch = batches(step)
         with precision.autocast():
-            per_example = simple_loss(model, x_all[idx], t, eps, a_bar).float()  # float(): no-op in float32
-        loss = per_example.mean() if w_all is None else (w_all[idx] * per_example).mean()
+            per_example = simple_loss(model, batch.x0, batch.t, batch.eps, a_bar).float()  # float(): no-op in float32
+        loss = per_example.mean() if w_all is None else (w_all[batch.idx] * per_example).mean()
         optimizer.zero_grad(set_to_none=True)
         lr = schedule.get_last_lr()[0]
         precision.step(loss, model, optimizer, train_cfg["grad_clip"])
@@ -368,6 +417,22 @@ def train_family_model(
     config: dict, dataset: dict, members, replicate: int, model_out, checkpoint_paths=None, weights=None
 ) -> None:
     train_model(config, dataset["train_images"], members, replicate, model_out, checkpoint_paths, weights=weights)
+
+
+def checkpoint_identity(config: dict, dataset: dict, members, replicate: int, weights=None) -> dict:
+    """The identity train_family_model records in its checkpoints (the dataset does not enter it)."""
+    return weighted_identity(config, members, replicate, weights)
+
+
+def training_replay(config: dict, dataset: dict, replicate: int, device="cpu", dtype=torch.float32) -> TrainingReplay:
+    """train_model on all of dataset's training images: clip_grad_norm_ at every step (train.grad_clip)."""
+    images = dataset["train_images"]
+    seed = training_seed(config, replicate)
+    x = torch.as_tensor(np.asarray(images), dtype=dtype, device=device)
+    batches = TrainingBatches(
+        x, np.arange(len(x)), config["train"]["batch_size"], seed, config["diffusion"]["num_train_timesteps"]
+    )
+    return TrainingReplay(initial_model(config, images.shape[1:], seed), batches, float(config["train"]["grad_clip"]))
 
 
 def sampler_name(config: dict) -> str:

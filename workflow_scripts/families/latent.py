@@ -31,15 +31,15 @@ from torch import nn
 from tqdm import tqdm
 
 from workflow_scripts.core.common import ArtefactError, generator, load_torch, log, rng, save_torch, select_device
-from workflow_scripts.core.seeds import (
-    INIT_STREAM,
-    NOISE_STREAM,
-    batch_indices,
-    image_seed,
-    training_identity,
-    training_seed,
+from workflow_scripts.core.seeds import INIT_STREAM, image_seed, training_seed
+from workflow_scripts.families.ddpm import (
+    Batch,
+    TrainingBatches,
+    TrainingReplay,
+    alphas_cumprod,
+    simple_loss,
+    weighted_identity,
 )
-from workflow_scripts.families.ddpm import alphas_cumprod, simple_loss
 
 CHECKPOINT_KIND = "latent-lora"
 CONDITIONAL = True  # the denoiser takes a caption index per example (families.registry.is_conditional)
@@ -258,8 +258,71 @@ def decode_latents(vae, latents: torch.Tensor) -> np.ndarray:
     return vae.decode(latents).sample.clamp(-1, 1).float().cpu().numpy()
 
 
-# ---------------------------------------------------------------------------------------------- the simple loss
 # ---------------------------------------------------------------------------------------------- fine-tuning
+class FineTuningBatches(TrainingBatches):
+    """The batch of every fine-tuning step: the DDPM training's (indices, t, eps), then per example from the step's
+    CAPTION_DROPOUT_STREAM generator a caption-dropout draw (to the empty caption) and a horizontal-flip draw of
+    the latent, in that order."""
+
+    def __init__(self, config: dict, latents: torch.Tensor, labels: torch.Tensor, members, seed: int, unconditional):
+        super().__init__(
+            latents, members, config["train"]["batch_size"], seed, config["diffusion"]["num_train_timesteps"]
+        )
+        self.labels, self.unconditional = labels, int(unconditional)
+        self.dropout = float(config["model"].get("caption_dropout", 0.0))
+
+    def __call__(self, step: int) -> Batch:
+        batch = super().__call__(step)
+        device, n = self.images.device, len(batch.idx)
+        extra = generator(self.seed, CAPTION_DROPOUT_STREAM, step)
+        drop = torch.rand(n, generator=extra).to(device) < self.dropout
+        flip = (torch.rand(n, generator=extra) < 0.5).to(device)
+        labels = self.labels[batch.idx]
+        return batch._replace(
+            x0=torch.where(flip.view(-1, 1, 1, 1), batch.x0.flip(-1), batch.x0),
+            cond=torch.where(drop, torch.full_like(labels, self.unconditional), labels),
+        )
+
+
+def init_seed(seed: int) -> int:
+    """The LoRA initialisation seed of a fine-tuning with training seed `seed`."""
+    return int(rng(seed, INIT_STREAM).integers(2**31))
+
+
+def fine_tuning_setup(config: dict, dataset: dict, members, replicate: int, device, dtype=torch.float32):
+    """(model with freshly initialised LoRA, base components, FineTuningBatches) of a fine-tuning on dataset's
+    latents[members] with their captions: what train_family_model and its replay (training_replay) start from."""
+    captions, pipeline = [str(c) for c in dataset["captions"]], str(dataset["pipeline"])
+    seed = training_seed(config, replicate)
+    model, parts = make_denoiser(pipeline, config["model"], captions, init_seed(seed), device)
+    check_scheduler(parts["scheduler_config"], config["diffusion"], pipeline)
+    latents = torch.as_tensor(np.asarray(dataset["train_images"]), dtype=dtype, device=device)
+    labels = torch.as_tensor(np.asarray(dataset["train_labels"], np.int64), device=device)
+    return model, parts, FineTuningBatches(config, latents, labels, members, seed, model.unconditional)
+
+
+def checkpoint_identity(config: dict, dataset: dict, members, replicate: int, weights=None) -> dict:
+    """What a LoRA checkpoint records: the training's identity and the base pipeline it belongs to."""
+    return {
+        **weighted_identity(config, members, replicate, weights),
+        "pipeline_sha256": str(dataset["pipeline_sha256"]),
+    }
+
+
+def training_replay(config: dict, dataset: dict, replicate: int, device="cpu", dtype=torch.float32) -> TrainingReplay:
+    """train_family_model on all training latents: clip_grad_norm_ only when train.grad_clip is set."""
+    members = np.arange(len(dataset["train_images"]))
+    model, _, batches = fine_tuning_setup(config, dataset, members, replicate, device, dtype)
+    if model.base_dtype == torch.float16:  # its training scales the loss and skips overflowing steps
+        raise ValueError(
+            "the metagradient replays float32 fine-tuning: a float16 base (model.base_dtype, auto on a GPU) trains "
+            "with loss scaling, which the replay does not follow; set model.base_dtype: float32"
+        )
+    return TrainingReplay(
+        model, batches, float(config["train"]["grad_clip"]) if config["train"].get("grad_clip") else None
+    )
+
+
 def train_family_model(
     config: dict, dataset: dict, members, replicate: int, model_out, checkpoint_paths=None, weights=None
 ) -> None:
@@ -268,19 +331,14 @@ def train_family_model(
     from diffusers.optimization import get_cosine_schedule_with_warmup
 
     device = select_device(config["compute"])
-    train_cfg, model_cfg = config["train"], config["model"]
-    latents, labels = dataset["train_images"], dataset["train_labels"]
+    train_cfg = config["train"]
+    latents = dataset["train_images"]
     captions, pipeline = [str(c) for c in dataset["captions"]], str(dataset["pipeline"])
-    seed = training_seed(config, replicate)
-    identity = training_identity(config, members, replicate)
-    identity["pipeline_sha256"] = str(dataset["pipeline_sha256"])
-    if weights is not None:
-        identity["weights_sha256"] = hashlib.sha256(np.asarray(weights, np.float64).tobytes()).hexdigest()
+    identity = checkpoint_identity(config, dataset, members, replicate, weights)
     model_out = Path(model_out)
     resume_path = model_out.with_name(model_out.stem + ".resume.pt")
 
-    model, parts = make_denoiser(pipeline, model_cfg, captions, int(rng(seed, INIT_STREAM).integers(2**31)), device)
-    check_scheduler(parts["scheduler_config"], config["diffusion"], pipeline)
+    model, _, batches = fine_tuning_setup(config, dataset, members, replicate, device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=train_cfg["lr"], weight_decay=train_cfg["weight_decay"])
     schedule = get_cosine_schedule_with_warmup(
         optimizer, int(train_cfg["warmup_fraction"] * train_cfg["steps"]), train_cfg["steps"]
@@ -303,11 +361,7 @@ def train_family_model(
             log.warning("ignoring %s: made by a different configuration", resume_path)
 
     a_bar = alphas_cumprod(config["diffusion"]).to(device)
-    x_all = torch.from_numpy(np.asarray(latents, np.float32)).to(device)
-    c_all = torch.from_numpy(np.asarray(labels, np.int64)).to(device)
     w_all = None if weights is None else torch.as_tensor(weights, dtype=torch.float32, device=device)
-    dropout = float(model_cfg.get("caption_dropout", 0.0))
-    T = config["diffusion"]["num_train_timesteps"]
     checkpoint_paths = checkpoint_paths or {}
 
     def payload(step, **extra):
@@ -325,17 +379,9 @@ def train_family_model(
     model.train()
     progress = tqdm(range(start, train_cfg["steps"]), desc=f"train {model_out.parent.name}", mininterval=5)
     for step in progress:
-        idx = torch.from_numpy(batch_indices(members, train_cfg["batch_size"], seed, step)).to(device)
-        g = generator(seed, NOISE_STREAM, step)
-        t = torch.randint(0, T, (len(idx),), generator=g).to(device)
-        eps = torch.randn(len(idx), *latents.shape[1:], generator=g).to(device)
-        extra = generator(seed, CAPTION_DROPOUT_STREAM, step)
-        drop = torch.rand(len(idx), generator=extra).to(device) < dropout
-        flip = (torch.rand(len(idx), generator=extra) < 0.5).to(device)
-        x0 = torch.where(flip.view(-1, 1, 1, 1), x_all[idx].flip(-1), x_all[idx])
-        cond = torch.where(drop, torch.full_like(c_all[idx], model.unconditional), c_all[idx])
-        per_example = simple_loss(model, x0, t, eps, a_bar, cond)
-        loss = per_example.mean() if w_all is None else (w_all[idx] * per_example).mean()
+        batch = batches(step)
+        per_example = simple_loss(model, batch.x0, batch.t, batch.eps, a_bar, batch.cond)
+        loss = per_example.mean() if w_all is None else (w_all[batch.idx] * per_example).mean()
         if not torch.isfinite(loss):
             raise FloatingPointError(f"{model_out}: loss is {loss.item()} at step {step} (train.lr too high?)")
         optimizer.zero_grad(set_to_none=True)

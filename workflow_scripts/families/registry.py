@@ -6,6 +6,10 @@ A model family is a module that provides
     (dataset: the dict of the stage's --dataset file, the family's model inputs: dataset.npz, or latents.npz)
   generate_images(model, image_shape, config, device, n_images, indices) -> {images, trajectories, timesteps, seeds}
   sampler_name(config) -> how it samples (for the logs)
+and, to be differentiated through its training by the metagradient scorer (engines/magic.py),
+  training_replay(config, dataset, replicate, device, dtype) -> ddpm.TrainingReplay (initial model, the batch of
+    every step, the clipping) of its training on all training examples
+  checkpoint_identity(config, dataset, members, replicate, weights) -> the identity its checkpoints record
 Which scorers apply to a family is the scorers' declaration (Scorer.model_families), and the measurements of a
 family are families/likelihood.py's (measure_queries, measure_generated_query, family_primary_target).
 The stages call the functions below and never branch on the family themselves; a new family is one new
@@ -60,3 +64,16 @@ def generate_images(model, image_shape, config: dict, device, n_images: int | No
 def is_conditional(model_cfg: dict) -> bool:
     """Whether the family's denoiser takes a condition (caption index) per example: forward(x_t, t, cond)."""
     return bool(getattr(family_module(model_cfg), "CONDITIONAL", False))
+
+
+def training_replay(config: dict, dataset: dict, replicate: int, device, dtype):
+    """The configured family's training on ALL of dataset's training examples, for the metagradient to replay."""
+    module = family_module(config["model"])
+    if not hasattr(module, "training_replay"):
+        raise ValueError(f"model.family {family_name(config['model'])!r}: its training cannot be replayed")
+    return module.training_replay(config, dataset, replicate, device, dtype)
+
+
+def checkpoint_identity(config: dict, dataset: dict, members, replicate: int, weights=None) -> dict:
+    """The identity train_family_model records in the checkpoint of this training."""
+    return family_module(config["model"]).checkpoint_identity(config, dataset, members, replicate, weights)

@@ -1,9 +1,10 @@
 """Metagradient / MAGIC (docs/methods.md): S[q, i] = -d m_q / d w_i at
 w = 1 by reverse-mode differentiation through the whole training run (engine: workflow_scripts/engines/metagradient.py, on workflow_scripts/engines/magic.py).
 
-Computed from the dataset and the configuration alone: the full model's training (all N examples, seed
-seeds.train + replicate, train.* settings) is rerun functionally with checkpoints, then one reverse pass serves all
-attributed queries of both query sets (loss measurement with the measure stage's fixed draws). The scores therefore
+Computed from the model inputs and the configuration alone: the full model's training (all N examples, seed
+seeds.train + replicate, train.* settings; the latent family: its LoRA fine-tuning) is rerun functionally with
+checkpoints, then one reverse pass serves all attributed queries of both query sets (loss measurement with the
+measure stage's fixed draws, under the query's caption for the latent family). The scores therefore
 belong to the model `train_full` makes (checked against it when the scorer inputs name its checkpoint).
 
 Method keys:
@@ -127,7 +128,8 @@ class Metagradient(Scorer):
             queries_per_job=OPTIONAL_POSINT,
         ),
     )
-    refused_reason = "it replays DDPM training (workflow_scripts/engines/magic.py), not LoRA fine-tuning"
+    model_families = ("ddpm", "latent")  # latent: through the LoRA fine-tuning, each query under its caption
+    refused_reason = "it replays the family's training step by step, and the VE-SDE's score matching has no replay"
     config_keys = ("train.steps",)  # its settings (checkpoint interval); the scores come from its chunk jobs
     chunk_jobs = True
     engine = "workflow_scripts.engines.metagradient"

@@ -10,10 +10,11 @@ import numpy as np
 
 from workflow_scripts.core import data as core_data
 from workflow_scripts.core.common import log, save_npz, select_device
-from workflow_scripts.core.data import load_queries
+from workflow_scripts.core.data import load_conditions, load_queries
 from workflow_scripts.dag import paths
 from workflow_scripts.engines.magic import Attribution, attribute
 from workflow_scripts.engines.metagradient import check_full_model
+from workflow_scripts.families.registry import is_conditional
 from workflow_scripts.scorers.metagradient import method_options
 
 
@@ -40,7 +41,7 @@ def save_chunk(path, method: str, result: Attribution) -> None:
 
 def add_arguments(parser) -> None:
     parser.add_argument("--method", required=True)
-    parser.add_argument("--dataset", required=True)
+    parser.add_argument("--dataset", required=True, help="the model inputs: dataset.npz, or latents.npz (latent)")
     parser.add_argument("--samples", required=True)
     parser.add_argument("--model", help="the full model's checkpoint: the recomputed training must end there")
     parser.add_argument("--queries", nargs="+", required=True, metavar="SET=i,j,...", help="queries of this chunk")
@@ -52,23 +53,23 @@ def run(args, config: dict) -> None:
     if args.method not in methods or methods[args.method]["family"] != "metagradient":
         raise ValueError(f"{args.method!r} is not a metagradient method of scores.methods")
     opts = method_options(methods[args.method])
-    train_images, queries = (
-        core_data.load_dataset(args.dataset)["train_images"],
-        load_queries(args.dataset, args.samples),
-    )
+    dataset, queries = core_data.load_dataset(args.dataset), load_queries(args.dataset, args.samples)
+    # a conditional family's queries are measured under their captions, as in the measure stage
+    conditions = load_conditions(args.dataset, args.samples) if is_conditional(config["model"]) else None
     selection = paths.parse_query_selection(args.queries)
     t0 = time.perf_counter()
     result = attribute(
         config,
-        train_images,
+        dataset,
         queries,
         selection,
         replicate=int(opts["replicate"]),
         every=opts["checkpoint_every"],
         device=select_device(config["compute"]),
+        conditions=conditions,
     )
     if args.model:
-        check_full_model(args.model, config, len(train_images), int(opts["replicate"]), result.final_params)
+        check_full_model(args.model, config, dataset, int(opts["replicate"]), result.final_params)
     for name, scores in result.scores.items():
         if not np.isfinite(scores).all():
             raise FloatingPointError(f"metagradient: non-finite scores for attributed {name} queries")

@@ -56,9 +56,9 @@ def _measure(problem, params, queries):
 
 
 def _grad_norm(problem, state, weights, step):
-    idx, t, eps = problem.batch(step)
+    batch = problem.batch(step)
     params = {n: p.detach().requires_grad_() for n, p in state["params"].items()}
-    loss = mg.batch_loss(problem, params, torch.as_tensor(weights, dtype=problem.dtype)[idx], idx, t, eps)
+    loss = mg.batch_loss(problem, params, torch.as_tensor(weights, dtype=problem.dtype)[batch.idx], batch)
     grads = torch.autograd.grad(loss, list(params.values()))
     return float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])))
 
@@ -175,7 +175,7 @@ def test_weighted_retraining_is_the_training_function(float32_setup, tmp_path):
     cfg, images = float32_setup
     weights = np.ones(len(images))
     weights[[3, 17, 20]] = 0
-    out = mg.retrain_weighted(cfg, images, weights, 0, tmp_path / "removed.pt", device=torch.device("cpu"))
+    out = mg.retrain_weighted(cfg, images, weights, 0, tmp_path / "removed.pt")
     problem, state0 = mg.build_problem(cfg, images)
     removed = mg.train_function(problem, state0, weights)
     _assert_same_params(load_torch(out)["state_dict"], removed)
@@ -261,7 +261,7 @@ def test_bad_input_is_rejected(tiny, digits):
     with pytest.raises(ValueError, match="no queries selected"):
         mg.attribute(cfg, digits[:8], {"heldout": digits[100:102]}, {"heldout": []})
     with pytest.raises(ValueError, match="learning rates"):
-        mg.TrainingProblem(problem.model, problem.images, problem.a_bar, 0, 3, 4, [0.1], 0.0, 1.0, 1000)
+        mg.TrainingProblem(problem.model, problem.images, problem.a_bar, problem.batches, 3, [0.1], 0.0, 1.0)
 
 
 # ---------------------------------------------------------------- scorer family
@@ -308,7 +308,7 @@ def test_scorer_family_attributes_first_queries_and_marks_the_rest(tiny, digits,
     other = _with_train(cfg, lr=cfg["train"]["lr"] * 2)  # the checkpoint is not the model of this training
     with pytest.raises(ArtefactError, match="not the model of this training"):
         metagradient_engine.check_full_model(
-            str(model_path), other, 16, 0, mg.train_function(*mg.build_problem(other, images), np.ones(16))
+            str(model_path), other, images, 0, mg.train_function(*mg.build_problem(other, images), np.ones(16))
         )
 
 
