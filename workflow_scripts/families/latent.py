@@ -148,8 +148,11 @@ class LatentDenoiser(nn.Module):
     def __init__(self, unet, embeddings: torch.Tensor):
         super().__init__()
         self.unet = unet
-        self.base_dtype = unet.conv_in.weight.dtype  # not unet.dtype: that reads the (float32) LoRA parameters
         self.register_buffer("embeddings", embeddings.to(self.base_dtype), persistent=False)
+
+    @property
+    def base_dtype(self) -> torch.dtype:
+        return self.unet.conv_in.weight.dtype  # not unet.dtype: that reads the (float32) LoRA parameters
 
     @property
     def unconditional(self) -> int:
@@ -157,9 +160,9 @@ class LatentDenoiser(nn.Module):
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         # a reduced-precision base computes in its dtype (peft runs the float32 LoRA branch in float32 and adds it
-        # back in the base's dtype); the prediction, and so every loss and gradient, is float32
-        x_t = x_t.to(self.base_dtype)
-        return self.unet(x_t, t, encoder_hidden_states=self.embeddings[cond]).sample.float()
+        # back in the base's dtype); the prediction, and so every loss and gradient, is at least float32
+        prediction = self.unet(x_t.to(self.base_dtype), t, encoder_hidden_states=self.embeddings[cond]).sample
+        return prediction.to(torch.promote_types(prediction.dtype, torch.float32))  # float64 (tests) stays float64
 
 
 def freeze_to_buffers(module: nn.Module) -> None:
