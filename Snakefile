@@ -1,5 +1,9 @@
 # Training-data attribution benchmark for diffusion models: the whole DAG.
 # Paths come from workflow_scripts/dag/paths.py; all logic lives in workflow_scripts (docs/design.md, docs/workflow.md).
+# Priorities (the `priority` of a rule; higher starts first among ready jobs): the critical path -- the base
+# pipeline and its latents, the full model, its samples, the long metagradient job, the full model's gradient stores
+# and curvature -- before the hundreds of independent retrainings, so that results appear early and the run's tail
+# is not serial. tests/workflow/test_workflow.py checks the order in the smoke run's log.
 import sys
 
 sys.path.insert(0, workflow.basedir)

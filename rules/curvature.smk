@@ -9,6 +9,7 @@ rule curvature:
         paths.log_file(config, "curvature"),
     wildcard_constraints:
         variant=paths.VARIANT_PATTERN,
+    priority: 60
     conda:
         "../envs/benchmark.yaml"
     threads: config["compute"]["threads"]

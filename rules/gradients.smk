@@ -14,6 +14,7 @@ rule gradients:
     wildcard_constraints:
         checkpoint=paths.CHECKPOINT_PATTERN,
         tag=paths.SPLIT_STORE_PATTERN,
+    priority: 60
     conda:
         "../envs/benchmark.yaml"
     threads: config["compute"]["threads"]
@@ -43,6 +44,7 @@ rule gradients_journey:
     wildcard_constraints:
         checkpoint=paths.CHECKPOINT_PATTERN,
         tag=paths.JOURNEY_STORE_PATTERN,
+    priority: 60
     conda:
         "../envs/benchmark.yaml"
     threads: config["compute"]["threads"]
@@ -73,6 +75,7 @@ rule gradients_measurement:
         checkpoint=paths.CHECKPOINT_PATTERN,
         tag=paths.SPLIT_STORE_PATTERN,
         target=paths.MEASUREMENT_PATTERN,
+    priority: 60
     conda:
         "../envs/benchmark.yaml"
     threads: config["compute"]["threads"]

@@ -9,6 +9,7 @@ rule base_pipeline:
         directory(paths.base_pipeline_dir(config)),
     log:
         paths.log_file(config, "base_pipeline"),
+    priority: 100
     conda:
         "../envs/benchmark.yaml"
     threads: config["compute"]["threads"]
@@ -30,6 +31,7 @@ rule encode:
         paths.latents_file(config),
     log:
         paths.log_file(config, "encode"),
+    priority: 100
     conda:
         "../envs/benchmark.yaml"
     threads: config["compute"]["threads"]

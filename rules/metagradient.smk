@@ -14,6 +14,7 @@ rule metagradient:
     wildcard_constraints:
         method=r"[A-Za-z0-9_-]+",
         chunk=r"chunk\d+",
+    priority: 70
     conda:
         "../envs/benchmark.yaml"
     threads: config["compute"]["threads"]

@@ -5,6 +5,7 @@ rule sample:
         paths.samples_file(config),
     log:
         paths.log_file(config, "sample"),
+    priority: 80
     conda:
         "../envs/benchmark.yaml"
     threads: config["compute"]["threads"]

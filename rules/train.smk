@@ -7,6 +7,7 @@ rule train_full:
         checkpoints=paths.full_checkpoints(config),
     log:
         paths.log_file(config, "train_full"),
+    priority: 90
     conda:
         "../envs/benchmark.yaml"
     threads: config["compute"]["threads"]

@@ -100,6 +100,18 @@ def test_figure_is_a_nonempty_png(smoke_run):
     assert len(set(image.convert("L").tobytes())) > 10  # not a blank canvas
 
 
+def test_the_critical_path_starts_before_the_retrainings(smoke_run):
+    # job start order of the smoke run, from Snakemake's own log (each job start prints "rule <name>:")
+    logs = sorted((smoke_run / ".snakemake" / "log").glob("*.snakemake.log"))
+    log = next(path for path in logs if "rule train_full:" in path.read_text())
+    started = [m.group(1) for line in log.read_text().splitlines() if (m := re.match(r"^(?:local)?rule (\w+):$", line))]
+    retrainings = [i for i, rule in enumerate(started) if rule == "train_subset"]
+    assert len(retrainings) > 4, started
+    # rule priorities (rules/*.smk): the full model before any retraining, its samples as soon as it is there
+    assert started.index("train_full") < retrainings[0], started
+    assert started.index("sample") < retrainings[-1], started
+
+
 def test_rerun_has_nothing_to_do(smoke_run):
     result = snakemake(smoke_run, "--configfile", "configs/smoke.yaml", "-n")
     assert result.returncode == 0
