@@ -16,12 +16,11 @@ check itself still runs).
 from __future__ import annotations
 
 import csv
-import pickle
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from torchvision_files import md5
+from torchvision_files import md5, write_cifar_batches
 
 from workflow_scripts.core import artbench
 
@@ -80,24 +79,8 @@ def write_artbench(root: Path, n_train: int = 4, n_test: int = 2, size: tuple[in
 
 def write_artbench_batches(root: Path, per_batch: int = 20, n_test: int = 20, seed: int = 0) -> dict[str, np.ndarray]:
     """The 32x32 CIFAR-style pickles, labels cycling over the ten styles; returns the arrays written (NCHW)."""
-    g = np.random.default_rng(seed)
     folder = Path(root) / artbench.BATCHES
-    folder.mkdir(parents=True, exist_ok=True)
-    arrays, train_images, train_labels = {}, [], []
-    for name, n in [*((f"data_batch_{b}", per_batch) for b in range(1, 6)), ("test_batch", n_test)]:
-        images = g.integers(0, 256, size=(n, 3, 32, 32), dtype=np.uint8)
-        labels = [int(x) for x in (np.arange(n) + g.integers(10)) % 10]
-        with open(folder / name, "wb") as f:
-            pickle.dump({"batch_label": name, "labels": labels, "data": images.reshape(n, 3072)}, f, protocol=2)
-        if name == "test_batch":
-            arrays["test_images"], arrays["test_labels"] = images, np.array(labels)
-        else:
-            train_images.append(images)
-            train_labels += labels
-    arrays["train_images"], arrays["train_labels"] = np.concatenate(train_images), np.array(train_labels)
-    with open(folder / "meta", "wb") as f:
-        pickle.dump({"styles": list(artbench.STYLES)}, f, protocol=2)
-    return arrays
+    return write_cifar_batches(folder, per_batch, n_test, seed, "meta", {"styles": list(artbench.STYLES)})
 
 
 def artbench_md5s(monkeypatch, root: Path) -> None:

@@ -42,11 +42,12 @@ def write_mnist(root: Path, n_train: int = 60, n_test: int = 20, seed: int = 0) 
     return arrays
 
 
-def write_cifar10(root: Path, per_batch: int = 30, n_test: int = 40, seed: int = 0) -> dict[str, np.ndarray]:
-    """Five training batches of per_batch images and a test batch, labels cycling 0..9, in CHW-row format.
-    Returns the arrays written, images as (n, 3, 32, 32)."""
+def write_cifar_batches(folder: Path, per_batch: int, n_test: int, seed: int, meta_name: str, meta: dict, **extra):
+    """Five training batches of per_batch images and a test batch in CIFAR's pickled CHW-row format (labels cycling
+    over 10 classes; `extra` keys, e.g. filenames=True, add those entries), and the meta pickle. Returns the arrays
+    written, images as (n, 3, 32, 32)."""
     g = np.random.default_rng(seed)
-    folder = Path(root) / "cifar-10-batches-py"
+    folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     train_images, train_labels = [], []
     batches = [(f"data_batch_{b}", per_batch) for b in range(1, 6)] + [("test_batch", n_test)]
@@ -54,12 +55,9 @@ def write_cifar10(root: Path, per_batch: int = 30, n_test: int = 40, seed: int =
     for name, n in batches:
         images = g.integers(0, 256, size=(n, 3, 32, 32), dtype=np.uint8)
         labels = [int(x) for x in (np.arange(n) + g.integers(10)) % 10]
-        entry = {
-            "batch_label": name,
-            "labels": labels,
-            "data": images.reshape(n, 3072),
-            "filenames": [f"{i}.png" for i in range(n)],
-        }
+        entry = {"batch_label": name, "labels": labels, "data": images.reshape(n, 3072)}
+        if extra.get("filenames"):
+            entry["filenames"] = [f"{i}.png" for i in range(n)]
         with open(folder / name, "wb") as f:
             pickle.dump(entry, f, protocol=2)
         if name == "test_batch":
@@ -68,9 +66,17 @@ def write_cifar10(root: Path, per_batch: int = 30, n_test: int = 40, seed: int =
             train_images.append(images)
             train_labels += labels
     arrays["train_images"], arrays["train_labels"] = np.concatenate(train_images), np.array(train_labels)
-    with open(folder / "batches.meta", "wb") as f:
-        pickle.dump({"num_cases_per_batch": per_batch, "label_names": CIFAR_NAMES, "num_vis": 3072}, f, protocol=2)
+    with open(folder / meta_name, "wb") as f:
+        pickle.dump(meta, f, protocol=2)
     return arrays
+
+
+def write_cifar10(root: Path, per_batch: int = 30, n_test: int = 40, seed: int = 0) -> dict[str, np.ndarray]:
+    """torchvision's cifar-10-batches-py: five training batches of per_batch images and a test batch."""
+    meta = {"num_cases_per_batch": per_batch, "label_names": CIFAR_NAMES, "num_vis": 3072}
+    return write_cifar_batches(
+        Path(root) / "cifar-10-batches-py", per_batch, n_test, seed, "batches.meta", meta, filenames=True
+    )
 
 
 def md5(path: Path) -> str:

@@ -24,3 +24,15 @@ def snakemake(workdir: Path, *args: str, cores: bool = True) -> subprocess.Compl
         text=True,
         env={"PATH": f"{BIN}:/usr/bin:/bin", "HOME": str(workdir)},
     )
+
+
+def overlay_run(repo: Path, workdir: Path, overlay: str, tiny: dict) -> Path:
+    """An overlay of configs/ shrunk by the `tiny` settings (written as tiny.yaml), run end to end in a scratch copy;
+    returns its results directory (results/<tiny's benchmark>)."""
+    import yaml
+
+    copy_repo(repo, workdir)
+    (workdir / "tiny.yaml").write_text(yaml.safe_dump(tiny))
+    result = snakemake(workdir, "--configfile", overlay, "tiny.yaml")
+    assert result.returncode == 0, result.stderr[-5000:]
+    return workdir / "results" / tiny["benchmark"]

@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
-from workflow_runs import IGNORE, snakemake
+from workflow_runs import IGNORE, overlay_run, snakemake
 
 # configs/latent.yaml shrunk to seconds per job: 4 subsets x 2 seeds, 4 queries per set, a few steps everywhere
 TINY = {
@@ -29,12 +29,7 @@ TINY = {
 
 @pytest.fixture(scope="module")
 def latent_run(repo, tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("latent") / "repo"
-    shutil.copytree(repo, workdir, ignore=IGNORE)
-    (workdir / "tiny.yaml").write_text(yaml.safe_dump(TINY))
-    result = snakemake(workdir, "--configfile", "configs/latent.yaml", "tiny.yaml")
-    assert result.returncode == 0, result.stderr[-5000:]
-    return workdir / "results" / "latent-tiny"
+    return overlay_run(repo, tmp_path_factory.mktemp("latent") / "repo", "configs/latent.yaml", TINY)
 
 
 @pytest.mark.slow

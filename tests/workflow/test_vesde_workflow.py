@@ -6,8 +6,7 @@ import shutil
 import numpy as np
 import pandas as pd
 import pytest
-import yaml
-from workflow_runs import IGNORE, snakemake
+from workflow_runs import IGNORE, overlay_run, snakemake
 
 # configs/vesde.yaml shrunk to seconds per job: 4 subsets x 1 seed, 3 queries per set, a few steps everywhere, two
 # scorers (pixel, the classifier's embedding) and one counterfactual query (embedding_cosine + random)
@@ -28,12 +27,7 @@ TINY = {
 
 @pytest.fixture(scope="module")
 def vesde_run(repo, tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("vesde") / "repo"
-    shutil.copytree(repo, workdir, ignore=IGNORE)
-    (workdir / "tiny.yaml").write_text(yaml.safe_dump(TINY))
-    result = snakemake(workdir, "--configfile", "configs/vesde.yaml", "tiny.yaml")
-    assert result.returncode == 0, result.stderr[-5000:]
-    return workdir / "results" / "vesde-tiny"
+    return overlay_run(repo, tmp_path_factory.mktemp("vesde") / "repo", "configs/vesde.yaml", TINY)
 
 
 def test_vesde_overlay_plans_every_rule_it_needs(repo, tmp_path):
