@@ -14,15 +14,15 @@ def copy_repo(repo: Path, workdir: Path) -> Path:
     return workdir
 
 
-def snakemake(workdir: Path, *args: str, cores: bool = True) -> subprocess.CompletedProcess:
-    """`snakemake [--cores 2] args` in workdir with only the venv and the system on PATH."""
+def snakemake(workdir: Path, *args: str, cores: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
+    """`snakemake [--cores 2] args` in workdir with only the venv and the system on PATH (plus `env`)."""
     exe = BIN / "snakemake"
     return subprocess.run(
         [str(exe), *(["--cores", "2"] if cores else []), *args],
         cwd=workdir,
         capture_output=True,
         text=True,
-        env={"PATH": f"{BIN}:/usr/bin:/bin", "HOME": str(workdir)},
+        env={"PATH": f"{BIN}:/usr/bin:/bin", "HOME": str(workdir), **(env or {})},
     )
 
 

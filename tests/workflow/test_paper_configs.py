@@ -4,31 +4,17 @@ UNet, and (CIFAR-2, CelebA) its data rule runs through Snakemake on small files 
 
 import re
 import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
 from image_files import write_celeba
 from torchvision_files import write_cifar10
+from workflow_runs import IGNORE, snakemake
 
 from workflow_scripts.dag.config import load_config
 
-IGNORE = shutil.ignore_patterns(".venv", "results", ".snakemake", ".git", ".dvc", "__pycache__", ".pytest_cache")
 CONFIGS = ["cifar2", "cifar10", "mnist", "celeba"]
-
-
-def snakemake(workdir: Path, *args: str) -> subprocess.CompletedProcess:
-    exe = Path(sys.executable).with_name("snakemake")
-    return subprocess.run(
-        [str(exe), "--cores", "2", *args],
-        cwd=workdir,
-        capture_output=True,
-        text=True,
-        env={"PATH": f"{exe.parent}:/usr/bin:/bin", "HOME": str(workdir)},
-    )
 
 
 def job_counts(output: str) -> dict[str, int]:
@@ -105,13 +91,8 @@ def test_celeba_data_rule_runs_on_files_in_torchvision_format(workdir, tmp_path)
     write_celeba(root, partitions)
     overlay = tmp_path / "overlay.yaml"
     overlay.write_text(yaml.safe_dump({"data": {"root": str(root), "n_train": 10, "n_heldout": 4}}))
-    exe = Path(sys.executable).with_name("snakemake")
-    result = subprocess.run(
-        [str(exe), "--cores", "1", "--configfile", "configs/celeba.yaml", str(overlay), "--until", "data"],
-        cwd=workdir,
-        capture_output=True,
-        text=True,
-        env={"PATH": f"{exe.parent}:/usr/bin:/bin", "HOME": str(workdir)},
+    result = snakemake(
+        workdir, "--cores", "1", "--configfile", "configs/celeba.yaml", str(overlay), "--until", "data", cores=False
     )
     assert result.returncode == 0, result.stderr[-3000:]
     with np.load(workdir / "results/celeba/data/dataset.npz") as f:
@@ -142,13 +123,17 @@ def test_cifar2_data_rule_runs_on_files_in_torchvision_format(workdir, tmp_path,
         "CIFAR10.test_list = [[n, m[n]] for n, _ in CIFAR10.test_list]\n"
         "CIFAR10.meta = {**CIFAR10.meta, 'md5': m['batches.meta']}\n"
     )
-    exe = Path(sys.executable).with_name("snakemake")
-    result = subprocess.run(
-        [str(exe), "--cores", "1", "--configfile", "configs/cifar2.yaml", str(overlay), "--until", "data"],
-        cwd=workdir,
-        capture_output=True,
-        text=True,
-        env={"PATH": f"{exe.parent}:/usr/bin:/bin", "HOME": str(workdir), "PYTHONPATH": str(patch)},
+    result = snakemake(
+        workdir,
+        "--cores",
+        "1",
+        "--configfile",
+        "configs/cifar2.yaml",
+        str(overlay),
+        "--until",
+        "data",
+        cores=False,
+        env={"PYTHONPATH": str(patch)},
     )
     assert result.returncode == 0, result.stderr[-3000:]
     with np.load(workdir / "results/cifar2/data/dataset.npz") as f:
