@@ -1,6 +1,6 @@
 """Small helpers shared by every stage: device, threads, seeds, atomic writes, artefact checks.
 
-torch is imported inside the four functions that need it, so that the light modules importing this one (the
+torch is imported inside the functions that need it, so that the light modules importing this one (the
 gradient-store format, the scorer declarations read by the Snakefile) do not load it."""
 
 from __future__ import annotations
@@ -8,8 +8,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import sys
 import tempfile
+from collections import OrderedDict
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -79,10 +81,45 @@ def _atomic(path: str | Path, write) -> None:
         raise
 
 
-def save_torch(obj, path: str | Path) -> None:
+_PLAIN = (str, bytes, int, float, bool, type(None))
+
+
+def _check_plain(obj, where: str = "payload") -> None:
+    """Raise TypeError at the first value load_torch would refuse. Exact types: np.float64 is a float subclass,
+    but weights-only loading refuses it."""
     import torch
 
-    _atomic(path, lambda tmp: torch.save(obj, tmp))
+    if type(obj) in _PLAIN or isinstance(obj, (torch.Tensor, torch.dtype, torch.device)):
+        return
+    if type(obj) in (dict, OrderedDict):  # a state_dict is an OrderedDict
+        for key, value in obj.items():
+            _check_plain(key, f"{where} key {key!r}")
+            _check_plain(value, f"{where}[{key!r}]")
+    elif type(obj) in (list, tuple, torch.Size):
+        for i, value in enumerate(obj):
+            _check_plain(value, f"{where}[{i}]")
+    else:
+        raise TypeError(
+            f"{where} is a {type(obj).__module__}.{type(obj).__qualname__}: a checkpoint holds only tensors and plain "
+            "Python values (convert numpy values with .tolist() or torch.from_numpy, paths with str)"
+        )
+
+
+def save_torch(obj, path: str | Path) -> None:
+    """Atomic torch.save of a payload that load_torch can read: tensors in dicts, lists and tuples of plain Python
+    values (no numpy objects, paths or custom classes, which weights-only loading refuses). Checked before writing,
+    so that a wrong value fails where it is saved, not hours later where it is loaded."""
+    import torch
+
+    _check_plain(obj)
+
+    def write(tmp):
+        # given a file object, torch.save names the archive inside it "archive"; given a path, after the random
+        # temp name, and the same weights would give other bytes at every write
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+
+    _atomic(path, write)
 
 
 def save_npy(array: np.ndarray, path: str | Path) -> None:
@@ -125,12 +162,45 @@ def load_npz(path: str | Path, required: tuple[str, ...] = ()) -> dict[str, np.n
 
 
 def load_torch(path: str | Path, map_location="cpu") -> dict:
+    """A checkpoint of save_torch, loaded weights-only: unpickling arbitrary objects would run whatever code a
+    crafted file names, so a file holding anything but tensors and plain Python values is refused."""
+    import pickle
+
     import torch
 
     path = Path(path)
     if not path.exists():
         raise ArtefactError(f"{path}: missing (run the workflow stage that makes it)")
     try:
-        return torch.load(path, map_location=map_location, weights_only=False)
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        found = re.search(r"GLOBAL (\S+)", str(exc))
+        what = f"it holds {found.group(1)}" if found else "it holds more than tensors and plain values"
+        raise ArtefactError(
+            f"{path}: not a plain tensor checkpoint ({what}, which loading would have to run code to rebuild); "
+            "refused. A checkpoint of an older version of the workflow can hold numpy values: delete it and rerun "
+            "the stage that makes it"
+        ) from exc
     except Exception as exc:
         raise ArtefactError(f"{path}: corrupt checkpoint ({exc}); delete it and rerun") from exc
+
+
+def load_resume_state(path: str | Path, identity: dict) -> dict | None:
+    """The resumable training state at `path` when it exists and was saved by this training (`identity`), else None.
+
+    A file that cannot be loaded (truncated by a kill during a copy, garbled, not weights-only) is deleted with a
+    warning rather than raised: it is only a shortcut, and the training restarted from step 0 ends with the same
+    model, while an error would fail the job at every rerun until someone deleted the file."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    try:
+        state = load_torch(path)
+    except ArtefactError as exc:
+        log.warning("discarding resume file %s, training restarts from step 0: %s", path, exc)
+        path.unlink(missing_ok=True)
+        return None
+    if not isinstance(state, dict) or state.get("identity") != identity:
+        log.warning("ignoring %s: made by a different configuration", path)
+        return None
+    return state

@@ -68,7 +68,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from workflow_scripts.core.common import ArtefactError, generator, save_torch
+from workflow_scripts.core.common import ArtefactError, generator, load_torch, save_torch
 from workflow_scripts.core.contracts import config_hash, params_defaults
 
 FILE_KIND = "kfac-curvature"
@@ -431,13 +431,7 @@ def config_differences(stored: dict, expected: dict, prefix: str = "") -> list[s
 
 def load_curvature(path: str | Path, expected_config: dict | None = None) -> KFACCurvature:
     """Load a saved fit; with expected_config, refuse a file made by any other configuration."""
-    path = Path(path)
-    if not path.exists():
-        raise ArtefactError(f"{path}: missing (run the workflow stage that makes it)")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise ArtefactError(f"{path}: cannot be read ({exc}); delete it and rerun") from exc
+    payload = load_torch(path)
     if not isinstance(payload, dict) or payload.get("kind") != FILE_KIND or payload.get("version") != FILE_VERSION:
         raise ArtefactError(f"{path}: not a version-{FILE_VERSION} K-FAC curvature file of this workflow")
     if expected_config is not None:

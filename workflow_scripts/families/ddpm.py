@@ -21,7 +21,16 @@ from diffusers.models.attention_processor import AttnProcessor
 from diffusers.optimization import get_cosine_schedule_with_warmup
 from tqdm import tqdm
 
-from workflow_scripts.core.common import ArtefactError, generator, load_torch, log, rng, save_torch, select_device
+from workflow_scripts.core.common import (
+    ArtefactError,
+    generator,
+    load_resume_state,
+    load_torch,
+    log,
+    rng,
+    save_torch,
+    select_device,
+)
 from workflow_scripts.core.precision import Precision, amp_mode
 from workflow_scripts.core.seeds import (
     INIT_STREAM,
@@ -255,18 +264,15 @@ def train_model(
     )
     precision = Precision(amp_mode(config), device)
     start = 0
-    if resume_path.exists():
-        state = load_torch(resume_path)
-        if state.get("identity") == identity:
-            model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            schedule.load_state_dict(state["schedule"])
-            if precision.scaler is not None:
-                precision.scaler.load_state_dict(state["scaler"])
-            start = state["step"]
-            log.info("resuming %s from step %d", model_out, start)
-        else:
-            log.warning("ignoring %s: made by a different configuration", resume_path)
+    state = load_resume_state(resume_path, identity)
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["schedule"])
+        if precision.scaler is not None:
+            precision.scaler.load_state_dict(state["scaler"])
+        start = state["step"]
+        log.info("resuming %s from step %d", model_out, start)
 
     a_bar = alphas_cumprod(config["diffusion"]).to(device)
     x_all = torch.from_numpy(images).to(device)

@@ -30,7 +30,16 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from workflow_scripts.core.common import ArtefactError, generator, load_torch, log, rng, save_torch, select_device
+from workflow_scripts.core.common import (
+    ArtefactError,
+    generator,
+    load_resume_state,
+    load_torch,
+    log,
+    rng,
+    save_torch,
+    select_device,
+)
 from workflow_scripts.core.seeds import INIT_STREAM, image_seed, training_seed
 from workflow_scripts.families.ddpm import (
     Batch,
@@ -350,18 +359,15 @@ def train_family_model(
     # published fine-tunes' mixed precision does); the LoRA gradients are unscaled before clipping and stepping
     scaler = torch.amp.GradScaler(device.type) if model.base_dtype == torch.float16 else None
     start = 0
-    if resume_path.exists():
-        state = load_torch(resume_path)
-        if state.get("identity") == identity:
-            model.load_state_dict(state["model"], strict=False)
-            optimizer.load_state_dict(state["optimizer"])
-            schedule.load_state_dict(state["schedule"])
-            if scaler is not None:
-                scaler.load_state_dict(state["scaler"])
-            start = state["step"]
-            log.info("resuming %s from step %d", model_out, start)
-        else:
-            log.warning("ignoring %s: made by a different configuration", resume_path)
+    state = load_resume_state(resume_path, identity)
+    if state is not None:
+        model.load_state_dict(state["model"], strict=False)
+        optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["schedule"])
+        if scaler is not None:
+            scaler.load_state_dict(state["scaler"])
+        start = state["step"]
+        log.info("resuming %s from step %d", model_out, start)
 
     a_bar = alphas_cumprod(config["diffusion"]).to(device)
     w_all = None if weights is None else torch.as_tensor(weights, dtype=torch.float32, device=device)

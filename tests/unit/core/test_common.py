@@ -1,10 +1,15 @@
 """Atomic artefact writes (workflow_scripts.common)."""
 
+import logging
 import os
+import pickle
+import shlex
 import stat
+from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from workflow_scripts.core import common
 
@@ -32,3 +37,78 @@ def test_failed_write_keeps_the_old_file(tmp_path):
         common._atomic(tmp_path / "t.txt", boom)
     assert (tmp_path / "t.txt").read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["t.txt"]
+
+
+# ---------------------------------------------------------------- checkpoints (save_torch / load_torch)
+
+
+class _RunsCommand:
+    """Unpickling this runs a shell command: what a crafted checkpoint would do."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {shlex.quote(str(self.marker))}",)
+
+
+@pytest.mark.parametrize("container", ["pickle", "torch-archive"])
+def test_crafted_pickle_is_refused_without_running_its_code(tmp_path, container):
+    marker = tmp_path / "marker"
+    evil = tmp_path / "evil.pt"
+    if container == "pickle":
+        evil.write_bytes(pickle.dumps(_RunsCommand(marker)))
+    else:  # inside a real torch archive, next to genuine tensors
+        torch.save({"state_dict": {"w": torch.zeros(3)}, "extra": _RunsCommand(marker)}, evil)
+    with pytest.raises(common.ArtefactError, match=r"evil\.pt: not a plain tensor checkpoint"):
+        common.load_torch(evil)
+    assert not marker.exists()
+    pickle.loads(pickle.dumps(_RunsCommand(marker)))  # the payload is live: unpickled, it does create the marker
+    assert marker.exists()
+
+
+def test_checkpoint_with_numpy_values_asks_for_a_rerun(tmp_path):
+    # what a checkpoint written before loading became weights-only could hold
+    path = tmp_path / "old.pt"
+    torch.save({"lr": np.float64(0.1), "members": np.arange(3)}, path)
+    with pytest.raises(common.ArtefactError, match=r"old\.pt: not a plain tensor checkpoint \(it holds numpy.*rerun"):
+        common.load_torch(path)
+
+
+@pytest.mark.parametrize(
+    ("value", "named"),
+    [(np.float64(0.1), r"numpy\.float64"), (np.arange(3), r"numpy\.ndarray"), (Path("x"), r"pathlib.*Path")],
+)
+def test_save_torch_refuses_what_loading_would_refuse(tmp_path, value, named):
+    with pytest.raises(TypeError, match=rf"payload\['config'\]\['train'\]\[1\] is a {named}"):
+        common.save_torch({"config": {"train": [1, value]}}, tmp_path / "m.pt")
+    assert not any(tmp_path.iterdir())  # nothing written
+
+
+def test_identical_payloads_give_identical_bytes(tmp_path):
+    payload = {"state_dict": {"w": torch.arange(6.0).reshape(2, 3)}, "config": {"lr": 0.1, "name": "x"}, "step": 3}
+    common.save_torch(payload, tmp_path / "a" / "model.pt")
+    common.save_torch(payload, tmp_path / "b" / "other.pt")
+    assert (tmp_path / "a" / "model.pt").read_bytes() == (tmp_path / "b" / "other.pt").read_bytes()
+    loaded = common.load_torch(tmp_path / "b" / "other.pt")
+    assert torch.equal(loaded["state_dict"]["w"], payload["state_dict"]["w"]) and loaded["config"] == payload["config"]
+
+
+def test_load_resume_state(tmp_path, caplog):
+    identity = {"seed": 1, "members_sha256": "ab"}
+    path = tmp_path / "model.resume.pt"
+    assert common.load_resume_state(path, identity) is None  # none saved yet
+    common.save_torch({"identity": identity, "step": 4}, path)
+    assert common.load_resume_state(path, identity)["step"] == 4
+    with caplog.at_level(logging.WARNING, logger="workflow_scripts"):
+        assert common.load_resume_state(path, {**identity, "seed": 2}) is None
+    assert "different configuration" in caplog.text and path.exists()  # another training's state is left alone
+
+    # an unreadable one (here a crafted pickle) is discarded with a warning naming it, its code not run
+    marker = tmp_path / "marker"
+    path.write_bytes(pickle.dumps(_RunsCommand(marker)))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="workflow_scripts"):
+        assert common.load_resume_state(path, identity) is None
+    assert f"discarding resume file {path}" in caplog.text
+    assert not path.exists() and not marker.exists()

@@ -1,11 +1,13 @@
 """The latent family (families/latent.py, latent_miniature.py) on a tiny base pipeline that the test pretrains for a
 few steps and saves with save_pretrained in a temp dir, then reads back through the local-directory code path."""
 
+import logging
+
 import numpy as np
 import pytest
 import torch
 
-from workflow_scripts.core.common import generator
+from workflow_scripts.core.common import generator, load_torch, save_torch
 from workflow_scripts.core.data import load_digits_images
 from workflow_scripts.families import latent, latent_miniature
 from workflow_scripts.families.ddpm import alphas_cumprod, measure_loss
@@ -140,13 +142,20 @@ def test_generated_queries_keep_their_prompt_and_do_not_depend_on_the_others(tra
     np.testing.assert_allclose(alone["images"][0], every["images"][2], atol=1e-4)
 
 
-def test_fine_tuning_is_deterministic_for_a_seed(pool, trained, tmp_path):
-    latent.train_family_model(tiny_config(), pool, np.arange(12), 0, tmp_path / "again.pt")
-    first = torch.load(trained, weights_only=False)["state_dict"]
-    again = torch.load(tmp_path / "again.pt", weights_only=False)["state_dict"]
+def test_fine_tuning_is_deterministic_for_a_seed(pool, trained, tmp_path, caplog):
+    # a truncated resume file in the way is discarded (with a warning naming it), not an error
+    resume = tmp_path / "again.resume.pt"
+    save_torch({"identity": {}, "step": 3}, resume)
+    resume.write_bytes(resume.read_bytes()[:100])
+    with caplog.at_level(logging.WARNING, logger="workflow_scripts"):
+        latent.train_family_model(tiny_config(), pool, np.arange(12), 0, tmp_path / "again.pt")
+    assert f"discarding resume file {resume}" in caplog.text and not resume.exists()
+    first = load_torch(trained)["state_dict"]
+    again = load_torch(tmp_path / "again.pt")["state_dict"]
     assert all(torch.equal(first[k], again[k]) for k in first)  # same seed: bit-identical LoRA weights
+    assert (tmp_path / "again.pt").read_bytes() == trained.read_bytes()  # and a byte-identical file
     latent.train_family_model(tiny_config(), pool, np.arange(12), 1, tmp_path / "other.pt")
-    other = torch.load(tmp_path / "other.pt", weights_only=False)["state_dict"]
+    other = load_torch(tmp_path / "other.pt")["state_dict"]
     assert not all(torch.equal(first[k], other[k]) for k in first)  # replicate 1: another seed, other weights
 
 

@@ -4,6 +4,7 @@ measure.load_targets and common.load_torch error handling."""
 import copy
 import logging
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -74,6 +75,9 @@ def test_resume_reproduces_uninterrupted_run(config, images, uninterrupted, tmp_
     _assert_same_state(_state(out), _state(full_out))
     _assert_same_state(_state(ckpts[8]), _state(full_ckpts[8]))
     _assert_same_state(_state(ckpts[4]), _state(full_ckpts[4]))
+    # and byte for byte: the same weights make the same file, wherever and whenever it was written
+    assert out.read_bytes() == full_out.read_bytes()
+    assert all(Path(ckpts[s]).read_bytes() == Path(full_ckpts[s]).read_bytes() for s in ckpts)
 
 
 def test_training_changes_the_model_and_is_seeded(config, images, uninterrupted, tmp_path):
@@ -96,6 +100,19 @@ def test_resume_file_of_other_configuration_is_ignored(config, images, uninterru
         train.train_model(config, images, MEMBERS, 0, out, device=CPU)
     assert any("different configuration" in r.getMessage() for r in caplog.records)
     _assert_same_state(_state(out), _state(full_out))
+    assert out.read_bytes() == full_out.read_bytes()  # two trainings from scratch: byte-identical model files
+
+
+def test_corrupt_resume_file_is_discarded_and_training_restarts(config, images, uninterrupted, tmp_path, caplog):
+    full_out, _ = uninterrupted
+    out, resume = tmp_path / "model.pt", tmp_path / "model.resume.pt"
+    train.train_model(config, images, MEMBERS, 0, out, device=CPU, stop_after=5)
+    resume.write_bytes(resume.read_bytes()[: resume.stat().st_size // 2])  # as a kill during a copy leaves it
+    with caplog.at_level(logging.INFO, logger="workflow_scripts"):
+        assert train.train_model(config, images, MEMBERS, 0, out, device=CPU) == out
+    assert any(r.levelno == logging.WARNING and str(resume) in r.getMessage() for r in caplog.records)
+    assert not any("resuming" in r.getMessage() for r in caplog.records)  # restarted from step 0
+    assert out.read_bytes() == full_out.read_bytes() and not resume.exists()
 
 
 def test_unit_weights_equal_ordinary_training(config, images, uninterrupted, tmp_path):
