@@ -204,3 +204,42 @@ def load_resume_state(path: str | Path, identity: dict) -> dict | None:
         log.warning("ignoring %s: made by a different configuration", path)
         return None
     return state
+
+
+class TrainingResume:
+    """The resume file `<model stem>.resume.pt` of one training: restored at the start, saved every
+    train.resume_every steps, removed when the model is written. One home for what a family's training loop does
+    with it (model weights, optimizer, schedule and, with loss scaling, the scaler's state)."""
+
+    def __init__(self, model_out: str | Path, identity: dict):
+        model_out = Path(model_out)
+        self.path, self.identity = model_out.with_name(model_out.stem + ".resume.pt"), identity
+
+    def restore(self, model, optimizer, schedule, scaler=None, strict: bool = True) -> int:
+        """Load a saved state of this training into the objects; returns the step to continue from (0: none).
+        strict=False for a model whose saved weights are a subset (LoRA adapters on a frozen base)."""
+        state = load_resume_state(self.path, self.identity)
+        if state is None:
+            return 0
+        model.load_state_dict(state["model"], strict=strict)
+        optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["schedule"])
+        if scaler is not None:
+            scaler.load_state_dict(state["scaler"])
+        log.info("resuming %s from step %d", self.path, state["step"])
+        return state["step"]
+
+    def save(self, step: int, model_state: dict, optimizer, schedule, scaler=None) -> None:
+        state = {
+            "identity": self.identity,
+            "model": model_state,
+            "optimizer": optimizer.state_dict(),
+            "schedule": schedule.state_dict(),
+            "step": step,
+        }
+        if scaler is not None:
+            state["scaler"] = scaler.state_dict()
+        save_torch(state, self.path)
+
+    def finish(self) -> None:
+        self.path.unlink(missing_ok=True)

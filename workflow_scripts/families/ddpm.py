@@ -8,7 +8,6 @@ simple loss ||eps - eps_theta(x_t, t)||^2 / D_pix averaged over fixed (t, eps) d
 from __future__ import annotations
 
 import hashlib
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,10 +22,9 @@ from tqdm import tqdm
 
 from workflow_scripts.core.common import (
     ArtefactError,
+    TrainingResume,
     generator,
-    load_resume_state,
     load_torch,
-    log,
     rng,
     save_torch,
     select_device,
@@ -255,7 +253,7 @@ def train_model(
     seed = training_seed(config, replicate)
     identity = weighted_identity(config, members, replicate, weights)
     model_out = Path(model_out)
-    resume_path = model_out.with_name(model_out.stem + ".resume.pt")
+    resume = TrainingResume(model_out, identity)
 
     model = initial_model(config, images.shape[1:], seed).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=train_cfg["lr"], weight_decay=train_cfg["weight_decay"])
@@ -263,16 +261,7 @@ def train_model(
         optimizer, int(train_cfg["warmup_fraction"] * train_cfg["steps"]), train_cfg["steps"]
     )
     precision = Precision(amp_mode(config), device)
-    start = 0
-    state = load_resume_state(resume_path, identity)
-    if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        schedule.load_state_dict(state["schedule"])
-        if precision.scaler is not None:
-            precision.scaler.load_state_dict(state["scaler"])
-        start = state["step"]
-        log.info("resuming %s from step %d", model_out, start)
+    start = resume.restore(model, optimizer, schedule, precision.scaler)
 
     a_bar = alphas_cumprod(config["diffusion"]).to(device)
     x_all = torch.from_numpy(images).to(device)
@@ -296,22 +285,11 @@ def train_model(
         if done in checkpoint_paths:
             save_torch(save_checkpoint_payload(model, identity, done, images.shape[1:], lr=lr), checkpoint_paths[done])
         if done % train_cfg["resume_every"] == 0 and done < train_cfg["steps"]:
-            save_torch(
-                {
-                    "identity": identity,
-                    "model": model.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "schedule": schedule.state_dict(),
-                    "step": done,
-                    **({"scaler": precision.scaler.state_dict()} if precision.scaler else {}),
-                },
-                resume_path,
-            )
+            resume.save(done, model.state_dict(), optimizer, schedule, precision.scaler)
         if step % 50 == 0:
             progress.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
     save_torch(save_checkpoint_payload(model, identity, train_cfg["steps"], images.shape[1:]), model_out)
-    if resume_path.exists():
-        os.unlink(resume_path)
+    resume.finish()
     return model_out
 
 

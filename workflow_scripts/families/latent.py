@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -32,10 +31,9 @@ from tqdm import tqdm
 
 from workflow_scripts.core.common import (
     ArtefactError,
+    TrainingResume,
     generator,
-    load_resume_state,
     load_torch,
-    log,
     rng,
     save_torch,
     select_device,
@@ -348,7 +346,7 @@ def train_family_model(
     captions, pipeline = [str(c) for c in dataset["captions"]], str(dataset["pipeline"])
     identity = checkpoint_identity(config, dataset, members, replicate, weights)
     model_out = Path(model_out)
-    resume_path = model_out.with_name(model_out.stem + ".resume.pt")
+    resume = TrainingResume(model_out, identity)
 
     model, _, batches = fine_tuning_setup(config, dataset, members, replicate, device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=train_cfg["lr"], weight_decay=train_cfg["weight_decay"])
@@ -358,16 +356,7 @@ def train_family_model(
     # a float16 base: the activations' gradients would underflow for small losses, so scale the loss (as the
     # published fine-tunes' mixed precision does); the LoRA gradients are unscaled before clipping and stepping
     scaler = torch.amp.GradScaler(device.type) if model.base_dtype == torch.float16 else None
-    start = 0
-    state = load_resume_state(resume_path, identity)
-    if state is not None:
-        model.load_state_dict(state["model"], strict=False)
-        optimizer.load_state_dict(state["optimizer"])
-        schedule.load_state_dict(state["schedule"])
-        if scaler is not None:
-            scaler.load_state_dict(state["scaler"])
-        start = state["step"]
-        log.info("resuming %s from step %d", model_out, start)
+    start = resume.restore(model, optimizer, schedule, scaler, strict=False)  # the LoRA weights alone
 
     a_bar = alphas_cumprod(config["diffusion"]).to(device)
     w_all = None if weights is None else torch.as_tensor(weights, dtype=torch.float32, device=device)
@@ -412,22 +401,11 @@ def train_family_model(
         if done in checkpoint_paths:
             save_torch(payload(done, lr=lr), checkpoint_paths[done])
         if done % train_cfg["resume_every"] == 0 and done < train_cfg["steps"]:
-            save_torch(
-                {
-                    "identity": identity,
-                    "model": lora_state(model),
-                    "optimizer": optimizer.state_dict(),
-                    "schedule": schedule.state_dict(),
-                    **({"scaler": scaler.state_dict()} if scaler is not None else {}),
-                    "step": done,
-                },
-                resume_path,
-            )
+            resume.save(done, lora_state(model), optimizer, schedule, scaler)
         if step % 50 == 0:
             progress.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
     save_torch(payload(train_cfg["steps"]), model_out)
-    if resume_path.exists():
-        os.unlink(resume_path)
+    resume.finish()
 
 
 # ---------------------------------------------------------------------------------------------- sampling
