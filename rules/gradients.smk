@@ -52,7 +52,7 @@ rule gradients_journey:
         mem_mb=8000,
         runtime=120,
     params:
-        config=lambda w: paths.stage_config(config, "gradients"),
+        config=lambda w: paths.stage_config(config, "gradients_journey"),
         out_dir=lambda w, output: os.path.dirname(output.store),
     shell:
         "python -m workflow_scripts gradients --config {params.config:q}"

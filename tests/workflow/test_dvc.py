@@ -32,7 +32,7 @@ DVC_STAGE_SECTIONS = {
     "models": ("data", "train", "classifier"),
     "samples": ("sample",),
     "measurements": ("measure",),
-    "gradients": ("gradients", "gradients_measurement"),
+    "gradients": ("gradients", "gradients_journey", "gradients_measurement"),
     "curvature": ("curvature",),
     "evaluate": ("evaluate",),
     # the counterfactual retrainings are train_subset jobs, hence "train"
@@ -53,8 +53,9 @@ UPSTREAM_ONLY_RULES = {
     "fixed_seed_sets",
     "measure_fixed_seed",
 }
-# rules of another model family (model.family vesde, an overlay): DVC versions the params.yaml benchmark only
-FAMILY_ONLY_RULES = {"likelihood_sanity"}
+# rules and stages of another model family (vesde, latent: overlays): DVC versions the params.yaml benchmark only
+FAMILY_ONLY_RULES = {"likelihood_sanity", "base_pipeline", "encode"}
+FAMILY_ONLY_STAGES = {"base_pipeline", "encode"}
 
 
 def env(home: Path) -> dict:
@@ -248,7 +249,8 @@ def test_dvc_params_cover_what_each_stage_reads():
     stages = dvc_yaml("smoke")["stages"]
     assert set(DVC_STAGE_SECTIONS) == set(stages), "update DVC_STAGE_SECTIONS with dvc.yaml"
     mapped = {s for sections in DVC_STAGE_SECTIONS.values() for s in sections}
-    assert mapped == set(SECTIONS), f"paths.SECTIONS stages without a dvc.yaml stage: {set(SECTIONS) - mapped}"
+    unmapped = set(SECTIONS) - mapped - FAMILY_ONLY_STAGES
+    assert not unmapped and mapped <= set(SECTIONS), f"paths.SECTIONS stages without a dvc.yaml stage: {unmapped}"
     for name, sections in DVC_STAGE_SECTIONS.items():
         listed = set(stages[name]["params"])
         for key in (k for s in sections for k in SECTIONS[s]):

@@ -21,6 +21,8 @@ SECTIONS = {  # the config keys each stage reads; a rule reruns exactly when one
     "sample": ("model", "diffusion", "sample", "seeds.sample", "compute"),
     "measure": ("model", "diffusion", "measure", "seeds.measure", "data.dataset", "compute"),  # dataset: ELBO levels
     "gradients": ("model", "diffusion", "gradients", "seeds.gradients", "seeds.projection", "compute"),
+    # Journey-TRAK's store: the gradients stage's keys (+ the sampler's guidance for the latent family, below)
+    "gradients_journey": ("model", "diffusion", "gradients", "seeds.gradients", "seeds.projection", "compute"),
     # query features of a likelihood measurement (a TRAK-family query_measurement): also the measurement's draws
     "gradients_measurement": (
         "model",
@@ -84,9 +86,11 @@ SECTIONS = {  # the config keys each stage reads; a rule reruns exactly when one
 }
 
 
-# Extra keys a stage reads for model.family vesde (the data's number of levels: bits/dim, dequantisation; measure
+# Extra keys a stage reads for a model family (vesde: the data's number of levels: bits/dim, dequantisation; measure
 # reads it for every family); the ddpm stages' configurations stay as they are. likelihood_sanity runs for vesde only (rule all: family_targets).
 FAMILY_SECTIONS = {
+    # the journey store re-noises the guided x0-prediction its sampler stepped with
+    "latent": {"gradients_journey": ("sample.guidance_scale",)},
     "vesde": {
         "regenerate": ("data.dataset",),
         "likelihood_sanity": ("data.dataset", "model", "measure", "seeds.measure", "compute"),

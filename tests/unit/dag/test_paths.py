@@ -1,5 +1,6 @@
 """Artefact paths and per-job configurations (workflow_scripts.dag.paths): what decides which jobs rerun."""
 
+import copy
 import json
 import re
 import tokenize
@@ -179,3 +180,14 @@ def test_rules_spell_no_artefact_path(repo):
             assert "results/" not in s and "{ROOT" not in s and not ARTEFACT.search(s), (
                 f"{path.name} spells a path: {s}"
             )
+
+
+def test_the_journey_store_reads_the_guidance_of_a_latent_sampler_only(base_config):
+    # the latent family's Journey features re-noise the guided x0-prediction: its job must get (and be rerun on) the
+    # guidance scale; a pixel family's journey job keeps exactly the gradients stage's configuration
+    assert paths.stage_config(base_config, "gradients_journey") == paths.stage_config(base_config, "gradients")
+    latent = copy.deepcopy(base_config)
+    latent["model"]["family"] = "latent"
+    latent["sample"]["guidance_scale"] = 3.0
+    assert json.loads(paths.stage_config(latent, "gradients_journey"))["sample"] == {"guidance_scale": 3.0}
+    assert "sample" not in json.loads(paths.stage_config(latent, "gradients"))
