@@ -419,6 +419,13 @@ def guidance_scale(sample_cfg: dict) -> float:
     return float(sample_cfg.get("guidance_scale", 7.5))
 
 
+def guided_noise_prediction(model: LatentDenoiser, x, t, cond, guidance: float) -> torch.Tensor:
+    """Classifier-free guidance: eps_u + guidance (eps_c - eps_u) of the prompts `cond`, both in one batch."""
+    uncond = torch.full_like(cond, model.unconditional)
+    eps_u, eps_c = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([uncond, cond])).chunk(2)
+    return eps_u + guidance * (eps_c - eps_u)
+
+
 def sampling_scheduler(model: LatentDenoiser, sample_cfg: dict):
     from diffusers import DDIMScheduler, DDPMScheduler
 
@@ -447,12 +454,10 @@ def generate_images(model: LatentDenoiser, image_shape, config: dict, device, n_
     x = x * scheduler.init_noise_sigma
     labels = prompt_labels(model.unconditional, indices)
     cond = torch.from_numpy(labels).to(device)
-    uncond = torch.full_like(cond, model.unconditional)
     trajectory = [x.cpu()]
     for t in tqdm(scheduler.timesteps, desc=f"sample ({sample_cfg['scheduler']}, guidance {guidance})", mininterval=5):
         tt = t.to(device).expand(len(x))
-        eps_u, eps_c = model(torch.cat([x, x]), torch.cat([tt, tt]), torch.cat([uncond, cond])).chunk(2)
-        eps = eps_u + guidance * (eps_c - eps_u)
+        eps = guided_noise_prediction(model, x, tt, cond, guidance)
         x = torch.cat(
             [
                 scheduler.step(eps[i : i + 1].cpu(), t, x[i : i + 1].cpu(), generator=generators[i]).prev_sample

@@ -56,7 +56,7 @@ from workflow_scripts.core.projection import SPARSE, build_projector
 from workflow_scripts.core.store import array_digest, new_store, reusable, write_store
 from workflow_scripts.dag.paths import measurement_splits, parse_feature_tag
 from workflow_scripts.families.ddpm import add_noise, alphas_cumprod, output_function, predict_noise, timestep_grid
-from workflow_scripts.families.latent import guidance_scale
+from workflow_scripts.families.latent import guidance_scale, guided_noise_prediction
 from workflow_scripts.families.likelihood import target_measurement
 from workflow_scripts.families.registry import load_family_model
 
@@ -308,15 +308,11 @@ def x0_clip(model) -> bool:
 
 def sampler_noise_prediction(model, x, t, cond=None, guidance: float | None = None):
     """The noise prediction the sampler stepped with at (x, t): eps_theta(x, t), or for a conditional model the
-    classifier-free-guided eps_u + guidance (eps_c - eps_u) of the query's prompt (families/latent.generate_images)."""
-    import torch
-
+    classifier-free-guided one of the query's prompt (families/latent.guided_noise_prediction, as its sampler)."""
     if cond is None:
         out = model(x, t)
         return out.sample if hasattr(out, "sample") else out
-    uncond = torch.full_like(cond, model.unconditional)
-    eps_u, eps_c = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([uncond, cond])).chunk(2)
-    return eps_u + guidance * (eps_c - eps_u)
+    return guided_noise_prediction(model, x, t, cond, guidance)
 
 
 def journey_gradients(model, trajectories, timesteps, steps, query_index, seed: int, a_bar, cond=None, guidance=None):
