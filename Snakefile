@@ -8,7 +8,13 @@ import sys
 
 sys.path.insert(0, workflow.basedir)
 from workflow_scripts.dag import paths
-from workflow_scripts.dag.config import check_workflow_support, drop_removed_methods, order_methods, validate_config
+from workflow_scripts.dag.config import (
+    check_overlay,
+    check_workflow_support,
+    drop_removed_methods,
+    order_methods,
+    validate_config,
+)
 
 
 configfile: "params.yaml"
@@ -17,6 +23,9 @@ configfile: "params.yaml"
 report: "report/workflow.rst"  # `snakemake --report results/report.html`: every table and figure, with captions
 
 
+check_overlay(
+    workflow.config_settings.overwrite_config, "--configfile/--config"
+)  # e.g. an empty scores.methods, which merges to nothing
 drop_removed_methods(config)  # an overlay removes a method by setting it to null
 order_methods(
     config, f"{workflow.basedir}/params.yaml"

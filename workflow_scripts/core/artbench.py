@@ -27,6 +27,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import os
+import shlex
 from pathlib import Path
 
 import numpy as np
@@ -91,17 +92,18 @@ def resolution(data_cfg: dict) -> int:
 
 
 def how_to_get(root: Path, fmt: str) -> str:
+    q = shlex.quote(str(root))  # the commands are copied as they are, whatever the path holds
     if fmt == "batches":
         files = f"{root}/{BATCHES}/{{data_batch_1..5,test_batch,meta}}"
         get = (
-            f"  wget {RELEASE}/artbench-10-python.tar.gz && tar -xzf artbench-10-python.tar.gz -C {root}\n"
+            f"  wget {RELEASE}/artbench-10-python.tar.gz && tar -xzf artbench-10-python.tar.gz -C {q}\n"
             "  (md5 of the archive: b116ffdc5e07e162f119149c2ad7403f; the ArtBench repository's README links it too)"
         )
     else:
         files = f"{root}/{CSV_NAME} (md5 {CSV_MD5}) and {root}/{IMAGEFOLDER}/{{train,test}}/<style>/<name>"
         get = (
-            f"  wget -P {root} {RELEASE}/{CSV_NAME} {RELEASE}/{TAR_NAME}\n"
-            f"  tar -xf {root}/{TAR_NAME} -C {root}   (md5 of the tarball: {TAR_MD5})"
+            f"  wget -P {q} {RELEASE}/{CSV_NAME} {RELEASE}/{TAR_NAME}\n"
+            f"  tar -xf {shlex.quote(str(root / TAR_NAME))} -C {q}   (md5 of the tarball: {TAR_MD5})"
         )
     return (
         f"ArtBench-10's files are needed: {files}. Get them once, on a machine with internet, with\n{get}\n"

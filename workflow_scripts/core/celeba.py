@@ -12,6 +12,7 @@ no captions. `*_index` = the image's line in list_eval_partition.txt (0-based: 0
 from __future__ import annotations
 
 import os
+import shlex
 from pathlib import Path
 
 import numpy as np
@@ -31,10 +32,12 @@ def resolution(data_cfg: dict) -> int:
 
 
 def how_to_get(root: Path) -> str:
+    # quoted for the shell (and the path for Python): the command is copied as it is, whatever the path holds
+    code = f"import torchvision; torchvision.datasets.CelebA({str(root)!r}, download=True)"
     return (
         f"torchvision's CelebA files are needed: {root}/{FOLDER}/{IMAGES}/*.jpg and {root}/{FOLDER}/{PARTITION}. "
         f"Get them once, on a machine with internet, with\n"
-        f"  python -c \"import torchvision; torchvision.datasets.CelebA('{root}', download=True)\"\n"
+        f"  python -c {shlex.quote(code)}\n"
         f"or download img_align_celeba.zip and {PARTITION} (md5 {PARTITION_MD5}) from the CelebA authors' Google "
         f"Drive folder ('Align&Cropped Images' and 'Eval') and unzip the images into {root}/{FOLDER}/ "
         f"(then copy {root} to the machine that runs the workflow, or point data.root at it)."

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from workflow_scripts.core.common import ArtefactError, generator, load_torch, log, rng
+from workflow_scripts.core.common import ArtefactError, check_training_loss, generator, load_torch, log, rng
 from workflow_scripts.core.contracts import params_defaults
 
 KIND = "digit-classifier"
@@ -128,6 +128,7 @@ def train_classifier(
         idx = order[position * batch : (position + 1) * batch]
         x = shift(x_all[idx].cpu(), cfg["augment_shift"], generator(seed, SHIFT_STREAM, step)).to(device)
         loss = F.cross_entropy(model(x), y_all[idx])
+        check_training_loss(loss.item(), step, cfg["steps"], "the embedding classifier", "classifier.lr", cfg["lr"])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

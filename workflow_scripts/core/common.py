@@ -27,6 +27,42 @@ class ArtefactError(RuntimeError):
     """An input artefact is missing, corrupt or was made by a different configuration."""
 
 
+class NonFiniteError(FloatingPointError):
+    """A computed value (a training loss, sampled images, measurements, gradients, scores) is NaN or infinite."""
+
+
+DIVERGED_HINT = "the model probably diverged in training (train.lr too high?)"
+
+
+def check_training_loss(loss: float, step: int, steps: int, where: str, lr_key: str, lr: float) -> None:
+    """Stop training at the first non-finite loss (0-based `step`): everything after it, and every artefact made
+    from the model, would be NaN, and fail late with errors that no longer point here."""
+    if not np.isfinite(loss):
+        raise NonFiniteError(
+            f"{where}: the training loss is {loss} at step {step + 1} of {steps}: training diverged. The likely "
+            f"cause is a learning rate too high ({lr_key} = {lr:g}); lower it and run again"
+        )
+
+
+def require_finite(values, what: str, hint: str = DIVERGED_HINT, chunk_rows: int = 4096) -> None:
+    """Refuse NaN or infinite entries in `values` (an array, or a memory map read row chunk by row chunk), naming
+    the artefact `what`, how many entries are bad and the first bad row."""
+    values = np.asarray(values) if not isinstance(values, np.ndarray) else values
+    if values.dtype.kind not in "fc":
+        return
+    flat = values.reshape(len(values), -1) if values.ndim > 1 else values.reshape(-1, 1)
+    n_bad, first = 0, None
+    for start in range(0, len(flat), chunk_rows):
+        bad = ~np.isfinite(flat[start : start + chunk_rows])
+        if bad.any():
+            rows = np.flatnonzero(bad.any(1))
+            first = start + int(rows[0]) if first is None else first
+            n_bad += int(bad.sum())
+    if n_bad:
+        where = f"row {first}" if values.ndim > 1 else f"entry {first}"
+        raise NonFiniteError(f"{what}: {n_bad} of {values.size} values are NaN or infinite (first in {where}); {hint}")
+
+
 def setup_logging(log_file: str | None = None) -> None:
     handlers = [logging.StreamHandler(sys.stderr)]
     if log_file:

@@ -14,6 +14,7 @@ test batch (`data.make_dataset`).
 from __future__ import annotations
 
 import os
+import shlex
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,11 +60,13 @@ def _how_to_get(dataset: str, root: Path) -> str:
         files = f"{root}/cifar-10-batches-py/{{data_batch_1..5,test_batch,batches.meta}}"
         manual = (
             f"or: wget https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz && "
-            f"tar -xzf cifar-10-python.tar.gz -C {root}"
+            f"tar -xzf cifar-10-python.tar.gz -C {shlex.quote(str(root))}"
         )
+    # quoted for the shell (and the path for Python): the command is copied as it is, whatever the path holds
+    code = f"import torchvision; torchvision.datasets.{name}({str(root)!r}, train=True, download=True)"
     return (
         f"torchvision's {name} files are needed: {files}. Get them once, on a machine with internet, with\n"
-        f"  python -c \"import torchvision; torchvision.datasets.{name}('{root}', train=True, download=True)\"\n"
+        f"  python -c {shlex.quote(code)}\n"
         f"{manual} (then copy {root} to the machine that runs the workflow, or point data.root at it)."
     )
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from workflow_scripts.core.common import ArtefactError, log, save_json
+from workflow_scripts.core.common import ArtefactError, log, require_finite, save_json
 
 
 def array_digest(array: np.ndarray) -> str:
@@ -37,6 +37,8 @@ def new_store(identity: dict, path: str | Path):
     try:
         yield store
         store.flush()
+        # refused before it becomes the store: NaN features would make every score NaN, far from the cause
+        require_finite(store, f"gradient store {path}")
     except BaseException:
         del store
         tmp.unlink(missing_ok=True)

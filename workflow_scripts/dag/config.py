@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 from pathlib import Path
 
 import jsonschema
@@ -35,11 +36,27 @@ def deep_merge(base: dict, overlay: dict) -> dict:
 def load_config(path: str | Path = "params.yaml", *overlays: str | Path) -> dict:
     config = yaml.safe_load(Path(path).read_text())
     for overlay in overlays:
-        config = deep_merge(config, yaml.safe_load(Path(overlay).read_text()) or {})
+        values = yaml.safe_load(Path(overlay).read_text()) or {}
+        check_overlay(values, str(overlay))
+        config = deep_merge(config, values)
     drop_removed_methods(config)
     order_methods(config, path)
     validate_config(config)
     return config
+
+
+def check_overlay(overlay: dict, source: str) -> None:
+    """Refuse an overlay entry that merges to nothing. `scores: {methods: {}}` reads as "no methods", but overlays
+    merge key by key (here and in Snakemake's --configfile), so it changes nothing and every method of params.yaml
+    still runs."""
+    scores = overlay.get("scores")
+    methods = scores.get("methods") if isinstance(scores, dict) else None
+    if isinstance(methods, dict) and not methods:
+        raise ConfigError(
+            f"{source}: scores.methods is empty ({{}}), which changes nothing: overlays merge key by key, so every "
+            "method of params.yaml would still run. Remove a method with `<name>: null` and list the methods to add "
+            "or change"
+        )
 
 
 def drop_removed_methods(config: dict) -> None:
@@ -76,10 +93,41 @@ def full_schema() -> dict:
     return schema
 
 
+def _strict_integer(checker, instance) -> bool:
+    # JSON Schema counts 40.0 as an integer; the stages then fail on range(40.0) or an array shape, naming no field
+    return isinstance(instance, int) and not isinstance(instance, bool)
+
+
+# Draft 2020-12 with integers that must be written as integers (n_train: 40, not 40.0)
+StrictValidator = jsonschema.validators.extend(
+    jsonschema.Draft202012Validator,
+    type_checker=jsonschema.Draft202012Validator.TYPE_CHECKER.redefine("integer", _strict_integer),
+)
+
+
+def non_finite_values(value, path: str = "") -> list[str]:
+    """Key paths (train.lr, kfac.lambda_grid[2]) of the NaN and infinite numbers anywhere in the configuration.
+    YAML's .nan and .inf are floats; a schema bound (minimum, exclusiveMinimum) is never violated by NaN, since
+    every comparison with it is false, so they are refused before the schema sees them."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return [f"{path or '<top level>'} = {value}"]
+    if isinstance(value, dict):
+        return [bad for key, v in value.items() for bad in non_finite_values(v, f"{path}.{key}" if path else str(key))]
+    if isinstance(value, list):
+        return [bad for i, v in enumerate(value) for bad in non_finite_values(v, f"{path}[{i}]")]
+    return []
+
+
 def validate_config(config: dict) -> None:
-    """Raise ConfigError naming the first bad field (schema first, then cross-field rules)."""
+    """Raise ConfigError naming the first bad field (non-finite numbers, then the schema, then cross-field rules)."""
+    bad = non_finite_values(config)
+    if bad:
+        raise ConfigError(
+            "invalid configuration (params.yaml + overlays): NaN or infinite numbers are not settings:\n"
+            + "\n".join(f"  {b}" for b in bad)
+        )
     schema = full_schema()
-    errors = sorted(jsonschema.Draft202012Validator(schema).iter_errors(config), key=lambda e: list(e.absolute_path))
+    errors = sorted(StrictValidator(schema).iter_errors(config), key=lambda e: list(e.absolute_path))
     if errors:
         lines = [f"  {_field(e)}: {e.message}" for e in errors[:10]]
         raise ConfigError("invalid configuration (params.yaml + overlays):\n" + "\n".join(lines))
@@ -94,6 +142,7 @@ def _check_consistency(config: dict) -> None:
         _check_torchvision_data(data, model)
     if lds["n_tuning"] > lds["n_subsets"] - 2:
         raise ConfigError("lds.n_tuning must leave at least 2 evaluation subsets (lds.n_subsets - 2)")
+    _check_subset_size(lds["fraction"], data["n_train"])
     if len(model["attention"]) != len(model["block_out_channels"]):
         raise ConfigError("model.attention needs one entry per model.block_out_channels entry")
     for width in model["block_out_channels"]:
@@ -111,6 +160,7 @@ def _check_consistency(config: dict) -> None:
                 f"measure.measurements: {name!r} needs model.family {' or '.join(needs)} (model.family is {family})"
             )
     T = config["diffusion"]["num_train_timesteps"]
+    _check_timestep_budgets(config, T)
     for t in config["measure"].get("timestep_loss", {}).get("timesteps", []):
         if t >= T:
             raise ConfigError(
@@ -120,6 +170,39 @@ def _check_consistency(config: dict) -> None:
     _check_figures(config)
     _check_query_measurements(config)
     _check_methods(config)
+
+
+def _check_subset_size(fraction: float, n_train: int) -> None:
+    """Each LDS subset holds round(lds.fraction * data.n_train) examples (core/data.make_subsets): none makes every
+    subset model train on nothing, all makes every subset the full set (every prediction equal: LDS means nothing)."""
+    size = int(round(fraction * n_train))
+    if size < 1:
+        raise ConfigError(
+            f"lds.fraction = {fraction} of data.n_train = {n_train} rounds to 0 examples per LDS subset: every subset "
+            "would be empty; raise lds.fraction or data.n_train"
+        )
+    if size >= n_train:
+        raise ConfigError(
+            f"lds.fraction = {fraction} of data.n_train = {n_train} rounds to all {n_train} examples per LDS subset: "
+            "every subset would be the full training set and the LDS would measure nothing; lower lds.fraction"
+        )
+
+
+def _check_timestep_budgets(config: dict, T: int) -> None:
+    """A timestep budget K takes the grid range(0, T, T // K) of the T training timesteps: K > T has no such grid
+    (the gradients stage would fail after every model is trained)."""
+    budgets = [("gradients.timesteps", config["gradients"]["timesteps"])]
+    budgets += [
+        (f"scores.methods.{name}.timesteps", method["timesteps"])
+        for name, method in config["scores"]["methods"].items()
+        if "timesteps" in method
+    ]
+    for key, k in budgets:
+        if k > T:
+            raise ConfigError(
+                f"{key} = {k} exceeds diffusion.num_train_timesteps = {T}: at most one gradient timestep per "
+                f"training timestep; use at most {T}"
+            )
 
 
 # training / held-out source split sizes of the real data sets (workflow_scripts/core/datasets.py, artbench.py,

@@ -23,6 +23,7 @@ from tqdm import tqdm
 from workflow_scripts.core.common import (
     ArtefactError,
     TrainingResume,
+    check_training_loss,
     generator,
     load_torch,
     rng,
@@ -277,6 +278,7 @@ def train_model(
         with precision.autocast():
             per_example = simple_loss(model, batch.x0, batch.t, batch.eps, a_bar).float()  # float(): no-op in float32
         loss = per_example.mean() if w_all is None else (w_all[batch.idx] * per_example).mean()
+        check_training_loss(loss.item(), step, train_cfg["steps"], str(model_out), "train.lr", train_cfg["lr"])
         optimizer.zero_grad(set_to_none=True)
         lr = schedule.get_last_lr()[0]
         precision.step(loss, model, optimizer, train_cfg["grad_clip"])

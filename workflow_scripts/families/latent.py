@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shlex
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +33,7 @@ from tqdm import tqdm
 from workflow_scripts.core.common import (
     ArtefactError,
     TrainingResume,
+    check_training_loss,
     generator,
     load_torch,
     rng,
@@ -72,7 +74,7 @@ def check_pipeline_dir(path) -> Path:
         raise PipelineMissing(
             f"model.pipeline: {path} is not a diffusers pipeline directory (missing: {', '.join(missing)}). "
             "Fetch the published base once with: huggingface-cli download lambdalabs/miniSD-diffusers "
-            f"--local-dir {path}   (or set model.pipeline: null for the miniature base the workflow pretrains)"
+            f"--local-dir {shlex.quote(str(path))}   (or set model.pipeline: null for the miniature base the workflow pretrains)"
         )
     return path
 
@@ -380,8 +382,7 @@ def train_family_model(
         batch = batches(step)
         per_example = simple_loss(model, batch.x0, batch.t, batch.eps, a_bar, batch.cond)
         loss = per_example.mean() if w_all is None else (w_all[batch.idx] * per_example).mean()
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"{model_out}: loss is {loss.item()} at step {step} (train.lr too high?)")
+        check_training_loss(loss.item(), step, train_cfg["steps"], str(model_out), "train.lr", train_cfg["lr"])
         optimizer.zero_grad(set_to_none=True)
         lr = schedule.get_last_lr()[0]
         if scaler is None:

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from workflow_scripts.core.common import generator, log, rng
+from workflow_scripts.core.common import check_training_loss, generator, log, rng
 from workflow_scripts.families.ddpm import alphas_cumprod
 from workflow_scripts.families.latent import DIGIT_NAMES, caption_embeddings
 
@@ -142,6 +142,9 @@ def train_vae(vae, images: torch.Tensor, settings: dict, seed: int) -> float:
         reconstruction = vae.decode(z).sample
         error_t = (reconstruction - images[idx]).pow(2).mean()
         loss = error_t + settings["kl_weight"] * posterior.kl().mean() / images[0].numel()
+        check_training_loss(
+            loss.item(), step, settings["vae_steps"], "the miniature base's VAE", "base.lr", settings["lr"]
+        )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -166,6 +169,9 @@ def train_unet(unet, latents: torch.Tensor, cond: torch.Tensor, embeddings, sett
         a = a_bar[t].view(-1, 1, 1, 1)
         prediction = unet(a.sqrt() * latents[idx] + (1 - a).sqrt() * eps, t, encoder_hidden_states=embeddings[c]).sample
         loss = (prediction - eps).pow(2).mean()
+        check_training_loss(
+            loss.item(), step, settings["unet_steps"], "the miniature base's UNet", "base.lr", settings["lr"]
+        )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

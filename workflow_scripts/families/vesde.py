@@ -61,7 +61,7 @@ import torch.nn as nn
 from diffusers.optimization import get_cosine_schedule_with_warmup
 
 from workflow_scripts.core import data as core_data
-from workflow_scripts.core.common import generator, log, rng, save_torch, select_device
+from workflow_scripts.core.common import check_training_loss, generator, log, rng, save_torch, select_device
 from workflow_scripts.core.measurement import Measurement
 from workflow_scripts.core.seeds import (
     INIT_STREAM,
@@ -230,6 +230,8 @@ def train_vesde(
             x0 = x0 + (2 * torch.rand(x0.shape, generator=g) - 1).to(device) * h
         per_example = dsm_loss(model, x0, std, eps)
         loss = per_example.mean() if w_all is None else (w_all[idx] * per_example).mean()
+        where = f"vesde training of {model_out or 'a score model'}"
+        check_training_loss(loss.item(), step, train_cfg["steps"], where, "train.lr", train_cfg["lr"])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), train_cfg["grad_clip"])

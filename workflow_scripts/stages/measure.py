@@ -15,7 +15,7 @@ import argparse
 
 import numpy as np
 
-from workflow_scripts.core.common import load_npz, log, save_npz, select_device
+from workflow_scripts.core.common import load_npz, log, require_finite, save_npz, select_device
 from workflow_scripts.core.contracts import target_names
 from workflow_scripts.core.data import load_conditions, load_queries
 from workflow_scripts.families.likelihood import family_primary_target, measure_queries
@@ -40,6 +40,8 @@ def run(args, config: dict) -> None:
     samples = load_npz(args.samples, ("trajectories", "timesteps")) if "trajectory" in targets else None
     conditions = load_conditions(args.dataset, args.samples) if getattr(model, "conditional", False) else None
     results = measure_queries(model, queries, config, device, samples, conditions)
+    for key, values in results.items():  # a NaN target would surface only as an LDS of NaN or an unnamed error
+        require_finite(values, f"{args.out}: measurement {key} of {args.model}")
     # the primary target of the LDS tables: the loss, or a vesde model's exact -ln p
     target = family_primary_target(config["model"])
     primary = {"measurement": np.array(target)} if target != "loss" else {}

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 
-from workflow_scripts.core.common import log, save_npz, select_device
+from workflow_scripts.core.common import log, require_finite, save_npz, select_device
 from workflow_scripts.families.registry import generate_images, load_family_model, sampler_name
 
 
@@ -22,6 +22,8 @@ def run(args, config: dict) -> None:
     device = select_device(config["compute"])
     model, payload = load_family_model(args.model, config["model"], device)
     result = generate_images(model, payload["image_shape"], config, device)
+    for key in ("images", "trajectories"):  # a NaN image would fail only at measurement or scoring, unnamed
+        require_finite(result[key], f"{args.out}: the {key} sampled from {args.model}")
     save_npz(args.out, **result)
     sampler = sampler_name(config)
     log.info("sample: %d images with %s, %d steps", len(result["images"]), sampler, len(result["timesteps"]))

@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 
 from workflow_scripts.core import data as core_data
-from workflow_scripts.core.common import ArtefactError, log, save_json, save_npy, save_text
+from workflow_scripts.core.common import ArtefactError, NonFiniteError, log, save_json, save_npy, save_text
 from workflow_scripts.core.contracts import QUERY_SETS, RESIDUAL
 from workflow_scripts.core.data import load_queries
 from workflow_scripts.core.lds import lds_per_query, mean_over_scored, scored_queries
@@ -110,6 +110,25 @@ class ScorerInputs:
     def checkpoint(self, role: str) -> dict:
         """{'step', 'lr'} of the checkpoint a store was computed at."""
         return self.sidecar(role, "train").get("checkpoint", {"step": None, "lr": None})
+
+
+def check_scores(method: str, results: list) -> None:
+    """Refuse non-finite scores, naming the method, query set and lambda. A row of NaN is a query the method did
+    not score (e.g. the metagradient beyond max_queries); a partly non-finite row, an infinite value, or a query
+    set with no scored query at all means the method's inputs or its arithmetic went non-finite."""
+    for lam, matrices in results:
+        at = "" if lam is None else f", lambda {lam:g}"
+        for name, scores in matrices.items():
+            what = f"scores of method {method} for the {name} queries{at}"
+            try:
+                scored = scored_queries(scores)
+            except ValueError as exc:
+                raise NonFiniteError(f"{what}: {exc}") from None
+            if not scored.any():
+                raise NonFiniteError(
+                    f"{what}: every value is NaN, no query is scored; its inputs (gradient stores, model, curvature) "
+                    "or its arithmetic went non-finite (a diverged model: train.lr too high?)"
+                )
 
 
 def sweep(
@@ -245,16 +264,12 @@ def run(args, config: dict) -> None:
     for note in fallback.values():
         log.info("scores %s: %s", args.method, note)
     used = {name: "loss" if name in fallback else target for name in targets}  # the target each set was tuned on
+    check_scores(args.method, results)
     table = sweep(results, subsets["masks"], subsets["tuning"], subsets["evaluation"], targets)
     best = choose(results, table)
     chosen_lambda, matrices = results[best]
     for name, scores in matrices.items():
-        try:  # NaN rows = queries the method did not score (e.g. metagradient max_queries); nothing else non-finite
-            scored = scored_queries(scores)
-        except ValueError as exc:
-            raise FloatingPointError(f"{args.method}: {name}: {exc}") from None
-        if not scored.any():
-            raise FloatingPointError(f"{args.method}: no {name} query has scores")
+        scored = scored_queries(scores)
         if not scored.all():
             log.warning(
                 "scores %s, %s: %d of %d queries scored; the other rows are NaN (not scored)",

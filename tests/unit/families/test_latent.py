@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from workflow_scripts.core.common import generator, load_torch, save_torch
+from workflow_scripts.core.common import NonFiniteError, generator, load_torch, save_torch
 from workflow_scripts.core.data import load_digits_images
 from workflow_scripts.families import latent, latent_miniature
 from workflow_scripts.families.ddpm import alphas_cumprod, measure_loss
@@ -228,3 +228,13 @@ def test_fine_tuning_on_a_float16_base_trains_the_lora_weights(pool, tmp_path):
     lora_b = [p for n, p in model.named_parameters() if ".lora_B." in n]
     # B starts at 0: non-zero, finite B means the scaled, unscaled and clipped steps reached the LoRA weights
     assert all(torch.isfinite(p).all() for p in lora_b) and any(p.abs().max() > 0 for p in lora_b)
+
+
+def test_fine_tuning_stops_at_the_first_non_finite_loss(pool, tmp_path):
+    """A learning rate far too high: the LoRA fine-tuning stops at the first NaN or infinite loss, naming the step and
+    train.lr, and writes no model."""
+    out = tmp_path / "diverged.pt"
+    with pytest.raises(NonFiniteError, match=r"diverged\.pt: the training loss is .* at step \d+ of 20") as error:
+        latent.train_family_model(tiny_config(lr=1e8, steps=20, resume_every=20), pool, np.arange(12), 0, out)
+    assert "train.lr = 1e+08" in str(error.value)
+    assert not out.exists()
