@@ -14,6 +14,11 @@ def copy_repo(repo: Path, workdir: Path) -> Path:
     return workdir
 
 
+def environment(workdir: Path, env: dict | None = None) -> dict:
+    """Only the venv and the system on PATH, HOME in the scratch copy (plus `env`)."""
+    return {"PATH": f"{BIN}:/usr/bin:/bin", "HOME": str(workdir), **(env or {})}
+
+
 def snakemake(workdir: Path, *args: str, cores: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
     """`snakemake [--cores 2] args` in workdir with only the venv and the system on PATH (plus `env`)."""
     exe = BIN / "snakemake"
@@ -22,8 +27,23 @@ def snakemake(workdir: Path, *args: str, cores: bool = True, env: dict | None = 
         cwd=workdir,
         capture_output=True,
         text=True,
-        env={"PATH": f"{BIN}:/usr/bin:/bin", "HOME": str(workdir), **(env or {})},
+        env=environment(workdir, env),
     )
+
+
+def start_snakemake(workdir: Path, log: Path, *args: str) -> subprocess.Popen:
+    """`snakemake --cores 2 args` in the background, its output in `log`, in a process group of its own (Snakemake
+    and its local jobs), so that a signal to the group reaches them all, as Ctrl-C in a terminal does."""
+    with log.open("w") as out:
+        return subprocess.Popen(
+            [str(BIN / "snakemake"), "--cores", "2", *args],
+            cwd=workdir,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=environment(workdir),
+            start_new_session=True,
+        )
 
 
 def overlay_run(repo: Path, workdir: Path, overlay: str, tiny: dict) -> Path:
