@@ -5,9 +5,11 @@
 Every measurement is a fresh interpreter (a job is one), started in the checkout being measured:
   import  the import of `workflow_scripts.__main__` and of the stage's module (what the job imports before
           it parses its arguments),
-  load    for the stages that load a model (or, for train, build one): the default params.yaml model, saved
-          once per checkout as a checkpoint of this workflow's format, loaded with load_family_model (train:
-          the initial model of a training, ddpm.initial_model); lazy imports the load triggers count here,
+  load    for the stages that load a model: the default params.yaml model, saved once per checkout as a
+          checkpoint of this workflow's format, loaded with load_family_model; for train, what a training does
+          before its first step: the initial model (ddpm.initial_model) moved to the device, and its AdamW
+          optimizer. What these load lazily counts here (torch loads torch._dynamo for the optimizer's first
+          parameter group, diffusers' ModelMixin.to() imports it too),
   wall    the whole subprocess, interpreter start to exit (the import, the load and Python's own start-up).
 Median of --runs runs. The child also records how many modules the import loaded and which of the heavy
 packages (torch, torch._dynamo, diffusers.models.transformers, transformers, peft, scipy, sklearn, pandas,
@@ -68,8 +70,10 @@ if mode != "none":
     config = yaml.safe_load(open("params.yaml"))
     t2 = time.perf_counter()
     if mode == "build":
+        import torch
         from workflow_scripts.families import ddpm
-        ddpm.initial_model(config, (1, 8, 8), int(config["seeds"]["train"]))
+        model = ddpm.initial_model(config, (1, 8, 8), int(config["seeds"]["train"])).to("cpu")
+        torch.optim.AdamW(model.parameters(), lr=1e-3)
     else:
         from workflow_scripts.families.registry import load_family_model
         load_family_model(checkpoint, config["model"])
