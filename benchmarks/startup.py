@@ -27,6 +27,7 @@ import argparse
 import json
 import os
 import platform
+import signal
 import statistics
 import subprocess
 import sys
@@ -186,7 +187,12 @@ def git(*args: str) -> str:
     return subprocess.run(["git", *args], cwd=ROOT, check=True, capture_output=True, text=True).stdout.strip()
 
 
+def stop(signum, frame):
+    raise SystemExit(f"stopped by signal {signum}")  # so that the temporary worktree is removed
+
+
 def main(argv=None) -> int:
+    signal.signal(signal.SIGTERM, stop)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=5, help="fresh interpreters per stage and checkout (median)")
     parser.add_argument("--stages", help="comma-separated stages (default: every stage of this checkout)")
@@ -227,6 +233,9 @@ def main(argv=None) -> int:
                 for stage in stages:
                     for label, root in checkouts.items():
                         runs[label][stage].append(run_child(root, stage, checkpoints[label]))
+                        print(
+                            f"run {i + 1}: {stage} in {label}: {runs[label][stage][-1]['wall']:.1f} s", file=sys.stderr
+                        )
                 print(f"run {i + 1}/{args.runs} done (load average {os.getloadavg()[0]:.1f})", file=sys.stderr)
             load_after = os.getloadavg()
         finally:
