@@ -12,8 +12,8 @@ Every measurement is a fresh interpreter (a job is one), started in the checkout
           parameter group, diffusers' ModelMixin.to() imports it too),
   wall    the whole subprocess, interpreter start to exit (the import, the load and Python's own start-up).
 Median of --runs runs. The child also records how many modules the import loaded and which of the heavy
-packages (torch, torch._dynamo, diffusers.models.transformers, transformers, peft, scipy, sklearn, pandas,
-matplotlib) are in sys.modules after it.
+packages (torch, torch._dynamo, diffusers.models.transformers with its __init__ run, transformers, peft, scipy,
+sklearn, pandas, matplotlib) are in sys.modules after it.
 
 --compare REF checks REF (a git ref) out into a temporary `git worktree` and measures it with the same
 interpreter in the same run, the runs interleaved (stage by stage, the two checkouts alternating), so a
@@ -61,6 +61,9 @@ importlib.import_module("workflow_scripts.__main__")
 importlib.import_module(f"workflow_scripts.stages.{stage}")
 t1 = time.perf_counter()
 heavy = {name: name in sys.modules for name in HEAVY}
+# a lazy diffusers.models.transformers (families/diffusers_unet.py) is in sys.modules with its __init__ not run
+package = sys.modules.get("diffusers.models.transformers")
+heavy["diffusers.models.transformers"] = package is not None and "Transformer2DModel" in vars(package)
 n_modules = len(sys.modules)
 import workflow_scripts
 if not workflow_scripts.__file__.startswith(root):
