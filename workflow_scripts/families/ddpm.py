@@ -15,9 +15,6 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
-from diffusers.models.attention_processor import AttnProcessor
-from diffusers.optimization import get_cosine_schedule_with_warmup
 from tqdm import tqdm
 
 from workflow_scripts.core.common import (
@@ -38,6 +35,13 @@ from workflow_scripts.core.seeds import (
     image_seed,
     training_identity,
     training_seed,
+)
+from workflow_scripts.families.diffusers_unet import (
+    AttnProcessor,
+    DDIMScheduler,
+    DDPMScheduler,
+    UNet2DModel,
+    get_cosine_schedule_with_warmup,
 )
 
 # UNet2DModel arguments a configuration may set (absent: diffusers' defaults); the ddpm-cifar10 layout needs them

@@ -58,7 +58,6 @@ import math
 import numpy as np
 import torch
 import torch.nn as nn
-from diffusers.optimization import get_cosine_schedule_with_warmup
 
 from workflow_scripts.core import data as core_data
 from workflow_scripts.core.common import check_training_loss, generator, log, rng, save_torch, select_device
@@ -73,6 +72,7 @@ from workflow_scripts.core.seeds import (
 )
 from workflow_scripts.families import ddpm as diffusion
 from workflow_scripts.families.ddpm import build_model
+from workflow_scripts.families.diffusers_unet import get_cosine_schedule_with_warmup
 
 VESDE_DEFAULTS = {"sigma": 25.0, "t_min": 1.0e-5, "weighting": "sigma2", "dequantize": True, "data_std": 0.5}
 WEIGHTINGS = ("sigma2", "likelihood")
