@@ -41,7 +41,7 @@ import numpy as np
 from workflow_scripts.scorers.base import POSINT, Scorer, method_schema
 
 NUM_TRAIN_TIMESTEPS, BETA_START, BETA_END = 1000, 1e-4, 0.02  # the paper's DDPM schedule (linear betas)
-CHUNK_BYTES = 32 * 2**20  # float64 bytes of one block of query-patch x training-patch distances
+CHUNK_BYTES = 32 * 2**20  # float64 bytes of one query's logits against one chunk of training images
 
 SCALE = {
     "type": "object",
@@ -82,29 +82,44 @@ def _patches(images: np.ndarray, k: int, stride: int, pool: int) -> tuple[np.nda
 def _scale_scores(
     noisy: np.ndarray, train: np.ndarray, sigma: float, k: int, pool: int, stride: int, topk: int | None
 ) -> np.ndarray:
-    """(n_query, n_train) summed patch posterior mass of one scale (module docstring)."""
-    q_patches, pattern = _patches(noisy, k, stride, pool)
-    t_patches, _ = _patches(train, k, stride, pool)
-    n_train, n_pos, _ = t_patches.shape
+    """(n_query, n_train) summed patch posterior mass of one scale (module docstring).
+
+    The training set is read in chunks of images so that one query's block of logits (positions x chunk x
+    positions) stays near CHUNK_BYTES: a first pass over the chunks gives each query patch's log normaliser, the
+    second its weights."""
+    _, pattern = _patches(train[:1], k, stride, pool)
+    n_pos, n_train = len(pattern), len(train)
     compatible = pattern[:, None] == pattern[None, :]  # (L query positions, L training positions)
-    t_flat = t_patches.reshape(n_train * n_pos, -1)
-    t_norm = (t_flat**2).sum(axis=1)
     keep = n_pos if topk is None else min(topk, n_pos)
+    step = max(1, CHUNK_BYTES // (8 * n_pos * n_pos))
+    chunks = [slice(start, min(start + step, n_train)) for start in range(0, n_train, step)]
+
+    def chunk_patches(rows):
+        patches = _patches(train[rows], k, stride, pool)[0]
+        flat = patches.reshape(-1, patches.shape[-1])
+        return flat, (flat**2).sum(axis=1)
+
+    cached = [chunk_patches(chunks[0])] if len(chunks) == 1 else None
+
+    def logits_of(x, rows):
+        flat, norm = cached[0] if cached else chunk_patches(rows)
+        dist = (x**2).sum(axis=1)[:, None] + norm[None, :] - 2.0 * x @ flat.T
+        logits = (-np.maximum(dist, 0.0) / (2.0 * sigma**2)).reshape(len(x), rows.stop - rows.start, n_pos)
+        return np.where(compatible[:, None, :], logits, -np.inf)
+
+    q_patches, _ = _patches(noisy, k, stride, pool)
     scores = np.zeros((len(noisy), n_train))
-    rows = max(1, CHUNK_BYTES // (8 * n_train * n_pos))  # query patches per block: the block is rows x N x L
-    for q, qp in enumerate(q_patches):
-        for start in range(0, n_pos, rows):
-            block = slice(start, min(start + rows, n_pos))
-            x = qp[block]
-            dist = (x**2).sum(axis=1)[:, None] + t_norm[None, :] - 2.0 * x @ t_flat.T
-            logits = (-np.maximum(dist, 0.0) / (2.0 * sigma**2)).reshape(len(x), n_train, n_pos)
-            logits = np.where(compatible[block, None, :], logits, -np.inf)
-            logits -= logits.max(axis=(1, 2), keepdims=True)  # every position has a compatible match: itself
-            weights = np.exp(logits)
-            weights /= weights.sum(axis=(1, 2), keepdims=True)
+    for q, x in enumerate(q_patches):
+        lse = np.full(n_pos, -np.inf)
+        for rows in chunks:  # every position has a compatible match in every image: itself
+            logits = logits_of(x, rows)
+            top = logits.max(axis=(1, 2))
+            lse = np.logaddexp(lse, top + np.log(np.exp(logits - top[:, None, None]).sum(axis=(1, 2))))
+        for rows in chunks:
+            weights = np.exp(logits_of(x, rows) - lse[:, None, None])
             if keep < n_pos:
                 weights = np.partition(weights, n_pos - keep, axis=2)[:, :, n_pos - keep :]
-            scores[q] += weights.sum(axis=(0, 2))
+            scores[q, rows] = weights.sum(axis=(0, 2))
     return scores
 
 

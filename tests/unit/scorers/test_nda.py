@@ -74,6 +74,16 @@ def test_matches_the_loop_reference(k, pool, stride, topk, sigma):
     np.testing.assert_allclose(got, _reference(queries, train, sigma, noise, k, pool, stride, topk), rtol=1e-9)
 
 
+def test_chunks_of_the_training_set_change_nothing(monkeypatch):
+    """A training set read one image at a time (two passes: normalisers, then weights) gives the same scores."""
+    train, queries = _images(7, seed=24), _images(2, seed=25)
+    noise = np.random.default_rng(26).standard_normal(train.shape[1:])
+    scales = [{"patch_size": 3}, {"patch_size": 4, "pool": 2}]
+    whole = nda.nda_scores(queries, train, 0.3, noise, scales, topk=2)
+    monkeypatch.setattr(nda, "CHUNK_BYTES", 1)
+    np.testing.assert_allclose(nda.nda_scores(queries, train, 0.3, noise, scales, topk=2), whole, rtol=1e-10)
+
+
 def test_two_scales_add_with_their_weights():
     train, queries = _images(3, seed=4), _images(2, seed=5)
     noise = np.random.default_rng(6).standard_normal(train.shape[1:])
