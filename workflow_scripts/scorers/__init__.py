@@ -5,11 +5,12 @@ so a new scorer family is one new module (plus its params.yaml entry and its tes
 follows one score convention: S[q, i] = predicted change of the query's measurement m_q when training example z_i
 is removed (docs/methods.md).
 
-Families: pixel (raw pixel dot / cosine), trak (TRAK and D-TRAK, any output function and K), gradient_similarity
-(gradient dot / cosine), tracin (TracInCP and GAS over checkpoints), normalized_if (relative and renormalised
-influence), journey (Journey-TRAK), das (DAS, scalar and vector-output forms), clip (open_clip embeddings from local
-weights; ScorerNotRun without them), embedding (the benchmark's own classifier features), kfac (K-FAC / EK-FAC
-influence), metagradient (MAGIC: -dm/dw by reverse mode through the whole training).
+Families: pixel (raw pixel dot / cosine), nda (patch posteriors of the empirical optimal denoiser, no model), trak
+(TRAK and D-TRAK, any output function and K), gradient_similarity (gradient dot / cosine), tracin (TracInCP and GAS
+over checkpoints), normalized_if (relative and renormalised influence), journey (Journey-TRAK), das (DAS, scalar and
+vector-output forms), clip (open_clip embeddings from local weights; ScorerNotRun without them), embedding (the
+benchmark's own classifier features), kfac (K-FAC / EK-FAC influence), metagradient (MAGIC: -dm/dw by reverse mode
+through the whole training).
 """
 
 from __future__ import annotations

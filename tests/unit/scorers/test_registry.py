@@ -22,7 +22,7 @@ def test_declarations_replace_the_lookup_tables():
     """What used to be hand-kept tables in dag/paths.py / config.py now follows from each scorer's declaration."""
     takers = {f for f, s in SCORERS.items() if s.takes_query_measurement}
     assert takers == {"kfac", "trak", "gradient_similarity", "normalized_if"}
-    assert {f for f, s in SCORERS.items() if "vesde" in s.model_families} == {"pixel", "clip", "embedding"}
+    assert {f for f, s in SCORERS.items() if "vesde" in s.model_families} == {"pixel", "clip", "embedding", "nda"}
     assert {f for f, s in SCORERS.items() if s.chunk_jobs} == {"metagradient"}
     assert {f: s.model_inputs for f, s in SCORERS.items() if s.model_inputs} == {
         "embedding": ("classifier",),
@@ -31,7 +31,7 @@ def test_declarations_replace_the_lookup_tables():
     store_free = {
         f for f, s in SCORERS.items() if not s.stores({"family": f, "output_function": "loss", "form": "scalar"})
     }
-    assert store_free == {"pixel", "clip", "embedding", "kfac", "metagradient"}
+    assert store_free == {"pixel", "clip", "embedding", "nda", "kfac", "metagradient"}
 
 
 def test_method_schema_comes_from_the_scorer(smoke_config):

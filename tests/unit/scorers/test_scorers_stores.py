@@ -380,7 +380,7 @@ def test_every_configured_method_has_a_family(base_config):
 
     for name, method in base_config["scores"]["methods"].items():
         assert method["family"] in SCORERS, name
-        if method["family"] in ("pixel", "clip"):  # need no model artefact
+        if method["family"] in ("pixel", "clip", "nda"):  # need no model artefact
             continue
         # every other family reads gradient stores, a model file or (metagradient) its chunk jobs' scores
         assert (

@@ -80,7 +80,7 @@ def test_vesde_overlay_is_supported_and_ddpm_default_unchanged(repo, base_config
     check_workflow_support(config)
     check_workflow_support(base_config)
     assert config["model"]["family"] == "vesde"
-    assert {m["family"] for m in config["scores"]["methods"].values()} <= {"pixel", "clip", "embedding"}
+    assert {m["family"] for m in config["scores"]["methods"].values()} <= {"pixel", "clip", "embedding", "nda"}
     assert set(config["counterfactual"]["methods"]) | set(config["figures"]["methods"]) <= set(
         config["scores"]["methods"]
     )
