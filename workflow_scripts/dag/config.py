@@ -198,6 +198,12 @@ def _check_timestep_budgets(config: dict, T: int) -> None:
         if "timesteps" in method
     ]
     for key, k in budgets:
+        if isinstance(k, list):  # a sweep over noise timesteps (nda): each must be a training timestep
+            if any(t >= T for t in k):
+                raise ConfigError(
+                    f"{key} = {k} names timesteps beyond diffusion.num_train_timesteps = {T}: use timesteps below {T}"
+                )
+            continue
         if k > T:
             raise ConfigError(
                 f"{key} = {k} exceeds diffusion.num_train_timesteps = {T}: at most one gradient timestep per "

@@ -114,9 +114,17 @@ def test_a_methods_own_timesteps_beyond_the_diffusion_timesteps_are_refused(repo
 def test_timesteps_equal_to_the_diffusion_timesteps_are_accepted(repo, tmp_path):
     overlay = (
         "diffusion: {num_train_timesteps: 100}\ngradients: {timesteps: 100}\n"
-        "measure: {timestep_loss: {timesteps: [10]}}"
+        "measure: {timestep_loss: {timesteps: [10]}}\n"
+        "scores: {methods: {nda: {timesteps: [25, 50, 99]}, nda_multiscale: {timesteps: [25, 50, 99]}}}"
     )
     assert _load(repo, tmp_path, overlay)["gradients"]["timesteps"] == 100
+
+
+def test_a_noise_timestep_sweep_beyond_the_diffusion_timesteps_is_refused(repo, tmp_path):
+    # params.yaml's nda sweeps noise timesteps up to 400; the last training timestep is T - 1
+    overlay = "diffusion: {num_train_timesteps: 300}\nmeasure: {timestep_loss: {timesteps: [10]}}"
+    with pytest.raises(ConfigError, match=r"scores\.methods\.nda\.timesteps = \[25, 50, 100, 200, 400\] names"):
+        _load(repo, tmp_path, overlay)
 
 
 # ---------------------------------------------------------------- overlays
