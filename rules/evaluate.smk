@@ -3,6 +3,7 @@ rule evaluate:
         subsets=rules.data.output.subsets,
         measurements=paths.measurement_files(config),
         scores=paths.chosen_files(config, config["scores"]["methods"]),
+        matrices=paths.score_matrices(config, config["scores"]["methods"]),
     output:
         table=multiext(paths.table_stem(config, "lds"), ".csv", ".md", ".json"),
         table_html=report(

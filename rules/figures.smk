@@ -6,6 +6,7 @@ rule figures:
     input:
         lds=paths.table_file(config, "lds", ".csv"),
         scores=paths.chosen_files(config, config["scores"]["methods"]),
+        matrices=paths.score_matrices(config, config["scores"]["methods"]),
         dataset=rules.data.output.dataset,
         samples=rules.sample.output[0],
         subsets=rules.data.output.subsets,

@@ -80,6 +80,7 @@ rule metagradient_evaluate:
         sets=paths.fixed_seed_sets_file(config) if paths.metagradient_methods(config) else [],
         fixed_seed=paths.fixed_seed_measurements(config),
         scores=paths.chosen_files(config, paths.metagradient_methods(config)),
+        matrices=paths.score_matrices(config, paths.metagradient_methods(config)),
     output:
         table=multiext(paths.table_stem(config, "metagradient"), ".csv", ".md"),
         table_html=report(

@@ -7,10 +7,12 @@ rule scores:
         measurements=paths.measurement_files(config),
         features=lambda w: paths.method_feature_stores(config, w.method),
         models=lambda w: list(paths.method_model_inputs(config, w.method).values()),
+        # the checkpoints the stores were computed at: each store's sidecar must name its own
+        store_checkpoints=lambda w: sorted(set(paths.method_store_checkpoints(config, w.method).values())),
         chunks=lambda w: paths.metagradient_chunk_files(config, w.method),  # metagradient: its chunk jobs
     output:
-        # <query_set>.npy score matrices are written beside these, except for a method that
-        # cannot run here (e.g. CLIP without weights), whose chosen.json says why
+        # a method that cannot run here (e.g. CLIP without weights): all-NaN matrices, chosen.json says why
+        matrices=paths.score_matrix_files(config),
         sweep=paths.scores_file(config, name="sweep.csv"),
         sweep_figure=paths.scores_file(config, name="sweep.png"),
         chosen=paths.scores_file(config),
@@ -25,10 +27,11 @@ rule scores:
     params:
         config=lambda w: paths.scores_config(config, w.method),
         features=lambda w: paths.method_feature_args(config, w.method),
+        store_checkpoints=lambda w: paths.method_store_checkpoint_args(config, w.method),
         models=lambda w: paths.method_model_args(config, w.method),
         chunks=lambda w: paths.metagradient_chunk_option(config, w.method),
         out_dir=lambda w, output: os.path.dirname(output.sweep),
     shell:
         "python -m workflow_scripts scores --config {params.config:q} --method {wildcards.method}"
         " --dataset {input.dataset} --images {input.images} --samples {input.samples} --subsets {input.subsets}"
-        " --measurements {input.measurements} {params.features} {params.models} {params.chunks} --out-dir {params.out_dir} 2> {log}"
+        " --measurements {input.measurements} {params.features} {params.store_checkpoints} {params.models} {params.chunks} --out-dir {params.out_dir} 2> {log}"

@@ -141,13 +141,52 @@ def _check_plain(obj, where: str = "payload") -> None:
         )
 
 
-def save_torch(obj, path: str | Path) -> None:
-    """Atomic torch.save of a payload that load_torch can read: tensors in dicts, lists and tuples of plain Python
-    values (no numpy objects, paths or custom classes, which weights-only loading refuses). Checked before writing,
-    so that a wrong value fails where it is saved, not hours later where it is loaded."""
+PAYLOAD_DIGEST = "payload_sha256"  # the key of save_torch's content digest in a checkpoint
+
+
+def payload_digest(obj) -> str:
+    """sha256 over a payload's structure, plain values and tensor bytes, in order. torch.load does not check the
+    tensor data it reads (a few garbled bytes load as other weights, often NaN), so save_torch records this digest
+    and load_torch compares it."""
+    import hashlib
+
     import torch
 
+    digest = hashlib.sha256()
+
+    def walk(value, where: str) -> None:
+        if isinstance(value, torch.Tensor):
+            flat = value.detach().to("cpu").contiguous().reshape(-1)
+            digest.update(f"{where}:{value.dtype}:{list(value.shape)}|".encode())
+            digest.update(flat.view(torch.uint8).numpy().data if flat.numel() else b"")
+        elif isinstance(value, dict):
+            digest.update(f"{where}:dict{len(value)}|".encode())
+            for key, item in value.items():
+                walk(item, f"{where}[{key!r}]")
+        elif isinstance(value, (list, tuple)):
+            digest.update(f"{where}:{type(value).__name__}{len(value)}|".encode())
+            for i, item in enumerate(value):
+                walk(item, f"{where}[{i}]")
+        else:
+            digest.update(f"{where}={value!r}|".encode())
+
+    walk(obj, "")
+    return digest.hexdigest()
+
+
+def save_torch(obj: dict, path: str | Path) -> None:
+    """Atomic torch.save of a payload that load_torch can read: a dict of tensors in dicts, lists and tuples of plain
+    Python values (no numpy objects, paths or custom classes, which weights-only loading refuses). Checked before
+    writing, so that a wrong value fails where it is saved, not hours later where it is loaded. The payload's digest
+    (payload_digest) is stored with it under PAYLOAD_DIGEST."""
+    import torch
+
+    if type(obj) not in (dict, OrderedDict):
+        raise TypeError(f"a checkpoint payload is a dict, not a {type(obj).__qualname__}")
+    if PAYLOAD_DIGEST in obj:
+        raise ValueError(f"{PAYLOAD_DIGEST!r} is the key of the checkpoint's own digest; name the entry otherwise")
     _check_plain(obj)
+    obj = {**obj, PAYLOAD_DIGEST: payload_digest(obj)}
 
     def write(tmp):
         # given a file object, torch.save names the archive inside it "archive"; given a path, after the random
@@ -199,7 +238,8 @@ def load_npz(path: str | Path, required: tuple[str, ...] = ()) -> dict[str, np.n
 
 def load_torch(path: str | Path, map_location="cpu") -> dict:
     """A checkpoint of save_torch, loaded weights-only: unpickling arbitrary objects would run whatever code a
-    crafted file names, so a file holding anything but tensors and plain Python values is refused."""
+    crafted file names, so a file holding anything but tensors and plain Python values is refused. Its contents must
+    match the digest save_torch stored (returned without it)."""
     import pickle
 
     import torch
@@ -208,7 +248,7 @@ def load_torch(path: str | Path, map_location="cpu") -> dict:
     if not path.exists():
         raise ArtefactError(f"{path}: missing (run the workflow stage that makes it)")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        payload = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
         found = re.search(r"GLOBAL (\S+)", str(exc))
         what = f"it holds {found.group(1)}" if found else "it holds more than tensors and plain values"
@@ -219,6 +259,18 @@ def load_torch(path: str | Path, map_location="cpu") -> dict:
         ) from exc
     except Exception as exc:
         raise ArtefactError(f"{path}: corrupt checkpoint ({exc}); delete it and rerun") from exc
+    want = payload.pop(PAYLOAD_DIGEST, None) if isinstance(payload, dict) else None
+    if want is None:
+        raise ArtefactError(
+            f"{path}: the checkpoint has no {PAYLOAD_DIGEST} (written by an older version of the workflow), so its "
+            "contents cannot be checked; delete it and rerun the stage that makes it"
+        )
+    if payload_digest(payload) != want:
+        raise ArtefactError(
+            f"{path}: the checkpoint's contents do not match its {PAYLOAD_DIGEST} (garbled bytes in a copy or on "
+            "disk); delete it and rerun the stage that makes it"
+        )
+    return payload
 
 
 def load_resume_state(path: str | Path, identity: dict) -> dict | None:

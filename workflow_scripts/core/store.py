@@ -1,6 +1,7 @@
 """The gradient-store format: a float array (.npy, memory-mapped when read) and a JSON sidecar that records what
-made it. Writes are atomic; a store is reused only when its sidecar matches, and read only when it matches what
-the reader expects. The store's tag and directory are dag/paths.py's.
+made it and the sha256 of the array's bytes. Writes are atomic; a store is reused only when its sidecar matches, and
+read only when it matches what the reader expects and its bytes still have the recorded digest. The store's tag and
+directory are dag/paths.py's.
 """
 
 from __future__ import annotations
@@ -14,6 +15,56 @@ from pathlib import Path
 import numpy as np
 
 from workflow_scripts.core.common import ArtefactError, log, require_finite, save_json
+from workflow_scripts.core.contracts import config_hash
+
+DIGEST_BLOCK_BYTES = 64 * 2**20  # hashed block by block: a memory-mapped store is never read into RAM whole
+
+
+def checkpoint_hash(payload: dict) -> str:
+    """The identity of the checkpoint a store was computed at (made_by['checkpoint']): what trained it and its step."""
+    return config_hash({"identity": payload["config"], "step": payload["step"]})
+
+
+# the configuration keys store_provenance reads: dag/paths.py scores_config adds them to the config of every scores
+# job that reads stores, which checks them against the stores' sidecars
+PROVENANCE_KEYS = (
+    "model",
+    "diffusion",
+    "gradients.projection",
+    "gradients.projection_dim",
+    "gradients.sjlt_nonzeros",
+    "seeds.gradients",
+    "seeds.projection",
+)
+
+
+def store_provenance(config: dict, checkpoint_payload: dict) -> dict:
+    """The made_by entries every gradient store of a run shares at one checkpoint: the model, the projector and the
+    checkpoint's identity. The gradients stage writes them; the scores stage expects them of every store it reads
+    (train and query stores must come from the same projector and checkpoint)."""
+    g = config["gradients"]
+    made_by = {
+        "model": config["model"],
+        "diffusion": config["diffusion"],
+        "projection": g["projection"],
+        "projection_dim": g["projection_dim"],
+        "seed_gradients": config["seeds"]["gradients"],
+        "seed_projection": config["seeds"]["projection"],
+        "checkpoint": checkpoint_hash(checkpoint_payload),
+    }
+    if g["projection"] == "sjlt":  # only then, so that dense stores keep their hashes
+        made_by["sjlt_nonzeros"] = g["sjlt_nonzeros"]
+    return made_by
+
+
+def data_digest(array: np.ndarray) -> str:
+    """Full sha256 of the array's bytes in C order (the sidecar's data_sha256)."""
+    flat = array.reshape(-1)  # a view for a C-contiguous (memory-mapped) array
+    step = max(1, DIGEST_BLOCK_BYTES // max(1, flat.itemsize))
+    digest = hashlib.sha256()
+    for start in range(0, len(flat), step):
+        digest.update(np.ascontiguousarray(flat[start : start + step]).data)
+    return digest.hexdigest()
 
 
 def array_digest(array: np.ndarray) -> str:
@@ -29,7 +80,8 @@ def write_store(features: np.ndarray, identity: dict, path: str | Path) -> None:
 @contextlib.contextmanager
 def new_store(identity: dict, path: str | Path):
     """A float32 memory map of the identity's shape to fill (e.g. compute_features(out=...)); on success it becomes the
-    .npy store (atomic rename, then the sidecar), on an exception the temporary file is removed."""
+    .npy store (atomic rename, then the sidecar with the array's data_sha256), on an exception the temporary file is
+    removed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
@@ -39,13 +91,14 @@ def new_store(identity: dict, path: str | Path):
         store.flush()
         # refused before it becomes the store: NaN features would make every score NaN, far from the cause
         require_finite(store, f"gradient store {path}")
+        digest = data_digest(store)  # the pages were just written: still in the page cache
     except BaseException:
         del store
         tmp.unlink(missing_ok=True)
         raise
     del store
     os.replace(tmp, path)
-    save_json(identity, sidecar_path(path))
+    save_json({**identity, "data_sha256": digest}, sidecar_path(path))
 
 
 def sidecar_path(path: str | Path) -> Path:
@@ -60,7 +113,8 @@ def read_sidecar(path: str | Path) -> dict:
 
 
 def open_store(path: str | Path, expected: dict | None = None) -> np.ndarray:
-    """Memory-map a store, checking its sidecar (and, if given, the identity it must have)."""
+    """Memory-map a store, checking its sidecar (and, if given, the identity it must have), then its bytes against
+    the sidecar's data_sha256 (one pass over the array; see docs/reliability.md for the cost)."""
     sidecar = read_sidecar(path)
     array = np.load(path, mmap_mode="r")
     if list(array.shape) != sidecar["shape"] or str(array.dtype) != sidecar["dtype"]:
@@ -76,7 +130,42 @@ def open_store(path: str | Path, expected: dict | None = None) -> np.ndarray:
                     f"{path}: store {key} is {sidecar[key]}, config expects {expected[key]}"
                     + (f" (differs in {', '.join(diff)})" if diff else "")
                 )
+    check_digest(path, array, sidecar)
     return array
+
+
+def check_digest(path: Path, array: np.ndarray, sidecar: dict) -> None:
+    """The array must still hold the bytes its sidecar vouched for when it was written (a garbled copy, or rows
+    edited with the mtime kept, would otherwise be read as features)."""
+    want = sidecar.get("data_sha256")
+    if want is None:
+        raise ArtefactError(
+            f"{path}: its sidecar {sidecar_path(path).name} has no data_sha256 (written by an older version of the "
+            "workflow), so its contents cannot be checked; delete the store and rerun the gradients job that makes it"
+        )
+    have = data_digest(array)
+    if have != want:
+        raise ArtefactError(
+            f"{path}: contents changed since it was written (sha256 {have[:16]}..., sidecar data_sha256 "
+            f"{want[:16]}...); delete the store and its sidecar and rerun the gradients job that makes it"
+        )
+
+
+def check_provenance(path: str | Path, sidecar: dict, expected: dict) -> None:
+    """The sidecar's made_by must have every entry of `expected` (made_by keys; 'checkpoint_step' / 'checkpoint_lr'
+    check the sidecar's checkpoint record). Names the first differing field."""
+    made_by, checkpoint = sidecar.get("made_by", {}), sidecar.get("checkpoint", {})
+    for key, want in expected.items():
+        if key.startswith("checkpoint_"):
+            field, have = f"checkpoint.{key[len('checkpoint_') :]}", checkpoint.get(key[len("checkpoint_") :])
+        else:
+            field, have = f"made_by.{key}", made_by.get(key)
+        if have != want:
+            raise ArtefactError(
+                f"{sidecar_path(path)}: {field} is {have!r}, but this run expects {want!r}: the store was made by "
+                "another configuration or checkpoint (or its sidecar was edited); delete the store and rerun the "
+                "gradients job that makes it"
+            )
 
 
 def reusable(path: Path, identity: dict) -> bool:

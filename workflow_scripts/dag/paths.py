@@ -11,7 +11,8 @@ import re
 
 import numpy as np
 
-from workflow_scripts.core.contracts import RESIDUAL, STORE_SPLITS  # the rules read them from here
+from workflow_scripts.core.contracts import QUERY_SETS, RESIDUAL, STORE_SPLITS  # the rules read them from here
+from workflow_scripts.core.store import PROVENANCE_KEYS
 from workflow_scripts.scorers import StoreNeed, get_scorer
 
 SECTIONS = {  # the config keys each stage reads; a rule reruns exactly when one of them changes
@@ -136,7 +137,9 @@ def scores_config(config: dict, method: str) -> str:
     """JSON config of one method's scores job: the scores stage's keys with only this method, plus the keys its
     scorer declares (Scorer.config_keys); editing one method reruns only that method's job."""
     scorer = get_scorer(config["scores"]["methods"][method]["family"])
-    selected = select(config, (*SECTIONS["scores"], *scorer.config_keys))
+    # a method reading gradient stores also gets what it checks them against (core/store.py: store_provenance)
+    provenance = PROVENANCE_KEYS if method_stores(config, method) else ()
+    selected = select(config, (*SECTIONS["scores"], *scorer.config_keys, *provenance))
     selected["scores"] = {**selected["scores"], "methods": {method: config["scores"]["methods"][method]}}
     return json.dumps(selected, sort_keys=True, separators=(",", ":"))
 
@@ -270,6 +273,12 @@ def scores_file(config: dict, method: str = "{method}", name: str = "chosen.json
     return f"{root(config)}/scores/{method}/{name}"
 
 
+def score_matrix_files(config: dict, method: str = "{method}") -> list[str]:
+    """The score matrices <query_set>.npy the scores stage writes beside chosen.json (all NaN: a method it could not
+    run, whose chosen.json says why)."""
+    return [scores_file(config, method, f"{name}.npy") for name in QUERY_SETS]
+
+
 def metagradient_chunk_file(config: dict, method: str = "{method}", chunk: str = "{chunk}") -> str:
     """The scores of one chunk job (chunk<NNN>) of a metagradient method, which its scores job assembles."""
     return scores_file(config, method, f"chunks/{chunk}.npz")
@@ -338,6 +347,11 @@ def log_file(config: dict, rule: str) -> str:
 
 def chosen_files(config: dict, methods) -> list[str]:
     return [scores_file(config, method) for method in methods]
+
+
+def score_matrices(config: dict, methods) -> list[str]:
+    """The score matrices of the given methods (the stages that read them declare them as inputs)."""
+    return [f for method in methods for f in score_matrix_files(config, method)]
 
 
 def subset_model_names(config: dict) -> list[str]:
@@ -450,7 +464,7 @@ def counterfactual_files(config: dict, name: str) -> list[str]:
 
 def counterfactual_scores(config: dict, method: str) -> list[str]:
     """The scores job output a method's selection reads ([] for the random baseline)."""
-    return [] if method == RANDOM_BASELINE else [scores_file(config, method)]
+    return [] if method == RANDOM_BASELINE else [scores_file(config, method), *score_matrix_files(config, method)]
 
 
 def counterfactual_clip_weights(config: dict) -> list[str]:
@@ -572,15 +586,31 @@ def method_stores(config: dict, method: str) -> dict[str, tuple[str, str]]:
 
     Roles: 'final' (final model), one per intermediate checkpoint 'step<N>' (a 'checkpoints' need: TracInCP / GAS),
     'journey' (Journey-TRAK's generated-query features) and 'query' (query features of a query_measurement)."""
+    return {role: (directory, kind) for role, (directory, kind, _) in _method_store_entries(config, method).items()}
+
+
+def _method_store_entries(config: dict, method: str) -> dict[str, tuple[str, str, str]]:
+    """{role: (store directory, kind, checkpoint name)} of method_stores."""
     m = config["scores"]["methods"][method]
     stores = {}
     for need in get_scorer(m["family"]).stores(m):
         kind = f"measurement_{need.target}" if need.kind == "measurement" else need.kind
         if need.role == "checkpoints":
-            stores.update({c: (store_directory(config, need, c), kind) for c in checkpoint_names(config)})
+            stores.update({c: (store_directory(config, need, c), kind, c) for c in checkpoint_names(config)})
         else:
-            stores[need.role] = (store_directory(config, need), kind)
+            stores[need.role] = (store_directory(config, need), kind, "full")
     return stores
+
+
+def method_store_checkpoints(config: dict, method: str) -> dict[str, str]:
+    """{role: the model file its store was computed at}: the scores stage checks each store's checkpoint identity."""
+    return {role: checkpoint_model(config, c) for role, (_, _, c) in _method_store_entries(config, method).items()}
+
+
+def method_store_checkpoint_args(config: dict, method: str) -> str:
+    """Command-line option of the scores stage naming each store role's checkpoint ('' for methods without stores)."""
+    files = method_store_checkpoints(config, method)
+    return "--store-checkpoints " + " ".join(f"{role}={f}" for role, f in files.items()) if files else ""
 
 
 def method_feature_stores(config: dict, method: str) -> list[str]:
@@ -594,13 +624,14 @@ def method_feature_args(config: dict, method: str) -> str:
     return "--features " + " ".join(f"{role}={d}" for role, (d, _) in stores.items()) if stores else ""
 
 
-def parse_stores(items: list[str] | None) -> dict[str, str]:
-    """The scores stage's reading of --features (method_feature_args): {role: store directory}."""
+def parse_stores(items: list[str] | None, option: str = "--features", value: str = "DIRECTORY") -> dict[str, str]:
+    """The scores stage's reading of --features (method_feature_args): {role: store directory}; also of
+    --store-checkpoints (method_store_checkpoint_args): {role: checkpoint file}."""
     stores = {}
     for item in items or []:
         role, sep, directory = item.partition("=")
         if not sep or not role or not directory:
-            raise ValueError(f"--features entries are ROLE=DIRECTORY, got {item!r}")
+            raise ValueError(f"{option} entries are ROLE={value}, got {item!r}")
         stores[role] = directory
     return stores
 

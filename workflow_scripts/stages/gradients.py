@@ -53,7 +53,7 @@ from workflow_scripts.core.curvature import ParamLayout
 from workflow_scripts.core.data import load_queries
 from workflow_scripts.core.measurement import iter_gradients
 from workflow_scripts.core.projection import SPARSE, build_projector
-from workflow_scripts.core.store import array_digest, new_store, reusable, write_store
+from workflow_scripts.core.store import array_digest, new_store, reusable, store_provenance, write_store
 from workflow_scripts.dag.paths import measurement_splits, parse_feature_tag
 from workflow_scripts.families.ddpm import add_noise, alphas_cumprod, output_function, predict_noise, timestep_grid
 from workflow_scripts.families.latent import guidance_scale, guided_noise_prediction
@@ -431,21 +431,13 @@ def store_identity(
     split is a query/train split or RESIDUAL (the training residuals of a store)."""
     g = config["gradients"]
     made_by = {
-        "model": config["model"],
-        "diffusion": config["diffusion"],
+        **store_provenance(config, checkpoint_payload),  # what every store of this run and checkpoint shares
         "kind": kind,
         "timesteps": g["timesteps"] if timesteps is None else timesteps,
-        "projection": g["projection"],
-        "projection_dim": g["projection_dim"],
         "output_function": fn,
-        "seed_gradients": config["seeds"]["gradients"],
-        "seed_projection": config["seeds"]["projection"],
-        "checkpoint": config_hash({"identity": checkpoint_payload["config"], "step": checkpoint_payload["step"]}),
     }
     if kind == "sketch":
         made_by["output_directions"] = directions
-    if g["projection"] == "sjlt":  # only then, so that dense stores keep their hashes
-        made_by["sjlt_nonzeros"] = g["sjlt_nonzeros"]
     if images is not None:
         made_by["inputs_sha256"] = array_digest(images)
     if conditions is not None:  # only for conditional models, so that the other families keep their hashes

@@ -18,11 +18,11 @@ import numpy as np
 import pandas as pd
 
 from workflow_scripts.core import data as core_data
-from workflow_scripts.core.common import ArtefactError, NonFiniteError, log, save_json, save_npy, save_text
+from workflow_scripts.core.common import ArtefactError, NonFiniteError, load_torch, log, save_json, save_npy, save_text
 from workflow_scripts.core.contracts import QUERY_SETS, RESIDUAL
 from workflow_scripts.core.data import load_queries
 from workflow_scripts.core.lds import lds_per_query, mean_over_scored, scored_queries
-from workflow_scripts.core.store import open_store, read_sidecar
+from workflow_scripts.core.store import check_provenance, open_store, read_sidecar, store_provenance
 from workflow_scripts.dag import paths
 from workflow_scripts.families.likelihood import method_targets
 from workflow_scripts.scorers import ScorerNotRun, get_scorer
@@ -32,7 +32,9 @@ class ScorerInputs:
     """Lazy access to what scorers read: images, query images and cached gradient stores.
 
     Stores are named by role (paths.method_stores): 'final', 'step<N>' (intermediate checkpoints) and
-    'journey'. Every store is checked against its sidecar, and against what the method expects of it."""
+    'journey'. Every store is checked against its sidecar and its bytes against the sidecar's digest; with a
+    configuration, its sidecar against the run's model, projector and the checkpoint of its role
+    (store_checkpoints: core/store.py store_provenance); and against what the method expects of it."""
 
     query_sets = QUERY_SETS
 
@@ -47,6 +49,7 @@ class ScorerInputs:
         config: dict | None = None,
         chunks: list[str] | None = None,
         images: str | None = None,
+        store_checkpoints: dict[str, str] | None = None,
     ):
         self.dataset, self.samples, self.stores = dataset, samples, dict(stores or {})
         # the data stage's images (pixel space); `dataset` is the model inputs (the latent family: VAE latents)
@@ -55,7 +58,9 @@ class ScorerInputs:
         self.classifier_path, self.model_path, self.curvature_path = classifier_path, model_path, curvature_path
         self.config = config or {}
         self.chunks = list(chunks or [])  # metagradient: the chunk jobs' score files (rule metagradient)
+        self.store_checkpoints = dict(store_checkpoints or {})
         self._queries = None
+        self._provenance: dict[str, dict] = {}
 
     def train_images(self) -> np.ndarray:
         return core_data.load_dataset(self.dataset)["train_images"]
@@ -84,14 +89,37 @@ class ScorerInputs:
             )
         return Path(self.stores[role]) / f"{split}.npy"
 
+    def provenance(self, role: str) -> dict:
+        """What this run expects of the sidecar of every store of `role` (check_provenance); {} without a
+        configuration (a scorer's unit test)."""
+        if not self.config:
+            return {}
+        if role not in self._provenance:
+            if role not in self.store_checkpoints:
+                raise ArtefactError(
+                    f"gradient store {role!r} ({self.stores.get(role)}): no checkpoint to check it against; "
+                    f"--store-checkpoints names {sorted(self.store_checkpoints) or 'none'}"
+                )
+            payload = load_torch(self.store_checkpoints[role])
+            lr = payload.get("lr")
+            self._provenance[role] = {
+                **store_provenance(self.config, payload),
+                "checkpoint_step": int(payload["step"]),
+                "checkpoint_lr": None if lr is None else float(lr),
+            }
+        return self._provenance[role]
+
     def sidecar(self, role: str, split: str) -> dict:
-        return read_sidecar(self._path(role, split))
+        path = self._path(role, split)
+        sidecar = read_sidecar(path)
+        check_provenance(path, sidecar, self.provenance(role))
+        return sidecar
 
     def features(self, role: str, split: str, expect: dict | None = None) -> np.ndarray:
         """The store's array, after checking that its sidecar's made_by has every entry of `expect`."""
         path = self._path(role, split)
+        made_by = self.sidecar(role, split)["made_by"]
         array = open_store(path)
-        made_by = read_sidecar(path)["made_by"]
         for key, want in (expect or {}).items():
             if made_by.get(key) != want:
                 raise ArtefactError(f"{path}: store has {key} {made_by.get(key)!r}, the method needs {want!r}")
@@ -214,6 +242,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="ROLE=DIR",
         help="gradient store directories by role (final, step<N>, journey); gradient-based methods",
     )
+    parser.add_argument(
+        "--store-checkpoints",
+        nargs="*",
+        metavar="ROLE=FILE",
+        help="the checkpoint each store role was computed at: its sidecar must name this checkpoint",
+    )
     parser.add_argument("--classifier", help="classifier checkpoint (embedding scorers)")
     parser.add_argument("--model", help="final diffusion checkpoint (model-based scorers, e.g. K-FAC)")
     parser.add_argument("--curvature", help="fitted curvature file (K-FAC influence)")
@@ -238,6 +272,7 @@ def run(args, config: dict) -> None:
         config,
         args.chunks,
         args.images,
+        paths.parse_stores(args.store_checkpoints, "--store-checkpoints", "FILE"),
     )
     lambdas = scorer.lambdas(method_cfg, config)  # resolved once, here
     out = Path(args.out_dir)
@@ -245,6 +280,10 @@ def run(args, config: dict) -> None:
         results = scorer.compute(method_cfg, inputs, lambdas)
     except ScorerNotRun as exc:  # e.g. no CLIP weights: say so in the table, never a number
         log.warning("scores %s: %s (%s)", args.method, exc.reason, exc.detail)
+        # the rule's declared matrices exist all the same: every row NaN (= not scored, lds.py); readers see not_run
+        n_train = len(inputs.train_images())
+        for name, queries in inputs.queries().items():
+            save_npy(np.full((len(queries), n_train), np.nan, np.float32), out / f"{name}.npy")
         save_text("lambda,query_set,lds_tuning,lds_evaluation\n", out / "sweep.csv")
         plot_sweep(
             pd.DataFrame(columns=["lambda", "query_set", "lds_tuning", "lds_evaluation"]),
@@ -268,6 +307,8 @@ def run(args, config: dict) -> None:
     table = sweep(results, subsets["masks"], subsets["tuning"], subsets["evaluation"], targets)
     best = choose(results, table)
     chosen_lambda, matrices = results[best]
+    if sorted(matrices) != sorted(QUERY_SETS):  # the rule declares one matrix per query set
+        raise ValueError(f"{args.method}: scores for query sets {sorted(matrices)}, expected {sorted(QUERY_SETS)}")
     for name, scores in matrices.items():
         scored = scored_queries(scores)
         if not scored.all():

@@ -112,3 +112,58 @@ def test_load_resume_state(tmp_path, caplog):
         assert common.load_resume_state(path, identity) is None
     assert f"discarding resume file {path}" in caplog.text
     assert not path.exists() and not marker.exists()
+
+
+def _garble_tensor_bytes(path: Path, tensor: torch.Tensor, n: int = 64) -> None:
+    """Overwrite n bytes inside the stored data of `tensor` (located by its raw bytes), keeping the file's mtime:
+    a bad copy or a failing disk, not a rewrite."""
+    data, raw = bytearray(path.read_bytes()), tensor.numpy().tobytes()
+    start = data.index(raw) + len(raw) // 2
+    data[start : start + n] = bytes(np.random.default_rng(0).integers(0, 256, n, dtype=np.uint8))
+    stamp = path.stat()
+    path.write_bytes(bytes(data))
+    os.utime(path, ns=(stamp.st_atime_ns, stamp.st_mtime_ns))
+
+
+def test_garbled_tensor_bytes_are_refused_naming_the_file(tmp_path):
+    weights = torch.linspace(-1.0, 1.0, 256)
+    path = tmp_path / "model.pt"
+    common.save_torch({"state_dict": {"w": weights}, "config": {"seed": 1}, "step": 20}, path)
+    assert torch.equal(common.load_torch(path)["state_dict"]["w"], weights)
+    _garble_tensor_bytes(path, weights)
+    # torch itself reads the garbled weights without complaint: the fault this guards against
+    garbled = torch.load(path, weights_only=True)["state_dict"]["w"]
+    assert not torch.equal(garbled, weights)
+    with pytest.raises(
+        common.ArtefactError, match=r"model\.pt: the checkpoint's contents do not match its payload_sha256"
+    ):
+        common.load_torch(path)
+
+
+def test_edited_plain_value_is_refused(tmp_path):
+    path = tmp_path / "model.pt"
+    common.save_torch({"state_dict": {"w": torch.zeros(3)}, "step": 20, "lr": 0.125}, path)
+    payload = torch.load(path, weights_only=True)
+    payload["lr"] = 0.25  # e.g. an edited learning rate, which TracInCP weights checkpoints by
+    torch.save(payload, path)
+    with pytest.raises(common.ArtefactError, match=r"model\.pt: .*do not match its payload_sha256"):
+        common.load_torch(path)
+
+
+def test_checkpoint_without_digest_asks_for_a_rerun(tmp_path):
+    path = tmp_path / "old.pt"
+    torch.save({"state_dict": {"w": torch.zeros(3)}, "step": 1}, path)  # as written before digests
+    with pytest.raises(common.ArtefactError, match=r"old\.pt: the checkpoint has no payload_sha256.*rerun"):
+        common.load_torch(path)
+
+
+def test_garbled_resume_state_restarts_training(tmp_path, caplog):
+    """A resume file whose weights were garbled is discarded like a truncated one (not resumed from)."""
+    identity = {"seed": 1}
+    path = tmp_path / "model.resume.pt"
+    weights = torch.linspace(0.0, 1.0, 256)
+    common.save_torch({"identity": identity, "model": {"w": weights}, "step": 5}, path)
+    _garble_tensor_bytes(path, weights)
+    with caplog.at_level(logging.WARNING, logger="workflow_scripts"):
+        assert common.load_resume_state(path, identity) is None
+    assert "payload_sha256" in caplog.text and not path.exists()

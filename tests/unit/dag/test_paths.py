@@ -37,7 +37,13 @@ def test_scores_config_holds_only_its_method(base_config):
     cfg = json.loads(paths.scores_config(base_config, "trak"))
     assert cfg["scores"]["methods"] == {"trak": base_config["scores"]["methods"]["trak"]}
     assert cfg["scores"]["lambda_grid"] == base_config["scores"]["lambda_grid"]
-    assert "kfac" not in cfg and "model" not in cfg  # a kfac setting must not rerun TRAK
+    assert "kfac" not in cfg  # a kfac setting must not rerun TRAK
+    # TRAK checks its stores against the run's model and projector (core/store.py store_provenance), nothing more
+    assert cfg["gradients"] == {
+        k: base_config["gradients"][k] for k in ("projection", "projection_dim", "sjlt_nonzeros")
+    }
+    assert cfg["model"] == base_config["model"] and set(cfg["seeds"]) == {"gradients", "projection"}
+    assert "model" not in json.loads(paths.scores_config(base_config, "pixel_cosine"))  # a method without stores
     kfac = json.loads(paths.scores_config(base_config, "kfac"))
     for key in get_scorer("kfac").config_keys:
         section, *rest = key.split(".")

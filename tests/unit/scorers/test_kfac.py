@@ -10,7 +10,7 @@ from torch import nn
 
 from workflow_scripts.core import curvature as C
 from workflow_scripts.core import measurement
-from workflow_scripts.core.common import ArtefactError
+from workflow_scripts.core.common import ArtefactError, save_torch
 from workflow_scripts.engines import kfac as K
 from workflow_scripts.families.ddpm import alphas_cumprod, build_model
 from workflow_scripts.stages import curvature
@@ -490,7 +490,7 @@ def test_curvature_file_round_trip_and_refuses_other_config(tmp_path):
         C.load_curvature(path, C.curvature_config(settings, DIFFUSION, SEED, images[::-1].copy(), extra))
     with pytest.raises(ArtefactError, match="checkpoint"):
         C.load_curvature(path, C.curvature_config(settings, DIFFUSION, SEED, images, {"checkpoint": "xyz"}))
-    torch.save({"kind": "something else"}, tmp_path / "other.pt")
+    save_torch({"kind": "something else"}, tmp_path / "other.pt")
     with pytest.raises(ArtefactError, match="not a version"):
         C.load_curvature(tmp_path / "other.pt")
 

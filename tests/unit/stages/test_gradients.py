@@ -1,7 +1,9 @@
 """Unit tests of workflow_scripts.stages.gradients: vmap per-example gradients and the gradient store."""
 
 import copy
+import hashlib
 import json
+import os
 
 import numpy as np
 import pytest
@@ -177,7 +179,9 @@ def test_store_round_trip(tmp_path, identity):
     array = store_mod.open_store(path, identity)
     assert isinstance(array, np.memmap)
     np.testing.assert_array_equal(np.asarray(array), features)
-    assert store_mod.read_sidecar(path) == json.loads(json.dumps(identity))
+    sidecar = store_mod.read_sidecar(path)
+    assert sidecar.pop("data_sha256") == hashlib.sha256(features.tobytes()).hexdigest()
+    assert sidecar == json.loads(json.dumps(identity))
     np.testing.assert_array_equal(store_mod.open_store(path), features)  # without an expected identity
 
 
@@ -250,6 +254,31 @@ def test_array_disagreeing_with_its_sidecar(tmp_path, identity):
         store_mod.open_store(path)
     np.save(path, _features().astype(np.float64))
     with pytest.raises(ArtefactError, match="float64"):
+        store_mod.open_store(path)
+
+
+@pytest.mark.parametrize("edit", ["negate", "triple"])
+def test_edited_store_rows_are_refused_although_mtime_is_kept(tmp_path, identity, edit):
+    """Rows of a store negated or tripled in place, its mtime restored: the array still matches its sidecar's
+    shape and dtype, so only its data_sha256 tells."""
+    path = tmp_path / "train.npy"
+    store_mod.write_store(_features(), identity, path)
+    stamp = path.stat()
+    array = np.load(path, mmap_mode="r+")
+    array[1:3] *= -1.0 if edit == "negate" else 3.0
+    array.flush()
+    del array
+    os.utime(path, ns=(stamp.st_atime_ns, stamp.st_mtime_ns))
+    with pytest.raises(ArtefactError, match=r"train\.npy: contents changed since it was written"):
+        store_mod.open_store(path, identity)
+    assert not store_mod.reusable(path, identity)  # the gradients stage recomputes it
+
+
+def test_store_without_digest_asks_for_a_rerun(tmp_path, identity):
+    path = tmp_path / "train.npy"
+    store_mod.write_store(_features(), identity, path)
+    store_mod.save_json(identity, store_mod.sidecar_path(path))  # a sidecar as written before digests
+    with pytest.raises(ArtefactError, match=r"train\.npy: its sidecar train\.json has no data_sha256.*rerun"):
         store_mod.open_store(path)
 
 

@@ -1,0 +1,90 @@
+"""The scores rule declares every file the scores stage writes (a file it writes but does not declare is invisible
+to Snakemake and to scripts/dvc-pull's completeness check: deleting it would leave "Nothing to be done")."""
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from workflow_scripts.core.common import save_npz
+from workflow_scripts.stages import scores
+
+REPO = Path(__file__).resolve().parents[3]
+N_TRAIN, N_QUERY, N_SUBSETS, N_SEEDS = 12, 3, 6, 2
+
+
+@pytest.fixture(scope="module")
+def scores_rule():
+    """The rule `scores` as the Snakefile declares it (smoke configuration), parsed by Snakemake's own API."""
+    snakemake_api = pytest.importorskip("snakemake.api")
+    from snakemake.settings.types import ConfigSettings, OutputSettings, ResourceSettings
+
+    with snakemake_api.SnakemakeApi(OutputSettings()) as api:
+        workflow = api.workflow(
+            resource_settings=ResourceSettings(cores=1),
+            config_settings=ConfigSettings(configfiles=[REPO / "configs/smoke.yaml"]),
+            snakefile=REPO / "Snakefile",
+            workdir=REPO,
+        )
+        rule = workflow._workflow.get_rule("scores")
+        yield [str(f) for f in rule.output]
+
+
+@pytest.fixture
+def inputs(tmp_path):
+    rng = np.random.default_rng(0)
+    images = lambda n: rng.random((n, 1, 8, 8)).astype(np.float32)  # noqa: E731
+    save_npz(tmp_path / "dataset.npz", train_images=images(N_TRAIN), heldout_images=images(N_QUERY))
+    save_npz(tmp_path / "samples.npz", images=images(N_QUERY))
+    masks = rng.random((N_SUBSETS, N_TRAIN)) < 0.5
+    save_npz(tmp_path / "subsets.npz", masks=masks, tuning=np.arange(3), evaluation=np.arange(3, N_SUBSETS))
+    measurements = []
+    for j in range(N_SUBSETS):
+        for s in range(N_SEEDS):
+            path = tmp_path / f"subset{j:03d}_seed{s}.npz"
+            losses = {q: rng.normal(size=N_QUERY) for q in ("generated", "heldout")}
+            save_npz(path, subset=np.array(j), replicate=np.array(s), targets=np.array(["loss"]), **losses)
+            measurements.append(str(path))
+    return tmp_path, measurements
+
+
+@pytest.mark.parametrize(
+    "method, method_cfg",
+    [
+        ("pixel_cosine", {"family": "pixel", "similarity": "cosine"}),
+        # cannot run here (no weights): chosen.json says so, the matrices exist all the same (all NaN)
+        ("clip_dot", {"family": "clip", "similarity": "dot", "model": "ViT-B-32", "weights": None}),
+    ],
+)
+def test_scores_rule_declares_every_file_the_stage_writes(scores_rule, inputs, method, method_cfg):
+    directory, measurements = inputs
+    out = directory / "scores" / method
+    args = argparse.Namespace(
+        method=method,
+        dataset=str(directory / "dataset.npz"),
+        images=None,
+        samples=str(directory / "samples.npz"),
+        subsets=str(directory / "subsets.npz"),
+        measurements=measurements,
+        features=None,
+        store_checkpoints=None,
+        classifier=None,
+        model=None,
+        curvature=None,
+        chunks=None,
+        out_dir=str(out),
+    )
+    config = {
+        "scores": {"methods": {method: method_cfg}, "lambda_grid": [1.0]},
+        "lds": {"n_subsets": N_SUBSETS, "n_seeds": N_SEEDS},
+    }
+    scores.run(args, config)
+    written = sorted(p.name for p in out.iterdir())
+    declared = sorted(Path(f.format(method=method)).name for f in scores_rule)
+    assert all(Path(f).parent.name == "{method}" for f in scores_rule), scores_rule
+    assert written == declared, f"the scores stage writes {written}, the rule declares {declared}"
+    for name in ("generated", "heldout"):
+        matrix = np.load(out / f"{name}.npy")
+        assert matrix.shape == (N_QUERY, N_TRAIN)
+        assert np.isnan(matrix).all() == (method == "clip_dot")
