@@ -52,8 +52,15 @@ curvlinops' operators, used unless settings["fast_factors"] is False) compute th
 with one unfold, a symmetric rank-k update (scipy BLAS, threads bounded by threadpoolctl) and batched per-row
 gradients; tests compare them with the stock classes.
 
+Precision: the model, its activations and output gradients stay in its dtype (float32), but every Kronecker factor
+and EK-FAC correction is accumulated in float64 (float64 copies of a layer's inputs / output gradients, a bounded
+chunk of rows at a time, _CHUNK_BYTES) and eigendecomposed in float64. A factor with fewer data rows than
+dimensions is rank-deficient; accumulated in float32 its null space holds rounding noise of ~1e-7 x its norm, as
+large as the smallest relative damping of the grid (1e-7), which tilts the eigenbasis and moves the scores by
+tens of percent (tests/unit/scorers/test_kfac_precision.py, docs/methods.md).
+
 The file (torch.save of plain tensors, lists and the config dict) stores the eigendecompositions of the
-factors (float64), the K-FAC eigenvalues and, for EK-FAC, the corrected eigenvalues, plus the config
+float64 factors, the K-FAC eigenvalues and, for EK-FAC, the corrected eigenvalues, plus the config
 that made them; `load_curvature` refuses a file whose config differs from the expected one.
 """
 
@@ -74,7 +81,8 @@ from workflow_scripts.core.contracts import config_hash, params_defaults
 FILE_KIND = "kfac-curvature"
 
 
-FILE_VERSION = 1
+# 2: factors and EK-FAC corrections accumulated in float64; version 1 (float32 accumulation) is refused, i.e. refitted
+FILE_VERSION = 2
 
 
 FISHER_TYPES = ("mc", "empirical", "type-2")
@@ -433,7 +441,14 @@ def load_curvature(path: str | Path, expected_config: dict | None = None) -> KFA
     """Load a saved fit; with expected_config, refuse a file made by any other configuration."""
     payload = load_torch(path)
     if not isinstance(payload, dict) or payload.get("kind") != FILE_KIND or payload.get("version") != FILE_VERSION:
-        raise ArtefactError(f"{path}: not a version-{FILE_VERSION} K-FAC curvature file of this workflow")
+        found = payload.get("version") if isinstance(payload, dict) and payload.get("kind") == FILE_KIND else None
+        hint = (
+            f" (version {found}: factors accumulated in float32, too coarse at small damping; rerun the curvature "
+            "rule to refit it)"
+            if found == 1
+            else ""
+        )
+        raise ArtefactError(f"{path}: not a version-{FILE_VERSION} K-FAC curvature file of this workflow{hint}")
     if expected_config is not None:
         diff = config_differences(payload["config"], expected_config)
         if diff:
@@ -465,26 +480,69 @@ def _limited_blas():
             _SYRK["enabled"] = False
 
 
-def _gram(x: torch.Tensor) -> torch.Tensor:
-    """x^T x for a (rows, d) matrix: a symmetric rank-k update (half the flops of a GEMM) on CPU."""
-    if _SYRK["enabled"] and x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64):
-        from scipy.linalg.blas import dsyrk, ssyrk
+# Rows of a layer's inputs / output gradients cast to float64 at a time: bounds the extra memory of the float64
+# accumulation (16 MiB of float64 copies, a few times that in intermediates) whatever the batch, layer width or positions.
+_CHUNK_BYTES = 16 * 2**20
 
-        a = x.contiguous().numpy()
-        upper = torch.from_numpy((ssyrk if x.dtype == torch.float32 else dsyrk)(1.0, a.T, trans=0, lower=0))
-        return upper.triu() + upper.triu(1).T
-    return x.T @ x
+
+def _row_chunks(n_rows: int, row_bytes: int):
+    step = max(1, _CHUNK_BYTES // max(1, row_bytes))
+    return [slice(start, min(start + step, n_rows)) for start in range(0, n_rows, step)]
+
+
+def _gram(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x^T x and the column sums of a (rows, d) matrix of any float dtype, in float64, cast a chunk of rows at a time.
+
+    float64 because a rank-deficient factor's null space must stay at ~1e-16 of its norm: float32 products and sums
+    leave ~1e-7 there, as large as the smallest damping of the grid (docs/methods.md). On CPU a symmetric rank-k
+    update (half the flops of a GEMM)."""
+    d = x.shape[1]
+    out = torch.zeros(d, d, dtype=torch.float64, device=x.device)
+    col = torch.zeros(d, dtype=torch.float64, device=x.device)
+    syrk = _SYRK["enabled"] and x.device.type == "cpu"
+    for rows in _row_chunks(x.shape[0], 8 * d):
+        chunk = x[rows].to(torch.float64)
+        col += chunk.sum(0)
+        if syrk:
+            from scipy.linalg.blas import dsyrk
+
+            out += torch.from_numpy(dsyrk(1.0, chunk.contiguous().numpy().T, trans=0, lower=0))
+        else:
+            out += chunk.T @ chunk
+    if syrk:  # only the upper triangles were summed
+        out = out.triu() + out.triu(1).T
+    return out, col
+
+
+def _float64_kfac_class():
+    """curvlinops' KFACLinearOperator with its Kronecker factors accumulated in float64 (curvlinops accumulates in
+    the model's dtype): its own hooks run on float64 copies of a layer's inputs and output gradients (one layer and
+    batch at a time). Products with the operator (its determinism check) take and return the model's dtype."""
+    from curvlinops import KFACLinearOperator
+
+    class Float64KFACLinearOperator(KFACLinearOperator):
+        def _hook_accumulate_input_covariance(self, module, inputs, module_name):
+            inputs = tuple(x.to(torch.float64) for x in inputs)
+            return super()._hook_accumulate_input_covariance(module, inputs, module_name)
+
+        def _accumulate_gradient_covariance(self, grad_output, module, module_name):
+            return super()._accumulate_gradient_covariance(grad_output.to(torch.float64), module, module_name)
+
+        def _matmat(self, M):
+            out = super()._matmat([m.to(torch.float64) for m in M])
+            return [o.to(m.dtype) for o, m in zip(out, M)]
+
+    return Float64KFACLinearOperator
 
 
 def _fast_kfac_class():
-    """curvlinops' KFACLinearOperator whose K-FAC-expand input covariances (the cost of a fit: one
-    (rows*positions, d_in)^T (rows*positions, d_in) product per layer and batch) are computed with one unfold and
-    a symmetric rank-k update instead of curvlinops' patch rearrangements and a full GEMM. Same factors (tested
-    against the stock class); every other case is delegated to curvlinops."""
-    from curvlinops import KFACLinearOperator
+    """_float64_kfac_class() whose K-FAC-expand covariances (the cost of a fit: one (rows*positions, d_in)^T
+    (rows*positions, d_in) product per layer and batch) are computed with one unfold and a chunked float64
+    symmetric rank-k update (_gram) instead of curvlinops' patch rearrangements and a full GEMM. Same factors
+    (tested against the stock class); every other case is delegated to curvlinops (in float64)."""
     from curvlinops.kfac import KFACType
 
-    class FastKFACLinearOperator(KFACLinearOperator):
+    class FastKFACLinearOperator(_float64_kfac_class()):
         def _hook_accumulate_input_covariance(self, module, inputs, module_name):
             conv = isinstance(module, nn.Conv2d)
             if (
@@ -501,10 +559,10 @@ def _fast_kfac_class():
                 positions, x = u.shape[2], u.transpose(1, 2).reshape(-1, u.shape[1])
             else:
                 positions, x = x.shape[1:-1].numel(), x.reshape(-1, x.shape[-1])
-            gram = _gram(x)
+            gram, col = _gram(x)
             params = self._mapping[module_name]
             if "weight" in params and "bias" in params and not self._separate_weight_and_bias:
-                d, col = x.shape[1], x.sum(0)  # homogeneous coordinates [x, 1] without materialising them
+                d = x.shape[1]  # homogeneous coordinates [x, 1] without materialising them
                 full = gram.new_empty(d + 1, d + 1)
                 full[:d, :d], full[:d, d], full[d, :d], full[d, d] = gram, col, col, x.shape[0]
                 gram = full
@@ -512,16 +570,49 @@ def _fast_kfac_class():
                 self._input_covariances, module_name, gram.div_(self._N_data * positions)
             )
 
+        def _accumulate_gradient_covariance(self, grad_output, module, module_name):
+            if self._kfac_approx != KFACType.EXPAND:
+                return super()._accumulate_gradient_covariance(grad_output, module, module_name)
+            g = grad_output.data.detach()
+            batch = g.shape[0]
+            g = g.movedim(1, -1) if isinstance(module, nn.Conv2d) else g  # channels last
+            correction = {  # curvlinops' scale of the loss reduction
+                "sum": 1.0 / self._mc_samples,
+                "mean": (batch * self._num_per_example_loss_terms) ** 2
+                / (self._N_data * self._mc_samples * self._num_per_example_loss_terms),
+            }[self._loss_func.reduction]
+            covariance = _gram(g.reshape(-1, g.shape[-1]))[0].mul_(correction)
+            self._gradient_covariances = self._set_or_add_(self._gradient_covariances, module_name, covariance)
+
     return FastKFACLinearOperator
 
 
-def _fast_ekfac_class():
-    """curvlinops' EKFACLinearOperator whose eigenvalue correction forms each row's weight gradient with one batched
-    matmul (output gradients x unfolded inputs) and rotates that, instead of rotating every position's inputs
-    (curvlinops' einsum path): the same corrected eigenvalues (tested against the stock class), fewer flops."""
+def _float64_ekfac_class():
+    """curvlinops' EKFACLinearOperator with the eigenvalue corrections accumulated in float64 (float64 copies of a
+    layer's cached inputs and output gradients, one layer and batch at a time; give it float64 eigenvectors)."""
     from curvlinops import EKFACLinearOperator
 
-    class FastEKFACLinearOperator(EKFACLinearOperator):
+    class Float64EKFACLinearOperator(EKFACLinearOperator):
+        def _accumulate_corrected_eigenvalues(self, grad_output, module, module_name):
+            cached = self._cached_activations.get(module_name)
+            if cached is not None:  # restored after: with several MC samples the same inputs serve every backward
+                self._cached_activations[module_name] = cached.to(torch.float64)
+            try:
+                return super()._accumulate_corrected_eigenvalues(grad_output.to(torch.float64), module, module_name)
+            finally:
+                if cached is not None:
+                    self._cached_activations[module_name] = cached
+
+    return Float64EKFACLinearOperator
+
+
+def _fast_ekfac_class():
+    """_float64_ekfac_class() whose eigenvalue correction forms each row's weight gradient with one batched matmul
+    (output gradients x unfolded inputs, float64, a chunk of rows at a time) and rotates that, instead of rotating
+    every position's inputs (curvlinops' einsum path): the same corrected eigenvalues (tested against the stock
+    class), fewer flops."""
+
+    class FastEKFACLinearOperator(_float64_ekfac_class()):
         def _accumulate_corrected_eigenvalues(self, grad_output, module, module_name):
             conv = isinstance(module, nn.Conv2d)
             if conv and (module.groups != 1 or isinstance(module.padding, str)):
@@ -537,7 +628,7 @@ def _fast_ekfac_class():
             pos = self._mapping[module_name]
             q_g = self._gradient_covariances_eigenvectors[module_name]
             q_a = self._input_covariances_eigenvectors.get(module_name)
-            per_row = {}
+            x = None
             if "weight" in pos:
                 x = self._cached_activations[module_name]
                 if conv:  # (batch, c_in * k1 * k2, positions)
@@ -546,19 +637,35 @@ def _fast_ekfac_class():
                     )
                 else:
                     x = x.reshape(batch, -1, x.shape[-1]).transpose(1, 2)
-                per_row["weight"] = torch.bmm(g, x.transpose(1, 2))  # (batch, d_out, d_in): each row's gradient
-            if "bias" in pos:
-                per_row["bias"] = g.sum(2)
-            if "weight" in pos and "bias" in pos and not self._separate_weight_and_bias:
-                joint = torch.cat([per_row["weight"], per_row["bias"].unsqueeze(2)], dim=2)
-                value = (q_g.T @ joint @ q_a).square_().sum(0).mul_(correction)
-                self._corrected_eigenvalues = self._set_or_add_(self._corrected_eigenvalues, module_name, value)
+            joint = "weight" in pos and "bias" in pos and not self._separate_weight_and_bias
+            cols = (x.shape[1] if x is not None else 0) + 1
+            sums = {}
+            for rows in _row_chunks(batch, 8 * g.shape[1] * cols):
+                gc = g[rows].to(torch.float64)
+                per_row = {}
+                if x is not None:  # each row's weight gradient (rows, d_out, d_in)
+                    per_row["weight"] = torch.bmm(gc, x[rows].to(torch.float64).transpose(1, 2))
+                if "bias" in pos:
+                    per_row["bias"] = gc.sum(2)
+                if joint:
+                    both = torch.cat([per_row["weight"], per_row["bias"].unsqueeze(2)], dim=2)
+                    parts = {"joint": q_g.T @ both @ q_a}
+                else:
+                    parts = {
+                        p: q_g.T @ per_row["weight"] @ q_a if p == "weight" else per_row["bias"] @ q_g for p in pos
+                    }
+                for key, rotated in parts.items():
+                    value = rotated.square_().sum(0)
+                    sums[key] = value if key not in sums else sums[key].add_(value)
+            if joint:
+                self._corrected_eigenvalues = self._set_or_add_(
+                    self._corrected_eigenvalues, module_name, sums["joint"].mul_(correction)
+                )
                 return
             self._corrected_eigenvalues.setdefault(module_name, {})
             for p_name, p_pos in pos.items():
-                rotated = q_g.T @ per_row["weight"] @ q_a if p_name == "weight" else per_row["bias"] @ q_g
                 self._corrected_eigenvalues[module_name] = self._set_or_add_(
-                    self._corrected_eigenvalues[module_name], p_pos, rotated.square_().sum(0).mul_(correction)
+                    self._corrected_eigenvalues[module_name], p_pos, sums[p_name].mul_(correction)
                 )
 
     return FastEKFACLinearOperator
@@ -593,8 +700,6 @@ def kfac_from_data(
     param_names are names in model_func.named_parameters(); `prefix` is stripped from them (and from module
     names) in the result, e.g. "model." for a PackedDenoiser.
     """
-    from curvlinops import EKFACLinearOperator, KFACLinearOperator
-
     s = {**DEFAULTS, **settings}
     if s["fisher_type"] not in FISHER_TYPES:
         raise ValueError(f"fisher_type {s['fisher_type']!r} is not one of {FISHER_TYPES}")
@@ -613,7 +718,7 @@ def kfac_from_data(
         progressbar=progressbar,
     )
     loss = nn.MSELoss(reduction="mean")
-    op_class = _fast_kfac_class() if s.get("fast_factors", True) else KFACLinearOperator
+    op_class = _fast_kfac_class() if s.get("fast_factors", True) else _float64_kfac_class()
     with _limited_blas():
         op = op_class(model_func, loss, params, data, check_deterministic=check_deterministic, **kwargs)
         _compute_factors_once(op)
@@ -622,12 +727,13 @@ def kfac_from_data(
     eig_g = {m: _eigh(op._gradient_covariances[m]) for m in mapping}
     corrected = {}
     if s["ekfac"]:
-        # One more pass with curvlinops' EK-FAC, in OUR eigenbasis (float64 eigh of the factors above).
-        ek_class = _fast_ekfac_class() if s.get("fast_factors", True) else EKFACLinearOperator
+        # One more pass with curvlinops' EK-FAC, in OUR eigenbasis (float64 eigh of the float64 factors above),
+        # the corrections accumulated in float64 too.
+        ek_class = _fast_ekfac_class() if s.get("fast_factors", True) else _float64_ekfac_class()
         ek = ek_class(model_func, loss, params, data, check_deterministic=False, **kwargs)
-        dtype = params[0].dtype
-        ek._input_covariances_eigenvectors = {m: v.to(dtype) for m, (_, v) in eig_a.items()}
-        ek._gradient_covariances_eigenvectors = {m: v.to(dtype) for m, (_, v) in eig_g.items()}
+        device = params[0].device
+        ek._input_covariances_eigenvectors = {m: v.to(device) for m, (_, v) in eig_a.items()}
+        ek._gradient_covariances_eigenvectors = {m: v.to(device) for m, (_, v) in eig_g.items()}
         ek.compute_eigenvalue_correction()
         corrected = ek._corrected_eigenvalues
     joint = not s["separate_weight_and_bias"]
