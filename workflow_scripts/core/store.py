@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from workflow_scripts.core.common import ArtefactError, log, save_json
+from workflow_scripts.core.common import FULL_DISK, ArtefactError, NoSpaceError, log, no_space, reserve_space, save_json
 
 
 def array_digest(array: np.ndarray) -> str:
@@ -32,8 +32,20 @@ def new_store(identity: dict, path: str | Path):
     .npy store (atomic rename, then the sidecar), on an exception the temporary file is removed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    store = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=tuple(identity["shape"]))
+    tmp = path.with_name(f".{path.name}.tmp")  # "w+" below truncates one left by a killed run
+    shape = tuple(identity["shape"])
+    try:
+        store = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=shape)
+        # the memory map is a sparse file: without the blocks reserved now, a full disk would surface as a SIGBUS
+        # ("Bus error", no file named, the temporary file left behind) at the first page that finds no block
+        with open(tmp, "r+b") as f:
+            reserve_space(f.fileno(), os.fstat(f.fileno()).st_size, path)
+    except BaseException as exc:
+        store = None
+        tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError) and not isinstance(exc, NoSpaceError) and exc.errno in FULL_DISK:
+            raise no_space(path, needed=int(np.prod(shape)) * 4) from exc
+        raise
     try:
         yield store
         store.flush()
