@@ -232,6 +232,40 @@ def save_text(text: str, path: str | Path) -> None:
     _atomic(path, lambda tmp: Path(tmp).write_text(text))
 
 
+def _unreadable(path: Path, what: str, exc: Exception, rule: str) -> ArtefactError:
+    return ArtefactError(
+        f"{path}: {what} cannot be read ({type(exc).__name__}: {exc}); it is truncated or corrupt. "
+        f"Delete it and run snakemake again: rule {rule} remakes it"
+    )
+
+
+def load_json(path: str | Path, rule: str) -> dict:
+    """A JSON artefact (a sidecar, chosen.json, ...); a missing, truncated or garbled file is an ArtefactError naming
+    it and the rule that makes it."""
+    path = Path(path)
+    if not path.exists():
+        raise ArtefactError(f"{path}: missing (rule {rule} makes it)")
+    try:
+        value = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise _unreadable(path, "JSON file", exc, rule) from exc
+    if not isinstance(value, dict):
+        raise _unreadable(path, "JSON file", TypeError(f"holds a {type(value).__name__}, not an object"), rule)
+    return value
+
+
+def load_npy(path: str | Path, rule: str, mmap_mode: str | None = None) -> np.ndarray:
+    """An .npy artefact (a score matrix, a gradient store with mmap_mode="r"); a missing, truncated or garbled file
+    is an ArtefactError naming it and the rule that makes it."""
+    path = Path(path)
+    if not path.exists():
+        raise ArtefactError(f"{path}: missing (rule {rule} makes it)")
+    try:
+        return np.load(path, mmap_mode=mmap_mode, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:  # header, size or pickle errors of a truncated file
+        raise _unreadable(path, "array file", exc, rule) from exc
+
+
 def load_npz(path: str | Path, required: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
     path = Path(path)
     if not path.exists():

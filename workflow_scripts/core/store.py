@@ -7,13 +7,22 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import os
 from pathlib import Path
 
 import numpy as np
 
-from workflow_scripts.core.common import FULL_DISK, ArtefactError, NoSpaceError, log, no_space, reserve_space, save_json
+from workflow_scripts.core.common import (
+    FULL_DISK,
+    ArtefactError,
+    NoSpaceError,
+    load_json,
+    load_npy,
+    log,
+    no_space,
+    reserve_space,
+    save_json,
+)
 
 
 def array_digest(array: np.ndarray) -> str:
@@ -62,20 +71,41 @@ def sidecar_path(path: str | Path) -> Path:
     return Path(path).with_suffix(".json")
 
 
+def store_rule(path: str | Path) -> str:
+    """The rule that makes a store (for the advice in errors): gradients/<checkpoint>/<tag>/[measurement_<m>/]."""
+    path = Path(path)
+    if path.parent.name.startswith("measurement_"):
+        return "gradients_measurement"
+    return "gradients_journey" if "_journey_" in path.parent.name else "gradients"
+
+
+SIDECAR_KEYS = ("split", "shape", "dtype", "config_hash")
+
+
 def read_sidecar(path: str | Path) -> dict:
     path, side = Path(path), sidecar_path(path)
     if not path.exists() or not side.exists():
-        raise ArtefactError(f"{path}: gradient store or its sidecar {side.name} is missing")
-    return json.loads(side.read_text())
+        raise ArtefactError(
+            f"{path}: gradient store or its sidecar {side.name} is missing (rule {store_rule(path)} makes them)"
+        )
+    sidecar = load_json(side, store_rule(path))
+    missing = [key for key in SIDECAR_KEYS if key not in sidecar]
+    if missing:
+        raise ArtefactError(
+            f"{side}: sidecar lacks {missing}; delete it and its store {path.name} and run snakemake again: "
+            f"rule {store_rule(path)} remakes them"
+        )
+    return sidecar
 
 
 def open_store(path: str | Path, expected: dict | None = None) -> np.ndarray:
     """Memory-map a store, checking its sidecar (and, if given, the identity it must have)."""
     sidecar = read_sidecar(path)
-    array = np.load(path, mmap_mode="r")
+    array = load_npy(path, store_rule(path), mmap_mode="r")
     if list(array.shape) != sidecar["shape"] or str(array.dtype) != sidecar["dtype"]:
         raise ArtefactError(
-            f"{path}: array is {array.dtype}{list(array.shape)}, sidecar says {sidecar['dtype']}{sidecar['shape']}"
+            f"{path}: array is {array.dtype}{list(array.shape)}, sidecar says {sidecar['dtype']}{sidecar['shape']}; "
+            f"delete both and run snakemake again: rule {store_rule(path)} remakes them"
         )
     if expected is not None:
         for key in ("split", "shape", "config_hash"):
