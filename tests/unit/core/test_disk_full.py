@@ -172,3 +172,17 @@ def test_stale_temps_of_a_killed_writer_are_removed(tmp_path):
     other.write_bytes(b"\0")
     save_torch({"w": torch.ones(2)}, tmp_path / "full.pt")
     assert everything_in(tmp_path) == [".other.pt.abc123.tmp", "full.pt"]
+
+
+def test_training_resume_file_on_a_full_disk_names_it(small_disk):
+    """What a training's periodic save does on a full disk: the resume file is named, nothing is left behind."""
+    model = torch.nn.Linear(1024, 1024)  # 4 MiB of weights, 8 MiB more of Adam state after a step
+    optimizer = torch.optim.Adam(model.parameters())
+    model(torch.ones(1, 1024)).sum().backward()
+    optimizer.step()
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    resume = common.TrainingResume(small_disk / "models" / "full.pt", {"config": "x"})
+    with pytest.raises(NoSpaceError) as info:
+        resume.save(1, model.state_dict(), optimizer, schedule)
+    assert_names_file_and_size(info, small_disk / "models" / "full.resume.pt")
+    assert everything_in(small_disk / "models") == []
