@@ -112,7 +112,8 @@ def reserve_space(fd: int, nbytes: int, path: str | Path) -> None:
 
 def remove_stale_temps(path: Path) -> None:
     """Temporary files of `path` left by a killed writer (SIGKILL, power loss): they may hold gigabytes."""
-    for stale in path.parent.glob(f".{path.name}.*.tmp"):
+    made_by_mkstemp = re.compile(rf"\.{re.escape(path.name)}\.[a-z0-9_]{{8}}\.tmp")  # _atomic's names, no other file's
+    for stale in (p for p in path.parent.glob(f".{path.name}.*.tmp") if made_by_mkstemp.fullmatch(p.name)):
         log.warning("removing %s, left by an interrupted write of %s", stale, path.name)
         stale.unlink(missing_ok=True)
 
@@ -147,7 +148,7 @@ def _atomic(path: str | Path, write, reserve: int = 0) -> None:
         raise
 
 
-def _write_reserved(data) -> callable:
+def _write_reserved(data):
     """A writer of `data` (bytes-like) into a temporary file _atomic has reserved len(data) bytes of."""
 
     def write(tmp):
@@ -202,7 +203,7 @@ def save_torch(obj, path: str | Path) -> None:
 NPY_OVERHEAD = 4096  # bytes reserved beyond an array's data: its .npy header (and, in an .npz, its zip entry)
 
 
-def _write_numpy(save) -> callable:
+def _write_numpy(save):
     """A writer that calls save(file) on a temporary file _atomic has reserved space in (the array's bytes plus
     NPY_OVERHEAD; not buffered in memory: score matrices can be large), then drops what the reservation left over."""
 

@@ -166,12 +166,13 @@ def test_enospc_during_a_write_is_named_too(tmp_path, monkeypatch):
 
 
 def test_stale_temps_of_a_killed_writer_are_removed(tmp_path):
-    stale = tmp_path / ".full.pt.abc123.tmp"
+    stale = tmp_path / ".full.pt.k3x9_q2a.tmp"  # a temporary name of _atomic (mkstemp)
     stale.write_bytes(b"\0" * 100)
-    other = tmp_path / ".other.pt.abc123.tmp"  # another artefact's: not touched
-    other.write_bytes(b"\0")
+    others = [".other.pt.k3x9_q2a.tmp", ".full.pt.resume.k3x9_q2a.tmp"]  # other artefacts' temporary files
+    for name in others:
+        (tmp_path / name).write_bytes(b"\0")
     save_torch({"w": torch.ones(2)}, tmp_path / "full.pt")
-    assert everything_in(tmp_path) == [".other.pt.abc123.tmp", "full.pt"]
+    assert everything_in(tmp_path) == sorted([*others, "full.pt"])
 
 
 def test_training_resume_file_on_a_full_disk_names_it(small_disk):
