@@ -187,3 +187,24 @@ def test_training_resume_file_on_a_full_disk_names_it(small_disk):
         resume.save(1, model.state_dict(), optimizer, schedule)
     assert_names_file_and_size(info, small_disk / "models" / "full.resume.pt")
     assert everything_in(small_disk / "models") == []
+
+
+def test_sweep_figure_on_a_full_disk_names_it_and_leaves_nothing(tmp_path, monkeypatch):
+    import matplotlib.figure
+    import pandas as pd
+
+    from workflow_scripts.stages.scores import plot_sweep
+
+    def fills_the_disk(self, fname, **kwargs):
+        Path(fname).write_bytes(b"\x89PNG partial")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", fills_the_disk)
+    table = pd.DataFrame(
+        [{"lambda": lam, "query_set": "generated", "lds_tuning": 0.1, "lds_evaluation": 0.2} for lam in (0.1, 1.0)]
+    )
+    path = tmp_path / "scores" / "trak" / "sweep.png"
+    with pytest.raises(NoSpaceError) as info:
+        plot_sweep(table, 0.1, "trak", path)
+    assert_names_file_and_size(info, path)
+    assert everything_in(path.parent) == []
