@@ -233,6 +233,84 @@ def test_pull_script_refuses_when_the_remote_lacks_a_file(round_trip):
     assert not any((clone / ".snakemake/metadata").glob("*"))
 
 
+# ------------------------------------------------------------------------------- dvc-pull of a tampered remote
+TAMPER_TABLE = "| method | LDS |\n|---|---|\n| trak | 0.05 |\n"
+TAMPERED_TABLE = TAMPER_TABLE.replace("0.05", "1.0")
+
+
+def _md5(data: bytes) -> str:
+    return hashlib.md5(data).hexdigest()
+
+
+TAMPER_SNAKEFILE = """
+rule make:
+    output: "results/tables/lds.md", "results/tables/counterfactual.md", "results/models/full.pt"
+    run:
+        from pathlib import Path
+        Path(output[0]).write_text({table!r})
+        Path(output[1]).write_text("| random | 0.1 |\\n")
+        Path(output[2]).write_bytes(bytes(range(256)) * 64)
+"""
+TAMPER_DVC_YAML = {
+    "stages": {
+        "run": {
+            "cmd": "snakemake --cores 1",
+            "deps": ["Snakefile"],
+            "outs": [{"results/tables": {"persist": True}}, {"results/models": {"persist": True}}],
+        }
+    }
+}
+
+
+def test_pull_script_refuses_a_tampered_remote(tmp_path):
+    """An object edited on the remote (the LDS table's trak value 0.05 -> 1.0) and one garbled (the full model):
+    dvc pull checks them out without a word; scripts/dvc-pull names both, deletes them, touches nothing. A tiny
+    repository (one rule, two directory outs, as dvc.yaml's) rather than the round trip: seconds, not minutes."""
+    origin, remote = tmp_path / "origin", tmp_path / "remote"
+    (origin / "scripts").mkdir(parents=True)
+    for script in ("dvc-pull", "dvc_verify.py"):
+        shutil.copy2(REPO / "scripts" / script, origin / "scripts" / script)
+    (origin / "Snakefile").write_text(TAMPER_SNAKEFILE.format(table=TAMPER_TABLE))
+    (origin / "dvc.yaml").write_text(yaml.safe_dump(TAMPER_DVC_YAML))
+    (origin / ".gitignore").write_text("/results/\n/.snakemake/\n")
+    run(["git", "init", "-q"], origin, tmp_path)
+    run(["dvc", "init", "-q"], origin, tmp_path)
+    run(["dvc", "remote", "add", "-d", "storage", str(remote)], origin, tmp_path)
+    run(["dvc", "repro", "-q"], origin, tmp_path)
+    run(["git", "add", "-A"], origin, tmp_path)
+    run(["git", "commit", "-qm", "results"], origin, tmp_path)
+    run(["dvc", "push", "-q"], origin, tmp_path)
+
+    run(["git", "clone", "-q", str(origin), str(tmp_path / "good")], tmp_path, tmp_path)  # the intact remote
+    good = run([str(tmp_path / "good/scripts/dvc-pull")], tmp_path / "good", tmp_path, check=False)
+    assert good.returncode == 0 and "done: all results present" in good.stderr, good.stderr
+
+    # the issue's tampering: the LDS table's trak value 0.05 -> 1.0, the full model's object garbled
+    table_object = remote / "files/md5" / _md5(TAMPER_TABLE.encode())[:2] / _md5(TAMPER_TABLE.encode())[2:]
+    model = (origin / "results/models/full.pt").read_bytes()
+    model_object = remote / "files/md5" / _md5(model)[:2] / _md5(model)[2:]
+    for obj, data in ((table_object, TAMPERED_TABLE.encode()), (model_object, b"\0" * len(model))):
+        obj.chmod(0o644)
+        obj.write_bytes(data)
+
+    clone = tmp_path / "clone"
+    run(["git", "clone", "-q", str(origin), str(clone)], tmp_path, tmp_path)
+    lock = (clone / "dvc.lock").read_text()
+    pulled = run([str(clone / "scripts/dvc-pull")], clone, tmp_path, check=False)
+    assert pulled.returncode == 1, pulled.stderr
+    err = pulled.stderr
+    assert "results/tables/lds.md: content md5" in err and "results/models/full.pt: content md5" in err, err
+    assert "corrupt copies" in err and "nothing was touched" in err and "done:" not in err, err
+    assert not (clone / "results/tables/lds.md").exists()  # the tampered table is not left in results/
+    assert not (clone / "results/models/full.pt").exists()
+    assert (clone / "results/tables/counterfactual.md").read_text() == "| random | 0.1 |\n"
+    assert not any((clone / ".snakemake/metadata").glob("*"))
+    assert (clone / "dvc.lock").read_text() == lock
+    # a second attempt fetches the same corrupt objects again and refuses again
+    again = run([str(clone / "scripts/dvc-pull")], clone, tmp_path, check=False)
+    assert again.returncode == 1 and "results/tables/lds.md: content md5" in again.stderr, again.stderr
+
+
 # ------------------------------------------------------------------------------ dvc.yaml matches the workflow
 @pytest.fixture(scope="module")
 def smoke_copy(tmp_path_factory):

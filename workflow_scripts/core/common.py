@@ -5,10 +5,13 @@ gradient-store format, the scorer declarations read by the Snakefile) do not loa
 
 from __future__ import annotations
 
+import errno
+import io
 import json
 import logging
 import os
 import re
+import shutil
 import sys
 import tempfile
 from collections import OrderedDict
@@ -98,12 +101,73 @@ def rng(*seed_parts: int) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence([int(s) for s in seed_parts]))
 
 
-def _atomic(path: str | Path, write) -> None:
+class NoSpaceError(OSError):
+    """An artefact does not fit on its disk: the message names the file, the bytes it needs and the bytes free."""
+
+
+FULL_DISK = (errno.ENOSPC, errno.EDQUOT)
+# posix_fallocate's answers on a file system that cannot preallocate (some network and copy-on-write file systems)
+NO_PREALLOCATION = (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS)
+
+
+def no_space(path: str | Path, needed: int | None = None, written: int | None = None) -> NoSpaceError:
+    """The error for an artefact that does not fit: which file, how much it needs, how much is free."""
+    path = Path(path)
+    try:
+        free = f"{shutil.disk_usage(path.parent).free:,} bytes free"
+    except OSError:
+        free = "free space unknown"
+    if needed is not None:
+        size = f"needs {needed:,} bytes"
+    elif written is not None:
+        size = f"ran out after {written:,} bytes"
+    else:
+        size = "does not fit"
+    return NoSpaceError(
+        errno.ENOSPC,
+        f"{path}: no space left on the device ({size}, {free} in {path.parent}); nothing was written. "
+        "Free space there (or move results/ to a larger disk) and rerun",
+    )
+
+
+def reserve_space(fd: int, nbytes: int, path: str | Path) -> None:
+    """Allocate the first nbytes of the open file fd now, so that a full disk fails here with NoSpaceError naming
+    `path` and the size, instead of later in a write deep inside torch, or as a SIGBUS ("Bus error") when a
+    memory-mapped page finds no block. A file system that cannot preallocate is left to report ENOSPC on write."""
+    if nbytes <= 0 or not hasattr(os, "posix_fallocate"):
+        return
+    try:
+        os.posix_fallocate(fd, 0, nbytes)
+    except OSError as exc:
+        if exc.errno in FULL_DISK:
+            raise no_space(path, needed=nbytes) from exc
+        if exc.errno not in NO_PREALLOCATION:
+            raise
+        log.debug("%s: the file system cannot preallocate (%s); writing without a reservation", path, exc)
+
+
+def remove_stale_temps(path: Path) -> None:
+    """Temporary files of `path` left by a killed writer (SIGKILL, power loss): they may hold gigabytes."""
+    made_by_mkstemp = re.compile(rf"\.{re.escape(path.name)}\.[a-z0-9_]{{8}}\.tmp")  # _atomic's names, no other file's
+    for stale in (p for p in path.parent.glob(f".{path.name}.*.tmp") if made_by_mkstemp.fullmatch(p.name)):
+        log.warning("removing %s, left by an interrupted write of %s", stale, path.name)
+        stale.unlink(missing_ok=True)
+
+
+def _atomic(path: str | Path, write, reserve: int = 0) -> None:
+    """Write `path` through a temporary file beside it, renamed into place once complete; on any failure the
+    temporary file is removed and the old file (if any) is kept. `reserve`: bytes to allocate up front, for
+    writers that open the temporary file "r+b" and truncate it (a full disk then fails before any byte is
+    written); a full disk found later is reported as NoSpaceError naming the file too."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
     try:
+        try:
+            reserve_space(fd, reserve, path)
+        finally:
+            os.close(fd)
         write(tmp)
         # mkstemp creates the file 0600; give the artefact the permissions of any new file (umask), so a
         # shared results directory (cluster, DVC cache) stays readable by the group
@@ -111,10 +175,24 @@ def _atomic(path: str | Path, write) -> None:
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
+        written = os.path.getsize(tmp) if os.path.exists(tmp) else None
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(exc, OSError) and not isinstance(exc, NoSpaceError) and exc.errno in FULL_DISK:
+            raise no_space(path, needed=reserve or None, written=written) from exc
         raise
+
+
+def _write_reserved(data):
+    """A writer of `data` (bytes-like) into a temporary file _atomic has reserved len(data) bytes of."""
+
+    def write(tmp):
+        with open(tmp, "r+b") as f:  # not "wb": truncating would free the reservation
+            f.write(data)
+            f.truncate()
+
+    return write
 
 
 _PLAIN = (str, bytes, int, float, bool, type(None))
@@ -187,30 +265,39 @@ def save_torch(obj: dict, path: str | Path) -> None:
         raise ValueError(f"{PAYLOAD_DIGEST!r} is the key of the checkpoint's own digest; name the entry otherwise")
     _check_plain(obj)
     obj = {**obj, PAYLOAD_DIGEST: payload_digest(obj)}
+    # serialised in memory first (briefly twice the payload in RAM): the exact size is then known, reserved on
+    # disk before writing, and a full disk is a NoSpaceError naming the file, not a torch "file write failed".
+    # Given a file object, torch.save names the archive inside it "archive"; given a path, after the random
+    # temp name, and the same weights would give other bytes at every write.
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    data = buffer.getbuffer()
+    _atomic(path, _write_reserved(data), reserve=len(data))
+
+
+NPY_OVERHEAD = 4096  # bytes reserved beyond an array's data: its .npy header (and, in an .npz, its zip entry)
+
+
+def _write_numpy(save):
+    """A writer that calls save(file) on a temporary file _atomic has reserved space in (the array's bytes plus
+    NPY_OVERHEAD; not buffered in memory: score matrices can be large), then drops what the reservation left over."""
 
     def write(tmp):
-        # given a file object, torch.save names the archive inside it "archive"; given a path, after the random
-        # temp name, and the same weights would give other bytes at every write
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
+        with open(tmp, "r+b") as f:
+            save(f)
+            f.truncate()
 
-    _atomic(path, write)
+    return write
 
 
 def save_npy(array: np.ndarray, path: str | Path) -> None:
-    def write(tmp):
-        with open(tmp, "wb") as f:
-            np.save(f, array)
-
-    _atomic(path, write)
+    array = np.asanyarray(array)
+    _atomic(path, _write_numpy(lambda f: np.save(f, array)), reserve=array.nbytes + NPY_OVERHEAD)
 
 
 def save_npz(path: str | Path, **arrays) -> None:
-    def write(tmp):
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
-
-    _atomic(path, write)
+    size = sum(np.asanyarray(a).nbytes + NPY_OVERHEAD for a in arrays.values()) + NPY_OVERHEAD
+    _atomic(path, _write_numpy(lambda f: np.savez(f, **arrays)), reserve=size)
 
 
 def save_json(obj, path: str | Path) -> None:
@@ -219,6 +306,40 @@ def save_json(obj, path: str | Path) -> None:
 
 def save_text(text: str, path: str | Path) -> None:
     _atomic(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def _unreadable(path: Path, what: str, exc: Exception, rule: str) -> ArtefactError:
+    return ArtefactError(
+        f"{path}: {what} cannot be read ({type(exc).__name__}: {exc}); it is truncated or corrupt. "
+        f"Delete it and run snakemake again: rule {rule} remakes it"
+    )
+
+
+def load_json(path: str | Path, rule: str) -> dict:
+    """A JSON artefact (a sidecar, chosen.json, ...); a missing, truncated or garbled file is an ArtefactError naming
+    it and the rule that makes it."""
+    path = Path(path)
+    if not path.exists():
+        raise ArtefactError(f"{path}: missing (rule {rule} makes it)")
+    try:
+        value = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise _unreadable(path, "JSON file", exc, rule) from exc
+    if not isinstance(value, dict):
+        raise _unreadable(path, "JSON file", TypeError(f"holds a {type(value).__name__}, not an object"), rule)
+    return value
+
+
+def load_npy(path: str | Path, rule: str, mmap_mode: str | None = None) -> np.ndarray:
+    """An .npy artefact (a score matrix, a gradient store with mmap_mode="r"); a missing, truncated or garbled file
+    is an ArtefactError naming it and the rule that makes it."""
+    path = Path(path)
+    if not path.exists():
+        raise ArtefactError(f"{path}: missing (rule {rule} makes it)")
+    try:
+        return np.load(path, mmap_mode=mmap_mode, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:  # header, size or pickle errors of a truncated file
+        raise _unreadable(path, "array file", exc, rule) from exc
 
 
 def load_npz(path: str | Path, required: tuple[str, ...] = ()) -> dict[str, np.ndarray]:

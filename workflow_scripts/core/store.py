@@ -8,13 +8,23 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import os
 from pathlib import Path
 
 import numpy as np
 
-from workflow_scripts.core.common import ArtefactError, log, require_finite, save_json
+from workflow_scripts.core.common import (
+    FULL_DISK,
+    ArtefactError,
+    NoSpaceError,
+    load_json,
+    load_npy,
+    log,
+    no_space,
+    require_finite,
+    reserve_space,
+    save_json,
+)
 from workflow_scripts.core.contracts import config_hash
 
 DIGEST_BLOCK_BYTES = 64 * 2**20  # hashed block by block: a memory-mapped store is never read into RAM whole
@@ -84,8 +94,20 @@ def new_store(identity: dict, path: str | Path):
     removed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    store = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=tuple(identity["shape"]))
+    tmp = path.with_name(f".{path.name}.tmp")  # "w+" below truncates one left by a killed run
+    shape = tuple(identity["shape"])
+    try:
+        store = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=shape)
+        # the memory map is a sparse file: without the blocks reserved now, a full disk would surface as a SIGBUS
+        # ("Bus error", no file named, the temporary file left behind) at the first page that finds no block
+        with open(tmp, "r+b") as f:
+            reserve_space(f.fileno(), os.fstat(f.fileno()).st_size, path)
+    except BaseException as exc:
+        store = None
+        tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError) and not isinstance(exc, NoSpaceError) and exc.errno in FULL_DISK:
+            raise no_space(path, needed=int(np.prod(shape)) * 4) from exc
+        raise
     try:
         yield store
         store.flush()
@@ -105,21 +127,42 @@ def sidecar_path(path: str | Path) -> Path:
     return Path(path).with_suffix(".json")
 
 
+def store_rule(path: str | Path) -> str:
+    """The rule that makes a store (for the advice in errors): gradients/<checkpoint>/<tag>/[measurement_<m>/]."""
+    path = Path(path)
+    if path.parent.name.startswith("measurement_"):
+        return "gradients_measurement"
+    return "gradients_journey" if "_journey_" in path.parent.name else "gradients"
+
+
+SIDECAR_KEYS = ("split", "shape", "dtype", "config_hash")
+
+
 def read_sidecar(path: str | Path) -> dict:
     path, side = Path(path), sidecar_path(path)
     if not path.exists() or not side.exists():
-        raise ArtefactError(f"{path}: gradient store or its sidecar {side.name} is missing")
-    return json.loads(side.read_text())
+        raise ArtefactError(
+            f"{path}: gradient store or its sidecar {side.name} is missing (rule {store_rule(path)} makes them)"
+        )
+    sidecar = load_json(side, store_rule(path))
+    missing = [key for key in SIDECAR_KEYS if key not in sidecar]
+    if missing:
+        raise ArtefactError(
+            f"{side}: sidecar lacks {missing}; delete it and its store {path.name} and run snakemake again: "
+            f"rule {store_rule(path)} remakes them"
+        )
+    return sidecar
 
 
 def open_store(path: str | Path, expected: dict | None = None) -> np.ndarray:
     """Memory-map a store, checking its sidecar (and, if given, the identity it must have), then its bytes against
     the sidecar's data_sha256 (one pass over the array; see docs/reliability.md for the cost)."""
     sidecar = read_sidecar(path)
-    array = np.load(path, mmap_mode="r")
+    array = load_npy(path, store_rule(path), mmap_mode="r")
     if list(array.shape) != sidecar["shape"] or str(array.dtype) != sidecar["dtype"]:
         raise ArtefactError(
-            f"{path}: array is {array.dtype}{list(array.shape)}, sidecar says {sidecar['dtype']}{sidecar['shape']}"
+            f"{path}: array is {array.dtype}{list(array.shape)}, sidecar says {sidecar['dtype']}{sidecar['shape']}; "
+            f"delete both and run snakemake again: rule {store_rule(path)} remakes them"
         )
     if expected is not None:
         for key in ("split", "shape", "config_hash"):

@@ -129,9 +129,64 @@ def validate_config(config: dict) -> None:
     schema = full_schema()
     errors = sorted(StrictValidator(schema).iter_errors(config), key=lambda e: list(e.absolute_path))
     if errors:
-        lines = [f"  {_field(e)}: {e.message}" for e in errors[:10]]
-        raise ConfigError("invalid configuration (params.yaml + overlays):\n" + "\n".join(lines))
+        lines = [line for e in errors for line in _error_lines(e, schema)]
+        raise ConfigError("invalid configuration (params.yaml + overlays):\n" + "\n".join(lines[:10]))
     _check_consistency(config)
+
+
+def _error_lines(error: jsonschema.ValidationError, schema: dict) -> list[str]:
+    """The lines of one schema error. A method entry fails the oneOf over every scorer's forms, whose own message
+    ("is not valid under any of the given schemas") names nothing: it is checked again against its family's forms."""
+    path = list(error.absolute_path)
+    if error.validator == "oneOf" and len(path) == 3 and path[:2] == ["scores", "methods"]:
+        return _method_errors(path[2], error.instance, schema["definitions"])
+    return [f"  {_field(error)}: {error.message}"]
+
+
+def _method_errors(name: str, entry, definitions: dict) -> list[str]:
+    """What is wrong with the entry scores.methods.<name>, from its family's declared forms (Scorer.schemas)."""
+    field = f"scores.methods.{name}"
+    if not isinstance(entry, dict):
+        return [f"  {field}: a method entry is a mapping with a family key, got {entry!r}"]
+    family = entry.get("family")
+    if family is None:
+        return [f"  {field}: the entry has no family key (one of {', '.join(sorted(SCORERS))})"]
+    if not isinstance(family, str) or family not in SCORERS:
+        return [f"  {field}.family: unknown scorer family {family!r} (one of {', '.join(sorted(SCORERS))})"]
+    forms = SCORERS[family].schemas
+    found = []
+    for form in forms:
+        validator = jsonschema.Draft202012Validator({**form, "definitions": definitions})
+        found.append(sorted(validator.iter_errors(entry), key=lambda e: list(e.absolute_path)))
+    # a family with several forms (das: scalar, vector): the form the entry is closest to
+    form, errors = min(zip(forms, found), key=lambda pair: len(pair[1]))
+    if not errors:  # valid under more than one form: the declarations overlap
+        return [f"  {field}: matches more than one form of family {family} (scorers/{family}: Scorer.schemas)"]
+    settings, required = sorted(form["properties"]), form.get("required", [])
+    lines = []
+    for e in errors:
+        if e.validator == "additionalProperties" and not e.absolute_path:
+            lines += [
+                f"  {field}.{key}: not a setting of family {family} (its settings: {', '.join(settings)})"
+                for key in entry
+                if key not in form["properties"]
+            ]
+        elif e.validator == "required" and not e.absolute_path:
+            lines += [
+                f"  {field}.{key}: missing (family {family} requires {', '.join(required)})"
+                for key in required
+                if key not in entry
+            ]
+        elif e.validator == "const" and len(forms) > 1 and len(e.absolute_path) == 1:  # the key that picks the form
+            key = e.absolute_path[0]
+            accepted = [f["properties"].get(key, {}).get("const") for f in forms]
+            lines.append(f"  {field}.{key}: {entry[key]!r} is not one of {accepted} (the forms of family {family})")
+        else:
+            lines.append(f"  {'.'.join([field, *(str(p) for p in e.absolute_path)])}: {e.message}")
+    if len(forms) > 1:
+        which = {k: v["const"] for k, v in form["properties"].items() if isinstance(v, dict) and "const" in v}
+        lines.append(f"  ({field}: checked against family {family}'s form {which}, the closest of its {len(forms)})")
+    return lines
 
 
 def _check_consistency(config: dict) -> None:

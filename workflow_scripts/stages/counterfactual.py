@@ -16,13 +16,12 @@ and <out-dir>/selection.json (k, the removed indices and, for a method, their sc
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import numpy as np
 
 from workflow_scripts.core import data as core_data
-from workflow_scripts.core.common import ArtefactError, log, rng, save_json, save_npy
+from workflow_scripts.core.common import ArtefactError, load_json, load_npy, log, rng, save_json, save_npy
 from workflow_scripts.dag.config import removal_count
 from workflow_scripts.dag.paths import RANDOM_BASELINE
 
@@ -72,7 +71,7 @@ def load_generated_scores(score_dir: str | Path, method: str) -> np.ndarray:
     score_dir = Path(score_dir)
     chosen = score_dir / "chosen.json"
     if chosen.exists():
-        not_run = json.loads(chosen.read_text()).get("not_run")
+        not_run = load_json(chosen, "scores").get("not_run")
         if not_run:
             raise ArtefactError(
                 f"{method}: the scores stage did not run it ({not_run}); it has no top-k to remove. "
@@ -81,7 +80,7 @@ def load_generated_scores(score_dir: str | Path, method: str) -> np.ndarray:
     path = score_dir / "generated.npy"
     if not path.exists():
         raise ArtefactError(f"{path}: missing (run the scores stage for {method})")
-    return np.load(path, allow_pickle=False)
+    return load_npy(path, "scores")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -30,7 +30,7 @@ import numpy as np
 import pandas as pd
 
 from workflow_scripts.core import data as core_data
-from workflow_scripts.core.common import log, save_json
+from workflow_scripts.core.common import load_json, load_npy, log, save_json
 from workflow_scripts.core.contracts import QUERY_SETS
 from workflow_scripts.core.lds import BootstrapRanks, noise_ceiling_summary
 from workflow_scripts.families.likelihood import file_targets, load_measurement_targets, load_targets
@@ -78,7 +78,7 @@ def lds_table(
                 }
             )
         for method, directory in method_dirs.items():
-            chosen = json.loads((directory / "chosen.json").read_text())
+            chosen = load_json(directory / "chosen.json", "scores")
             if "not_run" in chosen:  # the method could not run here: a row that says why, no number
                 rows.append(
                     {
@@ -98,7 +98,7 @@ def lds_table(
                     }
                 )
                 continue
-            scores = np.load(directory / f"{name}.npy")
+            scores = load_npy(directory / f"{name}.npy", "scores")
             sweep = pd.read_csv(directory / "sweep.csv")
             best_on_evaluation = sweep.loc[sweep["query_set"] == name, "lds_evaluation"].max()
             own = scored_target(chosen, name)
@@ -138,7 +138,7 @@ def kfac_ablation(table: pd.DataFrame, method_dirs: dict[str, Path]) -> pd.DataF
     """Rows of the kfac methods (settings from their chosen.json) plus the noise ceiling and reference rows."""
     settings = {}
     for method, directory in method_dirs.items():
-        chosen = json.loads((directory / "chosen.json").read_text())
+        chosen = load_json(directory / "chosen.json", "scores")
         if chosen.get("config", {}).get("family") == "kfac":
             settings[method] = chosen.get("settings") or {}
     keep = table["method"].isin([*settings, NOISE_CEILING, *ABLATION_REFERENCES])
@@ -326,7 +326,7 @@ def substitution_methods(method_dirs: dict[str, Path]) -> dict[str, str]:
     ONLY in their query measurement (e.g. kfac / kfac_elbo, trak / trak_elbo); methods that did not run are left out."""
     groups: dict[str, dict[str, str]] = {}
     for method, directory in method_dirs.items():
-        chosen = json.loads((directory / "chosen.json").read_text())
+        chosen = load_json(directory / "chosen.json", "scores")
         family = chosen.get("config", {}).get("family")
         if family not in SCORERS or not SCORERS[family].takes_query_measurement or "not_run" in chosen:
             continue

@@ -17,14 +17,13 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from workflow_scripts.core import data as core_data
-from workflow_scripts.core.common import ArtefactError, log
+from workflow_scripts.core.common import ArtefactError, load_json, load_npy, log
 from workflow_scripts.core.lds import rowwise_spearman, subset_predictions
 from workflow_scripts.families.likelihood import load_targets
 from workflow_scripts.report.plotting import message_figure, plt, save_figure, show_image
@@ -76,7 +75,7 @@ def load_sweeps(score_dirs: dict[str, Path]) -> dict[str, tuple[pd.DataFrame, fl
     """{method: (sweep table, chosen lambda)} for the methods that swept a lambda grid."""
     sweeps = {}
     for method, directory in score_dirs.items():
-        chosen = json.loads((directory / "chosen.json").read_text())
+        chosen = load_json(directory / "chosen.json", "scores")
         if "not_run" in chosen or chosen.get("lambda") is None:
             continue
         sweep = pd.read_csv(directory / "sweep.csv")
@@ -137,11 +136,11 @@ def load_scores(score_dirs: dict[str, Path], methods: list[str], query_set: str 
         directory = score_dirs.get(method)
         if directory is None:
             raise ArtefactError(f"figures.methods names {method!r}, but no score directory was given for it")
-        chosen = json.loads((directory / "chosen.json").read_text())
+        chosen = load_json(directory / "chosen.json", "scores")
         if "not_run" in chosen:
             log.warning("figures: %s did not run (%s); left out", method, chosen["not_run"])
             continue
-        scores[method] = np.load(directory / f"{query_set}.npy", allow_pickle=False)
+        scores[method] = load_npy(directory / f"{query_set}.npy", "scores")
     return scores
 
 

@@ -17,14 +17,13 @@ Mean over queries, SE over queries, 95% bootstrap CI over subsets (leave-out: ov
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from workflow_scripts.core import data as core_data
-from workflow_scripts.core.common import ArtefactError, load_npz, log
+from workflow_scripts.core.common import ArtefactError, load_json, load_npy, load_npz, log
 from workflow_scripts.core.contracts import QUERY_SETS
 from workflow_scripts.core.fixed_seed import load_sets
 from workflow_scripts.core.lds import (
@@ -165,7 +164,7 @@ def metagradient_table(
     rows = []
     for method, directory in method_dirs.items():
         for name in QUERY_SETS:
-            scores = np.load(directory / f"{name}.npy")
+            scores = load_npy(directory / f"{name}.npy", "scores")
             rows += method_rows(method, scores, name, subsets, targets[name], sets, fixed, lds_cfg, seed)
     return pd.DataFrame(rows)
 
@@ -208,7 +207,7 @@ def run(args, config: dict) -> None:
         if not args.fixed_seed_sets or not args.fixed_seed:
             raise ValueError("metagradient methods need --fixed-seed-sets and --fixed-seed measurements")
         for directory in args.scores:
-            chosen = json.loads((Path(directory) / "chosen.json").read_text())
+            chosen = load_json(Path(directory) / "chosen.json", "scores")
             if chosen.get("config", {}).get("family") != "metagradient":
                 raise ArtefactError(f"{directory}: not a metagradient method's scores")
         subsets = core_data.load_subsets(args.subsets)

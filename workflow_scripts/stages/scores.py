@@ -18,7 +18,16 @@ import numpy as np
 import pandas as pd
 
 from workflow_scripts.core import data as core_data
-from workflow_scripts.core.common import ArtefactError, NonFiniteError, load_torch, log, save_json, save_npy, save_text
+from workflow_scripts.core.common import (
+    ArtefactError,
+    NonFiniteError,
+    _atomic,
+    load_torch,
+    log,
+    save_json,
+    save_npy,
+    save_text,
+)
 from workflow_scripts.core.contracts import QUERY_SETS, RESIDUAL
 from workflow_scripts.core.data import load_queries
 from workflow_scripts.core.lds import lds_per_query, mean_over_scored, scored_queries
@@ -220,11 +229,10 @@ def plot_sweep(table: pd.DataFrame, chosen_lambda, method: str, path: str | Path
     if notes:
         fig.text(0.01, 0.01, "; ".join(f"{k}: {v}" for k, v in notes.items()), fontsize=6, wrap=True)
     fig.tight_layout(rect=(0, 0.05 if notes else 0, 1, 1))
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(path).with_name(f".{Path(path).name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
+    try:  # atomic: no temporary file is left, whatever fails (a full disk: an error naming the file)
+        _atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    finally:
+        plt.close(fig)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -144,6 +144,43 @@ def test_bad_method_entry_names_method(base_config):
         validate_config(bad)
 
 
+@pytest.mark.parametrize(
+    "entry, expected",
+    [
+        # a wrong value of a family's setting
+        ({"family": "trak", "output_function": "cube"}, "scores.methods.bad.output_function: 'cube' is not one of"),
+        # a misspelled setting: named, with the family's settings
+        (
+            {"family": "trak", "output_function": "loss", "timestep": 10},
+            "scores.methods.bad.timestep: not a setting of family trak (its settings: family, lambda_grid, "
+            "output_function, query_measurement, timesteps)",
+        ),
+        # a required setting left out
+        ({"family": "tracin", "similarity": "dot"}, "scores.methods.bad.output_function: missing (family tracin"),
+        # inside a list
+        (
+            {"family": "trak", "output_function": "loss", "lambda_grid": [0.1, -1]},
+            "scores.methods.bad.lambda_grid.1: -1 is less than or equal to the minimum of 0",
+        ),
+        # a family with two forms: the one the entry picks (form: vector) is the one checked
+        (
+            {"family": "das", "form": "vector", "leverage": True},
+            "scores.methods.bad.output_directions: missing (family das requires",
+        ),
+        ({"family": "das", "form": "vektor", "leverage": True}, "scores.methods.bad.form: 'vektor' is not one of"),
+        ({"family": "trakk"}, "scores.methods.bad.family: unknown scorer family 'trakk' (one of clip, das,"),
+        ({"output_function": "loss"}, "scores.methods.bad: the entry has no family key"),
+        ("trak", "scores.methods.bad: a method entry is a mapping with a family key, got 'trak'"),
+    ],
+)
+def test_bad_method_entry_names_the_key_of_its_family(base_config, entry, expected):
+    with pytest.raises(ConfigError) as info:
+        validate_config(_with(base_config, "scores.methods.bad", entry))
+    message = str(info.value)
+    assert expected in message, message
+    assert "is not valid under any of the given schemas" not in message
+
+
 def test_error_message_lists_several_fields(base_config):
     bad = _with(_with(base_config, "train.steps", 0), "lds.fraction", 2.0)
     with pytest.raises(ConfigError) as info:
