@@ -406,6 +406,9 @@ def page(results: Path, out: Path, commit: str | None = None, note: str = "") ->
         if name in LEFT_OUT:
             lines += [f"Not shown: `tables/{path.name}` ({LEFT_OUT[name]}).", ""]
             continue
+        if not path.read_text().strip():  # e.g. metagradient.csv of a run without a metagradient method
+            lines += [f"## {TITLES.get(name, name)}", "", f"`tables/{path.name}`: no rows in this run.", ""]
+            continue
         frame = pd.read_csv(path)
         render = RENDERERS.get(name, generic_markdown)
         lines += [f"## {TITLES.get(name, name)}", "", f"`tables/{path.name}`", "", render(frame).rstrip("\n"), ""]

@@ -355,3 +355,14 @@ def test_committed_page_is_in_the_generated_layout():
     assert "python scripts/results_page.py" in text
     assert "files dated 2026-11-24 (UTC)" in text and "Commit: `5d53d2a`" in text
     assert "| das_vector | generated | 0.559 | 0.035 | [0.478, 0.587] | 0.1 | 0.559 |  |" in text
+
+
+def test_an_empty_table_of_a_run_without_its_method_is_named(tmp_path):
+    # the workflow writes an empty metagradient.csv when the run has no metagradient method (configs/latent.yaml)
+    tables = all_tables()
+    results = fake_run(tmp_path, {"lds": tables["lds"]})
+    (results / "tables" / "metagradient.csv").write_text("\n")
+    out = tmp_path / "page.md"
+    done = run_script("--results", str(results), "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    assert "`tables/metagradient.csv`: no rows in this run." in out.read_text()
