@@ -19,7 +19,16 @@ TINY = {
     "sample": {"n_generated": 3, "num_inference_steps": 3},
     "measure": {"likelihood": {"solver": "euler", "n_steps": 2, "batch_size": 8}},
     "classifier": {"steps": 20, "channels": [8, 16], "feature_dim": 16},
-    "scores": {"methods": {"pixel_dot": None, "clip_dot": None, "clip_cosine": None, "embedding_dot": None}},
+    "scores": {
+        "methods": {
+            "pixel_dot": None,
+            "clip_dot": None,
+            "clip_cosine": None,
+            "embedding_dot": None,
+            "nda": None,
+            "nda_multiscale": None,
+        }
+    },
     "counterfactual": {"queries": 1, "bootstrap_samples": 20},
     "figures": {"queries": [0], "n_influencers": 2},
 }
