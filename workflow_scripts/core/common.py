@@ -148,13 +148,14 @@ def reserve_space(fd: int, nbytes: int, path: str | Path) -> None:
 
 def remove_stale_temps(path: Path) -> None:
     """Temporary files of `path` left by a killed writer (SIGKILL, power loss): they may hold gigabytes."""
-    made_by_mkstemp = re.compile(rf"\.{re.escape(path.name)}\.[a-z0-9_]{{8}}\.tmp")  # _atomic's names, no other file's
+    # write_atomically's names (mkstemp), no other file's
+    made_by_mkstemp = re.compile(rf"\.{re.escape(path.name)}\.[a-z0-9_]{{8}}\.tmp")
     for stale in (p for p in path.parent.glob(f".{path.name}.*.tmp") if made_by_mkstemp.fullmatch(p.name)):
         log.warning("removing %s, left by an interrupted write of %s", stale, path.name)
         stale.unlink(missing_ok=True)
 
 
-def _atomic(path: str | Path, write, reserve: int = 0) -> None:
+def write_atomically(path: str | Path, write, reserve: int = 0) -> None:
     """Write `path` through a temporary file beside it, renamed into place once complete; on any failure the
     temporary file is removed and the old file (if any) is kept. `reserve`: bytes to allocate up front, for
     writers that open the temporary file "r+b" and truncate it (a full disk then fails before any byte is
@@ -185,7 +186,7 @@ def _atomic(path: str | Path, write, reserve: int = 0) -> None:
 
 
 def _write_reserved(data):
-    """A writer of `data` (bytes-like) into a temporary file _atomic has reserved len(data) bytes of."""
+    """A writer of `data` (bytes-like) into a temporary file write_atomically has reserved len(data) bytes of."""
 
     def write(tmp):
         with open(tmp, "r+b") as f:  # not "wb": truncating would free the reservation
@@ -272,14 +273,14 @@ def save_torch(obj: dict, path: str | Path) -> None:
     buffer = io.BytesIO()
     torch.save(obj, buffer)
     data = buffer.getbuffer()
-    _atomic(path, _write_reserved(data), reserve=len(data))
+    write_atomically(path, _write_reserved(data), reserve=len(data))
 
 
 NPY_OVERHEAD = 4096  # bytes reserved beyond an array's data: its .npy header (and, in an .npz, its zip entry)
 
 
 def _write_numpy(save):
-    """A writer that calls save(file) on a temporary file _atomic has reserved space in (the array's bytes plus
+    """A writer that calls save(file) on a temporary file write_atomically has reserved space in (the array's bytes plus
     NPY_OVERHEAD; not buffered in memory: score matrices can be large), then drops what the reservation left over."""
 
     def write(tmp):
@@ -292,20 +293,20 @@ def _write_numpy(save):
 
 def save_npy(array: np.ndarray, path: str | Path) -> None:
     array = np.asanyarray(array)
-    _atomic(path, _write_numpy(lambda f: np.save(f, array)), reserve=array.nbytes + NPY_OVERHEAD)
+    write_atomically(path, _write_numpy(lambda f: np.save(f, array)), reserve=array.nbytes + NPY_OVERHEAD)
 
 
 def save_npz(path: str | Path, **arrays) -> None:
     size = sum(np.asanyarray(a).nbytes + NPY_OVERHEAD for a in arrays.values()) + NPY_OVERHEAD
-    _atomic(path, _write_numpy(lambda f: np.savez(f, **arrays)), reserve=size)
+    write_atomically(path, _write_numpy(lambda f: np.savez(f, **arrays)), reserve=size)
 
 
 def save_json(obj, path: str | Path) -> None:
-    _atomic(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n"))
+    write_atomically(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n"))
 
 
 def save_text(text: str, path: str | Path) -> None:
-    _atomic(path, lambda tmp: Path(tmp).write_text(text))
+    write_atomically(path, lambda tmp: Path(tmp).write_text(text))
 
 
 def _unreadable(path: Path, what: str, exc: Exception, rule: str) -> ArtefactError:

@@ -78,6 +78,8 @@ def data_digest(array: np.ndarray) -> str:
 
 
 def array_digest(array: np.ndarray) -> str:
+    """A short fingerprint of an array's float32 values, to name it in an identity (equal values, equal name);
+    the integrity check of a store's bytes is data_digest."""
     return hashlib.sha256(np.ascontiguousarray(array, dtype=np.float32).tobytes()).hexdigest()[:16]
 
 

@@ -9,7 +9,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from workflow_scripts.core.common import _atomic, save_text
+from workflow_scripts.core.common import save_text, write_atomically
 
 FORMATS = ("png", "pdf")
 # No creation dates or software versions in the files: the same figure gives the same bytes.
@@ -24,7 +24,7 @@ def save_figure(fig, stem: str | Path, dpi: int = 130, formats=FORMATS) -> list[
     try:
         for fmt in formats:
             path = stem.with_name(f"{stem.name}.{fmt}")
-            _atomic(
+            write_atomically(
                 path, lambda tmp: fig.savefig(tmp, format=fmt, dpi=dpi, metadata=METADATA[fmt], bbox_inches="tight")
             )
             written.append(path)

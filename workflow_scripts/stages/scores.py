@@ -21,7 +21,6 @@ from workflow_scripts.core import data as core_data
 from workflow_scripts.core.common import (
     ArtefactError,
     NonFiniteError,
-    _atomic,
     load_torch,
     log,
     save_json,
@@ -197,11 +196,10 @@ def choose(results: list, table: pd.DataFrame) -> int:
 def plot_sweep(table: pd.DataFrame, chosen_lambda, method: str, path: str | Path, notes: dict | None = None) -> None:
     """LDS against lambda, tuning and evaluation subsets, one colour per query set (a point per query set
     for methods without lambda); the chosen lambda is marked."""
-    import matplotlib
-
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import seaborn as sns
+
+    from workflow_scripts.report.plotting import save_figure  # sets the headless backend
 
     long = table.melt(
         id_vars=["lambda", "query_set"],
@@ -229,10 +227,8 @@ def plot_sweep(table: pd.DataFrame, chosen_lambda, method: str, path: str | Path
     if notes:
         fig.text(0.01, 0.01, "; ".join(f"{k}: {v}" for k, v in notes.items()), fontsize=6, wrap=True)
     fig.tight_layout(rect=(0, 0.05 if notes else 0, 1, 1))
-    try:  # atomic: no temporary file is left, whatever fails (a full disk: an error naming the file)
-        _atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
-    finally:
-        plt.close(fig)
+    # atomic, reproducible bytes, the figure closed whatever fails (a full disk: an error naming the file)
+    save_figure(fig, Path(path).with_suffix(""), dpi=110, formats=("png",))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

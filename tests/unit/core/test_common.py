@@ -34,7 +34,7 @@ def test_failed_write_keeps_the_old_file(tmp_path):
         raise RuntimeError("killed")
 
     with pytest.raises(RuntimeError):
-        common._atomic(tmp_path / "t.txt", boom)
+        common.write_atomically(tmp_path / "t.txt", boom)
     assert (tmp_path / "t.txt").read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["t.txt"]
 

@@ -166,7 +166,7 @@ def test_enospc_during_a_write_is_named_too(tmp_path, monkeypatch):
 
 
 def test_stale_temps_of_a_killed_writer_are_removed(tmp_path):
-    stale = tmp_path / ".full.pt.k3x9_q2a.tmp"  # a temporary name of _atomic (mkstemp)
+    stale = tmp_path / ".full.pt.k3x9_q2a.tmp"  # a temporary name of write_atomically (mkstemp)
     stale.write_bytes(b"\0" * 100)
     others = [".other.pt.k3x9_q2a.tmp", ".full.pt.resume.k3x9_q2a.tmp"]  # other artefacts' temporary files
     for name in others:
