@@ -33,7 +33,7 @@ rule train_subset:
     log:
         paths.log_file(config, "train_subset"),
     wildcard_constraints:
-        kind=paths.RETRAINING_KIND_PATTERN,
+        kind=paths.retraining_kind_pattern(config),
         name=paths.RETRAINING_NAME_PATTERN,
     conda:
         "../envs/benchmark.yaml"
@@ -47,3 +47,33 @@ rule train_subset:
     shell:
         "python -m workflow_scripts train --config {params.config:q}"
         " --dataset {input.dataset} {params.membership} --out {output.model} 2> {log}"
+
+
+# jobs.train: subset -- the LDS retrainings of one subset, every seed, in one job (one start-up per subset; each model
+# the same bytes as from a job of its own). For local runs: the Slurm profile groups each retraining of rule
+# train_subset with its measurement instead.
+if paths.train_per_subset(config):
+
+    rule train_subset_seeds:
+        input:
+            dataset=paths.model_inputs_file(config),
+            subsets=rules.data.output.subsets,
+        output:
+            models=[paths.subset_model(config, name) for name in paths.subset_seed_names(config)],
+        log:
+            paths.log_file(config, "train_subset_seeds"),
+        wildcard_constraints:
+            subset=r"\d+",
+        conda:
+            "../envs/benchmark.yaml"
+        threads: config["compute"]["threads"]
+        resources:
+            mem_mb=4000,
+            runtime=120 * config["lds"]["n_seeds"],
+        params:
+            config=lambda w: paths.stage_config(config, "train"),
+            replicates=" ".join(str(s) for s in range(config["lds"]["n_seeds"])),
+        shell:
+            "python -m workflow_scripts train --config {params.config:q}"
+            " --dataset {input.dataset} --subsets {input.subsets} --subset {wildcards.subset}"
+            " --replicate {params.replicates} --out {output.models} 2> {log}"

@@ -321,6 +321,8 @@ LOGS = {
     "train_subset": "train/{kind}/{name}",
     "sample": "sample",
     "measure": f"measure/{subset_model_name()}",
+    "measure_subset": "measure/subset{subset}",  # jobs.measure: subset
+    "train_subset_seeds": "train/models/subset{subset}",  # jobs.train: subset
     "gradients": "gradients/{checkpoint}/{tag}",
     "gradients_measurement": "gradients/{checkpoint}/{tag}/measurement_{target}",
     "curvature": "curvature/{variant}",
@@ -352,6 +354,26 @@ def chosen_files(config: dict, methods) -> list[str]:
 def score_matrices(config: dict, methods) -> list[str]:
     """The score matrices of the given methods (the stages that read them declare them as inputs)."""
     return [f for method in methods for f in score_matrix_files(config, method)]
+
+
+def measure_per_subset(config: dict) -> bool:
+    """jobs.measure: subset -- one measure job per LDS subset, measuring every seed (rules/measure.smk)."""
+    return config.get("jobs", {}).get("measure", "model") == "subset"
+
+
+def train_per_subset(config: dict) -> bool:
+    """jobs.train: subset -- one job per LDS subset trains every seed's model (rules/train.smk)."""
+    return config.get("jobs", {}).get("train", "model") == "subset"
+
+
+def retraining_kind_pattern(config: dict) -> str:
+    """The retraining kinds of rule train_subset: all, or all but the LDS models when they are packed per subset."""
+    return r"counterfactual|fixed_seed" if train_per_subset(config) else RETRAINING_KIND_PATTERN
+
+
+def subset_seed_names(config: dict, subset: str = "{subset}") -> list[str]:
+    """The LDS retrainings of one subset, one per seed (a template in {subset} by default)."""
+    return [subset_model_name(subset, s) for s in range(config["lds"]["n_seeds"])]
 
 
 def subset_model_names(config: dict) -> list[str]:

@@ -35,8 +35,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "those outside the set weighted 0 (the metagradient's fixed-seed ground truth)",
     )
     parser.add_argument("--fixed-seed-set", help="name of the fixed-seed set (subset<j> or loo<k>)")
-    parser.add_argument("--replicate", type=int, default=0, help="training seed index s (seed = seeds.train + s)")
-    parser.add_argument("--out", required=True)
+    parser.add_argument(
+        "--replicate",
+        type=int,
+        nargs="+",
+        default=[0],
+        help="training seed index s (seed = seeds.train + s); several with --subset: one model per seed, in one job",
+    )
+    parser.add_argument("--out", required=True, nargs="+", help="one per --replicate")
     parser.add_argument("--checkpoints", nargs="*", default=[], help="intermediate checkpoints, named *step<N>.pt")
 
 
@@ -68,6 +74,18 @@ def load_members(path: str | Path, n_train: int) -> np.ndarray:
     return members.astype(np.int64)
 
 
+def replicate_outputs(args, several: bool) -> list[tuple[int, str]]:
+    """(replicate, out) of each model the job trains: one, or (several: an LDS subset's seeds, jobs.train: subset)
+    one per --replicate, in order."""
+    replicates = [args.replicate] if isinstance(args.replicate, int) else list(args.replicate)
+    outs = [args.out] if isinstance(args.out, str) else list(args.out)
+    if len(replicates) != len(outs):
+        raise ValueError(f"--replicate and --out need one value per model: got {len(replicates)} and {len(outs)}")
+    if len(outs) > 1 and not several:
+        raise ValueError("several models per job are LDS retrainings of one subset: give --subset (no --checkpoints)")
+    return list(zip(replicates, outs, strict=True))
+
+
 def run(args, config: dict) -> None:
     dataset = core_data.load_dataset(args.dataset)
     images = dataset["train_images"]
@@ -77,15 +95,16 @@ def run(args, config: dict) -> None:
                 "a fixed-seed retraining needs --fixed-seed-sets and --fixed-seed-set, and neither "
                 "--members nor --subset"
             )
+        [(replicate, out)] = replicate_outputs(args, several=False)
         w = weights(load_sets(args.fixed_seed_sets), args.fixed_seed_set, len(images))
         log.info(
             "fixed-seed retraining %s: %d of %d examples weighted 0, seed and data order of replicate %d",
             args.fixed_seed_set,
             int((w == 0).sum()),
             len(w),
-            args.replicate,
+            replicate,
         )
-        train_family_model(config, dataset, np.arange(len(images)), args.replicate, args.out, weights=w)
+        train_family_model(config, dataset, np.arange(len(images)), replicate, out, weights=w)
         return
     if args.members is not None:
         if args.subset >= 0:
@@ -98,4 +117,7 @@ def run(args, config: dict) -> None:
             raise ValueError("--subset needs --subsets (the data stage's subsets.npz)")
         members = np.flatnonzero(core_data.load_subsets(args.subsets)["masks"][args.subset])
     checkpoints = {checkpoint_step(p): p for p in args.checkpoints}
-    train_family_model(config, dataset, members, args.replicate, args.out, checkpoints)
+    for replicate, out in replicate_outputs(args, several=args.subset >= 0 and not checkpoints):
+        # every model is seeded from its own replicate alone, so a job training several gives each the bytes of a
+        # job of its own (tests/unit/stages/test_train_packing.py)
+        train_family_model(config, dataset, members, replicate, out, checkpoints)

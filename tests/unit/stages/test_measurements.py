@@ -83,6 +83,27 @@ def _measure(stage, out_name="m.npz"):
     return load_npz(out)
 
 
+def test_one_job_measuring_two_models_writes_the_files_of_two_jobs(stage):
+    """jobs.measure: subset -- several models in one process. Each file must equal, bit for bit, the file of a job of
+    its own: exact equality catches draws or conditions carried over from the previous model of the job."""
+    config, dataset, samples, model_path, tmp = stage
+    images = data.load_dataset(dataset)["train_images"]
+    other = train_model(config, images, np.arange(len(images) // 2), 1, tmp / "other.pt")
+    models, outs = [str(model_path), str(other)], [str(tmp / "both0.npz"), str(tmp / "both1.npz")]
+    base = {"dataset": str(dataset), "samples": str(samples), "subset": 3}
+    measure.run(argparse.Namespace(**base, model=models, replicate=[0, 1], out=outs), config)
+    for model, replicate, out in zip(models, [0, 1], outs, strict=True):
+        alone = tmp / f"alone{replicate}.npz"
+        measure.run(argparse.Namespace(**base, model=model, replicate=replicate, out=str(alone)), config)
+        together, single = load_npz(out), load_npz(alone)
+        assert set(together) == set(single) and int(together["replicate"]) == replicate
+        for key in single:
+            np.testing.assert_array_equal(together[key], single[key], err_msg=key)
+    assert not np.array_equal(load_npz(outs[0])["heldout"], load_npz(outs[1])["heldout"])  # two different models
+    with pytest.raises(ValueError, match="one value per model: got 2, 1, 2"):
+        measure.run(argparse.Namespace(**base, model=models, replicate=[0], out=outs), config)
+
+
 def test_measure_stage_writes_every_target_with_the_right_shapes(stage):
     config, dataset, samples, model_path, _ = stage
     arrays = _measure(stage)
