@@ -16,6 +16,9 @@ Procedure (Grosse et al. 2023 query batching; the paper's Appendix C compression
 3. training gradients grad l(z_i) (K seeded draws per example, no projection) streamed in batches and
    dotted with every lambda's preconditioned queries: a gradient batch is computed once for all lambdas
    and never held for the whole training set.
+The kfac methods of a configuration differ only in steps 1-2 (curvature variant, quantisation, damping grid, query
+measurement), so one job scores them all (compute_family -> family_scores): steps 1-2 for every method, step 3 ONCE
+(rule scores_kfac_family); a method alone (compute, kfac_scores) is the same code with one method.
 Parameters: those of curvature (Linear / Conv2d layers; norm layers excluded) -- the others stay fixed.
 
 Measurements are pluggable (`Measurement`: its draws plus a per-image objective evaluated under vmap);
@@ -452,7 +455,7 @@ def compute_family(methods: dict[str, dict], inputs: dict, lambdas: dict[str, li
             )
     first = next(iter(inputs.values()))
     for method, given in inputs.items():
-        if given.model_path != first.model_path or given.config is not first.config and given.config != first.config:
+        if given.model_path != first.model_path or given.config != first.config:
             raise ArtefactError(f"kfac method {method}: another model or configuration than the other methods'")
     config = first.config
     device = select_device(config["compute"])
