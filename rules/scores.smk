@@ -62,7 +62,8 @@ for family, family_methods in paths.shared_pass_families(config).items():
             "../envs/benchmark.yaml"
         threads: 1
         resources:
-            mem_mb=4000,
+            # every method's preconditioned queries are held at once (engines/kfac.py: query_groups); digits: ~2 GB
+            mem_mb=8000,
             runtime=60 * len(family_methods),
         params:
             config=paths.family_scores_config(config, family),
