@@ -1,3 +1,4 @@
+# One job per method, except the methods of a shared_pass scorer family (K-FAC): rule scores_<family>_family below.
 rule scores:
     input:
         dataset=paths.model_inputs_file(config),
@@ -18,6 +19,8 @@ rule scores:
         chosen=paths.scores_file(config),
     log:
         paths.log_file(config, "scores"),
+    wildcard_constraints:
+        method=paths.scores_method_pattern(config),
     conda:
         "../envs/benchmark.yaml"
     threads: 1
@@ -35,3 +38,37 @@ rule scores:
         "python -m workflow_scripts scores --config {params.config:q} --method {wildcards.method}"
         " --dataset {input.dataset} --images {input.images} --samples {input.samples} --subsets {input.subsets}"
         " --measurements {input.measurements} {params.features} {params.store_checkpoints} {params.models} {params.chunks} --out-dir {params.out_dir} 2> {log}"
+
+
+# One job for every method of a shared_pass scorer family (K-FAC: the training gradients are computed once for all
+# of its methods); it writes each method's files where rule scores would.
+for family, family_methods in paths.shared_pass_families(config).items():
+
+    rule:
+        name:
+            f"scores_{family}_family"
+        input:
+            dataset=paths.model_inputs_file(config),
+            images=rules.data.output.dataset,
+            subsets=rules.data.output.subsets,
+            samples=rules.sample.output[0],
+            measurements=paths.measurement_files(config),
+            models=paths.family_model_inputs(config, family),
+        output:
+            **paths.family_score_files(config, family),
+        log:
+            paths.family_log_file(config, family),
+        conda:
+            "../envs/benchmark.yaml"
+        threads: 1
+        resources:
+            # every method's preconditioned queries are held at once (engines/kfac.py: query_groups); digits: ~2 GB
+            mem_mb=8000,
+            runtime=60 * len(family_methods),
+        params:
+            config=paths.family_scores_config(config, family),
+            args=paths.family_scores_args(config, family),
+        shell:
+            "python -m workflow_scripts scores --config {params.config:q}"
+            " --dataset {input.dataset} --images {input.images} --samples {input.samples} --subsets {input.subsets}"
+            " --measurements {input.measurements} {params.args} 2> {log}"

@@ -22,6 +22,14 @@ def job_counts(output: str) -> dict[str, int]:
     return {m[1]: int(m[2]) for m in re.finditer(r"^(\w+)\s+(\d+)$", stats, re.M)}
 
 
+def assert_scores_jobs(counts: dict[str, int], config: dict) -> None:
+    """One scores job per method, except the kfac methods: one job for all of them (rule scores_kfac_family)."""
+    kfac = [m for m, c in config["scores"]["methods"].items() if c["family"] == "kfac"]
+    assert kfac  # the K-FAC ablation of params.yaml (without the likelihood query measurements on the latent family)
+    assert counts["scores"] == len(config["scores"]["methods"]) - len(kfac)
+    assert counts["scores_kfac_family"] == 1
+
+
 @pytest.fixture(scope="module")
 def workdir(repo, tmp_path_factory):
     path = tmp_path_factory.mktemp("paper") / "repo"
@@ -50,7 +58,7 @@ def test_dry_run_plans_the_protocol(workdir, repo, name):
     assert counts["measure_fixed_seed"] == fixed_seed + 1  # + the full model
     assert counts["measure"] == retrainings
     assert counts["counterfactual"] == counts["regenerate"] == counterfactuals
-    assert counts["scores"] == len(config["scores"]["methods"])
+    assert_scores_jobs(counts, config)
     assert counts["sample"] == counts["data"] == counts["evaluate"] == 1
 
 
@@ -160,4 +168,4 @@ def test_artbench_overlays_plan_the_latent_protocol(workdir, repo, name, n_train
     assert "base_pipeline" not in counts  # model.pipeline names the base: nothing pretrains one
     assert counts["train_subset"] == retrainings + counterfactuals
     assert counts["measure"] == retrainings
-    assert counts["scores"] == len(config["scores"]["methods"])
+    assert_scores_jobs(counts, config)

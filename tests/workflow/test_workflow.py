@@ -216,7 +216,7 @@ def test_changing_k_reruns_only_the_counterfactual_retrainings(smoke_run, smoke_
     assert result.returncode == 0, out
     n_counterfactual = smoke_config["counterfactual"]["queries"] * (len(smoke_config["counterfactual"]["methods"]) + 1)
     assert re.search(rf"^train_subset\s+{n_counterfactual}$", out, re.M), out[-3000:]  # not the LDS retrainings
-    for rule in ("train_full", "measure", "gradients", "scores", "evaluate"):
+    for rule in ("train_full", "measure", "gradients", "scores", "scores_kfac_family", "evaluate"):
         assert not re.search(rf"^{rule}\s+\d+$", out, re.M), rule
 
 

@@ -144,6 +144,83 @@ def scores_config(config: dict, method: str) -> str:
     return json.dumps(selected, sort_keys=True, separators=(",", ":"))
 
 
+# ---------------------------------------------------------------- scores jobs
+#
+# A method's scores come from rule `scores` (one job per method), unless its scorer declares shared_pass (K-FAC):
+# then every method of that family is scored by ONE job of rule scores_<family>_family, whose outputs are each
+# method's usual files (scores/<method>/...), so every reader of scores is the same either way.
+
+
+def shared_pass_families(config: dict) -> dict[str, list[str]]:
+    """{family: its methods, in scores.methods order} of the shared_pass scorer families the configuration uses."""
+    out: dict[str, list[str]] = {}
+    for method, m in config["scores"]["methods"].items():
+        if get_scorer(m["family"]).shared_pass:
+            out.setdefault(m["family"], []).append(method)
+    return out
+
+
+def separate_methods(config: dict) -> list[str]:
+    """The methods rule `scores` computes, one job each: those of no shared_pass family."""
+    shared = {m for methods in shared_pass_families(config).values() for m in methods}
+    return [m for m in config["scores"]["methods"] if m not in shared]
+
+
+def scores_method_pattern(config: dict) -> str:
+    """Rule `scores`' {method} wildcard: exactly separate_methods (a pattern that matches nothing without any)."""
+    methods = separate_methods(config)
+    return "|".join(re.escape(m) for m in methods) if methods else "(?!)"
+
+
+def family_scores_config(config: dict, family: str) -> str:
+    """JSON config of a shared_pass family's job: scores_config's keys with every method of the family (editing one
+    of them reruns the family's job)."""
+    methods = shared_pass_families(config)[family]
+    scorer = get_scorer(family)
+    stores = [m for m in methods if method_stores(config, m)]
+    if stores:  # the family job passes no per-method stores (its rule has no --features)
+        raise ValueError(f"scores.methods {stores}: a shared_pass family ({family}) cannot read gradient stores")
+    selected = select(config, (*SECTIONS["scores"], *scorer.config_keys))
+    selected["scores"] = {**selected["scores"], "methods": {m: config["scores"]["methods"][m] for m in methods}}
+    return json.dumps(selected, sort_keys=True, separators=(",", ":"))
+
+
+def family_score_files(config: dict, family: str) -> dict[str, list[str]]:
+    """The outputs of a shared_pass family's job, by kind (rule scores' outputs, for each of its methods)."""
+    methods = shared_pass_families(config)[family]
+    return {
+        "matrices": score_matrices(config, methods),
+        "sweep": [scores_file(config, m, "sweep.csv") for m in methods],
+        "sweep_figure": [scores_file(config, m, "sweep.png") for m in methods],
+        "chosen": chosen_files(config, methods),
+    }
+
+
+def family_model_inputs(config: dict, family: str) -> list[str]:
+    """The model files of every method of a shared_pass family (each once)."""
+    methods = shared_pass_families(config)[family]
+    return sorted({f for m in methods for f in method_model_inputs(config, m).values()})
+
+
+def family_scores_args(config: dict, family: str) -> str:
+    """--method, --out-dir and the model-file options of a shared_pass family's job: an option whose file is the same
+    for every method is given once, else once per method in --method order (the scores stage's per_method)."""
+    methods = shared_pass_families(config)[family]
+    args = [
+        f"--method {' '.join(methods)}",
+        "--out-dir " + " ".join(os.path.dirname(scores_file(config, m)) for m in methods),
+    ]
+    per_method = [method_model_inputs(config, m) for m in methods]
+    for option in per_method[0]:
+        files = [inputs[option] for inputs in per_method]
+        args.append(f"--{option} " + " ".join(files if len(set(files)) > 1 else files[:1]))
+    return " ".join(args)
+
+
+def family_log_file(config: dict, family: str) -> str:
+    return log_file(config, "scores_family").replace("{family}", family)
+
+
 def root(config: dict) -> str:
     return f"results/{config['benchmark']}"
 
@@ -327,6 +404,7 @@ LOGS = {
     "gradients_measurement": "gradients/{checkpoint}/{tag}/measurement_{target}",
     "curvature": "curvature/{variant}",
     "scores": "scores/{method}",
+    "scores_family": "scores/{family}_family",
     "metagradient": "scores/{method}/{chunk}",
     "counterfactual": "counterfactual/{method}/q{query}.select",
     "regenerate": "counterfactual/{method}/q{query}.regenerate",

@@ -16,6 +16,9 @@ Procedure (Grosse et al. 2023 query batching; the paper's Appendix C compression
 3. training gradients grad l(z_i) (K seeded draws per example, no projection) streamed in batches and
    dotted with every lambda's preconditioned queries: a gradient batch is computed once for all lambdas
    and never held for the whole training set.
+The kfac methods of a configuration differ only in steps 1-2 (curvature variant, quantisation, damping grid, query
+measurement), so one job scores them all (compute_family -> family_scores): steps 1-2 for every method, step 3 ONCE
+(rule scores_kfac_family); a method alone (compute, kfac_scores) is the same code with one method.
 Parameters: those of curvature (Linear / Conv2d layers; norm layers excluded) -- the others stay fixed.
 
 Measurements are pluggable (`Measurement`: its draws plus a per-image objective evaluated under vmap);
@@ -29,7 +32,7 @@ loss gradient and says so (notes).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -101,6 +104,9 @@ class QuantizedRows:
     scale: torch.Tensor  # (n, n_tensors) float32
     offsets: list[int]
 
+    def __len__(self) -> int:
+        return self.codes.shape[0]
+
     def dequantize(self) -> torch.Tensor:
         out = torch.empty(self.codes.shape, dtype=torch.float32, device=self.codes.device)
         for j, (a, b) in enumerate(zip(self.offsets[:-1], self.offsets[1:])):
@@ -135,6 +141,9 @@ def quantize_per_tensor(rows: torch.Tensor, layout: ParamLayout) -> QuantizedRow
 class FloatRows:
     def __init__(self, rows: torch.Tensor):
         self.rows = rows.float()
+
+    def __len__(self) -> int:
+        return self.rows.shape[0]
 
     def dequantize(self):
         return self.rows
@@ -195,19 +204,162 @@ def influence_scores(
     quantization: str = "int8",
     train_cond: np.ndarray | None = None,
 ) -> list[tuple[float, dict[str, np.ndarray]]]:
-    """Scores from given query gradients; training gradients are streamed (one pass for all lambdas).
+    """One method's scores from given query gradients; training gradients are streamed (one pass for all lambdas).
     train_cond: the training examples' conditions for a conditional model (None: unconditional)."""
-    n_train = len(train_images)
     pre = preconditioned_queries(curvature, {k: v.to(device) for k, v in query_grads.items()}, lambdas, quantization)
-    scores = [{name: np.zeros((len(g), n_train), dtype=np.float64) for name, g in query_grads.items()} for _ in lambdas]
-    train_gradients = iter_gradients(
-        model, curvature.layout, train_images, train_measurement, batch_rows, device, cond=train_cond
+    (scores,) = score_pass(
+        model, curvature.layout, train_images, train_measurement, [pre], batch_rows, device, train_cond
     )
-    for start, g in train_gradients:
-        for per_lambda, out in zip(pre, scores):
-            for name, q in per_lambda.items():
-                out[name][:, start : start + len(g)] = q.matmul_t(g).double().cpu().numpy() / n_train
-    return [(float(lam), {k: v.astype(np.float32) for k, v in out.items()}) for lam, out in zip(lambdas, scores)]
+    return [(float(lam), matrices) for lam, matrices in zip(lambdas, scores)]
+
+
+def score_pass(
+    model,
+    layout: ParamLayout,
+    train_images: np.ndarray,
+    train_measurement: Measurement,
+    preconditioned: list[list[dict]],
+    batch_rows: int,
+    device,
+    train_cond: np.ndarray | None = None,
+) -> list[list[dict[str, np.ndarray]]]:
+    """ONE pass of training gradients for many preconditioned query sides: for each entry of `preconditioned`
+    (a method: per lambda {query set: compressed rows}), per lambda {query set: (n_rows, n_train) float32}.
+    A gradient batch is computed once and dotted with every method's every lambda, never held for the whole set."""
+    n_train = len(train_images)
+    scores = [
+        [{name: np.zeros((len(q), n_train)) for name, q in per_lambda.items()} for per_lambda in side]
+        for side in preconditioned
+    ]
+    for start, g in iter_gradients(model, layout, train_images, train_measurement, batch_rows, device, cond=train_cond):
+        for side, side_scores in zip(preconditioned, scores):
+            for per_lambda, out in zip(side, side_scores):
+                for name, q in per_lambda.items():
+                    out[name][:, start : start + len(g)] = q.matmul_t(g).double().cpu().numpy() / n_train
+    return [[{k: v.astype(np.float32) for k, v in out.items()} for out in side_scores] for side_scores in scores]
+
+
+@dataclass
+class QuerySide:
+    """What one K-FAC method does on the query side before its queries meet the (shared) training gradients: its
+    curvature, its lambdas (relative to that curvature's mean eigenvalue), its quantisation and, per query set, the
+    measured target of its query gradients (a set left out: the loss)."""
+
+    curvature: Curvature
+    lambdas: list[float]
+    quantization: str = "int8"
+    targets: dict[str, str] = field(default_factory=dict)
+
+    def target(self, query_set: str) -> str:
+        return self.targets.get(query_set, "loss")
+
+
+def family_scores(
+    model,
+    train_images: np.ndarray,
+    query_images: dict[str, np.ndarray],
+    cfg: dict,
+    sides: dict[str, QuerySide],
+    device="cpu",
+    measurements: dict[str, dict[str, Measurement]] | None = None,
+    train_measurement: Measurement | None = None,
+    conditions: dict[str, np.ndarray | None] | None = None,
+) -> dict[str, list[tuple[float, dict[str, np.ndarray]]]]:
+    """{method: [(relative lambda, {query set: (n_query, n_train) float32})]} of several K-FAC methods that differ
+    only on the query side (QuerySide), from ONE pass of training gradients per query group (query_groups).
+
+    Per group: the query gradients of every (query set, target) some method needs, computed once; every method's
+    preconditioned, quantised queries of every lambda (its own curvature); then the training gradients streamed once
+    and dotted with all of them. A method's scores are exactly those it gets alone (`kfac_scores`): the same
+    operations on the same rows. Every method's curvature must cover the same parameters (one training gradient).
+
+    cfg: as kfac_scores (its kfac.quantization is not read: each side has its own). measurements: {target: {query
+    set: Measurement}} of the targets other than the loss that the sides name (the loss: loss_measurement).
+    """
+    conditions, measurements = conditions or {}, measurements or {}
+    if not sides:
+        raise ValueError("family_scores: no K-FAC method to score")
+    k_cfg = {**SCORE_DEFAULTS, **cfg.get("kfac", {})}
+    model = model.to(device).eval()
+    (first, layout), *_ = ((m, s.curvature.layout) for m, s in sides.items())
+    for method, side in sides.items():
+        check_layout(model, side.curvature)
+        if (side.curvature.layout.names, side.curvature.layout.shapes) != (layout.names, layout.shapes):
+            raise ArtefactError(
+                f"kfac method {method}: its curvature covers other parameters than {first}'s; one pass of training "
+                "gradients needs the same parameters for every method"
+            )
+    if train_measurement is None:
+        train_measurement = loss_measurement(cfg, "train")
+
+    def measurement(name: str, target: str) -> Measurement:
+        if target == "loss":
+            stream = QUERY_SETS.index(name) if name in QUERY_SETS else list(query_images).index(name)
+            return loss_measurement(cfg, "query", stream_index=stream)
+        if name not in measurements.get(target, {}):
+            raise ValueError(f"no {target} measurement of the {name} queries (family_scores: measurements)")
+        return measurements[target][name]
+
+    # every (query set, target) some method needs: its query gradients are computed once per group
+    needed = {(name, side.target(name)): None for side in sides.values() for name in query_images}
+    needed = {key: measurement(*key) for key in needed}
+    log.info(
+        "kfac scores: %d train x %s queries, %d params, methods %s, query gradients of %s",
+        len(train_images),
+        {k: len(v) for k, v in query_images.items()},
+        layout.n_params,
+        {m: (s.lambdas, s.quantization) for m, s in sides.items()},
+        sorted(needed),
+    )
+    groups = query_groups({k: len(v) for k, v in query_images.items()}, k_cfg.get("query_batch"))
+    out = {
+        method: [
+            {
+                name: np.zeros((len(images), len(train_images)), dtype=np.float32)
+                for name, images in query_images.items()
+            }
+            for _ in side.lambdas
+        ]
+        for method, side in sides.items()
+    }
+    for number, group in enumerate(groups, 1):
+        if len(groups) > 1:
+            log.info("kfac scores: query group %d of %d %s", number, len(groups), group)
+        grads = {
+            (name, target): gradients(
+                model,
+                layout,
+                query_images[name][group[name]],
+                m,
+                k_cfg["batch_size"],
+                device,
+                offset=group[name].start,
+                cond=None if conditions.get(name) is None else conditions[name][group[name]],
+            )
+            for (name, target), m in needed.items()
+            if name in group
+        }
+        pre = [
+            preconditioned_queries(
+                side.curvature,
+                {name: grads[name, side.target(name)] for name in group},
+                side.lambdas,
+                side.quantization,
+            )
+            for side in sides.values()
+        ]
+        del grads  # only the preconditioned queries are held during the pass
+        part = score_pass(
+            model, layout, train_images, train_measurement, pre, k_cfg["batch_size"], device, conditions.get("train")
+        )
+        for method, per_lambda in zip(sides, part):
+            for matrices, full in zip(per_lambda, out[method]):
+                for name, rows in group.items():
+                    full[name][rows] = matrices[name]
+    return {
+        method: [(float(lam), matrices) for lam, matrices in zip(side.lambdas, out[method])]
+        for method, side in sides.items()
+    }
 
 
 def kfac_scores(
@@ -222,7 +374,8 @@ def kfac_scores(
     train_measurement: Measurement | None = None,
     conditions: dict[str, np.ndarray | None] | None = None,
 ) -> list[tuple[float, dict[str, np.ndarray]]]:
-    """[(relative lambda, {query set: (n_query, n_train) float32})] in the format of scores.py's sweep.
+    """[(relative lambda, {query set: (n_query, n_train) float32})] of one method, in the format of scores.py's sweep
+    (family_scores with one method).
 
     cfg: the configuration with sections kfac (gradient_draws, query_draws, batch_size, quantization), diffusion,
     seeds (gradients; measure if query_draws == 'measure') and measure (if query_draws == 'measure').
@@ -230,68 +383,31 @@ def kfac_scores(
     conditions: a conditional model's per-example conditions, {"train": (n_train,), query set: (n_query,)}
     (core.data.load_conditions); None for an unconditional model.
     """
-    conditions = conditions or {}
-    k_cfg = {**SCORE_DEFAULTS, **cfg.get("kfac", {})}
-    model = model.to(device).eval()
-    check_layout(model, curvature)
-    if train_measurement is None:
-        train_measurement = loss_measurement(cfg, "train")
-    measurements = {}
-    for i, name in enumerate(query_images):
-        stream = QUERY_SETS.index(name) if name in QUERY_SETS else i
-        measurements[name] = (query_measurements or {}).get(name) or loss_measurement(cfg, "query", stream_index=stream)
-    log.info(
-        "kfac scores: %d train x %s queries, %d params, lambdas %s, %s",
-        len(train_images),
-        {k: len(v) for k, v in query_images.items()},
-        curvature.layout.n_params,
-        list(lambdas),
-        k_cfg["quantization"],
-    )
-    groups = query_groups({k: len(v) for k, v in query_images.items()}, k_cfg.get("query_batch"))
-    out = [
-        {name: np.zeros((len(images), len(train_images)), dtype=np.float32) for name, images in query_images.items()}
-        for _ in lambdas
-    ]
-    for number, group in enumerate(groups, 1):
-        if len(groups) > 1:
-            log.info("kfac scores: query group %d of %d %s", number, len(groups), group)
-        query_grads = {
-            name: gradients(
-                model,
-                curvature.layout,
-                query_images[name][rows],
-                measurements[name],
-                k_cfg["batch_size"],
-                device,
-                offset=rows.start,
-                cond=None if conditions.get(name) is None else conditions[name][rows],
-            )
-            for name, rows in group.items()
-        }
-        part = influence_scores(
-            model,
-            curvature,
-            train_images,
-            query_grads,
-            train_measurement,
-            lambdas,
-            k_cfg["batch_size"],
-            device,
-            k_cfg["quantization"],
-            train_cond=conditions.get("train"),
-        )
-        for (_, matrices), full in zip(part, out):
-            for name, rows in group.items():
-                full[name][rows] = matrices[name]
-    return [(float(lam), matrices) for lam, matrices in zip(lambdas, out)]
+    quantization = {**SCORE_DEFAULTS, **cfg.get("kfac", {})}["quantization"]
+    given = dict(query_measurements or {})
+    side = QuerySide(curvature, list(lambdas), quantization, {name: "given" for name in given})
+    return family_scores(
+        model,
+        train_images,
+        query_images,
+        cfg,
+        {"method": side},
+        device,
+        {"given": given},
+        train_measurement,
+        conditions,
+    )["method"]
 
 
 def query_groups(sizes: dict[str, int], query_batch: int | None) -> list[dict[str, slice]]:
-    """The queries whose gradients are held (and preconditioned, per lambda) at once; each group costs one pass of
-    training gradients. kfac.query_batch absent: one group of every query (one pass). Otherwise groups of at most
-    query_batch queries of one set: memory ~ query_batch x n_params x (4 + 8 + len(lambdas)) bytes instead of
-    n_query x ... (CIFAR, 38M parameters: 1.6 GB per query and 7 lambdas), at ceil(n_query / query_batch) passes."""
+    """The queries whose gradients are held (and preconditioned, per method and lambda) at once; each group costs one
+    pass of training gradients, shared by every method of the pass (family_scores). kfac.query_batch absent: one group
+    of every query (one pass). Otherwise groups of at most query_batch queries of one set, at
+    ceil(n_query / query_batch) passes; memory ~ query_batch x n_params x (4 M + 24 + sum_m L_m b_m) bytes: 4 per
+    float32 query gradient of each of the M measurements the methods need, 24 for the float64 temporaries of one
+    method's preconditioning, and each method's L_m preconditioned lambdas at b_m = 1 (int8) or 4 (float32) bytes.
+    One int8 method with 7 lambdas: 35 bytes per parameter and query (CIFAR, 38M parameters: 1.3 GB per query);
+    the params.yaml ablation (9 methods, M = 3): 114 (4.3 GB per query at CIFAR scale)."""
     if query_batch is None:
         return [{name: slice(0, n) for name, n in sizes.items()}]
     return [
@@ -317,44 +433,72 @@ def query_measurements(method_cfg: dict, config: dict, query_sets, samples_path:
 
 
 def compute(method_cfg: dict, inputs, lambdas) -> list:
-    """The kfac scorer's computation. method_cfg may override kfac settings (fisher_type, kfac_approx, ekfac,
-    quantization) and set damping: absolute (the lambdas are then absolute dampings of G instead of multiples of its
-    mean eigenvalue); `lambdas` is the grid KFAC.lambdas resolved;
-    `inputs` must provide config (the full configuration), model_path and curvature_path."""
-    missing = [a for a in ("config", "model_path", "curvature_path") if getattr(inputs, a, None) is None]
-    if missing:
-        raise ArtefactError(f"K-FAC influence needs scorer inputs {missing} (model checkpoint, curvature file, config)")
-    config = inputs.config
-    overrides = {k: method_cfg[k] for k in METHOD_KEYS if k in method_cfg}
-    curvature_settings = settings_from({"kfac": {**config.get("kfac", {}), **overrides}})
+    """One kfac method's computation: compute_family with that method alone."""
+    return compute_family({"method": method_cfg}, {"method": inputs}, {"method": lambdas})["method"]
+
+
+def compute_family(methods: dict[str, dict], inputs: dict, lambdas: dict[str, list]) -> dict[str, list]:
+    """The kfac scorer's computation for several methods at once (Scorer.compute_family): {method: results}, each
+    exactly what the method gets alone, from one pass of training gradients (family_scores).
+
+    A method may override kfac settings (fisher_type, kfac_approx, ekfac, quantization), set damping: absolute (its
+    lambdas are then absolute dampings of G instead of multiples of its mean eigenvalue) and query_measurement;
+    lambdas[method] is the grid KFAC.lambdas resolved. inputs[method] must provide config (the full configuration),
+    model_path and curvature_path (its variant's file); the model, configuration and data are those of the first
+    method's inputs and must be every method's."""
+    for method, given in inputs.items():
+        missing = [a for a in ("config", "model_path", "curvature_path") if getattr(given, a, None) is None]
+        if missing:
+            raise ArtefactError(
+                f"K-FAC influence needs scorer inputs {missing} (model checkpoint, curvature file, config); "
+                f"method {method} has none"
+            )
+    first = next(iter(inputs.values()))
+    for method, given in inputs.items():
+        if given.model_path != first.model_path or given.config != first.config:
+            raise ArtefactError(f"kfac method {method}: another model or configuration than the other methods'")
+    config = first.config
     device = select_device(config["compute"])
-    model, payload = load_family_model(inputs.model_path, config["model"], device)
-    train = inputs.train_images()
+    model, payload = load_family_model(first.model_path, config["model"], device)
+    train = first.train_images()
     # a conditional model's per-example conditions (caption indices) of every split; None: unconditional
-    conditions = load_conditions(inputs.dataset, inputs.samples) if is_conditional(model) else None
-    expected = curvature_config(
-        curvature_settings,
-        config["diffusion"],
-        config["seeds"]["gradients"],
-        train,
-        checkpoint_identity(payload, config["model"]),
-        cond=None if conditions is None else conditions["train"],
-    )
-    curvature = load_curvature(inputs.curvature_path, expected)
-    cfg = {
-        **config,
-        "kfac": {**config.get("kfac", {}), **{k: method_cfg[k] for k in ("quantization",) if k in method_cfg}},
+    conditions = load_conditions(first.dataset, first.samples) if is_conditional(model) else None
+    queries = first.queries()
+    curvatures: dict[tuple, Curvature] = {}  # methods of one variant share its file (read once)
+    measurements: dict[str, dict[str, Measurement]] = {}  # {target: {query set: Measurement}}, targets but the loss
+    sides = {}
+    for method, method_cfg in methods.items():
+        overrides = {k: method_cfg[k] for k in METHOD_KEYS if k in method_cfg}
+        expected = curvature_config(
+            settings_from({"kfac": {**config.get("kfac", {}), **overrides}}),
+            config["diffusion"],
+            config["seeds"]["gradients"],
+            train,
+            checkpoint_identity(payload, config["model"]),
+            cond=None if conditions is None else conditions["train"],
+        )
+        key = (str(inputs[method].curvature_path), repr(sorted(expected["kfac"].items())))
+        if key not in curvatures:
+            curvatures[key] = load_curvature(inputs[method].curvature_path, expected)
+        curvature = curvatures[key]
+        relative = [float(lam) for lam in lambdas[method]]  # the scorer's grid (scorers/kfac.py: KFAC.lambdas)
+        if method_cfg.get("damping", "relative") == "absolute":
+            mean = curvature.mean_eigenvalue()
+            relative = [lam / mean for lam in relative]
+            log.info(
+                "kfac %s: absolute damping %s = %s x the mean eigenvalue %.3e", method, lambdas[method], relative, mean
+            )
+        target = query_target(method_cfg)
+        if target != "loss" and target not in measurements:
+            measurements[target] = query_measurements(
+                method_cfg, config, list(queries), getattr(first, "samples", None)
+            )
+        targets = {name: target for name in measurements.get(target, {})}
+        log.info("kfac %s: query gradients of %s for %s (else the loss)", method, target, sorted(targets) or "none")
+        quantization = method_cfg.get("quantization", {**SCORE_DEFAULTS, **config.get("kfac", {})}["quantization"])
+        sides[method] = QuerySide(curvature, relative, quantization, targets)
+    results = family_scores(model, train, queries, config, sides, device, measurements, conditions=conditions)
+    return {
+        method: [(float(lam), matrices) for lam, (_, matrices) in zip(lambdas[method], results[method])]
+        for method in methods
     }
-    lambdas = [float(lam) for lam in lambdas]  # the scorer's grid (scorers/kfac.py: KFAC.lambdas)
-    relative = lambdas
-    if method_cfg.get("damping", "relative") == "absolute":
-        mean = curvature.mean_eigenvalue()
-        relative = [lam / mean for lam in lambdas]
-        log.info("kfac: absolute damping %s = %s x the mean eigenvalue %.3e", lambdas, relative, mean)
-    queries = inputs.queries()
-    measurements = query_measurements(method_cfg, config, list(queries), getattr(inputs, "samples", None))
-    log.info(
-        "kfac: query gradients of %s for %s (else the loss)", query_target(method_cfg), sorted(measurements) or "none"
-    )
-    results = kfac_scores(model, curvature, train, queries, cfg, relative, device, measurements, conditions=conditions)
-    return [(lam, matrices) for lam, (_, matrices) in zip(lambdas, results)]

@@ -40,6 +40,11 @@ def _discover() -> dict[str, Scorer]:
                 )
             if not obj.schemas:
                 raise TypeError(f"scorer family {obj.family!r} ({module.__name__}) declares no method schema")
+            if obj.shared_pass and (obj.chunk_jobs or obj.engine is None):
+                raise TypeError(
+                    f"scorer family {obj.family!r} ({module.__name__}): a shared_pass scorer needs an engine with "
+                    "compute_family and no chunk jobs"
+                )
             found[obj.family] = obj()
     return found
 

@@ -83,6 +83,9 @@ class Scorer:
     model_inputs: tuple[str, ...] = ()  # model files it reads: classifier, model (final checkpoint), curvature
     chunk_jobs: bool = False  # its scores come from chunk jobs (rule metagradient), assembled by the scores job
     engine: str | None = None  # module with compute(method_cfg, inputs, lambdas), imported when it computes
+    # its methods differ only in what they do with shared work (K-FAC: the query side of one pass of training
+    # gradients): ONE scores job computes them all (rule scores_<family>_family, the engine's compute_family)
+    shared_pass: bool = False
 
     def stores(self, method_cfg: dict) -> list[StoreNeed]:
         """The gradient stores a method reads (none by default)."""
@@ -99,6 +102,15 @@ class Scorer:
         if self.engine is None:
             raise NotImplementedError(f"scorer {self.family!r} defines neither compute() nor an engine")
         return importlib.import_module(self.engine).compute(method_cfg, inputs, lambdas)
+
+    def compute_methods(self, methods: dict[str, dict], inputs: dict, lambdas: dict[str, list]) -> dict[str, list]:
+        """{method: compute's results} of the methods of one scores job (several only for a shared_pass scorer, whose
+        engine's compute_family(methods, inputs, lambdas) shares the work); inputs and lambdas are keyed by method."""
+        if self.shared_pass:
+            return importlib.import_module(self.engine).compute_family(methods, inputs, lambdas)
+        if len(methods) != 1:
+            raise ValueError(f"scorer {self.family!r} computes one method per job, got {sorted(methods)}")
+        return {m: self.compute(cfg, inputs[m], lambdas[m]) for m, cfg in methods.items()}
 
     def notes(self, method_cfg: dict) -> dict[str, str]:
         """{query set: caveat} shown beside the method's rows."""

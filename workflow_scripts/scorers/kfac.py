@@ -2,7 +2,9 @@
 S[q, i] = (1/N) grad m(x_q)^T (G + lambda I)^-1 grad l(z_i), G the fitted K-FAC / EK-FAC of the training-loss GGN.
 
 The declaration: settings, inputs (the final checkpoint and the curvature variant of its settings), lambda grid and
-notes. The computation is workflow_scripts/engines/kfac.py.
+notes. The computation is workflow_scripts/engines/kfac.py. Every kfac method of a configuration is scored by ONE job
+(shared_pass; rule scores_kfac_family): the methods differ only on the query side (curvature variant, quantisation,
+damping grid, query measurement), so the training gradients are computed once for all of them.
 """
 
 from __future__ import annotations
@@ -86,6 +88,9 @@ class KFAC(Scorer):
     )
     model_inputs = ("model", "curvature")
     engine = "workflow_scripts.engines.kfac"
+    # the methods differ only on the query side: one job preconditions each one's queries and streams the training
+    # gradients once for all (engines/kfac.py: compute_family)
+    shared_pass = True
 
     def lambdas(self, method_cfg, config):
         """The method's lambda_grid, else kfac.lambda_grid (K-FAC's damping grid reaches far lower than TRAK's: the

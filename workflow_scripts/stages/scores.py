@@ -7,6 +7,9 @@ TRAK-family method such as the ELBO; a query set without that target, held-out f
 the loss). The lambda with the best mean TUNING LDS over the query sets is kept; its matrices are
 written as <query_set>.npy (n_query x n_train, float32) beside sweep.csv, and the LDS-vs-lambda curve as sweep.png.
 A method may set its own `lambda_grid` (else scores.lambda_grid).
+
+One job scores one method, or every method of a scorer family that declares `shared_pass` (the K-FAC family: one
+pass of training gradients for all of them, rule scores_<family>_family); each method's files are its own either way.
 """
 
 from __future__ import annotations
@@ -232,7 +235,12 @@ def plot_sweep(table: pd.DataFrame, chosen_lambda, method: str, path: str | Path
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--method", required=True)
+    parser.add_argument(
+        "--method",
+        nargs="+",
+        required=True,
+        help="the method; several: methods of one scorer family that shares one pass (Scorer.shared_pass)",
+    )
     parser.add_argument(
         "--dataset", required=True, help="the model inputs (dataset.npz, or the latent family's latents)"
     )
@@ -254,81 +262,140 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--classifier", help="classifier checkpoint (embedding scorers)")
     parser.add_argument("--model", help="final diffusion checkpoint (model-based scorers, e.g. K-FAC)")
-    parser.add_argument("--curvature", help="fitted curvature file (K-FAC influence)")
+    parser.add_argument(
+        "--curvature", nargs="+", help="fitted curvature file (K-FAC influence): one, or one per --method"
+    )
     parser.add_argument("--chunks", nargs="*", help="metagradient: score files of its chunk jobs (rule metagradient)")
-    parser.add_argument("--out-dir", required=True, help="writes <query_set>.npy, sweep.csv, sweep.png, chosen.json")
+    parser.add_argument(
+        "--out-dir",
+        nargs="+",
+        required=True,
+        help="writes <query_set>.npy, sweep.csv, sweep.png, chosen.json; one directory per --method",
+    )
+
+
+def per_method(values: list[str] | None, methods: list[str], option: str) -> dict[str, str | None]:
+    """{method: value} of an option given once (every method's) or once per method, in --method order."""
+    values = list(values or [None])
+    if len(values) == 1:
+        values = values * len(methods)
+    if len(values) != len(methods):
+        raise ValueError(f"{option}: {len(values)} values for {len(methods)} methods {methods}; give one or one each")
+    return dict(zip(methods, values))
 
 
 def run(args, config: dict) -> None:
     methods = config["scores"]["methods"]
-    if args.method not in methods:
-        raise ValueError(f"method {args.method!r} is not in scores.methods ({sorted(methods)})")
-    method_cfg = methods[args.method]
-    scorer = get_scorer(method_cfg["family"])
-    notes = scorer.notes(method_cfg)
-    inputs = ScorerInputs(
-        args.dataset,
-        args.samples,
-        paths.parse_stores(args.features),
-        args.classifier,
-        args.model,
-        args.curvature,
-        config,
-        args.chunks,
-        args.images,
-        paths.parse_stores(args.store_checkpoints, "--store-checkpoints", "FILE"),
-    )
-    lambdas = scorer.lambdas(method_cfg, config)  # resolved once, here
-    out = Path(args.out_dir)
+    names = list(args.method)
+    unknown = [m for m in names if m not in methods]
+    if unknown:
+        raise ValueError(f"methods {unknown} are not in scores.methods ({sorted(methods)})")
+    families = sorted({methods[m]["family"] for m in names})
+    scorer = get_scorer(families[0])
+    if len(names) > 1 and (len(families) > 1 or not scorer.shared_pass):
+        raise ValueError(
+            f"--method {names}: several methods share a job only within one scorer family that declares "
+            f"shared_pass (families here: {families})"
+        )
+    out_dirs = per_method(args.out_dir, names, "--out-dir")
+    if len(set(out_dirs.values())) != len(names):
+        raise ValueError(f"--out-dir: one directory per method, got {args.out_dir}")
+    curvatures = per_method(args.curvature, names, "--curvature")
+    store_checkpoints = paths.parse_stores(args.store_checkpoints, "--store-checkpoints", "FILE")
+    inputs = {
+        m: ScorerInputs(
+            args.dataset,
+            args.samples,
+            paths.parse_stores(args.features),
+            args.classifier,
+            args.model,
+            curvatures[m],
+            config,
+            args.chunks,
+            args.images,
+            store_checkpoints,
+        )
+        for m in names
+    }
+    lambdas = {m: scorer.lambdas(methods[m], config) for m in names}  # resolved once, here
     try:
-        results = scorer.compute(method_cfg, inputs, lambdas)
+        results = scorer.compute_methods({m: methods[m] for m in names}, inputs, lambdas)
     except ScorerNotRun as exc:  # e.g. no CLIP weights: say so in the table, never a number
-        log.warning("scores %s: %s (%s)", args.method, exc.reason, exc.detail)
-        # the rule's declared matrices exist all the same: every row NaN (= not scored, lds.py); readers see not_run
-        n_train = len(inputs.train_images())
-        for name, queries in inputs.queries().items():
-            save_npy(np.full((len(queries), n_train), np.nan, np.float32), out / f"{name}.npy")
-        save_text("lambda,query_set,lds_tuning,lds_evaluation\n", out / "sweep.csv")
-        plot_sweep(
-            pd.DataFrame(columns=["lambda", "query_set", "lds_tuning", "lds_evaluation"]),
-            None,
-            args.method,
-            out / "sweep.png",
-            {name: exc.reason for name in QUERY_SETS},
-        )
-        save_json(
-            {"method": args.method, "config": method_cfg, "lambda": None, "not_run": exc.reason, "detail": exc.detail},
-            out / "chosen.json",
-        )
+        for m in names:
+            write_not_run(m, methods[m], exc, inputs[m], Path(out_dirs[m]))
         return
     subsets = core_data.load_subsets(args.subsets)
+    targets: dict[str, tuple] = {}  # {measured target: (targets, fallback)}, read once for methods sharing one
+    for m in names:
+        target = scorer.query_target(methods[m])
+        if target not in targets:
+            targets[target] = method_targets(
+                args.measurements, config["lds"]["n_subsets"], config["lds"]["n_seeds"], target
+            )
+        write_method(m, methods[m], scorer, config, results[m], subsets, *targets[target], Path(out_dirs[m]))
+
+
+def write_not_run(method: str, method_cfg: dict, exc: ScorerNotRun, inputs: ScorerInputs, out: Path) -> None:
+    """The outputs of a method that cannot run here: the rule's declared matrices all NaN (= not scored, lds.py), an
+    empty sweep, and chosen.json saying why (readers see not_run)."""
+    log.warning("scores %s: %s (%s)", method, exc.reason, exc.detail)
+    n_train = len(inputs.train_images())
+    for name, queries in inputs.queries().items():
+        save_npy(np.full((len(queries), n_train), np.nan, np.float32), out / f"{name}.npy")
+    save_text("lambda,query_set,lds_tuning,lds_evaluation\n", out / "sweep.csv")
+    plot_sweep(
+        pd.DataFrame(columns=["lambda", "query_set", "lds_tuning", "lds_evaluation"]),
+        None,
+        method,
+        out / "sweep.png",
+        {name: exc.reason for name in QUERY_SETS},
+    )
+    save_json(
+        {"method": method, "config": method_cfg, "lambda": None, "not_run": exc.reason, "detail": exc.detail},
+        out / "chosen.json",
+    )
+
+
+def write_method(
+    method: str,
+    method_cfg: dict,
+    scorer,
+    config: dict,
+    results: list,
+    subsets: dict,
+    targets: dict[str, np.ndarray],
+    fallback: dict[str, str],
+    out: Path,
+) -> None:
+    """One method's sweep over its lambdas, its chosen lambda and its files (matrices, sweep.csv, sweep.png,
+    chosen.json)."""
+    notes = scorer.notes(method_cfg)
     target = scorer.query_target(method_cfg)
-    targets, fallback = method_targets(args.measurements, config["lds"]["n_subsets"], config["lds"]["n_seeds"], target)
     for note in fallback.values():
-        log.info("scores %s: %s", args.method, note)
+        log.info("scores %s: %s", method, note)
     used = {name: "loss" if name in fallback else target for name in targets}  # the target each set was tuned on
-    check_scores(args.method, results)
+    check_scores(method, results)
     table = sweep(results, subsets["masks"], subsets["tuning"], subsets["evaluation"], targets)
     best = choose(results, table)
     chosen_lambda, matrices = results[best]
     if sorted(matrices) != sorted(QUERY_SETS):  # the rule declares one matrix per query set
-        raise ValueError(f"{args.method}: scores for query sets {sorted(matrices)}, expected {sorted(QUERY_SETS)}")
+        raise ValueError(f"{method}: scores for query sets {sorted(matrices)}, expected {sorted(QUERY_SETS)}")
     for name, scores in matrices.items():
         scored = scored_queries(scores)
         if not scored.all():
             log.warning(
                 "scores %s, %s: %d of %d queries scored; the other rows are NaN (not scored)",
-                args.method,
+                method,
                 name,
                 int(scored.sum()),
                 len(scored),
             )
         save_npy(scores.astype(np.float32), out / f"{name}.npy")
     save_text(table.to_csv(index=False), out / "sweep.csv")
-    plot_sweep(table, chosen_lambda, args.method, out / "sweep.png", notes)
+    plot_sweep(table, chosen_lambda, method, out / "sweep.png", notes)
     save_json(
         {
-            "method": args.method,
+            "method": method,
             "config": method_cfg,
             "lambda": chosen_lambda,
             "notes": notes,
@@ -338,10 +405,10 @@ def run(args, config: dict) -> None:
         out / "chosen.json",
     )
     for name, note in notes.items():
-        log.warning("scores %s, %s queries: %s", args.method, name, note)
+        log.warning("scores %s, %s queries: %s", method, name, note)
     log.info(
         "scores %s: lambda %s; tuning LDS (target %s) %s",
-        args.method,
+        method,
         chosen_lambda,
         target,
         table[table["lambda"].eq(chosen_lambda) | table["lambda"].isna()]

@@ -64,6 +64,33 @@ def test_kfac_method_reads_model_and_its_curvature(base_config):
     assert paths.method_model_inputs(base_config, "trak") == {}
 
 
+def test_kfac_family_is_one_job(base_config):
+    """The kfac methods leave rule `scores` for one family job: its --method / --out-dir list every method in order,
+    --model once (shared), --curvature once per method (their variants differ), and its config holds exactly them."""
+    methods = base_config["scores"]["methods"]
+    kfac = [m for m, c in methods.items() if c["family"] == "kfac"]
+    assert paths.shared_pass_families(base_config) == {"kfac": kfac}
+    assert paths.separate_methods(base_config) == [m for m in methods if m not in kfac]
+    args = paths.family_scores_args(base_config, "kfac").split(" --")
+    assert args[0] == "--method " + " ".join(kfac)
+    assert args[1] == "out-dir " + " ".join(f"results/digits/scores/{m}" for m in kfac)
+    assert args[2] == "model results/digits/models/full/model.pt"
+    assert args[3] == "curvature " + " ".join(
+        paths.curvature_file(base_config, paths.curvature_variant(base_config, m)) for m in kfac
+    )
+    assert sorted(paths.family_model_inputs(base_config, "kfac")) == sorted(
+        {"results/digits/models/full/model.pt"}
+        | {paths.curvature_file(base_config, paths.curvature_variant(base_config, m)) for m in kfac}
+    )
+    config = json.loads(paths.family_scores_config(base_config, "kfac"))
+    assert sorted(config["scores"]["methods"]) == sorted(kfac) and "kfac" in config and "gradients" not in config
+    only_float32 = copy.deepcopy(base_config)  # one variant: --curvature given once
+    only_float32["scores"]["methods"] = {m: c for m, c in methods.items() if m in ("kfac", "kfac_float32", "trak")}
+    assert paths.family_scores_args(only_float32, "kfac").endswith("--curvature results/digits/curvature/mc-expand.pt")
+    assert re.fullmatch(paths.scores_method_pattern(only_float32), "trak")
+    assert not re.fullmatch(paths.scores_method_pattern(only_float32), "kfac_float32")
+
+
 def test_curvature_config_ignores_scoring_keys(base_config):
     """Changing how K-FAC scores (lambda grid, quantisation, gradient draws) must not refit the curvature."""
     import copy

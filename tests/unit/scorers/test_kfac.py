@@ -505,11 +505,11 @@ def test_query_batches_give_the_same_scores(tiny_unet_case, monkeypatch, quantiz
     uses its own draws: measure draws of query `offset + i`)."""
     model, train, queries, cur = tiny_unet_case
     passes = []
-    original = K.influence_scores
-    monkeypatch.setattr(
+    original = K.score_pass
+    monkeypatch.setattr(  # one pass of training gradients per query group: record the group's query rows
         K,
-        "influence_scores",
-        lambda *a, **kw: passes.append({k: len(v) for k, v in a[3].items()}) or original(*a, **kw),
+        "score_pass",
+        lambda *a, **kw: passes.append({k: len(v) for k, v in a[4][0][0].items()}) or original(*a, **kw),
     )
     whole = K.kfac_scores(
         model, cur, train, queries, _cfg(query_draws="measure", quantization=quantization), [1e-3, 1e-1]

@@ -209,3 +209,98 @@ def test_query_measurement_scores(workflow, tmp_path):
 def test_missing_inputs_are_named():
     with pytest.raises(ArtefactError, match="curvature_path"):
         kfac_engine.compute({"family": "kfac"}, SimpleNamespace(config={}, model_path="m.pt"), [1.0])
+
+
+def _variant_file(workflow, fisher_type="mc", kfac_approx="expand", ekfac=False):
+    """The curvature file of one variant of the module's workflow (fitted by the stage entry once)."""
+    config, dataset, model_path, tmp = workflow
+    out = tmp / "curvature" / f"{format_curvature_variant(fisher_type, kfac_approx, ekfac)}.pt"
+    if not out.exists():
+        C.run(
+            argparse.Namespace(
+                model=str(model_path),
+                dataset=str(dataset),
+                fisher_type=fisher_type,
+                kfac_approx=kfac_approx,
+                ekfac=ekfac,
+                out=str(out),
+            ),
+            config,
+        )
+    return out
+
+
+def test_one_pass_family_equals_each_method_alone(workflow, tmp_path, monkeypatch):
+    """The whole K-FAC family in one pass of training gradients (compute_family) gives every method exactly the
+    scores it gets alone (compute: the same function with one method), for methods that differ in curvature variant,
+    EK-FAC, quantisation, damping (grid and kind) and query measurement, with query groups (kfac.query_batch).
+    Tolerance 0: the family only shares inputs (query gradients of one measurement, each training gradient batch); each
+    method's own operations run on the same rows in the same order, single-threaded, so they give the same bits on
+    any CPU. Still caught: a method scored with another's curvature, lambdas, quantisation or measurement (the methods
+    differ pairwise below), or rows of a query group written to the wrong place."""
+    from workflow_scripts.core.common import save_npz
+    from workflow_scripts.families import ddpm as sample_stage
+    from workflow_scripts.families.ddpm import load_model
+
+    config, dataset, model_path, tmp = workflow
+    config = {**config, "kfac": {**config["kfac"], "query_batch": 1}}  # 2 + 2 queries: 4 groups, 4 passes
+    files = {
+        "mc-expand": _variant_file(workflow),
+        "mc-reduce": _variant_file(workflow, kfac_approx="reduce"),
+        "empirical-expand": _variant_file(workflow, fisher_type="empirical"),
+        "mc-expand-ekfac": _variant_file(workflow, ekfac=True),
+    }
+    model, payload = load_model(model_path, config["model"], "cpu")
+    samples = tmp_path / "generated.npz"  # two generated queries with their trajectories (as _inputs' generated set)
+    save_npz(
+        samples,
+        **sample_stage.generate(
+            model,
+            payload["image_shape"],
+            config["diffusion"],
+            {**config["sample"], "num_inference_steps": 3},
+            0,
+            2,
+            torch.device("cpu"),
+        ),
+    )
+    mean = curvature.load_curvature(files["mc-expand"]).mean_eigenvalue()
+    grid = [1e-3, 1e-1]
+    methods = {  # (method entry, its variant's file)
+        "kfac": ({"family": "kfac", "lambda_grid": grid}, "mc-expand"),
+        "kfac_reduce": ({"family": "kfac", "kfac_approx": "reduce", "lambda_grid": grid}, "mc-reduce"),
+        "kfac_empirical": ({"family": "kfac", "fisher_type": "empirical", "lambda_grid": grid}, "empirical-expand"),
+        "ekfac": ({"family": "kfac", "ekfac": True, "lambda_grid": grid}, "mc-expand-ekfac"),
+        "kfac_float32": ({"family": "kfac", "quantization": "float32", "lambda_grid": grid}, "mc-expand"),
+        "kfac_default_damping": (
+            {"family": "kfac", "damping": "absolute", "lambda_grid": [0.01 * mean]},
+            "mc-expand",
+        ),
+        "kfac_elbo": ({"family": "kfac", "query_measurement": "elbo", "lambda_grid": grid}, "mc-expand"),
+        "kfac_trajectory": ({"family": "kfac", "query_measurement": "trajectory", "lambda_grid": [1e-2]}, "mc-expand"),
+    }
+    inputs = {
+        m: SimpleNamespace(**vars(_inputs(config, dataset, model_path, files[v])), samples=str(samples))
+        for m, (_, v) in methods.items()
+    }
+    scorer = get_scorer("kfac")
+    lambdas = {m: scorer.lambdas(cfg, config) for m, (cfg, _) in methods.items()}
+    passes = []
+    original = kfac_engine.score_pass
+    monkeypatch.setattr(kfac_engine, "score_pass", lambda *a, **kw: passes.append(len(a[4])) or original(*a, **kw))
+    family = scorer.compute_methods({m: cfg for m, (cfg, _) in methods.items()}, inputs, lambdas)
+    assert passes == [len(methods)] * 4  # one pass per query group, shared by every method
+    assert list(family) == list(methods)
+    for method, (method_cfg, _) in methods.items():
+        alone = scorer.compute(method_cfg, inputs[method], lambdas[method])
+        assert [lam for lam, _ in family[method]] == [lam for lam, _ in alone] == lambdas[method]
+        for (_, got), (_, want) in zip(family[method], alone):
+            assert set(got) == set(want) == {"generated", "heldout"}
+            for name in want:
+                assert np.isfinite(want[name]).all()
+                np.testing.assert_array_equal(got[name], want[name], err_msg=f"{method}, {name}")
+    # every method's generated scores (at its last lambda) differ from every other's: a swap would be seen above
+    generated = {m: family[m][-1][1]["generated"] for m in methods}
+    for a in methods:
+        for b in methods:
+            assert a >= b or not np.array_equal(generated[a], generated[b]), (a, b)

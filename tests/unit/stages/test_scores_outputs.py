@@ -2,6 +2,7 @@
 to Snakemake and to scripts/dvc-pull's completeness check: deleting it would leave "Nothing to be done")."""
 
 import argparse
+import re
 from pathlib import Path
 
 import numpy as np
@@ -12,11 +13,13 @@ from workflow_scripts.stages import scores
 
 REPO = Path(__file__).resolve().parents[3]
 N_TRAIN, N_QUERY, N_SUBSETS, N_SEEDS = 12, 3, 6, 2
+RULES = ("scores", "scores_kfac_family")
 
 
 @pytest.fixture(scope="module")
-def scores_rule():
-    """The rule `scores` as the Snakefile declares it (smoke configuration), parsed by Snakemake's own API."""
+def scores_rules():
+    """{rule: its outputs} of the rules `scores` and `scores_kfac_family` as the Snakefile declares them (smoke
+    configuration), parsed by Snakemake's own API."""
     snakemake_api = pytest.importorskip("snakemake.api")
     from snakemake.settings.types import ConfigSettings, OutputSettings, ResourceSettings
 
@@ -27,8 +30,11 @@ def scores_rule():
             snakefile=REPO / "Snakefile",
             workdir=REPO,
         )
-        rule = workflow._workflow.get_rule("scores")
-        yield [str(f) for f in rule.output]
+        # a wildcard's constraint shows in its outputs as {method,<regex>}: keep the name only
+        yield {
+            name: [re.sub(r"\{(\w+),[^}]*\}", r"{\1}", str(f)) for f in workflow._workflow.get_rule(name).output]
+            for name in RULES
+        }
 
 
 @pytest.fixture
@@ -57,11 +63,12 @@ def inputs(tmp_path):
         ("clip_dot", {"family": "clip", "similarity": "dot", "model": "ViT-B-32", "weights": None}),
     ],
 )
-def test_scores_rule_declares_every_file_the_stage_writes(scores_rule, inputs, method, method_cfg):
+def test_scores_rule_declares_every_file_the_stage_writes(scores_rules, inputs, method, method_cfg):
+    scores_rule = scores_rules["scores"]
     directory, measurements = inputs
     out = directory / "scores" / method
     args = argparse.Namespace(
-        method=method,
+        method=[method],
         dataset=str(directory / "dataset.npz"),
         images=None,
         samples=str(directory / "samples.npz"),
@@ -73,7 +80,7 @@ def test_scores_rule_declares_every_file_the_stage_writes(scores_rule, inputs, m
         model=None,
         curvature=None,
         chunks=None,
-        out_dir=str(out),
+        out_dir=[str(out)],
     )
     config = {
         "scores": {"methods": {method: method_cfg}, "lambda_grid": [1.0]},
@@ -88,3 +95,18 @@ def test_scores_rule_declares_every_file_the_stage_writes(scores_rule, inputs, m
         matrix = np.load(out / f"{name}.npy")
         assert matrix.shape == (N_QUERY, N_TRAIN)
         assert np.isnan(matrix).all() == (method == "clip_dot")
+
+
+def test_kfac_family_rule_declares_each_methods_files(scores_rules, smoke_config):
+    """The one job of the K-FAC family declares, for every kfac method, exactly the files rule `scores` declares for a
+    method (so the stage's files are declared and every reader of scores is unchanged); rule `scores` does not
+    produce them."""
+    from workflow_scripts.dag import paths
+
+    kfac = [m for m, c in smoke_config["scores"]["methods"].items() if c["family"] == "kfac"]
+    assert len(kfac) > 1
+    expected = sorted(f.format(method=m) for m in kfac for f in scores_rules["scores"])
+    assert sorted(scores_rules["scores_kfac_family"]) == expected
+    pattern = re.compile(paths.scores_method_pattern(smoke_config))
+    assert not any(pattern.fullmatch(m) for m in kfac)
+    assert all(pattern.fullmatch(m) for m in smoke_config["scores"]["methods"] if m not in kfac)
