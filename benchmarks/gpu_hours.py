@@ -365,13 +365,19 @@ def stage_passes(config: dict, cost: dict) -> list[tuple[str, str, float, str]]:
     batch = k.get("query_batch")
     passes = 1 if batch is None else sum(math.ceil(n / batch) for n in (s["n_generated"], d["n_heldout"]))
     query_draws = draws if k["query_draws"] == "measure" else k["query_draws"]
-    kfac = len(kfac_methods) * (passes * n_train * k["gradient_draws"] + n_query * query_draws) * tr
+    # one job for the whole family (rule scores_kfac_family): the training gradients are streamed once per query
+    # group for every method, and each query measurement's query gradients are computed once
+    measurements = {config["scores"]["methods"][mm].get("query_measurement", "loss") for mm in kfac_methods}
+    kfac = (
+        (passes * n_train * k["gradient_draws"] + len(measurements) * n_query * query_draws) * tr if kfac_methods else 0
+    )
     rows.append(
         (
             "scores (kfac)",
             "per_example",
             kfac,
-            f"{len(kfac_methods)} methods x ({passes} passes x {n_train} x {k['gradient_draws']} draws + queries)",
+            f"{len(kfac_methods)} methods in one pass: {passes} passes x {n_train} x {k['gradient_draws']} draws"
+            f" + queries of {len(measurements)} measurements",
         )
     )
     return rows
