@@ -93,3 +93,71 @@ def test_a_corrupt_image_fails_the_first_job_and_is_named(repo, base_config, tmp
     assert "Error in rule data" in result.stdout + result.stderr
     assert not (workdir / "results" / "folder-tiny" / "data" / "dataset.npz").exists()
     assert not (workdir / "results" / "folder-tiny" / "models").exists()  # nothing after the data job ran
+
+
+# ------------------------------------------------------------------------------------------------ latent family
+# configs/latent.yaml on the folder with its captions CSV and a base pipeline directory (model.pipeline) the test
+# builds itself: the miniature's parts for 3 channels, pretrained for a few steps only (the DAG's own miniature base
+# is for the digits). Three scorers: the tables, not every scorer again, are what this run adds.
+LATENT = {
+    "benchmark": "folder-latent-tiny",
+    "lds": {"n_subsets": 4, "n_tuning": 2, "n_seeds": 2, "bootstrap_samples": 20},
+    "train": {"steps": 10, "batch_size": 16, "checkpoint_every": 10, "resume_every": 10},
+    "sample": {"n_generated": 2, "num_inference_steps": 3},
+    "measure": {"n_timesteps": 10, "n_noise": 1, "batch_size": 10},
+    "gradients": {"timesteps": 2, "projection_dim": 64, "batch_size": 8, "timestep_chunk": 100},
+    "scores": {"lambda_grid": [0.01, 1.0]},
+    "classifier": {"steps": 20, "channels": [8, 16], "feature_dim": 16},
+    "counterfactual": {"queries": 1, "methods": ["trak"], "k": 0.1, "bootstrap_samples": 20},
+    "figures": {"queries": [0], "methods": ["trak"], "n_influencers": 2},
+}
+LATENT_KEEP = {"trak", "das_vector", "pixel_dot"}
+
+
+def write_pipeline(base_config: dict, out) -> None:
+    from workflow_scripts.families.latent_miniature import build_and_pretrain
+
+    config = {**base_config, "base": {"resolution": 16, "vae_steps": 5, "unet_steps": 5}}
+    images = np.random.default_rng(1).uniform(-1, 1, (20, 3, 16, 16)).astype(np.float32)
+    build_and_pretrain(config, images, np.arange(20) % 10, out)
+
+
+@pytest.fixture(scope="module")
+def latent_folder_run(repo, base_config, tmp_path_factory):
+    scratch = tmp_path_factory.mktemp("folder-latent")
+    names = write_folder(scratch / "my-images")
+    rows = [
+        f"{name},a {'dog' if name.startswith('dogs') else 'cat'}{' in grey' if '05' in name else ''}" for name in names
+    ]
+    (scratch / "captions.csv").write_text("file,caption\n" + "\n".join(rows) + "\n")
+    write_pipeline(base_config, scratch / "pipeline")
+    workdir = copy_repo(repo, scratch / "repo")
+    latent = yaml.safe_load((repo / "configs" / "latent.yaml").read_text())
+    methods = set(base_config["scores"]["methods"]) | {m for m, v in latent["scores"]["methods"].items() if v}
+    data = {"dataset": "folder", "root": str(scratch / "my-images"), "captions": str(scratch / "captions.csv")}
+    tiny = {
+        **LATENT,
+        "data": {**data, "resolution": 16, "n_train": 40, "n_heldout": 2},
+        "model": {"pipeline": str(scratch / "pipeline")},
+        "scores": {**LATENT["scores"], "methods": {m: None for m in methods - LATENT_KEEP}},
+    }
+    (workdir / "tiny.yaml").write_text(yaml.safe_dump(tiny))
+    result = snakemake(workdir, "--configfile", "configs/latent.yaml", "tiny.yaml")
+    assert result.returncode == 0, result.stderr[-5000:]
+    return workdir / "results" / "folder-latent-tiny"
+
+
+@pytest.mark.slow
+def test_the_latent_family_runs_on_the_folder_captions(latent_folder_run):
+    lds = pd.read_csv(latent_folder_run / "tables" / "lds.csv")
+    assert set(lds["method"]) == LATENT_KEEP | {"noise ceiling (seed-to-seed)"}
+    assert np.isfinite(lds["lds"].to_numpy(float)).all(), lds[["method", "query_set", "lds"]]
+    with np.load(latent_folder_run / "data" / "latents.npz") as latents:
+        assert list(latents["captions"]) == ["a cat", "a cat in grey", "a dog", "a dog in grey"]
+        captions = latents["captions"][latents["train_labels"]]
+        for name, caption in zip(latents["train_files"], captions):
+            assert caption.startswith("a dog" if name.startswith("dogs/") else "a cat"), (name, caption)
+    with np.load(latent_folder_run / "samples" / "generated.npz") as samples:
+        assert list(samples["prompts"]) == ["a cat", "a cat in grey"]  # query i: caption i mod 4
+        assert samples["decoded"].shape == (2, 3, 16, 16)
+    assert "trak" in (latent_folder_run / "tables" / "counterfactual.md").read_text()

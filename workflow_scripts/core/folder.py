@@ -79,7 +79,9 @@ def scan(root: Path, key: str, skip: Path | None = None) -> Folder:
             f"{key} {root} mixes files and subfolders at its top level: hold either image files only (one class) or "
             f"one subfolder per class. " + list_problems("loose", loose, SHOWN)
         )
-    hidden, files, classes, other, empty = 0, [], [], [], []
+    # hidden entries at the top (class layout: a flat folder's are met by the walk below)
+    hidden = sum(p.name.startswith(".") for p in root.iterdir()) if subfolders else 0
+    files, classes, other, empty = [], [], [], []
     for folder in subfolders or [root]:
         found = sorted(p for p in folder.rglob("*") if not p.is_dir() and p != skip)
         kept = []
@@ -103,7 +105,7 @@ def scan(root: Path, key: str, skip: Path | None = None) -> Folder:
     if problems:
         raise DataNotFound(f"{key} {root}: " + "; ".join(problems))
     if hidden:
-        log.info("data: %s %s: %d hidden files (names starting with '.') left out", key, root, hidden)
+        log.info("data: %s %s: %d hidden files or folders (names starting with '.') left out", key, root, hidden)
     return Folder(root, files, classes)
 
 
