@@ -294,7 +294,7 @@ IMAGE_SIZE = {"digits": 8, "mnist": 28, "cifar10": 32, "cifar2": 32}  # fixed si
 
 def image_size(data: dict) -> int:
     """Side of the data set's square images: fixed, or data.resolution (default ArtBench imagefolder 256, ArtBench
-    batches 32, CelebA 64)."""
+    batches 32, CelebA 64; folder: required)."""
     if data["dataset"] in ARTBENCH:
         return data.get("resolution", 32 if data.get("format") == "batches" else 256)
     if data["dataset"] in ("celeba", "folder"):
