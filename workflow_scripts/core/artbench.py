@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from workflow_scripts.core.datasets import DataNotFound, ImageSource, list_problems, read_image_files
+from workflow_scripts.core.datasets import DataNotFound, ImageSource, list_problems, read_image_files, square_resize
 
 STYLES = (
     "art_nouveau",
@@ -171,18 +171,9 @@ def open_imagefolder(dataset: str, root: Path, size: int) -> ImageSource:
         index[part] = np.array(keep, dtype=np.int64)
         labels[part] = np.array([styles.index(rows[i]["label"]) for i in keep], dtype=np.int64)
 
-    def transform(image):
-        from torchvision.transforms import InterpolationMode
-        from torchvision.transforms import functional as TF
-
-        image = TF.center_crop(image, min(image.size))
-        if image.size != (size, size):
-            image = TF.resize(image, [size, size], interpolation=InterpolationMode.BILINEAR)
-        return image
-
     def read(part: str, positions: np.ndarray) -> np.ndarray:
         paths = [image_path(root, rows[i]) for i in index[part][positions]]
-        return read_image_files(paths, transform, size, how_to_get(root, "imagefolder"))
+        return read_image_files(paths, square_resize(size), size, how_to_get(root, "imagefolder"))
 
     return ImageSource(
         labels,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from workflow_scripts.core import artbench, celeba, datasets
+from workflow_scripts.core import artbench, celeba, datasets, folder
 from workflow_scripts.core import data as core_data
 from workflow_scripts.core.common import load_npz, rng
 
@@ -19,6 +19,7 @@ N_LEVELS = {  # digits: pixel values 0..16; the others are uint8 images
     "artbench5": 256,
     "artbench10": 256,
     "celeba": 256,
+    "folder": 256,
 }
 
 
@@ -38,6 +39,8 @@ def make_dataset(data_cfg: dict, split_seed: int) -> dict[str, np.ndarray]:
         return make_file_dataset(data_cfg, split_seed, artbench.open_source(data_cfg))
     if data_cfg["dataset"] == "celeba":
         return make_file_dataset(data_cfg, split_seed, celeba.open_source(data_cfg))
+    if data_cfg["dataset"] == "folder":
+        return make_file_dataset(data_cfg, split_seed, folder.open_source(data_cfg))
     if data_cfg["dataset"] != "digits":
         return make_torchvision_dataset(data_cfg, split_seed)
     images, labels = load_digits_images()
@@ -78,19 +81,26 @@ def make_torchvision_dataset(data_cfg: dict, split_seed: int) -> dict[str, np.nd
 
 
 def make_file_dataset(data_cfg: dict, split_seed: int, source: datasets.ImageSource) -> dict[str, np.ndarray]:
-    """ArtBench / CelebA: n_train images of the source's training split and n_heldout of its held-out split, each
-    drawn class-balanced by the split seed as in make_torchvision_dataset (CelebA: one class, a plain seeded draw);
+    """ArtBench / CelebA / folder: n_train images of the source's training split and n_heldout of its held-out split,
+    each drawn class-balanced by the split seed as in make_torchvision_dataset (CelebA: one class, a plain seeded
+    draw; folder: a uniform seeded draw, held-out from what the training draw left when both come from one folder);
     only the drawn images are decoded. *_index identify the images in the data set's files (core/artbench.py,
-    core/celeba.py)."""
-    name, generator, out = data_cfg["dataset"], rng(split_seed), {}
+    core/celeba.py, core/folder.py); a folder adds *_files, the drawn images' paths."""
+    name, generator, out, drawn = data_cfg["dataset"], rng(split_seed), {}, {}
     for part, n in (("train", data_cfg["n_train"]), ("heldout", data_cfg["n_heldout"])):
         labels = source.labels[part]
+        # the classes the draw balances: the labels, or one class (uniform); -1 = not drawable
+        strata = labels.copy() if source.balanced else np.zeros_like(labels)
+        if source.shared and part == "heldout":
+            strata[drawn["train"]] = -1  # the training draw's positions in the shared pool
         try:
-            chosen = datasets.stratified_choice(labels, n, generator, source.n_classes)
+            chosen = datasets.stratified_choice(strata, n, generator, source.n_classes if source.balanced else 1)
         except ValueError as exc:
+            why = exc if source.balanced else f"it has {np.count_nonzero(strata == 0)} images"
             raise ValueError(
-                f"data.n_{part} = {n} is too large for {name}'s {source.split_names[part]}: {exc}"
+                f"data.n_{part} = {n} is too large for {name}'s {source.split_names[part]}: {why}"
             ) from None
+        drawn[part] = chosen
         out.update(
             {
                 f"{part}_images": source.read(part, chosen),
@@ -98,6 +108,8 @@ def make_file_dataset(data_cfg: dict, split_seed: int, source: datasets.ImageSou
                 f"{part}_index": source.index[part][chosen],
             }
         )
+        if source.files is not None:
+            out[f"{part}_files"] = source.files[part][chosen]
     if source.captions is not None:
         out["captions"] = source.captions
     return out

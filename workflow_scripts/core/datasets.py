@@ -1,5 +1,6 @@
 """Real image data sets (MNIST, CIFAR-10, CIFAR-2) through torchvision, read from a local root (no download), and the
-helpers the image-file data sets share (ArtBench: core/artbench.py, CelebA: core/celeba.py).
+helpers the image-file data sets share (ArtBench: core/artbench.py, CelebA: core/celeba.py, a folder of the user's own
+images: core/folder.py).
 
 Every loader returns (train_images, train_labels, test_images, test_labels) with images float32 in [-1, 1]
 of shape (n, C, H, W) and int64 labels. torchvision reads the files and checks them (CIFAR-10: the md5 of
@@ -144,7 +145,10 @@ class ImageSource:
     """An image-file data set's two source splits, keyed "train" and "heldout": the labels and index (an identifier
     of each image in the data set's own files) of every candidate image, and `read(part, positions)`, which decodes
     only the images drawn (float32 in [-1, 1], NCHW). `captions`: one str per class (index = label) or None;
-    `split_names`: how the error messages name each source split."""
+    `split_names`: how the error messages name each source split. `balanced`: draw class-balanced
+    (stratified_choice), else a uniform seeded draw. `shared`: "train" and "heldout" are one pool, so the held-out
+    draw leaves out the drawn training images. `files`: each split's image paths (index = `index`), stored with the
+    data set so that results can name the images, or None."""
 
     labels: dict[str, np.ndarray]
     index: dict[str, np.ndarray]
@@ -152,6 +156,9 @@ class ImageSource:
     n_classes: int
     split_names: dict[str, str]
     captions: np.ndarray | None = None
+    balanced: bool = True
+    shared: bool = False
+    files: dict[str, np.ndarray] | None = None
 
 
 def list_problems(kind: str, paths: list, shown: int = 5) -> str:
@@ -160,22 +167,40 @@ def list_problems(kind: str, paths: list, shown: int = 5) -> str:
     return f"{len(paths)} {kind} file{'s' if len(paths) != 1 else ''}: " + ", ".join(map(str, paths[:shown])) + more
 
 
-def read_image_files(paths: list, transform: Callable, size: int, how_to_get: str) -> np.ndarray:
-    """Decode image files (PIL, converted to RGB), `transform` them to size x size PIL images, return float32 in
-    [-1, 1] of shape (n, 3, size, size). Unreadable or corrupt files raise DataNotFound naming them (never skipped)."""
+def square_resize(size: int) -> Callable:
+    """PIL image -> its largest centred square, resized (bilinear) to size x size."""
+
+    def transform(image):
+        from torchvision.transforms import InterpolationMode
+        from torchvision.transforms import functional as TF
+
+        image = TF.center_crop(image, min(image.size))
+        if image.size != (size, size):
+            image = TF.resize(image, [size, size], interpolation=InterpolationMode.BILINEAR)
+        return image
+
+    return transform
+
+
+def read_image_files(paths: list, transform: Callable, size: int, how_to_get: str, mode: str = "RGB") -> np.ndarray:
+    """Decode image files (PIL, converted to `mode`: RGB or L), `transform` them to size x size PIL images, return
+    float32 in [-1, 1] of shape (n, C, size, size). Unreadable or corrupt files raise DataNotFound naming them (never
+    skipped)."""
     from PIL import Image
 
-    images = np.empty((len(paths), 3, size, size), dtype=np.float32)
+    channels = Image.getmodebands(mode)
+    images = np.empty((len(paths), channels, size, size), dtype=np.float32)
     bad = []
     for i, path in enumerate(paths):
         try:
             with Image.open(path) as image:
-                pixels = np.asarray(transform(image.convert("RGB")), dtype=np.uint8)
+                pixels = np.asarray(transform(image.convert(mode)), dtype=np.uint8)
         except (OSError, ValueError, Image.DecompressionBombError) as exc:  # UnidentifiedImageError is an OSError
             bad.append(f"{path} ({exc})")
             continue
-        if pixels.shape != (size, size, 3):
-            bad.append(f"{path} (decodes to shape {pixels.shape}, expected ({size}, {size}, 3))")
+        pixels = pixels[..., None] if pixels.ndim == 2 else pixels  # mode L decodes to (H, W)
+        if pixels.shape != (size, size, channels):
+            bad.append(f"{path} (decodes to shape {pixels.shape}, expected ({size}, {size}, {channels}))")
             continue
         images[i] = _to_unit_range(pixels.transpose(2, 0, 1))
     if bad:

@@ -193,8 +193,16 @@ def _check_consistency(config: dict) -> None:
     data, lds, model = config["data"], config["lds"], config["model"]
     if data["dataset"] == "digits" and data["n_train"] + data["n_heldout"] > N_DIGITS:
         raise ConfigError(f"data.n_train + data.n_heldout must be at most {N_DIGITS} for digits")
-    if data["dataset"] != "digits":
+    if data["dataset"] == "folder":
+        _check_folder_data(data, model)
+    elif data["dataset"] != "digits":
         _check_torchvision_data(data, model)
+    if data["dataset"] != "folder":
+        stray = [key for key in FOLDER_KEYS if key in data]
+        if stray:
+            raise ConfigError(
+                f"data.{stray[0]} applies to data.dataset folder only (data.dataset is {data['dataset']!r})"
+            )
     if lds["n_tuning"] > lds["n_subsets"] - 2:
         raise ConfigError("lds.n_tuning must leave at least 2 evaluation subsets (lds.n_subsets - 2)")
     _check_subset_size(lds["fraction"], data["n_train"])
@@ -286,11 +294,11 @@ IMAGE_SIZE = {"digits": 8, "mnist": 28, "cifar10": 32, "cifar2": 32}  # fixed si
 
 def image_size(data: dict) -> int:
     """Side of the data set's square images: fixed, or data.resolution (default ArtBench imagefolder 256, ArtBench
-    batches 32, CelebA 64)."""
+    batches 32, CelebA 64; folder: required)."""
     if data["dataset"] in ARTBENCH:
         return data.get("resolution", 32 if data.get("format") == "batches" else 256)
-    if data["dataset"] == "celeba":
-        return data.get("resolution", 64)
+    if data["dataset"] in ("celeba", "folder"):
+        return data.get("resolution", 64)  # folder: required (_check_folder_data)
     return IMAGE_SIZE[data["dataset"]]
 
 
@@ -311,13 +319,52 @@ def _check_torchvision_data(data: dict, model: dict) -> None:
         raise ConfigError(
             f"data.n_heldout = {data['n_heldout']} exceeds {name}'s {n_test} {HELDOUT_SPLIT.get(name, 'test')} images"
         )
+    _check_halvings(data, model)
+
+
+def _check_halvings(data: dict, model: dict) -> None:
     # the UNet halves the resolution between blocks (not after the last); the up path must find the same sizes
     size, halvings = image_size(data), len(model["block_out_channels"]) - 1
     if size % 2**halvings:
         raise ConfigError(
-            f"model.block_out_channels: {halvings + 1} blocks halve {name}'s {size}x{size} images "
+            f"model.block_out_channels: {halvings + 1} blocks halve {data['dataset']}'s {size}x{size} images "
             f"{halvings} times; {size} is not divisible by {2**halvings} (use fewer blocks)"
         )
+
+
+FOLDER_KEYS = ("channels", "captions", "heldout_folder", "heldout_captions")  # data.<key>: folder only
+
+
+def _check_folder_data(data: dict, model: dict) -> None:
+    """data.dataset folder (core/folder.py): what the folder's files cannot tell is checked here; the files
+    themselves (and how many images there are) by the data stage."""
+    if "root" not in data:
+        raise ConfigError("data.root is required for data.dataset 'folder': the folder of your training images")
+    if "resolution" not in data:
+        raise ConfigError(
+            "data.resolution is required for data.dataset 'folder': the side of the square images the model sees "
+            "(each image is centre-cropped to a square and resized to it)"
+        )
+    if "format" in data:
+        raise ConfigError("data.format applies to the ArtBench data sets only (data.dataset is 'folder')")
+    if "heldout_captions" in data and "heldout_folder" not in data:
+        raise ConfigError(
+            "data.heldout_captions needs data.heldout_folder (without it the held-out images come from data.root "
+            "and data.captions covers them)"
+        )
+    if "heldout_captions" in data and "captions" not in data:
+        raise ConfigError("data.heldout_captions needs data.captions (the training images' captions)")
+    if "captions" in data and "heldout_folder" in data and "heldout_captions" not in data:
+        raise ConfigError(
+            "data.heldout_captions is required with data.captions and data.heldout_folder: the CSV (header "
+            "file,caption) of the held-out images"
+        )
+    if model.get("family") == "latent" and "captions" not in data:
+        raise ConfigError(
+            "data.captions is required with model.family latent (text-conditional): a CSV with header file,caption "
+            "naming every image of data.root"
+        )
+    _check_halvings(data, model)
 
 
 def check_workflow_support(config: dict) -> None:

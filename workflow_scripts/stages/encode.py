@@ -49,7 +49,8 @@ def run(args, config: dict) -> None:
         split: encode_images(parts["vae"], dataset[f"{split}_images"], batch, device, resolution)
         for split in ("train", "heldout")
     }
-    out = {key: value for key, value in dataset.items() if not key.endswith("_images")}
+    # the data set's own caption table (ArtBench, folder) is written below, as captions_of gives it
+    out = {key: value for key, value in dataset.items() if not key.endswith("_images") and key != "captions"}
     save_npz(
         args.out,
         **out,

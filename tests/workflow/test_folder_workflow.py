@@ -1,0 +1,163 @@
+"""data.dataset folder end to end through Snakemake, in a scratch copy: the smoke overlay on a tiny folder of PNG and
+JPEG files the test writes (two class subfolders), with one method per scorer family so that every kind of job
+(retrainings, measurements, gradients, every scorer family, the metagradient's fixed-seed ground truth, LDS,
+counterfactual, figures) runs on it in a few minutes; and a corrupt file that fails the first job, named."""
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from PIL import Image
+from workflow_runs import copy_repo, snakemake
+
+# one method per scorer family (the smoke overlay's others null), loss measurements only, 4 subsets x 2 seeds
+KEEP = {"pixel_dot", "trak", "grad_dot", "tracincp", "relative_if", "journey_trak", "das_vector", "clip_dot"}
+KEEP |= {"embedding_dot", "nda", "kfac", "metagradient"}
+
+
+def overlay(config: dict, root) -> dict:
+    methods = {name: None for name in config["scores"]["methods"] if name not in KEEP}
+    methods["gradient_similarity_trajectory"] = None  # the smoke overlay's trajectory method
+    return {
+        "benchmark": "folder-tiny",
+        "data": {"dataset": "folder", "root": str(root), "resolution": 8, "n_train": 40, "n_heldout": 4},
+        "lds": {"n_subsets": 4, "n_tuning": 2, "n_seeds": 2, "bootstrap_samples": 20},
+        "measure": {"measurements": ["loss"]},
+        "scores": {"methods": methods},
+        "classifier": {"steps": 20},
+    }
+
+
+def write_folder(root) -> list[str]:
+    """cats/ and dogs/, 24 images each (PNG and JPEG, 12x10 and 10x14: cropped and resized to 8x8), one grey."""
+    generator = np.random.default_rng(0)
+    names = []
+    for c, animal in enumerate(("cats", "dogs")):
+        (root / animal).mkdir(parents=True)
+        for i in range(24):
+            size = (12, 10) if i % 2 else (10, 14)
+            pixels = generator.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8) // 2 + 100 * c
+            image = Image.fromarray(pixels.astype(np.uint8))
+            if i == 5:
+                image = image.convert("L")  # converted to RGB by the loader
+            name = f"{animal}/{animal[:-1]}{i:02d}.{'jpg' if i % 3 == 0 else 'png'}"
+            image.save(root / name)
+            names.append(name)
+    return names
+
+
+@pytest.fixture(scope="module")
+def folder_run(repo, base_config, tmp_path_factory):
+    scratch = tmp_path_factory.mktemp("folder")
+    names = write_folder(scratch / "my-images")
+    workdir = copy_repo(repo, scratch / "repo")
+    (workdir / "folder.yaml").write_text(yaml.safe_dump(overlay(base_config, scratch / "my-images")))
+    result = snakemake(workdir, "--configfile", "configs/smoke.yaml", "folder.yaml")
+    assert result.returncode == 0, result.stderr[-5000:]
+    return workdir / "results" / "folder-tiny", names
+
+
+@pytest.mark.slow
+def test_every_scorer_family_reaches_the_lds_and_counterfactual_tables(folder_run):
+    results, _ = folder_run
+    lds = pd.read_csv(results / "tables" / "lds.csv")
+    assert set(lds["method"]) == KEEP | {"noise ceiling (seed-to-seed)"}
+    assert set(lds["query_set"]) == {"generated", "heldout"}
+    ran = lds[lds["method"] != "clip_dot"]  # no CLIP weights here: a "not run" row
+    assert np.isfinite(ran["lds"].to_numpy(float)).all(), ran[["method", "query_set", "lds"]]
+    table = (results / "tables" / "counterfactual.md").read_text()
+    assert "trak" in table and "random" in table
+
+
+@pytest.mark.slow
+def test_the_dataset_holds_the_folder_images_and_names_them(folder_run):
+    results, names = folder_run
+    with np.load(results / "data" / "dataset.npz") as d:
+        assert d["train_images"].shape == (40, 3, 8, 8) and d["heldout_images"].shape == (4, 3, 8, 8)
+        files = list(d["train_files"]) + list(d["heldout_files"])
+        assert len(set(files)) == 44 and set(files) <= set(names)
+        assert all(label == name.startswith("dogs/") for name, label in zip(d["train_files"], d["train_labels"]))
+    with np.load(results / "samples" / "generated.npz") as samples:
+        assert samples["images"].shape[1:] == (3, 8, 8)
+
+
+def test_a_corrupt_image_fails_the_first_job_and_is_named(repo, base_config, tmp_path):
+    write_folder(tmp_path / "my-images")
+    (tmp_path / "my-images" / "dogs" / "dog07.png").write_bytes(b"\x89PNG\r\n\x1a\n not a picture")
+    workdir = copy_repo(repo, tmp_path / "repo")
+    (workdir / "folder.yaml").write_text(yaml.safe_dump(overlay(base_config, tmp_path / "my-images")))
+    result = snakemake(workdir, "--configfile", "configs/smoke.yaml", "folder.yaml")
+    assert result.returncode != 0
+    log = (workdir / "results" / "folder-tiny" / "logs" / "data.log").read_text()
+    assert f"{tmp_path / 'my-images' / 'dogs' / 'dog07.png'} (unreadable" in log
+    assert "Error in rule data" in result.stdout + result.stderr
+    assert not (workdir / "results" / "folder-tiny" / "data" / "dataset.npz").exists()
+    assert not (workdir / "results" / "folder-tiny" / "models").exists()  # nothing after the data job ran
+
+
+# ------------------------------------------------------------------------------------------------ latent family
+# configs/latent.yaml on the folder with its captions CSV and a base pipeline directory (model.pipeline) the test
+# builds itself: the miniature's parts for 3 channels, pretrained for a few steps only (the DAG's own miniature base
+# is for the digits). Three scorers: the tables, not every scorer again, are what this run adds.
+LATENT = {
+    "benchmark": "folder-latent-tiny",
+    "lds": {"n_subsets": 4, "n_tuning": 2, "n_seeds": 2, "bootstrap_samples": 20},
+    "train": {"steps": 10, "batch_size": 16, "checkpoint_every": 10, "resume_every": 10},
+    "sample": {"n_generated": 2, "num_inference_steps": 3},
+    "measure": {"n_timesteps": 10, "n_noise": 1, "batch_size": 10},
+    "gradients": {"timesteps": 2, "projection_dim": 64, "batch_size": 8, "timestep_chunk": 100},
+    "scores": {"lambda_grid": [0.01, 1.0]},
+    "classifier": {"steps": 20, "channels": [8, 16], "feature_dim": 16},
+    "counterfactual": {"queries": 1, "methods": ["trak"], "k": 0.1, "bootstrap_samples": 20},
+    "figures": {"queries": [0], "methods": ["trak"], "n_influencers": 2},
+}
+LATENT_KEEP = {"trak", "das_vector", "pixel_dot"}
+
+
+def write_pipeline(base_config: dict, out) -> None:
+    from workflow_scripts.families.latent_miniature import build_and_pretrain
+
+    config = {**base_config, "base": {"resolution": 16, "vae_steps": 5, "unet_steps": 5}}
+    images = np.random.default_rng(1).uniform(-1, 1, (20, 3, 16, 16)).astype(np.float32)
+    build_and_pretrain(config, images, np.arange(20) % 10, out)
+
+
+@pytest.fixture(scope="module")
+def latent_folder_run(repo, base_config, tmp_path_factory):
+    scratch = tmp_path_factory.mktemp("folder-latent")
+    names = write_folder(scratch / "my-images")
+    rows = [
+        f"{name},a {'dog' if name.startswith('dogs') else 'cat'}{' in grey' if '05' in name else ''}" for name in names
+    ]
+    (scratch / "captions.csv").write_text("file,caption\n" + "\n".join(rows) + "\n")
+    write_pipeline(base_config, scratch / "pipeline")
+    workdir = copy_repo(repo, scratch / "repo")
+    latent = yaml.safe_load((repo / "configs" / "latent.yaml").read_text())
+    methods = set(base_config["scores"]["methods"]) | {m for m, v in latent["scores"]["methods"].items() if v}
+    data = {"dataset": "folder", "root": str(scratch / "my-images"), "captions": str(scratch / "captions.csv")}
+    tiny = {
+        **LATENT,
+        "data": {**data, "resolution": 16, "n_train": 40, "n_heldout": 2},
+        "model": {"pipeline": str(scratch / "pipeline")},
+        "scores": {**LATENT["scores"], "methods": {m: None for m in methods - LATENT_KEEP}},
+    }
+    (workdir / "tiny.yaml").write_text(yaml.safe_dump(tiny))
+    result = snakemake(workdir, "--configfile", "configs/latent.yaml", "tiny.yaml")
+    assert result.returncode == 0, result.stderr[-5000:]
+    return workdir / "results" / "folder-latent-tiny"
+
+
+@pytest.mark.slow
+def test_the_latent_family_runs_on_the_folder_captions(latent_folder_run):
+    lds = pd.read_csv(latent_folder_run / "tables" / "lds.csv")
+    assert set(lds["method"]) == LATENT_KEEP | {"noise ceiling (seed-to-seed)"}
+    assert np.isfinite(lds["lds"].to_numpy(float)).all(), lds[["method", "query_set", "lds"]]
+    with np.load(latent_folder_run / "data" / "latents.npz") as latents:
+        assert list(latents["captions"]) == ["a cat", "a cat in grey", "a dog", "a dog in grey"]
+        captions = latents["captions"][latents["train_labels"]]
+        for name, caption in zip(latents["train_files"], captions):
+            assert caption.startswith("a dog" if name.startswith("dogs/") else "a cat"), (name, caption)
+    with np.load(latent_folder_run / "samples" / "generated.npz") as samples:
+        assert list(samples["prompts"]) == ["a cat", "a cat in grey"]  # query i: caption i mod 4
+        assert samples["decoded"].shape == (2, 3, 16, 16)
+    assert "trak" in (latent_folder_run / "tables" / "counterfactual.md").read_text()
