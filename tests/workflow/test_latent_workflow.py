@@ -24,6 +24,8 @@ TINY = {
     "scores": {"lambda_grid": [0.01, 1.0]},
     "counterfactual": {"queries": 2, "methods": ["trak"], "k": 0.1, "bootstrap_samples": 50},
     "figures": {"queries": [0], "methods": ["trak", "das_vector"], "n_influencers": 3},
+    # every seed of a subset trained and measured in one job (rules train_subset_seeds, measure): run for real here
+    "jobs": {"train": "subset", "measure": "subset"},
 }
 
 
@@ -62,6 +64,16 @@ def test_the_pipeline_is_a_diffusers_directory_and_the_inputs_are_latents(latent
     with np.load(latent_run / "samples" / "generated.npz") as samples:
         assert samples["images"].shape == (4, 4, 8, 8) and samples["decoded"].shape == (4, 1, 16, 16)
         assert list(samples["prompts"]) == ["a zero digit", "a one digit", "a two digit", "a three digit"]
+
+
+@pytest.mark.slow
+def test_the_lds_retrainings_were_trained_and_measured_one_job_per_subset(latent_run):
+    for j in range(TINY["lds"]["n_subsets"]):
+        assert (latent_run / "logs" / "train" / "models" / f"subset{j:03d}.log").is_file(), j
+        assert (latent_run / "logs" / "measure" / f"subset{j:03d}.log").is_file(), j
+        for s in range(TINY["lds"]["n_seeds"]):
+            assert (latent_run / "measurements" / f"subset{j:03d}_seed{s}.npz").is_file(), (j, s)
+    assert not (latent_run / "logs" / "train" / "models" / "subset000_seed0.log").exists()  # not one job per model
 
 
 @pytest.mark.slow
