@@ -1,6 +1,7 @@
 """Running Snakemake on a scratch copy of the repository (shared by the workflow and Slurm tests)."""
 
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -31,6 +32,14 @@ def snakemake(workdir: Path, *args: str, cores: bool = True, env: dict | None = 
     )
 
 
+def _default_interrupt_handling() -> None:
+    """In the child before exec: SIGINT and SIGQUIT back to their defaults. A shell ignores both in the commands it
+    starts in the background (`.ci/run &`), and an ignored signal stays ignored across exec, so Snakemake would
+    not see the Ctrl-C the interruption test sends."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGQUIT, signal.SIG_DFL)
+
+
 def start_snakemake(workdir: Path, log: Path, *args: str) -> subprocess.Popen:
     """`snakemake --cores 2 args` in the background, its output in `log`, in a process group of its own (Snakemake
     and its local jobs), so that a signal to the group reaches them all, as Ctrl-C in a terminal does."""
@@ -43,6 +52,7 @@ def start_snakemake(workdir: Path, log: Path, *args: str) -> subprocess.Popen:
             text=True,
             env=environment(workdir),
             start_new_session=True,
+            preexec_fn=_default_interrupt_handling,
         )
 
 
