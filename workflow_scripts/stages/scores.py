@@ -36,6 +36,7 @@ from workflow_scripts.core.lds import lds_per_query, mean_over_scored, scored_qu
 from workflow_scripts.core.store import check_provenance, open_store, read_sidecar, store_provenance
 from workflow_scripts.dag import paths
 from workflow_scripts.families.likelihood import method_targets
+from workflow_scripts.report.plotting import save_figure
 from workflow_scripts.scorers import ScorerNotRun, get_scorer
 
 
@@ -199,10 +200,8 @@ def choose(results: list, table: pd.DataFrame) -> int:
 def plot_sweep(table: pd.DataFrame, chosen_lambda, method: str, path: str | Path, notes: dict | None = None) -> None:
     """LDS against lambda, tuning and evaluation subsets, one colour per query set (a point per query set
     for methods without lambda); the chosen lambda is marked."""
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # headless: report.plotting set the backend on import
     import seaborn as sns
-
-    from workflow_scripts.report.plotting import save_figure  # sets the headless backend
 
     long = table.melt(
         id_vars=["lambda", "query_set"],

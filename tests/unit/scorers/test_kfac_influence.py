@@ -11,10 +11,10 @@ import torch
 
 from workflow_scripts.core import curvature
 from workflow_scripts.core import data as core_data
-from workflow_scripts.core.common import ArtefactError
+from workflow_scripts.core.common import ArtefactError, save_npz
 from workflow_scripts.dag.paths import format_curvature_variant
 from workflow_scripts.engines import kfac as kfac_engine
-from workflow_scripts.families.ddpm import train_model
+from workflow_scripts.families.ddpm import generate, load_model, train_model
 from workflow_scripts.scorers import get_scorer
 from workflow_scripts.scorers import kfac as K
 from workflow_scripts.stages import curvature as C
@@ -108,6 +108,16 @@ def test_stage_then_scorer(workflow, caplog):
     )
 
 
+def _generated_samples(config, model_path, path):
+    """Two generated queries with their sampling trajectories (as _inputs' generated set), written to path."""
+    model, payload = load_model(model_path, config["model"], "cpu")
+    sample_cfg = {**config["sample"], "num_inference_steps": 3}
+    save_npz(
+        path, **generate(model, payload["image_shape"], config["diffusion"], sample_cfg, 0, 2, torch.device("cpu"))
+    )
+    return path
+
+
 def _mc_expand_file(workflow):
     """The default variant's curvature file of the module's workflow (fitted by the stage entry once)."""
     config, dataset, model_path, tmp = workflow
@@ -176,26 +186,9 @@ def test_settings_and_notes_name_the_variant():
 def test_query_measurement_scores(workflow, tmp_path):
     """query_measurement elbo / trajectory change the query side only: a trajectory method's held-out rows (no
     trajectory: loss gradients) equal the loss method's, its generated rows do not."""
-    from workflow_scripts.core.common import save_npz
-    from workflow_scripts.families import ddpm as sample_stage
-    from workflow_scripts.families.ddpm import load_model
-
     config, dataset, model_path, tmp = workflow
     out = _mc_expand_file(workflow)
-    model, payload = load_model(model_path, config["model"], "cpu")
-    samples = tmp_path / "generated.npz"  # two generated queries with their trajectories (as _inputs' generated set)
-    save_npz(
-        samples,
-        **sample_stage.generate(
-            model,
-            payload["image_shape"],
-            config["diffusion"],
-            {**config["sample"], "num_inference_steps": 3},
-            0,
-            2,
-            torch.device("cpu"),
-        ),
-    )
+    samples = _generated_samples(config, model_path, tmp_path / "generated.npz")
     inputs = SimpleNamespace(**vars(_inputs(config, dataset, model_path, out)), samples=str(samples))
     ((_, loss),) = _kfac({"family": "kfac", "lambda_grid": [1e-2]}, inputs)
     ((_, elbo),) = _kfac({"family": "kfac", "query_measurement": "elbo", "lambda_grid": [1e-2]}, inputs)
@@ -238,10 +231,6 @@ def test_one_pass_family_equals_each_method_alone(workflow, tmp_path, monkeypatc
     method's own operations run on the same rows in the same order, single-threaded, so they give the same bits on
     any CPU. Still caught: a method scored with another's curvature, lambdas, quantisation or measurement (the methods
     differ pairwise below), or rows of a query group written to the wrong place."""
-    from workflow_scripts.core.common import save_npz
-    from workflow_scripts.families import ddpm as sample_stage
-    from workflow_scripts.families.ddpm import load_model
-
     config, dataset, model_path, tmp = workflow
     config = {**config, "kfac": {**config["kfac"], "query_batch": 1}}  # 2 + 2 queries: 4 groups, 4 passes
     files = {
@@ -250,20 +239,7 @@ def test_one_pass_family_equals_each_method_alone(workflow, tmp_path, monkeypatc
         "empirical-expand": _variant_file(workflow, fisher_type="empirical"),
         "mc-expand-ekfac": _variant_file(workflow, ekfac=True),
     }
-    model, payload = load_model(model_path, config["model"], "cpu")
-    samples = tmp_path / "generated.npz"  # two generated queries with their trajectories (as _inputs' generated set)
-    save_npz(
-        samples,
-        **sample_stage.generate(
-            model,
-            payload["image_shape"],
-            config["diffusion"],
-            {**config["sample"], "num_inference_steps": 3},
-            0,
-            2,
-            torch.device("cpu"),
-        ),
-    )
+    samples = _generated_samples(config, model_path, tmp_path / "generated.npz")
     mean = curvature.load_curvature(files["mc-expand"]).mean_eigenvalue()
     grid = [1e-3, 1e-1]
     methods = {  # (method entry, its variant's file)
