@@ -73,22 +73,18 @@ class SimpleLossMeasurement(Measurement):
 # ----------------------------------------------------------------------------------------------------------------
 # Per-example gradients
 # ----------------------------------------------------------------------------------------------------------------
-def per_example_gradients(
-    model, layout: ParamLayout, images: torch.Tensor, draws: dict, measurement: Measurement
-) -> torch.Tensor:
-    """(B, P) float32: grad of measurement.objective per image w.r.t. the layout's parameters (others fixed).
-
-    draws["cond"] (B,) long: the images' conditions, required for a conditional model and refused otherwise."""
+def _check_conditions(model, draws: dict) -> None:
     if is_conditional(model) != ("cond" in draws):
         raise ValueError(
             "a conditional model needs the images' conditions (draws['cond'])"
             if is_conditional(model)
             else "conditions (draws['cond']) given for an unconditional model"
         )
+
+
+def _objective(model, measurement: Measurement, frozen: dict):
+    """objective(p, x, d): measurement.objective of one image x and its draws d at the parameters {**frozen, **p}."""
     conditional = is_conditional(model)
-    params = {n: p.detach() for n, p in model.named_parameters()}
-    tracked = {n: params[n] for n in layout.names}
-    frozen = {n: p for n, p in params.items() if n not in tracked}
 
     def objective(p, x, d):
         def predict(x_t, t, cond=None):
@@ -101,8 +97,38 @@ def per_example_gradients(
 
         return measurement.objective(predict, x, d)
 
+    return objective
+
+
+def per_example_gradients(
+    model, layout: ParamLayout, images: torch.Tensor, draws: dict, measurement: Measurement
+) -> torch.Tensor:
+    """(B, P) float32: grad of measurement.objective per image w.r.t. the layout's parameters (others fixed).
+
+    draws["cond"] (B,) long: the images' conditions, required for a conditional model and refused otherwise."""
+    _check_conditions(model, draws)
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    tracked = {n: params[n] for n in layout.names}
+    frozen = {n: p for n, p in params.items() if n not in tracked}
+    objective = _objective(model, measurement, frozen)
     grads = vmap(grad(objective), in_dims=(None, 0, 0))(tracked, images, draws)
     return torch.cat([grads[n].flatten(1) for n in layout.names], dim=1)
+
+
+@torch.no_grad()
+def per_example_values(
+    model, images: torch.Tensor, draws: dict, measurement: Measurement, params: dict | None = None
+) -> torch.Tensor:
+    """(B,) measurement.objective per image (vmap over images) at the model's parameters with those named in `params`
+    replaced by the given tensors (functional_call: the model itself is not modified). draws["cond"]: as
+    per_example_gradients."""
+    _check_conditions(model, draws)
+    base = {n: p.detach() for n, p in model.named_parameters()}
+    unknown = sorted(set(params or {}) - set(base))
+    if unknown:
+        raise ValueError(f"per_example_values: {unknown[:3]} are not parameters of the model")
+    objective = _objective(model, measurement, {**base, **(params or {})})
+    return vmap(objective, in_dims=(None, 0, 0))({}, images, draws)
 
 
 def iter_gradients(
@@ -142,3 +168,34 @@ def gradients(
         if len(images)
         else torch.zeros(0, layout.n_params)
     )
+
+
+def values(
+    model,
+    images: np.ndarray,
+    measurement: Measurement,
+    batch_rows: int,
+    device,
+    offset: int = 0,
+    cond: np.ndarray | None = None,
+    params: dict | None = None,
+) -> torch.Tensor:
+    """(n,) float64: measurement.objective of every image (per_example_values batch by batch, the batching and draws
+    of iter_gradients), at the model's parameters with those named in `params` replaced."""
+    if cond is not None:
+        cond = np.asarray(cond)
+        if cond.shape != (len(images),) or not np.issubdtype(cond.dtype, np.integer):
+            raise ValueError(f"cond: {cond.shape} {cond.dtype}, expected one integer per image ({len(images)},)")
+    if not len(images):
+        return torch.zeros(0, dtype=torch.float64)
+    probe = measurement.draws(1, images.shape[1:], 0)
+    per_image = int(probe["t"].shape[1]) if probe["t"].dim() > 1 else 1
+    batch = max(1, int(batch_rows) // max(per_image, 1))
+    out = []
+    for start in range(0, len(images), batch):
+        x = torch.from_numpy(np.asarray(images[start : start + batch], dtype=np.float32)).to(device)
+        d = {k: v.to(device) for k, v in measurement.draws(len(x), images.shape[1:], offset + start).items()}
+        if cond is not None:
+            d["cond"] = torch.from_numpy(cond[start : start + batch].astype(np.int64)).to(device)
+        out.append(per_example_values(model, x, d, measurement, params).double().cpu())
+    return torch.cat(out)
