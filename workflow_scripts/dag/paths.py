@@ -781,8 +781,9 @@ def model_input_file(config: dict, method: str, name: str) -> str:
 
 def method_model_inputs(config: dict, method: str) -> dict[str, str]:
     """Model files a model-based method reads, keyed by the scores-stage option that names them."""
-    scorer = get_scorer(config["scores"]["methods"][method]["family"])
-    return {name: model_input_file(config, method, name) for name in scorer.model_inputs}
+    method_cfg = config["scores"]["methods"][method]
+    scorer = get_scorer(method_cfg["family"])
+    return {name: model_input_file(config, method, name) for name in scorer.method_model_inputs(method_cfg)}
 
 
 def method_model_args(config: dict, method: str) -> str:

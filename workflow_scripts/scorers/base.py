@@ -91,6 +91,10 @@ class Scorer:
         """The gradient stores a method reads (none by default)."""
         return []
 
+    def method_model_inputs(self, method_cfg: dict) -> tuple[str, ...]:
+        """The model files one method reads, a subset of model_inputs (default: all of them)."""
+        return self.model_inputs
+
     def lambdas(self, method_cfg: dict, config: dict) -> list[float]:
         """The lambda grid the scores stage sweeps: the method's own, else scores.lambda_grid (scorers without a
         lambda ignore it and return one result)."""
