@@ -10,7 +10,8 @@ Families: pixel (raw pixel dot / cosine), nda (patch posteriors of the empirical
 over checkpoints), normalized_if (relative and renormalised influence), journey (Journey-TRAK), das (DAS, scalar and
 vector-output forms), clip (open_clip embeddings from local weights; ScorerNotRun without them), embedding (the
 benchmark's own classifier features), kfac (K-FAC / EK-FAC influence), metagradient (MAGIC: -dm/dw by reverse mode
-through the whole training).
+through the whole training), unlearning (AbU / AbU+: the loss rise of each training image after one Fisher-preconditioned
+step that unlearns the query).
 """
 
 from __future__ import annotations

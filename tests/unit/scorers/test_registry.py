@@ -27,11 +27,12 @@ def test_declarations_replace_the_lookup_tables():
     assert {f: s.model_inputs for f, s in SCORERS.items() if s.model_inputs} == {
         "embedding": ("classifier",),
         "kfac": ("model", "curvature"),
+        "unlearning": ("model", "curvature"),
     }
     store_free = {
         f for f, s in SCORERS.items() if not s.stores({"family": f, "output_function": "loss", "form": "scalar"})
     }
-    assert store_free == {"pixel", "clip", "embedding", "nda", "kfac", "metagradient"}
+    assert store_free == {"pixel", "clip", "embedding", "nda", "kfac", "metagradient", "unlearning"}
 
 
 def test_method_schema_comes_from_the_scorer(smoke_config):
