@@ -118,10 +118,8 @@ class CurvatureStep:
         if not float(damping) > 0 and not bool((curvature.eigenvalues() > 0).all()):
             raise ValueError("unlearning: the curvature is singular; set the method's damping > 0")
         self.curvature, self.layout, self.n_train, self.damping = curvature, layout, int(n_train), float(damping)
-        self.index = torch.cat(
-            [torch.arange(curvature.layout.offsets[i], curvature.layout.offsets[i + 1]) for i in
-             (curvature.layout.index[n] for n in layout.names)]
-        )  # fmt: skip
+        spans = [curvature.layout.slice(name) for name in layout.names]
+        self.index = torch.cat([torch.arange(span.start, span.stop) for span in spans])  # the subset's coordinates
 
     def __call__(self, g: torch.Tensor) -> torch.Tensor:
         full = torch.zeros(len(g), self.curvature.layout.n_params, dtype=torch.float64, device=g.device)
