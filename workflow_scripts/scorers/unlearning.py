@@ -35,7 +35,7 @@ PARAM_SUBSETS = {
 DEFAULTS = {
     "params": "all",
     "query_draws": 16,  # (t, eps) draws averaged in the query gradient g_q
-    "loss_draws": 2,  # fixed (t, eps) draws per training image of L_i before and after the step
+    "loss_draws": 1,  # fixed (t, eps) draws per training image of L_i before and after the step
     "damping": 1.0e-3,  # relative: x the mean diagonal Fisher entry (diagonal) / mean eigenvalue (ekfac)
     "batch_size": 256,  # model rows (image x draw) per forward / per-example gradient batch
     "lambda_grid": [1.0e-3, 1.0e-2, 1.0e-1],  # step sizes eta
