@@ -245,5 +245,5 @@ def query_features(method_cfg: dict, inputs, query_set: str, expect: dict) -> np
 
 def query_notes(method_cfg: dict) -> dict[str, str]:
     if query_target(method_cfg) == "trajectory":
-        return {"heldout": "loss query features: held-out images have no sampling trajectory"}
+        return {name: "loss query features: these images have no sampling trajectory" for name in ("heldout", "extra")}
     return {}
