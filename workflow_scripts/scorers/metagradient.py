@@ -142,6 +142,7 @@ class Metagradient(Scorer):
     refused_reason = "it replays the family's training step by step, and the VE-SDE's score matching has no replay"
     config_keys = ("train.steps",)  # its settings (checkpoint interval); the scores come from its chunk jobs
     chunk_jobs = True
+    unscored_sets = (EXTRA_QUERY_SET,)  # EXTRA_NOTE
     engine = "workflow_scripts.engines.metagradient"
 
     def compute(self, method_cfg, inputs, lambdas):

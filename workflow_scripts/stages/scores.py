@@ -159,13 +159,18 @@ class ScorerInputs:
         return self.sidecar(role, "train").get("checkpoint", {"step": None, "lr": None})
 
 
-def check_scores(method: str, results: list) -> None:
+def check_scores(method: str, results: list, unscored_sets=()) -> None:
     """Refuse non-finite scores, naming the method, query set and lambda. A row of NaN is a query the method did
     not score (e.g. the metagradient beyond max_queries); a partly non-finite row, an infinite value, or a query
-    set with no scored query at all means the method's inputs or its arithmetic went non-finite."""
+    set with no scored query at all means the method's inputs or its arithmetic went non-finite, except for the
+    sets its scorer declares it never scores (Scorer.unscored_sets: the metagradient's extra queries)."""
     for lam, matrices in results:
         at = "" if lam is None else f", lambda {lam:g}"
         for name, scores in matrices.items():
+            if name in unscored_sets:
+                if not np.isnan(scores).all():
+                    raise NonFiniteError(f"scores of method {method}: the {name} queries are declared unscored")
+                continue
             what = f"scores of method {method} for the {name} queries{at}"
             try:
                 scored = scored_queries(scores)
@@ -386,7 +391,7 @@ def write_method(
     for note in fallback.values():
         log.info("scores %s: %s", method, note)
     used = {name: "loss" if name in fallback else target for name in targets}  # the target each set was tuned on
-    check_scores(method, results)
+    check_scores(method, results, scorer.unscored_sets)
     table = sweep(results, subsets["masks"], subsets["tuning"], subsets["evaluation"], targets)
     best = choose(results, table)
     chosen_lambda, matrices = results[best]
