@@ -33,8 +33,6 @@ order_methods(
 validate_config(config)  # fails before any job starts, naming the bad field
 check_workflow_support(config)  # ... or naming a setting the rules cannot honour yet
 
-QUERY_SETS = ["generated", "heldout"]
-
 
 include: "rules/data.smk"
 include: "rules/train.smk"

@@ -1,5 +1,12 @@
-# The figures of the report (PNG + PDF), drawn from the tables and score matrices.
-FIGURES = ("lds_bars", "damping_sweeps", "predicted_vs_actual", "influencers")
+# The figures of the report (PNG + PDF), drawn from the tables and score matrices: (name, category, label); the
+# gallery of the user's own queries (queries.extra) when there are any.
+FIGURE_SPECS = [
+    ("lds_bars", "1. Linear datamodelling score", "LDS per method"),
+    ("damping_sweeps", "1. Linear datamodelling score", "damping sweeps"),
+    ("predicted_vs_actual", "1. Linear datamodelling score", "predicted vs actual"),
+    ("influencers", "3. Attribution examples", "top influencers"),
+] + [("extra_influencers", "3. Attribution examples", "your queries")] * paths.has_extra_queries(config)
+FIGURES = tuple(name for name, _, _ in FIGURE_SPECS)
 
 
 rule figures:
@@ -10,6 +17,7 @@ rule figures:
         dataset=rules.data.output.dataset,
         samples=rules.sample.output[0],
         subsets=rules.data.output.subsets,
+        extra_images=paths.extra_images(config),
         measurements=paths.measurement_files(config),
     output:
         **{
@@ -19,12 +27,7 @@ rule figures:
                 category=category,
                 labels={"result": label},
             )
-            for name, category, label in (
-                ("lds_bars", "1. Linear datamodelling score", "LDS per method"),
-                ("damping_sweeps", "1. Linear datamodelling score", "damping sweeps"),
-                ("predicted_vs_actual", "1. Linear datamodelling score", "predicted vs actual"),
-                ("influencers", "3. Attribution examples", "top influencers"),
-            )
+            for name, category, label in FIGURE_SPECS
         },
         pdfs=[paths.figure_file(config, name, ".pdf") for name in FIGURES],
     log:
@@ -39,7 +42,8 @@ rule figures:
         config=lambda w: paths.stage_config(config, "figures"),
         score_dirs=lambda w, input: [os.path.dirname(p) for p in input.scores],
         out_dir=lambda w, output: os.path.dirname(output.pdfs[0]),
+        extra=lambda w, input: paths.extra_arg(input.extra_images, "--extra-images"),
     shell:
         "python -m workflow_scripts figures --config {params.config:q} --lds-table {input.lds}"
         " --scores {params.score_dirs} --dataset {input.dataset} --samples {input.samples} --subsets {input.subsets}"
-        " --measurements {input.measurements} --out-dir {params.out_dir} 2> {log}"
+        " --measurements {input.measurements} {params.extra} --out-dir {params.out_dir} 2> {log}"

@@ -4,9 +4,10 @@ rule gradients:
         model=lambda w: paths.checkpoint_model(config, w.checkpoint),
         dataset=paths.model_inputs_file(config),
         samples=rules.sample.output[0],
+        extra=paths.extra_inputs(config),
     output:
-        stores=[paths.gradients_file(config, split) for split in paths.STORE_SPLITS],
-        sidecars=[paths.gradients_file(config, split, "json") for split in paths.STORE_SPLITS],
+        stores=[paths.gradients_file(config, split) for split in paths.store_splits(config)],
+        sidecars=[paths.gradients_file(config, split, "json") for split in paths.store_splits(config)],
         residual=paths.gradients_file(config, paths.RESIDUAL),
         residual_sidecar=paths.gradients_file(config, paths.RESIDUAL, "json"),
     log:
@@ -24,9 +25,10 @@ rule gradients:
     params:
         config=lambda w: paths.stage_config(config, "gradients"),
         out_dir=lambda w, output: os.path.dirname(output.stores[0]),
+        extra=lambda w, input: paths.extra_arg(input.extra),
     shell:
         "python -m workflow_scripts gradients --config {params.config:q}"
-        " --model {input.model} --dataset {input.dataset} --samples {input.samples}"
+        " --model {input.model} --dataset {input.dataset} --samples {input.samples} {params.extra}"
         " --tag {wildcards.tag} --out-dir {params.out_dir} 2> {log}"
 
 
@@ -66,9 +68,10 @@ rule gradients_measurement:
         model=lambda w: paths.checkpoint_model(config, w.checkpoint),
         dataset=paths.model_inputs_file(config),
         samples=rules.sample.output[0],
+        extra=paths.extra_inputs(config),
     output:
-        stores=[paths.measurement_gradients_file(config, split) for split in ["generated", "heldout"]],
-        sidecars=[paths.measurement_gradients_file(config, split, "json") for split in ["generated", "heldout"]],
+        stores=[paths.measurement_gradients_file(config, split) for split in paths.query_sets(config)],
+        sidecars=[paths.measurement_gradients_file(config, split, "json") for split in paths.query_sets(config)],
     log:
         paths.log_file(config, "gradients_measurement"),
     wildcard_constraints:
@@ -85,9 +88,10 @@ rule gradients_measurement:
     params:
         config=lambda w: paths.stage_config(config, "gradients_measurement"),
         out_dir=lambda w, output: os.path.dirname(output.stores[0]),
+        extra=lambda w, input: paths.extra_arg(input.extra),
     shell:
         "python -m workflow_scripts gradients --config {params.config:q}"
-        " --model {input.model} --dataset {input.dataset} --samples {input.samples}"
+        " --model {input.model} --dataset {input.dataset} --samples {input.samples} {params.extra}"
         " --tag {wildcards.tag} --measurement {wildcards.target} --out-dir {params.out_dir} 2> {log}"
 
 

@@ -44,3 +44,27 @@ rule encode:
     shell:
         "python -m workflow_scripts encode --config {params.config:q}"
         " --dataset {input.dataset} --pipeline {params.pipeline:q} --out {output} 2> {log}"
+
+
+# The extra queries (queries.extra) as the latent model takes them: VAE latents and caption indices.
+rule encode_extra:
+    input:
+        dataset=rules.data.output.dataset,
+        queries=paths.extra_queries_file(config),
+        pipeline=paths.base_pipeline_inputs(config),
+    output:
+        paths.extra_latents_file(config),
+    log:
+        paths.log_file(config, "encode_extra"),
+    conda:
+        "../envs/benchmark.yaml"
+    threads: config["compute"]["threads"]
+    resources:
+        mem_mb=4000,
+        runtime=30,
+    params:
+        config=lambda w: paths.stage_config(config, "encode"),
+        pipeline=lambda w: paths.base_pipeline_dir(config),
+    shell:
+        "python -m workflow_scripts encode --config {params.config:q} --dataset {input.dataset}"
+        " --pipeline {params.pipeline:q} --queries {input.queries} --out {output} 2> {log}"

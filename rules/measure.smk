@@ -7,6 +7,7 @@ if not paths.measure_per_subset(config):
             model=paths.subset_model(config),
             dataset=paths.model_inputs_file(config),
             samples=rules.sample.output[0],
+            extra=paths.extra_inputs(config),  # the user's own queries (queries.extra), measured on every model
         output:
             paths.measurement_file(config),
         log:
@@ -22,9 +23,10 @@ if not paths.measure_per_subset(config):
             runtime=30,
         params:
             config=lambda w: paths.stage_config(config, "measure"),
+            extra=lambda w, input: paths.extra_arg(input.extra),
         shell:
             "python -m workflow_scripts measure --config {params.config:q}"
-            " --model {input.model} --dataset {input.dataset} --samples {input.samples}"
+            " --model {input.model} --dataset {input.dataset} --samples {input.samples} {params.extra}"
             " --subset {wildcards.subset} --replicate {wildcards.replicate} --out {output} 2> {log}"
 
 else:
@@ -34,6 +36,7 @@ else:
             models=[paths.subset_model(config, name) for name in paths.subset_seed_names(config)],
             dataset=paths.model_inputs_file(config),
             samples=rules.sample.output[0],
+            extra=paths.extra_inputs(config),  # the user's own queries (queries.extra), measured on every model
         output:
             [paths.measurement_file(config, name) for name in paths.subset_seed_names(config)],
         log:
@@ -48,8 +51,9 @@ else:
             runtime=30 * config["lds"]["n_seeds"],
         params:
             config=lambda w: paths.stage_config(config, "measure"),
+            extra=lambda w, input: paths.extra_arg(input.extra),
             replicates=" ".join(str(s) for s in range(config["lds"]["n_seeds"])),
         shell:
             "python -m workflow_scripts measure --config {params.config:q}"
-            " --model {input.models} --dataset {input.dataset} --samples {input.samples}"
+            " --model {input.models} --dataset {input.dataset} --samples {input.samples} {params.extra}"
             " --subset {wildcards.subset} --replicate {params.replicates} --out {output} 2> {log}"

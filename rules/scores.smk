@@ -5,6 +5,8 @@ rule scores:
         images=rules.data.output.dataset,
         subsets=rules.data.output.subsets,
         samples=rules.sample.output[0],
+        extra=paths.extra_inputs(config),
+        extra_images=paths.extra_images(config),
         measurements=paths.measurement_files(config),
         features=lambda w: paths.method_feature_stores(config, w.method),
         models=lambda w: list(paths.method_model_inputs(config, w.method).values()),
@@ -34,10 +36,11 @@ rule scores:
         models=lambda w: paths.method_model_args(config, w.method),
         chunks=lambda w: paths.metagradient_chunk_option(config, w.method),
         out_dir=lambda w, output: os.path.dirname(output.sweep),
+        extra=lambda w, input: paths.extra_scores_args(input.extra, input.extra_images),
     shell:
         "python -m workflow_scripts scores --config {params.config:q} --method {wildcards.method}"
         " --dataset {input.dataset} --images {input.images} --samples {input.samples} --subsets {input.subsets}"
-        " --measurements {input.measurements} {params.features} {params.store_checkpoints} {params.models} {params.chunks} --out-dir {params.out_dir} 2> {log}"
+        " --measurements {input.measurements} {params.extra} {params.features} {params.store_checkpoints} {params.models} {params.chunks} --out-dir {params.out_dir} 2> {log}"
 
 
 # One job for every method of a shared_pass scorer family (K-FAC: the training gradients are computed once for all
@@ -52,6 +55,8 @@ for family, family_methods in paths.shared_pass_families(config).items():
             images=rules.data.output.dataset,
             subsets=rules.data.output.subsets,
             samples=rules.sample.output[0],
+            extra=paths.extra_inputs(config),
+            extra_images=paths.extra_images(config),
             measurements=paths.measurement_files(config),
             models=paths.family_model_inputs(config, family),
         output:
@@ -68,7 +73,8 @@ for family, family_methods in paths.shared_pass_families(config).items():
         params:
             config=paths.family_scores_config(config, family),
             args=paths.family_scores_args(config, family),
+            extra=lambda w, input: paths.extra_scores_args(input.extra, input.extra_images),
         shell:
             "python -m workflow_scripts scores --config {params.config:q}"
             " --dataset {input.dataset} --images {input.images} --samples {input.samples} --subsets {input.subsets}"
-            " --measurements {input.measurements} {params.args} 2> {log}"
+            " --measurements {input.measurements} {params.extra} {params.args} 2> {log}"

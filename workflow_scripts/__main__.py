@@ -36,6 +36,7 @@ STAGES = (
     "likelihood_sanity",
     "base_pipeline",
     "encode",
+    "queries",
 )
 
 

@@ -45,7 +45,30 @@ def config_hash(section: dict) -> str:
     return hashlib.sha256(json.dumps(section, sort_keys=True).encode()).hexdigest()[:16]
 
 
-QUERY_SETS = ("generated", "heldout")  # also the stream index of each set's measurement noise
+QUERY_SETS = ("generated", "heldout")  # the query sets of every run; a set's position is its measurement-noise stream
+EXTRA_QUERY_SET = "extra"  # the user's own query images (queries.extra), a third set after the two: stream 2
+ALL_QUERY_SETS = (*QUERY_SETS, EXTRA_QUERY_SET)
+
+
+def query_stream(name: str) -> int:
+    """The measurement-noise stream of a query set: its position in ALL_QUERY_SETS (generated 0, heldout 1,
+    extra 2), so adding extra queries changes no other set's draws."""
+    return ALL_QUERY_SETS.index(name)
+
+
+def query_sets(config: dict) -> tuple[str, ...]:
+    """The query sets of a run: generated and held-out, then `extra` when queries.extra names a folder."""
+    return (*QUERY_SETS, EXTRA_QUERY_SET) if has_extra_queries(config) else QUERY_SETS
+
+
+def measurement_sets(target: str, sets) -> list[str]:
+    """The query sets among `sets` that have a target: the trajectory exists for the generated queries only (the
+    held-out and extra images were never sampled)."""
+    return ["generated"] if target == "trajectory" else list(sets)
+
+
+def has_extra_queries(config: dict) -> bool:
+    return bool((config.get("queries") or {}).get("extra"))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -65,6 +88,11 @@ def target_key(query_set: str, target: str) -> str:
 # The files of a gradient store (core/store.py): one per split, plus the training residuals (DAS); the output
 # function name of a vector-output (sketch) store.
 STORE_SPLITS = ("train", "generated", "heldout")
+
+
+def store_splits(config: dict) -> tuple[str, ...]:
+    """The per-split files of a gradient store in a run: STORE_SPLITS, then the extra queries' when configured."""
+    return (*STORE_SPLITS, EXTRA_QUERY_SET) if has_extra_queries(config) else STORE_SPLITS
 
 
 RESIDUAL = "train_residual"  # per-training-example residuals at the store's (t, eps) draws (DAS)

@@ -134,12 +134,24 @@ def load_subsets(path) -> dict[str, np.ndarray]:
     return load_npz(path, ("masks", "tuning", "evaluation"))
 
 
-def load_queries(dataset_path, samples_path) -> dict[str, np.ndarray]:
-    """The query images of every query set, keyed by set name."""
-    return {
+def load_queries(dataset_path, samples_path, extra_path=None) -> dict[str, np.ndarray]:
+    """The query images of every query set, keyed by set name, as the model takes them (the latent family: latents):
+    generated, heldout, and `extra` when extra_path (the model's extra-queries file, paths.extra_inputs_file) is
+    given."""
+    queries = {
         "generated": load_npz(samples_path, ("images",))["images"],
         "heldout": core_data.load_dataset(dataset_path)["heldout_images"],
     }
+    if extra_path is not None:
+        queries["extra"] = load_extra_queries(extra_path)["images"]
+    return queries
+
+
+def load_extra_queries(path) -> dict[str, np.ndarray]:
+    """The extra-queries file (stage queries, or encode --queries for the latent family): images, files (path of each
+    image relative to queries.extra) and, for a conditional model, labels (index of each caption in the model's
+    caption table)."""
+    return load_npz(path, ("images", "files"))
 
 
 # The per-example conditions of a conditional model (model.family latent: caption indices), by split: file, array.
@@ -147,14 +159,16 @@ CONDITION_ARRAYS = {
     "train": ("dataset", "train_labels"),
     "generated": ("samples", "labels"),
     "heldout": ("dataset", "heldout_labels"),
+    "extra": ("extra", "labels"),
 }
 
 
-def load_conditions(dataset_path, samples_path) -> dict[str, np.ndarray | None]:
-    """{split: (n,) int64 conditions} for train / generated / heldout, aligned with the split's images: the dataset
-    file's train_labels / heldout_labels and the samples file's labels (the caption index of each generated query).
-    A split whose file is None is None. Read only for a conditional model (unconditional models take none)."""
-    paths = {"dataset": dataset_path, "samples": samples_path}
+def load_conditions(dataset_path, samples_path, extra_path=None) -> dict[str, np.ndarray | None]:
+    """{split: (n,) int64 conditions} for train / generated / heldout / extra, aligned with the split's images: the
+    dataset file's train_labels / heldout_labels, the samples file's labels (the caption index of each generated
+    query) and the extra-queries file's labels. A split whose file is None is None. Read only for a conditional
+    model (unconditional models take none)."""
+    paths = {"dataset": dataset_path, "samples": samples_path, "extra": extra_path}
     needed = {source: tuple(k for s, k in CONDITION_ARRAYS.values() if s == source) for source in paths}
     files = {source: load_npz(path, needed[source]) for source, path in paths.items() if path is not None}
     return {
@@ -178,13 +192,24 @@ def to_size(images: np.ndarray, size: int) -> np.ndarray:
     raise ValueError(f"images of size {height} cannot be brought to size {size} (neither divides the other)")
 
 
-def load_query_images(dataset_path, samples_path) -> dict[str, np.ndarray]:
+def load_query_images(dataset_path, samples_path, extra_path=None) -> dict[str, np.ndarray]:
     """The query sets as IMAGES at the data set's resolution: the generated queries' decodings where the model
-    works in a latent space (samples 'decoded'), else the samples themselves; the held-out images."""
+    works in a latent space (samples 'decoded'), else the samples themselves; the held-out images; and the extra
+    queries (extra_path: the queries stage's image file, never the latent family's encoded one)."""
     dataset = load_dataset(dataset_path)
     samples = load_npz(samples_path, ("images",))
     generated = samples["decoded"] if "decoded" in samples else samples["images"]
-    return {
+    images = {
         "generated": to_size(generated, dataset["heldout_images"].shape[-1]),
         "heldout": dataset["heldout_images"],
     }
+    if extra_path is not None:
+        images["extra"] = load_extra_queries(extra_path)["images"]
+    return images
+
+
+def quantise(images: np.ndarray, levels: int) -> np.ndarray:
+    """Images in [-1, 1] rounded to the data set's `levels` evenly spaced intensities (N_LEVELS): a user's query
+    image read at 256 levels, brought to the 17 of the digits, lies where the likelihood measurements' bins are."""
+    steps = levels - 1
+    return (np.round((images + 1.0) / 2.0 * steps) / steps * 2.0 - 1.0).astype(np.float32)

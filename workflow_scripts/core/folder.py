@@ -46,6 +46,13 @@ CSV_HEADER = ["file", "caption"]
 SHOWN = 20  # problems named in one error (then the count of the rest)
 
 
+WHAT = {  # what the folder of each config key holds, for the errors
+    "data.root": "the folder of your training images",
+    "data.heldout_folder": "the folder of your held-out images",
+    "queries.extra": "the folder of your own query images",
+}
+
+
 def channels(data_cfg: dict) -> int:
     return int(data_cfg.get("channels", 3))
 
@@ -70,7 +77,7 @@ def _hidden(relative: Path) -> bool:
 def scan(root: Path, key: str, skip: Path | None = None) -> Folder:
     """The image files under root (the folder of config key `key`); `skip` (the captions CSV) may lie inside."""
     if not root.is_dir():
-        raise DataNotFound(f"{key} {root}: not a directory (the folder of your training images)")
+        raise DataNotFound(f"{key} {root}: not a directory ({WHAT.get(key, 'a folder of images')})")
     top = sorted(p for p in root.iterdir() if not p.name.startswith(".") and p != skip)
     subfolders = [p for p in top if p.is_dir()]
     loose = [p for p in top if not p.is_dir()]
@@ -130,14 +137,16 @@ def image_problem(path: Path, mode: str) -> str | None:
     return None
 
 
-def check_images(folders: list[Folder], mode: str) -> None:
+def check_images(
+    folders: list[Folder],
+    mode: str,
+    why: str = "data.dataset folder converts every image to mode {mode}, data.channels",
+) -> None:
     """Open every image file; raise DataNotFound naming each unusable one (never skipped)."""
     bad = [p for f in folders for p in (image_problem(f.root / name, mode) for name in f.files) if p]
     if bad:
         raise DataNotFound(
-            list_problems("unusable image", bad, SHOWN)
-            + f"\n(data.dataset folder converts every image to mode {mode}, "
-            "data.channels; fix or remove these files)"
+            list_problems("unusable image", bad, SHOWN) + f"\n({why.format(mode=mode)}; fix or remove these files)"
         )
 
 
@@ -227,6 +236,32 @@ def open_source(data_cfg: dict) -> ImageSource:
         else f"held-out folder {heldout.root} ({len(heldout.files)} images)"
     )
     return ImageSource(labels, index, read, n_classes, names, captions, balanced=False, shared=shared, files=files)
+
+
+def read_query_folder(queries_cfg: dict, size: int, mode: str) -> dict[str, np.ndarray]:
+    """The user's own query images (queries.extra: a folder laid out as data.root, its subfolders only a layout here)
+    and their captions (queries.extra_captions, a file,caption CSV as data.captions), each image checked as the
+    training folder's and centre-cropped and resized to the data set's `size` in `mode` (L or RGB). Returns files
+    (paths relative to the folder, sorted), images (n, C, size, size) in [-1, 1] and, with a CSV, captions."""
+    csv_path = _path(queries_cfg["extra_captions"]) if queries_cfg.get("extra_captions") else None
+    found = scan(_path(queries_cfg["extra"]), "queries.extra", csv_path)
+    check_images([found], mode, "queries.extra: every image is converted to mode {mode}, the training images' mode")
+    out = {
+        "files": np.array(found.files),
+        "images": read_image_files(
+            [found.root / name for name in found.files],
+            square_resize(size),
+            size,
+            "fix or remove the files named",
+            mode,
+        ),
+    }
+    if csv_path is not None:
+        out["captions"] = np.array(read_captions(csv_path, found, "queries.extra_captions"))
+    log.info(
+        "queries: %d extra query images from %s%s", len(found.files), found.root, " with captions" * bool(csv_path)
+    )
+    return out
 
 
 def _classes(names: list[str]) -> str:

@@ -11,11 +11,18 @@ import re
 
 import numpy as np
 
-from workflow_scripts.core.contracts import QUERY_SETS, RESIDUAL, STORE_SPLITS  # the rules read them from here
+from workflow_scripts.core.contracts import (  # the rules read them from here
+    RESIDUAL,
+    has_extra_queries,
+    measurement_sets,
+    query_sets,
+    store_splits,
+)
 from workflow_scripts.core.store import PROVENANCE_KEYS
 from workflow_scripts.scorers import StoreNeed, get_scorer
 
 SECTIONS = {  # the config keys each stage reads; a rule reruns exactly when one of them changes
+    "queries": ("queries", "data.dataset"),  # data.dataset: the intensity levels the extra queries are brought to
     "data": ("data", "lds.n_subsets", "lds.n_tuning", "lds.fraction", "seeds.split", "seeds.subsets"),
     "train": ("data", "model", "diffusion", "train", "seeds.train", "compute"),
     "classifier": ("classifier", "seeds.classifier", "compute"),
@@ -246,6 +253,40 @@ def model_inputs_file(config: dict) -> str:
     return latents_file(config) if config["model"].get("family") == "latent" else dataset_file(config)
 
 
+def extra_queries_file(config: dict) -> str:
+    """The user's own query images (queries.extra) at the data set's resolution (rule extra_queries)."""
+    return f"{root(config)}/data/extra_queries.npz"
+
+
+def extra_latents_file(config: dict) -> str:
+    """The latent family's extra queries: their VAE latents and caption indices (rule encode_extra)."""
+    return f"{root(config)}/data/extra_latents.npz"
+
+
+def extra_inputs(config: dict) -> list[str]:
+    """The extra queries as the model takes them (the latent family: latents), as a rule's input: [] without
+    queries.extra, so every rule reads the same either way."""
+    if not has_extra_queries(config):
+        return []
+    return [extra_latents_file(config) if config["model"].get("family") == "latent" else extra_queries_file(config)]
+
+
+def extra_images(config: dict) -> list[str]:
+    """The extra queries as images (what the figures show and image-space scorers compare): [] without them."""
+    return [extra_queries_file(config)] if has_extra_queries(config) else []
+
+
+def extra_arg(files, flag: str = "--extra-queries") -> str:
+    """A stage's command-line option for an extra-queries input (extra_inputs / extra_images): '' when empty."""
+    files = list(files)
+    return f"{flag} {files[0]}" if files else ""
+
+
+def extra_scores_args(extra, extra_images) -> str:
+    """The scores stage's options for the extra queries: as the model takes them and as images."""
+    return " ".join(a for a in (extra_arg(extra), extra_arg(extra_images, "--extra-images")) if a)
+
+
 def base_pipeline_dir(config: dict) -> str:
     """The latent family's base pipeline: model.pipeline (a local diffusers directory), or the miniature base the
     DAG pretrains (rule base_pipeline) when it is null."""
@@ -353,7 +394,7 @@ def scores_file(config: dict, method: str = "{method}", name: str = "chosen.json
 def score_matrix_files(config: dict, method: str = "{method}") -> list[str]:
     """The score matrices <query_set>.npy the scores stage writes beside chosen.json (all NaN: a method it could not
     run, whose chosen.json says why)."""
-    return [scores_file(config, method, f"{name}.npy") for name in QUERY_SETS]
+    return [scores_file(config, method, f"{name}.npy") for name in query_sets(config)]
 
 
 def metagradient_chunk_file(config: dict, method: str = "{method}", chunk: str = "{chunk}") -> str:
@@ -417,6 +458,8 @@ LOGS = {
     "metagradient_evaluate": "metagradient_evaluate",
     "base_pipeline": "base_pipeline",
     "encode": "encode",
+    "extra_queries": "extra_queries",
+    "encode_extra": "encode_extra",
 }
 
 
@@ -651,20 +694,21 @@ def feature_dir(
 
 
 # A TRAK-family method with query_measurement m (not loss) reads its query features from
-# gradients/<checkpoint>/<tag>/measurement_<m>/{generated,heldout}.npy: P^T grad m(x_q) with the store's projection
+# gradients/<checkpoint>/<tag>/measurement_<m>/{generated,heldout,extra}.npy: P^T grad m(x_q) with the store's projection
 # (rule gradients_measurement); trajectory exists for generated queries only (held-out: the loss features).
 MEASUREMENT_PATTERN = r"elbo|timestep_loss_t\d+"  # both query sets (rule gradients_measurement_trajectory: generated)
 
 
-def measurement_splits(target: str) -> list[str]:
-    return ["generated"] if target == "trajectory" else ["generated", "heldout"]
+def measurement_splits(config: dict, target: str) -> list[str]:
+    """The query sets with features of a measurement target (contracts.measurement_sets)."""
+    return measurement_sets(target, query_sets(config))
 
 
-def store_files(directory: str, kind: str) -> list[str]:
+def store_files(config: dict, directory: str, kind: str) -> list[str]:
     if kind.startswith("measurement_"):
-        names = measurement_splits(kind[len("measurement_") :])
+        names = measurement_splits(config, kind[len("measurement_") :])
     else:
-        names = ["generated"] if kind == "journey" else [*STORE_SPLITS, RESIDUAL]
+        names = ["generated"] if kind == "journey" else [*store_splits(config), RESIDUAL]
     return [store_file(directory, name, ext) for name in names for ext in ("npy", "json")]
 
 
@@ -715,7 +759,9 @@ def method_store_checkpoint_args(config: dict, method: str) -> str:
 
 def method_feature_stores(config: dict, method: str) -> list[str]:
     """The gradient store files (.npy + .json sidecar) a method reads ([] for methods that need none)."""
-    return [f for directory, kind in method_stores(config, method).values() for f in store_files(directory, kind)]
+    return [
+        f for directory, kind in method_stores(config, method).values() for f in store_files(config, directory, kind)
+    ]
 
 
 def method_feature_args(config: dict, method: str) -> str:

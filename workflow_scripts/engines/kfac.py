@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from workflow_scripts.core.common import ArtefactError, load_npz, log, select_device
-from workflow_scripts.core.contracts import QUERY_SETS
+from workflow_scripts.core.contracts import ALL_QUERY_SETS, query_stream
 from workflow_scripts.core.curvature import (
     QUERY_GRADIENT_STREAM,
     TRAIN_GRADIENT_STREAM,
@@ -294,7 +294,7 @@ def family_scores(
 
     def measurement(name: str, target: str) -> Measurement:
         if target == "loss":
-            stream = QUERY_SETS.index(name) if name in QUERY_SETS else list(query_images).index(name)
+            stream = query_stream(name) if name in ALL_QUERY_SETS else list(query_images).index(name)
             return loss_measurement(cfg, "query", stream_index=stream)
         if name not in measurements.get(target, {}):
             raise ValueError(f"no {target} measurement of the {name} queries (family_scores: measurements)")
@@ -462,7 +462,7 @@ def compute_family(methods: dict[str, dict], inputs: dict, lambdas: dict[str, li
     model, payload = load_family_model(first.model_path, config["model"], device)
     train = first.train_images()
     # a conditional model's per-example conditions (caption indices) of every split; None: unconditional
-    conditions = load_conditions(first.dataset, first.samples) if is_conditional(model) else None
+    conditions = load_conditions(first.dataset, first.samples, first.extra) if is_conditional(model) else None
     queries = first.queries()
     curvatures: dict[tuple, Curvature] = {}  # methods of one variant share its file (read once)
     measurements: dict[str, dict[str, Measurement]] = {}  # {target: {query set: Measurement}}, targets but the loss

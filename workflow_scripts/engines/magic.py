@@ -69,7 +69,7 @@ import torch
 from torch.func import functional_call
 
 from workflow_scripts.core.common import log
-from workflow_scripts.core.contracts import QUERY_SETS
+from workflow_scripts.core.contracts import ALL_QUERY_SETS, query_stream
 from workflow_scripts.families.ddpm import Batch, add_noise, alphas_cumprod, measurement_draws
 from workflow_scripts.families.registry import is_conditional, train_family_model, training_replay
 from workflow_scripts.scorers.metagradient import default_every
@@ -338,7 +338,7 @@ class QueryDraws:
 def measurement_queries(
     config: dict, images: np.ndarray, stream: int, indices=None, dtype=torch.float32, device="cpu", cond=None
 ) -> QueryDraws:
-    """The measure stage's draws for queries `indices` (default: all) of a query set (stream = QUERY_SETS index).
+    """The measure stage's draws for queries `indices` (default: all) of a query set (stream = contracts.query_stream).
     cond: the conditions of ALL the set's images (core.data.load_conditions), for a conditional model."""
     n = len(images)
     indices = np.arange(n) if indices is None else np.asarray(indices, dtype=np.int64)
@@ -528,7 +528,7 @@ def attribute(
     """MAGIC scores of the selected queries of every query set, in ONE forward + reverse pass.
 
     dataset: the family's model inputs (model_inputs). query_sets: {name: images}; the measurement stream of a set
-    is its index in measure.QUERY_SETS (else its position in query_sets). indices: {name: query indices to
+    is contracts.query_stream (else its position in query_sets). indices: {name: query indices to
     attribute} (default: all). conditions: {name: the set's conditions} (core.data.load_conditions), required for a
     conditional family: its queries are measured under their own captions, as in the measure stage.
     Returns scores {name: (len(indices), N) float64, S = -dm/dw at w = 1}, the measurements m_q at theta_T(1),
@@ -547,7 +547,7 @@ def attribute(
         cond = (conditions or {}).get(name) if conditional else None
         if conditional and cond is None:
             raise ValueError(f"the {name} queries need their conditions: the family measures a query under its caption")
-        stream = QUERY_SETS.index(name) if name in QUERY_SETS else position
+        stream = query_stream(name) if name in ALL_QUERY_SETS else position
         parts.append(measurement_queries(config, images, stream, idx, dtype=dtype, device=device, cond=cond))
         names.append(name)
         sizes.append(len(idx))

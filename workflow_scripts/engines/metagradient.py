@@ -43,7 +43,7 @@ def compute(method_cfg: dict, inputs, lambdas) -> list:
     # a conditional family's replay reads the captions and labels of its model inputs, its queries their captions
     conditional = is_conditional(config["model"])
     dataset = core_data.load_dataset(inputs.dataset) if conditional else inputs.train_images()
-    conditions = core_data.load_conditions(inputs.dataset, inputs.samples) if conditional else None
+    conditions = core_data.load_conditions(inputs.dataset, inputs.samples, inputs.extra) if conditional else None
     train = model_inputs(dataset)["train_images"]
     queries = inputs.queries()
     selected = selected_queries({name: len(images) for name, images in queries.items()}, opts["max_queries"])

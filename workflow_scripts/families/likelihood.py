@@ -72,9 +72,11 @@ import torch
 
 from workflow_scripts.core.common import ArtefactError, generator, load_npz, rng
 from workflow_scripts.core.contracts import (
+    ALL_QUERY_SETS,
     DEFAULT_MEASUREMENTS,
     DEFAULT_TIMESTEP_LOSS_TIMESTEPS,
     QUERY_SETS,
+    query_stream,
     target_key,
     target_names,
 )
@@ -514,8 +516,8 @@ def measure_queries(
 ) -> dict[str, np.ndarray]:
     """Every configured measurement of every query set: {target_key(set, target): (n_queries,) float64}.
 
-    config: model, diffusion, measure, seeds.measure, data.dataset. The noise stream of a query set is its index
-    in measure.QUERY_SETS (as the loss measurement). `samples` (sample.py's file: trajectories, timesteps) is
+    config: model, diffusion, measure, seeds.measure, data.dataset. The noise stream of a query set is
+    contracts.query_stream (as the loss measurement); a set of another name takes its position in `queries`. `samples` (sample.py's file: trajectories, timesteps) is
     needed for `trajectory`, which exists for the generated queries only (held-out images have no trajectory;
     no array is written for them). Values in nats; bits/dim are an affine function of them.
     `conditions`: per query set, each query's condition (the latent family's caption indices; None: unconditional)."""
@@ -524,7 +526,7 @@ def measure_queries(
     seed, levels = config["seeds"]["measure"], N_LEVELS[config["data"]["dataset"]]
     out = {}
     for i, (name, images) in enumerate(queries.items()):
-        stream = QUERY_SETS.index(name) if name in QUERY_SETS else i
+        stream = query_stream(name) if name in ALL_QUERY_SETS else i
         for m in s["measurements"]:
             if m == "loss":
                 cond = None if conditions is None else conditions.get(name)
@@ -581,7 +583,7 @@ def measure_queries(
 
 
 def load_measurement_targets(
-    paths: list[str], n_subsets: int, n_seeds: int, target: str = "loss", query_sets=("generated", "heldout")
+    paths: list[str], n_subsets: int, n_seeds: int, target: str = "loss", query_sets=ALL_QUERY_SETS
 ) -> dict[str, np.ndarray]:
     """The one reader of measurement files: {query set: (n_subsets, n_seeds, n_queries)} of any target; query sets
     without that target in the files (trajectory: held-out) are left out. Files must come subset-major."""
@@ -617,7 +619,7 @@ def target_measurement(config: dict, target: str, query_set: str, samples: dict 
     if target not in target_names(config):
         raise ValueError(f"target {target!r} is not measured (measure.measurements gives {target_names(config)})")
     s = measure_settings(config["measure"], model_family(config["model"]))
-    seed, stream = config["seeds"]["measure"], QUERY_SETS.index(query_set)
+    seed, stream = config["seeds"]["measure"], query_stream(query_set)
     if target == "elbo":
         e = s["elbo"]
         return ElboMeasurement(
@@ -666,7 +668,7 @@ def file_targets(paths: list[str]) -> list[str]:
 
 
 def method_targets(
-    paths: list[str], n_subsets: int, n_seeds: int, target: str, query_sets=("generated", "heldout")
+    paths: list[str], n_subsets: int, n_seeds: int, target: str, query_sets=QUERY_SETS
 ) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """Ground truth of a method whose scores predict `target`: {query set: (n_subsets, n_seeds, n_query)}, and
     {query set: note} for the sets without that target (trajectory: held-out), which get the loss -- as the
@@ -686,11 +688,12 @@ def method_targets(
 
 def load_targets(paths: list[str], n_subsets: int, n_seeds: int) -> dict[str, np.ndarray]:
     """The files' primary target (the loss, or what their `measurement` entry names: a VE-SDE model's likelihood)
-    of every query set: {query set: (n_subsets, n_seeds, n_queries)}, read by load_measurement_targets."""
+    of every query set: {query set: (n_subsets, n_seeds, n_queries)}, read by load_measurement_targets; the extra
+    queries' when the files hold them."""
     if len(paths) != n_subsets * n_seeds:
         raise ArtefactError(f"expected {n_subsets * n_seeds} measurement files, got {len(paths)}")
     target = primary_target(paths)
-    out = load_measurement_targets(paths, n_subsets, n_seeds, target, QUERY_SETS)
+    out = load_measurement_targets(paths, n_subsets, n_seeds, target, ALL_QUERY_SETS)
     missing = [target_key(name, target) for name in QUERY_SETS if name not in out]
     if missing:
         raise ArtefactError(f"{paths[0]}: lacks arrays {missing}")
@@ -700,7 +703,7 @@ def load_targets(paths: list[str], n_subsets: int, n_seeds: int) -> dict[str, np
 def measure_generated_query(model, query_image: np.ndarray, config: dict, query: int, device, cond=None) -> float:
     """The measurement m_q of generated query `query` (its draws as in the measure stage): the loss, or for
     model.family vesde the exact -ln p in nats. `cond`: the query's condition (latent family: [caption index])."""
-    stream = QUERY_SETS.index("generated")  # the measure stage's noise stream of generated queries
+    stream = query_stream("generated")  # the measure stage's noise stream of generated queries
     if model_family(config["model"]) == "vesde":
         settings = measure_settings(config["measure"], "vesde")["likelihood"]
         return float(

@@ -82,6 +82,7 @@ class Scorer:
     config_keys: tuple[str, ...] = ()  # configuration keys its scores job reads besides scores.* and lds.*
     model_inputs: tuple[str, ...] = ()  # model files it reads: classifier, model (final checkpoint), curvature
     chunk_jobs: bool = False  # its scores come from chunk jobs (rule metagradient), assembled by the scores job
+    unscored_sets: tuple[str, ...] = ()  # query sets it never scores (all-NaN matrices, noted in its notes())
     engine: str | None = None  # module with compute(method_cfg, inputs, lambdas), imported when it computes
     # its methods differ only in what they do with shared work (K-FAC: the query side of one pass of training
     # gradients): ONE scores job computes them all (rule scores_<family>_family, the engine's compute_family)
@@ -249,5 +250,5 @@ def query_features(method_cfg: dict, inputs, query_set: str, expect: dict) -> np
 
 def query_notes(method_cfg: dict) -> dict[str, str]:
     if query_target(method_cfg) == "trajectory":
-        return {"heldout": "loss query features: held-out images have no sampling trajectory"}
+        return {name: "loss query features: these images have no sampling trajectory" for name in ("heldout", "extra")}
     return {}

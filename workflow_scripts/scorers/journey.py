@@ -30,8 +30,9 @@ from workflow_scripts.scorers.base import (
 from workflow_scripts.scorers.trak import KernelSolver
 
 NOTES = {
-    "heldout": "standard TRAK query features: Journey-TRAK applies to generated queries only "
-    "(held-out images have no sampling trajectory)"
+    name: "standard TRAK query features: Journey-TRAK applies to generated queries only "
+    "(these images have no sampling trajectory)"
+    for name in ("heldout", "extra")
 }
 
 

@@ -9,7 +9,7 @@ damping grid, query measurement), so the training gradients are computed once fo
 
 from __future__ import annotations
 
-from workflow_scripts.core.contracts import params_defaults
+from workflow_scripts.core.contracts import ALL_QUERY_SETS, params_defaults
 from workflow_scripts.scorers.base import LAMBDA_GRID, QUERY_MEASUREMENT, Scorer, method_schema
 
 QUANTIZATIONS = ("int8", "float32")
@@ -49,10 +49,11 @@ def notes(method_cfg: dict) -> dict[str, str]:
             if len(method_cfg.get("lambda_grid", [])) == 1
             else f"absolute damping grid {grid}"
         )
-        out = {name: text for name in ("generated", "heldout")}
-    if query_target(method_cfg) == "trajectory":  # likelihood.target_measurement: held-out sets have none
-        text = "loss query gradients: held-out images have no sampling trajectory"
-        out["heldout"] = f"{out['heldout']}; {text}" if "heldout" in out else text
+        out = {name: text for name in ALL_QUERY_SETS}
+    if query_target(method_cfg) == "trajectory":  # likelihood.target_measurement: only generated queries have one
+        text = "loss query gradients: these images have no sampling trajectory"
+        for name in ALL_QUERY_SETS[1:]:
+            out[name] = f"{out[name]}; {text}" if name in out else text
     return out
 
 

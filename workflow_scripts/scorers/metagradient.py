@@ -26,6 +26,7 @@ import math
 import numpy as np
 
 from workflow_scripts.core.common import ArtefactError, load_npz, log
+from workflow_scripts.core.contracts import EXTRA_QUERY_SET, QUERY_SETS
 from workflow_scripts.scorers.base import POSINT, Scorer, method_schema
 
 
@@ -56,16 +57,25 @@ def method_options(method_cfg: dict) -> dict:
 
 
 def selected_queries(n_queries: dict[str, int], max_queries: int | None) -> dict[str, np.ndarray]:
-    """The attributed query indices of every set: the first max_queries (all when None)."""
-    return {name: np.arange(n if max_queries is None else min(n, int(max_queries))) for name, n in n_queries.items()}
+    """The attributed query indices of every set: the first max_queries (all when None) of the generated and held-out
+    sets; none of the user's extra queries (EXTRA_NOTE)."""
+    return {
+        name: np.arange(0 if name not in QUERY_SETS else n if max_queries is None else min(n, int(max_queries)))
+        for name, n in n_queries.items()
+    }
+
+
+# Each attributed query costs a reverse pass through the whole training, so the DAG plans the metagradient's jobs
+# from the configured sizes of the generated and held-out sets; the extra queries (a folder's count) are left out.
+EXTRA_NOTE = "metagradient: the extra queries are not attributed (their rows NaN); it attributes generated and held-out"
 
 
 def notes(method_cfg: dict) -> dict[str, str]:
     n = method_cfg.get("max_queries")
     if n is None:
-        return {}
+        return {EXTRA_QUERY_SET: EXTRA_NOTE}
     text = f"metagradient cost: only the first {n} queries of each set attributed (the other rows NaN)"
-    return {name: text for name in ("generated", "heldout")}
+    return {**{name: text for name in QUERY_SETS}, EXTRA_QUERY_SET: EXTRA_NOTE}
 
 
 def settings(method_cfg: dict, config: dict) -> dict:
@@ -132,6 +142,7 @@ class Metagradient(Scorer):
     refused_reason = "it replays the family's training step by step, and the VE-SDE's score matching has no replay"
     config_keys = ("train.steps",)  # its settings (checkpoint interval); the scores come from its chunk jobs
     chunk_jobs = True
+    unscored_sets = (EXTRA_QUERY_SET,)  # EXTRA_NOTE
     engine = "workflow_scripts.engines.metagradient"
 
     def compute(self, method_cfg, inputs, lambdas):

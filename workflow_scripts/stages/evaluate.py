@@ -31,7 +31,7 @@ import pandas as pd
 
 from workflow_scripts.core import data as core_data
 from workflow_scripts.core.common import load_json, load_npy, log, save_json
-from workflow_scripts.core.contracts import QUERY_SETS
+from workflow_scripts.core.contracts import ALL_QUERY_SETS
 from workflow_scripts.core.lds import BootstrapRanks, noise_ceiling_summary
 from workflow_scripts.families.likelihood import file_targets, load_measurement_targets, load_targets
 from workflow_scripts.report.plotting import message_figure, plt, save_figure, save_table
@@ -62,7 +62,7 @@ def lds_table(
     masks = subsets["masks"][evaluation]
     ranks = ranks or BootstrapRanks(len(evaluation), lds_cfg["bootstrap_samples"], lds_cfg["ci"], seed)
     rows = []
-    for name in (n for n in QUERY_SETS if n in targets):
+    for name in (n for n in ALL_QUERY_SETS if n in targets):
         target = targets[name][evaluation]  # (n_eval, n_seeds, n_query)
         if target.shape[1] >= 2:
             ceiling = noise_ceiling_summary(target, lds_cfg["bootstrap_samples"], lds_cfg["ci"], seed)

@@ -171,18 +171,28 @@ def plot_predicted_vs_actual(
 
 
 def plot_influencers(
-    scores: dict[str, np.ndarray], queries: list[int], query_images: np.ndarray, train_images: np.ndarray, n: int, stem
+    scores: dict[str, np.ndarray],
+    queries: list[int],
+    query_images: np.ndarray,
+    train_images: np.ndarray,
+    n: int,
+    stem,
+    labels: list[str] | None = None,
 ) -> None:
+    """Per (query, method) row: the query, its n highest and n lowest scoring training images with their scores.
+    labels: each query's caption in the figure (default 'query <index>'; the extra queries: their file names)."""
     if not scores or not queries:
         save_figure(message_figure("No method or query chosen for the influencer figure."), stem)
         return
+    labels = labels or [f"query {q}" for q in queries]
     n = min(n, train_images.shape[0])
     rows = [(q, m) for q in queries for m in scores]
     fig, axes = plt.subplots(len(rows), 1 + 2 * n, figsize=(0.95 * (1 + 2 * n), 1.5 * len(rows)), squeeze=False)
+    label = dict(zip(queries, labels))
     for r, (q, method) in enumerate(rows):
         s = scores[method][q]
         order = np.argsort(-s, kind="stable")
-        show_image(axes[r, 0], query_images[q], f"query {q}\n{method}", fontsize=6)
+        show_image(axes[r, 0], query_images[q], f"{label[q]}\n{method}", fontsize=6)
         for c, i in enumerate(order[:n], start=1):
             show_image(axes[r, c], train_images[i], f"+ #{i}\n{s[i]:.2g}", fontsize=6)
             for spine in axes[r, c].spines.values():
@@ -207,6 +217,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--samples", required=True)
     parser.add_argument("--subsets", required=True)
     parser.add_argument("--measurements", nargs="+", required=True)
+    parser.add_argument(
+        "--extra-images", help="the user's own queries (queries.extra): their gallery, extra_influencers"
+    )
     parser.add_argument("--out-dir", required=True, help="writes <figure>.png and <figure>.pdf")
 
 
@@ -233,3 +246,23 @@ def run(args, config: dict) -> None:
     train_images = core_data.load_dataset(args.dataset)["train_images"]
     plot_influencers(scores, queries, query_images, train_images, fig_cfg["n_influencers"], out / "influencers")
     log.info("figures: wrote lds_bars, damping_sweeps, predicted_vs_actual, influencers (.png, .pdf) to %s", out)
+    if args.extra_images:
+        plot_extra_gallery(args.extra_images, score_dirs, fig_cfg, train_images, out / "extra_influencers")
+
+
+def plot_extra_gallery(extra_path, score_dirs: dict[str, Path], fig_cfg: dict, train_images, stem) -> None:
+    """The influencer gallery of the user's own queries: the first figures.extra_queries of them (file order), each
+    with its top positive and negative training images per method of figures.methods."""
+    extra = core_data.load_extra_queries(extra_path)
+    shown = list(range(min(len(extra["files"]), int(fig_cfg["extra_queries"]))))
+    if len(shown) < len(extra["files"]):
+        log.warning(
+            "figures: the gallery shows the first %d of %d extra queries (figures.extra_queries); every one is scored "
+            "(scores/<method>/extra.npy)",
+            len(shown),
+            len(extra["files"]),
+        )
+    scores = load_scores(score_dirs, fig_cfg["methods"], "extra")
+    labels = [str(extra["files"][q]) for q in shown]
+    plot_influencers(scores, shown, extra["images"], train_images, fig_cfg["n_influencers"], stem, labels)
+    log.info("figures: wrote the gallery of %d extra queries to %s", len(shown), stem)

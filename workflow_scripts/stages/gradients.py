@@ -47,14 +47,14 @@ import numpy as np
 
 from workflow_scripts.core import data as core_data
 from workflow_scripts.core.common import ArtefactError, generator, load_npz, log, select_device
-from workflow_scripts.core.contracts import RESIDUAL, STORE_SPLITS, VECTOR_OUTPUT, config_hash
+from workflow_scripts.core.contracts import RESIDUAL, STORE_SPLITS, VECTOR_OUTPUT, config_hash, measurement_sets
 from workflow_scripts.core.contracts import config_hash as hash_of
 from workflow_scripts.core.curvature import ParamLayout
 from workflow_scripts.core.data import load_queries
 from workflow_scripts.core.measurement import iter_gradients
 from workflow_scripts.core.projection import SPARSE, build_projector
 from workflow_scripts.core.store import array_digest, new_store, reusable, store_provenance, write_store
-from workflow_scripts.dag.paths import measurement_splits, parse_feature_tag
+from workflow_scripts.dag.paths import parse_feature_tag
 from workflow_scripts.families.ddpm import add_noise, alphas_cumprod, output_function, predict_noise, timestep_grid
 from workflow_scripts.families.latent import guidance_scale, guided_noise_prediction
 from workflow_scripts.families.likelihood import target_measurement
@@ -478,6 +478,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="checkpoint whose gradients are taken")
     parser.add_argument("--dataset", required=True)
     parser.add_argument("--samples", required=True)
+    parser.add_argument("--extra-queries", help="the user's own queries as the model takes them (queries.extra)")
     parser.add_argument(
         "--tag", required=True, help="store tag <output function>_<kind>_K<K>_<projection><dim> (dag/paths.py)"
     )
@@ -487,7 +488,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--measurement",
         help="instead: query features of this likelihood measurement (elbo, "
-        "timestep_loss_t<t>, trajectory) projected like store --tag; writes generated/heldout.npy",
+        "timestep_loss_t<t>, trajectory) projected like store --tag; writes <query set>.npy",
     )
 
 
@@ -503,7 +504,7 @@ def run(args, config: dict) -> None:
             raise ValueError(f"--measurement: query features pair with avg stores (TRAK family), not {kind!r}")
         return run_measurement(args, config, model, payload, fn, k, device)
     conditional = getattr(model, "conditional", False)
-    conditions = core_data.load_conditions(args.dataset, args.samples) if conditional else {}
+    conditions = core_data.load_conditions(args.dataset, args.samples, args.extra_queries) if conditional else {}
     if kind == "journey":
         samples = load_npz(args.samples, ("trajectories", "timesteps"))
         trajectories, timesteps = samples["trajectories"], samples["timesteps"]
@@ -539,8 +540,9 @@ def run(args, config: dict) -> None:
             write_store(features, identity, path)
             log.info("gradients: wrote %s %s (%d of %d sampling steps)", path, features.shape, k, len(timesteps))
         return
-    splits = {"train": core_data.load_dataset(args.dataset)["train_images"], **load_queries(args.dataset, args.samples)}
-    assert tuple(splits) == STORE_SPLITS
+    queries = load_queries(args.dataset, args.samples, args.extra_queries)
+    splits = {"train": core_data.load_dataset(args.dataset)["train_images"], **queries}
+    assert tuple(splits)[: len(STORE_SPLITS)] == STORE_SPLITS
     project = None  # built on first use, shared by the splits
     for split, images in splits.items():
         path = out / f"{split}.npy"
@@ -595,12 +597,12 @@ def measurement_identity(
 
 
 def run_measurement(args, config: dict, model, payload: dict, fn: str, k: int, device) -> None:
-    """Query features of args.measurement in the projection of store args.tag (paths.measurement_splits)."""
+    """Query features of args.measurement in the projection of store args.tag (contracts.measurement_sets)."""
     target = args.measurement
     samples = load_npz(args.samples, ("trajectories", "timesteps")) if target == "trajectory" else None
-    queries = load_queries(args.dataset, args.samples)
+    queries = load_queries(args.dataset, args.samples, args.extra_queries)
     project = None
-    for split in measurement_splits(target):
+    for split in measurement_sets(target, queries):
         measurement = target_measurement(config, target, split, samples)
         if measurement is None:
             raise ValueError(f"measurement {target} does not exist for {split} queries")

@@ -31,6 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, nargs="+", help="one or more models")
     parser.add_argument("--dataset", required=True)
     parser.add_argument("--samples", required=True)
+    parser.add_argument("--extra-queries", help="the user's own queries as the model takes them (queries.extra)")
     parser.add_argument("--subset", type=int, default=-1)
     parser.add_argument("--replicate", type=int, nargs="+", default=[0], help="one per model")
     parser.add_argument("--out", required=True, nargs="+", help="one per model")
@@ -51,7 +52,7 @@ def measurement_jobs(args) -> list[tuple[str, int, str]]:
 def run(args, config: dict) -> None:
     device = select_device(config["compute"])
     jobs = measurement_jobs(args)
-    queries = load_queries(args.dataset, args.samples)
+    queries = load_queries(args.dataset, args.samples, args.extra_queries)
     targets = target_names(config)
     # the trajectory target needs the generated queries' stored sampling trajectories
     samples = load_npz(args.samples, ("trajectories", "timesteps")) if "trajectory" in targets else None
@@ -62,7 +63,7 @@ def run(args, config: dict) -> None:
     for model_path, replicate, out in jobs:
         model, _ = load_family_model(model_path, config["model"], device)
         if conditions is None and getattr(model, "conditional", False):
-            conditions = load_conditions(args.dataset, args.samples)
+            conditions = load_conditions(args.dataset, args.samples, args.extra_queries)
         results = measure_queries(model, queries, config, device, samples, conditions)
         for key, values in results.items():  # a NaN target would surface only as an LDS of NaN or an unnamed error
             require_finite(values, f"{out}: measurement {key} of {model_path}")

@@ -30,7 +30,7 @@ from workflow_scripts.core.common import (
     save_npy,
     save_text,
 )
-from workflow_scripts.core.contracts import QUERY_SETS, RESIDUAL
+from workflow_scripts.core.contracts import EXTRA_QUERY_SET, QUERY_SETS, RESIDUAL
 from workflow_scripts.core.data import load_queries
 from workflow_scripts.core.lds import lds_per_query, mean_over_scored, scored_queries
 from workflow_scripts.core.store import check_provenance, open_store, read_sidecar, store_provenance
@@ -48,8 +48,6 @@ class ScorerInputs:
     configuration, its sidecar against the run's model, projector and the checkpoint of its role
     (store_checkpoints: core/store.py store_provenance); and against what the method expects of it."""
 
-    query_sets = QUERY_SETS
-
     def __init__(
         self,
         dataset: str,
@@ -62,8 +60,13 @@ class ScorerInputs:
         chunks: list[str] | None = None,
         images: str | None = None,
         store_checkpoints: dict[str, str] | None = None,
+        extra: str | None = None,
+        extra_images: str | None = None,
     ):
         self.dataset, self.samples, self.stores = dataset, samples, dict(stores or {})
+        # the user's own queries (queries.extra): as the model takes them, and as images (pixel-space scorers)
+        self.extra, self.extra_images = extra, extra_images or extra
+        self.query_sets = (*QUERY_SETS, EXTRA_QUERY_SET) if extra else QUERY_SETS
         # the data stage's images (pixel space); `dataset` is the model inputs (the latent family: VAE latents)
         self.images = images or dataset
         # Model-based scorers: the embedding classifier, the final diffusion checkpoint and its curvature (K-FAC).
@@ -79,7 +82,7 @@ class ScorerInputs:
 
     def queries(self) -> dict[str, np.ndarray]:
         if self._queries is None:
-            self._queries = load_queries(self.dataset, self.samples)
+            self._queries = load_queries(self.dataset, self.samples, self.extra)
         return self._queries
 
     def train_pixels(self) -> np.ndarray:
@@ -88,7 +91,11 @@ class ScorerInputs:
 
     def query_pixels(self) -> dict[str, np.ndarray]:
         """The query sets as images at the training images' size (core.data.load_query_images)."""
-        return core_data.load_query_images(self.images, self.samples)
+        return core_data.load_query_images(self.images, self.samples, self.extra_images)
+
+    def conditions(self) -> dict[str, np.ndarray | None]:
+        """Each split's conditions (core.data.load_conditions): a conditional model's caption indices."""
+        return core_data.load_conditions(self.dataset, self.samples, self.extra)
 
     def roles(self) -> list[str]:
         return list(self.stores)
@@ -152,13 +159,18 @@ class ScorerInputs:
         return self.sidecar(role, "train").get("checkpoint", {"step": None, "lr": None})
 
 
-def check_scores(method: str, results: list) -> None:
+def check_scores(method: str, results: list, unscored_sets=()) -> None:
     """Refuse non-finite scores, naming the method, query set and lambda. A row of NaN is a query the method did
     not score (e.g. the metagradient beyond max_queries); a partly non-finite row, an infinite value, or a query
-    set with no scored query at all means the method's inputs or its arithmetic went non-finite."""
+    set with no scored query at all means the method's inputs or its arithmetic went non-finite, except for the
+    sets its scorer declares it never scores (Scorer.unscored_sets: the metagradient's extra queries)."""
     for lam, matrices in results:
         at = "" if lam is None else f", lambda {lam:g}"
         for name, scores in matrices.items():
+            if name in unscored_sets:
+                if not np.isnan(scores).all():
+                    raise NonFiniteError(f"scores of method {method}: the {name} queries are declared unscored")
+                continue
             what = f"scores of method {method} for the {name} queries{at}"
             try:
                 scored = scored_queries(scores)
@@ -192,7 +204,9 @@ def sweep(
 
 
 def choose(results: list, table: pd.DataFrame) -> int:
-    """Index into results of the lambda with the best mean TUNING LDS over query sets."""
+    """Index into results of the lambda with the best mean TUNING LDS over the generated and held-out queries (the
+    user's extra queries are scored with that lambda but never tune it: adding them changes no other number)."""
+    table = table[table["query_set"].isin(QUERY_SETS)]
     mean_tuning = table.groupby("lambda", dropna=False, sort=False)["lds_tuning"].mean().to_numpy()
     return int(np.nanargmax(mean_tuning)) if len(results) > 1 else 0
 
@@ -245,6 +259,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--images", help="the data stage's dataset.npz (pixel-space scorers); default: --dataset")
     parser.add_argument("--samples", required=True)
+    parser.add_argument("--extra-queries", help="the user's own queries as the model takes them (queries.extra)")
+    parser.add_argument("--extra-images", help="the user's own queries as images; default: --extra-queries")
     parser.add_argument("--subsets", required=True)
     parser.add_argument("--measurements", nargs="+", required=True, help="per-model measurements, subset-major")
     parser.add_argument(
@@ -313,6 +329,8 @@ def run(args, config: dict) -> None:
             args.chunks,
             args.images,
             store_checkpoints,
+            args.extra_queries,
+            args.extra_images,
         )
         for m in names
     }
@@ -329,7 +347,7 @@ def run(args, config: dict) -> None:
         target = scorer.query_target(methods[m])
         if target not in targets:
             targets[target] = method_targets(
-                args.measurements, config["lds"]["n_subsets"], config["lds"]["n_seeds"], target
+                args.measurements, config["lds"]["n_subsets"], config["lds"]["n_seeds"], target, inputs[m].query_sets
             )
         write_method(m, methods[m], scorer, config, results[m], subsets, *targets[target], Path(out_dirs[m]))
 
@@ -347,7 +365,7 @@ def write_not_run(method: str, method_cfg: dict, exc: ScorerNotRun, inputs: Scor
         None,
         method,
         out / "sweep.png",
-        {name: exc.reason for name in QUERY_SETS},
+        {name: exc.reason for name in inputs.query_sets},
     )
     save_json(
         {"method": method, "config": method_cfg, "lambda": None, "not_run": exc.reason, "detail": exc.detail},
@@ -368,17 +386,17 @@ def write_method(
 ) -> None:
     """One method's sweep over its lambdas, its chosen lambda and its files (matrices, sweep.csv, sweep.png,
     chosen.json)."""
-    notes = scorer.notes(method_cfg)
+    notes = {name: note for name, note in scorer.notes(method_cfg).items() if name in targets}  # this run's sets
     target = scorer.query_target(method_cfg)
     for note in fallback.values():
         log.info("scores %s: %s", method, note)
     used = {name: "loss" if name in fallback else target for name in targets}  # the target each set was tuned on
-    check_scores(method, results)
+    check_scores(method, results, scorer.unscored_sets)
     table = sweep(results, subsets["masks"], subsets["tuning"], subsets["evaluation"], targets)
     best = choose(results, table)
     chosen_lambda, matrices = results[best]
-    if sorted(matrices) != sorted(QUERY_SETS):  # the rule declares one matrix per query set
-        raise ValueError(f"{method}: scores for query sets {sorted(matrices)}, expected {sorted(QUERY_SETS)}")
+    if sorted(matrices) != sorted(targets):  # the rule declares one matrix per query set
+        raise ValueError(f"{method}: scores for query sets {sorted(matrices)}, expected {sorted(targets)}")
     for name, scores in matrices.items():
         scored = scored_queries(scores)
         if not scored.all():
