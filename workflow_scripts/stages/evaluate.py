@@ -79,7 +79,10 @@ def lds_table(
             )
         for method, directory in method_dirs.items():
             chosen = load_json(directory / "chosen.json", "scores")
-            if "not_run" in chosen:  # the method could not run here: a row that says why, no number
+            scores = None if "not_run" in chosen else load_npy(directory / f"{name}.npy", "scores")
+            if scores is not None and np.isnan(scores).all():  # a set the scorer never scores: its note says why
+                chosen = {**chosen, "not_run": (chosen.get("notes") or {}).get(name, "no query of this set scored")}
+            if "not_run" in chosen:  # the method could not run here (or not on this set): a row that says why
                 rows.append(
                     {
                         "method": method,
@@ -98,7 +101,6 @@ def lds_table(
                     }
                 )
                 continue
-            scores = load_npy(directory / f"{name}.npy", "scores")
             sweep = pd.read_csv(directory / "sweep.csv")
             best_on_evaluation = sweep.loc[sweep["query_set"] == name, "lds_evaluation"].max()
             own = scored_target(chosen, name)
@@ -230,7 +232,8 @@ def plot(
     sns.barplot(data=table, x="method", y="lds", hue="query_set", order=order, ax=ax, errorbar=None)
     # seaborn's own error bars would bootstrap over rows; draw ours (bootstrap CI over subsets).
     for container, name in zip(ax.containers, table["query_set"].unique()):
-        sub = table[table["query_set"] == name].set_index("method").loc[order]
+        sub = table[table["query_set"] == name].set_index("method")
+        sub = sub.loc[[m for m in order if m in sub.index]]  # seaborn draws no bar for a method this set lacks
         x = [bar.get_x() + bar.get_width() / 2 for bar in container]
         # A percentile bootstrap CI need not contain the point estimate; clip so the bar stays drawable.
         yerr = [(sub["lds"] - sub["ci_low"]).clip(lower=0), (sub["ci_high"] - sub["lds"]).clip(lower=0)]

@@ -192,6 +192,9 @@ def sweep(
     for lam, matrices in results:
         for name, scores in matrices.items():
             target = targets[name].mean(1)  # (n_subsets, n_query)
+            if not scored_queries(scores).any():  # a set the scorer never scores (Scorer.unscored_sets)
+                rows.append({"lambda": np.nan if lam is None else lam, "query_set": name})
+                continue
             rows.append(
                 {
                     "lambda": np.nan if lam is None else lam,
@@ -200,7 +203,7 @@ def sweep(
                     "lds_evaluation": mean_over_scored(lds_per_query(scores, masks[evaluation], target[evaluation])),
                 }
             )
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows, columns=["lambda", "query_set", "lds_tuning", "lds_evaluation"])
 
 
 def choose(results: list, table: pd.DataFrame) -> int:
