@@ -236,7 +236,8 @@ def test_load_conditions(tmp_path):
     save_npz(dataset, train_images=_latents(3), train_labels=np.array([0, 2, 1]), heldout_labels=np.array([1, 1]))
     save_npz(samples, images=_latents(2), labels=np.array([2, 0]))
     got = load_conditions(dataset, samples)
-    assert sorted(got) == ["generated", "heldout", "train"]
+    assert sorted(got) == ["extra", "generated", "heldout", "train"] and got["extra"] is None  # no extra file
+    got.pop("extra")
     assert (
         got["train"].tolist() == [0, 2, 1] and got["heldout"].tolist() == [1, 1] and got["generated"].tolist() == [2, 0]
     )

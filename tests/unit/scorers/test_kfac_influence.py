@@ -178,9 +178,11 @@ def test_settings_and_notes_name_the_variant():
     assert (got["fisher_type"], got["ekfac"], got["quantization"]) == ("empirical", True, "float32")
     assert K.notes({"family": "kfac"}) == {}
     note = K.notes({"family": "kfac", "damping": "absolute", "lambda_grid": [1e-8]})
-    assert set(note) == {"generated", "heldout"} and "1e-08" in note["heldout"] and "not tuned" in note["heldout"]
+    assert (
+        set(note) == {"generated", "heldout", "extra"} and "1e-08" in note["heldout"] and "not tuned" in note["extra"]
+    )
     note = K.notes({"family": "kfac", "query_measurement": "trajectory"})
-    assert set(note) == {"heldout"} and "no sampling trajectory" in note["heldout"]
+    assert set(note) == {"heldout", "extra"} and "no sampling trajectory" in note["heldout"]
 
 
 def test_query_measurement_scores(workflow, tmp_path):

@@ -295,7 +295,11 @@ def test_scorer_family_attributes_first_queries_and_marks_the_rest(tiny, digits,
     problem, state0 = mg.build_problem(cfg, images)
     heldout = mg.metagradients(problem, state0, mg.measurement_queries(cfg, queries["heldout"], stream=1))
     np.testing.assert_allclose(matrices["heldout"], heldout.scores, rtol=1e-5, atol=1e-7)
-    assert "first 2 queries" in family.notes(method)["generated"] and family.notes({"family": "metagradient"}) == {}
+    assert "first 2 queries" in family.notes(method)["generated"]
+    # the extra queries are never attributed (family.unscored_sets): always noted, with or without max_queries
+    assert (
+        set(family.notes({"family": "metagradient"})) == {"extra"} and "not attributed" in family.notes(method)["extra"]
+    )
     assert family.settings(method, cfg) == {
         "checkpoint_every": 2,
         "max_queries": 2,

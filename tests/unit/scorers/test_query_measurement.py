@@ -142,7 +142,10 @@ def test_trajectory_heldout_keeps_the_loss_features(tmp_path, config):
     ((_, traj),) = gradient_similarity.compute({**cfg, "query_measurement": "trajectory"}, inputs, [None])
     np.testing.assert_array_equal(traj["heldout"], loss["heldout"])
     assert not np.allclose(traj["generated"], loss["generated"])
-    assert set(get_scorer("gradient_similarity").notes({**cfg, "query_measurement": "trajectory"})) == {"heldout"}
+    assert set(get_scorer("gradient_similarity").notes({**cfg, "query_measurement": "trajectory"})) == {
+        "heldout",
+        "extra",
+    }
 
 
 def test_query_store_in_another_projection_is_refused(tmp_path, config):

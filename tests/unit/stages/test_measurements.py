@@ -76,7 +76,13 @@ def _measure(stage, out_name="m.npz"):
     out = tmp / out_name
     measure.run(
         argparse.Namespace(
-            model=str(model_path), dataset=str(dataset), samples=str(samples), subset=3, replicate=1, out=str(out)
+            model=str(model_path),
+            dataset=str(dataset),
+            samples=str(samples),
+            subset=3,
+            replicate=1,
+            out=str(out),
+            extra_queries=None,
         ),
         config,
     )
@@ -90,7 +96,7 @@ def test_one_job_measuring_two_models_writes_the_files_of_two_jobs(stage):
     images = data.load_dataset(dataset)["train_images"]
     other = train_model(config, images, np.arange(len(images) // 2), 1, tmp / "other.pt")
     models, outs = [str(model_path), str(other)], [str(tmp / "both0.npz"), str(tmp / "both1.npz")]
-    base = {"dataset": str(dataset), "samples": str(samples), "subset": 3}
+    base = {"dataset": str(dataset), "samples": str(samples), "subset": 3, "extra_queries": None}
     measure.run(argparse.Namespace(**base, model=models, replicate=[0, 1], out=outs), config)
     for model, replicate, out in zip(models, [0, 1], outs, strict=True):
         alone = tmp / f"alone{replicate}.npz"

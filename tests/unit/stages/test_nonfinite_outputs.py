@@ -55,7 +55,9 @@ def test_sampling_from_a_nan_model_is_refused_naming_the_files(stage):
 def test_measuring_with_a_nan_model_is_refused_naming_the_measurement(stage):
     config, dataset, samples, _, bad, tmp = stage
     out = tmp / "nan_measure.npz"
-    args = argparse.Namespace(model=str(bad), dataset=str(dataset), samples=str(samples), subset=0, replicate=0)
+    args = argparse.Namespace(
+        model=str(bad), dataset=str(dataset), samples=str(samples), subset=0, replicate=0, extra_queries=None
+    )
     with pytest.raises(NonFiniteError, match=r"nan_measure\.npz: measurement generated of .*diverged\.pt") as error:
         measure.run(argparse.Namespace(**vars(args), out=str(out)), config)
     assert "train.lr too high" in str(error.value)
@@ -65,7 +67,9 @@ def test_measuring_with_a_nan_model_is_refused_naming_the_measurement(stage):
 def test_the_healthy_model_samples_and_measures(stage):
     config, dataset, samples, good, _, tmp = stage
     out = tmp / "measure.npz"
-    args = argparse.Namespace(model=str(good), dataset=str(dataset), samples=str(samples), subset=0, replicate=0)
+    args = argparse.Namespace(
+        model=str(good), dataset=str(dataset), samples=str(samples), subset=0, replicate=0, extra_queries=None
+    )
     measure.run(argparse.Namespace(**vars(args), out=str(out)), config)
     assert np.isfinite(np.load(out)["generated"]).all()
 

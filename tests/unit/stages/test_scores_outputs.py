@@ -80,6 +80,8 @@ def test_scores_rule_declares_every_file_the_stage_writes(scores_rules, inputs, 
         model=None,
         curvature=None,
         chunks=None,
+        extra_queries=None,
+        extra_images=None,
         out_dir=[str(out)],
     )
     config = {
