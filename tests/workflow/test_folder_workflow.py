@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 import yaml
 from PIL import Image
+from report_browser import rendered_results
 from workflow_runs import copy_repo, snakemake
 
 # one method per scorer family (the smoke overlay's others null), loss measurements only, 4 subsets x 2 seeds
@@ -112,6 +113,17 @@ def test_the_extra_queries_are_scored_measured_and_shown(folder_run):
         assert measured["extra"].shape == (3,) and np.isfinite(measured["extra"]).all()
     gallery = results / "figures" / "extra_influencers.png"
     assert gallery.stat().st_size > 5_000  # a drawn figure (an empty one is ~2 kB)
+
+
+@pytest.mark.slow
+def test_the_report_shows_the_gallery_of_the_extra_queries_in_a_browser(folder_run, tmp_path):
+    results, _ = folder_run
+    workdir, report = results.parent.parent, results / "report.html"
+    result = snakemake(workdir, "--configfile", "configs/smoke.yaml", "folder.yaml", "--report", str(report))
+    assert result.returncode == 0, (result.stdout + result.stderr)[-5000:]
+    gallery = rendered_results(report, tmp_path)["extra_influencers.png"]
+    assert gallery["naturalWidth"] > 100 and gallery["shownWidth"] > 50, gallery  # decoded and laid out
+    assert 0.005 < gallery["inkFraction"] < 0.99 and gallery["caption"] > 100, gallery  # drawn, explained
 
 
 def test_a_corrupt_image_fails_the_first_job_and_is_named(repo, base_config, tmp_path):

@@ -3,14 +3,13 @@
 import json
 import math
 import re
-import shutil
 import subprocess
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 import yaml
+from report_browser import rendered_results
 from workflow_runs import snakemake
 
 # smoke_run (tests/conftest.py): the smoke workflow run locally once per session, also the reference of
@@ -300,58 +299,6 @@ def test_benchmark_lds_on_the_metagradient_queries(smoke_run, smoke_config, repo
     assert float(rows["trak"][1].split()[0]) == pytest.approx(spearmanr(predicted, target)[0], abs=5e-4)
 
 
-# ------------------------------------------------------------------------------ the HTML report in a browser
-CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None)
-# Injected into a copy of the report: shows every result the way the report's own result buttons do
-# (app.setView with the result's data URI), waits for the <img> to load, and measures it (natural size,
-# laid-out size, and how many pixels differ from white, drawn on a canvas); table results must hold a <table>.
-CHECK_SCRIPT = """
-<script>
-window.addEventListener("load", async () => {
-  const sleep = ms => new Promise(r => setTimeout(r, ms));
-  for (let i = 0; i < 400 && (typeof app === "undefined" || !app); i++) await sleep(50);  // React renders after load
-  const out = [];
-  for (const [path, entry] of Object.entries(results)) {
-    const record = {path: path, mime: entry.mime_type, caption: (entry.caption || "").length};
-    if (entry.mime_type.startsWith("image/")) {
-      app.setView({content: "img", contentPath: entry.data_uri, resultPath: path});
-      let img = null;
-      for (let i = 0; i < 200; i++) {
-        await sleep(50);
-        img = Array.from(document.querySelectorAll("#app img")).find(x => x.getAttribute("src") === entry.data_uri);
-        if (img && img.complete) break;
-      }
-      if (img) {
-        record.naturalWidth = img.naturalWidth;
-        record.naturalHeight = img.naturalHeight;
-        record.shownWidth = img.getBoundingClientRect().width;
-        const canvas = document.createElement("canvas");
-        canvas.width = img.naturalWidth; canvas.height = img.naturalHeight;
-        const ctx = canvas.getContext("2d");
-        ctx.drawImage(img, 0, 0);
-        const data = ctx.getImageData(0, 0, canvas.width, canvas.height).data;
-        let ink = 0;
-        for (let p = 0; p < data.length; p += 4) if (data[p] < 200 || data[p + 1] < 200 || data[p + 2] < 200) ink++;
-        record.inkFraction = ink / (canvas.width * canvas.height);
-      }
-    } else if (entry.mime_type === "text/html") {
-      app.setView({content: "html", contentPath: entry.data_uri, resultPath: path});
-      await sleep(200);
-      record.iframe = !!Array.from(document.querySelectorAll("#app iframe")).find(x => x.getAttribute("src") === entry.data_uri);
-      const text = decodeURIComponent(escape(atob(entry.data_uri.split("base64,")[1])));
-      record.rows = (text.match(/<tr>/g) || []).length;
-    }
-    out.push(record);
-  }
-  const pre = document.createElement("pre");
-  pre.id = "tda-check";
-  pre.textContent = JSON.stringify(out);
-  document.body.appendChild(pre);
-});
-</script>
-"""
-
-
 @pytest.fixture(scope="module")
 def report(smoke_run):
     result = snakemake(smoke_run, "--configfile", "configs/smoke.yaml", "--report", "results/smoke/report.html")
@@ -368,42 +315,7 @@ def test_report_is_self_contained_with_every_table_and_figure(report):
 
 
 def test_report_renders_its_figures_in_a_headless_browser(report, tmp_path):
-    import json
-
-    if CHROMIUM is None:
-        pytest.skip("chromium is not installed (Debian: apt-get install -y chromium; .ci/run installs it)")
-    page = tmp_path / "report-check.html"
-    head, body_end, tail = report.read_text().rpartition("</body>")
-    page.write_text(head + CHECK_SCRIPT + body_end + tail)
-    result = subprocess.run(
-        [
-            CHROMIUM,
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-dev-shm-usage",
-            "--disable-quic",
-            "--no-first-run",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-            f"--user-data-dir={tmp_path / 'profile'}",
-            "--window-size=1400,1000",
-            "--virtual-time-budget=60000",
-            "--dump-dom",
-            page.as_uri(),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)},
-    )
-    match = re.search(r'<pre id="tda-check">(.*?)</pre>', result.stdout, re.S)
-    assert match, f"the check script did not finish (exit {result.returncode}):\n{result.stderr[-3000:]}"
-    import html as html_module
-
-    records = json.loads(html_module.unescape(match.group(1)))
-    by_name = {Path(r["path"]).name: r for r in records}
+    by_name = rendered_results(report, tmp_path)
     expected_images = {f"{name}.png" for name in FIGURES} | {"kfac_ablation.png"}
     assert expected_images <= set(by_name), sorted(by_name)
     for name in expected_images:
