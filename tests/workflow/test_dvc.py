@@ -29,7 +29,7 @@ ROUND_TRIP_FAMILIES = ("pixel", "trak", "journey", "kfac", "metagradient")
 ROUND_TRIP_LDS = {"n_subsets": 4, "n_tuning": 2}
 # workflow_scripts.dag.paths.SECTIONS stages whose rules each dvc.yaml stage runs
 DVC_STAGE_SECTIONS = {
-    "models": ("data", "train", "classifier"),
+    "models": ("data", "train", "classifier", "queries"),  # queries: rule extra_queries (queries.extra)
     "samples": ("sample",),
     "measurements": ("measure",),
     "gradients": ("gradients", "gradients_journey", "gradients_measurement"),
@@ -54,7 +54,7 @@ UPSTREAM_ONLY_RULES = {
     "measure_fixed_seed",
 }
 # rules and stages of another model family (vesde, latent: overlays): DVC versions the params.yaml benchmark only
-FAMILY_ONLY_RULES = {"likelihood_sanity", "base_pipeline", "encode"}
+FAMILY_ONLY_RULES = {"likelihood_sanity", "base_pipeline", "encode", "encode_extra"}
 FAMILY_ONLY_STAGES = {"base_pipeline", "encode"}
 
 
