@@ -29,9 +29,9 @@ ROUND_TRIP_FAMILIES = ("pixel", "trak", "journey", "kfac", "metagradient")
 ROUND_TRIP_LDS = {"n_subsets": 4, "n_tuning": 2}
 # workflow_scripts.dag.paths.SECTIONS stages whose rules each dvc.yaml stage runs
 DVC_STAGE_SECTIONS = {
-    "models": ("data", "train", "classifier", "queries"),  # queries: rule extra_queries (queries.extra)
+    "models": ("data", "train", "classifier"),
     "samples": ("sample",),
-    "measurements": ("measure",),
+    "measurements": ("measure", "queries"),  # queries: rule extra_queries, measure's upstream (queries.extra)
     "gradients": ("gradients", "gradients_journey", "gradients_measurement"),
     "curvature": ("curvature",),
     "evaluate": ("evaluate",),
@@ -52,6 +52,7 @@ UPSTREAM_ONLY_RULES = {
     "metagradient",
     "fixed_seed_sets",
     "measure_fixed_seed",
+    "extra_queries",  # only with queries.extra: an --until entry would force the job without it
 }
 # rules and stages of another model family (vesde, latent: overlays): DVC versions the params.yaml benchmark only
 FAMILY_ONLY_RULES = {"likelihood_sanity", "base_pipeline", "encode", "encode_extra"}
