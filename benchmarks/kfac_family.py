@@ -64,16 +64,19 @@ def model_args(config: dict, methods: list[str], workdir: Path) -> list[str]:
     return out
 
 
-def run_job(argv: list[str], cwd: Path, log: Path) -> tuple[float, float]:
-    """(CPU seconds of the child, wall seconds) of one scores job."""
+def run_job(argv: list[str], code: Path, workdir: Path, log: Path) -> tuple[float, float]:
+    """(CPU seconds of the child, wall seconds) of one scores job: the scores stage of `code`, run in the run's
+    directory as Snakemake runs it (artefacts may hold paths relative to it, e.g. the latent base pipeline)."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     with open(log, "w") as err:
-        result = subprocess.run(argv, cwd=cwd, stderr=err, env={**os.environ, "PYTHONPATH": str(cwd)})
+        result = subprocess.run(argv, cwd=workdir, stderr=err, env={**os.environ, "PYTHONPATH": str(code)})
     wall = time.perf_counter() - start
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if result.returncode != 0:
-        raise SystemExit(f"{' '.join(argv[:6])} ... failed ({result.returncode}); see {log}")
+        # the log lives in a temporary directory removed on exit: show its end here
+        tail = "".join(log.read_text(errors="replace").splitlines(keepends=True)[-15:])
+        raise SystemExit(f"{' '.join(argv[:6])} ... failed ({result.returncode}); the end of {log}:\n{tail}")
     return (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime), wall
 
 
@@ -139,7 +142,7 @@ def main() -> int:
                 out = tmp / "before" / m
                 argv = [*python, "--config", paths.scores_config(config, m), "--method", m, *data]
                 argv += [*model_args(config, [m], workdir), "--out-dir", str(out)]
-                c, w = run_job(argv, before_code, tmp / f"before_{m}.log")
+                c, w = run_job(argv, before_code, workdir, tmp / f"before_{m}.log")
                 per_method[m].append(c)
                 cpu, wall = cpu + c, wall + w
             times["before"].append((cpu, wall))
@@ -147,7 +150,7 @@ def main() -> int:
             family_config["scores"]["methods"] = {m: config["scores"]["methods"][m] for m in methods}
             argv = [*python, "--config", json.dumps(family_config), "--method", *methods, *data]
             argv += [*model_args(config, methods, workdir), "--out-dir", *[str(tmp / "after" / m) for m in methods]]
-            times["after"].append(run_job(argv, REPO, tmp / "after.log"))
+            times["after"].append(run_job(argv, REPO, workdir, tmp / "after.log"))
             print(f"repeat {repeat + 1}: before {times['before'][-1]}, after {times['after'][-1]}", file=sys.stderr)
         median = {k: [statistics.median(t[i] for t in v) for i in (0, 1)] for k, v in times.items()}
         print(f"K-FAC family of {config['benchmark']}: {len(methods)} methods, median of {args.repeats}\n")
