@@ -299,6 +299,7 @@ def test_benchmark_lds_on_the_metagradient_queries(smoke_run, smoke_config, repo
     assert float(rows["trak"][1].split()[0]) == pytest.approx(spearmanr(predicted, target)[0], abs=5e-4)
 
 
+# ------------------------------------------------------------------------------ the HTML report in a browser
 @pytest.fixture(scope="module")
 def report(smoke_run):
     result = snakemake(smoke_run, "--configfile", "configs/smoke.yaml", "--report", "results/smoke/report.html")
