@@ -256,6 +256,12 @@ def stage_passes(config: dict, cost: dict) -> list[tuple[str, str, float, str]]:
             per_model,
             f"1 model x {config['train']['steps']} steps x {config['train']['batch_size']}",
         ),
+        (
+            "train_member (ensembles)",
+            "batched",
+            len(paths.ensemble_members(config)) * per_model,
+            f"{len(paths.ensemble_members(config))} extra full models",
+        ),
         ("train_subset (LDS)", "batched", n_models * per_model, f"{lds['n_subsets']} subsets x {lds['n_seeds']} seeds"),
         (
             "train_subset (counterfactual)",

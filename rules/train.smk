@@ -22,6 +22,30 @@ rule train_full:
         " --out {output.model} --checkpoints {output.checkpoints} 2> {log}"
 
 
+# Ensemble members (a scores method with `ensemble: K`): more full models, training seed seeds.train + k.
+rule train_member:
+    input:
+        dataset=paths.model_inputs_file(config),
+    output:
+        model=paths.ensemble_member_model(config),
+    log:
+        paths.log_file(config, "train_member"),
+    wildcard_constraints:
+        member=r"member\d+",
+    conda:
+        "../envs/benchmark.yaml"
+    threads: config["compute"]["threads"]
+    resources:
+        mem_mb=4000,
+        runtime=120,
+    params:
+        config=lambda w: paths.stage_config(config, "train"),
+        replicate=lambda w: paths.member_replicate(w.member),
+    shell:
+        "python -m workflow_scripts train --config {params.config:q}"
+        " --dataset {input.dataset} --subset -1 --replicate {params.replicate} --out {output.model} 2> {log}"
+
+
 # Every retraining: the LDS subset models (models/subset<j>_seed<s>) and the counterfactual models
 # (counterfactual/<method>/q<NNN>, membership from the counterfactual rule's members.npy, the full
 # model's seed). One rule, so both are ordinary, equally resourced jobs (dag/paths.py "retrainings").

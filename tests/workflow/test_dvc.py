@@ -378,4 +378,4 @@ def test_slurm_profile_plans_without_slurm(tmp_path):
     assert "Group job retrain" in text  # train_subset + measure batched into group jobs
     jobs = text.split("rule ")
     gpu_rules = {job.split(":")[0] for job in jobs if re.search(r"resources:.*\bgpu=1\b", job)}
-    assert {"train_full", "train_subset", "gradients"} <= gpu_rules, gpu_rules
+    assert {"train_full", "train_member", "train_subset", "gradients"} <= gpu_rules, gpu_rules

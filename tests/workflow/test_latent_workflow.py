@@ -21,7 +21,11 @@ TINY = {
     "measure": {"n_timesteps": 10, "n_noise": 1, "batch_size": 10},
     "gradients": {"timesteps": 2, "projection_dim": 64, "batch_size": 8, "timestep_chunk": 100},
     "kfac": {"draws": 4, "gradient_draws": 4, "batch_size": 64, "lambda_grid": [1.0e-4, 1.0e-2]},
-    "scores": {"lambda_grid": [0.01, 1.0]},
+    # configs/latent.yaml leaves the ensembles out for time: one runs here, on a second LoRA fine-tune
+    "scores": {
+        "lambda_grid": [0.01, 1.0],
+        "methods": {"trak_ens2": {"family": "trak", "output_function": "loss", "ensemble": 2}},
+    },
     "counterfactual": {"queries": 2, "methods": ["trak"], "k": 0.1, "bootstrap_samples": 50},
     "figures": {"queries": [0], "methods": ["trak", "das_vector"], "n_influencers": 3},
     # every seed of a subset trained and measured in one job (rules train_subset_seeds, measure): run for real here
@@ -51,6 +55,25 @@ def test_every_latent_scorer_reaches_the_lds_table(latent_run, repo):
     assert set(rows.loc[not_run, "method"]) <= {"clip_dot", "clip_cosine"}
     ceiling = lds[lds["method"].str.startswith("noise ceiling")]
     assert len(ceiling) == 2 and np.isfinite(ceiling["lds"]).all()
+
+
+@pytest.mark.slow
+def test_an_ensemble_averages_two_lora_fine_tunes(latent_run):
+    import torch
+
+    full = torch.load(latent_run / "models" / "full" / "model.pt", weights_only=False)
+    member = torch.load(latent_run / "models" / "ensemble" / "member1" / "model.pt", weights_only=False)
+    # another seed: other LoRA weights, on the same base
+    assert full["state_dict"].keys() == member["state_dict"].keys()
+    assert any(not torch.equal(full["state_dict"][k], member["state_dict"][k]) for k in full["state_dict"])
+    assert (latent_run / "gradients" / "member1").is_dir()
+    lds = pd.read_csv(latent_run / "tables" / "lds.csv")
+    rows = lds[lds["method"] == "trak_ens2"]
+    assert set(rows["query_set"]) == {"generated", "heldout"} and np.isfinite(rows["lds"]).all()
+    # the mean of two models' scores is not the full model's alone
+    ens = np.load(latent_run / "scores" / "trak_ens2" / "generated.npy")
+    one = np.load(latent_run / "scores" / "trak" / "generated.npy")
+    assert ens.shape == one.shape and not np.allclose(ens, one)
 
 
 @pytest.mark.slow

@@ -148,6 +148,25 @@ def test_checkpoints_keep_their_config(smoke_run, smoke_config):
     assert len(intermediate) == smoke_config["train"]["steps"] // smoke_config["train"]["checkpoint_every"]
 
 
+def test_ensemble_members_are_full_models_with_their_own_seeds(smoke_run, smoke_config):
+    from workflow_scripts.core.common import load_torch
+
+    root = smoke_run / "results/smoke"
+    full = load_torch(root / "models/full/model.pt")["config"]
+    sizes = [m.get("ensemble", 1) for m in smoke_config["scores"]["methods"].values() if m]
+    members = sorted((root / "models/ensemble").glob("member*/model.pt"))
+    assert len(members) == max(sizes) - 1 >= 1
+    for k in range(1, max(sizes)):
+        made_by = load_torch(root / f"models/ensemble/member{k}/model.pt")["config"]
+        assert made_by["seed"] == full["seed"] + k  # seeds.train + k: another initialisation and data order
+        assert made_by["members_sha256"] == full["members_sha256"] and made_by["train"] == full["train"]
+    # every member's store sits beside the full model's, and an ensemble's scores are not the full model's alone
+    assert (root / "gradients/member1").is_dir()
+    ens = np.load(root / "scores/trak_ens2/generated.npy")
+    assert ens.shape == np.load(root / "scores/trak/generated.npy").shape
+    assert not np.allclose(ens, np.load(root / "scores/trak/generated.npy"))
+
+
 # ------------------------------------------------------------------------------ counterfactual retraining
 def test_counterfactual_table_has_every_method_and_the_random_baseline(smoke_run, smoke_config):
     from workflow_scripts.stages.counterfactual_evaluate import METRICS

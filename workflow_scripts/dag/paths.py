@@ -313,6 +313,25 @@ def full_checkpoint(config: dict, checkpoint: str) -> str:
     return f"{root(config)}/models/full/checkpoints/{checkpoint}.pt"
 
 
+def ensemble_member_model(config: dict, member: str = "{member}") -> str:
+    """Ensemble member k (member<k>, k >= 1; member 0 is the full model): the full training set, training seed
+    seeds.train + k (rule train_member; scorers/base.py ensembles)."""
+    return f"{root(config)}/models/ensemble/{member}/model.pt"
+
+
+def ensemble_members(config: dict) -> list[str]:
+    """member1 .. member<K-1> for the largest `ensemble: K` of any method ([] without ensembles)."""
+    size = max((int(m.get("ensemble", 1)) for m in config["scores"]["methods"].values() if m), default=1)
+    return [f"member{k}" for k in range(1, size)]
+
+
+def member_replicate(member: str) -> int:
+    m = re.fullmatch(r"member(\d+)", member)
+    if m is None or int(m[1]) < 1:
+        raise ValueError(f"bad ensemble member {member!r}: expected member<k> with k >= 1")
+    return int(m[1])
+
+
 def classifier_model(config: dict) -> str:
     return f"{root(config)}/models/classifier.pt"
 
@@ -436,6 +455,7 @@ LOGS = {
     "data": "data",
     "classifier": "classifier",
     "train_full": "train/full",
+    "train_member": "train/ensemble/{member}",
     "train_subset": "train/{kind}/{name}",
     "sample": "sample",
     "measure": f"measure/{subset_model_name()}",
@@ -617,7 +637,7 @@ def counterfactual_clip_weights(config: dict) -> list[str]:
     return [os.path.expanduser(weights)] if weights and os.path.isfile(os.path.expanduser(weights)) else []
 
 
-CHECKPOINT_PATTERN = r"full|step\d+"
+CHECKPOINT_PATTERN = r"full|step\d+|member\d+"
 
 
 SPLIT_STORE_PATTERN = r"[a-z0-9-]+_(?:avg|unitnorm|sketch\d+)_K\d+_(?:gaussian|rademacher|sjlt)\d+"
@@ -641,11 +661,14 @@ def checkpoint_names(config: dict) -> list[str]:
 
 
 def checkpoint_model(config: dict, checkpoint: str) -> str:
-    """The model file of a store's checkpoint: 'full' (the final model) or 'step<N>' (intermediate)."""
+    """The model file of a store's checkpoint: 'full' (the final model), 'step<N>' (intermediate) or 'member<k>' (an
+    ensemble member)."""
     if checkpoint == "full":
         return full_model(config)
+    if re.fullmatch(r"member\d+", checkpoint):
+        return ensemble_member_model(config, checkpoint)
     if not re.fullmatch(r"step\d+", checkpoint):
-        raise ValueError(f"unknown checkpoint {checkpoint!r}; expected 'full' or 'step<N>'")
+        raise ValueError(f"unknown checkpoint {checkpoint!r}; expected 'full', 'step<N>' or 'member<k>'")
     return full_checkpoint(config, checkpoint)
 
 
@@ -737,12 +760,12 @@ def _method_store_entries(config: dict, method: str) -> dict[str, tuple[str, str
     """{role: (store directory, kind, checkpoint name)} of method_stores."""
     m = config["scores"]["methods"][method]
     stores = {}
-    for need in get_scorer(m["family"]).stores(m):
+    for need in get_scorer(m["family"]).all_stores(m):
         kind = f"measurement_{need.target}" if need.kind == "measurement" else need.kind
         if need.role == "checkpoints":
             stores.update({c: (store_directory(config, need, c), kind, c) for c in checkpoint_names(config)})
         else:
-            stores[need.role] = (store_directory(config, need), kind, "full")
+            stores[need.role] = (store_directory(config, need, need.checkpoint), kind, need.checkpoint)
     return stores
 
 

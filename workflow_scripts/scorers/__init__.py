@@ -46,6 +46,11 @@ def _discover() -> dict[str, Scorer]:
                     f"scorer family {obj.family!r} ({module.__name__}): a shared_pass scorer needs an engine with "
                     "compute_family and no chunk jobs"
                 )
+            if any("ensemble" in schema["properties"] for schema in obj.schemas) != obj.takes_ensemble:
+                raise TypeError(
+                    f"scorer family {obj.family!r} ({module.__name__}): an `ensemble` key in its schemas and "
+                    "takes_ensemble must go together"
+                )
             found[obj.family] = obj()
     return found
 

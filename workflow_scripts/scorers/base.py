@@ -13,11 +13,11 @@ they import only light modules: a scorer whose computation needs torch or a mode
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
-from workflow_scripts.core.common import ArtefactError
+from workflow_scripts.core.common import ArtefactError, log
 
 
 class ScorerNotRun(Exception):
@@ -37,11 +37,12 @@ class StoreNeed:
     """A gradient store a method reads (dag/paths.py turns it into a directory and files).
 
     role: 'final' (the final model), 'query' (query features of the method's query_measurement, kept inside the
-    final store's directory), 'journey' (generated-query trajectory features), or 'checkpoints' (one store per
-    intermediate checkpoint of the full model, roles step<N>). kind: avg | unitnorm | sketch | journey | measurement.
-    timesteps: the timestep budget K (None: gradients.timesteps; a journey store: the sampling steps, None =
-    sample.num_inference_steps). directions: output directions of a sketch store. target: the measured target
-    of a measurement store."""
+    final store's directory), 'journey' (generated-query trajectory features), 'checkpoints' (one store per
+    intermediate checkpoint of the full model, roles step<N>) or member<k> (ensemble member k, with_members).
+    kind: avg | unitnorm | sketch | journey | measurement. timesteps: the timestep budget K (None:
+    gradients.timesteps; a journey store: the sampling steps, None = sample.num_inference_steps). directions: output
+    directions of a sketch store. target: the measured target of a measurement store. checkpoint: the model the
+    store is computed at ('full', or member<k> for an ensemble member)."""
 
     role: str
     output_function: str
@@ -49,6 +50,7 @@ class StoreNeed:
     timesteps: int | None = None
     directions: int | None = None
     target: str | None = None
+    checkpoint: str = "full"
 
 
 # Schema fragments shared by several scorers' method entries (resolved against params.schema.yaml's definitions).
@@ -58,6 +60,7 @@ LAMBDA_GRID = {"$ref": "#/definitions/lambda_grid"}
 POSINT = {"$ref": "#/definitions/posint"}
 SIMILARITY = {"enum": ["dot", "cosine"]}
 QUERY_MEASUREMENT = {"type": "string", "pattern": "^(loss|elbo|trajectory|timestep_loss_t[0-9]+)$"}
+ENSEMBLE = POSINT  # the number of independently trained full models a method averages over (with_members)
 
 
 def method_schema(family, required=(), **properties) -> dict:
@@ -87,10 +90,16 @@ class Scorer:
     # its methods differ only in what they do with shared work (K-FAC: the query side of one pass of training
     # gradients): ONE scores job computes them all (rule scores_<family>_family, the engine's compute_family)
     shared_pass: bool = False
+    # accepts `ensemble: K`: its scores are averaged over K full models trained with different seeds (with_members)
+    takes_ensemble: bool = False
 
     def stores(self, method_cfg: dict) -> list[StoreNeed]:
-        """The gradient stores a method reads (none by default)."""
+        """The gradient stores a method reads at the full model (none by default)."""
         return []
+
+    def all_stores(self, method_cfg: dict) -> list[StoreNeed]:
+        """stores(), and again at every other member of the method's ensemble (dag/paths.py reads this)."""
+        return with_members(self.stores(method_cfg), ensemble_size(method_cfg))
 
     def method_model_inputs(self, method_cfg: dict) -> tuple[str, ...]:
         """The model files one method reads, a subset of model_inputs (default: all of them)."""
@@ -115,7 +124,19 @@ class Scorer:
             return importlib.import_module(self.engine).compute_family(methods, inputs, lambdas)
         if len(methods) != 1:
             raise ValueError(f"scorer {self.family!r} computes one method per job, got {sorted(methods)}")
-        return {m: self.compute(cfg, inputs[m], lambdas[m]) for m, cfg in methods.items()}
+        return {m: self.compute_ensemble(cfg, inputs[m], lambdas[m]) for m, cfg in methods.items()}
+
+    def compute_ensemble(self, method_cfg: dict, inputs, lambdas) -> list:
+        """compute's results, averaged over the method's ensemble members (one model: compute itself). Each member
+        is scored on its own stores with its own kernel; lambda stays relative to each member's own scale."""
+        roles = member_roles(ensemble_size(method_cfg))
+        if len(roles) == 1:
+            return self.compute(method_cfg, inputs, lambdas)
+        members = []
+        for role in roles:
+            log.info("ensemble member %s of %d", role, len(roles))
+            members.append(self.compute(method_cfg, MemberInputs(inputs, role), lambdas))
+        return average_members(members)
 
     def notes(self, method_cfg: dict) -> dict[str, str]:
         """{query set: caveat} shown beside the method's rows."""
@@ -127,6 +148,11 @@ class Scorer:
 
     def check(self, name: str, method_cfg: dict, config: dict) -> None:
         """Cross-field checks of one method entry beyond its schema (ValueError naming the field)."""
+        if ensemble_size(method_cfg) > 1 and query_target(method_cfg) != "loss":
+            raise ValueError(
+                f"scores.methods.{name}: ensemble and query_measurement {query_target(method_cfg)!r} cannot be "
+                "combined (the members' measurement features are not computed); drop one of them"
+            )
 
     def unavailable(self, name: str, method_cfg: dict) -> str | None:
         """Why the method will produce no scores in this configuration (e.g. no CLIP weights), or None."""
@@ -135,6 +161,77 @@ class Scorer:
     def query_target(self, method_cfg: dict) -> str:
         """The measured target the method's scores predict (its lambda is tuned on it)."""
         return query_target(method_cfg) if self.takes_query_measurement else "loss"
+
+
+# ---------------------------------------------------------------- ensembles
+#
+# A method with `ensemble: K` (a scorer with takes_ensemble) reads its stores at K independently trained full models:
+# the full model (role 'final') and members member1 .. member<K-1> (results/<b>/models/ensemble/member<k>/model.pt:
+# the full training set, training seed seeds.train + k). Its scores are the mean of the K members' scores (TRAK's
+# ensemble, arXiv 2303.14186, section 3; D-TRAK averages scores the same way).
+
+
+def ensemble_size(method_cfg: dict) -> int:
+    return int(method_cfg.get("ensemble", 1))
+
+
+def member_roles(size: int) -> list[str]:
+    """'final', member1, ..., member<size-1>: the store roles (and checkpoints) of an ensemble's models."""
+    return ["final", *(f"member{k}" for k in range(1, size))]
+
+
+def with_members(needs: list[StoreNeed], size: int) -> list[StoreNeed]:
+    """The stores of an ensemble: each of the full model's stores (role 'final') again at every other member."""
+    members = [
+        replace(need, role=role, checkpoint=role)
+        for role in member_roles(size)[1:]
+        for need in needs
+        if need.role == "final"
+    ]
+    return [*needs, *members]
+
+
+class MemberInputs:
+    """The scores stage's inputs as one ensemble member sees them: role 'final' is that member's store."""
+
+    def __init__(self, inputs, member: str):
+        self._inputs, self._member = inputs, member
+
+    def __getattr__(self, name):
+        return getattr(self._inputs, name)
+
+    def _role(self, role: str) -> str:
+        return self._member if role == "final" else role
+
+    def features(self, role, split, expect=None):
+        return self._inputs.features(self._role(role), split, expect)
+
+    def sidecar(self, role, split):
+        return self._inputs.sidecar(self._role(role), split)
+
+    def residuals(self, role):
+        return self._inputs.residuals(self._role(role))
+
+    def checkpoint(self, role):
+        return self._inputs.checkpoint(self._role(role))
+
+
+def average_members(members: list[list]) -> list:
+    """The mean over members of compute's results [(lambda, {query set: scores})], lambda by lambda."""
+    first = members[0]
+    for other in members[1:]:
+        if [lam for lam, _ in other] != [lam for lam, _ in first]:
+            raise ValueError("ensemble members returned different lambda grids")
+    return [
+        (
+            lam,
+            {
+                name: np.mean([m[i][1][name] for m in members], axis=0, dtype=np.float64).astype(np.float32)
+                for name in matrices
+            },
+        )
+        for i, (lam, matrices) in enumerate(first)
+    ]
 
 
 def loss_store(method_cfg: dict, role: str = "final") -> StoreNeed:

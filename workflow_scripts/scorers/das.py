@@ -60,6 +60,7 @@ import numpy as np
 
 from workflow_scripts.core.contracts import VECTOR_OUTPUT
 from workflow_scripts.scorers.base import (
+    ENSEMBLE,
     LAMBDA_GRID,
     OUTPUT_FUNCTION,
     POSINT,
@@ -187,6 +188,7 @@ class DAS(Scorer):
             leverage={"type": "boolean"},
             timesteps=TIMESTEPS,
             lambda_grid=LAMBDA_GRID,
+            ensemble=ENSEMBLE,
         ),
         method_schema(
             "das",
@@ -196,9 +198,11 @@ class DAS(Scorer):
             leverage={"type": "boolean"},
             timesteps=TIMESTEPS,
             lambda_grid=LAMBDA_GRID,
+            ensemble=ENSEMBLE,
         ),
     )
     model_families = ("ddpm", "latent")  # latent: the LoRA parameters, conditioned on the caption
+    takes_ensemble = True
     refused_reason = "it linearises the DDPM noise predictor at DDPM timesteps (rule gradients)"
 
     def stores(self, method_cfg):

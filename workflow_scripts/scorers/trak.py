@@ -15,6 +15,8 @@ is (CIFAR-10: 50,000 training examples; tests/unit/scorers/test_scorer_memory.py
 The timestep budget K is the store's (method key `timesteps`, default gradients.timesteps), so K = 10
 and K = 100 are separate methods reading separate stores.
 
+`ensemble: K` averages the scores of K full models trained with different seeds (scorers/base.py, ensembles).
+
 `query_measurement` (default loss; elbo, timestep_loss_t<t>, trajectory) makes phi(x) the projected gradient of
 that likelihood measurement instead (store role 'query', scorers/base.py query_features); Phi stays the loss store.
 """
@@ -24,6 +26,7 @@ from __future__ import annotations
 import numpy as np
 
 from workflow_scripts.scorers.base import (
+    ENSEMBLE,
     LAMBDA_GRID,
     OUTPUT_FUNCTION,
     QUERY_MEASUREMENT,
@@ -113,6 +116,7 @@ def compute(method_cfg: dict, inputs, lambdas) -> list:
 
 class Trak(LossFeatureScorer):
     family = "trak"
+    takes_ensemble = True
     schemas = (
         method_schema(
             "trak",
@@ -120,6 +124,7 @@ class Trak(LossFeatureScorer):
             output_function=OUTPUT_FUNCTION,
             timesteps=TIMESTEPS,
             lambda_grid=LAMBDA_GRID,
+            ensemble=ENSEMBLE,
             query_measurement=QUERY_MEASUREMENT,
         ),
     )

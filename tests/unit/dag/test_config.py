@@ -152,8 +152,8 @@ def test_bad_method_entry_names_method(base_config):
         # a misspelled setting: named, with the family's settings
         (
             {"family": "trak", "output_function": "loss", "timestep": 10},
-            "scores.methods.bad.timestep: not a setting of family trak (its settings: family, lambda_grid, "
-            "output_function, query_measurement, timesteps)",
+            "scores.methods.bad.timestep: not a setting of family trak (its settings: ensemble, family, "
+            "lambda_grid, output_function, query_measurement, timesteps)",
         ),
         # a required setting left out
         ({"family": "tracin", "similarity": "dot"}, "scores.methods.bad.output_function: missing (family tracin"),

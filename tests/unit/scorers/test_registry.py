@@ -58,8 +58,12 @@ def test_stores_follow_the_declarations(smoke_config):
         if method["family"] == "tracin":
             assert roles == set(paths.checkpoint_names(smoke_config)), name
         elif method["family"] == "das" and method["form"] == "vector":
-            ((directory, kind),) = paths.method_stores(smoke_config, name).values()
-            assert kind == "sketch" and "/eps_sketch" in directory, name
+            stores = paths.method_stores(smoke_config, name)
+            # one sketch store per model of the method's ensemble (the full model's: role final)
+            assert sorted(stores) == ["final", *(f"member{k}" for k in range(1, method.get("ensemble", 1)))], name
+            for role, (directory, kind) in stores.items():
+                checkpoint = "full" if role == "final" else role
+                assert kind == "sketch" and f"/gradients/{checkpoint}/eps_sketch" in directory, name
         elif method["family"] == "trak" and method.get("query_measurement", "loss") != "loss":
             stores = paths.method_stores(smoke_config, name)
             assert stores["query"][0] == f"{stores['final'][0]}/measurement_{method['query_measurement']}", name
