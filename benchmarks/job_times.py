@@ -17,23 +17,28 @@ from datetime import datetime
 STAMP = re.compile(r"^\[(\w{3} \w{3} +\d+ \d\d:\d\d:\d\d \d{4})\]$")
 START = re.compile(r"^(?:local)?rule (\w+):$")
 JOBID = re.compile(r"^\s+jobid: (\d+)$")
+WILDCARDS = re.compile(r"^\s+wildcards: (.*)$")
 FINISH = re.compile(r"^Finished jobid: (\d+) \(Rule: (\w+)\)$")
 
 
-def job_durations(lines):
-    stamp, pending_rule, started, durations = None, None, {}, []
+def job_durations(lines, wildcards: bool = False):
+    """[(rule, start, end)] of every finished job; with wildcards, [(rule, start, end, {wildcard: value})]."""
+    stamp, pending_rule, pending_job, started, durations = None, None, None, {}, []
     for line in lines:
         if m := STAMP.match(line.strip()):
             stamp = datetime.strptime(m.group(1), "%a %b %d %H:%M:%S %Y")
         elif m := START.match(line.strip()):
-            pending_rule = m.group(1)
+            pending_rule, pending_job = m.group(1), None
         elif (m := JOBID.match(line)) and pending_rule:
-            started[m.group(1)] = (pending_rule, stamp)
+            pending_job = m.group(1)
+            started[pending_job] = (pending_rule, stamp, {})
             pending_rule = None
+        elif (m := WILDCARDS.match(line)) and pending_job:
+            started[pending_job][2].update(item.split("=", 1) for item in m.group(1).split(", ") if "=" in item)
         elif m := FINISH.match(line.strip()):
-            rule, begin = started.pop(m.group(1), (m.group(2), None))
+            rule, begin, values = started.pop(m.group(1), (m.group(2), None, {}))
             if begin is not None:
-                durations.append((rule, begin, stamp))
+                durations.append((rule, begin, stamp, values) if wildcards else (rule, begin, stamp))
     return durations
 
 
