@@ -455,7 +455,7 @@ LOGS = {
     "data": "data",
     "classifier": "classifier",
     "train_full": "train/full",
-    "train_member": "train/ensemble/{member}",
+    "train_member": "train/models/{member}",  # beside the LDS retrainings' logs: the same DVC stage's outs
     "train_subset": "train/{kind}/{name}",
     "sample": "sample",
     "measure": f"measure/{subset_model_name()}",
