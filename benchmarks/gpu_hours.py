@@ -456,7 +456,7 @@ def main() -> None:
         "| configuration | UNet parameters | GFLOPs forward / training image | CPU s per training image (measured) | "
         + " | ".join(
             [
-                "training (full + LDS + counterfactual)",
+                "training (full + ensemble members + LDS + counterfactual)",
                 "measure (all targets)",
                 "gradients + curvature + K-FAC scores",
                 "metagradient + fixed-seed ground truth",
@@ -488,7 +488,7 @@ def main() -> None:
         table.append(
             f"| {name} | {params} | {cost['forward_flops'] / 1e9:.2f} / {cost['train_flops'] / 1e9:.2f} | "
             + ("not measured" if cpu is None else f"{cpu / cost['cpu_batch']:.2f}")
-            + f" | {group('train_full', 'train_subset (LDS)', 'train_subset (counterfactual)'):.0f} | "
+            + f" | {group('train_full', 'train_member (ensembles)', 'train_subset (LDS)', 'train_subset (counterfactual)'):.0f} | "
             f"{group('measure', 'measure (likelihood targets)'):.0f} | "
             f"{group('gradients', 'curvature', 'scores (kfac)'):.0f} | "
             f"{group('metagradient', 'fixed-seed ground truth'):.0f} | "
