@@ -53,6 +53,7 @@ def test_dry_run_plans_the_protocol(workdir, repo, name):
     # the metagradient's fixed-seed ground truth: every evaluation subset and the leave-1%-out sets
     fixed_seed = lds["n_subsets"] - lds["n_tuning"] + config["fixed_seed"]["loo_sets"]
     assert counts["train_full"] == 1
+    assert counts["train_member"] == 3  # params.yaml's ensembles of 4 models: three more full models
     assert counts["train_subset"] == retrainings + counterfactuals + fixed_seed
     assert retrainings + counterfactuals == 192 + 60 * 4
     assert counts["measure_fixed_seed"] == fixed_seed + 1  # + the full model
@@ -166,6 +167,7 @@ def test_artbench_overlays_plan_the_latent_protocol(workdir, repo, name, n_train
     assert retrainings + counterfactuals == 192 + 60 * 4
     assert counts["train_full"] == counts["encode"] == counts["sample"] == 1
     assert "base_pipeline" not in counts  # model.pipeline names the base: nothing pretrains one
+    assert counts["train_member"] == 3  # params.yaml's ensembles of 4 models: three more LoRA fine-tunes
     assert counts["train_subset"] == retrainings + counterfactuals
     assert counts["measure"] == retrainings
     assert_scores_jobs(counts, config)
