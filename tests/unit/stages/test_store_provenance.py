@@ -133,15 +133,19 @@ def test_scores_jobs_name_the_checkpoint_of_every_store_role(smoke_config):
         )
         assert set(checkpoints) == set(stores)
         for role, file in checkpoints.items():
-            step = role.startswith("step")
-            assert file == (paths.full_checkpoint(smoke_config, role) if step else paths.full_model(smoke_config))
+            if role.startswith("step"):
+                assert file == paths.full_checkpoint(smoke_config, role)
+            elif role.startswith("member"):  # an ensemble member's own model
+                assert file == paths.ensemble_member_model(smoke_config, role)
+            else:
+                assert file == paths.full_model(smoke_config)
         option = paths.method_store_checkpoint_args(smoke_config, method).split()
         assert option[0] == "--store-checkpoints"
         assert paths.parse_stores(option[1:], "--store-checkpoints", "FILE") == checkpoints
         config = json.loads(paths.scores_config(smoke_config, method))  # what the job checks the stores against
         assert {"model", "diffusion", "gradients.projection", "seeds.projection"} <= set(_dotted(config))
         roles |= set(stores)
-    assert {"final", "journey", "query"} <= roles and any(r.startswith("step") for r in roles), roles
+    assert {"final", "journey", "query", "member1"} <= roles and any(r.startswith("step") for r in roles), roles
 
 
 def _dotted(tree, prefix=""):
