@@ -425,10 +425,13 @@ def test_fast_factors_equal_curvlinops_factors(tiny_unet_case, separate, monkeyp
             torch.testing.assert_close(fa, fb, rtol=1e-10, atol=1e-12 * float(fb.abs().max()))
 
 
+@pytest.mark.parametrize("order", ["auto", "rotate_first", "form_first"])
 @pytest.mark.parametrize("separate, fisher_type", [(False, "mc"), (True, "empirical")])
-def test_fast_ekfac_correction_equals_curvlinops(tiny_unet_case, separate, fisher_type, monkeypatch):
-    """The faster eigenvalue correction gives curvlinops' corrected eigenvalues (same K-FAC factors, same basis)."""
+def test_fast_ekfac_correction_equals_curvlinops(tiny_unet_case, separate, fisher_type, order, monkeypatch):
+    """The faster eigenvalue correction gives curvlinops' corrected eigenvalues (same K-FAC factors, same basis),
+    whichever order it multiplies in: rotating each row's weight gradient, or rotating both sides first."""
     model, train, _, _ = tiny_unet_case
+    monkeypatch.setattr(C, "_EKFAC_ORDER", order)
     monkeypatch.setattr(C, "_fast_kfac_class", C._float64_kfac_class)  # identical factors -> identical basis
     monkeypatch.setattr(C, "_CHUNK_BYTES", 4096)  # one row per float64 chunk of per-row gradients
     settings = {"draws": 2, "fisher_type": fisher_type, "separate_weight_and_bias": separate, "ekfac": True}
@@ -437,6 +440,12 @@ def test_fast_ekfac_correction_equals_curvlinops(tiny_unet_case, separate, fishe
     for a, b in zip(fast.blocks, stock.blocks):
         torch.testing.assert_close(a.g_vecs, b.g_vecs, rtol=0, atol=0)
         torch.testing.assert_close(a.corrected, b.corrected, rtol=1e-9, atol=1e-12 * float(b.corrected.max()))
+
+
+def test_ekfac_order_takes_the_cheaper_product():
+    # 4x4 conv level (16 positions, 32 -> 32 channels, 288 inputs): rotating both sides first is ~2x cheaper;
+    # 8x8 (64 positions): forming the row gradient first is; a linear layer over 8 tokens: rotating first
+    assert C._rotate_first(32, 16, 288) and not C._rotate_first(32, 64, 288) and C._rotate_first(32, 8, 33)
 
 
 def test_lambda_sweep_reuses_gradients(tiny_unet_case, monkeypatch):
