@@ -41,8 +41,7 @@ def single_model_twin(methods: dict, name: str) -> str | None:
 
 def extra_model_seconds(config: dict, method: str, jobs) -> tuple[float, float, int]:
     """(training seconds, gradient-store seconds, jobs) of the method's models beyond the full one."""
-    members = {role: directory for role, (directory, _) in paths.method_stores(config, method).items()}
-    members = {role: d for role, d in members.items() if role.startswith("member")}
+    members = {role: d for role, (d, _) in paths.method_stores(config, method).items() if role.startswith("member")}
     stores = {(os.path.basename(os.path.dirname(d)), os.path.basename(d)) for d in members.values()}
     train = grads = 0.0
     n = 0

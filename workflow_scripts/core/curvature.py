@@ -661,17 +661,14 @@ def _fast_ekfac_class():
                 xc = None if x is None else x[rows].to(torch.float64)
                 if joint:  # the bias is the weight of a constant input 1: (W | b) = g (x | 1)^T
                     xc = torch.cat([xc, xc.new_ones(xc.shape[0], 1, xc.shape[2])], dim=1)
-                per_row = {}
                 if first:  # Q_g^T (g x^T) Q_a = (Q_g^T g)(x^T Q_a): rotate both sides, then one product per row
                     rotated_weight = torch.matmul(q_g.T, gc) @ (xc.transpose(1, 2) @ q_a)
                 elif xc is not None:  # each row's weight gradient (rows, d_out, d_in), then rotated
                     rotated_weight = q_g.T @ torch.bmm(gc, xc.transpose(1, 2)) @ q_a
-                if "bias" in pos and not joint:
-                    per_row["bias"] = gc.sum(2)
                 if joint:
                     parts = {"joint": rotated_weight}
-                else:
-                    parts = {p: rotated_weight if p == "weight" else per_row["bias"] @ q_g for p in pos}
+                else:  # a separate bias: each row's bias gradient (the output gradients summed over positions)
+                    parts = {p: rotated_weight if p == "weight" else gc.sum(2) @ q_g for p in pos}
                 for key, rotated in parts.items():
                     value = rotated.square_().sum(0)
                     sums[key] = value if key not in sums else sums[key].add_(value)

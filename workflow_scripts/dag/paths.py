@@ -20,6 +20,7 @@ from workflow_scripts.core.contracts import (  # the rules read them from here
 )
 from workflow_scripts.core.store import PROVENANCE_KEYS
 from workflow_scripts.scorers import StoreNeed, get_scorer
+from workflow_scripts.scorers.base import ensemble_size, member_roles
 
 SECTIONS = {  # the config keys each stage reads; a rule reruns exactly when one of them changes
     "queries": ("queries", "data.dataset"),  # data.dataset: the intensity levels the extra queries are brought to
@@ -321,8 +322,8 @@ def ensemble_member_model(config: dict, member: str = "{member}") -> str:
 
 def ensemble_members(config: dict) -> list[str]:
     """member1 .. member<K-1> for the largest `ensemble: K` of any method ([] without ensembles)."""
-    size = max((int(m.get("ensemble", 1)) for m in config["scores"]["methods"].values() if m), default=1)
-    return [f"member{k}" for k in range(1, size)]
+    size = max((ensemble_size(m) for m in config["scores"]["methods"].values() if m), default=1)
+    return member_roles(size)[1:]
 
 
 def member_replicate(member: str) -> int:
