@@ -106,8 +106,10 @@ def test_the_critical_path_starts_before_the_retrainings(smoke_run):
     started = [m.group(1) for line in log.read_text().splitlines() if (m := re.match(r"^(?:local)?rule (\w+):$", line))]
     retrainings = [i for i, rule in enumerate(started) if rule == "train_subset"]
     assert len(retrainings) > 4, started
-    # rule priorities (rules/*.smk): the full model before any retraining, its samples as soon as it is there
-    assert started.index("train_full") < retrainings[0], started
+    # rule priorities (rules/*.smk): the full model in the first round of jobs after the data. With 2 cores and
+    # 1 thread per job that round starts 2 jobs, printed in no fixed order, so at most one retraining may come first;
+    # without priorities dozens of ready retrainings compete with train_full and it is picked late.
+    assert sum(i < started.index("train_full") for i in retrainings) <= 1, started
     assert started.index("sample") < retrainings[-1], started
 
 
