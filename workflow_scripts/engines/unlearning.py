@@ -17,8 +17,9 @@ Sign: to first order S[q, i] = eta g_i^T P^-1 g_q, the (preconditioned) alignmen
 training images whose loss rises when the query is unlearned supported it; positive = proponent, the convention of
 every scorer here (predicted change of the query's loss when z_i is removed).
 
-Cost per query: len(lambdas) x N x loss_draws forward rows, plus once per job N x loss_draws (the losses at theta),
-N per-example gradients (the diagonal Fisher) and, per query, query_draws backward rows.
+Cost per query and parameter subset: len(lambdas) x N x loss_draws forward rows, plus once per job N x loss_draws
+(the losses at theta), per subset N per-example gradients (the diagonal Fisher) and, per query, query_draws backward
+rows. `params` as a list sweeps the subsets beside the step sizes: each subset is one more pass of the above.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ from workflow_scripts.core.data import load_conditions
 from workflow_scripts.core.measurement import SimpleLossMeasurement, gradients, values
 from workflow_scripts.families.ddpm import alphas_cumprod
 from workflow_scripts.families.registry import load_family_model
-from workflow_scripts.scorers.unlearning import CURVATURE_KEYS, PARAM_SUBSETS, method_options
+from workflow_scripts.scorers.unlearning import CURVATURE_KEYS, PARAM_SUBSETS, method_options, param_subsets
 
 # streams of seeds.gradients (core.curvature uses 41-44): the query gradients' draws (x 100 + query-set index), the
 # diagonal Fisher's one draw per training image, the fixed loss draws of the training images
@@ -149,15 +150,18 @@ def unlearning_scores(
     batch_rows: int,
     device="cpu",
     conditions: dict[str, np.ndarray] | None = None,
+    base: torch.Tensor | None = None,
 ) -> list[tuple[float, dict[str, np.ndarray]]]:
     """[(eta, {query set: (n_query, n_train) float32})]: S[q, i] = L_i(theta + eta step(g_q)) - L_i(theta).
 
     step: g (n, P) -> P^-1 g (DiagonalStep, CurvatureStep); query_measurements: {query set: Measurement} of the query
     gradients; loss_measurement: the training images' fixed draws; conditions: {"train": (n_train,), query set:
-    (n_query,)} caption indices of a conditional model (None: unconditional)."""
+    (n_query,)} caption indices of a conditional model (None: unconditional); base: the training losses at theta
+    under loss_measurement when already computed (they do not depend on the subset or the step)."""
     conditions = conditions or {}
     cond_train = conditions.get("train")
-    base = values(model, train_images, loss_measurement, batch_rows, device, cond=cond_train)
+    if base is None:
+        base = values(model, train_images, loss_measurement, batch_rows, device, cond=cond_train)
     out = [({name: np.zeros((len(q), len(train_images))) for name, q in query_images.items()}) for _ in etas]
     for name, images in query_images.items():
         g = gradients(model, layout, images, query_measurements[name], batch_rows, device, cond=conditions.get(name))
@@ -195,20 +199,12 @@ def compute(method_cfg: dict, inputs, lambdas) -> list:
     model = model.to(device).eval()
     train, queries = inputs.train_images(), inputs.queries()
     conditions = load_conditions(inputs.dataset, inputs.samples) if is_conditional(model) else None
-    layout = subset_layout(model, opts["params"])
+    subsets = param_subsets(opts["params"])
+    layouts = {name: subset_layout(model, name) for name in subsets}  # every subset checked before any work
     a_bar, seed, batch = alphas_cumprod(config["diffusion"]), int(config["seeds"]["gradients"]), opts["batch_size"]
-    if opts["fisher"] == "diagonal":
-        fisher = diagonal_fisher(
-            model,
-            layout,
-            train,
-            seeded_measurement(a_bar, 1, seed, FISHER_STREAM),
-            batch,
-            device,
-            None if conditions is None else conditions["train"],
-        )
-        step = DiagonalStep(fisher, len(train), opts["damping"])
-    else:
+    cond_train = None if conditions is None else conditions["train"]
+    curvature = None
+    if opts["fisher"] == "ekfac":
         overrides = {k: method_cfg[k] for k in CURVATURE_KEYS if k in method_cfg}
         expected = curvature_config(
             settings_from({"kfac": {**config.get("kfac", {}), **overrides}}),
@@ -216,16 +212,15 @@ def compute(method_cfg: dict, inputs, lambdas) -> list:
             seed,
             train,
             checkpoint_identity(payload, config["model"]),
-            cond=None if conditions is None else conditions["train"],
+            cond=cond_train,
         )
-        step = CurvatureStep(load_curvature(inputs.curvature_path, expected), layout, len(train), opts["damping"])
+        curvature = load_curvature(inputs.curvature_path, expected)
     log.info(
-        "unlearning (%s Fisher): %d train x %s queries, %d parameters (%s), step sizes %s, %d query / %d loss draws",
+        "unlearning (%s Fisher): %d train x %s queries, parameters %s, step sizes %s, %d query / %d loss draws",
         opts["fisher"],
         len(train),
         {k: len(v) for k, v in queries.items()},
-        layout.n_params,
-        opts["params"],
+        {name: layout.n_params for name, layout in layouts.items()},
         list(lambdas),
         opts["query_draws"],
         opts["loss_draws"],
@@ -239,10 +234,19 @@ def compute(method_cfg: dict, inputs, lambdas) -> list:
         )
         for name in queries
     }
-    results = unlearning_scores(
+
+    def step_for(layout: ParamLayout):
+        if curvature is not None:
+            return CurvatureStep(curvature, layout, len(train), opts["damping"])
+        fisher_draw = seeded_measurement(a_bar, 1, seed, FISHER_STREAM)
+        return DiagonalStep(
+            diagonal_fisher(model, layout, train, fisher_draw, batch, device, cond_train), len(train), opts["damping"]
+        )
+
+    results = subset_sweep(
         model,
-        layout,
-        step,
+        layouts,
+        step_for,
         train,
         queries,
         query_measurements,
@@ -253,4 +257,42 @@ def compute(method_cfg: dict, inputs, lambdas) -> list:
         conditions,
     )
     log.info("unlearning: scores in %.1f s", time.monotonic() - started)
+    # one subset configured: (eta, matrices) as every scorer; a list: the (eta, matrices, subset) candidates
+    return [(eta, m) for eta, m, _ in results] if isinstance(opts["params"], str) else results
+
+
+def subset_sweep(
+    model,
+    layouts: dict[str, ParamLayout],
+    step_for,
+    train_images: np.ndarray,
+    query_images: dict[str, np.ndarray],
+    query_measurements: dict,
+    loss_measurement,
+    etas: list[float],
+    batch_rows: int,
+    device="cpu",
+    conditions: dict[str, np.ndarray] | None = None,
+) -> list[tuple[float, dict[str, np.ndarray], str]]:
+    """[(eta, {query set: scores}, subset)] for every parameter subset of `layouts` ({name: ParamLayout}) and step
+    size, each subset's step from step_for(layout); the training losses at theta are computed once for all."""
+    cond_train = (conditions or {}).get("train")
+    base = values(model, train_images, loss_measurement, batch_rows, device, cond=cond_train)
+    results = []
+    for name, layout in layouts.items():
+        scores = unlearning_scores(
+            model,
+            layout,
+            step_for(layout),
+            train_images,
+            query_images,
+            query_measurements,
+            loss_measurement,
+            etas,
+            batch_rows,
+            device,
+            conditions,
+            base,
+        )
+        results += [(eta, matrices, name) for eta, matrices in scores]
     return results

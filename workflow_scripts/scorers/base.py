@@ -92,6 +92,9 @@ class Scorer:
     shared_pass: bool = False
     # accepts `ensemble: K`: its scores are averaged over K full models trained with different seeds (with_members)
     takes_ensemble: bool = False
+    # a method setting that may be a LIST, swept beside lambda and chosen on the tuning subsets like it (AbU's
+    # parameter subset); compute then returns (lambda, matrices, setting) triples, sweep.csv gains a setting column
+    swept_setting: str | None = None
 
     def stores(self, method_cfg: dict) -> list[StoreNeed]:
         """The gradient stores a method reads at the full model (none by default)."""

@@ -17,7 +17,8 @@ Only the parameters of `params` move: all (every Linear / Conv2d weight and bias
 adapter), attention (the attention projections to_q / to_k / to_v / to_out) or cross_attention_kv (the key and
 value projections of the cross-attention attn2, the paper's choice for text-to-image models; the latent family).
 The step size eta is the method's lambda: `lambda_grid` is swept and chosen on the tuning subsets like every other
-method's lambda. The computation is workflow_scripts/engines/unlearning.py.
+method's lambda; `params` given as a list is swept with it (every subset x every step size, the pair with the best
+tuning LDS kept: Scorer.swept_setting). The computation is workflow_scripts/engines/unlearning.py.
 """
 
 from __future__ import annotations
@@ -43,6 +44,11 @@ DEFAULTS = {
 CURVATURE_KEYS = ("fisher_type", "kfac_approx", "ekfac")  # the curvature variant of fisher: ekfac (rule curvature)
 
 
+def param_subsets(params) -> list:
+    """The parameter subsets of a `params` value: one name, or a list of them swept beside the step size."""
+    return [params] if isinstance(params, str) else list(params)
+
+
 def method_options(method_cfg: dict) -> dict:
     """The method's settings with the defaults filled in; ValueError naming a field that is inconsistent."""
     opts = {**DEFAULTS, **{k: v for k, v in method_cfg.items() if k != "family"}}
@@ -50,8 +56,12 @@ def method_options(method_cfg: dict) -> dict:
         raise ValueError("unlearning: the method entry needs fisher: diagonal (AbU) or ekfac (AbU+)")
     if opts["fisher"] not in FISHERS:
         raise ValueError(f"unlearning: fisher {opts['fisher']!r} is not one of {FISHERS}")
-    if opts["params"] not in PARAM_SUBSETS:
-        raise ValueError(f"unlearning: params {opts['params']!r} is not one of {sorted(PARAM_SUBSETS)}")
+    subsets = param_subsets(opts["params"])
+    unknown = [p for p in subsets if p not in PARAM_SUBSETS]
+    if unknown or not subsets or len(set(subsets)) != len(subsets):
+        raise ValueError(
+            f"unlearning: params {opts['params']!r} must be one of {sorted(PARAM_SUBSETS)} or a list of distinct ones"
+        )
     stray = [k for k in CURVATURE_KEYS if k in method_cfg and opts["fisher"] != "ekfac"]
     if stray:
         raise ValueError(f"unlearning: {stray} select a fitted curvature, which only fisher: ekfac uses")
@@ -65,7 +75,13 @@ class Unlearning(Scorer):
             "unlearning",
             ["fisher"],
             fisher={"enum": list(FISHERS)},  # diagonal: AbU; ekfac: AbU+ on the fitted curvature
-            params={"enum": sorted(PARAM_SUBSETS)},  # the parameters the unlearning step moves
+            # the parameters the unlearning step moves; a list: each is a candidate of the sweep (swept_setting)
+            params={
+                "oneOf": [
+                    {"enum": sorted(PARAM_SUBSETS)},
+                    {"type": "array", "items": {"enum": sorted(PARAM_SUBSETS)}, "minItems": 1, "uniqueItems": True},
+                ]
+            },
             query_draws=POSINT,
             loss_draws=POSINT,
             damping={"type": "number", "minimum": 0},  # relative to the Fisher's mean entry / eigenvalue
@@ -84,6 +100,7 @@ class Unlearning(Scorer):
     config_keys = ("model", "diffusion", "kfac", "seeds.gradients", "data.dataset", "compute")
     model_inputs = ("model", "curvature")  # the curvature only for fisher: ekfac (method_model_inputs)
     engine = "workflow_scripts.engines.unlearning"
+    swept_setting = "params"  # params: [a, b]: each subset is swept with every step size, chosen on tuning subsets
 
     def method_model_inputs(self, method_cfg):
         return self.model_inputs if method_cfg.get("fisher") == "ekfac" else ("model",)

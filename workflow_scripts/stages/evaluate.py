@@ -110,6 +110,8 @@ def lds_table(
             note = (chosen.get("notes") or {}).get(name, "")
             if own != "loss":
                 note = "; ".join(filter(None, [f"scores predict {own} (query gradients and lambda)", note]))
+            for key, value in (chosen.get("setting") or {}).items():  # a setting swept beside lambda (AbU's params)
+                note = "; ".join(filter(None, [f"{key} {value} (swept, chosen on tuning subsets)", note]))
             rows.append(
                 {
                     "method": method,

@@ -79,6 +79,8 @@ def load_sweeps(score_dirs: dict[str, Path]) -> dict[str, tuple[pd.DataFrame, fl
         if "not_run" in chosen or chosen.get("lambda") is None:
             continue
         sweep = pd.read_csv(directory / "sweep.csv")
+        for value in (chosen.get("setting") or {}).values():  # a swept setting: the curve at the chosen one
+            sweep = sweep[sweep["setting"] == value]
         if sweep["lambda"].dropna().nunique() > 1:
             sweeps[method] = (sweep, chosen["lambda"])
     return sweeps

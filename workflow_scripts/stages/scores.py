@@ -6,7 +6,8 @@ measured target the method's scores predict (Scorer.query_target: the loss, or t
 TRAK-family method such as the ELBO; a query set without that target, held-out for trajectory, uses
 the loss). The lambda with the best mean TUNING LDS over the query sets is kept; its matrices are
 written as <query_set>.npy (n_query x n_train, float32) beside sweep.csv, and the LDS-vs-lambda curve as sweep.png.
-A method may set its own `lambda_grid` (else scores.lambda_grid).
+A method may set its own `lambda_grid` (else scores.lambda_grid). A scorer with a `swept_setting` (AbU's parameter
+subset) sweeps (setting, lambda) pairs: sweep.csv gets a setting column and chosen.json the chosen setting.
 
 One job scores one method, or every method of a scorer family that declares `shared_pass` (the K-FAC family: one
 pass of training gradients for all of them, rule scores_<family>_family); each method's files are its own either way.
@@ -159,13 +160,19 @@ class ScorerInputs:
         return self.sidecar(role, "train").get("checkpoint", {"step": None, "lr": None})
 
 
+def candidates(results: list) -> list[tuple]:
+    """The sweep's candidates as (lambda, matrices, setting): a scorer returns (lambda, matrices) pairs, or triples
+    when it sweeps a setting (Scorer.swept_setting); setting None: no swept setting."""
+    return [(entry[0], entry[1], entry[2] if len(entry) > 2 else None) for entry in results]
+
+
 def check_scores(method: str, results: list, unscored_sets=()) -> None:
     """Refuse non-finite scores, naming the method, query set and lambda. A row of NaN is a query the method did
     not score (e.g. the metagradient beyond max_queries); a partly non-finite row, an infinite value, or a query
     set with no scored query at all means the method's inputs or its arithmetic went non-finite, except for the
     sets its scorer declares it never scores (Scorer.unscored_sets: the metagradient's extra queries)."""
-    for lam, matrices in results:
-        at = "" if lam is None else f", lambda {lam:g}"
+    for lam, matrices, setting in candidates(results):
+        at = ("" if lam is None else f", lambda {lam:g}") + ("" if setting is None else f", setting {setting}")
         for name, scores in matrices.items():
             if name in unscored_sets:
                 if not np.isnan(scores).all():
@@ -187,62 +194,96 @@ def sweep(
     results: list, masks: np.ndarray, tuning: np.ndarray, evaluation: np.ndarray, targets: dict[str, np.ndarray]
 ) -> pd.DataFrame:
     """LDS of every (lambda, query set) on tuning and evaluation subsets; targets are seed-averaged.
-    Means over the scored queries (NaN rows: not scored, see lds.py)."""
+    Means over the scored queries (NaN rows: not scored, see lds.py). A column `setting` after lambda when the
+    results sweep a setting (candidates); without one the table is as it always was."""
     rows = []
-    for lam, matrices in results:
+    entries = candidates(results)
+    swept = any(setting is not None for _, _, setting in entries)
+    for lam, matrices, setting in entries:
+        key = {"lambda": np.nan if lam is None else lam, **({"setting": setting} if swept else {})}
         for name, scores in matrices.items():
             target = targets[name].mean(1)  # (n_subsets, n_query)
             if not scored_queries(scores).any():  # a set the scorer never scores (Scorer.unscored_sets)
-                rows.append({"lambda": np.nan if lam is None else lam, "query_set": name})
+                rows.append({**key, "query_set": name})
                 continue
             rows.append(
                 {
-                    "lambda": np.nan if lam is None else lam,
+                    **key,
                     "query_set": name,
                     "lds_tuning": mean_over_scored(lds_per_query(scores, masks[tuning], target[tuning])),
                     "lds_evaluation": mean_over_scored(lds_per_query(scores, masks[evaluation], target[evaluation])),
                 }
             )
-    return pd.DataFrame(rows, columns=["lambda", "query_set", "lds_tuning", "lds_evaluation"])
+    columns = ["lambda", *(["setting"] if swept else []), "query_set", "lds_tuning", "lds_evaluation"]
+    return pd.DataFrame(rows, columns=columns)
+
+
+def candidate_keys(table: pd.DataFrame) -> list[str]:
+    """The columns that name one candidate of a sweep table: lambda, and the setting where one is swept."""
+    return ["setting", "lambda"] if "setting" in table.columns else ["lambda"]
 
 
 def choose(results: list, table: pd.DataFrame) -> int:
-    """Index into results of the lambda with the best mean TUNING LDS over the generated and held-out queries (the
-    user's extra queries are scored with that lambda but never tune it: adding them changes no other number)."""
+    """Index into results of the candidate (lambda, or setting and lambda) with the best mean TUNING LDS over the
+    generated and held-out queries (the user's extra queries are scored with it but never tune it: adding them
+    changes no other number)."""
     table = table[table["query_set"].isin(QUERY_SETS)]
-    mean_tuning = table.groupby("lambda", dropna=False, sort=False)["lds_tuning"].mean().to_numpy()
+    mean_tuning = table.groupby(candidate_keys(table), dropna=False, sort=False)["lds_tuning"].mean().to_numpy()
+    if len(mean_tuning) != len(results):
+        raise ValueError(f"the sweep names {len(mean_tuning)} candidates for {len(results)} results (a repeated one?)")
     return int(np.nanargmax(mean_tuning)) if len(results) > 1 else 0
 
 
-def plot_sweep(table: pd.DataFrame, chosen_lambda, method: str, path: str | Path, notes: dict | None = None) -> None:
+def plot_sweep(
+    table: pd.DataFrame,
+    chosen_lambda,
+    method: str,
+    path: str | Path,
+    notes: dict | None = None,
+    chosen_setting=None,
+) -> None:
     """LDS against lambda, tuning and evaluation subsets, one colour per query set (a point per query set
-    for methods without lambda); the chosen lambda is marked."""
+    for methods without lambda), one panel per swept setting; the chosen lambda is marked."""
     import matplotlib.pyplot as plt  # headless: report.plotting set the backend on import
     import seaborn as sns
 
+    settings = list(dict.fromkeys(table["setting"])) if "setting" in table.columns else [None]
     long = table.melt(
-        id_vars=["lambda", "query_set"],
+        id_vars=candidate_keys(table) + ["query_set"],
         value_vars=["lds_tuning", "lds_evaluation"],
         var_name="subsets",
         value_name="LDS",
     )
     long["subsets"] = long["subsets"].map({"lds_tuning": "tuning", "lds_evaluation": "evaluation"})
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    fig, axes = plt.subplots(1, len(settings), figsize=(6.4 * len(settings) ** 0.5, 4.2), sharey=True, squeeze=False)
+    ax = axes[0, 0]
     if long["lambda"].notna().any():
-        sns.lineplot(data=long, x="lambda", y="LDS", hue="query_set", style="subsets", markers=True, ax=ax)
-        ax.set_xscale("log")
-        ax.axvline(chosen_lambda, color="grey", ls=":", lw=1)
-        ax.set_xlabel("lambda (relative to the mean eigenvalue of Phi^T Phi)")
-        title = f"{method}: LDS vs lambda (chosen on tuning subsets: {chosen_lambda:g})"
+        for ax, setting in zip(axes.flat, settings):  # one panel per swept setting (AbU: per parameter subset)
+            part = long if setting is None else long[long["setting"] == setting]
+            sns.lineplot(data=part, x="lambda", y="LDS", hue="query_set", style="subsets", markers=True, ax=ax)
+            ax.set_xscale("log")
+            ax.set_xlabel("lambda (relative to the mean eigenvalue of Phi^T Phi)" if setting is None else "lambda")
+            if setting is not None:
+                ax.set_title(f"setting {setting}", fontsize=9)
+            if ax is not axes.flat[0]:
+                ax.get_legend().remove()  # one legend for the row
+            ax.axhline(0, c="grey", lw=0.6)
+        chosen_ax = axes.flat[settings.index(chosen_setting)] if chosen_setting in settings else ax
+        chosen_ax.axvline(chosen_lambda, color="grey", ls=":", lw=1)
+        at = "" if chosen_setting is None else f", setting {chosen_setting}"
+        title = f"{method}: LDS vs lambda (chosen on tuning subsets: {chosen_lambda:g}{at})"
     else:
         sns.pointplot(
             data=long, x="query_set", y="LDS", hue="subsets", dodge=0.3, linestyle="none", errorbar=None, ax=ax
         )
         ax.set_xlabel("query set")
         title = f"{method}: no lambda"
-    ax.axhline(0, c="grey", lw=0.6)
-    ax.set_ylabel("LDS (Spearman, mean over queries)")
-    ax.set_title(title, fontsize=10)
+    axes[0, 0].axhline(0, c="grey", lw=0.6)
+    axes[0, 0].set_ylabel("LDS (Spearman, mean over queries)")
+    if len(settings) > 1:
+        fig.suptitle(title, fontsize=10)
+    else:
+        axes[0, 0].set_title(title, fontsize=10)
     if notes:
         fig.text(0.01, 0.01, "; ".join(f"{k}: {v}" for k, v in notes.items()), fontsize=6, wrap=True)
     fig.tight_layout(rect=(0, 0.05 if notes else 0, 1, 1))
@@ -397,7 +438,7 @@ def write_method(
     check_scores(method, results, scorer.unscored_sets)
     table = sweep(results, subsets["masks"], subsets["tuning"], subsets["evaluation"], targets)
     best = choose(results, table)
-    chosen_lambda, matrices = results[best]
+    chosen_lambda, matrices, chosen_setting = candidates(results)[best]
     if sorted(matrices) != sorted(targets):  # the rule declares one matrix per query set
         raise ValueError(f"{method}: scores for query sets {sorted(matrices)}, expected {sorted(targets)}")
     for name, scores in matrices.items():
@@ -412,26 +453,25 @@ def write_method(
             )
         save_npy(scores.astype(np.float32), out / f"{name}.npy")
     save_text(table.to_csv(index=False), out / "sweep.csv")
-    plot_sweep(table, chosen_lambda, method, out / "sweep.png", notes)
-    save_json(
-        {
-            "method": method,
-            "config": method_cfg,
-            "lambda": chosen_lambda,
-            "notes": notes,
-            "target": used,
-            "settings": scorer.settings(method_cfg, config),
-        },
-        out / "chosen.json",
-    )
+    plot_sweep(table, chosen_lambda, method, out / "sweep.png", notes, chosen_setting)
+    settings = scorer.settings(method_cfg, config)
+    chosen = {"method": method, "config": method_cfg, "lambda": chosen_lambda}
+    if chosen_setting is not None:  # the swept setting's chosen value, beside lambda (evaluate's table notes it)
+        chosen["setting"] = {scorer.swept_setting: chosen_setting}
+        settings[scorer.swept_setting] = chosen_setting
+    save_json({**chosen, "notes": notes, "target": used, "settings": settings}, out / "chosen.json")
     for name, note in notes.items():
         log.warning("scores %s, %s queries: %s", method, name, note)
     log.info(
-        "scores %s: lambda %s; tuning LDS (target %s) %s",
+        "scores %s: lambda %s%s; tuning LDS (target %s) %s",
         method,
         chosen_lambda,
+        "" if chosen_setting is None else f", setting {chosen_setting}",
         target,
-        table[table["lambda"].eq(chosen_lambda) | table["lambda"].isna()]
+        table[
+            (table["lambda"].eq(chosen_lambda) | table["lambda"].isna())
+            & (table["setting"].eq(chosen_setting) if chosen_setting is not None else True)
+        ]
         .set_index("query_set")["lds_tuning"]
         .round(3)
         .to_dict(),

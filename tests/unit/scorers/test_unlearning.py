@@ -288,3 +288,48 @@ def test_declaration(base_config, smoke_config):
         bad["scores"]["methods"]["abu"] = entry
         with pytest.raises(ConfigError, match=rf"scores\.methods\.abu.*{field}"):
             validate_config(bad)
+
+
+def test_a_params_list_sweeps_each_subset_as_its_own_run():
+    """params: [all, attention] gives every (step size, subset) candidate, each the scores of a run of that subset
+    alone: the same arithmetic in the same order (the losses at theta shared), so equal to the bit; it catches one
+    subset's step moving another's parameters, a Fisher of the wrong subset, or candidates labelled with the wrong
+    subset."""
+    model = LinearDenoiser()
+    train, query = _images(5, 0), _images(2, 1)
+    etas = [0.5, 20.0]
+    layouts = {name: U.subset_layout(model, name) for name in ("all", "attention")}
+
+    def step_for(layout):
+        measurement = U.seeded_measurement(A_BAR, 1, SEED, U.FISHER_STREAM)
+        return U.DiagonalStep(U.diagonal_fisher(model, layout, train, measurement, 64, "cpu"), len(train), 1e-3)
+
+    qm = {"q": U.seeded_measurement(A_BAR, 8, SEED, U.QUERY_STREAM)}
+    lm = U.seeded_measurement(A_BAR, 3, SEED, U.LOSS_STREAM)
+    swept = U.subset_sweep(model, layouts, step_for, train, {"q": query}, qm, lm, etas, 64, "cpu")
+    assert [(eta, name) for eta, _, name in swept] == [
+        (0.5, "all"),
+        (20.0, "all"),
+        (0.5, "attention"),
+        (20.0, "attention"),
+    ]
+    for name in layouts:
+        alone, _ = _run(model, name, train, query, etas)
+        mine = [(eta, matrices) for eta, matrices, subset in swept if subset == name]
+        for (eta, expected), (got_eta, got) in zip(alone, mine, strict=True):
+            assert got_eta == eta
+            np.testing.assert_array_equal(got["q"], expected["q"])
+    assert np.abs(swept[0][1]["q"] - swept[2][1]["q"]).max() > 1e-3 * np.abs(swept[0][1]["q"]).max()
+
+
+def test_a_params_list_is_validated_entry_by_entry(smoke_config):
+    """params may be a list of distinct subsets; an unknown or repeated entry is refused naming the field."""
+    good = copy.deepcopy(smoke_config)
+    good["scores"]["methods"]["abu"] = {"family": "unlearning", "fisher": "diagonal", "params": ["all", "attention"]}
+    validate_config(good)
+    assert get_scorer("unlearning").settings(good["scores"]["methods"]["abu"], good)["params"] == ["all", "attention"]
+    for params in (["all", "nope"], ["all", "all"], []):
+        bad = copy.deepcopy(smoke_config)
+        bad["scores"]["methods"]["abu"] = {"family": "unlearning", "fisher": "diagonal", "params": params}
+        with pytest.raises(ConfigError, match=r"scores\.methods\.abu.*params"):
+            validate_config(bad)
