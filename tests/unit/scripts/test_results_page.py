@@ -354,7 +354,9 @@ def test_committed_page_is_in_the_generated_layout():
     text = (REPO / "docs" / "results.md").read_text()
     assert "python scripts/results_page.py" in text
     assert "files dated 2026-12-07 (UTC)" in text and "Commit: `9a58f19`" in text
-    assert "Default benchmark wall time: 80.7 min (from scratch at commit b8b2119" in text  # the measured wall-time line
+    assert (
+        "Default benchmark wall time: 80.7 min (from scratch at commit b8b2119" in text
+    )  # the measured wall-time line
     assert "| das_vector | generated | 0.559 | 0.035 | [0.478, 0.587] | 0.1 | 0.559 |  |" in text
 
 
