@@ -267,7 +267,6 @@ def plot_sweep(
                 ax.set_title(f"setting {setting}", fontsize=9)
             if ax is not axes.flat[0]:
                 ax.get_legend().remove()  # one legend for the row
-            ax.axhline(0, c="grey", lw=0.6)
         chosen_ax = axes.flat[settings.index(chosen_setting)] if chosen_setting in settings else ax
         chosen_ax.axvline(chosen_lambda, color="grey", ls=":", lw=1)
         at = "" if chosen_setting is None else f", setting {chosen_setting}"
@@ -278,7 +277,8 @@ def plot_sweep(
         )
         ax.set_xlabel("query set")
         title = f"{method}: no lambda"
-    axes[0, 0].axhline(0, c="grey", lw=0.6)
+    for panel in axes.flat:
+        panel.axhline(0, c="grey", lw=0.6)
     axes[0, 0].set_ylabel("LDS (Spearman, mean over queries)")
     if len(settings) > 1:
         fig.suptitle(title, fontsize=10)
