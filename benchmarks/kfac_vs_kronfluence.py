@@ -164,6 +164,68 @@ def run_ours(args, workdir: Path) -> dict:
     return out
 
 
+# The params.yaml K-FAC ablation on held-out queries: name -> (fisher, kfac_approx, ekfac, quantization, damping).
+# damping None: --damping relative to the variant's mean eigenvalue; a number: absolute (kfac_default_damping, the
+# paper's untuned 1e-8). kfac_elbo / kfac_trajectory are left out: their query measurements (the ELBO, a generated
+# query's sampling trajectory) would have to be written as kronfluence Tasks.
+ABLATION = {
+    "kfac": ("mc", "expand", False, "int8", None),
+    "kfac_reduce": ("mc", "reduce", False, "int8", None),
+    "kfac_empirical": ("empirical", "expand", False, "int8", None),
+    "kfac_empirical_reduce": ("empirical", "reduce", False, "int8", None),
+    "ekfac": ("mc", "expand", True, "int8", None),
+    "kfac_float32": ("mc", "expand", False, "float32", None),
+    "kfac_default_damping": ("mc", "expand", False, "int8", 1e-8),
+}
+
+
+def run_ours_family(args, workdir: Path) -> dict:
+    """The ablation as the workflow runs it: one fit per distinct curvature (rule curvature), then every variant
+    scored in ONE pass of training gradients (rule scores_kfac_family: engines.kfac.family_scores)."""
+    from workflow_scripts.engines import kfac as K
+    from workflow_scripts.stages import curvature as curvature_mod
+
+    config, model, train, query = load_setup(workdir)
+    base_rss = maxrss_mb()
+    t0, c0 = time.perf_counter(), time.process_time()
+    fits = {}
+    for fisher, approx, ekfac, _, _ in ABLATION.values():
+        if (fisher, approx, ekfac) not in fits:
+            settings = {
+                "fisher_type": fisher,
+                "kfac_approx": approx,
+                "ekfac": ekfac,
+                "draws": args.draws,
+                "batch_size": args.batch_rows,
+            }
+            fits[fisher, approx, ekfac] = curvature_mod.fit_curvature(
+                model, train, settings, config["diffusion"], config["seeds"]["gradients"]
+            )
+    t1, c1 = time.perf_counter(), time.process_time()
+    sides, absolute = {}, {}
+    for name, (fisher, approx, ekfac, quantization, damping) in ABLATION.items():
+        curvature = fits[fisher, approx, ekfac]
+        lam = args.damping if damping is None else damping / curvature.mean_eigenvalue()
+        sides[name] = K.QuerySide(curvature, [lam], quantization)
+        absolute[name] = curvature.absolute_damping(lam)
+    result = K.family_scores(model, train, {"heldout": query}, score_cfg(config, args), sides)
+    t2, c2 = time.perf_counter(), time.process_time()
+    for name, [(_, matrices)] in result.items():
+        np.save(workdir / f"ours_{name}.npy", matrices["heldout"])
+    return {
+        "fits": len(fits),
+        "fit_seconds": t1 - t0,
+        "score_seconds": t2 - t1,
+        "total_seconds": t2 - t0,
+        "fit_cpu_seconds": c1 - c0,
+        "score_cpu_seconds": c2 - c1,
+        "total_cpu_seconds": c2 - c0,
+        "base_rss_mb": base_rss,
+        "peak_rss_mb": maxrss_mb(),
+        "absolute_damping": absolute,
+    }
+
+
 def layer_positions(model, images) -> dict[str, float]:
     """Weight-sharing positions per Linear/Conv2d layer (output elements per row / output features)."""
     import torch
@@ -239,8 +301,13 @@ def run_kronfluence(args, workdir: Path) -> dict:
             x_t, t, eps = batch
             return (eps - model(x_t, t).sample).pow(2).flatten(1).mean(1).sum()
 
-    ours = json.loads((workdir / f"ours_{args.fisher}_{args.strategy}.json").read_text())
-    damping = ours["absolute_damping"] / (D if args.fisher == "empirical" else 1.0)
+    if args.variant:  # one variant of the ablation: the damping our family run used for it
+        ours_damping = json.loads((workdir / "ours_ablation.json").read_text())["absolute_damping"][args.variant]
+    else:
+        ours_damping = json.loads((workdir / f"ours_{args.fisher}_{args.strategy}.json").read_text())[
+            "absolute_damping"
+        ]
+    damping = ours_damping / (D if args.fisher == "empirical" else 1.0)
     torch.manual_seed(0)
     base_rss = maxrss_mb()
     t0, c0 = time.perf_counter(), time.process_time()
@@ -256,8 +323,17 @@ def run_kronfluence(args, workdir: Path) -> dict:
         log_level=40,
     )
     analyzer.set_dataloader_kwargs(DataLoaderKwargs(num_workers=0))
-    factor_args = FactorArguments(strategy=args.strategy, use_empirical_fisher=args.fisher == "empirical")
-    name = f"{args.fisher}_{args.strategy}"
+    # --kronfluence-precision float64: its covariances and EK-FAC Lambda accumulated in float64, as ours are
+    # (core/curvature.py "Precision"); float32 is kronfluence's default
+    precision = {"float32": torch.float32, "float64": torch.float64}[args.kronfluence_precision]
+    factor_args = FactorArguments(
+        strategy=args.strategy,
+        use_empirical_fisher=args.fisher == "empirical",
+        activation_covariance_dtype=precision,
+        gradient_covariance_dtype=precision,
+        lambda_dtype=precision,
+    )
+    name = args.variant or f"{args.fisher}_{args.strategy}"
     analyzer.fit_all_factors(
         factors_name=name,
         dataset=fit_rows,
@@ -279,7 +355,7 @@ def run_kronfluence(args, workdir: Path) -> dict:
     scores = analyzer.load_pairwise_scores(scores_name=name)["all_modules"]
     t2, c2 = time.perf_counter(), time.process_time()
     per_pair = scores.double().reshape(len(query), args.query_draws, len(train), args.draws).mean((1, 3)) / len(train)
-    np.save(workdir / f"kronfluence_{args.fisher}_{args.strategy}.npy", per_pair.numpy().astype(np.float32))
+    np.save(workdir / f"kronfluence_{name}.npy", per_pair.numpy().astype(np.float32))
     return {
         "fit_seconds": t1 - t0,
         "score_seconds": t2 - t1,
@@ -324,7 +400,16 @@ def worker_argv(args, tool, fisher, strategy, workdir):
         "--workdir",
         str(workdir),
     ]
-    for key in ("n_train", "n_query", "draws", "query_draws", "batch_rows", "damping", "quantization"):
+    for key in (
+        "n_train",
+        "n_query",
+        "draws",
+        "query_draws",
+        "batch_rows",
+        "damping",
+        "quantization",
+        "kronfluence_precision",
+    ):
         argv += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
     return argv + (["--profile"] if args.profile and tool == "ours" else [])
 
@@ -340,6 +425,12 @@ def main() -> int:
     parser.add_argument("--damping", type=float, default=1e-3, help="relative to the mean eigenvalue of our G")
     parser.add_argument("--quantization", default="int8", choices=["int8", "float32"])
     parser.add_argument("--variants", default="mc:kfac,mc:ekfac,empirical:kfac,empirical:ekfac")
+    parser.add_argument(
+        "--kronfluence-precision",
+        default="float32",
+        choices=["float32", "float64"],
+        help="kronfluence's covariance and Lambda dtype (float32: its default; float64: the precision of ours)",
+    )
     parser.add_argument("--repeats", type=int, default=2, help="runs per tool and variant; the fastest is reported")
     parser.add_argument("--profile", action="store_true", help="cProfile our worker")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "kfac_vs_kronfluence.json"))
@@ -347,6 +438,12 @@ def main() -> int:
     parser.add_argument("--fisher", help=argparse.SUPPRESS)
     parser.add_argument("--strategy", help=argparse.SUPPRESS)
     parser.add_argument("--workdir", help=argparse.SUPPRESS)
+    parser.add_argument("--variant", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--ablation",
+        action="store_true",
+        help="the K-FAC ablation set: our fits + one family scoring pass vs kronfluence run once per variant",
+    )
     args = parser.parse_args()
 
     if args.worker:
@@ -354,8 +451,13 @@ def main() -> int:
 
         logging.disable(logging.WARNING)
         workdir = Path(args.workdir)
-        result = (run_ours if args.worker == "ours" else run_kronfluence)(args, workdir)
-        (workdir / f"{args.worker}_{args.fisher}_{args.strategy}.json").write_text(json.dumps(result))
+        if args.worker == "ours":
+            result = (run_ours_family if args.strategy == "ablation" else run_ours)(args, workdir)
+            name = "ablation" if args.strategy == "ablation" else f"{args.fisher}_{args.strategy}"
+        else:
+            result = run_kronfluence(args, workdir)
+            name = args.variant or f"{args.fisher}_{args.strategy}"
+        (workdir / f"{args.worker}_{name}.json").write_text(json.dumps(result))
         return 0
 
     import importlib.metadata as md
@@ -365,7 +467,9 @@ def main() -> int:
         workdir = Path(tmp)
         setup = make_setup(args, workdir)
         runs = []
-        for variant in args.variants.split(","):
+        if args.ablation:
+            runs.append(ablation_row(args, workdir))
+        for variant in [] if args.ablation else args.variants.split(","):
             fisher, strategy = variant.split(":")
             row = {"fisher_type": fisher, "strategy": strategy}
             for _ in range(args.repeats):  # alternate the tools; keep each tool's fastest run (shared machine)
@@ -410,6 +514,7 @@ def main() -> int:
                 "batch_rows",
                 "damping",
                 "quantization",
+                "kronfluence_precision",
                 "repeats",
             )
         },
@@ -423,8 +528,88 @@ def main() -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
-    print(markdown(result))
+    print(markdown_ablation(result) if args.ablation else markdown(result))
     return 0
+
+
+def ablation_row(args, workdir: Path) -> dict:
+    """Per repeat: our family run (ablation worker), then kronfluence once per variant; CPU seconds summed over
+    kronfluence's runs; the median over repeats."""
+    import statistics
+
+    def worker(tool: str, extra: list[str]) -> dict:
+        argv = worker_argv(args, tool, "mc", "ablation", workdir) + extra
+        proc = subprocess.run(argv, capture_output=True, text=True)
+        if proc.returncode:
+            sys.stderr.write(proc.stderr[-4000:])
+            raise SystemExit(f"{tool} {' '.join(extra)} failed")
+        name = "ablation" if tool == "ours" else extra[-1]
+        return json.loads((workdir / f"{tool}_{name}.json").read_text())
+
+    ours, kron = [], []
+    for repeat in range(args.repeats):
+        ours.append(worker("ours", []))
+        per_variant = {}
+        for name, (fisher, _, ekfac, _, _) in ABLATION.items():
+            strategy = "ekfac" if ekfac else "kfac"
+            per_variant[name] = worker("kronfluence", ["--fisher", fisher, "--strategy", strategy, "--variant", name])
+        kron.append(per_variant)
+        print(
+            f"ablation repeat {repeat + 1}: ours {ours[-1]['total_cpu_seconds']:.1f} CPU s, kronfluence "
+            f"{sum(r['total_cpu_seconds'] for r in per_variant.values()):.1f} CPU s",
+            file=sys.stderr,
+            flush=True,
+        )
+    median = lambda xs: float(statistics.median(xs))  # noqa: E731
+    return {
+        "variants": list(ABLATION),
+        "ours_fits": ours[0]["fits"],
+        "ours_cpu_seconds": {
+            k: median([o[k] for o in ours]) for k in ("fit_cpu_seconds", "score_cpu_seconds", "total_cpu_seconds")
+        },
+        "kronfluence_cpu_seconds": {
+            k: median([sum(r[k] for r in per.values()) for per in kron])
+            for k in ("fit_cpu_seconds", "score_cpu_seconds", "total_cpu_seconds")
+        },
+        "kronfluence_cpu_seconds_per_variant": {
+            name: median([per[name]["total_cpu_seconds"] for per in kron]) for name in ABLATION
+        },
+        "all_total_cpu_seconds": {
+            "ours": [o["total_cpu_seconds"] for o in ours],
+            "kronfluence": [sum(r["total_cpu_seconds"] for r in per.values()) for per in kron],
+        },
+        "peak_rss_mb": {
+            "ours": max(o["peak_rss_mb"] for o in ours),
+            "kronfluence": max(r["peak_rss_mb"] for per in kron for r in per.values()),
+        },
+        "agreement": {
+            name: correlations(np.load(workdir / f"ours_{name}.npy"), np.load(workdir / f"kronfluence_{name}.npy"))
+            for name in ABLATION
+        },
+    }
+
+
+def markdown_ablation(result: dict) -> str:
+    (r,) = result["runs"]
+    o, k = r["ours_cpu_seconds"], r["kronfluence_cpu_seconds"]
+    lines = [
+        f"Ablation set ({len(r['variants'])} variants: {', '.join(r['variants'])}), CPU seconds, median of "
+        f"{result['setup']['repeats']}:",
+        "",
+        "| | fit | score | total |",
+        "|---|---|---|---|",
+        f"| ours: {r['ours_fits']} fits + one scoring pass | {o['fit_cpu_seconds']:.1f} | {o['score_cpu_seconds']:.1f} | "
+        f"{o['total_cpu_seconds']:.1f} |",
+        f"| kronfluence: one run per variant | {k['fit_cpu_seconds']:.1f} | {k['score_cpu_seconds']:.1f} | "
+        f"{k['total_cpu_seconds']:.1f} |",
+        f"| ratio | | | {k['total_cpu_seconds'] / o['total_cpu_seconds']:.2f}x |",
+        "",
+        "| variant | Pearson per query, mean (min) | Spearman mean |",
+        "|---|---|---|",
+    ]
+    for name, a in r["agreement"].items():
+        lines.append(f"| {name} | {a['pearson_mean']:.4f} ({a['pearson_min']:.4f}) | {a['spearman_mean']:.4f} |")
+    return "\n".join(lines)
 
 
 def markdown(result: dict) -> str:
