@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from matplotlib.ticker import NullFormatter
 
 from workflow_scripts.core import data as core_data
 from workflow_scripts.core.common import ArtefactError, load_json, load_npy, log
@@ -113,6 +114,8 @@ def plot_damping_sweeps(sweeps: dict, stem) -> None:
                 )
         ax.axvline(chosen, color="grey", lw=0.8, ls="--")
         ax.set_xscale("log")
+        # a grid spanning about a decade (NDA's timesteps 25-400) gets labelled minor ticks that overlap
+        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_title(f"{method} (lambda {chosen:g})", fontsize=8)
         ax.tick_params(labelsize=7)
     for ax in axes.flat[n:]:
