@@ -647,9 +647,10 @@ def _correction_dtype(model_dtype: torch.dtype) -> torch.dtype:
 
 def _fast_ekfac_class():
     """_float64_ekfac_class() whose eigenvalue correction forms each row's weight gradient with one batched matmul
-    (output gradients x unfolded inputs, a chunk of rows at a time; _CORRECTION_PRODUCTS) and rotates that, or, where a layer has
-    few positions, rotates both sides first and multiplies them (_rotate_first), instead of rotating every position's
-    inputs (curvlinops' einsum path): the same corrected eigenvalues (tested against the stock class), fewer flops."""
+    (output gradients x unfolded inputs, a chunk of rows at a time, in _correction_dtype) and rotates that, or, where
+    a layer has few positions, rotates both sides first and multiplies them (_rotate_first), instead of rotating every
+    position's inputs (curvlinops' einsum path): the same corrected eigenvalues (tested against the stock class),
+    fewer flops."""
 
     class FastEKFACLinearOperator(_float64_ekfac_class()):
         def _accumulate_corrected_eigenvalues(self, grad_output, module, module_name):
