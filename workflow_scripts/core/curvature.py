@@ -635,7 +635,8 @@ def _rotate_first(d_out: int, positions: int, d_in: int) -> bool:
 # rounding ~eps32 x its norm straight into its null space, a corrected eigenvalue is a sum of SQUARES: a coordinate
 # that is exactly 0 (a null direction of a factor) comes out as ~eps32 x |g||x| and contributes ~eps32^2 x |g|^2|x|^2,
 # ~1e-14 of the largest corrected eigenvalue, far below the smallest damping (1e-7 x their mean). "float64" forms
-# the products in float64 too (the reference in tests; about 1.5x the time of the correction pass).
+# the products in float64 too (the reference in tests; 1.8-2.4x the CPU time of the float32 correction pass,
+# benchmarks/README.md).
 _CORRECTION_PRODUCTS = "model"
 
 
